@@ -1,0 +1,512 @@
+"""Error metrics, derived bounds and the one verdict function every test uses.
+
+Metrics compare an output ``out`` against a reference ``ref`` of the same shape and are
+computed in float64 (in chunks, so huge attention outputs do not need a float64 copy).
+Bounds are never typed in: a ``Bound`` is ``k * reference_error + floor`` where the
+reference error comes from an emulation of the quantization format or a same-precision
+naive run, and the floor is derived from the output dtype (``rounding_floor``) or from a
+summation error analysis (``summation_bound``). ``judge`` applies a bound and returns a
+``Judgement`` whose ``str`` carries every number a failure report needs.
+
+Error-like metric names accepted by ``Bound``: "max_abs", "mean_abs", "rmse", "rel_l1",
+"cos_dist" (1 - cosine similarity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ERROR_METRICS",
+    "rel_l1",
+    "rmse",
+    "cosine",
+    "sqnr_db",
+    "max_abs",
+    "mean_abs",
+    "ulp",
+    "ulp_distance",
+    "rounding_floor",
+    "summation_bound",
+    "ErrorReport",
+    "error_report",
+    "Bound",
+    "BoundCheck",
+    "Judgement",
+    "judge",
+]
+
+ERROR_METRICS = ("max_abs", "mean_abs", "rmse", "rel_l1", "cos_dist")
+
+_CHUNK = 1 << 22  # elements per float64 chunk (32 MiB)
+
+DTypeLike = Union[torch.dtype, str]
+
+
+def _check_pair(out: Tensor, ref: Tensor) -> None:
+    for t, n in ((out, "out"), (ref, "ref")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
+    if out.shape != ref.shape:
+        raise ValueError(
+            f"shape mismatch: out {tuple(out.shape)} vs ref {tuple(ref.shape)}; "
+            "compare tensors of the same logical shape (convert layouts first)"
+        )
+
+
+def _flat_chunks(out: Tensor, ref: Tensor):
+    o = out.detach().reshape(-1)
+    r = ref.detach().reshape(-1)
+    if r.device != o.device:
+        r = r.to(o.device)
+    for i in range(0, o.numel(), _CHUNK):
+        yield o[i:i + _CHUNK].to(torch.float64), r[i:i + _CHUNK].to(torch.float64)
+
+
+def _sums(out: Tensor, ref: Tensor, finite_only: bool) -> dict[str, float]:
+    """One chunked pass: the sums every metric is made of."""
+    s = dict(n=0, abs_d=0.0, sq_d=0.0, abs_r=0.0, sq_r=0.0, sq_o=0.0, dot=0.0, max_d=0.0,
+             nonfinite_out=0, nonfinite_ref=0, nonfinite_mismatch=0)
+    for o, r in _flat_chunks(out, ref):
+        fo, fr = torch.isfinite(o), torch.isfinite(r)
+        s["nonfinite_out"] += int((~fo).sum())
+        s["nonfinite_ref"] += int((~fr).sum())
+        # positions where exactly one side is finite, or both are non-finite but differ
+        # (NaN vs inf, +inf vs -inf)
+        both_nf = ~fo & ~fr
+        differ = both_nf & ~((o == r) | (torch.isnan(o) & torch.isnan(r)))
+        s["nonfinite_mismatch"] += int((fo ^ fr).sum() + differ.sum())
+        if finite_only:
+            m = fo & fr
+            o, r = o[m], r[m]
+        d = o - r
+        s["n"] += o.numel()
+        if o.numel():
+            s["abs_d"] += float(d.abs().sum())
+            s["sq_d"] += float((d * d).sum())
+            s["abs_r"] += float(r.abs().sum())
+            s["sq_r"] += float((r * r).sum())
+            s["sq_o"] += float((o * o).sum())
+            s["dot"] += float((o * r).sum())
+            md = float(d.abs().max())
+            s["max_d"] = md if math.isnan(md) else max(s["max_d"], md)
+    return s
+
+
+def _rel_l1(s: dict) -> float:
+    if s["abs_r"] == 0:
+        return 0.0 if s["abs_d"] == 0 else math.inf
+    return s["abs_d"] / s["abs_r"]
+
+
+def _rmse(s: dict) -> float:
+    return math.sqrt(s["sq_d"] / s["n"]) if s["n"] else 0.0
+
+
+def _cosine(s: dict) -> float:
+    no, nr = math.sqrt(s["sq_o"]), math.sqrt(s["sq_r"])
+    if no == 0 and nr == 0:
+        return 1.0
+    if no == 0 or nr == 0:
+        return 0.0
+    return max(-1.0, min(1.0, s["dot"] / (no * nr)))
+
+
+def _sqnr(s: dict) -> float:
+    nr, nd = math.sqrt(s["sq_r"]), math.sqrt(s["sq_d"])
+    if nd == 0:
+        return math.inf
+    if nr == 0:
+        return -math.inf
+    return 20.0 * math.log10(nr / nd)
+
+
+def rel_l1(out: Tensor, ref: Tensor) -> float:
+    """Relative L1 error ``sum|o - r| / sum|r|`` (0 if both are 0, inf if only ``ref`` is)."""
+    _check_pair(out, ref)
+    return _rel_l1(_sums(out, ref, False))
+
+
+def rmse(out: Tensor, ref: Tensor) -> float:
+    """Root-mean-square error ``sqrt(mean((o - r)^2))``."""
+    _check_pair(out, ref)
+    return _rmse(_sums(out, ref, False))
+
+
+def cosine(out: Tensor, ref: Tensor) -> float:
+    """Cosine similarity of the flattened tensors (1 if both are all-zero, 0 if one is)."""
+    _check_pair(out, ref)
+    return _cosine(_sums(out, ref, False))
+
+
+def sqnr_db(out: Tensor, ref: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``20 log10(||r|| / ||o - r||)`` in dB; +inf when equal."""
+    _check_pair(out, ref)
+    return _sqnr(_sums(out, ref, False))
+
+
+def max_abs(out: Tensor, ref: Tensor) -> float:
+    """Largest absolute elementwise difference (NaN if any difference is NaN)."""
+    _check_pair(out, ref)
+    return _sums(out, ref, False)["max_d"]
+
+
+def mean_abs(out: Tensor, ref: Tensor) -> float:
+    """Mean absolute elementwise difference."""
+    _check_pair(out, ref)
+    s = _sums(out, ref, False)
+    return s["abs_d"] / s["n"] if s["n"] else 0.0
+
+
+# ---------------------------------------------------------------------------
+# ULPs and derived floors
+
+# (mantissa bits, exponent of the smallest normal) for the dtypes outputs come in.
+_FLOAT_PARAMS: dict[str, tuple[int, int]] = {
+    "float64": (52, -1022),
+    "float32": (23, -126),
+    "bfloat16": (7, -126),
+    "float16": (10, -14),
+    "float8_e4m3fn": (3, -6),
+    "float8_e5m2": (2, -14),
+    "e4m3": (3, -6),
+    "e5m2": (2, -14),
+    "e2m1": (1, 0),
+}
+
+
+def _dtype_name(dtype: DTypeLike) -> str:
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if name not in _FLOAT_PARAMS:
+        raise ValueError(f"no ULP model for dtype {dtype!r}; use one of {sorted(_FLOAT_PARAMS)}")
+    return name
+
+
+def ulp(x: Tensor, dtype: DTypeLike) -> Tensor:
+    """Spacing of ``dtype`` at ``|x|``: ``2**(max(floor(log2|x|), emin) - mantissa_bits)``, float64.
+
+    This is the gap to the next value away from zero; round-to-nearest errs by at most half of it.
+    """
+    man, emin = _FLOAT_PARAMS[_dtype_name(dtype)]
+    a = x.detach().to(torch.float64).abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    _, e2 = torch.frexp(a)
+    e = torch.clamp(e2 - 1, min=emin)
+    return torch.ldexp(torch.ones_like(a), e - man)
+
+
+def ulp_distance(a: Tensor, b: Tensor, dtype: DTypeLike) -> Tensor:
+    """Elementwise number of ``dtype`` steps between ``a`` and ``b`` after rounding both to ``dtype``.
+
+    Counts representable values via the ordered bit patterns (so crossing zero and binade
+    boundaries counts correctly; +0 and -0 are 0 apart). int64; -1 where either is NaN.
+    FP8 names round with ``harness.reference.formats`` (saturating), others with torch casts.
+    """
+    _check_pair(a, b)
+    name = _dtype_name(dtype)
+    fmt = {"float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}.get(name, name)
+    if fmt in ("e4m3", "e5m2", "e2m1"):
+        from harness.reference.formats import representable_values, round_to_format
+
+        table = representable_values(fmt, dtype=torch.float64)
+        zero = int((table < 0).sum())
+
+        def ordered(t: Tensor) -> Tensor:
+            r = round_to_format(t.detach().to(torch.float64), fmt)
+            idx = torch.searchsorted(table, torch.where(torch.isnan(r), torch.zeros_like(r), r))
+            return idx - zero
+    else:
+        tdt = getattr(torch, name)
+        width = torch.empty((), dtype=tdt).element_size() * 8
+        idt = {64: torch.int64, 32: torch.int32, 16: torch.int16}[width]
+
+        def ordered(t: Tensor) -> Tensor:
+            bits = t.detach().to(tdt).contiguous().view(idt).to(torch.int64)
+            if width < 64:
+                bits = bits & ((1 << width) - 1)
+                sign = (bits >> (width - 1)) & 1
+                mag = bits & ((1 << (width - 1)) - 1)
+            else:
+                sign = (bits < 0).to(torch.int64)
+                mag = bits & 0x7FFFFFFFFFFFFFFF
+            return torch.where(sign.bool(), -mag, mag)
+
+    oa, ob = ordered(a), ordered(b)
+    b_dev = ob.to(oa.device)
+    dist = (oa - b_dev).abs()
+    nan = torch.isnan(a.detach()).to(oa.device) | torch.isnan(b.detach()).to(oa.device)
+    return torch.where(nan, torch.full_like(dist, -1), dist)
+
+
+def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> float:
+    """Error that merely rounding the exact ``ref`` to ``dtype`` may cause, in ``metric`` units.
+
+    "max_abs": half an ULP at ``max|ref|``; "mean_abs": mean of half-ULPs; "rmse": RMS of
+    half-ULPs; "rel_l1": sum of half-ULPs / sum|ref|; "cos_dist": ``u**2/2`` with ``u`` the
+    unit roundoff (a relative perturbation <= u changes the cosine by <= u**2/2), plus the
+    float64 evaluation noise of the cosine.
+    """
+    if metric not in ERROR_METRICS:
+        raise ValueError(f"metric={metric!r}; use one of {ERROR_METRICS}")
+    man, _ = _FLOAT_PARAMS[_dtype_name(dtype)]
+    r = ref.detach()
+    if metric == "cos_dist":
+        # rounding each element perturbs it by a relative eps <= u, which moves the cosine by
+        # at most u**2/2; add the float64 evaluation noise of the cosine itself (tree sums).
+        u = 2.0 ** -(man + 1)
+        evaluation = 4 * math.log2(max(r.numel(), 2)) * 2.0 ** -53
+        return u * u / 2 + evaluation
+    if metric == "max_abs":
+        finite = r[torch.isfinite(r)] if r.numel() else r
+        if finite.numel() == 0:
+            return 0.0
+        amax = finite.abs().max().to(torch.float64).reshape(1)
+        return float(0.5 * ulp(amax, dtype)[0])
+    tot = 0.0
+    tot_sq = 0.0
+    tot_r = 0.0
+    n = 0
+    flat = r.reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        c = flat[i:i + _CHUNK].to(torch.float64)
+        c = c[torch.isfinite(c)]
+        h = 0.5 * ulp(c, dtype)
+        tot += float(h.sum())
+        tot_sq += float((h * h).sum())
+        tot_r += float(c.abs().sum())
+        n += c.numel()
+    if n == 0:
+        return 0.0
+    if metric == "mean_abs":
+        return tot / n
+    if metric == "rmse":
+        return math.sqrt(tot_sq / n)
+    return tot / tot_r if tot_r > 0 else 0.0
+
+
+def summation_bound(abs_sum: Union[Tensor, float], n: int, dtype: DTypeLike = torch.float32) -> Union[Tensor, float]:
+    """Worst-case error of summing ``n`` terms in ``dtype`` in any order: ``gamma_n * sum|terms|``.
+
+    ``gamma_n = n*u / (1 - n*u)`` with ``u`` the unit roundoff (Higham, Accuracy and Stability
+    of Numerical Algorithms, 2nd ed., section 3.1). ``abs_sum`` is ``sum|terms|`` (e.g.
+    ``|A| @ |B|`` for a matmul); raises if ``n*u >= 1`` (the bound is vacuous).
+    """
+    man, _ = _FLOAT_PARAMS[_dtype_name(dtype)]
+    u = 2.0 ** -(man + 1)
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    nu = n * u
+    if nu >= 1:
+        raise ValueError(f"n={n} terms in {dtype}: n*u={nu:.3g} >= 1, no useful bound; sum in a wider dtype")
+    return abs_sum * (nu / (1 - nu))
+
+
+# ---------------------------------------------------------------------------
+# Reports, bounds, verdicts
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """All metrics of ``out`` vs ``ref``, computed over elements finite in both.
+
+    ``nonfinite_out`` / ``nonfinite_ref`` count NaN/inf elements of each;
+    ``nonfinite_mismatch`` counts positions where they disagree (one finite and the other not,
+    or NaN vs inf, or opposite infinities) -- a failure regardless of the metrics.
+    """
+
+    max_abs: float
+    mean_abs: float
+    rmse: float
+    rel_l1: float
+    cosine: float
+    sqnr_db: float
+    numel: int
+    nonfinite_out: int
+    nonfinite_ref: int
+    nonfinite_mismatch: int = 0
+    shape: tuple[int, ...] = field(default=())
+
+    @property
+    def cos_dist(self) -> float:
+        return 1.0 - self.cosine
+
+    def metric(self, name: str) -> float:
+        """An error-like metric by name (see ``ERROR_METRICS``)."""
+        if name not in ERROR_METRICS:
+            raise ValueError(f"metric={name!r}; use one of {ERROR_METRICS}")
+        return float(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (non-finite floats as "inf"/"-inf"/"nan")."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return _jsonable(d)
+
+    def __str__(self) -> str:
+        s = (f"max_abs={self.max_abs:.4g} mean_abs={self.mean_abs:.4g} rmse={self.rmse:.4g} "
+             f"rel_l1={self.rel_l1:.4g} cos={self.cosine:.6f} sqnr={self.sqnr_db:.2f}dB "
+             f"n={self.numel}")
+        if self.nonfinite_out or self.nonfinite_ref:
+            s += (f" nonfinite(out={self.nonfinite_out}, ref={self.nonfinite_ref}, "
+                  f"mismatched={self.nonfinite_mismatch})")
+        return s
+
+
+def error_report(out: Tensor, ref: Tensor) -> ErrorReport:
+    """Compute an ``ErrorReport`` of ``out`` against ``ref`` in one chunked float64 pass."""
+    _check_pair(out, ref)
+    s = _sums(out, ref, True)
+    return ErrorReport(
+        max_abs=s["max_d"], mean_abs=(s["abs_d"] / s["n"] if s["n"] else 0.0), rmse=_rmse(s),
+        rel_l1=_rel_l1(s), cosine=_cosine(s), sqnr_db=_sqnr(s), numel=out.numel(),
+        nonfinite_out=s["nonfinite_out"], nonfinite_ref=s["nonfinite_ref"],
+        nonfinite_mismatch=s["nonfinite_mismatch"], shape=tuple(out.shape),
+    )
+
+
+@dataclass(frozen=True)
+class BoundCheck:
+    """Outcome of ``Bound.check``: ``err`` against ``allowed``; ``ratio = err / allowed``."""
+
+    passed: bool
+    err: float
+    allowed: float
+    ratio: float
+    why: str
+    metric: str = "max_abs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "EXCEEDED"
+        return (f"{self.metric}={self.err:.4g} allowed={self.allowed:.4g} "
+                f"ratio={self.ratio:.3g} {verdict} ({self.why})")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Allowed error ``k * ref_err + floor`` in ``metric`` units, with the reason it is what it is.
+
+    ``ref_err`` is the error of an emulation (or a same-precision naive run) against the exact
+    reference; ``floor`` covers rounding the exact result to the output dtype. Construct the
+    floor with ``rounding_floor``/``summation_bound``, never as a literal.
+    """
+
+    k: float
+    floor: float
+    why: str
+    metric: str = "max_abs"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k >= 0):
+            raise ValueError(f"Bound.k={self.k!r} must be a finite number >= 0")
+        if not (isinstance(self.floor, (int, float)) and math.isfinite(self.floor) and self.floor >= 0):
+            raise ValueError(f"Bound.floor={self.floor!r} must be a finite number >= 0")
+        if not isinstance(self.why, str) or not self.why.strip():
+            raise ValueError("Bound.why must say where the bound comes from (non-empty string)")
+        if self.metric not in ERROR_METRICS:
+            raise ValueError(f"Bound.metric={self.metric!r}; use one of {ERROR_METRICS}")
+
+    def limit(self, ref_err: Optional[float]) -> float:
+        """``k * ref_err + floor``; ``ref_err=None`` (no emulated run) gives the floor alone."""
+        if ref_err is None:
+            return float(self.floor)
+        if math.isnan(ref_err):
+            raise ValueError("ref_err is NaN: the emulated/naive reference itself is broken")
+        return float(self.k * ref_err + self.floor)
+
+    def check(self, err: float, ref_err: Optional[float]) -> BoundCheck:
+        """Is ``err <= limit(ref_err)``? NaN/inf errors never pass."""
+        allowed = self.limit(ref_err)
+        err = float(err)
+        if allowed > 0:
+            ratio = err / allowed
+        else:
+            ratio = 0.0 if err == 0 else math.inf
+        passed = math.isfinite(err) and err <= allowed
+        return BoundCheck(passed=passed, err=err, allowed=allowed, ratio=ratio, why=self.why,
+                          metric=self.metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def exact(cls, why: str = "bitwise equality expected") -> "Bound":
+        """A bound that admits no error at all."""
+        return cls(k=0.0, floor=0.0, why=why)
+
+    @classmethod
+    def derived(cls, k: float, ref: Tensor, out_dtype: DTypeLike, why: str,
+                metric: str = "max_abs") -> "Bound":
+        """``k * ref_err`` plus the rounding floor of ``ref`` in ``out_dtype`` for ``metric``."""
+        floor = rounding_floor(ref, out_dtype, metric)
+        return cls(k=k, floor=floor, metric=metric,
+                   why=f"{why}; floor = {metric} of rounding to {_dtype_name(out_dtype)} ({floor:.3g})")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Verdict of ``judge``: passed or not, the numbers behind it, and a one-line reason."""
+
+    passed: bool
+    reason: str
+    check: BoundCheck
+    report: ErrorReport
+    ref_report: Optional[ErrorReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "check": self.check.to_dict(),
+            "report": self.report.to_dict(),
+            "ref_report": None if self.ref_report is None else self.ref_report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'PASS' if self.passed else 'FAIL'}: {self.reason}",
+                 f"  bound : {self.check}",
+                 f"  out   : {self.report}"]
+        if self.ref_report is not None:
+            lines.append(f"  refrun: {self.ref_report}")
+        return "\n".join(lines)
+
+
+def judge(out: Tensor, exact: Tensor, emulated_or_naive: Optional[Tensor], bound: Bound) -> Judgement:
+    """Judge a kernel output against the exact reference under ``bound``.
+
+    ``exact``: the high-precision reference on the same (already quantized) inputs.
+    ``emulated_or_naive``: the emulated quantization scheme or same-precision naive run whose
+    own error against ``exact`` scales the bound (None: the floor alone). Fails where the
+    output's NaN/inf pattern differs from the reference's, on NaN metrics, or when the ``bound.metric`` error exceeds the limit.
+    """
+    rep = error_report(out, exact)
+    ref_rep = error_report(emulated_or_naive, exact) if emulated_or_naive is not None else None
+    ref_err = ref_rep.metric(bound.metric) if ref_rep is not None else None
+    if ref_err is not None and math.isnan(ref_err):
+        ref_err = math.inf
+    chk = bound.check(rep.metric(bound.metric), ref_err)
+    if rep.nonfinite_mismatch:
+        return Judgement(False, f"{rep.nonfinite_mismatch} position(s) where the output's "
+                         "finiteness differs from the reference's (NaN/inf)", chk, rep, ref_rep)
+    if chk.passed:
+        reason = f"{bound.metric} {chk.err:.4g} <= {chk.allowed:.4g}"
+    else:
+        reason = f"{bound.metric} {chk.err:.4g} > allowed {chk.allowed:.4g} (x{chk.ratio:.3g})"
+    return Judgement(chk.passed, reason, chk, rep, ref_rep)
