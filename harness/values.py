@@ -11,7 +11,7 @@ Kinds (the last dimension is the channel / reduction dimension):
 - ``outliers``: standard normal with ``n_channels`` channels scaled by factors
   in ``[lo, hi]`` (default 100–1000), as in real diffusion-transformer activations.
 - ``zero_blocks``: standard normal with all-zero rows and an all-zero block of
-  ``block`` rows (default 128, cut to the tensor) — amax = 0 for those scale groups.
+  ``block`` rows (default 128, at most half the rows) — amax = 0 for those scale groups.
 - ``constant_rows``: standard normal with some rows set to one constant.
 - ``fp8_edge``: magnitudes near and beyond the E4M3 limit 448: exact 448, the
   rounding boundary 464, 480 (where torch 2.11's cast turns to NaN), 1e4;
@@ -101,7 +101,7 @@ class ValueSpec:
             nrows = rows.shape[0]
             zr = torch.randperm(nrows, generator=g)[: min(int(self.param("zero_rows")), nrows)]
             rows[zr] = 0
-            block = min(int(self.param("block")), nrows)
+            block = min(int(self.param("block")), max(1, nrows // 2))
             start = int(torch.randint(0, nrows - block + 1, (1,), generator=g))
             rows[start : start + block] = 0
         elif k == "constant_rows" and rows is not None:
