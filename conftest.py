@@ -1,0 +1,64 @@
+"""The single control point for the test suite: profiles, options, markers, capability skips.
+
+- Hypothesis profile: ``--harness-profile`` or ``HARNESS_PROFILE`` (dev | ci | nightly); ``ci`` under ``CI``.
+- ``gpu``-marked tests skip, with the missing capability named, when no CUDA device is visible.
+  The probe runs when tests are collected (never at import of the package) and only asks
+  ``torch.cuda.is_available()``, which does not create a CUDA context.
+- The runner's pytest plugin (pool fixture, case files for failures) is enabled here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.profiles import PROFILES, load_profile
+
+import importlib.util
+
+# The runner's plugin is enabled here once it exists (it is being written alongside).
+pytest_plugins = ["harness.pytest_plugin"] if importlib.util.find_spec("harness.pytest_plugin") else []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness")
+    group.addoption(
+        "--harness-profile",
+        choices=PROFILES,
+        default=None,
+        help="Hypothesis profile (default: $HARNESS_PROFILE, else 'ci' under CI, else 'dev')",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = load_profile(config.getoption("--harness-profile"))
+    config._harness_profile = name  # type: ignore[attr-defined]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    cuda = torch.cuda.is_available()
+    return [
+        f"harness: hypothesis profile {getattr(config, '_harness_profile', '?')}; torch {torch.__version__}; "
+        f"CUDA {'available' if cuda else 'not available'}"
+    ]
+
+
+def no_cuda_reason() -> str | None:
+    """Why GPU tests cannot run here, or None when they can."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = None
+    probed = False
+    for item in items:
+        if item.get_closest_marker("gpu") is None:
+            continue
+        if not probed:
+            reason, probed = no_cuda_reason(), True
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
