@@ -68,6 +68,7 @@ __all__ = [
     "rotate",
     "assert_not_all_zero",
     "tensor_bytes",
+    "random_tensor",
     "record",
 ]
 
@@ -497,10 +498,21 @@ class Ceilings:
         return {name: c.as_dict() for name, c in self.items.items()}
 
 
-def _randn(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
-    gen = torch.Generator(device=device)
+def random_tensor(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device | str, seed: int, *, std: float = 1.0
+) -> torch.Tensor:
+    """Seeded standard-normal data (times ``std``) generated *on* ``device`` (fast at Wan sizes).
+
+    Benchmarks only: correctness tests use :class:`harness.values.ValueSpec`, whose CPU
+    generation is bit-reproducible across machines but far too slow for 10^9 elements.
+    """
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
-    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    x = torch.randn(tuple(shape), generator=gen, device=dev, dtype=torch.float32)
+    if std != 1.0:
+        x.mul_(std)
+    return x.to(dtype)
 
 
 def measure_ceilings(
@@ -515,21 +527,21 @@ def measure_ceilings(
 
     Defaults: on CUDA an 8192^3 GEMM (~1.1 TFLOP, random normal data) and a
     512 MiB copy (10x an H100/H200 L2), 3 warm-up and 10 timed rounds; on the
-    CPU a 256^3 GEMM and a 16 MiB copy, 1 and 3 rounds (a smoke-sized ceiling
+    CPU a 1024^3 GEMM and a 16 MiB copy, 1 and 3 rounds (a smoke-sized ceiling
     for the CPU trend, not a peak).  Copy bandwidth counts read + write bytes.
     The FP8 ceiling is None, with the reason, below compute capability 8.9.
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    n = gemm_n or (8192 if cuda else 256)
+    n = gemm_n or (8192 if cuda else 1024)
     mib = copy_mib or (512 if cuda else 16)
     warmup = (3 if cuda else 1) if warmup is None else warmup
     rounds = (10 if cuda else 3) if rounds is None else rounds
     flops = linear_flops(n, n, n)
     items: dict[str, Ceiling] = {}
 
-    a = _randn((n, n), torch.bfloat16, dev, 1)
-    b = _randn((n, n), torch.bfloat16, dev, 2)
+    a = random_tensor((n, n), torch.bfloat16, dev, 1)
+    b = random_tensor((n, n), torch.bfloat16, dev, 2)
     t = time_fn(lambda: torch.matmul(a, b), dev, warmup=warmup, rounds=rounds)
     items["bf16_matmul"] = Ceiling("bf16_matmul", "TFLOP/s", flops / (t.median * 1e-3) / 1e12, f"bf16 matmul {n}^3")
 
@@ -550,7 +562,7 @@ def measure_ceilings(
     del a, b
 
     numel = mib * 2**20 // 2
-    src = _randn((numel,), torch.bfloat16, dev, 3)
+    src = random_tensor((numel,), torch.bfloat16, dev, 3)
     dst = torch.empty_like(src)
     tc = time_fn(lambda: dst.copy_(src), dev, warmup=warmup, rounds=rounds)
     items["copy"] = Ceiling(

@@ -1,0 +1,832 @@
+"""Static benchmark dashboard: ``python -m harness dashboard --storage DIR --out FILE.html``.
+
+Reads the runs pytest-benchmark saved with ``--benchmark-autosave
+--benchmark-storage DIR`` (JSON files, usually under one sub-folder per
+machine id; a ``--benchmark-json`` file anywhere under DIR works too),
+validates each file and each benchmark entry (malformed ones are skipped and
+listed on the page and on stderr, never fatal), and writes one self-contained
+HTML page: inline CSS and SVG drawn here, no server, no CDN, no dependency.
+
+The page shows, per device:
+
+- a trend plot per benchmark across runs: the median with a min/max band, and
+  the regression threshold over the baseline of the latest run;
+- a regression flag when a run's median is slower than the median of the
+  previous ``window`` runs of the same benchmark on the same device by more
+  than ``threshold`` (the flag and the rule are printed on the page);
+- the latest run's throughput and ratio to the ceiling measured in that run,
+  and the FP8-over-bf16 speed-up per shape (with the issue-4 speed target);
+- the latest ``matrix`` report (``summary.json``) or "no matrix report".
+
+Times are taken from ``extra_info["device_ms"]`` (CUDA-event times, see
+:mod:`harness.bench`) when a result has them, else from pytest-benchmark's own
+statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "Problem",
+    "Run",
+    "Point",
+    "Series",
+    "RegressionCheck",
+    "SpeedupRow",
+    "load_run",
+    "load_runs",
+    "build_series",
+    "check_regressions",
+    "speedups",
+    "load_matrix_summary",
+    "render_html",
+    "build_dashboard",
+    "DashboardResult",
+    "latest_table",
+    "add_parser",
+    "SPEEDUP_BASE_OP",
+    "SPEEDUP_OPS",
+]
+
+#: The op every speed-up is measured against (same ``shape_key``), and the ops compared with it.
+SPEEDUP_BASE_OP = "bf16_linear"
+SPEEDUP_OPS = ("fp8_linear", "scaled_mm_bare")
+
+_BENCH_SCHEMA = "harness.bench/1"
+
+
+# --------------------------------------------------------------------------- loading and validation
+@dataclass(frozen=True)
+class Problem:
+    """A file or entry that was skipped (or partly used), with the reason."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One saved pytest-benchmark run: where it came from and its valid benchmark entries."""
+
+    path: str
+    machine: str  # sub-folder of the storage dir ("." for files at its top)
+    when: datetime
+    commit: str
+    benchmarks: tuple[Mapping[str, Any], ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.when:%Y-%m-%d %H:%M} {self.commit[:8]}".strip()
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_when(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _check_benchmark(entry: Any, index: int) -> str | None:
+    """Why a benchmark entry is unusable (None when it is fine)."""
+    if not isinstance(entry, dict):
+        return f"benchmarks[{index}] is a {type(entry).__name__}, not an object"
+    name = entry.get("fullname") or entry.get("name")
+    where = f"benchmarks[{index}] ({name!r})" if isinstance(name, str) else f"benchmarks[{index}]"
+    if not isinstance(entry.get("fullname"), str) or not isinstance(entry.get("name"), str):
+        return f"{where} lacks the string fields 'name' and 'fullname'"
+    stats = entry.get("stats")
+    if not isinstance(stats, dict):
+        return f"{where} has no 'stats' object"
+    for k in ("min", "max", "median"):
+        if not _finite(stats.get(k)) or stats[k] < 0:
+            return f"{where} stats.{k} = {stats.get(k)!r}; expected a finite number >= 0"
+    if not stats["min"] <= stats["median"] <= stats["max"]:
+        return f"{where} stats are inconsistent: min {stats['min']}, median {stats['median']}, max {stats['max']}"
+    extra = entry.get("extra_info", {})
+    if not isinstance(extra, dict):
+        return f"{where} extra_info is a {type(extra).__name__}, not an object"
+    return None
+
+
+def _check_device_ms(extra: Mapping[str, Any]) -> str | None:
+    dm = extra.get("device_ms")
+    if not isinstance(dm, dict):
+        return "extra_info.device_ms is missing"
+    for k in ("min", "median", "max"):
+        if not _finite(dm.get(k)) or dm[k] < 0:
+            return f"extra_info.device_ms.{k} = {dm.get(k)!r}; expected a finite number >= 0"
+    if not dm["min"] <= dm["median"] <= dm["max"]:
+        return f"extra_info.device_ms is inconsistent: min {dm['min']}, median {dm['median']}, max {dm['max']}"
+    return None
+
+
+def load_run(path: Path, storage: Path) -> tuple[Run | None, list[Problem]]:
+    """Parse and validate one saved run; bad entries are dropped with a :class:`Problem` each."""
+    rel = str(path.relative_to(storage)) if path.is_relative_to(storage) else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(rel, f"cannot read: {exc}")]
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, [Problem(rel, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); skipped")]
+    if not isinstance(obj, dict) or not isinstance(obj.get("benchmarks"), list):
+        return None, [Problem(rel, "not a pytest-benchmark run (no top-level 'benchmarks' list); skipped")]
+    when = _parse_when(obj.get("datetime"))
+    if when is None:
+        return None, [Problem(rel, f"'datetime' = {obj.get('datetime')!r} is not an ISO timestamp; skipped")]
+    problems: list[Problem] = []
+    good: list[Mapping[str, Any]] = []
+    for i, entry in enumerate(obj["benchmarks"]):
+        why = _check_benchmark(entry, i)
+        if why is not None:
+            problems.append(Problem(rel, why + "; entry skipped"))
+            continue
+        extra = entry.get("extra_info", {})
+        if extra.get("schema") == _BENCH_SCHEMA:
+            why = _check_device_ms(extra)
+            if why is not None:
+                problems.append(Problem(rel, f"{entry['fullname']}: {why}; using pytest-benchmark's stats instead"))
+                entry = {**entry, "extra_info": {k: v for k, v in extra.items() if k != "device_ms"}}
+        good.append(entry)
+    if not good:
+        problems.append(Problem(rel, "no usable benchmark entries (was the run made with --benchmark-disable?); skipped"))
+        return None, problems
+    commit_info = obj.get("commit_info") if isinstance(obj.get("commit_info"), dict) else {}
+    commit = str(commit_info.get("id") or "")
+    machine = str(path.parent.relative_to(storage)) if path.is_relative_to(storage) else "."
+    return Run(rel, machine, when, commit, tuple(good)), problems
+
+
+def load_runs(storage: Path | str) -> tuple[list[Run], list[Problem]]:
+    """All valid runs under ``storage`` (recursively), oldest first, and the problems met on the way."""
+    storage = Path(storage)
+    if not storage.is_dir():
+        raise FileNotFoundError(
+            f"benchmark storage {str(storage)!r} is not a directory; pass the DIR given to --benchmark-storage"
+        )
+    runs: list[Run] = []
+    problems: list[Problem] = []
+    for path in sorted(storage.rglob("*.json")):
+        if path.name == "summary.json":  # a matrix report kept next to the runs is not a run
+            continue
+        run, probs = load_run(path, storage)
+        problems.extend(probs)
+        if run is not None:
+            runs.append(run)
+    runs.sort(key=lambda r: (r.when, r.path))
+    return runs, problems
+
+
+# --------------------------------------------------------------------------- series and regressions
+@dataclass(frozen=True)
+class Point:
+    """One benchmark in one run: times in ms and what was derived from them."""
+
+    run: int  # index into the runs list
+    median: float
+    min: float
+    max: float
+    source: str  # "device_ms" | "stats"
+    throughput: float | None = None
+    unit: str | None = None
+    ceiling_ratio: float | None = None
+    ceiling_name: str | None = None
+
+
+@dataclass
+class Series:
+    """A benchmark's history on one device (runs from different devices never share a trend)."""
+
+    machine: str
+    device: str
+    fullname: str
+    name: str
+    group: str | None
+    op: str | None
+    shape_key: str | None
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.machine, self.device, self.fullname)
+
+    @property
+    def medians(self) -> list[float]:
+        return [p.median for p in self.points]
+
+
+def _device_of(entry: Mapping[str, Any]) -> str:
+    env = entry.get("extra_info", {}).get("env")
+    if isinstance(env, dict) and isinstance(env.get("device"), str):
+        return env["device"]
+    return "unknown device"
+
+
+def _point(entry: Mapping[str, Any], run_index: int) -> Point:
+    extra = entry.get("extra_info", {})
+    dm = extra.get("device_ms") if extra.get("schema") == _BENCH_SCHEMA else None
+    if isinstance(dm, dict):
+        med, lo, hi, src = float(dm["median"]), float(dm["min"]), float(dm["max"]), "device_ms"
+    else:
+        st = entry["stats"]
+        med, lo, hi, src = st["median"] * 1e3, st["min"] * 1e3, st["max"] * 1e3, "stats"
+    tp = extra.get("throughput") if isinstance(extra.get("throughput"), dict) else {}
+    ceil = extra.get("ceiling") if isinstance(extra.get("ceiling"), dict) else {}
+    ratio = extra.get("ceiling_ratio")
+    return Point(
+        run=run_index, median=med, min=lo, max=hi, source=src,
+        throughput=float(tp["value"]) if _finite(tp.get("value")) else None,
+        unit=tp.get("unit") if isinstance(tp.get("unit"), str) else None,
+        ceiling_ratio=float(ratio) if _finite(ratio) else None,
+        ceiling_name=ceil.get("name") if isinstance(ceil.get("name"), str) else None,
+    )
+
+
+def build_series(runs: Sequence[Run]) -> list[Series]:
+    """Group every benchmark entry by (machine folder, device, fullname), points in run order."""
+    by_key: dict[tuple[str, str, str], Series] = {}
+    for i, run in enumerate(runs):
+        for entry in run.benchmarks:
+            extra = entry.get("extra_info", {})
+            key = (run.machine, _device_of(entry), entry["fullname"])
+            s = by_key.get(key)
+            if s is None:
+                s = by_key[key] = Series(
+                    machine=key[0], device=key[1], fullname=key[2], name=entry["name"],
+                    group=entry.get("group") if isinstance(entry.get("group"), str) else None,
+                    op=extra.get("op") if isinstance(extra.get("op"), str) else None,
+                    shape_key=extra.get("shape_key") if isinstance(extra.get("shape_key"), str) else None,
+                )
+            s.points.append(_point(entry, i))
+    return sorted(by_key.values(), key=lambda s: (s.device, s.machine, s.group or "", s.fullname))
+
+
+@dataclass(frozen=True)
+class RegressionCheck:
+    """How one point compares with the median of the points before it."""
+
+    index: int  # position in the series
+    median: float
+    baseline: float  # median of the previous `window` medians
+    window_used: int
+    threshold: float
+
+    @property
+    def change(self) -> float:
+        """Relative slow-down: +0.25 = 25% slower than the baseline."""
+        return self.median / self.baseline - 1.0 if self.baseline > 0 else math.inf
+
+    @property
+    def limit(self) -> float:
+        return self.baseline * (1.0 + self.threshold)
+
+    @property
+    def regressed(self) -> bool:
+        return self.median > self.limit
+
+
+def _validate_rule(threshold: float, window: int) -> None:
+    if not _finite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold={threshold!r}; pass a relative slow-down > 0, e.g. 0.10 for 10%")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window={window!r}; pass how many previous runs form the baseline (an int >= 1)")
+
+
+def check_regressions(medians: Sequence[float], *, threshold: float = 0.10, window: int = 5) -> list[RegressionCheck | None]:
+    """For each point, compare it with the median of up to ``window`` points before it.
+
+    The first point has no baseline (None).  A point is a regression when its
+    median exceeds ``baseline * (1 + threshold)``.
+    """
+    _validate_rule(threshold, window)
+    out: list[RegressionCheck | None] = []
+    for i, m in enumerate(medians):
+        prev = list(medians[max(0, i - window):i])
+        out.append(RegressionCheck(i, m, statistics.median(prev), len(prev), threshold) if prev else None)
+    return out
+
+
+@dataclass(frozen=True)
+class SpeedupRow:
+    """``op`` against :data:`SPEEDUP_BASE_OP` on one shape in one run: base median / op median."""
+
+    device: str
+    shape_key: str
+    op: str
+    base_ms: float
+    op_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.base_ms / self.op_ms if self.op_ms > 0 else math.inf
+
+
+def speedups(series: Sequence[Series], run_index: int | None = None) -> list[SpeedupRow]:
+    """Speed-up of each op in :data:`SPEEDUP_OPS` over bf16 per (device, shape) in one run (default: latest).
+
+    Pairs are matched on ``extra_info.shape_key``; a shape with only one side measured gives no row.
+    """
+    latest: dict[str, int] = {}
+    for s in series:
+        for p in s.points:
+            latest[s.device] = max(latest.get(s.device, -1), p.run)
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for s in series:
+        if s.shape_key is None or s.op is None:
+            continue
+        want = latest.get(s.device) if run_index is None else run_index
+        pts = [p for p in s.points if p.run == want]
+        if pts:
+            table.setdefault((s.device, s.shape_key), {})[s.op] = pts[-1].median
+    rows = []
+    for (device, shape_key), ops in sorted(table.items()):
+        base = ops.get(SPEEDUP_BASE_OP)
+        if base is None:
+            continue
+        for op in SPEEDUP_OPS:
+            if op in ops:
+                rows.append(SpeedupRow(device, shape_key, op, base, ops[op]))
+    return rows
+
+
+# --------------------------------------------------------------------------- matrix summary
+def load_matrix_summary(path: Path | str | None) -> tuple[dict[str, Any] | None, str]:
+    """The matrix report's ``summary.json`` (``path`` is the file or its directory) and a note.
+
+    Returns ``(None, reason)`` when there is none or it is unreadable; the page then says so.
+    """
+    if path is None:
+        return None, "no matrix report (pass --matrix DIR_OR_SUMMARY_JSON)"
+    p = Path(path)
+    if p.is_dir():
+        p = p / "summary.json"
+    if not p.is_file():
+        return None, f"no matrix report: {str(p)!r} does not exist"
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"no matrix report: {str(p)!r} is not readable JSON ({exc})"
+    if not isinstance(obj, dict):
+        return None, f"no matrix report: {str(p)!r} holds a {type(obj).__name__}, not an object"
+    return obj, str(p)
+
+
+# --------------------------------------------------------------------------- SVG
+_BLUE, _BAND, _RED, _GREY, _GREEN = "#1f77b4", "#aec7e8", "#d62728", "#7f7f7f", "#2ca02c"
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    decimals = max(0, digits - 1 - mag)
+    return f"{x:.{decimals}f}"
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    ticks = []
+    t = first
+    while t <= hi + 1e-12 * abs(hi):
+        ticks.append(t)
+        t += step
+    return ticks
+
+
+def _trend_svg(s: Series, runs: Sequence[Run], checks: Sequence[RegressionCheck | None], threshold: float) -> str:
+    """Median line with a min/max band over the runs; flagged points in red; the latest limit dashed."""
+    W, H, L, R, T, B = 520, 210, 64, 14, 16, 40
+    pw, ph = W - L - R, H - T - B
+    pts = s.points
+    ys = [p.min for p in pts] + [p.max for p in pts]
+    last = checks[-1] if checks else None
+    if last is not None:
+        ys.append(last.limit)
+    lo, hi = min(ys), max(ys)
+    pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 1e-9)
+    lo, hi = max(0.0, lo - pad), hi + pad
+    n = len(pts)
+
+    def X(i: int) -> float:
+        return L + (pw / 2 if n == 1 else pw * i / (n - 1))
+
+    def Y(v: float) -> float:
+        return T + ph * (1 - (v - lo) / (hi - lo))
+
+    parts = [
+        f'<svg class="plot trend" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" data-points="{n}" role="img" aria-label="trend of {html.escape(s.name)}">',
+        f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#ffffff" stroke="#cccccc"/>',
+    ]
+    for t in _nice_ticks(lo, hi):
+        parts.append(f'<line x1="{L}" x2="{L + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#eeeeee"/>')
+        parts.append(f'<text x="{L - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>')
+    parts.append(
+        f'<text x="14" y="{T + ph / 2:.0f}" transform="rotate(-90 14 {T + ph / 2:.0f})" '
+        'text-anchor="middle" class="axis">ms</text>'
+    )
+    first_lbl = runs[pts[0].run].label
+    last_lbl = runs[pts[-1].run].label
+    parts.append(f'<text x="{L}" y="{H - 22}" class="tick">{html.escape(first_lbl)}</text>')
+    if n > 1:
+        parts.append(f'<text x="{L + pw}" y="{H - 22}" text-anchor="end" class="tick">{html.escape(last_lbl)}</text>')
+    parts.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle" class="axis">run ({n})</text>')
+    parts.append('<g class="data">')
+    band = [f"{X(i):.1f},{Y(p.max):.1f}" for i, p in enumerate(pts)]
+    band += [f"{X(i):.1f},{Y(p.min):.1f}" for i, p in reversed(list(enumerate(pts)))]
+    if n == 1:  # a single run: a short vertical bar for its range
+        x = X(0)
+        band = [f"{x - 4:.1f},{Y(pts[0].max):.1f}", f"{x + 4:.1f},{Y(pts[0].max):.1f}",
+                f"{x + 4:.1f},{Y(pts[0].min):.1f}", f"{x - 4:.1f},{Y(pts[0].min):.1f}"]
+    parts.append(f'<polygon class="band" points="{" ".join(band)}" fill="{_BAND}" stroke="{_BAND}" stroke-width="1.5"/>')
+    line = " ".join(f"{X(i):.1f},{Y(p.median):.1f}" for i, p in enumerate(pts))
+    parts.append(f'<polyline class="median" points="{line}" fill="none" stroke="{_BLUE}" stroke-width="2"/>')
+    if last is not None:
+        y = Y(last.limit)
+        parts.append(
+            f'<line class="limit" x1="{L}" x2="{L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="{_RED}" '
+            f'stroke-dasharray="5,4" stroke-width="1"><title>regression limit of the latest run: '
+            f'{_fmt(last.limit)} ms = median of previous {last.window_used} runs x (1 + {threshold:g})</title></line>'
+        )
+    for i, (p, c) in enumerate(zip(pts, checks)):
+        bad = c is not None and c.regressed
+        tip = f"{runs[p.run].label}: median {_fmt(p.median)} ms (min {_fmt(p.min)}, max {_fmt(p.max)}; {p.source})"
+        if c is not None:
+            tip += f"; baseline {_fmt(c.baseline)} ms, {c.change:+.1%}" + (" REGRESSION" if bad else "")
+        parts.append(
+            f'<circle class="{"pt regressed" if bad else "pt"}" cx="{X(i):.1f}" cy="{Y(p.median):.1f}" '
+            f'r="{5 if bad else 3}" fill="{_RED if bad else _BLUE}"><title>{html.escape(tip)}</title></circle>'
+        )
+    parts.append("</g></svg>")
+    return "".join(parts)
+
+
+def _bar_svg(rows: Sequence[tuple[str, float, str]], *, unit: str, target: float | None = None,
+             target_label: str = "", css: str) -> str:
+    """Horizontal bars (label, value, colour); an optional dashed target line."""
+    W, row_h, L, R, T, B = 760, 20, 300, 70, 10, 28
+    H = T + B + row_h * len(rows)
+    vmax = max([v for _, v, _ in rows if math.isfinite(v)] + [target or 0, 1e-12]) * 1.1
+    pw = W - L - R
+
+    def X(v: float) -> float:
+        return L + pw * max(0.0, min(v, vmax)) / vmax
+
+    parts = [
+        f'<svg class="plot bars {css}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" data-points="{len(rows)}" role="img">',
+        f'<rect x="{L}" y="{T}" width="{pw}" height="{row_h * len(rows)}" fill="#ffffff" stroke="#cccccc"/>',
+    ]
+    for t in _nice_ticks(0.0, vmax):
+        parts.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{T}" y2="{H - B}" stroke="#eeeeee"/>')
+        parts.append(f'<text x="{X(t):.1f}" y="{H - B + 14}" text-anchor="middle" class="tick">{_fmt(t)}</text>')
+    parts.append(f'<text x="{L + pw / 2:.0f}" y="{H - 4}" text-anchor="middle" class="axis">{html.escape(unit)}</text>')
+    parts.append('<g class="data">')
+    for i, (label, v, colour) in enumerate(rows):
+        y = T + i * row_h + 3
+        w = X(v) - L if math.isfinite(v) else 0
+        parts.append(f'<text x="{L - 6}" y="{y + 12}" text-anchor="end" class="lbl">{html.escape(label)}</text>')
+        parts.append(
+            f'<rect class="bar" x="{L}" y="{y}" width="{max(w, 1):.1f}" height="{row_h - 6}" fill="{colour}">'
+            f'<title>{html.escape(label)}: {_fmt(v)} {html.escape(unit)}</title></rect>'
+        )
+        parts.append(f'<text x="{L + max(w, 1) + 4:.1f}" y="{y + 12}" class="val">{_fmt(v)}</text>')
+    parts.append("</g>")
+    if target is not None:
+        parts.append(
+            f'<line class="target" x1="{X(target):.1f}" x2="{X(target):.1f}" y1="{T}" y2="{H - B}" '
+            f'stroke="{_RED}" stroke-dasharray="5,4"><title>{html.escape(target_label)}</title></line>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- page
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}h3{font-size:14px;margin:4px 0}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.bad{color:#d62728;font-weight:bold}.ok{color:#2ca02c}.note{color:#666;font-size:12px}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #ddd;padding:8px;width:524px}
+.card.regressed{border-color:#d62728}
+svg .tick{font-size:10px;fill:#555}svg .axis{font-size:11px;fill:#333}svg .lbl,svg .val{font-size:11px;fill:#333}
+code{font-size:12px}.problems li{font-size:12px}
+"""
+
+# Records each plot's rendered size and the bounding box of its drawn data, so a headless browser's
+# --dump-dom can show that every plot was laid out and painted (tests/property/test_dashboard_browser.py).
+_SCRIPT = """
+window.addEventListener('load',function(){
+  var plots=document.querySelectorAll('svg.plot');
+  plots.forEach(function(svg){
+    var r=svg.getBoundingClientRect(),g=svg.querySelector('g.data'),b=g?g.getBBox():{x:0,y:0,width:0,height:0};
+    svg.setAttribute('data-rect',[r.left+window.scrollX,r.top+window.scrollY,r.width,r.height].map(Math.round).join(','));
+    svg.setAttribute('data-bbox',[b.x,b.y,b.width,b.height].map(function(v){return v.toFixed(1);}).join(','));
+  });
+  document.body.setAttribute('data-plots-rendered',String(plots.length));
+  document.body.setAttribute('data-page-height',String(document.documentElement.scrollHeight));
+});
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
+    if summary is None:
+        return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
+    out = [f'<p class="note">from <code>{_esc(note)}</code></p>']
+    scalars = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    if scalars:
+        out.append("<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in scalars) + "</table>")
+    for k, v in summary.items():
+        if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()):
+            out.append(f"<h3>{_esc(k)}</h3><table>" + "".join(
+                f"<tr><th>{_esc(kk)}</th><td class=num>{_esc(vv)}</td></tr>" for kk, vv in v.items()) + "</table>")
+        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            cols = sorted({c for x in v.values() for c in x})
+            out.append(f"<h3>{_esc(k)}</h3><table><tr><th></th>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>")
+            for rk, rv in v.items():
+                out.append(f"<tr><th>{_esc(rk)}</th>" + "".join(f"<td class=num>{_esc(rv.get(c, ''))}</td>" for c in cols) + "</tr>")
+            out.append("</table>")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            cols = list(dict.fromkeys(c for x in v for c in x if not isinstance(x[c], (dict, list))))
+            out.append(f"<h3>{_esc(k)}</h3><table><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>")
+            for row in v[:200]:
+                out.append("<tr>" + "".join(f"<td>{_esc(row.get(c, ''))}</td>" for c in cols) + "</tr>")
+            out.append("</table>" + (f'<p class="note">{len(v) - 200} more rows not shown</p>' if len(v) > 200 else ""))
+    return "".join(out)
+
+
+def render_html(
+    runs: Sequence[Run],
+    problems: Sequence[Problem],
+    *,
+    storage: str,
+    threshold: float,
+    window: int,
+    matrix: dict[str, Any] | None = None,
+    matrix_note: str = "no matrix report",
+) -> str:
+    """The whole dashboard page as one self-contained HTML string."""
+    _validate_rule(threshold, window)
+    from harness.bench import SPEED_TARGET  # noqa: PLC0415 - torch only when rendering
+
+    series = build_series(runs)
+    checks = {s.key: check_regressions(s.medians, threshold=threshold, window=window) for s in series}
+    flagged = [(s, checks[s.key][-1]) for s in series if checks[s.key][-1] is not None and checks[s.key][-1].regressed]
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rule = (f"a benchmark is flagged when its median is more than {threshold:.0%} slower than the median of "
+            f"its previous {window} run(s) on the same device")
+    o: list[str] = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        "<title>Wan FP8 / quantized attention benchmarks</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Wan FP8 / quantized attention benchmarks</h1>",
+        f'<p class="note">generated {generated} from <code>{_esc(storage)}</code>: {len(runs)} run(s), '
+        f"{len(series)} benchmark series. Times are CUDA-event medians (device_ms) where recorded, "
+        "else pytest-benchmark's host-timer medians.</p>",
+        f'<p id="rule">Regression rule: {_esc(rule)} (threshold <b id="threshold">{threshold:.0%}</b>, '
+        f'window <b id="window">{window}</b>).</p>',
+    ]
+    if problems:
+        o.append(f'<h2>Skipped or malformed files ({len(problems)})</h2><ul class="problems" id="problems">')
+        o += [f"<li>{_esc(p)}</li>" for p in problems]
+        o.append("</ul>")
+    o.append("<h2>Regressions in the latest run</h2>")
+    if flagged:
+        o.append('<table id="regressions"><tr><th>benchmark</th><th>device</th><th>median ms</th>'
+                 "<th>baseline ms</th><th>change</th><th>limit ms</th></tr>")
+        for s, c in flagged:
+            o.append(f'<tr class="bad"><td>{_esc(s.name)}</td><td>{_esc(s.device)}</td><td class=num>{_fmt(c.median)}</td>'
+                     f"<td class=num>{_fmt(c.baseline)}</td><td class=num>{c.change:+.1%}</td>"
+                     f"<td class=num>{_fmt(c.limit)}</td></tr>")
+        o.append("</table>")
+    else:
+        o.append(f'<p class="ok" id="no-regressions">No regressions (threshold {threshold:.0%}, window {window}).</p>')
+
+    for device in dict.fromkeys(s.device for s in series):
+        dev_series = [s for s in series if s.device == device]
+        last_run = max(p.run for s in dev_series for p in s.points)
+        o.append(f"<h2>{_esc(device)}</h2>")
+        latest_entry = next((e for e in runs[last_run].benchmarks if _device_of(e) == device), None)
+        env = (latest_entry or {}).get("extra_info", {}).get("env")
+        if isinstance(env, dict):
+            o.append('<p class="note">latest run ' + _esc(runs[last_run].label) + ": " + ", ".join(
+                f"{_esc(k)} {_esc(v)}" for k, v in env.items() if v is not None) + "</p>")
+        ceilings = (latest_entry or {}).get("extra_info", {}).get("ceilings")
+        if isinstance(ceilings, dict) and ceilings:
+            o.append("<h3>Ceilings measured in the latest run</h3><table><tr><th>ceiling</th><th>value</th><th>how</th></tr>")
+            for c in ceilings.values():
+                if isinstance(c, dict):
+                    val = f"{_fmt(c.get('value'))} {_esc(c.get('unit', ''))}" if _finite(c.get("value")) else _esc(c.get("reason", "–"))
+                    o.append(f"<tr><td>{_esc(c.get('name'))}</td><td class=num>{val}</td><td>{_esc(c.get('how', ''))}</td></tr>")
+            o.append("</table>")
+
+        o.append("<h3>Latest results</h3><table><tr><th>benchmark</th><th>median ms</th><th>min–max ms</th>"
+                 "<th>throughput</th><th>ratio to ceiling</th><th>baseline ms</th><th>change</th><th>status</th></tr>")
+        for s in dev_series:
+            p, c = s.points[-1], checks[s.key][-1]
+            stale = p.run != last_run
+            status = ("REGRESSION" if c is not None and c.regressed else "ok" if c is not None else "first run")
+            status += " (not in latest run)" if stale else ""
+            cls = "bad" if c is not None and c.regressed else ""
+            o.append(
+                f'<tr class="{cls}"><td>{_esc(s.name)}</td><td class=num>{_fmt(p.median)}</td>'
+                f"<td class=num>{_fmt(p.min)}–{_fmt(p.max)}</td>"
+                f"<td class=num>{_fmt(p.throughput)} {_esc(p.unit or '')}</td>"
+                f"<td class=num>{_fmt(p.ceiling_ratio)} {_esc(p.ceiling_name or '')}</td>"
+                f"<td class=num>{_fmt(c.baseline) if c else '–'}</td><td class=num>{f'{c.change:+.1%}' if c else '–'}</td>"
+                f"<td>{_esc(status)}</td></tr>"
+            )
+        o.append("</table>")
+
+        rows = [r for r in speedups(dev_series, last_run)]
+        o.append("<h3>FP8 over bf16 speed-up per shape (latest run)</h3>")
+        if rows:
+            bars = [(f"{r.shape_key} {r.op}", r.speedup, _GREEN if r.op == "fp8_linear" else _GREY) for r in rows]
+            o.append(_bar_svg(bars, unit=f"speed-up over {SPEEDUP_BASE_OP} (x)", target=SPEED_TARGET.min_speedup_vs_bf16,
+                              target_label=f"issue-4 target {SPEED_TARGET.min_speedup_vs_bf16}x (Wan-14B, 32760 tokens): "
+                              + SPEED_TARGET.why, css="speedup"))
+            o.append(f'<table class="speedups"><tr><th>shape</th><th>op</th><th>{SPEEDUP_BASE_OP} ms</th><th>op ms</th><th>speed-up</th></tr>')
+            o += [f"<tr><td>{_esc(r.shape_key)}</td><td>{_esc(r.op)}</td><td class=num>{_fmt(r.base_ms)}</td>"
+                  f"<td class=num>{_fmt(r.op_ms)}</td><td class=num>{_fmt(r.speedup)}x</td></tr>" for r in rows]
+            o.append("</table>")
+        else:
+            o.append('<p class="note">no shape has both a bf16 and an FP8 result in the latest run</p>')
+
+        ratio_rows = [(s.name, s.points[-1].ceiling_ratio, _BLUE) for s in dev_series
+                      if s.points[-1].run == last_run and s.points[-1].ceiling_ratio is not None]
+        o.append("<h3>Ratio to ceiling (latest run)</h3>")
+        if ratio_rows:
+            o.append(_bar_svg(ratio_rows, unit="fraction of the ceiling measured in the same run", target=1.0,
+                              target_label="the ceiling", css="ceiling"))
+        else:
+            o.append('<p class="note">no result in the latest run records a ceiling ratio</p>')
+
+        o.append('<h3>Trends</h3><div class="grid">')
+        for s in dev_series:
+            c = checks[s.key][-1]
+            bad = c is not None and c.regressed
+            o.append(f'<div class="card{" regressed" if bad else ""}"><h3>{_esc(s.name)}'
+                     f'{" <span class=bad>REGRESSION " + format(c.change, "+.1%") + "</span>" if bad else ""}</h3>')
+            o.append(_trend_svg(s, runs, checks[s.key], threshold))
+            o.append("</div>")
+        o.append("</div>")
+
+    o.append("<h2>Matrix report</h2>")
+    o.append(_matrix_html(matrix, matrix_note))
+    o.append(f"<script>{_SCRIPT}</script></body></html>")
+    return "\n".join(o)
+
+
+# --------------------------------------------------------------------------- entry points
+@dataclass(frozen=True)
+class DashboardResult:
+    """What :func:`build_dashboard` wrote and found."""
+
+    out: Path
+    runs: int
+    series: int
+    problems: tuple[Problem, ...]
+    regressions: tuple[tuple[str, str, float], ...]  # (device, benchmark name, relative change)
+
+
+def build_dashboard(
+    storage: Path | str,
+    out: Path | str,
+    *,
+    matrix: Path | str | None = None,
+    threshold: float = 0.10,
+    window: int = 5,
+) -> DashboardResult:
+    """Load the runs under ``storage`` and write the page to ``out``."""
+    _validate_rule(threshold, window)
+    runs, problems = load_runs(storage)
+    summary, note = load_matrix_summary(matrix)
+    page = render_html(runs, problems, storage=str(storage), threshold=threshold, window=window,
+                       matrix=summary, matrix_note=note)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    series = build_series(runs)
+    regs = []
+    for s in series:
+        c = check_regressions(s.medians, threshold=threshold, window=window)[-1]
+        if c is not None and c.regressed:
+            regs.append((s.device, s.name, c.change))
+    return DashboardResult(out, len(runs), len(series), tuple(problems), tuple(regs))
+
+
+def latest_table(runs: Sequence[Run]) -> str:
+    """A plain-text table of the latest run per device: benchmark, median, throughput, ceiling ratio, speed-up."""
+    series = build_series(runs)
+    lines = []
+    for device in dict.fromkeys(s.device for s in series):
+        dev = [s for s in series if s.device == device]
+        last = max(p.run for s in dev for p in s.points)
+        sp = {(r.shape_key, r.op): r.speedup for r in speedups(dev, last)}
+        rows = [("benchmark", "median ms", "throughput", "ceiling", "vs bf16")]
+        for s in dev:
+            p = s.points[-1]
+            if p.run != last:
+                continue
+            up = sp.get((s.shape_key, s.op))
+            rows.append((
+                s.name, _fmt(p.median), f"{_fmt(p.throughput)} {p.unit or ''}".strip(),
+                f"{_fmt(p.ceiling_ratio)} {p.ceiling_name or ''}".strip(), f"{_fmt(up)}x" if up else "",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append(f"== {device} ({runs[last].label})")
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold {text!r} is not a number; pass e.g. 0.10 for 10%") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"--threshold {text!r} must be > 0 (a relative slow-down, 0.10 = 10%)")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window {text!r} is not an integer; pass e.g. 5") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--window {text!r} must be >= 1 (previous runs in the baseline)")
+    return v
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        res = build_dashboard(args.storage, args.out, matrix=args.matrix, threshold=args.threshold, window=args.window)
+    except FileNotFoundError as exc:
+        print(f"dashboard: {exc}", file=sys.stderr)
+        return 2
+    for p in res.problems:
+        print(f"dashboard: skipped: {p}", file=sys.stderr)
+    print(f"dashboard: wrote {res.out} ({res.runs} runs, {res.series} series, {len(res.regressions)} regressions)")
+    for device, name, change in res.regressions:
+        print(f"dashboard: REGRESSION {name} on {device}: {change:+.1%} (threshold {args.threshold:.0%})")
+    if args.print_latest and res.runs:
+        runs, _ = load_runs(args.storage)
+        print(latest_table(runs))
+    if res.runs == 0:
+        print(f"dashboard: no usable pytest-benchmark runs under {args.storage} "
+              "(save them with --benchmark-autosave --benchmark-storage DIR)", file=sys.stderr)
+        return 2
+    return 1 if (args.fail_on_regression and res.regressions) else 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dashboard`` on the CLI's subparsers and set its ``func``."""
+    p = subparsers.add_parser("dashboard", help="build the static benchmark dashboard from saved runs",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--storage", required=True, type=Path, help="the --benchmark-storage DIR of the saved runs")
+    p.add_argument("--out", required=True, type=Path, help="HTML file to write")
+    p.add_argument("--matrix", type=Path, default=None, help="matrix report directory or its summary.json")
+    p.add_argument("--threshold", type=_positive_float, default=0.10,
+                   help="relative slow-down that flags a regression (default 0.10 = 10%%)")
+    p.add_argument("--window", type=_positive_int, default=5,
+                   help="previous runs whose median is the baseline (default 5)")
+    p.add_argument("--print-latest", action="store_true", help="also print a table of the latest run per device")
+    p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when the latest run has a regression")
+    p.set_defaults(func=_main)
+    return p
