@@ -1,0 +1,475 @@
+"""Emulations of SageAttention 1, 2 and 3 numerics in plain PyTorch.
+
+Each function reproduces what the kernel quantizes and how (smoothing, group sizes, scale
+rules, rounding, P quantization, accumulator precision) so that the *emulated error* against
+the exact ``harness.reference.attention`` can scale a kernel's drift bound. They do not
+reproduce the kernels' summation order, and they do not have the kernels' input
+restrictions (head_dim, dtype): those belong to the adapters.
+
+Facts used (SageAttention sources and quant-numerics.md section 4):
+- v1 (1.0.6, Triton): ``k - mean_tokens(k)`` in the input dtype; Q pre-multiplied by
+  ``sm_scale * 1.44269504`` (log2 e) in float32, INT8 per block of 128 tokens, K INT8 per
+  block of 64 tokens, scale = amax/127, rounding half away from zero; S in the log2 domain,
+  online softmax with exp2 over 64-key tiles; P and V (cast to) FP16, each tile's P.V summed
+  in an FP16 accumulator and added to an FP32 one.
+- v2 (CUDA): Q INT8 per warp group (32 tokens; 16 on sm90) or "per_thread" (within a warp
+  group, tokens ``t % 8`` share a scale); K INT8 per block (64; 128 on sm90) or per_thread
+  (within a block, tokens with equal ``(t % 8) // 2`` share a scale); V FP8 E4M3 per channel
+  with scale ``amax_tokens / 448`` (``/ 2.25`` for "fp32+fp16", so FP16 partial sums cannot
+  overflow); P in [0, 1] times 448 rounded to E4M3 (static scale); the row sum uses P before
+  quantization.
+- v3 (Blackwell FP4): ``k - mean_tokens(k)`` in the input dtype; Q (zero-padded to a
+  multiple of 128 tokens) minus its per-128-token-block mean, with ``mean_block(q) . k^T``
+  (computed in the input dtype) added back to S; Q and K NVFP4 along head_dim, V NVFP4 along
+  tokens (16-element blocks, scale = e4m3(amax/6)); P~ = exp(S - m) * 448 * 6 with the running
+  row max m, quantized per 16 keys with scale e4m3(max(P~)/6); row sum from P~ before
+  quantization.
+
+Not emulated: the FP22 accumulator of FP8 MMAs on sm89/sm90 (a kernel may sit slightly
+above the emulation there), and exact in-MMA summation order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from harness.reference.attention import _ieee_fp32_matmul, _validate, from_hnd
+from harness.reference.formats import FORMATS, quantize_nvfp4, round_to_format
+
+__all__ = [
+    "LOG2E_SAGE",
+    "SageIntermediates",
+    "int8_quantize_groups",
+    "group_ids",
+    "sage_v1",
+    "sage_v2",
+    "sage_v3",
+]
+
+LOG2E_SAGE = 1.44269504  # the truncated log2(e) SageAttention multiplies sm_scale by
+_P_FP8_SCALE = FORMATS["e4m3"].max  # v2: P in [0, 1] is multiplied by 448 before E4M3
+_P_FP4_SCALE = FORMATS["e4m3"].max * FORMATS["e2m1"].max  # v3: 448 * 6
+
+
+@dataclass
+class SageIntermediates:
+    """Quantized tensors and scales of one emulated call, in HND order (b, h, s, ...).
+
+    ``q_values``/``k_values``: INT8 codes (v1, v2) or E2M1 values (v3) as float32.
+    ``q_scale``/``k_scale``: per-token dequantization scales (b, h, s, 1) for INT8, per-16-channel
+    block scales (b, h, s, d/16) for NVFP4. ``v_values``: FP16 (v1), E4M3 (v2) or E2M1 (v3)
+    values as float32; ``v_scale``: None (v1), per channel (b, h, 1, dv) (v2), or per 16-token
+    block (b, h, ceil(s/16), dv) (v3). ``k_mean``/``v_mean``/``q_mean``: the subtracted means
+    (None when not smoothed). ``params``: the block sizes and options used.
+    """
+
+    version: int
+    q_values: Tensor
+    q_scale: Tensor
+    k_values: Tensor
+    k_scale: Tensor
+    v_values: Tensor
+    v_scale: Optional[Tensor]
+    k_mean: Optional[Tensor] = None
+    v_mean: Optional[Tensor] = None
+    q_mean: Optional[Tensor] = None
+    params: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def group_ids(n: int, kind: Literal["block", "thread_q", "thread_k"], size: int,
+              device: Optional[torch.device] = None) -> tuple[Tensor, int]:
+    """Token -> scale-group index for ``n`` tokens, and the number of groups.
+
+    "block": ``t // size``. "thread_q": within each group of ``size`` tokens, tokens with
+    equal ``t % 8`` share a scale (8 per group). "thread_k": within each group of ``size``,
+    tokens with equal ``(t % 8) // 2`` share a scale (4 per group). These follow the MMA
+    fragment ownership of SageAttention 2's per-thread quantization.
+    """
+    if size < 1:
+        raise ValueError(f"group size {size} must be positive")
+    t = torch.arange(n, device=device)
+    ngroups = -(-n // size)
+    if kind == "block":
+        return t // size, ngroups
+    if kind in ("thread_q", "thread_k"):
+        if size % 8:
+            raise ValueError(f"per-thread groups need a size that is a multiple of 8, got {size}")
+        if kind == "thread_q":
+            return (t // size) * 8 + t % 8, ngroups * 8
+        return (t // size) * 4 + (t % 8) // 2, ngroups * 4
+    raise ValueError(f"kind={kind!r}; use 'block', 'thread_q' or 'thread_k'")
+
+
+def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, Tensor]:
+    """Symmetric INT8 per token group: scale = amax(group)/127, round half away from zero.
+
+    x: (s, d) float32; gid: (s,) group of each token. Returns (codes as float32 (s, d),
+    per-token scale (s, 1)). All-zero groups get scale 1 (codes 0).
+    """
+    amax_tok = x.abs().amax(dim=1)
+    g = torch.zeros(ngroups, dtype=torch.float32, device=x.device)
+    g = g.scatter_reduce(0, gid, amax_tok, reduce="amax", include_self=True)
+    scale = torch.where(g > 0, g / 127.0, torch.ones_like(g))
+    tok_scale = scale[gid].unsqueeze(1)
+    y = x / tok_scale
+    codes = torch.sign(y) * torch.floor(y.abs() + 0.5)
+    return codes.clamp_(-127, 127), tok_scale
+
+
+def _online(
+    s_q: int, s_k: int, dv: int, k_tile: int, device: torch.device,
+    scores: Callable[[int, int], Tensor],
+    pv: Callable[[Tensor, int, int], Tensor],
+    tail_zero_scores: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Online softmax in the log2 domain over key tiles; returns (acc, l) in float32.
+
+    ``scores(k0, k1)`` gives the (s_q, k1-k0) log2-domain scores; ``pv(p, k0, k1)`` turns the
+    unnormalised probabilities ``p = exp2(S - m)`` into the tile's (s_q, dv) contribution
+    (quantizing as the kernel does). The row sum ``l`` uses ``p`` before quantization. With
+    ``tail_zero_scores`` a short last tile is padded with score-0 keys that add to ``l`` only.
+    """
+    m = torch.full((s_q, 1), -math.inf, dtype=torch.float32, device=device)
+    l = torch.zeros((s_q, 1), dtype=torch.float32, device=device)
+    acc = torch.zeros((s_q, dv), dtype=torch.float32, device=device)
+    for k0 in range(0, s_k, k_tile):
+        k1 = min(s_k, k0 + k_tile)
+        s = scores(k0, k1)
+        pad = (k_tile - (k1 - k0)) if tail_zero_scores else 0
+        tile_max = s.amax(dim=1, keepdim=True)
+        if pad:
+            tile_max = torch.clamp(tile_max, min=0.0)
+        m_new = torch.maximum(m, tile_max)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s - m_safe)
+        alpha = torch.exp2(m - m_safe)
+        l_tile = p.sum(dim=1, keepdim=True)
+        if pad:
+            l_tile = l_tile + pad * torch.exp2(-m_safe)
+        l = l * alpha + l_tile
+        acc = acc * alpha + pv(p, k0, k1)
+        m = m_new
+    return acc, l
+
+
+def _finish(acc: Tensor, l: Tensor) -> Tensor:
+    return acc / torch.where(l > 0, l, torch.ones_like(l))
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def _stack(rows: list[list[Tensor]]) -> Tensor:
+    return torch.stack([torch.stack(r) for r in rows])
+
+
+# ---------------------------------------------------------------------------
+# SageAttention 1
+
+
+def sage_v1(
+    q: Tensor, k: Tensor, v: Tensor,
+    layout: Literal["HND", "NHD"] = "HND",
+    sm_scale: Optional[float] = None,
+    smooth_k: bool = True,
+    q_block: int = 128,
+    k_block: int = 64,
+    return_intermediates: bool = False,
+    *,
+    tail_keys_score_zero: bool = False,
+):
+    """Emulate SageAttention 1.0.6 (``sageattn``, Triton): INT8 Q/K per block, FP16 P.V.
+
+    q: (b, h, s_q, d) for "HND" / (b, s_q, h, d) for "NHD"; k, v likewise with s_k tokens.
+    Output: new tensor in the input dtype (float32 stays float32) and layout; with
+    ``return_intermediates`` a ``(out, SageIntermediates)`` tuple. Loops over (batch, head)
+    and 64-key tiles, so memory is O(s_q * (d + k_block)) per step.
+
+    ``tail_keys_score_zero``: the 1.0.6 Triton kernel loads out-of-range keys of a short last
+    tile as zeros without masking their scores, which appears to add ``exp2(0 - m)`` per
+    missing key to the row sum when ``s_k % 64 != 0`` (inferred from the source, unverified
+    on hardware). False emulates the intended math; True emulates that reading.
+    """
+    qh, kh, vh = _validate(q, k, v, layout, None)
+    b, h, s_q, d = qh.shape
+    s_k, dv = kh.shape[2], vh.shape[3]
+    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    in_dt = q.dtype
+    qid, nq = group_ids(s_q, "block", q_block, q.device)
+    kid, nk = group_ids(s_k, "block", k_block, q.device)
+    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(in_dt), device=q.device)
+    keep: dict[str, list[list[Tensor]]] = {n: [] for n in ("qv", "qs", "kv", "ks", "vv", "km")}
+    with torch.no_grad(), _ieee_fp32_matmul(q.device):
+        for bi in range(b):
+            rows = {n: [] for n in keep}
+            for hi in range(h):
+                kk = kh[bi, hi]
+                if smooth_k:
+                    km = kk.mean(dim=0, keepdim=True)  # in the input dtype, as torch does
+                    kk = kk - km
+                else:
+                    km = None
+                qf = qh[bi, hi].to(torch.float32) * (scale * LOG2E_SAGE)
+                q_codes, q_s = int8_quantize_groups(qf, qid, nq)
+                k_codes, k_s = int8_quantize_groups(kk.to(torch.float32), kid, nk)
+                v16 = vh[bi, hi].to(torch.float16).to(torch.float32)
+
+                def scores(k0: int, k1: int) -> Tensor:
+                    return (q_codes @ k_codes[k0:k1].T) * q_s * k_s[k0:k1].T
+
+                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+                    p16 = p.to(torch.float16).to(torch.float32)
+                    return (p16 @ v16[k0:k1]).to(torch.float16).to(torch.float32)
+
+                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv,
+                                 tail_zero_scores=tail_keys_score_zero)
+                out[bi, hi] = _finish(acc, l).to(out.dtype)
+                if return_intermediates:
+                    rows["qv"].append(q_codes); rows["qs"].append(q_s)
+                    rows["kv"].append(k_codes); rows["ks"].append(k_s)
+                    rows["vv"].append(v16)
+                    if km is not None:
+                        rows["km"].append(km.to(torch.float32))
+            for n in keep:
+                keep[n].append(rows[n])
+    o = from_hnd(out, layout)
+    if not return_intermediates:
+        return o
+    inter = SageIntermediates(
+        version=1, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]), v_values=_stack(keep["vv"]),
+        v_scale=None, k_mean=_stack(keep["km"]) if smooth_k else None,
+        params=dict(sm_scale=scale, q_block=q_block, k_block=k_block, smooth_k=smooth_k,
+                    q_premultiplied=scale * LOG2E_SAGE),
+    )
+    return o, inter
+
+
+# ---------------------------------------------------------------------------
+# SageAttention 2
+
+_PV_ACCUM = ("fp32", "fp32+fp16", "fp32+fp32")
+
+
+def sage_v2(
+    q: Tensor, k: Tensor, v: Tensor,
+    layout: Literal["HND", "NHD"] = "HND",
+    sm_scale: Optional[float] = None,
+    smooth_k: bool = True,
+    qk_quant_gran: Literal["per_warp", "per_thread"] = "per_thread",
+    pv_accum_dtype: Literal["fp32", "fp32+fp16", "fp32+fp32"] = "fp32+fp16",
+    smooth_v: bool = False,
+    q_warp: int = 32,
+    k_block: int = 64,
+    v_scale_max: Optional[float] = None,
+    return_intermediates: bool = False,
+):
+    """Emulate SageAttention 2 (``sageattn_qk_int8_pv_fp8_cuda``): INT8 Q/K, FP8 P and V.
+
+    Defaults follow the sm89 path (``q_warp=32``, ``k_block=64``, "fp32+fp16"); the sm90 path
+    is ``q_warp=16, k_block=128, pv_accum_dtype="fp32+fp32"``. ``v_scale_max`` defaults to 448
+    (2.25 for "fp32+fp16"). ``smooth_v`` applies only to "fp32" (the library ignores it
+    otherwise, with a warning; so does this). K smoothing is done in float32 (fused into the
+    quantization kernel). With "fp32+fp16" each tile's P.V is rounded to FP16 before joining
+    the FP32 accumulator. Output as for ``sage_v1``.
+    """
+    if qk_quant_gran not in ("per_warp", "per_thread"):
+        raise ValueError(f"qk_quant_gran={qk_quant_gran!r}; use 'per_warp' or 'per_thread'")
+    if pv_accum_dtype not in _PV_ACCUM:
+        raise ValueError(f"pv_accum_dtype={pv_accum_dtype!r}; use one of {_PV_ACCUM}")
+    if smooth_v and pv_accum_dtype != "fp32":
+        warnings.warn(f"smooth_v is ignored with pv_accum_dtype={pv_accum_dtype!r} (as in SageAttention 2)")
+        smooth_v = False
+    if v_scale_max is None:
+        v_scale_max = 2.25 if pv_accum_dtype == "fp32+fp16" else FORMATS["e4m3"].max
+    qh, kh, vh = _validate(q, k, v, layout, None)
+    b, h, s_q, d = qh.shape
+    s_k, dv = kh.shape[2], vh.shape[3]
+    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    if qk_quant_gran == "per_warp":
+        qid, nq = group_ids(s_q, "block", q_warp, q.device)
+        kid, nk = group_ids(s_k, "block", k_block, q.device)
+    else:
+        qid, nq = group_ids(s_q, "thread_q", q_warp, q.device)
+        kid, nk = group_ids(s_k, "thread_k", k_block, q.device)
+    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(q.dtype), device=q.device)
+    names = ("qv", "qs", "kv", "ks", "vv", "vs", "km", "vm")
+    keep: dict[str, list[list[Tensor]]] = {n: [] for n in names}
+    with torch.no_grad(), _ieee_fp32_matmul(q.device):
+        for bi in range(b):
+            rows = {n: [] for n in names}
+            for hi in range(h):
+                kf = kh[bi, hi].to(torch.float32)
+                km = None
+                if smooth_k:
+                    km = kh[bi, hi].mean(dim=0, keepdim=True).to(torch.float32)
+                    kf = kf - km
+                q_codes, q_s = int8_quantize_groups(qh[bi, hi].to(torch.float32), qid, nq)
+                k_codes, k_s = int8_quantize_groups(kf, kid, nk)
+                vf = vh[bi, hi].to(torch.float32)
+                vm = None
+                if smooth_v:
+                    vm = vf.mean(dim=0, keepdim=True)
+                    vf = vf - vm
+                v_amax = vf.abs().amax(dim=0, keepdim=True)
+                v_s = torch.where(v_amax > 0, v_amax / v_scale_max, torch.ones_like(v_amax))
+                v_q = round_to_format(vf / v_s, "e4m3")
+                sl = scale * LOG2E_SAGE
+
+                def scores(k0: int, k1: int) -> Tensor:
+                    return (q_codes @ k_codes[k0:k1].T) * q_s * k_s[k0:k1].T * sl
+
+                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+                    p8 = round_to_format(p * _P_FP8_SCALE, "e4m3")
+                    t = p8 @ v_q[k0:k1]
+                    if pv_accum_dtype == "fp32+fp16":
+                        t = t.to(torch.float16).to(torch.float32)
+                    return t
+
+                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv)
+                o = _finish(acc, l) * (v_s / _P_FP8_SCALE)
+                if vm is not None:
+                    o = o + vm
+                out[bi, hi] = o.to(out.dtype)
+                if return_intermediates:
+                    for n, t in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s),
+                                 ("vv", v_q), ("vs", v_s)):
+                        rows[n].append(t)
+                    if km is not None:
+                        rows["km"].append(km)
+                    if vm is not None:
+                        rows["vm"].append(vm)
+            for n in names:
+                keep[n].append(rows[n])
+    o = from_hnd(out, layout)
+    if not return_intermediates:
+        return o
+    inter = SageIntermediates(
+        version=2, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]),
+        v_values=_stack(keep["vv"]), v_scale=_stack(keep["vs"]),
+        k_mean=_stack(keep["km"]) if smooth_k else None,
+        v_mean=_stack(keep["vm"]) if smooth_v else None,
+        params=dict(sm_scale=scale, qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
+                    q_warp=q_warp, k_block=k_block, v_scale_max=v_scale_max, smooth_k=smooth_k,
+                    smooth_v=smooth_v, p_scale=_P_FP8_SCALE),
+    )
+    return o, inter
+
+
+# ---------------------------------------------------------------------------
+# SageAttention 3
+
+
+def _nvfp4_dq(x: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """NVFP4 (no global scale) along ``axis``: (dequantized, E2M1 values, block scales)."""
+    qt = quantize_nvfp4(x, axis=axis, block_size=16)
+    deq = qt.values * torch.repeat_interleave(qt.scale, 16, dim=axis)
+    return deq, qt.values, qt.scale
+
+
+def _quant_p_fp4(p: Tensor) -> Tensor:
+    """P~ = p * 448 * 6, NVFP4 per 16 keys along the last axis, dequantized, divided back."""
+    pt = p * _P_FP4_SCALE
+    n = pt.shape[-1]
+    padn = (-n) % 16
+    if padn:
+        pt = torch.nn.functional.pad(pt, (0, padn))
+    deq, _, _ = _nvfp4_dq(pt, axis=-1)
+    return deq[..., :n] / _P_FP4_SCALE
+
+
+def sage_v3(
+    q: Tensor, k: Tensor, v: Tensor,
+    layout: Literal["HND", "NHD"] = "HND",
+    sm_scale: Optional[float] = None,
+    per_block_mean: bool = True,
+    q_block: int = 128,
+    k_block: int = 128,
+    return_intermediates: bool = False,
+):
+    """Emulate SageAttention 3 (``sageattn3_blackwell``): NVFP4 Q, K, V and two-level P.
+
+    ``per_block_mean``: Q minus its mean per ``q_block`` tokens (else one mean over all
+    tokens), the correction ``mean . k^T`` added to S. Q is zero-padded to a multiple of
+    ``q_block`` first, so a short last block's mean includes the padding (as the kernel's
+    preprocessing does). V is zero-padded to a multiple of 16 tokens for its token blocks.
+    ``sm_scale`` defaults to 1/sqrt(d) (the kernel ignores a given one; the emulation honours
+    it). head_dim must be a multiple of 16. Output as for ``sage_v1``.
+    """
+    qh, kh, vh = _validate(q, k, v, layout, None)
+    b, h, s_q, d = qh.shape
+    s_k, dv = kh.shape[2], vh.shape[3]
+    if d % 16 or dv % 16:
+        raise ValueError(f"sage_v3 needs head dims that are multiples of 16 (NVFP4 blocks), got d={d}, dv={dv}")
+    if k_block % 16:
+        raise ValueError(f"k_block={k_block} must be a multiple of 16 (P is quantized per 16 keys)")
+    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    in_dt = q.dtype
+    sq_pad = -(-s_q // q_block) * q_block if per_block_mean else s_q
+    sv_pad = -(-s_k // 16) * 16
+    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(in_dt), device=q.device)
+    names = ("qv", "qs", "kv", "ks", "vv", "vs", "km", "qm")
+    keep: dict[str, list[list[Tensor]]] = {n: [] for n in names}
+    with torch.no_grad(), _ieee_fp32_matmul(q.device):
+        for bi in range(b):
+            rows = {n: [] for n in names}
+            for hi in range(h):
+                kk = kh[bi, hi]
+                km = kk.mean(dim=0, keepdim=True)
+                kk = kk - km  # input dtype, like the kernel's in-place update
+                qq = torch.nn.functional.pad(qh[bi, hi], (0, 0, 0, sq_pad - s_q))
+                if per_block_mean:
+                    blocks = qq.to(torch.float32).reshape(sq_pad // q_block, q_block, d)
+                    qm = blocks.mean(dim=1).to(in_dt)  # (n_blocks, d)
+                    qm_tok = torch.repeat_interleave(qm, q_block, dim=0)
+                else:
+                    qm = qq.mean(dim=0, keepdim=True)
+                    qm_tok = qm.expand(sq_pad, d)
+                qs = (qq - qm_tok)[:s_q]
+                # correction mean . k^T in the input dtype, then float32 (as the kernel's matmul)
+                delta = (qm_tok[:s_q] @ kk.T).to(torch.float32)
+                q_dq, q_vals, q_sc = _nvfp4_dq(qs.to(torch.float32), axis=-1)
+                k_dq, k_vals, k_sc = _nvfp4_dq(kk.to(torch.float32), axis=-1)
+                vf = torch.nn.functional.pad(vh[bi, hi].to(torch.float32), (0, 0, 0, sv_pad - s_k))
+                v_dq, v_vals, v_sc = _nvfp4_dq(vf, axis=0)
+                sl = scale * LOG2E_SAGE
+
+                def scores(k0: int, k1: int) -> Tensor:
+                    return (q_dq @ k_dq[k0:k1].T + delta[:, k0:k1]) * sl
+
+                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+                    return _quant_p_fp4(p) @ v_dq[k0:k1]
+
+                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv)
+                out[bi, hi] = _finish(acc, l).to(out.dtype)
+                if return_intermediates:
+                    for n, t in (("qv", q_vals), ("qs", q_sc), ("kv", k_vals), ("ks", k_sc),
+                                 ("vv", v_vals[:s_k]), ("vs", v_sc),
+                                 ("km", km.to(torch.float32)), ("qm", qm.to(torch.float32))):
+                        rows[n].append(t)
+            for n in names:
+                keep[n].append(rows[n])
+    o = from_hnd(out, layout)
+    if not return_intermediates:
+        return o
+    inter = SageIntermediates(
+        version=3, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]),
+        v_values=_stack(keep["vv"]), v_scale=_stack(keep["vs"]),
+        k_mean=_stack(keep["km"]), q_mean=_stack(keep["qm"]),
+        params=dict(sm_scale=scale, per_block_mean=per_block_mean, q_block=q_block,
+                    k_block=k_block, p_scale=_P_FP4_SCALE),
+    )
+    return o, inter
