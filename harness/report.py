@@ -1,0 +1,432 @@
+"""Matrix reports: ``summary.json`` (machine-readable), ``report.md`` and ``report.html`` (people).
+
+The matrix driver (:mod:`harness.matrix`) aggregates worker results into one
+*summary* dict; this module validates it and renders it.  Rendering is pure
+(no torch, no CUDA): a summary can be re-rendered on any machine, and the
+dashboard reads ``summary.json`` directly.
+
+Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
+
+    {
+      "schema_version": 1, "kind": "harness.matrix.summary",
+      "started_at": ISO-8601, "duration_s": float, "budget_s": float,
+      "budget_exhausted": bool,          # true when the time budget cut rounds short
+      "command": str,                    # the command line that produced it
+      "device": {"used": "cuda"|"cpu", "name", "capability", "torch", "cuda", "cudnn",
+                 "cublas", "driver", "python", "platform", ...},
+      "totals": {verdict: count},        # over every case that ran
+      "corpus": str | null,              # regression corpus matched against
+      "cells": [{
+          "op", "kind", "layout_class",
+          "status": "pass" | "fail" | "nonpass" | "unavailable" | "not_run",
+          "cases": int, "counts": {verdict: count},
+          "reason": str,                 # why unavailable / not run
+          "worst": null | {"metric", "err", "allowed", "ratio", "why", "verdict", "case"},
+          "examples": {verdict: "cases/NAME.json"},   # one case file per non-pass verdict
+          "new": [verdict, ...],         # failing verdicts not in the corpus
+          "known": [verdict, ...],       # failing verdicts the corpus already lists
+          "messages": {verdict: str}     # first message seen per non-pass verdict
+      }],
+      "unavailable": [{"op", "reason"}],
+      "new_failures": [{"op", "layout_class", "verdict", "case", "fingerprint"}],
+    }
+
+Cell status: ``pass`` every case passed; ``fail`` some case got a failing
+verdict (see :data:`harness.verdicts.BENIGN`); ``nonpass`` only benign
+non-pass verdicts (``rejected``: the op refused the layout with a clean error);
+``unavailable`` the target cannot run on this device (``reason`` says why);
+``not_run`` the budget ended before the cell got a case.
+
+Case links are relative to the report's directory, so the whole output
+directory can be archived or served as static files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "SUMMARY_SCHEMA_VERSION",
+    "CELL_STATUSES",
+    "SummaryError",
+    "validate_summary",
+    "load_summary",
+    "render_markdown",
+    "render_html",
+    "write_reports",
+]
+
+SUMMARY_SCHEMA_VERSION = 1
+CELL_STATUSES = ("pass", "fail", "nonpass", "unavailable", "not_run")
+_MAX_SUMMARY_BYTES = 64 * 1024 * 1024
+
+_STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "nonpass": "REJ", "unavailable": "n/a", "not_run": "-"}
+
+
+class SummaryError(ValueError):
+    """A summary dict/file does not follow the schema; the message names the field."""
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _req(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise SummaryError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ in (int, float, (int, float)) and isinstance(v, bool)):
+        tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise SummaryError(f"{where}: field {key!r} must be {tname}, got {type(v).__name__} {v!r:.80}")
+    return v
+
+
+def validate_summary(summary: Any) -> dict[str, Any]:
+    """Check ``summary`` against the schema above; returns it unchanged or raises :class:`SummaryError`."""
+    if not isinstance(summary, dict):
+        raise SummaryError(f"summary must be a JSON object, got {type(summary).__name__}")
+    version = summary.get("schema_version")
+    if version != SUMMARY_SCHEMA_VERSION:
+        raise SummaryError(
+            f"summary schema_version {version!r} is not supported; this harness reads {SUMMARY_SCHEMA_VERSION}"
+        )
+    _req(summary, "device", dict, "summary")
+    _req(summary, "duration_s", (int, float), "summary")
+    _req(summary, "totals", dict, "summary")
+    cells = _req(summary, "cells", list, "summary")
+    for i, cell in enumerate(cells):
+        where = f"cells[{i}]"
+        if not isinstance(cell, dict):
+            raise SummaryError(f"{where} must be an object")
+        for key in ("op", "kind", "layout_class", "status"):
+            _req(cell, key, str, where)
+        if cell["status"] not in CELL_STATUSES:
+            raise SummaryError(f"{where}: status {cell['status']!r} unknown; use one of {CELL_STATUSES}")
+        _req(cell, "cases", int, where)
+        counts = _req(cell, "counts", dict, where)
+        for verdict, n in counts.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise SummaryError(f"{where}: counts[{verdict!r}] must be a non-negative int, got {n!r}")
+        examples = cell.get("examples", {})
+        if not isinstance(examples, dict) or not all(isinstance(v, str) for v in examples.values()):
+            raise SummaryError(f"{where}: examples must map verdict -> relative case path")
+        for verdict, path in examples.items():
+            if os.path.isabs(path) or ".." in Path(path).parts:
+                raise SummaryError(f"{where}: examples[{verdict!r}] = {path!r} must be relative to the report dir")
+        worst = cell.get("worst")
+        if worst is not None and not isinstance(worst, dict):
+            raise SummaryError(f"{where}: worst must be null or an object")
+    for key in ("unavailable", "new_failures"):
+        if not isinstance(summary.get(key, []), list):
+            raise SummaryError(f"summary: {key!r} must be a list")
+    return summary
+
+
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``summary.json`` (a file or the matrix output directory holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "summary.json"
+    if not p.exists():
+        raise SummaryError(f"{p} does not exist; run `python -m harness matrix --out DIR` first")
+    if p.stat().st_size > _MAX_SUMMARY_BYTES:
+        raise SummaryError(f"{p} is larger than {_MAX_SUMMARY_BYTES} bytes; not a matrix summary")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SummaryError(f"{p} is not valid JSON: {e}") from None
+    return validate_summary(data)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return "-" if x is None else str(x)
+    if isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        if x == 0:
+            return "0"
+        if 1e-3 <= abs(x) < 1e4:
+            return f"{x:.4g}"
+        return f"{x:.3e}"
+    return str(x)
+
+
+def _ordered_unique(items: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for it in items:
+        seen.setdefault(it, None)
+    return list(seen)
+
+
+def _grid(summary: Mapping[str, Any]) -> list[tuple[str, list[str], list[str], dict[tuple[str, str], dict]]]:
+    """Per op kind: (kind, ops, layout classes, {(op, class): cell}) in first-seen order."""
+    out = []
+    cells = summary["cells"]
+    for kind in _ordered_unique(c["kind"] for c in cells):
+        kc = [c for c in cells if c["kind"] == kind]
+        ops = _ordered_unique(c["op"] for c in kc)
+        classes = _ordered_unique(c["layout_class"] for c in kc)
+        out.append((kind, ops, classes, {(c["op"], c["layout_class"]): c for c in kc}))
+    return out
+
+
+def _nonpass_counts(cell: Mapping[str, Any]) -> list[tuple[str, int]]:
+    return sorted(((v, n) for v, n in cell["counts"].items() if v != "pass" and n), key=lambda t: (-t[1], t[0]))
+
+
+def _cell_text(cell: Mapping[str, Any] | None) -> str:
+    """Short text of one grid cell: status and counts (``PASS 12``, ``FAIL drift 3/12``)."""
+    if cell is None:
+        return ""
+    st = cell["status"]
+    if st in ("unavailable", "not_run"):
+        return _STATUS_MARK[st]
+    bad = _nonpass_counts(cell)
+    if not bad:
+        return f"PASS {cell['cases']}"
+    head = ", ".join(f"{v} {n}" for v, n in bad[:2]) + (" ..." if len(bad) > 2 else "")
+    return f"{_STATUS_MARK[st]} {head}/{cell['cases']}"
+
+
+def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    dev = summary.get("device", {})
+    rows = [
+        ("device", f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"),
+        ("compute capability", _num(dev.get("capability"))),
+        ("torch", _num(dev.get("torch"))),
+        ("CUDA", _num(dev.get("cuda"))),
+        ("cuDNN", _num(dev.get("cudnn"))),
+        ("cuBLAS", _num(dev.get("cublas"))),
+        ("driver", _num(dev.get("driver"))),
+        ("started", _num(summary.get("started_at"))),
+        ("duration", f"{summary['duration_s']:.1f} s (budget {_num(summary.get('budget_s'))} s"
+                     f"{', exhausted' if summary.get('budget_exhausted') else ''})"),
+        ("cases", ", ".join(f"{v} {n}" for v, n in sorted(summary["totals"].items(), key=lambda t: -t[1])) or "0"),
+    ]
+    if summary.get("corpus"):
+        rows.append(("regression corpus", str(summary["corpus"])))
+    if summary.get("command"):
+        rows.append(("command", str(summary["command"])))
+    return rows
+
+
+def _nonpass_cells(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in summary["cells"] if c["status"] in ("fail", "nonpass")]
+
+
+def _worst_text(worst: Mapping[str, Any] | None) -> str:
+    if not worst:
+        return "-"
+    return (f"{worst.get('metric', '?')} {_num(worst.get('err'))} vs allowed {_num(worst.get('allowed'))} "
+            f"(ratio {_num(worst.get('ratio'))})")
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """The report as GitHub-flavoured Markdown: header, one grid per op kind, then every non-pass cell."""
+    validate_summary(dict(summary))
+    lines = ["# Layout matrix report", ""]
+    lines += ["| | |", "|---|---|"]
+    lines += [f"| {k} | {_md_escape(v)} |" for k, v in _header_rows(summary)]
+    lines.append("")
+    new = summary.get("new_failures", [])
+    if new:
+        lines += [f"## New failures ({len(new)}; not in the regression corpus)", ""]
+        for f in new:
+            lines.append(f"- **{f['op']}** × `{f['layout_class']}`: {f['verdict']} — [{f['case']}]({f['case']})")
+        lines.append("")
+    for kind, ops, classes, by in _grid(summary):
+        lines += [f"## {kind}", ""]
+        lines.append("| op | " + " | ".join(classes) + " |")
+        lines.append("|---|" + "---|" * len(classes))
+        for op in ops:
+            row = []
+            for cls in classes:
+                cell = by.get((op, cls))
+                text = _md_escape(_cell_text(cell))
+                ex = _first_example(cell)
+                row.append(f"[{text}]({ex})" if ex else text)
+            lines.append(f"| {op} | " + " | ".join(row) + " |")
+        lines.append("")
+    bad = _nonpass_cells(summary)
+    if bad:
+        lines += ["## Non-pass cells", ""]
+        for c in bad:
+            tags = []
+            if c.get("new"):
+                tags.append("NEW: " + ", ".join(c["new"]))
+            if c.get("known"):
+                tags.append("known: " + ", ".join(c["known"]))
+            lines.append(f"### {c['op']} × {c['layout_class']} ({c['status']}{'; ' + '; '.join(tags) if tags else ''})")
+            lines.append("")
+            lines.append("- verdicts: " + ", ".join(f"{v} {n}" for v, n in sorted(c["counts"].items())))
+            lines.append(f"- worst: {_worst_text(c.get('worst'))}")
+            if c.get("worst") and c["worst"].get("why"):
+                lines.append(f"- bound: {_md_escape(c['worst']['why'])}")
+            for verdict, path in sorted(c.get("examples", {}).items()):
+                msg = c.get("messages", {}).get(verdict, "")
+                lines.append(f"- {verdict}: [{path}]({path})" + (f" — {_md_escape(msg[:300])}" if msg else ""))
+            lines.append("")
+    unavailable = summary.get("unavailable", [])
+    if unavailable:
+        lines += ["## Unavailable on this device", ""]
+        lines += [f"- {u['op']}: {_md_escape(u.get('reason', ''))}" for u in unavailable]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _first_example(cell: Mapping[str, Any] | None) -> str | None:
+    if not cell or not cell.get("examples"):
+        return None
+    ex = cell["examples"]
+    bad = [v for v, _ in _nonpass_counts(cell) if v in ex]
+    return ex[bad[0]] if bad else next(iter(ex.values()))
+
+
+# ---------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#1b1b1b}
+h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em} h3{font-size:1em;margin-bottom:.2em}
+table{border-collapse:collapse;font-size:12px} th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
+table.grid th.cls{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;font-weight:normal}
+table.grid td{text-align:center;white-space:nowrap}
+td.pass{background:#d9f2d9} td.fail{background:#f7c6c6} td.nonpass{background:#fbe7b5}
+td.unavailable{background:#e6e6e6;color:#777} td.not_run{background:#f6f6f6;color:#aaa}
+td.new{outline:3px solid #c00;outline-offset:-3px}
+table.hdr td:first-child{font-weight:bold} code{background:#f3f3f3;padding:0 2px}
+.small{font-size:11px;color:#555}
+"""
+
+
+def _h(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def render_html(summary: Mapping[str, Any]) -> str:
+    """The report as one self-contained static HTML page (inline CSS, no scripts, relative links)."""
+    validate_summary(dict(summary))
+    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Layout matrix report</title>",
+           f"<style>{_CSS}</style></head><body>", "<h1>Layout matrix report</h1>", "<table class='hdr'>"]
+    out += [f"<tr><td>{_h(k)}</td><td>{_h(v)}</td></tr>" for k, v in _header_rows(summary)]
+    out.append("</table>")
+    new = summary.get("new_failures", [])
+    if new:
+        out.append(f"<h2>New failures ({len(new)}; not in the regression corpus)</h2><ul>")
+        for f in new:
+            out.append(f"<li><b>{_h(f['op'])}</b> &times; <code>{_h(f['layout_class'])}</code>: {_h(f['verdict'])} "
+                       f"&mdash; <a href='{_h(f['case'])}'>{_h(f['case'])}</a></li>")
+        out.append("</ul>")
+    for kind, ops, classes, by in _grid(summary):
+        out.append(f"<h2>{_h(kind)}</h2><table class='grid'><tr><th>op</th>")
+        out += [f"<th class='cls'>{_h(c)}</th>" for c in classes]
+        out.append("</tr>")
+        for op in ops:
+            out.append(f"<tr><th>{_h(op)}</th>")
+            for cls in classes:
+                cell = by.get((op, cls))
+                if cell is None:
+                    out.append("<td></td>")
+                    continue
+                klass = cell["status"] + (" new" if cell.get("new") else "")
+                title = f"{op} x {cls}: " + ", ".join(f"{v} {n}" for v, n in sorted(cell["counts"].items()))
+                if cell.get("reason"):
+                    title += f" ({cell['reason']})"
+                if cell.get("worst"):
+                    title += f"; worst {_worst_text(cell['worst'])}"
+                text = _h(_cell_text(cell))
+                ex = _first_example(cell)
+                if ex and cell["status"] in ("fail", "nonpass"):
+                    text = f"<a href='#{_h(_anchor(op, cls))}'>{text}</a>"
+                out.append(f"<td class='{_h(klass)}' title='{_h(title)}'>{text}</td>")
+            out.append("</tr>")
+        out.append("</table>")
+    bad = _nonpass_cells(summary)
+    if bad:
+        out.append("<h2>Non-pass cells</h2>")
+        for c in bad:
+            tags = []
+            if c.get("new"):
+                tags.append("<b style='color:#c00'>NEW: " + _h(", ".join(c["new"])) + "</b>")
+            if c.get("known"):
+                tags.append("known: " + _h(", ".join(c["known"])))
+            out.append(f"<h3 id='{_h(_anchor(c['op'], c['layout_class']))}'>{_h(c['op'])} &times; "
+                       f"{_h(c['layout_class'])} <span class='small'>({_h(c['status'])}"
+                       f"{'; ' + '; '.join(tags) if tags else ''})</span></h3><ul>")
+            out.append("<li>verdicts: " + _h(", ".join(f"{v} {n}" for v, n in sorted(c["counts"].items()))) + "</li>")
+            w = c.get("worst")
+            out.append(f"<li>worst: {_h(_worst_text(w))}</li>")
+            if w and w.get("why"):
+                out.append(f"<li>bound: <span class='small'>{_h(w['why'])}</span></li>")
+            for verdict, path in sorted(c.get("examples", {}).items()):
+                msg = c.get("messages", {}).get(verdict, "")
+                out.append(f"<li>{_h(verdict)}: <a href='{_h(path)}'>{_h(path)}</a>"
+                           + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "") + "</li>")
+            out.append("</ul>")
+    unavailable = summary.get("unavailable", [])
+    if unavailable:
+        out.append("<h2>Unavailable on this device</h2><ul>")
+        out += [f"<li>{_h(u['op'])}: {_h(u.get('reason', ''))}</li>" for u in unavailable]
+        out.append("</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _plain(x: Any) -> Any:
+    """Non-finite floats as the strings "nan"/"inf"/"-inf" (JSON has no NaN); tuples as lists."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _anchor(op: str, cls: str) -> str:
+    return "cell-" + "".join(ch if ch.isalnum() else "-" for ch in f"{op}--{cls}")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def write_reports(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``summary.json``, ``report.md`` and ``report.html`` into ``out_dir``; returns their paths.
+
+    Every file is written to a temporary name and renamed, so a dashboard
+    polling the directory never reads a half-written summary.
+    """
+    data = validate_summary(json.loads(json.dumps(_plain(summary), allow_nan=False)))  # plain JSON or fail here
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": d / "summary.json", "markdown": d / "report.md", "html": d / "report.html"}
+    texts = {
+        "summary": json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n",
+        "markdown": render_markdown(data) + "\n",
+        "html": render_html(data) + "\n",
+    }
+    for key, path in paths.items():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(texts[key], encoding="utf-8")
+        tmp.replace(path)
+    return paths

@@ -1,0 +1,173 @@
+"""What every real op target shares: layout classes turned into ``Case`` factories.
+
+A target of kind "linear" or "attention" sweeps one tensor role (the
+activation, or q/k/v) through the layout classes of
+:mod:`harness.targets.layout_classes`; everything else about its inputs
+(weights, bias, scales) is fixed by the target.  :class:`CaseFactory` is what
+``Target.layout_classes()`` returns for each class: calling it gives the
+Hypothesis strategy the protocol asks for; :meth:`CaseFactory.build` gives
+case ``index`` of the cell deterministically (what the matrix uses).
+
+Each case records its layout class in ``case.params["layout_class"]``; the
+matrix groups results and the regression corpus matches failures by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any, Callable, Mapping
+
+import torch
+
+from harness.cases import Case
+from harness.runner.targets import BaseTarget, default_inputs
+from harness.targets.layout_classes import Context, Draw, LayoutClass, classes_for
+
+__all__ = ["CaseFactory", "ClassTarget", "LAYOUT_CLASS_PARAM", "size_preset", "need_cuda_capability",
+           "materialize_inputs"]
+
+#: The ``case.params`` key holding the layout class a case was drawn from.
+LAYOUT_CLASS_PARAM = "layout_class"
+
+
+def size_preset() -> str:
+    """``HARNESS_SIZE`` ("small" default, or "wan"): the size preset Hypothesis strategies draw from."""
+    return os.environ.get("HARNESS_SIZE", "small")
+
+
+def _max_elements(size: str) -> int:
+    from harness.strategies import max_elements
+
+    if "HARNESS_MAX_ELEMENTS" in os.environ or size == "small":
+        return max_elements()
+    return 1 << 26  # "wan": big enough for (2, 1560, 5120) activations and 1560-token attention
+
+
+class CaseFactory:
+    """One (target, layout class) cell: cases by index, or a Hypothesis strategy of cases.
+
+    ``factory()`` -> strategy (``st.randoms(use_true_random=False)`` mapped through the class's
+    draw: shrinks toward the smallest example of the class).  ``factory.build(i)`` -> case ``i``
+    of the cell, the same on every machine (``random.Random`` seeded with the string
+    ``"{target}|{class}|{i}"``).
+    """
+
+    def __init__(self, target: "ClassTarget", lclass: LayoutClass) -> None:
+        self.target = target
+        self.lclass = lclass
+
+    @property
+    def name(self) -> str:
+        return self.lclass.name
+
+    @property
+    def doc(self) -> str:
+        return self.lclass.doc
+
+    def from_rng(self, rng: random.Random, *, size: str | None = None) -> Case:
+        """A case drawn from ``rng`` (a ``random.Random`` or Hypothesis' random)."""
+        ctx = self.target.context(size or size_preset())
+        draw = self.lclass(rng, ctx)
+        seed = rng.randrange(2**31)
+        return self.target.case_from_draw(draw, self.lclass.name, seed)
+
+    def build(self, index: int, *, size: str = "small") -> Case:
+        """Case ``index`` (>= 0) of this cell, deterministic."""
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"index={index!r} must be an int >= 0")
+        rng = random.Random(f"{self.target.name}|{self.lclass.name}|{index}")
+        return self.from_rng(rng, size=size)
+
+    def __call__(self) -> Any:
+        from hypothesis import strategies as st
+
+        return st.randoms(use_true_random=False).map(self.from_rng)
+
+    def __repr__(self) -> str:
+        return f"<CaseFactory {self.target.name} x {self.lclass.name}>"
+
+
+class ClassTarget(BaseTarget):
+    """A :class:`BaseTarget` whose layout classes come from ``layout_classes.classes_for(kind, ctx)``.
+
+    Subclasses set ``name``, ``kind``, ``sweep_dtype`` (dtype of the swept tensors) and implement
+    ``case_from_draw`` (add the fixed inputs and parameters to a class's draw), ``run``,
+    ``reference``, ``bound`` and ``layout_bound``.
+
+    ``accepts_all_layouts``: True for ops that promise to handle any layout (the robust FP8 linear,
+    the layout-safe attention wrapper); the matrix then counts a ``rejected`` verdict as a failure.
+    """
+
+    sweep_dtype: str = "bfloat16"
+    ranks: tuple[int, ...] = (2, 3, 4)
+    head_dims: tuple[int, ...] = (64, 128)
+    accepts_all_layouts: bool = False
+
+    def context(self, size: str = "small") -> Context:
+        return Context(dtype=self.sweep_dtype, size=size, ranks=self.ranks, head_dims=self.head_dims,
+                       max_elements=_max_elements(size))
+
+    def layout_classes(self) -> dict[str, Callable[[], Any]]:
+        return {name: CaseFactory(self, lc) for name, lc in classes_for(self.kind, self.context()).items()}
+
+    def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _case(self, draw: Draw, class_name: str, seed: int, *, layouts: Mapping[str, Any] = (),
+              values: Mapping[str, Any] = (), params: Mapping[str, Any] = (), backend: str = "") -> Case:
+        p = dict(draw.params)
+        p.update(params)
+        p[LAYOUT_CLASS_PARAM] = class_name
+        lay = dict(draw.layouts)
+        lay.update(layouts)
+        val = dict(draw.values)
+        val.update(values)
+        return Case(op=self.name, layouts=lay, values=val, backend=backend, params=p, seed=seed,
+                    note=f"layout class {class_name}")
+
+
+def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """``harness.runner.targets.default_inputs``, plus broadcast (stride-0) layouts of 1-byte float dtypes.
+
+    Local shim: ``harness.layouts.materialize`` checks that values are constant along broadcast
+    dims with ``torch.equal``, which torch 2.13 does not implement for FP8 on the CPU.  Such
+    inputs are materialized as ``uint8`` with the same bytes (same strides and offset; the poison
+    around the view is 0xA5 bytes instead of the FP8 NaN) and viewed back as FP8.
+    """
+    shim = {n for n, s in case.layouts.items()
+            if s.broadcast and s.torch_dtype.is_floating_point and s.itemsize == 1}
+    if not shim:
+        return default_inputs(case, device, values)
+    from harness.values import ValueSpec
+
+    vals = dict(values or {})
+    layouts = dict(case.layouts)
+    for i, n in enumerate(case.layouts):
+        if n not in shim:
+            continue
+        spec = layouts[n]
+        v = vals.get(n)
+        if v is None:
+            vs = case.values.get(n) or ValueSpec("normal", seed=(int(case.seed) * 1009 + i) % 2**63)
+            v = vs.generate(spec.shape, spec.torch_dtype)
+        vals[n] = v.to(spec.torch_dtype).view(torch.uint8)
+        layouts[n] = spec.replace(dtype="uint8")
+    out = default_inputs(dataclasses.replace(case, layouts=layouts), device, vals)
+    for n in shim:
+        out[n] = out[n].view(case.layouts[n].torch_dtype)
+    return out
+
+
+def need_cuda_capability(device: str, minimum: tuple[int, int], what: str) -> tuple[bool, str]:
+    """(ok, reason) for a CUDA-only op needing compute capability ``minimum`` (probed now, in the worker)."""
+    if not str(device).startswith("cuda"):
+        return False, f"{what} needs a CUDA device, got {device!r}"
+    if not torch.cuda.is_available():
+        return False, f"{what} needs a CUDA device: no CUDA device"
+    cap = torch.cuda.get_device_capability(torch.device(device))
+    if tuple(cap) < tuple(minimum):
+        return False, f"{what} needs compute capability >= {minimum[0]}.{minimum[1]}, found {cap[0]}.{cap[1]}"
+    return True, ""
