@@ -452,12 +452,13 @@ _STICKY_MESSAGE = ("CUDA error: an illegal memory access was encountered (simula
 
 
 def _bad_kernel_impl(x: torch.Tensor) -> torch.Tensor:
+    __tracebackhide__ = True  # stands for a C++ kernel: attribution names its caller's line
     out = x.clone()
+    _arm_simulated_fault(_STICKY_MESSAGE)  # the context is broken either way
     if os.environ.get("CUDA_LAUNCH_BLOCKING") == "1":
         # synchronous launches: the error is raised by the op that caused it
         raise RuntimeError(_STICKY_MESSAGE.split("\n")[0])
-    _arm_simulated_fault(_STICKY_MESSAGE)  # asynchronous: the *next* op will see the error
-    return out
+    return out  # asynchronous: the *next* op sees the error
 
 
 def _bad_kernel_op() -> Any:

@@ -1,0 +1,865 @@
+"""A pool of persistent worker processes that survives whatever the cases do to them.
+
+Why a pool: a CUDA fault (illegal or misaligned address, device-side assert)
+poisons the process that hit it, and the error usually surfaces at an innocent
+later call. So every case runs in a worker process; the parent never touches
+CUDA. A worker is replaced when
+
+- a case leaves its device context broken (the worker's health check fails;
+  verdict ``device_fault``; the worker exits by itself),
+- a case runs past its timeout (the parent kills the worker; verdict ``timeout``),
+- the worker dies (segfault, ``os._exit``, OOM kill; verdict ``worker_crash`` with
+  the exit code or signal and the tail of its faulthandler log).
+
+Every submitted case gets exactly one :class:`~harness.verdicts.Result`: cases
+queued behind a case that killed its worker are re-queued, never lost. Spare
+workers (already started, CUDA context made) take over at once, so recovery does
+not wait for a fresh interpreter (5-7 s with CUDA).
+
+A device fault is then attributed: the case is written to disk and rerun in a
+fresh interpreter with ``CUDA_LAUNCH_BLOCKING=1`` (and under ``compute-sanitizer``
+when asked) while an op recorder names the op that raised.
+
+Throughput: one message per case each way over a pipe, a small prefetch per
+worker, inputs built inside the worker; no re-imports per case.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from harness.verdicts import Result, Verdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from harness.cases import Case
+
+__all__ = [
+    "WorkerPool",
+    "PoolClosed",
+    "probe_devices",
+    "probe_cuda",
+    "resolve_devices",
+    "run_in_fresh_process",
+    "save_failure",
+    "replay_command",
+    "case_values",
+    "find_sanitizer",
+    "merge_attribution",
+    "DEFAULT_CASE_TIMEOUT",
+]
+
+#: seconds a case may run before its worker is killed (override per pool or per submit)
+DEFAULT_CASE_TIMEOUT = 120.0
+#: seconds a worker may take to start (import torch, create the CUDA context, warm up)
+DEFAULT_START_TIMEOUT = 300.0
+#: consecutive failed worker starts on one device before its queued cases fail
+MAX_START_FAILURES = 3
+#: stored input values larger than this are not written beside a failing case (recipes suffice)
+MAX_SAVED_BYTES = 64 * 2**20
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+_PROBE_SRC = r"""
+import json, sys
+out = {"count": 0, "devices": [], "error": None, "torch": None, "cuda": None}
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["cuda"] = torch.version.cuda
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    out["count"] = n
+    for i in range(n):
+        p = torch.cuda.get_device_properties(i)
+        out["devices"].append({"index": i, "name": p.name, "capability": [p.major, p.minor],
+                               "memory": p.total_memory})
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+sys.stdout.write(json.dumps(out))
+"""
+
+_PROBE_CACHE: dict[str, Any] | None = None
+_PROBE_LOCK = threading.Lock()
+
+
+class PoolClosed(RuntimeError):
+    """``submit`` after ``close``."""
+
+
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
+    """CUDA devices as seen by a short-lived subprocess (this process never initialises CUDA).
+
+    Returns ``{"count", "devices": [{"index", "name", "capability", "memory"}], "error", "torch", "cuda"}``;
+    cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.
+    """
+    global _PROBE_CACHE
+    with _PROBE_LOCK:
+        if _PROBE_CACHE is None:
+            try:
+                cp = subprocess.run([sys.executable, "-c", _PROBE_SRC], capture_output=True, text=True,
+                                    timeout=timeout, env=_child_env())
+                data = json.loads(cp.stdout) if cp.stdout.strip() else {
+                    "count": 0, "devices": [], "error": f"probe exited {cp.returncode}: {cp.stderr[-500:]}"}
+            except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
+                data = {"count": 0, "devices": [], "error": f"probe failed: {type(e).__name__}: {e}"}
+            _PROBE_CACHE = data
+        return dict(_PROBE_CACHE)
+
+
+def probe_devices() -> list[str]:
+    """``["cuda:0", "cuda:1", ...]`` for the visible GPUs (empty without CUDA)."""
+    return [f"cuda:{d['index']}" for d in probe_cuda()["devices"]]
+
+
+def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
+    """Normalise a device request: None -> every GPU, else ["cpu"]; "cuda" -> every GPU (error if none)."""
+    if devices is None:
+        return probe_devices() or ["cpu"]
+    if isinstance(devices, str):
+        if devices == "cuda":
+            found = probe_devices()
+            if not found:
+                info = probe_cuda()
+                raise ValueError(f"devices='cuda' but no CUDA device is visible ({info.get('error') or 'count 0'}); "
+                                 "use devices='cpu' or check CUDA_VISIBLE_DEVICES")
+            return found
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    out = []
+    for d in devices:
+        d = str(d)
+        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"device {d!r} is not 'cpu' or 'cuda:N'; e.g. devices=['cuda:0', 'cuda:1']")
+        out.append(d)
+    if not out:
+        raise ValueError("devices is empty; pass None (probe), 'cpu', 'cuda' or a list like ['cuda:0']")
+    return out
+
+
+# ------------------------------------------------------------------------------ case files
+
+
+def case_values(case: "Case") -> dict[str, "torch.Tensor"]:
+    """The input values a worker generates for ``case`` (CPU, contiguous, logical shapes)."""
+    from harness.values import ValueSpec
+
+    out = {}
+    for i, (name, spec) in enumerate(case.layouts.items()):
+        vs = case.values.get(name) or ValueSpec("normal", seed=(int(case.seed) * 1009 + i) % 2**63)
+        out[name] = vs.generate(spec.shape, spec.torch_dtype)
+    return out
+
+
+def _case_digest(case: "Case") -> str:
+    d = case.to_dict()
+    d.pop("env", None)
+    d.pop("verdict", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def replay_command(path: str | os.PathLike, device: str | None = None) -> str:
+    """One line that reruns a case file: ``python -m harness replay PATH [--device D]``."""
+    p = str(path)
+    q = p if all(c.isalnum() or c in "/._-+:=" for c in p) else "'" + p.replace("'", "'\\''") + "'"
+    return f"python -m harness replay {q}" + (f" --device {device}" if device and device != "cpu" else "")
+
+
+def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
+                 values: Mapping[str, "torch.Tensor"] | None = None, name: str | None = None) -> Path:
+    """Write ``case`` with its verdict and environment to ``cases_dir`` (JSON + safetensors).
+
+    ``name``: file stem (default ``{op}-{verdict}-{digest}``; a fixed name is overwritten, which
+    is how the pytest plugin keeps Hypothesis' final, shrunk example). Stored values are the
+    given ``values`` or the ones the recipes generate, unless they exceed ``MAX_SAVED_BYTES``.
+    Sets ``result.case_path`` and ``result.replay``; returns the JSON path.
+    """
+    from harness.cases import save_case
+
+    stem = name or f"{case.op}-{result.verdict.value}-{_case_digest(case)}"
+    # no dots: Path.with_suffix (used for the .safetensors sibling) would cut the name at one
+    stem = "".join(c if c.isalnum() or c in "-" else "_" for c in stem)[:180]
+    path = Path(cases_dir) / f"{stem}.json"
+    tensors = dict(values) if values else case_values(case)
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_SAVED_BYTES:
+        tensors = {}
+    verdict = {k: v for k, v in result.to_json().items()
+               if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v}
+    env = dict(case.env)
+    env.update({k: v for k, v in result.env.items() if k not in env})
+    saved = dataclasses.replace(case, verdict=verdict, env=env)
+    json_path = save_case(saved, path, tensors=tensors or None)
+    result.case_path = str(json_path)
+    result.replay = replay_command(json_path, result.device if result.device.startswith("cuda") else None)
+    return json_path
+
+
+# ------------------------------------------------------------------------------ fresh processes
+
+
+def find_sanitizer() -> str | None:
+    """Path of ``compute-sanitizer`` ($PATH, $CUDA_HOME/bin, /usr/local/cuda/bin), or None."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "compute-sanitizer"), os.X_OK):
+            return os.path.join(root, "bin", "compute-sanitizer")
+    return None
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": " (killed: the kernel's OOM killer, a memory limit, or a timeout)",
+                "SIGSEGV": " (segmentation fault)", "SIGABRT": " (abort)", "SIGBUS": " (bus error)"}.get(name, "")
+        return f"killed by {name}{hint}"
+    return f"exited with status {code}"
+
+
+_LIB_DIRS = tuple(p for p in {sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib")} if p)
+
+
+def _faulthandler_frame(log: str) -> str:
+    """The innermost non-library Python frame of a faulthandler dump (``File "x.py", line 3 in f``), or ''.
+
+    faulthandler lists the most recent call first; frames in the standard library and in
+    torch are skipped (the interesting one is the target's code that made the call).
+    """
+    lines = log.splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith("Fatal Python error") or ln.startswith("Current thread") or ln.startswith("Thread 0x"):
+            frames = [f.strip() for f in lines[i + 1:] if f.strip().startswith("File ")]
+            for f in frames:
+                path = f.split('"')[1] if f.count('"') >= 2 else ""
+                if path and not path.startswith(_LIB_DIRS) and f"{os.sep}torch{os.sep}" not in path:
+                    return f
+            return frames[0] if frames else ""
+    return ""
+
+
+def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, launch_blocking: bool = False,
+                         record_ops: bool = True, sanitizer: bool = False, timeout: float = DEFAULT_CASE_TIMEOUT
+                         ) -> Result:
+    """Run a case file in a new interpreter (``python -m harness.runner.worker``) and return its Result.
+
+    ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
+    ``sanitizer`` runs it under ``compute-sanitizer --tool memcheck`` (its report goes into
+    ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
+    ``timeout``.
+    """
+    with tempfile.TemporaryDirectory(prefix="harness-fresh-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device,
+               "--result", out]
+        if record_ops:
+            cmd.append("--record-ops")
+        san_note = None
+        if sanitizer:
+            tool = find_sanitizer()
+            if tool is None:
+                san_note = "compute-sanitizer was asked for but is not installed ($PATH, $CUDA_HOME/bin)"
+            else:
+                cmd = [tool, "--tool", "memcheck", "--print-limit", "20", "--error-exitcode", "0"] + cmd
+        env = _child_env({"CUDA_LAUNCH_BLOCKING": "1"} if launch_blocking else None)
+        t0 = time.perf_counter()
+        try:
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            return Result(Verdict.TIMEOUT, f"fresh process ran past {timeout:.0f} s", device=device,
+                          duration=time.perf_counter() - t0, worker="fresh",
+                          attribution={"log": tail[-2000:]} if tail else None)
+        if os.path.exists(out):
+            with open(out) as f:
+                r = Result.from_json(json.load(f))
+        else:
+            log = (cp.stderr or "")[-3000:]
+            r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(cp.returncode if cp.returncode < 128 else -(cp.returncode - 128))}"
+                       f" before writing a result", device=device, duration=time.perf_counter() - t0,
+                       worker="fresh", attribution={"frame": _faulthandler_frame(log), "log": log[-1500:]})
+        if sanitizer:
+            att = dict(r.attribution or {})
+            att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
+            r.attribution = att
+        return r
+
+
+def _sanitizer_report(text: str) -> str:
+    keep = [ln for ln in text.splitlines() if ln.startswith("=========")]
+    return "\n".join(keep[-60:]) if keep else text[-3000:]
+
+
+# ------------------------------------------------------------------------------ the pool
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    id: int
+    case: "Case"
+    blob: bytes | None
+    values: Mapping[str, Any] | None
+    future: Future
+    timeout: float
+    record_ops: bool
+    submitted: float
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    name: str
+    device: str
+    proc: Any
+    conn: Any
+    log_path: str
+    spare: bool
+    started: float
+    state: str = "starting"  # starting | ready | retiring | dead
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outstanding: collections.deque = dataclasses.field(default_factory=collections.deque)
+    running_since: float = 0.0
+    cases_done: int = 0
+
+
+class WorkerPool:
+    """Persistent spawned workers on every device; ``submit(case) -> Future[Result]``.
+
+    ``devices``: None (every visible GPU, else CPU), "cpu", "cuda", "cuda:0,cuda:1" or a list.
+    ``workers_per_device``: active workers per device. ``spares``: started, idle workers per device
+    that take over at once when one is lost (default 1 on CUDA, 0 on CPU).
+    ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
+    ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
+    ``sanitizer``: also run that rerun under ``compute-sanitizer``. ``prefetch``: cases queued per worker.
+    """
+
+    def __init__(self, devices: str | Sequence[str] | None = None, workers_per_device: int = 1, *,
+                 case_timeout: float = DEFAULT_CASE_TIMEOUT, spares: int | None = None,
+                 cases_dir: str | os.PathLike | None = None, attribute: bool = True, sanitizer: bool = False,
+                 prefetch: int = 2, start_timeout: float = DEFAULT_START_TIMEOUT,
+                 attribution_timeout: float | None = None) -> None:
+        if not isinstance(workers_per_device, int) or workers_per_device < 1:
+            raise ValueError(f"workers_per_device={workers_per_device!r} must be an integer >= 1")
+        if not case_timeout or case_timeout <= 0:
+            raise ValueError(f"case_timeout={case_timeout!r} must be > 0 seconds")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch={prefetch!r} must be an integer >= 1 (cases queued per worker)")
+        self.devices = resolve_devices(devices)
+        self.workers_per_device = workers_per_device
+        if spares is None:
+            spares = 1 if any(d.startswith("cuda") for d in self.devices) else 0
+        if spares < 0:
+            raise ValueError(f"spares={spares!r} must be >= 0")
+        self.spares = spares
+        self.case_timeout = float(case_timeout)
+        self.start_timeout = float(start_timeout)
+        self.cases_dir = Path(cases_dir) if cases_dir is not None else None
+        self.attribute = attribute
+        self.sanitizer = sanitizer
+        self.prefetch = prefetch
+        self.attribution_timeout = attribution_timeout or max(120.0, 2 * self.case_timeout) * (10 if sanitizer else 1)
+        #: seconds from losing a worker until its device had its full count of ready workers again
+        self.recoveries: list[float] = []
+        #: (worker name, reason) for every worker replaced
+        self.replaced: list[tuple[str, str]] = []
+
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._ids = itertools.count()
+        self._names = itertools.count()
+        self._workers: list[_Worker] = []
+        self._start_failures: dict[str, int] = collections.defaultdict(int)
+        self._start_errors: dict[str, str] = {}
+        self._lost_at: dict[str, list[float]] = collections.defaultdict(list)
+        self._closing = False
+        self._closed = False
+        self._tmp = tempfile.mkdtemp(prefix="harness-pool-")
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="harness-finish")
+        self._unfinished = 0
+        self._idle = threading.Condition(self._lock)
+        self._ready_cv = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._loop_guarded, name="harness-pool", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+    def submit(self, case: "Case", *, values: Mapping[str, "torch.Tensor"] | None = None,
+               timeout: float | None = None, record_ops: bool = False) -> "Future[Result]":
+        """Queue ``case``; the Future resolves to its Result. ``values`` override the recipes (not modified)."""
+        from harness.cases import Case
+
+        if not isinstance(case, Case):
+            raise TypeError(f"submit() needs a harness.cases.Case, got {type(case).__name__}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
+        from harness.runner.worker import encode_values
+
+        fut: Future = Future()
+        item = _Item(next(self._ids), case, encode_values(values), values, fut,
+                     float(timeout or self.case_timeout), record_ops, time.monotonic())
+        with self._lock:
+            if self._closing:
+                raise PoolClosed("the pool is closed; create a new WorkerPool")
+            self._pending.append(item)
+            self._unfinished += 1
+        self._wake()
+        return fut
+
+    def run(self, cases: Iterable["Case"], *, timeout: float | None = None) -> list[Result]:
+        """Run every case; results in the order given."""
+        futures = [self.submit(c, timeout=timeout) for c in cases]
+        return [f.result() for f in futures]
+
+    def run_one(self, case: "Case", **kw: Any) -> Result:
+        """``submit(case, **kw).result()``."""
+        return self.submit(case, **kw).result()
+
+    def worker_count(self) -> int:
+        """Active workers that are started and ready (spares not counted)."""
+        with self._lock:
+            return sum(1 for w in self._workers if w.state == "ready" and not w.spare)
+
+    def target_count(self) -> int:
+        """Active workers the pool keeps: ``len(devices) * workers_per_device``."""
+        return len(self.devices) * self.workers_per_device
+
+    def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT) -> bool:
+        """Block until every active worker (and spare) is started; False on timeout."""
+        deadline = time.monotonic() + timeout
+        want = len(self.devices) * (self.workers_per_device + self.spares)
+        with self._ready_cv:
+            while sum(1 for w in self._workers if w.state == "ready") < want:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    return False
+                self._ready_cv.wait(min(left, 0.5))
+        return True
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One dict per live worker: name, device, pid, state, spare, cases done."""
+        with self._lock:
+            return [{"name": w.name, "device": w.device, "pid": w.proc.pid, "state": w.state, "spare": w.spare,
+                     "cases": w.cases_done, "info": dict(w.info)} for w in self._workers]
+
+    def close(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
+        """Finish every submitted case (or answer queued ones with ``error`` if ``cancel_pending``), stop workers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            if cancel_pending:
+                while self._pending:
+                    item = self._pending.popleft()
+                    self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed before this case ran",
+                                                      op=item.case.op))
+        self._wake()
+        with self._idle:
+            while self._unfinished > 0 and self._thread.is_alive():
+                self._idle.wait(0.5)
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout)
+        self._finisher.shutdown(wait=True)
+        for w in list(self._workers):
+            self._stop_worker(w, graceful=True)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(cancel_pending=exc[0] is not None)
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        try:
+            if not self._closed:
+                self.close(cancel_pending=True, timeout=5)
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- internals: workers
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _spawn(self, device: str, spare: bool) -> _Worker:
+        from harness.runner.worker import worker_main
+
+        name = f"{device}#{next(self._names)}"
+        log_path = os.path.join(self._tmp, f"{name.replace(':', '_').replace('#', '_')}.log")
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=worker_main, args=(child_conn, device, name, log_path),
+                                 name=f"harness-worker-{name}", daemon=True)
+        proc.start()
+        child_conn.close()
+        w = _Worker(name, device, proc, parent_conn, log_path, spare, time.monotonic())
+        self._workers.append(w)
+        return w
+
+    def _ensure_workers(self) -> None:
+        """Keep each device at its count of active workers (promoting ready spares first) and spares."""
+        if self._closing and not self._pending and not any(w.outstanding for w in self._workers):
+            return
+        now = time.monotonic()
+        for dev in self.devices:
+            if self._start_failures[dev] >= MAX_START_FAILURES:
+                continue
+            live = [w for w in self._workers if w.device == dev and w.state in ("starting", "ready")]
+            active = [w for w in live if not w.spare]
+            spares = [w for w in live if w.spare]
+            while len(active) < self.workers_per_device:
+                ready_spares = [s for s in spares if s.state == "ready"]
+                if ready_spares:
+                    s = ready_spares[0]
+                    s.spare = False
+                    spares.remove(s)
+                    active.append(s)
+                elif spares:
+                    s = spares.pop(0)  # still starting: it becomes active when ready
+                    s.spare = False
+                    active.append(s)
+                else:
+                    active.append(self._spawn(dev, spare=False))
+            while len(spares) < self.spares and not self._closing:
+                spares.append(self._spawn(dev, spare=True))
+            if self._lost_at[dev] and all(w.state == "ready" for w in active):
+                for t in self._lost_at[dev]:
+                    self.recoveries.append(now - t)
+                self._lost_at[dev].clear()
+
+    def _stop_worker(self, w: _Worker, graceful: bool) -> None:
+        if w.state != "dead" and graceful and w.proc.is_alive():
+            try:
+                w.conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+            w.proc.join(5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(5)
+        self._reap(w)
+
+    def _reap(self, w: _Worker) -> None:
+        w.state = "dead"
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        if w in self._workers:
+            self._workers.remove(w)
+        try:
+            w.proc.close()
+        except ValueError:
+            pass
+        try:
+            os.unlink(w.log_path)
+        except OSError:
+            pass
+
+    def _log_tail(self, w: _Worker, n: int = 4000) -> str:
+        try:
+            with open(w.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _lose(self, w: _Worker, reason: str, requeue_from: int) -> None:
+        """Take ``w`` out of rotation; re-queue its cases from index ``requeue_from`` (not yet started)."""
+        items = list(w.outstanding)[requeue_from:]
+        w.outstanding.clear()
+        for item in reversed(items):
+            self._pending.appendleft(item)
+        if w.state in ("ready", "retiring") and not w.spare:
+            self._lost_at[w.device].append(time.monotonic())
+        self.replaced.append((w.name, reason))
+
+    # ---------------------------------------------------------------- internals: results
+    def _resolve_locked(self, item: _Item, result: Result) -> None:
+        if not item.future.done():
+            item.future.set_result(result)
+        self._unfinished -= 1
+        self._idle.notify_all()
+
+    def _finish(self, item: _Item, result: Result) -> None:
+        """Called in the dispatcher with the lock held: resolve now, or hand to the finisher thread."""
+        needs_file = self.cases_dir is not None and result.verdict.failed
+        needs_attr = self.attribute and result.verdict is Verdict.DEVICE_FAULT
+        if not (needs_file or needs_attr):
+            self._resolve_locked(item, result)
+            return
+        self._finisher.submit(self._finish_slow, item, result)
+
+    def _finish_slow(self, item: _Item, result: Result) -> None:
+        try:
+            self._finish_slow_inner(item, result)
+        except BaseException as e:  # noqa: BLE001 - the case must still get its result
+            result.message += f"\n(harness: writing/attributing the case failed: {type(e).__name__}: {e})"
+        finally:
+            with self._lock:
+                self._resolve_locked(item, result)
+
+    def _finish_slow_inner(self, item: _Item, result: Result) -> None:
+        tmpdir = None
+        path: Path | None = None
+        if self.cases_dir is not None and result.verdict.failed:
+            path = save_failure(item.case, result, self.cases_dir, values=item.values)
+        if self.attribute and result.verdict is Verdict.DEVICE_FAULT:
+            if path is None:
+                tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
+                path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=item.values)
+            rerun = run_in_fresh_process(path, result.device or "cpu", launch_blocking=True, record_ops=True,
+                                         sanitizer=self.sanitizer, timeout=self.attribution_timeout)
+            result.attribution = merge_attribution(result.attribution, rerun)
+            if self.cases_dir is not None:
+                save_failure(item.case, result, self.cases_dir, values=item.values,
+                             name=Path(path).stem)  # rewrite with the attribution
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    # ---------------------------------------------------------------- internals: the loop
+    def _loop_guarded(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - never leave a Future hanging
+            import traceback
+
+            msg = f"harness pool dispatcher crashed: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+            with self._lock:
+                items = list(self._pending)
+                self._pending.clear()
+                for w in self._workers:
+                    items.extend(w.outstanding)
+                    w.outstanding.clear()
+                for item in items:
+                    self._resolve_locked(item, Result(Verdict.ERROR, msg, op=item.case.op))
+                for w in list(self._workers):
+                    if w.proc.is_alive():
+                        w.proc.kill()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                self._ensure_workers()
+                self._fail_dead_devices()
+                self._assign()
+                waits: list[Any] = [self._wake_r]
+                by_obj: dict[Any, _Worker] = {}
+                for w in self._workers:
+                    waits.append(w.conn)
+                    waits.append(w.proc.sentinel)
+                    by_obj[w.conn] = w
+                    by_obj[w.proc.sentinel] = w
+                deadline = self._next_deadline()
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(waits, timeout=min(wait_s, 1.0) if wait_s is not None else 1.0)
+            with self._lock:
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except OSError:
+                        pass
+                handled: set[int] = set()
+                for obj in ready:
+                    w = by_obj.get(obj)
+                    if w is None or id(w) in handled or w.state == "dead":
+                        continue
+                    handled.add(id(w))
+                    self._drain(w)
+                    if not w.proc.is_alive():
+                        w.proc.join(0.1)
+                        if w.proc.exitcode is not None:
+                            self._drain(w)
+                            self._on_death(w)
+                self._check_timeouts()
+
+    def _assign(self) -> None:
+        if not self._pending:
+            return
+        ready = [w for w in self._workers if w.state == "ready" and not w.spare]
+        while self._pending and ready:
+            ready.sort(key=lambda w: len(w.outstanding))
+            w = ready[0]
+            if len(w.outstanding) >= self.prefetch:
+                break
+            item = self._pending.popleft()
+            try:
+                w.conn.send(("run", item.id, item.case, item.blob, item.record_ops))
+            except (OSError, ValueError, BrokenPipeError):
+                self._pending.appendleft(item)
+                ready.remove(w)
+                continue
+            if not w.outstanding:
+                w.running_since = time.monotonic()
+            w.outstanding.append(item)
+
+    def _next_deadline(self) -> float | None:
+        deadlines = []
+        for w in self._workers:
+            if w.state == "ready" and w.outstanding:
+                deadlines.append(w.running_since + w.outstanding[0].timeout)
+            elif w.state == "starting":
+                deadlines.append(w.started + self.start_timeout)
+        return min(deadlines) if deadlines else None
+
+    def _drain(self, w: _Worker) -> None:
+        while True:
+            try:
+                if not w.conn.poll():
+                    return
+                msg = w.conn.recv()
+            except (EOFError, OSError, ValueError):
+                return
+            kind = msg[0]
+            if kind == "ready":
+                w.state = "ready"
+                w.info = msg[1]
+                self._start_failures[w.device] = 0
+                self._ready_cv.notify_all()
+            elif kind == "init_error":
+                self._start_errors[w.device] = msg[1]
+            elif kind == "result":
+                _, case_id, data = msg
+                if not w.outstanding or w.outstanding[0].id != case_id:  # pragma: no cover - protocol bug
+                    raise RuntimeError(f"worker {w.name} answered case {case_id}, expected "
+                                       f"{w.outstanding[0].id if w.outstanding else None}")
+                item = w.outstanding.popleft()
+                w.cases_done += 1
+                w.running_since = time.monotonic()
+                result = Result.from_json(data)
+                if result.verdict is Verdict.DEVICE_FAULT:
+                    w.state = "retiring"
+                    self._lose(w, "device_fault", 0)
+                self._finish(item, result)
+
+    def _on_death(self, w: _Worker) -> None:
+        code = w.proc.exitcode
+        if w.state == "starting":
+            self._start_failures[w.device] += 1
+            if w.device not in self._start_errors:
+                self._start_errors[w.device] = f"worker {_exit_text(code)} while starting:\n{self._log_tail(w)[-1500:]}"
+            self._lose(w, f"start failed ({_exit_text(code)})", 0)
+        elif w.state == "retiring":
+            pass  # exited after a device fault, as it should
+        elif w.outstanding:
+            item = w.outstanding[0]
+            log = self._log_tail(w)
+            att = {"frame": _faulthandler_frame(log), "log": log[-1500:]} if log.strip() else None
+            result = Result(Verdict.WORKER_CRASH, f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} while "
+                            f"running this case", op=item.case.op, device=w.device, worker=w.name,
+                            duration=time.monotonic() - w.running_since, attribution=att,
+                            env=dict(w.info), layouts=_describe_layouts(item.case))
+            result.metrics["exitcode"] = code
+            self._lose(w, f"crash ({_exit_text(code)})", 1)
+            self._finish(item, result)
+        else:
+            self._lose(w, f"died idle ({_exit_text(code)})", 0)
+        self._reap(w)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.state == "ready" and w.outstanding and now - w.running_since > w.outstanding[0].timeout:
+                item = w.outstanding[0]
+                w.proc.kill()
+                w.proc.join(5)
+                self._drain(w)
+                if w.outstanding and w.outstanding[0] is item:  # no answer came after all
+                    result = Result(Verdict.TIMEOUT, f"ran past the {item.timeout:g} s case timeout; worker {w.name} "
+                                    f"was killed and replaced", op=item.case.op, device=w.device, worker=w.name,
+                                    duration=now - w.running_since, env=dict(w.info),
+                                    layouts=_describe_layouts(item.case))
+                    self._lose(w, "timeout", 1)
+                    self._finish(item, result)
+                else:
+                    self._lose(w, "killed after answering", 0)
+                self._reap(w)
+            elif w.state == "starting" and now - w.started > self.start_timeout:
+                w.proc.kill()
+                w.proc.join(5)
+                self._start_failures[w.device] += 1
+                self._start_errors[w.device] = f"worker did not start within {self.start_timeout:g} s"
+                self._lose(w, "start timeout", 0)
+                self._reap(w)
+
+    def _fail_dead_devices(self) -> None:
+        """When no device can start a worker, answer every queued case with the reason."""
+        dead = [d for d in self.devices if self._start_failures[d] >= MAX_START_FAILURES]
+        if len(dead) < len(self.devices) or not self._pending:
+            return
+        why = "; ".join(f"{d}: {self._start_errors.get(d, '?')}" for d in dead)
+        while self._pending:
+            item = self._pending.popleft()
+            self._resolve_locked(item, Result(Verdict.WORKER_CRASH, f"no worker could be started ({why})",
+                                              op=item.case.op))
+
+
+def _describe_layouts(case: "Case") -> dict[str, str]:
+    out = {}
+    for n, spec in case.layouts.items():
+        try:
+            out[n] = spec.describe()
+        except Exception as e:  # pragma: no cover
+            out[n] = f"<{e}>"
+    return out
+
+
+def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[str, Any]:
+    """Attribution of a device fault: where it surfaced first, plus what the blocking rerun named."""
+    att = dict(first or {})
+    ra = dict(rerun.attribution or {})
+    att["rerun_verdict"] = rerun.verdict.value
+    att["reproduced"] = rerun.verdict is Verdict.DEVICE_FAULT
+    att["launch_blocking"] = True
+    for key in ("op", "frame", "ops_tail", "sanitizer", "log"):
+        if ra.get(key):
+            att[key] = ra[key]
+    if not att["reproduced"]:
+        att["note"] = (f"the rerun with CUDA_LAUNCH_BLOCKING=1 in a fresh process gave {rerun.verdict.value}"
+                       f" ({rerun.message.splitlines()[0] if rerun.message else ''}); the fault may depend on "
+                       "earlier cases or on timing")
+    return att

@@ -1,0 +1,190 @@
+"""The worker process: runs cases one at a time and answers with a Result for each.
+
+Two ways in:
+
+- :func:`worker_main` is the target of the pool's spawned processes. It sets
+  up the device once (CUDA context, warm-up case), says ``ready``, then loops:
+  receive ``("run", case_id, case, values_bytes)``, run it with
+  :func:`harness.runner.execute.run_case`, send ``("result", case_id, result_dict)``.
+  After a device fault it sends the result and exits: its context is gone.
+- ``python -m harness.runner.worker --case CASE.json --device cuda:0 --result OUT.json``
+  runs one case file in a fresh interpreter (attribution reruns with
+  ``CUDA_LAUNCH_BLOCKING=1``, ``compute-sanitizer``, ``harness replay``) and writes
+  the Result as JSON.
+
+Messages travel over a ``multiprocessing`` pipe between our own processes;
+tensors inside them are safetensors bytes, never pickled tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Mapping
+
+__all__ = ["worker_main", "encode_values", "decode_values", "main", "EXIT_DEVICE_FAULT", "EXIT_INIT_FAILED"]
+
+#: exit code of a worker that retired itself after a sticky device error
+EXIT_DEVICE_FAULT = 17
+#: exit code of a worker whose setup failed (the error was sent to the parent first)
+EXIT_INIT_FAILED = 18
+
+
+def encode_values(values: Mapping[str, Any] | None) -> bytes | None:
+    """Tensors -> safetensors bytes (contiguous CPU copies; the originals are not touched)."""
+    if not values:
+        return None
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous().clone() for k, v in values.items()})
+
+
+def decode_values(blob: bytes | None) -> dict[str, Any] | None:
+    """Inverse of :func:`encode_values`."""
+    if not blob:
+        return None
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the thread that spawned it goes away (no orphans)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _redirect_stderr(log_path: str | None) -> None:
+    if not log_path:
+        faulthandler.enable()
+        return
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    faulthandler.enable(file=sys.stderr, all_threads=False)
+
+
+def _setup_device(device: str) -> dict[str, Any]:
+    import torch
+
+    from harness.runner.execute import device_healthy, device_info
+
+    if device.startswith("cuda"):
+        idx = torch.device(device).index or 0
+        torch.cuda.set_device(idx)
+    ok, why = device_healthy(device)
+    if not ok:
+        raise RuntimeError(f"device {device} failed its first health check: {why}")
+    info = dict(device_info(device))
+    info["pid"] = os.getpid()
+    return info
+
+
+def _warm_up(device: str) -> None:
+    """Run one tiny case so imports and first-call costs are paid before the first real case."""
+    from harness.cases import Case
+    from harness.layouts import LayoutSpec
+    from harness.runner.execute import run_case
+
+    r = run_case(Case(op="cpu.scale", layouts={"x": LayoutSpec((2, 3), "float32", offset=1)}), device)
+    if r.verdict.value != "pass":
+        raise RuntimeError(f"warm-up case failed on {device}: {r.verdict.value}: {r.message}")
+
+
+def worker_main(conn: Any, device: str, name: str, log_path: str | None = None) -> None:
+    """Loop of a pool worker (the ``spawn`` target). Never returns normally; exits the process."""
+    _redirect_stderr(log_path)
+    _die_with_parent()
+    try:
+        info = _setup_device(device)
+        _warm_up(device)
+        from harness.runner.execute import run_case
+        from harness.verdicts import Verdict
+    except BaseException as e:  # noqa: BLE001 - report, then exit
+        import traceback
+
+        try:
+            conn.send(("init_error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
+        finally:
+            os._exit(EXIT_INIT_FAILED)
+    conn.send(("ready", info))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # parent went away
+        kind = msg[0]
+        if kind == "stop":
+            conn.close()
+            os._exit(0)
+        if kind != "run":  # pragma: no cover - protocol error
+            print(f"worker {name}: unknown message {kind!r}", file=sys.stderr)
+            continue
+        _, case_id, case, blob, record_ops = msg
+        result = run_case(case, device, values=decode_values(blob), record_ops=record_ops, worker=name)
+        try:
+            conn.send(("result", case_id, result.to_json()))
+        except (BrokenPipeError, OSError):
+            os._exit(0)
+        if result.verdict is Verdict.DEVICE_FAULT:
+            # the context is unusable: exit without running CUDA teardown, which may hang
+            sys.stderr.flush()
+            os._exit(EXIT_DEVICE_FAULT)
+
+
+# ------------------------------------------------------------------------------ one-shot CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one case file in this (fresh) interpreter; write the Result JSON to ``--result``."""
+    p = argparse.ArgumentParser(prog="python -m harness.runner.worker", description=main.__doc__)
+    p.add_argument("--case", required=True, help="CASE.json (its .safetensors sibling is used when present)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--result", required=True, help="where to write the Result as JSON")
+    p.add_argument("--record-ops", action="store_true", help="record aten ops to name the one that faults")
+    args = p.parse_args(argv)
+    faulthandler.enable()
+    _die_with_parent()
+    from harness.cases import load_case
+    from harness.runner.execute import run_case
+    from harness.verdicts import Result, Verdict
+
+    t0 = time.perf_counter()
+    try:
+        case, tensors = load_case(args.case)
+    except Exception as e:
+        r = Result(Verdict.ERROR, f"cannot load case {args.case}: {e}", device=args.device)
+    else:
+        if args.device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_device(torch.device(args.device).index or 0)
+        r = run_case(case, args.device, values=tensors or None, record_ops=args.record_ops,
+                     worker=f"fresh pid {os.getpid()}")
+    r.duration = time.perf_counter() - t0 if r.duration == 0 else r.duration
+    tmp = args.result + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(r.to_json(), f)
+    os.replace(tmp, args.result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_DEVICE_FAULT if r.verdict is Verdict.DEVICE_FAULT else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
