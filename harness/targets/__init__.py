@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from harness.targets import attention as _attention  # noqa: F401  (registers the attention targets)
 from harness.targets import linear as _linear  # noqa: F401  (registers the linear targets)
 from harness.targets.base import LAYOUT_CLASS_PARAM, CaseFactory, ClassTarget
 from harness.targets.layout_classes import ATTENTION_CLASSES, LINEAR_CLASSES, Context, LayoutClass, classes_for

@@ -1,0 +1,201 @@
+"""Attention targets: every backend of ``harness.quant.backends``, raw and through the layout-safe wrapper.
+
+Two targets per backend ``B`` (``sdpa``, ``sdpa.flash``, ``sage1.sageattn``, ``emu.sage1``, ...):
+
+- ``attn.B``: the kernel called as is, with the swept q/k/v.  When the class's layout (HND/NHD)
+  is not one the backend takes, q/k/v are handed over as ``transpose(1, 2)`` *views* (what model
+  code does before SDPA) and the output is transposed back, so the kernel still sees the swept
+  strides.  Varlen backends get q/k/v ``reshape``d to packed ``(B*S, H, d)`` tokens (a view
+  whenever the layout allows, a copy otherwise) with ``cu_seqlens`` of equal-length sequences.
+- ``safe_attn.B``: the same backend through ``harness.quant.attention.safe_attention``, which
+  promises to accept every layout (a ``rejected`` verdict counts as a failure in the matrix).
+
+Inputs: ``q``, ``k``, ``v`` (bf16, the swept layouts).  References on exactly those values
+(attention inputs are not quantized before the kernel; quantization is the kernel's):
+
+- *exact*: :func:`harness.reference.attention.attention` in float64;
+- *emulated*: the emulation that models the backend (``backends.EMULATION_OF``: the Sage
+  emulations for Sage kernels, the same-precision naive attention for SDPA / FlashAttention); an
+  emulation target's own "emulated" run is itself on packed copies of the inputs.
+
+Drift bound: ``max_abs <= 2 x max_abs(emulated - exact) + floor`` (FlashAttention's rule against
+its same-precision naive run), ``floor`` = half an output-dtype ULP at ``max|exact|``.
+
+Layout bound: a kernel may choose another code path (SDPA's dispatcher falls back to the math
+kernel for some strides; a copy may change tiling), so two layouts of the same values may differ
+by as much as the drift bound allows: ``2 x emulated error + floor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from harness.cases import Case
+from harness.reference.metrics import Bound
+from harness.runner.targets import register_target
+from harness.targets.base import ClassTarget, materialize_inputs
+from harness.targets.layout_classes import Draw
+
+__all__ = ["AttentionTarget", "SafeAttentionTarget", "ATTENTION_TARGETS", "register_backend_targets"]
+
+_K_BOUND = 2.0
+_DTYPE = "bfloat16"
+
+
+def _backend(name: str) -> Any:
+    from harness.quant.backends import get_backend
+
+    return get_backend(name)
+
+
+def _swap(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+class AttentionTarget(ClassTarget):
+    """``attn.<backend>``: one registry backend called directly (see module docstring)."""
+
+    kind = "attention"
+    sweep_dtype = _DTYPE
+    backend_name = ""
+    #: layouts / head dims the backend takes (read from its Requirements when the class is made)
+    backend_layouts: tuple[str, ...] = ("HND", "NHD")
+    varlen = False
+    emulated_kind = "native"
+
+    # ---- cases
+    def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:
+        return self._case(draw, class_name, seed, params={"backend": self.backend_name}, backend=self.backend_name)
+
+    def make_inputs(self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+        return materialize_inputs(case, device, values)
+
+    def available(self, device: str) -> tuple[bool, str]:
+        try:
+            b = _backend(self.backend_name)
+        except (ImportError, KeyError) as e:
+            return False, f"attention backend {self.backend_name!r} not importable: {e}"
+        ok, why = b.available(device)
+        if not ok:
+            return False, why
+        if _DTYPE not in b.requires.dtypes:
+            return False, f"{self.backend_name} does not take {_DTYPE} (takes {', '.join(b.requires.dtypes)})"
+        return True, ""
+
+    # ---- the op
+    def invoke(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, **kw: Any) -> torch.Tensor:
+        """Call the backend on tensors already in a layout it takes (raw: no fixing at all)."""
+        return _backend(self.backend_name).run(q, k, v, layout=layout, **kw)
+
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> torch.Tensor:
+        if self.varlen:
+            nq, nk, nv = (x if layout == "NHD" else _swap(x) for x in (q, k, v))
+            bsz, s_q = nq.shape[0], nq.shape[1]
+            s_k = nk.shape[1]
+            dev = q.device
+            cu_q = torch.arange(0, bsz + 1, dtype=torch.int32, device=dev) * s_q
+            cu_k = torch.arange(0, bsz + 1, dtype=torch.int32, device=dev) * s_k
+            flat = [x.reshape(-1, *x.shape[2:]) for x in (nq, nk, nv)]  # a view when the strides allow
+            o = self.invoke(*flat, "NHD", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=s_q, max_seqlen_k=s_k)
+            o = o.reshape(bsz, s_q, *o.shape[1:])
+            return o if layout == "NHD" else _swap(o)
+        if layout in self.backend_layouts:
+            return self.invoke(q, k, v, layout)
+        other = "HND" if layout == "NHD" else "NHD"
+        return _swap(self.invoke(_swap(q), _swap(k), _swap(v), other))
+
+    def run(self, inputs, params):
+        return self.call(inputs["q"], inputs["k"], inputs["v"], params["tensor_layout"])
+
+    # ---- references
+    def reference(self, inputs, params):
+        from harness.reference.attention import attention
+
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        layout = params["tensor_layout"]
+        exact = attention(q, k, v, layout)
+        return exact, self.emulated(q, k, v, layout)
+
+    def emulated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> torch.Tensor:
+        from harness.quant.backends import EMULATION_OF
+
+        if self.backend_name.startswith("emu."):
+            # an emulation judged against itself on packed copies: drift = what the layout costs it
+            q, k, v = (x.contiguous() for x in (q, k, v))
+            return _backend(self.backend_name).run(q, k, v, layout=layout)
+        emu = _backend(EMULATION_OF.get(self.backend_name, "emu.naive"))
+        return emu.run(q, k, v, layout=layout)
+
+    def bound(self, inputs, params, exact):
+        from harness.quant.backends import EMULATION_OF
+
+        emu = self.backend_name if self.backend_name.startswith("emu.") else EMULATION_OF.get(self.backend_name,
+                                                                                              "emu.naive")
+        return Bound.derived(_K_BOUND, exact, inputs["q"].dtype,
+                             why=f"{self.name}: max_abs <= {_K_BOUND:g} x the error of {emu} on the same inputs "
+                                 "against exact float64 attention (FlashAttention's rule)")
+
+    def layout_bound(self, inputs, params, exact):
+        return Bound.derived(_K_BOUND, exact, inputs["q"].dtype,
+                             why="a layout may change the kernel's code path or tiling: the same slack as the drift "
+                                 f"bound ({_K_BOUND:g} x emulated error + rounding floor)")
+
+
+class SafeAttentionTarget(AttentionTarget):
+    """``safe_attn.<backend>``: the backend through ``harness.quant.attention.safe_attention``."""
+
+    accepts_all_layouts = True
+
+    def available(self, device):
+        try:
+            from harness.quant.attention import safe_attention  # noqa: F401
+        except ImportError as e:
+            return False, f"layout-safe wrapper harness.quant.attention.safe_attention not importable: {e}"
+        return super().available(device)
+
+    def invoke(self, q, k, v, layout, **kw):
+        from harness.quant.attention import safe_attention
+
+        out, _actions = safe_attention(self.backend_name, q, k, v, layout, **kw)
+        return out
+
+    def call(self, q, k, v, layout):
+        if self.varlen:
+            return super().call(q, k, v, layout)
+        return self.invoke(q, k, v, layout)  # the wrapper takes either layout and fixes what the kernel needs
+
+
+ATTENTION_TARGETS: dict[str, type[AttentionTarget]] = {}
+
+
+def register_backend_targets() -> list[str]:
+    """Register ``attn.B`` and ``safe_attn.B`` for every backend in the registry now; returns new names."""
+    from harness.quant.backends import BACKENDS
+
+    new = []
+    for bname, b in BACKENDS.items():
+        req = b.requires
+        dims = tuple(d for d in (64, 128) if (req.head_dims is None or d in req.head_dims)
+                     and (req.max_head_dim is None or d <= req.max_head_dim)
+                     and (not req.head_dim_multiple or d % req.head_dim_multiple == 0)) or (64,)
+        for prefix, base in (("attn", AttentionTarget), ("safe_attn", SafeAttentionTarget)):
+            name = f"{prefix}.{bname}"
+            if name in ATTENTION_TARGETS:
+                continue
+            doc = f"{b.description} ({'through safe_attention' if prefix == 'safe_attn' else 'called as is'})"
+            cls = type(f"{prefix}_{bname}".replace(".", "_"), (base,), {
+                "name": name, "backend_name": bname, "head_dims": dims, "varlen": bool(req.varlen),
+                "backend_layouts": tuple(req.layouts), "emulated_kind": b.kind, "description": doc, "__doc__": doc})
+            register_target(cls)
+            ATTENTION_TARGETS[name] = cls
+            new.append(name)
+    return new
+
+
+try:
+    register_backend_targets()
+except ImportError:  # pragma: no cover - the backend registry is part of the package; keep linear targets alive
+    pass
