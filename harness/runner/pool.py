@@ -306,9 +306,12 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
                 r = Result.from_json(json.load(f))
         else:
             log = (cp.stderr or "")[-3000:]
-            r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(cp.returncode if cp.returncode < 128 else -(cp.returncode - 128))}"
-                       f" before writing a result", device=device, duration=time.perf_counter() - t0,
-                       worker="fresh", attribution={"frame": _faulthandler_frame(log), "log": log[-1500:]})
+            code = cp.returncode if cp.returncode < 128 else -(cp.returncode - 128)  # a shell's 128+N
+            att: dict[str, Any] = {"frame": _faulthandler_frame(log), "log": log[-1500:]}
+            if code == 1 and "Traceback (most recent call last)" in log:
+                att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
+            r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(code)} before writing a result",
+                       device=device, duration=time.perf_counter() - t0, worker="fresh", attribution=att)
         if sanitizer:
             att = dict(r.attribution or {})
             att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)

@@ -1,0 +1,197 @@
+"""``python -m harness minimize CASE [--out FILE]``: shrink a failing case one property at a time.
+
+Hypothesis already shrinks what it generates; this goes further on a case file
+(from a nightly matrix, a user report, the corpus), keeping the *verdict*
+unchanged at every step. Candidates, tried in this order, each kept only if the
+verdict stays the same:
+
+1. per input, one layout property removed (``LayoutSpec.simplifications``): the view
+   ops, the offset (or only its misalignment), broadcast, the permuted memory
+   order, the steps, the padding;
+2. smaller dims: a size shared by several dims (K of both matmul operands) halved
+   everywhere at once, then each dim halved or set to 1 alone -- ops that need
+   matching sizes reject the rest, which changes the verdict, so those are not kept;
+3. simpler values: a recipe replaced by ``normal``; stored tensors replaced by recipes.
+
+Stored values are sliced along with the dims, so "the same numbers" survive
+shrinking. The search repeats until a full pass changes nothing (or ``--max-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from harness.verdicts import Result, Verdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from harness.cases import Case
+
+__all__ = ["add_parser", "minimize", "candidates", "MinimizeResult"]
+
+
+@dataclasses.dataclass
+class MinimizeResult:
+    """The smallest case found, its values (may be empty), its verdict, and what was removed."""
+
+    case: "Case"
+    values: dict[str, "torch.Tensor"]
+    verdict: Verdict
+    removed: list[str]
+    tried: int
+    result: Result
+
+
+Candidate = tuple[str, "Case", dict]
+
+
+def _slice_to(t: "torch.Tensor", shape: tuple[int, ...]) -> "torch.Tensor":
+    return t[tuple(slice(0, s) for s in shape)].clone()
+
+
+def _with_layout(case: "Case", name: str, spec: Any) -> "Case":
+    layouts = dict(case.layouts)
+    layouts[name] = spec
+    return dataclasses.replace(case, layouts=layouts)
+
+
+def candidates(case: "Case", values: Mapping[str, "torch.Tensor"]) -> Iterator[tuple[str, "Case", dict]]:
+    """Simpler variants of ``case``: (what was removed, new case, new stored values)."""
+    from harness.layouts import LayoutError
+    from harness.values import ValueSpec
+
+    vals = dict(values)
+    # 1. layout properties, one at a time
+    for name, spec in case.layouts.items():
+        for what, simpler in spec.simplifications():
+            yield f"{name}: {what}", _with_layout(case, name, simpler), vals
+    # 2. smaller dims (only on inputs without view ops: their shape is the base shape)
+    plain = {n: s for n, s in case.layouts.items() if not s.views}
+    sizes = sorted({d for s in plain.values() for d in s.shape if d > 1}, reverse=True)
+    for size in sizes:
+        hits = [(n, i) for n, s in plain.items() for i, d in enumerate(s.shape) if d == size]
+        if len(hits) < 2:
+            continue
+        try:
+            new_case, new_vals = case, dict(vals)
+            for n in {n for n, _ in hits}:
+                spec = new_case.layouts[n]
+                shape = tuple(size // 2 if d == size else d for d in spec.shape)
+                new_case = _with_layout(new_case, n, spec.replace(shape=shape))
+                if n in new_vals:
+                    new_vals[n] = _slice_to(new_vals[n], shape)
+        except LayoutError:
+            continue
+        yield f"size {size} -> {size // 2} in {sorted({n for n, _ in hits})}", new_case, new_vals
+    for name, spec in plain.items():
+        for i, d in enumerate(spec.shape):
+            for new in sorted({1, d // 2}, reverse=True):
+                if new >= d or new < 1:
+                    continue
+                shape = spec.shape[:i] + (new,) + spec.shape[i + 1:]
+                try:
+                    new_spec = spec.replace(shape=shape)
+                except LayoutError:
+                    continue
+                new_vals = dict(vals)
+                if name in new_vals:
+                    new_vals[name] = _slice_to(new_vals[name], shape)
+                yield f"{name}: dim {i} {d} -> {new}", _with_layout(case, name, new_spec), new_vals
+    # 3. simpler values
+    for name, vs in case.values.items():
+        if vs.kind != "normal" and name not in vals:
+            values_ = dict(case.values)
+            values_[name] = ValueSpec("normal", seed=vs.seed)
+            yield f"{name}: values {vs.kind} -> normal", dataclasses.replace(case, values=values_), vals
+    for name in list(vals):
+        new_vals = {k: v for k, v in vals.items() if k != name}
+        values_ = dict(case.values)
+        values_.setdefault(name, ValueSpec("normal", seed=int(case.seed)))
+        yield (f"{name}: stored values -> recipe {values_[name].kind}", dataclasses.replace(case, values=values_),
+               new_vals)
+
+
+def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Callable[["Case", dict], Result], *,
+             max_steps: int = 300, log: Callable[[str], None] | None = None) -> MinimizeResult:
+    """Greedy shrink of ``case`` keeping the verdict ``run(case, values)`` gives it.
+
+    ``run`` executes one candidate (a pool in practice, a stub in tests). Raises ValueError when the
+    case passes or cannot run (nothing to keep).
+    """
+    first = run(case, dict(values or {}))
+    target = first.verdict
+    if not target.failed:
+        raise ValueError(f"the case does not fail here (verdict {target.value}: {first.message.splitlines()[0] if first.message else ''}); "
+                         "nothing to minimize")
+    cur_case, cur_vals, cur_result = case, dict(values or {}), first
+    removed: list[str] = []
+    tried = 0
+    progress = True
+    while progress and tried < max_steps:
+        progress = False
+        for what, cand, cand_vals in candidates(cur_case, cur_vals):
+            if tried >= max_steps:
+                break
+            tried += 1
+            r = run(cand, cand_vals)
+            if r.verdict is target:
+                removed.append(what)
+                if log:
+                    log(f"removed {what}")
+                cur_case, cur_vals, cur_result = cand, cand_vals, r
+                progress = True
+                break  # restart from the simplest candidates of the new case
+    return MinimizeResult(cur_case, cur_vals, target, removed, tried, cur_result)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from harness.cases import CaseError, load_case
+    from harness.runner.pool import WorkerPool, save_failure
+    from harness.runner.replay import EXIT_CANNOT_RUN, choose_device
+
+    try:
+        case, tensors = load_case(args.case)
+    except CaseError as e:
+        print(f"harness minimize: {e}", file=sys.stderr)
+        return 2
+    device, why = choose_device(case.env, args.device)
+    if device is None:
+        print(f"harness minimize: cannot run here: {why}")
+        return EXIT_CANNOT_RUN
+    out = Path(args.out) if args.out else Path(args.case).with_name(Path(args.case).stem + "-min.json")
+    with WorkerPool([device], 1, case_timeout=args.timeout, attribute=False, spares=1) as pool:
+        def run(c: "Case", v: dict) -> Result:
+            return pool.submit(c, values=v or None).result()
+
+        try:
+            res = minimize(case, tensors, run, max_steps=args.max_steps, log=lambda s: print(f"  {s}", flush=True))
+        except ValueError as e:
+            print(f"harness minimize: {e}")
+            return 1
+        res.result.device = device
+        path = save_failure(res.case, res.result, out.parent, values=res.values or None, name=out.stem)
+    print(f"verdict kept: {res.verdict.value}; {res.tried} candidates tried; removed {len(res.removed)}:")
+    for what in res.removed:
+        print(f"  - {what}")
+    for name, spec in res.case.layouts.items():
+        print(f"  {name}: {spec.describe()}")
+    print(f"wrote {path}")
+    print(f"replay: {res.result.replay}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``minimize``."""
+    p = subparsers.add_parser("minimize", help="shrink a failing case one layout property at a time",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("case", help="CASE.json of a failing case")
+    p.add_argument("--out", default=None, help="where to write the minimal case (default: CASE-min.json beside it)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: where the case was recorded)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per candidate before it counts as a timeout")
+    p.add_argument("--max-steps", type=int, default=300, help="most candidates to try")
+    p.set_defaults(func=_cmd)
