@@ -65,11 +65,13 @@ import functools
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from harness.quant._geom import Geom
 
 __all__ = [
     "E4M3_MAX",
@@ -118,43 +120,9 @@ class Fp8LinearError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Geometry: what the decisions are made from (tensor, meta tensor or LayoutSpec)
+# Geometry
 
-
-@dataclass(frozen=True)
-class _Geom:
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: torch.dtype
-    itemsize: int
-    ptr_align: int  # bytes, power of two, capped at 256
-    offset: int
-
-    @classmethod
-    def of(cls, x: Any) -> "_Geom":
-        if isinstance(x, Tensor):
-            if x.device.type == "meta":
-                # meta tensors have no pointer: assume an aligned allocation, as LayoutSpec does
-                align = _pow2(x.storage_offset() * x.element_size())
-            else:
-                align = _pow2(x.data_ptr())
-            return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.element_size(), align, x.storage_offset())
-        if all(hasattr(x, a) for a in ("shape", "strides", "alignment", "torch_dtype", "itemsize")):
-            return cls(tuple(x.shape), tuple(x.strides()), x.torch_dtype, x.itemsize, x.alignment(),
-                       x.storage_offset())
-        raise TypeError(
-            f"expected a torch.Tensor or a harness.layouts.LayoutSpec, got {type(x).__name__}"
-        )
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _pow2(nbytes: int, cap: int = 256) -> int:
-    if nbytes == 0:
-        return cap
-    return min(cap, nbytes & -nbytes)
+_Geom = Geom
 
 
 def _ceil_to(n: int, m: int) -> int:
