@@ -130,15 +130,15 @@ class ChunkPlan:
     workspace_bytes: int
 
 
-def _workspace(hc: int, qc: int, kc: int, s_k: int, d: int, dv: int, e: int, upcast: bool) -> int:
+def _workspace(hc: int, qc: int, kc: int, d: int, dv: int, e: int) -> int:
     tiles = 3 * qc * kc  # scores, probabilities, one elementwise temporary
-    rows = qc * (d + 2 * dv + 3)  # upcast q tile, accumulator + its rescaled copy, m, l, corr
-    keys = (s_k * (d + dv)) if upcast else 2 * kc * (d + dv)  # upcast K/V of the head chunk
+    rows = qc * (d + 2 * dv + 3)  # scaled q tile, accumulator + its rescaled copy, m, l, corr
+    keys = 2 * kc * (d + dv)  # K/V tile (an upcast copy when the input dtype differs)
     return e * hc * (tiles + rows + keys)
 
 
 def plan_chunks(b: int, h: int, s_q: int, s_k: int, d: int, dv: int, *,
-                compute_dtype: torch.dtype = torch.float64, input_dtype: Optional[torch.dtype] = None,
+                compute_dtype: torch.dtype = torch.float64,
                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 q_chunk: Optional[int] = None, k_chunk: Optional[int] = None) -> ChunkPlan:
     """Pick (head_chunk, q_chunk, k_chunk) so the workspace stays within ``memory_budget`` bytes.
@@ -146,31 +146,34 @@ def plan_chunks(b: int, h: int, s_q: int, s_k: int, d: int, dv: int, *,
     Workspace per step, with ``e`` = bytes of ``compute_dtype``, ``hc`` heads, ``qc`` query
     rows, ``kc`` key rows::
 
-        W = e * hc * (3*qc*kc + qc*(d + 2*dv + 3) + K)
-        K = s_k*(d + dv)       if the inputs need an upcast (K/V of hc heads copied once)
-            2*kc*(d + dv)      otherwise (tile slices)
+        W = e * hc * (3*qc*kc + qc*(d + 2*dv + 3) + 2*kc*(d + dv))
 
-    Peak memory of ``attention`` <= inputs (caller's) + output (b*h*s_q*dv*e) + W. Defaults
-    start from qc = 1024, kc = 4096 and take as many heads as fit; if one head does not fit,
-    kc then qc are halved (down to 16). Explicit ``q_chunk``/``k_chunk`` are honoured as given.
+    (score/probability tiles, the query tile and accumulators, K/V tiles). Peak memory of
+    ``attention`` <= inputs (caller's) + output (b*h*s_q*dv*e) + W. Defaults start from
+    qc = 1024, kc = 4096 and take as many heads as fit; if one head does not fit, kc then qc
+    are halved (down to 16). Explicit ``q_chunk``/``k_chunk`` are honoured as given. Raises
+    ``ValueError`` if even the smallest tiles exceed ``memory_budget``.
     """
     e = torch.empty((), dtype=compute_dtype).element_size()
-    upcast = input_dtype is not None and input_dtype != compute_dtype
     qc = min(s_q, q_chunk or 1024) if s_q else 1
     kc = min(s_k, k_chunk or 4096) if s_k else 1
     if q_chunk is not None and q_chunk < 1 or k_chunk is not None and k_chunk < 1:
         raise ValueError(f"q_chunk={q_chunk}, k_chunk={k_chunk} must be positive")
     qc, kc = max(qc, 1), max(kc, 1)
-    while _workspace(1, qc, kc, s_k, d, dv, e, upcast) > memory_budget:
+    while _workspace(1, qc, kc, d, dv, e) > memory_budget:
         if k_chunk is None and kc > 16:
             kc = max(16, kc // 2)
         elif q_chunk is None and qc > 16:
             qc = max(16, qc // 2)
         else:
-            break
-    one = _workspace(1, qc, kc, s_k, d, dv, e, upcast)
+            raise ValueError(
+                f"memory_budget={memory_budget} bytes is below the smallest tiles' workspace "
+                f"({_workspace(1, qc, kc, d, dv, e)} bytes for q_chunk={qc}, k_chunk={kc}); "
+                "raise the budget or pass smaller q_chunk/k_chunk"
+            )
+    one = _workspace(1, qc, kc, d, dv, e)
     hc = max(1, min(h, memory_budget // max(one, 1)))
-    return ChunkPlan(hc, qc, kc, _workspace(hc, qc, kc, s_k, d, dv, e, upcast))
+    return ChunkPlan(hc, qc, kc, _workspace(hc, qc, kc, d, dv, e))
 
 
 def attention(
@@ -203,8 +206,7 @@ def attention(
     s_k, dv = kh.shape[2], vh.shape[3]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    in_dt = q.dtype if q.dtype == k.dtype == v.dtype else None
-    plan = plan_chunks(b, h, s_q, s_k, d, dv, compute_dtype=compute_dtype, input_dtype=in_dt,
+    plan = plan_chunks(b, h, s_q, s_k, d, dv, compute_dtype=compute_dtype,
                        memory_budget=memory_budget, q_chunk=q_chunk, k_chunk=k_chunk)
     out = torch.zeros((b, h, s_q, dv), dtype=compute_dtype, device=q.device)
     if s_q == 0 or s_k == 0 or b == 0 or h == 0:
@@ -215,8 +217,8 @@ def attention(
             keep = None if key_padding_mask is None else key_padding_mask[bi].to(q.device)
             for h0 in range(0, h, plan.head_chunk):
                 h1 = min(h, h0 + plan.head_chunk)
-                kb = kh[bi, h0:h1].to(compute_dtype)  # (hc, s_k, d); a view when no upcast
-                vb = vh[bi, h0:h1].to(compute_dtype)
+                kb = kh[bi, h0:h1]  # (hc, s_k, d) views; tiles are upcast one at a time
+                vb = vh[bi, h0:h1]
                 for q0 in range(0, s_q, plan.q_chunk):
                     q1 = min(s_q, q0 + plan.q_chunk)
                     qt = qh[bi, h0:h1, q0:q1].to(compute_dtype) * scale
@@ -225,7 +227,7 @@ def attention(
                     acc = torch.zeros((h1 - h0, q1 - q0, dv), dtype=compute_dtype, device=q.device)
                     for k0 in range(0, s_k, plan.k_chunk):
                         k1 = min(s_k, k0 + plan.k_chunk)
-                        s = qt @ kb[:, k0:k1].transpose(1, 2)
+                        s = qt @ kb[:, k0:k1].to(compute_dtype).transpose(1, 2)
                         if keep is not None:
                             s.masked_fill_(~keep[k0:k1], neg_inf)
                         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -233,7 +235,7 @@ def attention(
                         p = torch.exp(s.sub_(m_safe))
                         corr = torch.exp(m - m_safe)
                         l = l * corr + p.sum(dim=-1, keepdim=True)
-                        acc = acc * corr + p @ vb[:, k0:k1]
+                        acc = acc * corr + p @ vb[:, k0:k1].to(compute_dtype)
                         m = m_new
                     l_safe = torch.where(l > 0, l, torch.ones_like(l))
                     out[bi, h0:h1, q0:q1] = acc / l_safe
