@@ -59,6 +59,7 @@ __all__ = [
     "cuda_time",
     "host_time",
     "time_fn",
+    "interleaved_time",
     "run_benchmark",
     "measure_ceilings",
     "env_info",
@@ -67,6 +68,7 @@ __all__ = [
     "rotation_count",
     "rotate",
     "assert_not_all_zero",
+    "bare_fp8_linear",
     "tensor_bytes",
     "random_tensor",
     "record",
@@ -301,6 +303,32 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int, r
     return Timing(tuple(host_time(fn, warmup=warmup, rounds=rounds)), "perf_counter", warmup)
 
 
+def interleaved_time(
+    fns: Mapping[str, Callable[[], Any]], device: torch.device | str, *, warmup: int, rounds: int, blocks: int = 3
+) -> dict[str, Timing]:
+    """Time several callables in alternating blocks (A B C A B C ...) so clock or thermal drift hits all alike.
+
+    Each callable gets ``warmup`` rounds first, then ``rounds`` timed rounds split over ``blocks`` blocks.
+    Use it for ratios that a test asserts (speed targets, realignment overhead).
+    """
+    _check_rounds(warmup, rounds)
+    if not fns:
+        raise ValueError("interleaved_time needs at least one callable")
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks={blocks!r}; pass an int >= 1")
+    per_block = [rounds // blocks + (1 if i < rounds % blocks else 0) for i in range(blocks)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        time_fn(fn, device, warmup=warmup, rounds=1)
+    for n in per_block:
+        if n == 0:
+            continue
+        for name, fn in fns.items():
+            times[name].extend(time_fn(fn, device, warmup=0, rounds=n).times_ms)
+    timer = "cuda_event" if _is_cuda(device) else "perf_counter"
+    return {name: Timing(tuple(t), timer, warmup) for name, t in times.items()}
+
+
 class _RoundRecorder:
     """The callable handed to ``benchmark.pedantic``: runs ``fn`` once and records its time.
 
@@ -386,6 +414,20 @@ def rotate(fn: Callable[..., Any], sets: Sequence[Sequence[Any]]) -> Callable[[]
         return fn(*args)
 
     return call
+
+
+def bare_fp8_linear(
+    x2d: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The floor of any FP8 forward of a high-precision input: one cast, one ``_scaled_mm``.
+
+    ``x2d``: (M, K) row-major, values already inside the E4M3 range (no scaling
+    pass, no clamp, no layout checks); ``w8``: (N, K) row-major float8_e4m3fn;
+    ``scale_a``/``scale_b``: float32 tensorwise scales.  What ``fp8_linear`` is
+    measured against for the issue-4 "within 5%" target.
+    """
+    return torch._scaled_mm(x2d.to(torch.float8_e4m3fn), w8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
 def assert_not_all_zero(tensors: Mapping[str, torch.Tensor]) -> None:

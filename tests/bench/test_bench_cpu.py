@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from harness.bench import (
     LinearShape,
     assert_not_all_zero,
+    bare_fp8_linear,
     random_tensor,
     record,
     run_benchmark,
 )
 from harness.layouts import LayoutSpec, ViewOp, materialize
+from harness.quant.linear import fp8_linear
 from harness.reference import formats
 
 DEVICE = torch.device("cpu")
@@ -93,23 +95,18 @@ def _bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def _bare_scaled_mm(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """What every FP8 forward must at least do: one clamp+cast pass, then ``_scaled_mm`` (tensorwise)."""
-    amax = x.abs().amax().float()
-    s = torch.clamp(amax / 448.0, min=torch.finfo(torch.float32).tiny)
-    x8 = (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return torch._scaled_mm(x8, w8.t(), scale_a=s, scale_b=w_scale, out_dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize("op", ["bf16_linear", "scaled_mm_bare"])
+@pytest.mark.parametrize("op", ["bf16_linear", "scaled_mm_bare", "fp8_linear"])
 def test_bench_cpu_linear(benchmark, op, rounds_policy, cpu_ceilings, cpu_env) -> None:
-    """bf16 ``F.linear`` against quantize + CPU ``_scaled_mm`` on one small Wan-1.3B projection."""
+    """bf16 ``F.linear`` against a bare cast + CPU ``_scaled_mm`` (and ``fp8_linear``) on one small Wan-1.3B projection."""
     x, w8, w_scale = _fp8_operands(SHAPE)
     if op == "bf16_linear":
         w = (w8.float() * w_scale).to(torch.bfloat16)
         fn, inputs, ceiling = (lambda: _bf16_linear(x, w)), {"x": x, "w": w}, "bf16_matmul"
+    elif op == "fp8_linear":
+        fn, inputs, ceiling = (lambda: fp8_linear(x, w8, w_scale)), {"x": x, "w8": w8}, "fp8_matmul"
     else:
-        fn, inputs, ceiling = (lambda: _bare_scaled_mm(x, w8, w_scale)), {"x": x, "w8": w8}, "fp8_matmul"
+        one = torch.ones((), dtype=torch.float32)
+        fn, inputs, ceiling = (lambda: bare_fp8_linear(x, w8, one, w_scale)), {"x": x, "w8": w8}, "fp8_matmul"
     assert_not_all_zero(inputs)
     warmup, rounds = rounds_policy.for_device(DEVICE)
     timing = run_benchmark(benchmark, fn, DEVICE, warmup=warmup, rounds=rounds)

@@ -1,0 +1,173 @@
+"""GPU benchmarks of the FP8 linear on the Wan2.1 projection shapes.
+
+- ``test_bench_linear``: ``fp8_linear`` vs bf16 ``F.linear`` vs a bare cast +
+  ``_scaled_mm`` on every Wan-1.3B / 14B projection (q/k/v/o, FFN up/down at
+  32760 and 75600 tokens, cross-attention k/v over 512 text tokens).  The
+  dashboard pairs them by ``shape_key`` for the FP8-over-bf16 speed-up.
+- ``test_bench_speed_target``: the issue-4 target on Wan-14B at 32760 tokens,
+  asserted from interleaved medians (:data:`harness.bench.SPEED_TARGET`).
+- ``test_bench_realign``: ``fp8_linear`` on an input offset by one bf16 element
+  (a misaligned view) against the aligned input — the cost of realigning.
+
+Activations are (1, L, C) bf16 as in the Wan blocks; weights FP8 E4M3 (N, K)
+with a per-tensor scale, as Wan FP8 checkpoints store them.  All inputs are
+random normal, checked non-zero, and rotated so one cycle spans 4x L2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.bench import (
+    SPEED_TARGET,
+    LinearShape,
+    assert_not_all_zero,
+    bare_fp8_linear,
+    interleaved_time,
+    random_tensor,
+    record,
+    rotate,
+    rotation_count,
+    run_benchmark,
+    tensor_bytes,
+    wan_linear_shapes,
+)
+from harness.layouts import LayoutSpec, data_ptr_alignment, materialize
+from harness.quant.linear import fp8_linear
+
+SHAPES = wan_linear_shapes()
+TARGET_SHAPES = [s for s in SHAPES if s.model == "14B" and s.tokens == 32760]
+REALIGN_SHAPES = [s for s in SHAPES if s.tokens in (32760, 512) and (s.model == "14B" or s.proj == "qkvo")]
+OPS = ("bf16_linear", "fp8_linear", "scaled_mm_bare")
+
+pytestmark = pytest.mark.gpu
+
+
+def _weights(shape: LinearShape, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """An FP8 E4M3 weight (N, K) with its float32 per-tensor scale, and the bf16 weight it dequantizes to."""
+    w = random_tensor((shape.out_features, shape.in_features), torch.float32, device, seed, std=0.02)
+    w_scale = (w.abs().amax() / 448.0).reshape(1)
+    w8 = (w / w_scale).clamp_(-448, 448).to(torch.float8_e4m3fn)
+    del w
+    return {"w8": w8, "w_scale": w_scale, "w_bf16": (w8.to(torch.float32) * w_scale).to(torch.bfloat16)}
+
+
+def _input_sets(shape: LinearShape, device: torch.device, op_bytes) -> list[dict[str, torch.Tensor]]:
+    """Enough independent (activation, weight) sets that one rotation spans 4x L2."""
+    first = {"x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000),
+             **_weights(shape, device, 2000)}
+    n = rotation_count(op_bytes(first), device)
+    sets = [first] + [
+        {"x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000 + i),
+         **_weights(shape, device, 2000 + i)}
+        for i in range(1, n)
+    ]
+    for i, s in enumerate(sets):
+        assert_not_all_zero({f"set{i}.{k}": v for k, v in s.items()})
+    return sets
+
+
+def _fn(op: str, one: torch.Tensor):
+    """The callable timed for ``op``, taking one input set."""
+    if op == "bf16_linear":
+        return lambda s: F.linear(s["x"], s["w_bf16"])
+    if op == "fp8_linear":
+        return lambda s: fp8_linear(s["x"], s["w8"], s["w_scale"])
+    if op == "scaled_mm_bare":
+        return lambda s: bare_fp8_linear(s["x"].view(-1, s["x"].shape[-1]), s["w8"], one, s["w_scale"])
+    raise ValueError(f"unknown op {op!r}; use one of {OPS}")
+
+
+def _op_bytes(op: str):
+    """Bytes of one input set that ``op`` actually reads (activation + its weight)."""
+    if op == "bf16_linear":
+        return lambda s: tensor_bytes([s["x"], s["w_bf16"]])
+    return lambda s: tensor_bytes([s["x"], s["w8"]])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.key)
+def test_bench_linear(benchmark, shape, op, request, cuda_device, gpu_ceilings, gpu_env, rounds_policy) -> None:
+    """One Wan projection GEMM with one implementation; throughput against the matching GEMM ceiling."""
+    device = cuda_device if op == "bf16_linear" else request.getfixturevalue("fp8_device")
+    sets = _input_sets(shape, device, _op_bytes(op))
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    fn = _fn(op, one)
+    warmup, rounds = rounds_policy.for_device(device)
+    timing = run_benchmark(benchmark, rotate(fn, [(s,) for s in sets]), device, warmup=warmup, rounds=rounds)
+    record(benchmark, timing, op=op, family="linear", shape_key=shape.key, shape=shape.as_dict(),
+           ceilings=gpu_ceilings, ceiling="bf16_matmul" if op == "bf16_linear" else "fp8_matmul",
+           env=gpu_env, flops=shape.flops, input_sets=len(sets), set_bytes=_op_bytes(op)(sets[0]))
+
+
+@pytest.mark.parametrize("shape", TARGET_SHAPES, ids=lambda s: s.key)
+def test_bench_speed_target(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, rounds_policy) -> None:
+    """Issue 4: fp8_linear >= 1.5x bf16 F.linear and within 5% of a bare cast + _scaled_mm (Wan-14B, 32760 tokens).
+
+    The three are timed in interleaved blocks on the same inputs (CUDA events,
+    medians); the ratios go to ``extra_info["speed_target"]`` and are asserted
+    here, whether or not pytest-benchmark is enabled.  The fp8_linear rounds are
+    also stored through pytest-benchmark for the trend.
+    """
+    device = fp8_device
+    sets = _input_sets(shape, device, _op_bytes("bf16_linear"))
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    fns = {op: rotate(_fn(op, one), [(s,) for s in sets]) for op in OPS}
+    warmup, rounds = rounds_policy.for_device(device)
+    timing = run_benchmark(benchmark, fns["fp8_linear"], device, warmup=warmup, rounds=rounds)
+    t = interleaved_time(fns, device, warmup=warmup, rounds=max(3 * rounds, 15))
+    med = {op: t[op].median for op in OPS}
+    speedup = med["bf16_linear"] / med["fp8_linear"]
+    overhead = med["fp8_linear"] / med["scaled_mm_bare"] - 1.0
+    verdict = {
+        "medians_ms": med, "speedup_vs_bf16": speedup, "overhead_vs_bare": overhead,
+        "min_speedup_vs_bf16": SPEED_TARGET.min_speedup_vs_bf16,
+        "max_overhead_vs_bare": SPEED_TARGET.max_overhead_vs_bare, "why": SPEED_TARGET.why,
+        "rounds": len(t["fp8_linear"].times_ms),
+    }
+    record(benchmark, timing, op="fp8_linear", family="speed_target", shape_key=shape.key, shape=shape.as_dict(),
+           ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops, speed_target=verdict)
+    detail = (f"{shape.key} on {gpu_env['device']}: bf16 {med['bf16_linear']:.3f} ms, fp8_linear "
+              f"{med['fp8_linear']:.3f} ms, bare cast+_scaled_mm {med['scaled_mm_bare']:.3f} ms")
+    assert speedup >= SPEED_TARGET.min_speedup_vs_bf16, (
+        f"fp8_linear is {speedup:.3f}x bf16, below the {SPEED_TARGET.min_speedup_vs_bf16}x target ({detail}); "
+        f"why the target: {SPEED_TARGET.why}"
+    )
+    assert overhead <= SPEED_TARGET.max_overhead_vs_bare, (
+        f"fp8_linear is {overhead:+.1%} slower than a bare cast + _scaled_mm, over the "
+        f"{SPEED_TARGET.max_overhead_vs_bare:.0%} budget ({detail})"
+    )
+
+
+@pytest.mark.parametrize("shape", REALIGN_SHAPES, ids=lambda s: s.key)
+def test_bench_realign(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, rounds_policy) -> None:
+    """fp8_linear on a bf16 input offset by one element (2-byte aligned data pointer) vs the aligned input.
+
+    ``_scaled_mm`` needs 16-byte aligned operands; fp8_linear's quantizing cast
+    writes a fresh aligned FP8 copy anyway, so the misaligned input should cost
+    only what a strided read costs.  The benchmark times the misaligned call and
+    records its overhead over the aligned one (interleaved medians).
+    """
+    device = fp8_device
+    aligned_sets = _input_sets(shape, device, _op_bytes("fp8_linear"))
+    spec = LayoutSpec((1, shape.tokens, shape.in_features), "bfloat16", offset=1)
+    misaligned_sets = []
+    for s in aligned_sets:
+        xm = materialize(spec, s["x"])
+        assert data_ptr_alignment(xm) == 2, f"the offset-by-one view should be 2-byte aligned, got {data_ptr_alignment(xm)}"
+        misaligned_sets.append({**s, "x": xm})
+    fn = _fn("fp8_linear", torch.ones(1, dtype=torch.float32, device=device))
+    fns = {"aligned": rotate(fn, [(s,) for s in aligned_sets]), "offset1": rotate(fn, [(s,) for s in misaligned_sets])}
+    warmup, rounds = rounds_policy.for_device(device)
+    timing = run_benchmark(benchmark, fns["offset1"], device, warmup=warmup, rounds=rounds)
+    t = interleaved_time(fns, device, warmup=warmup, rounds=max(2 * rounds, 10))
+    realign = {
+        "aligned_ms": t["aligned"].median, "offset1_ms": t["offset1"].median,
+        "overhead": t["offset1"].median / t["aligned"].median - 1.0,
+        "layout": spec.describe(),
+    }
+    record(benchmark, timing, op="fp8_linear.offset1", family="realign", shape_key=shape.key, shape=shape.as_dict(),
+           ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops, realign=realign,
+           input_sets=len(aligned_sets))

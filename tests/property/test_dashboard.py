@@ -1,0 +1,377 @@
+"""Unit and property tests of the benchmark dashboard (``harness.dashboard``).
+
+The saved runs in ``tests/fixtures/bench_runs`` are genuine pytest-benchmark
+output (see ``regenerate.py`` there): three CPU runs whose medians agree within
+5%, except ``test_bench_cpu_materialize[offset1]``, whose times were multiplied
+by 1.6 in the third run.  Expected values below come from those facts or from
+the raw JSON, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harness.dashboard import (
+    SPEEDUP_BASE_OP,
+    build_dashboard,
+    build_series,
+    check_regressions,
+    latest_table,
+    load_matrix_summary,
+    load_runs,
+    render_html,
+    speedups,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "bench_runs"
+SLOWED = "test_bench_cpu_materialize[offset1]"
+SLOW_FACTOR = 1.6
+
+
+def _fixture_files() -> list[Path]:
+    return sorted(FIXTURES.rglob("*.json"))
+
+
+def _raw(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- fixtures themselves
+def test_dashboard_fixtures_are_genuine_runs() -> None:
+    """Three runs, pytest-benchmark's format, in a machine-id folder, with our extra_info."""
+    files = _fixture_files()
+    assert len(files) == 3, files
+    for f in files:
+        doc = _raw(f)
+        assert f.parent.parent == FIXTURES, "runs live in a machine-id sub-folder, as --benchmark-autosave writes them"
+        assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= doc.keys()
+        names = {b["name"] for b in doc["benchmarks"]}
+        assert SLOWED in names
+        for b in doc["benchmarks"]:
+            assert b["extra_info"]["schema"] == "harness.bench/1"
+    first, _, third = (_raw(f) for f in files)
+    med = lambda doc, name: next(b for b in doc["benchmarks"] if b["name"] == name)["extra_info"]["device_ms"]["median"]  # noqa: E731
+    assert med(third, SLOWED) / med(first, SLOWED) > 1 + 0.10, "the third run must be slower on the slowed benchmark"
+
+
+# --------------------------------------------------------------------------- loading
+def test_dashboard_loads_fixture_runs_in_time_order() -> None:
+    runs, problems = load_runs(FIXTURES)
+    assert problems == []
+    assert [Path(r.path).name for r in runs] == [f.name for f in _fixture_files()]
+    assert [r.when for r in runs] == sorted(r.when for r in runs)
+    assert {r.machine for r in runs} == {_fixture_files()[0].parent.name}
+
+
+def test_dashboard_series_use_device_ms() -> None:
+    """Each point's median is extra_info.device_ms.median of that run (ms), not pytest-benchmark's seconds."""
+    runs, _ = load_runs(FIXTURES)
+    series = {s.name: s for s in build_series(runs)}
+    raw = [_raw(f) for f in _fixture_files()]
+    names = {b["name"] for b in raw[0]["benchmarks"]}
+    assert set(series) == names
+    for name, s in series.items():
+        want = [next(b for b in doc["benchmarks"] if b["name"] == name)["extra_info"]["device_ms"]["median"] for doc in raw]
+        assert s.medians == want
+        assert all(p.source == "device_ms" and p.min <= p.median <= p.max for p in s.points)
+
+
+# --------------------------------------------------------------------------- regression flag
+def test_dashboard_flags_the_slowed_benchmark_only() -> None:
+    runs, _ = load_runs(FIXTURES)
+    flagged = {s.name for s in build_series(runs)
+               if (c := check_regressions(s.medians, threshold=0.10, window=5)[-1]) is not None and c.regressed}
+    assert flagged == {SLOWED}
+
+
+def test_dashboard_flag_respects_threshold() -> None:
+    """Runs 1-2 agree within 5% and run 3 is 1.6x: flagged at 50%, not at 70%."""
+    runs, _ = load_runs(FIXTURES)
+    s = next(s for s in build_series(runs) if s.name == SLOWED)
+    change = s.medians[-1] / statistics.median(s.medians[:-1]) - 1
+    assert SLOW_FACTOR / 1.05 - 1 <= change <= SLOW_FACTOR * 1.05 - 1
+    assert check_regressions(s.medians, threshold=0.5, window=5)[-1].regressed
+    assert not check_regressions(s.medians, threshold=0.7, window=5)[-1].regressed
+
+
+REGRESSION_TABLE = [
+    # (medians, threshold, window, flag of the last point, why)
+    ([10.0], 0.10, 5, None, "first run: no baseline"),
+    ([10.0, 10.0, 10.0, 11.5], 0.10, 5, True, "15% over a flat baseline"),
+    ([10.0, 10.0, 10.0, 11.0], 0.10, 5, False, "exactly at the limit is not a regression"),
+    ([10.0, 12.0, 8.0, 10.9], 0.10, 5, False, "baseline is the median (10), not the last run (8)"),
+    ([10.0, 16.0, 9.0, 11.2], 0.10, 5, True, "baseline is the median (10), not the mean (11.67)"),
+    ([20.0, 20.0, 20.0, 10.0, 10.0, 12.0], 0.10, 2, True, "window 2: baseline 10"),
+    ([20.0, 20.0, 20.0, 10.0, 10.0, 12.0], 0.10, 5, False, "window 5: baseline median(20,20,20,10,10) = 20"),
+    ([10.0, 9.0], 0.10, 5, False, "faster is never a regression"),
+]
+
+
+@pytest.mark.parametrize("medians, threshold, window, expected, why", REGRESSION_TABLE,
+                         ids=[r[-1] for r in REGRESSION_TABLE])
+def test_dashboard_regression_table(medians, threshold, window, expected, why) -> None:
+    last = check_regressions(medians, threshold=threshold, window=window)[-1]
+    assert (None if last is None else last.regressed) is expected, why
+
+
+@pytest.mark.parametrize("threshold, window, match", [
+    (0.0, 5, "threshold=0.0"), (-0.1, 5, "threshold=-0.1"), (math.nan, 5, "threshold=nan"),
+    (0.1, 0, "window=0"), (0.1, 2.5, "window=2.5"),
+])
+def test_dashboard_rejects_bad_rule(threshold, window, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_regressions([1.0, 2.0], threshold=threshold, window=window)
+
+
+medians_st = st.lists(st.floats(min_value=1e-3, max_value=1e3, allow_nan=False), min_size=1, max_size=12)
+
+
+@given(medians=medians_st, factor=st.floats(min_value=1e-2, max_value=1e2),
+       threshold=st.floats(min_value=0.01, max_value=1.0), window=st.integers(1, 8))
+def test_dashboard_regression_is_scale_invariant(medians, factor, threshold, window) -> None:
+    """Flags depend on ratios only: timing every run on a uniformly faster machine changes none of them
+    (up to the rounding of the multiplication when a point sits on the limit)."""
+    a = check_regressions(medians, threshold=threshold, window=window)
+    b = check_regressions([m * factor for m in medians], threshold=threshold, window=window)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None and abs(x.median / x.limit - 1) > 1e-9:
+            assert x.regressed == y.regressed
+
+
+@given(base=st.floats(min_value=1e-3, max_value=1e3), n=st.integers(1, 12), window=st.integers(1, 8),
+       threshold=st.floats(min_value=0.01, max_value=1.0))
+def test_dashboard_constant_series_never_flags(base, n, window, threshold) -> None:
+    assert not any(c is not None and c.regressed for c in check_regressions([base] * n, threshold=threshold, window=window))
+
+
+@given(medians=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=2, max_size=12),
+       bump=st.floats(min_value=0.0, max_value=10.0), window=st.integers(1, 8))
+def test_dashboard_slower_last_run_only_adds_flags(medians, bump, window) -> None:
+    """Making the latest run slower can turn 'ok' into 'regression', never the reverse."""
+    before = check_regressions(medians, threshold=0.1, window=window)[-1]
+    after = check_regressions(medians[:-1] + [medians[-1] * (1 + bump)], threshold=0.1, window=window)[-1]
+    assert after.baseline == before.baseline
+    assert after.regressed or not before.regressed
+
+
+# --------------------------------------------------------------------------- speed-up
+def _bench_entry(name: str, op: str, shape_key: str, median_ms: float, device: str = "GPU X") -> dict:
+    """A minimal pytest-benchmark entry with harness.bench extra_info."""
+    s = median_ms / 1e3
+    return {
+        "group": None, "name": name, "fullname": f"tests/bench/test_x.py::{name}", "params": None, "param": None,
+        "stats": {"min": s * 0.9, "max": s * 1.2, "median": s, "mean": s, "rounds": 5},
+        "extra_info": {"schema": "harness.bench/1", "op": op, "shape_key": shape_key,
+                       "device_ms": {"min": median_ms * 0.9, "median": median_ms, "max": median_ms * 1.2},
+                       "env": {"device": device}},
+    }
+
+
+def _write_run(path: Path, when: str, entries: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine_info": {}, "commit_info": {"id": "abc"}, "benchmarks": entries,
+                                "datetime": when, "version": "5.2.3"}))
+
+
+def test_dashboard_speedup_pairs_by_shape(tmp_path: Path) -> None:
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [
+        _bench_entry("bf16[a]", SPEEDUP_BASE_OP, "shapeA", 10.0),
+        _bench_entry("fp8[a]", "fp8_linear", "shapeA", 6.0),
+        _bench_entry("bare[a]", "scaled_mm_bare", "shapeA", 5.0),
+        _bench_entry("fp8[b]", "fp8_linear", "shapeB", 3.0),  # no bf16 partner: no row
+        _bench_entry("bf16[c]", SPEEDUP_BASE_OP, "shapeC", 8.0, device="GPU Y"),
+        _bench_entry("fp8[c]", "fp8_linear", "shapeC", 4.0, device="GPU Y"),
+    ])
+    runs, problems = load_runs(tmp_path)
+    assert problems == []
+    rows = {(r.device, r.shape_key, r.op): r.speedup for r in speedups(build_series(runs))}
+    assert rows == {
+        ("GPU X", "shapeA", "fp8_linear"): pytest.approx(10 / 6),
+        ("GPU X", "shapeA", "scaled_mm_bare"): pytest.approx(10 / 5),
+        ("GPU Y", "shapeC", "fp8_linear"): pytest.approx(8 / 4),
+    }
+
+
+def test_dashboard_speedup_uses_latest_run(tmp_path: Path) -> None:
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00",
+               [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 10.0), _bench_entry("fp8", "fp8_linear", "s", 5.0)])
+    _write_run(tmp_path / "m" / "0002.json", "2026-01-02T00:00:00",
+               [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 9.0), _bench_entry("fp8", "fp8_linear", "s", 6.0)])
+    runs, _ = load_runs(tmp_path)
+    (row,) = speedups(build_series(runs))
+    assert row.speedup == pytest.approx(9 / 6)
+
+
+def test_dashboard_speedup_on_fixtures_matches_raw_json() -> None:
+    runs, _ = load_runs(FIXTURES)
+    raw = _raw(_fixture_files()[-1])
+    by_op = {b["extra_info"]["op"]: b["extra_info"]["device_ms"]["median"] for b in raw["benchmarks"]
+             if b["extra_info"]["family"] == "linear"}
+    rows = {r.op: r.speedup for r in speedups(build_series(runs))}
+    assert rows == {op: pytest.approx(by_op[SPEEDUP_BASE_OP] / by_op[op]) for op in ("fp8_linear", "scaled_mm_bare")}
+
+
+# --------------------------------------------------------------------------- malformed files
+MALFORMED = {
+    "not_json.json": ("{ this is not json", "not valid JSON"),
+    "a_list.json": ("[1, 2, 3]", "not a pytest-benchmark run"),
+    "no_datetime.json": (json.dumps({"benchmarks": []}), "'datetime' = None"),
+    "empty.json": (json.dumps({"benchmarks": [], "datetime": "2026-01-01T00:00:00"}), "no usable benchmark entries"),
+}
+
+
+def test_dashboard_skips_malformed_files_with_clear_messages(tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    shutil.copytree(FIXTURES, storage, ignore=shutil.ignore_patterns("*.py"))
+    for name, (text, _) in MALFORMED.items():
+        (storage / name).write_text(text)
+    (storage / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    runs, problems = load_runs(storage)
+    assert len(runs) == 3, "the good runs are still used"
+    by_file = {}
+    for p in problems:
+        by_file.setdefault(p.path, []).append(p.message)
+    for name, (_, expected) in MALFORMED.items():
+        assert any(expected in m for m in by_file.get(name, [])), (name, by_file.get(name))
+    assert "binary.json" in by_file
+
+
+BAD_ENTRIES = [
+    ({"name": "x", "fullname": "t::x"}, "has no 'stats' object"),
+    ({"name": "x", "fullname": "t::x", "stats": {"min": 1, "max": 2, "median": float("nan")}}, "stats.median = nan"),
+    ({"name": "x", "fullname": "t::x", "stats": {"min": -1, "max": 2, "median": 1}}, "stats.min = -1"),
+    ({"name": "x", "fullname": "t::x", "stats": {"min": 3, "max": 2, "median": 1}}, "inconsistent"),
+    ({"fullname": "t::x", "stats": {"min": 1, "max": 2, "median": 1}}, "lacks the string fields"),
+    ("oops", "not an object"),
+]
+
+
+@pytest.mark.parametrize("entry, expected", BAD_ENTRIES, ids=[e for _, e in BAD_ENTRIES])
+def test_dashboard_skips_malformed_entries(tmp_path: Path, entry, expected) -> None:
+    good = _bench_entry("good", "fp8_linear", "s", 1.0)
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [good, entry])
+    runs, problems = load_runs(tmp_path)
+    assert [b["name"] for b in runs[0].benchmarks] == ["good"]
+    assert len(problems) == 1 and expected in problems[0].message and "benchmarks[1]" in problems[0].message
+
+
+def test_dashboard_bad_device_ms_falls_back_to_stats(tmp_path: Path) -> None:
+    entry = _bench_entry("b", "fp8_linear", "s", 2.0)
+    entry["extra_info"]["device_ms"] = {"min": 1.0, "median": "fast", "max": 3.0}
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [entry])
+    runs, problems = load_runs(tmp_path)
+    (s,) = build_series(runs)
+    assert s.points[0].source == "stats" and s.points[0].median == pytest.approx(2.0)
+    assert "device_ms.median = 'fast'" in problems[0].message and "using pytest-benchmark's stats" in problems[0].message
+
+
+def test_dashboard_missing_storage_names_the_dir(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.*--benchmark-storage"):
+        load_runs(tmp_path / "nowhere")
+
+
+def test_dashboard_runs_on_different_devices_are_separate_series(tmp_path: Path) -> None:
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [_bench_entry("b", "fp8_linear", "s", 1.0, "H100")])
+    _write_run(tmp_path / "m" / "0002.json", "2026-01-02T00:00:00", [_bench_entry("b", "fp8_linear", "s", 9.0, "H200")])
+    runs, _ = load_runs(tmp_path)
+    series = build_series(runs)
+    assert sorted(s.device for s in series) == ["H100", "H200"]
+    assert all(len(s.points) == 1 for s in series), "an H200 run is no regression of the H100 trend"
+
+
+# --------------------------------------------------------------------------- page and CLI
+def test_dashboard_page_is_self_contained(tmp_path: Path) -> None:
+    runs, problems = load_runs(FIXTURES)
+    page = render_html(runs, problems, storage=str(FIXTURES), threshold=0.10, window=5)
+    assert "<script src" not in page and "<link" not in page and "http://" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page
+    n_series = len(build_series(runs))
+    assert page.count('class="plot trend"') == n_series
+    assert 'id="threshold">10%<' in page
+    assert f"{SLOWED}" in page and "REGRESSION" in page
+    assert 'id="matrix-none"' in page and "no matrix report" in page
+
+
+def test_dashboard_page_shows_matrix_summary(tmp_path: Path) -> None:
+    summary = {"schema_version": 1, "device": "NVIDIA H100", "verdicts": {"pass": 120, "drift": 3},
+               "by_target": {"fp8_linear": {"pass": 60, "drift": 3}, "attn.sdpa": {"pass": 60}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    data, note = load_matrix_summary(tmp_path)
+    assert data == summary and note.endswith("summary.json")
+    runs, problems = load_runs(FIXTURES)
+    page = render_html(runs, problems, storage="x", threshold=0.1, window=5, matrix=data, matrix_note=note)
+    assert "matrix-none" not in page
+    for text in ("NVIDIA H100", "drift", "attn.sdpa", ">120<"):
+        assert text in page
+
+
+@pytest.mark.parametrize("content, expected", [(None, "does not exist"), ("{oops", "not readable JSON"),
+                                               ("[1]", "holds a list")])
+def test_dashboard_bad_matrix_summary_says_why(tmp_path: Path, content, expected) -> None:
+    p = tmp_path / "summary.json"
+    if content is not None:
+        p.write_text(content)
+    data, note = load_matrix_summary(p)
+    assert data is None and expected in note and note.startswith("no matrix report")
+
+
+def test_dashboard_latest_table_lists_latest_run(tmp_path: Path) -> None:
+    runs, _ = load_runs(FIXTURES)
+    table = latest_table(runs)
+    raw = _raw(_fixture_files()[-1])
+    for b in raw["benchmarks"]:
+        assert b["name"] in table
+    assert "vs bf16" in table and "TFLOP/s" in table and "GB/s" in table
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", "dashboard", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dashboard_cli_writes_page_and_reports_regression(tmp_path: Path) -> None:
+    out = tmp_path / "d.html"
+    r = _cli("--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.10", "--window", "5",
+             "--fail-on-regression")
+    assert r.returncode == 1, r.stderr
+    assert out.is_file() and f"REGRESSION {SLOWED}" in r.stdout
+    r = _cli("--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert "0 regressions" in r.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--threshold", "-0.2"), "--threshold '-0.2' must be > 0"),
+    (("--threshold", "ten"), "--threshold 'ten' is not a number"),
+    (("--window", "0"), "--window '0' must be >= 1"),
+])
+def test_dashboard_cli_rejects_bad_arguments(tmp_path: Path, args, expected) -> None:
+    r = _cli("--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"), *args)
+    assert r.returncode == 2 and expected in r.stderr
+
+
+def test_dashboard_cli_empty_storage_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    r = _cli("--storage", str(tmp_path / "store"), "--out", str(tmp_path / "d.html"))
+    assert r.returncode == 2 and "no usable pytest-benchmark runs" in r.stderr
+    r = _cli("--storage", str(tmp_path / "missing"), "--out", str(tmp_path / "d.html"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def test_dashboard_build_returns_what_it_found(tmp_path: Path) -> None:
+    res = build_dashboard(FIXTURES, tmp_path / "sub" / "d.html", threshold=0.10, window=5)
+    assert res.out.is_file() and res.runs == 3 and res.problems == ()
+    assert [name for _, name, _ in res.regressions] == [SLOWED]
