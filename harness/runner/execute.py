@@ -354,6 +354,9 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     if ref_changes:
         return st.result(Verdict.ERROR, "the reference mutated its inputs (harness bug): " + "; ".join(ref_changes))
 
+    # same values, packed at offset 0, copied before the op can touch them (for the layout check)
+    contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
+
     # ---- the op under test
     recorder = OpRecorder() if record_ops else None
     attribution: dict[str, Any] | None = None
@@ -421,8 +424,7 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
                "allowed": j.check.allowed}
 
     # ---- layout invariance: the same values, packed and at offset 0
-    if _needs_layout_check(inputs):
-        contig = _contiguous_copies(inputs)
+    if contig is not None:
         try:
             out_c = target.run(contig, params)
         except Exception as e:

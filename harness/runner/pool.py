@@ -477,7 +477,11 @@ class WorkerPool:
                      "cases": w.cases_done, "info": dict(w.info)} for w in self._workers]
 
     def close(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
-        """Finish every submitted case (or answer queued ones with ``error`` if ``cancel_pending``), stop workers."""
+        """Finish every submitted case, then stop the workers.
+
+        ``cancel_pending``: do not wait; queued and running cases are answered with ``error``
+        (running ones have their worker killed).
+        """
         with self._lock:
             if self._closed:
                 return
@@ -487,6 +491,14 @@ class WorkerPool:
                     item = self._pending.popleft()
                     self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed before this case ran",
                                                       op=item.case.op))
+                for w in self._workers:
+                    if w.outstanding:
+                        for item in w.outstanding:
+                            self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed while this case "
+                                                              "was queued or running", op=item.case.op,
+                                                              worker=w.name, device=w.device))
+                        w.outstanding.clear()
+                        w.proc.kill()
         self._wake()
         with self._idle:
             while self._unfinished > 0 and self._thread.is_alive():

@@ -1,0 +1,182 @@
+"""Fault injection through the worker pool, on CPU: every fault is survived and answered.
+
+Each injected fault must get the right verdict, no submitted case may be lost, cases after
+the fault must pass on the replaced worker, and the pool's worker count must come back.
+Select with ``pytest -k "fault or isolat or worker"``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.cases import Case, load_case
+from harness.layouts import LayoutSpec
+from harness.runner.pool import PoolClosed, WorkerPool, resolve_devices
+from harness.values import ValueSpec
+from harness.verdicts import Verdict
+
+PLAIN = LayoutSpec((4, 8), "float32")
+ODD = LayoutSpec((4, 8), "float32", offset=3, pad=(0, 2))
+
+
+def case(op: str, spec: LayoutSpec = PLAIN, seed: int = 1, **params) -> Case:
+    return Case(op=op, layouts={"x": spec}, values={"x": ValueSpec("normal", seed=seed)}, params=params)
+
+
+@pytest.fixture(scope="module")
+def worker_pool(tmp_path_factory):
+    cases = tmp_path_factory.mktemp("cases")
+    with WorkerPool("cpu", 2, case_timeout=30, spares=0, cases_dir=cases, attribute=True) as p:
+        assert p.wait_ready(120), "CPU workers did not start"
+        yield p
+
+
+def wait_restored(pool: WorkerPool, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pool.worker_count() == pool.target_count():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+#: fault target -> (layout, params, expected verdict, text the message must contain)
+FAULTS = {
+    "fault.segfault": (PLAIN, {}, Verdict.WORKER_CRASH, "SIGSEGV"),
+    "fault.exit": (PLAIN, {"code": 3}, Verdict.WORKER_CRASH, "exited with status 3"),
+    "fault.oom_kill": (PLAIN, {}, Verdict.WORKER_CRASH, "SIGKILL"),
+    "fault.sticky": (PLAIN, {}, Verdict.DEVICE_FAULT, "illegal memory access"),
+    "fault.oom": (PLAIN, {}, Verdict.OOM, "OutOfMemoryError"),
+    "fault.mutate": (PLAIN, {}, Verdict.INPUT_MUTATION, "values changed"),
+    "fault.poison_write": (ODD, {}, Verdict.INPUT_MUTATION, "outside the view"),
+    "fault.nan": (PLAIN, {}, Verdict.NONFINITE, "NaN/inf"),
+    "fault.drift": (PLAIN, {}, Verdict.DRIFT, "allowed"),
+    "fault.layout": (ODD, {}, Verdict.LAYOUT_NONINVARIANCE, "contiguous layout"),
+    "fault.reject": (ODD, {}, Verdict.REJECTED, "must be contiguous"),
+    "fault.reference_error": (PLAIN, {}, Verdict.ERROR, "reference failed"),
+}
+
+
+def test_worker_pool_parent_never_initialises_cuda(worker_pool):
+    results = worker_pool.run([case("cpu.scale", seed=i) for i in range(20)])
+    assert [r.verdict for r in results] == [Verdict.PASS] * 20
+    assert not torch.cuda.is_initialized()
+    assert {w["info"]["pid"] for w in worker_pool.workers()}.isdisjoint({os.getpid()})
+
+
+@pytest.mark.parametrize("op", sorted(FAULTS))
+def test_fault_is_survived_with_the_right_verdict(worker_pool, op):
+    spec, params, verdict, text = FAULTS[op]
+    r = worker_pool.run_one(case(op, spec, **params))
+    assert r.verdict is verdict, r.format()
+    assert text in r.message
+    assert r.case_path and Path(r.case_path).exists(), "failing cases are written to cases_dir"
+    assert r.replay == f"python -m harness replay {r.case_path}"
+    # the pool keeps working: the next cases pass, and the worker count comes back
+    after = worker_pool.run([case("cpu.scale", ODD, seed=s) for s in range(4)])
+    assert [a.verdict for a in after] == [Verdict.PASS] * 4
+    assert wait_restored(worker_pool), worker_pool.workers()
+
+
+def test_fault_hang_times_out_and_the_worker_is_replaced(worker_pool):
+    t0 = time.monotonic()
+    r = worker_pool.run_one(case("fault.hang"), timeout=1.0)
+    assert r.verdict is Verdict.TIMEOUT, r.format()
+    assert "1 s case timeout" in r.message
+    assert time.monotonic() - t0 < 20
+    assert worker_pool.run_one(case("cpu.scale")).verdict is Verdict.PASS
+    assert wait_restored(worker_pool)
+
+
+def test_no_result_is_lost_when_faults_kill_workers_mid_batch(worker_pool):
+    # prefetch queues cases behind a killer: they must be re-queued, not lost or blamed
+    ops = ["cpu.scale"] * 30
+    for i, fault in zip((3, 9, 10, 17, 25), ("fault.segfault", "fault.exit", "fault.sticky", "fault.segfault", "fault.nan")):
+        ops[i] = fault
+    futures = [worker_pool.submit(case(op, seed=i)) for i, op in enumerate(ops)]
+    results = [f.result(timeout=120) for f in futures]
+    expected = {"cpu.scale": Verdict.PASS, "fault.segfault": Verdict.WORKER_CRASH, "fault.exit": Verdict.WORKER_CRASH,
+                "fault.sticky": Verdict.DEVICE_FAULT, "fault.nan": Verdict.NONFINITE}
+    assert [r.verdict for r in results] == [expected[op] for op in ops]
+    assert [r.op for r in results] == ops
+    assert wait_restored(worker_pool)
+
+
+def test_fault_attribution_names_the_guilty_op_not_where_it_surfaced(worker_pool):
+    r = worker_pool.run_one(case("fault.sticky"))
+    assert r.verdict is Verdict.DEVICE_FAULT
+    att = r.attribution
+    # without CUDA_LAUNCH_BLOCKING the error surfaces at the innocent op after the bad kernel ...
+    assert "return z + 0" in att["surfaced_at"]
+    # ... the blocking rerun in a fresh process names the kernel that caused it
+    assert att["launch_blocking"] is True and att["reproduced"] is True
+    assert att["op"] == "harness_fault::bad_kernel"
+    assert "z = _bad_kernel_op()(y)" in att["frame"]
+    assert att["ops_tail"][-1] == "harness_fault::bad_kernel"
+    text = r.format()
+    assert "faulting op: harness_fault::bad_kernel" in text and f"replay: {r.replay}" in text
+    saved, tensors = load_case(r.case_path)
+    assert saved.verdict["verdict"] == "device_fault"
+    assert saved.verdict["attribution"]["op"] == "harness_fault::bad_kernel"
+    assert set(tensors) == {"x"} and saved.env["device_type"] == "cpu"
+
+
+def test_worker_crash_names_signal_and_python_frame(worker_pool):
+    r = worker_pool.run_one(case("fault.segfault"))
+    assert r.verdict is Verdict.WORKER_CRASH
+    assert r.metrics["exitcode"] == -11
+    # the worker's faulthandler dump points at the target's own line, not at ctypes
+    assert "targets.py" in r.attribution["frame"] and "in run" in r.attribution["frame"]
+
+
+def test_fault_isolation_spare_takes_over_after_a_fault(tmp_path):
+    with WorkerPool("cpu", 1, spares=1, case_timeout=30, attribute=False) as p:
+        assert p.wait_ready(120)
+        spare = next(w["name"] for w in p.workers() if w["spare"])
+        assert p.run_one(case("fault.exit")).verdict is Verdict.WORKER_CRASH
+        nxt = p.run_one(case("cpu.scale"))
+        assert nxt.verdict is Verdict.PASS and nxt.worker == spare
+        assert len(p.recoveries) == 1 and p.replaced[0][1].startswith("crash")
+        assert p.wait_ready(120)  # a new spare was started behind it
+
+
+def test_worker_start_failure_answers_queued_cases():
+    # a CUDA device on a machine without one: the worker cannot start; cases must still be answered
+    with WorkerPool(["cuda:0"], 1, spares=0, attribute=False) as p:
+        r = p.run_one(case("cpu.scale"))
+    assert r.verdict is Verdict.WORKER_CRASH
+    assert "no worker could be started" in r.message and "cuda:0" in r.message
+
+
+def test_worker_pool_close_answers_every_case():
+    p = WorkerPool("cpu", 1, spares=0, attribute=False)
+    futures = [p.submit(case("fault.hang", seconds=30))] + [p.submit(case("cpu.scale")) for _ in range(3)]
+    t0 = time.monotonic()
+    p.close(cancel_pending=True, timeout=10)
+    assert time.monotonic() - t0 < 30  # did not wait for the 30 s hang
+    results = [f.result(timeout=1) for f in futures]
+    # whatever had not finished is answered as cancelled, never lost
+    assert [r.verdict for r in results] == [Verdict.ERROR] * 4
+    assert all("closed" in r.message for r in results)
+    with pytest.raises(PoolClosed):
+        p.submit(case("cpu.scale"))
+
+
+def test_worker_pool_arguments_are_validated():
+    with pytest.raises(ValueError, match="workers_per_device=0"):
+        WorkerPool("cpu", 0)
+    with pytest.raises(ValueError, match="'gpu' is not 'cpu' or 'cuda:N'"):
+        resolve_devices(["gpu"])
+    with pytest.raises(ValueError, match="case_timeout"):
+        WorkerPool("cpu", case_timeout=0)
+    assert resolve_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
+
+
+def test_worker_pool_rejects_non_case(worker_pool):
+    with pytest.raises(TypeError, match="needs a harness.cases.Case"):
+        worker_pool.submit({"op": "cpu.scale"})
