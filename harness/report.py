@@ -16,6 +16,7 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
                  "cublas", "driver", "python", "platform", ...},
       "totals": {verdict: count},        # over every case that ran
       "corpus": str | null,              # regression corpus matched against
+      "layout_classes": {kind: [class, ...]},   # column order (optional)
       "cells": [{
           "op", "kind", "layout_class",
           "status": "pass" | "fail" | "nonpass" | "unavailable" | "not_run",
@@ -179,7 +180,9 @@ def _grid(summary: Mapping[str, Any]) -> list[tuple[str, list[str], list[str], d
     for kind in _ordered_unique(c["kind"] for c in cells):
         kc = [c for c in cells if c["kind"] == kind]
         ops = _ordered_unique(c["op"] for c in kc)
-        classes = _ordered_unique(c["layout_class"] for c in kc)
+        seen = _ordered_unique(c["layout_class"] for c in kc)
+        canon = [n for n in (summary.get("layout_classes") or {}).get(kind, []) if n in seen]
+        classes = canon + [n for n in seen if n not in canon]
         out.append((kind, ops, classes, {(c["op"], c["layout_class"]): c for c in kc}))
     return out
 

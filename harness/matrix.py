@@ -1,0 +1,604 @@
+"""``python -m harness matrix``: every available op and backend through every layout class, then a report.
+
+What it does:
+
+1. selects the targets (``--ops`` patterns, default every ``linear`` and ``attention`` target,
+   plus ``--plugin`` FP8 linears) and their layout classes: each (target, class) pair is a *cell*;
+2. picks the device without initialising CUDA here (``auto``: a subprocess probe; the GPU when
+   there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there;
+3. submits cases round-robin over the cells -- case 0 of every cell, then case 1 of every
+   cell, ... -- so a short budget still covers every cell.  Round 0 is always submitted whole
+   (every available cell gets a case); ``--time-budget`` stops later rounds.  Case *i* of a
+   cell is deterministic (``CaseFactory.build``); ``--seed`` shifts to another set.
+   A target whose first result is ``unavailable`` is dropped, with its reason;
+4. aggregates verdict counts, the worst bound ratio and one example case file per non-pass
+   verdict per cell (``DIR/cases/``; the worst-ratio case for drift), and matches failures
+   against the regression corpus by fingerprint ``op|layout_class|verdict``;
+5. writes ``DIR/summary.json``, ``DIR/report.md`` and ``DIR/report.html`` (see
+   :mod:`harness.report`).
+
+Exit status: 0 when the run completed (whatever it found); with ``--fail-on-new``, 1 when some
+failure's fingerprint is not in the corpus; 2 for bad arguments or no usable device; 3 when the
+run could not complete (no worker could start).
+
+Failing verdicts are those outside :data:`harness.verdicts.BENIGN`, plus ``rejected`` for
+targets that promise to accept every layout (``accepts_all_layouts``: ``fp8_linear``,
+``safe_attn.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
+
+__all__ = [
+    "DEFAULT_BUDGET_S",
+    "DEFAULT_OUT",
+    "MatrixError",
+    "Cell",
+    "select_targets",
+    "is_failure",
+    "aggregate",
+    "find_new_failures",
+    "run_matrix",
+    "add_parser",
+    "main",
+]
+
+DEFAULT_BUDGET_S = 180.0
+DEFAULT_OUT = "matrix-out"
+DEFAULT_CASE_TIMEOUT_S = 60.0
+MATRIX_KINDS = ("linear", "attention")
+
+
+class MatrixError(RuntimeError):
+    """The matrix cannot run as asked (unknown op pattern, no device); the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------ cells and verdicts
+
+
+@dataclass
+class Cell:
+    """One (target, layout class) pair and everything its results said."""
+
+    op: str
+    kind: str
+    layout_class: str
+    factory: Any = field(repr=False, default=None)
+    accepts_all_layouts: bool = False
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    #: verdict -> (case, result) kept as the example (first seen; for drift the worst ratio)
+    examples: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    worst: tuple[float, Any, Any] | None = None  # (ratio, case, result)
+    min_sqnr_db: float | None = None
+    submitted: int = 0
+    unavailable: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.op, self.layout_class
+
+    @property
+    def cases(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, case: Any, result: Any) -> None:
+        v = result.verdict.value
+        self.counts[v] += 1
+        m = result.metrics or {}
+        ratio = _worst_of(result)["ratio"]
+        if ratio is not None and (self.worst is None or ratio > self.worst[0]):
+            self.worst = (ratio, case, result)
+        sq = _num(m.get("sqnr_db"))
+        if sq is not None and (self.min_sqnr_db is None or sq < self.min_sqnr_db):
+            self.min_sqnr_db = sq
+        if v == "pass":
+            return
+        old = self.examples.get(v)
+        if old is None or (v == "drift" and (ratio or 0) > (_worst_of(old[1])["ratio"] or 0)):
+            self.examples[v] = (case, result)
+
+
+def _worst_of(result: Any) -> dict[str, Any]:
+    """The bound check a result reports: the layout check for ``layout_noninvariance``, else drift.
+
+    ``ratio`` = err / allowed (inf when bitwise equality was expected and not met; None when the
+    result carries no bound check, e.g. ``rejected``).
+    """
+    m, b = result.metrics or {}, result.bound or {}
+    if result.verdict.value == "layout_noninvariance":
+        if "layout_ratio" in m:
+            return {"metric": f"layout {b.get('metric', 'max_abs')}", "err": m.get("layout_err"),
+                    "allowed": m.get("layout_allowed"), "ratio": _num(m.get("layout_ratio")), "why": b.get("why", "")}
+        err = _num(m.get("layout_max_abs"))
+        return {"metric": "layout max_abs", "err": err, "allowed": 0.0,
+                "ratio": math.inf if err is None or err > 0 else 0.0, "why": b.get("why", "bitwise equal expected")}
+    return {"metric": b.get("metric", "max_abs"), "err": m.get("err"), "allowed": m.get("allowed"),
+            "ratio": _num(m.get("ratio")), "why": b.get("why", "")}
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str) and x in ("inf", "-inf", "nan"):
+        return float(x)
+    return None
+
+
+def is_failure(verdict: str, accepts_all_layouts: bool = False) -> bool:
+    """Does ``verdict`` count as a failure? (not benign; ``rejected`` too for ops that accept every layout)."""
+    from harness.verdicts import BENIGN, Verdict
+
+    v = Verdict.parse(verdict)
+    if v is Verdict.REJECTED:
+        return accepts_all_layouts
+    return v not in BENIGN
+
+
+def find_new_failures(cells: Iterable[Mapping[str, Any]], known: set[str]) -> list[dict[str, Any]]:
+    """Failing (cell, verdict) pairs of summary ``cells`` whose fingerprint is not in ``known``."""
+    from harness.targets.corpus import fingerprint
+
+    out = []
+    for c in cells:
+        for verdict in sorted(c.get("failing", [])):
+            fp = fingerprint(c["op"], c["layout_class"], verdict)
+            if fp not in known:
+                out.append({"op": c["op"], "layout_class": c["layout_class"], "verdict": verdict,
+                            "case": c.get("examples", {}).get(verdict, ""), "fingerprint": fp})
+    return out
+
+
+# ------------------------------------------------------------------------------ target selection
+
+
+def select_targets(patterns: Sequence[str] | None = None) -> list[Any]:
+    """Targets of kind linear/attention with layout classes, filtered by fnmatch ``patterns`` (names)."""
+    from harness.runner.targets import all_targets
+
+    pool = [t for t in all_targets().values() if getattr(t, "kind", "") in MATRIX_KINDS]
+    if not patterns:
+        return pool
+    chosen: list[Any] = []
+    for pat in patterns:
+        hits = [t for t in pool if fnmatch.fnmatchcase(t.name, pat)]
+        if not hits:
+            names = ", ".join(t.name for t in pool)
+            raise MatrixError(f"--ops pattern {pat!r} matches no target; known: {names}")
+        chosen += [t for t in hits if t not in chosen]
+    return chosen
+
+
+def _build_cells(targets: Sequence[Any]) -> list[Cell]:
+    """Cells in submission order: class 0 of every target, class 1 of every target, ..."""
+    per_target = []
+    for t in targets:
+        classes = t.layout_classes()
+        per_target.append([Cell(t.name, t.kind, name, f, bool(getattr(t, "accepts_all_layouts", False)))
+                           for name, f in classes.items()])
+    cells = []
+    for i in range(max((len(p) for p in per_target), default=0)):
+        cells += [p[i] for p in per_target if i < len(p)]
+    return cells
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """Plain-text progress on a stream: a redrawn line on a TTY, a line every ``every`` s otherwise."""
+
+    def __init__(self, stream: TextIO | None, budget: float, every: float = 10.0) -> None:
+        self.stream = stream
+        self.tty = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+        self.budget = budget
+        self.every = every
+        self.t0 = time.monotonic()
+        self.last = -math.inf
+
+    def update(self, done: int, cells_done: int, n_cells: int, totals: Mapping[str, int], unavailable: int,
+               force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else self.every):
+            return
+        self.last = now
+        el = now - self.t0
+        frac = min(1.0, el / self.budget) if self.budget > 0 else 1.0
+        bar = "#" * int(frac * 20)
+        fails = {k: v for k, v in totals.items() if k != "pass"}
+        line = (f"[{bar:<20}] {el:5.0f}/{self.budget:.0f}s  {done} cases  cells {cells_done}/{n_cells}  "
+                f"pass {totals.get('pass', 0)}" + "".join(f"  {k} {v}" for k, v in sorted(fails.items()))
+                + (f"  unavailable targets {unavailable}" if unavailable else ""))
+        if self.tty:
+            self.stream.write("\r" + line[:160].ljust(160))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def _device_env(devices: Sequence[str]) -> dict[str, Any]:
+    """Versions and device identity for the report header, from a subprocess (no CUDA here)."""
+    import platform
+
+    env: dict[str, Any] = {}
+    try:
+        from harness.env import collect_env_subprocess
+
+        env = collect_env_subprocess(backends=False)
+    except Exception as e:  # noqa: BLE001 - the header is informative; the run must not die for it
+        import torch
+
+        env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+               "probe_error": f"{type(e).__name__}: {e}"}
+    used = "cuda" if any(d.startswith("cuda") for d in devices) else "cpu"
+    env["used"] = used
+    env["devices_used"] = list(devices)
+    if used == "cpu":
+        env["name"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+        env["capability"] = None
+    else:
+        env["name"] = env.get("device")
+    return env
+
+
+def _resolve_device(device: str) -> list[str]:
+    from harness.runner.pool import probe_cuda, probe_devices
+
+    if device == "cpu":
+        return ["cpu"]
+    found = probe_devices()
+    if device == "auto":
+        return found or ["cpu"]
+    if device == "cuda":
+        if not found:
+            info = probe_cuda()
+            raise MatrixError(f"--device cuda but no CUDA device is visible ({info.get('error') or 'count 0'}); "
+                              "use --device cpu or auto")
+        return found
+    if device.startswith("cuda:"):
+        if device not in found:
+            raise MatrixError(f"--device {device}: visible CUDA devices are {found or 'none'}")
+        return [device]
+    raise MatrixError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def _rel(path: str | os.PathLike | None, out: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_examples: bool = True) -> dict[str, Any]:
+    """Summary ``cells`` list (see :mod:`harness.report`); writes one example case per non-pass verdict."""
+    from harness.runner.pool import save_failure
+    from harness.targets.corpus import fingerprint
+
+    cases_dir = out / "cases"
+    rows = []
+    for c in cells:
+        examples: dict[str, str] = {}
+        messages: dict[str, str] = {}
+        for verdict, (case, result) in sorted(c.examples.items()):
+            messages[verdict] = (result.message or "").strip().splitlines()[0][:500] if result.message else ""
+            if save_examples:
+                path = save_failure(case, result, cases_dir, name=f"{c.op}-{c.layout_class}-{verdict}")
+                examples[verdict] = _rel(path, out) or ""
+        failing = sorted(v for v in c.counts if is_failure(v, c.accepts_all_layouts))
+        if c.unavailable is not None and c.cases == 0:
+            status = "unavailable"
+        elif c.cases == 0:
+            status = "not_run"
+        elif failing:
+            status = "fail"
+        elif any(v != "pass" for v in c.counts if v != "unavailable"):
+            status = "nonpass"
+        else:
+            status = "pass"
+        worst = None
+        if c.worst is not None:
+            ratio, case, result = c.worst
+            v = result.verdict.value
+            worst = dict(_worst_of(result), verdict=v, min_sqnr_db=c.min_sqnr_db,
+                         case=examples.get(v) if c.examples.get(v, (None,))[0] is case else None)
+        counts = {k: n for k, n in sorted(c.counts.items())}
+        rows.append({
+            "op": c.op, "kind": c.kind, "layout_class": c.layout_class, "status": status, "cases": c.cases,
+            "counts": counts, "reason": c.unavailable or "", "worst": worst, "examples": examples,
+            "messages": messages, "failing": failing,
+            "new": [v for v in failing if fingerprint(c.op, c.layout_class, v) not in known],
+            "known": [v for v in failing if fingerprint(c.op, c.layout_class, v) in known],
+        })
+    return {"cells": rows}
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, ops: Sequence[str] | None = None,
+               out: str | os.PathLike = DEFAULT_OUT, workers: int | None = None, cases_per_cell: int | None = None,
+               size: str = "small", seed: int = 0, corpus: str | os.PathLike | None = None,
+               case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
+               attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
+               pool_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Run the matrix and write the reports into ``out``; returns the summary dict (see :mod:`harness.report`).
+
+    ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
+    replaces :class:`~harness.runner.pool.WorkerPool`.
+    """
+    from harness.report import write_reports
+    from harness.targets.corpus import load_corpus
+    from harness.verdicts import Result, Verdict
+
+    if not (isinstance(time_budget, (int, float)) and time_budget >= 0):
+        raise MatrixError(f"--time-budget {time_budget!r} must be >= 0 seconds")
+    if cases_per_cell is not None and cases_per_cell < 1:
+        raise MatrixError(f"--cases-per-cell {cases_per_cell} must be >= 1")
+    if size not in ("small", "wan"):
+        raise MatrixError(f"--size {size!r}: use small or wan")
+    if plugins:
+        from harness.targets import PLUGINS_ENV, register_plugin
+
+        for spec in plugins:
+            register_plugin(spec)
+        prior = [s for s in os.environ.get(PLUGINS_ENV, "").split(",") if s.strip()]
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys(prior + list(plugins)))  # workers inherit it
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    targets = select_targets(list(ops) + [f"plugin.{p}" for p in plugins] if ops else None)
+    devices = _resolve_device(device)
+    n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
+    if n_workers < 1:
+        raise MatrixError(f"--workers {n_workers} must be >= 1")
+    entries = load_corpus(corpus)
+    known = {e.fingerprint for e in entries}
+    out_dir = Path(out)
+    cases_dir = out_dir / "cases"
+    if cases_dir.exists():  # stale examples of an earlier run would be linked by nobody
+        for p in cases_dir.iterdir():
+            if p.suffix in (".json", ".safetensors") and p.is_file():
+                p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = _device_env(devices)
+
+    cells = _build_cells(targets)
+    by_target: dict[str, list[Cell]] = collections.defaultdict(list)
+    for c in cells:
+        by_target[c.op].append(c)
+    unavailable: dict[str, str] = {}
+    totals: collections.Counter = collections.Counter()
+    prog = Progress(progress, time_budget)
+    done = 0
+    budget_exhausted = False
+    offset = int(seed) * 1_000_000
+
+    def cell_open(c: Cell, rnd: int) -> bool:
+        return c.op not in unavailable and (cases_per_cell is None or rnd < cases_per_cell)
+
+    def handle(c: Cell, case: Any, r: Any) -> None:
+        nonlocal done
+        done += 1
+        if r.verdict is Verdict.UNAVAILABLE:
+            reason = (r.message or "unavailable").strip().splitlines()[0]
+            if c.op not in unavailable:
+                unavailable[c.op] = reason
+            for other in by_target[c.op]:
+                other.unavailable = unavailable[c.op]
+            return
+        if r.verdict is Verdict.ERROR and "pool was closed" in (r.message or ""):
+            return  # cancelled at the end of the budget: not a result
+        totals[r.verdict.value] += 1
+        c.add(case, r)
+
+    factory = pool_factory
+    if factory is None:
+        from harness.runner.pool import WorkerPool
+
+        factory = WorkerPool
+    pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
+    completed = True
+    try:
+        inflight: dict[Future, tuple[Cell, Any]] = {}
+        max_inflight = max(2, 3 * n_workers * len(devices))
+        rnd = 0
+        queue: collections.deque[Cell] = collections.deque()
+
+        def refill() -> bool:
+            nonlocal rnd, budget_exhausted
+            over = time.monotonic() - t0 >= time_budget
+            if over and rnd >= 2:  # past round 0 (always submitted whole): stop, even mid-round
+                budget_exhausted = True
+                queue.clear()
+                return False
+            while not queue:
+                if rnd >= 1 and over:
+                    budget_exhausted = True
+                    return False
+                nxt = [c for c in cells if cell_open(c, rnd)]
+                if not nxt:
+                    return False
+                queue.extend(nxt)
+                rnd += 1
+            return True
+
+        while True:
+            while len(inflight) < max_inflight and refill():
+                c = queue.popleft()
+                if not cell_open(c, c.submitted):
+                    continue
+                case = c.factory.build(offset + c.submitted, size=size)
+                c.submitted += 1
+                inflight[pool.submit(case)] = (c, case)
+            if not inflight:
+                break
+            finished, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in finished:
+                c, case = inflight.pop(f)
+                try:
+                    r = f.result()
+                except Exception as e:  # noqa: BLE001 - a lost future is reported, not fatal
+                    r = Result(Verdict.ERROR, f"the pool lost this case: {type(e).__name__}: {e}", op=c.op)
+                handle(c, case, r)
+            cells_done = sum(1 for c in cells if c.cases or c.unavailable)
+            prog.update(done, cells_done, len(cells), totals, len(unavailable))
+    except KeyboardInterrupt:
+        completed = False
+        raise
+    finally:
+        pool.close(cancel_pending=True)
+        prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals, len(unavailable),
+                    force=True)
+        prog.done()
+
+    if done == 0 and cells:
+        completed = False
+    agg = aggregate(cells, out_dir, known)
+    new = find_new_failures(agg["cells"], known)
+    summary = {
+        "schema_version": 1,
+        "kind": "harness.matrix.summary",
+        "started_at": started,
+        "duration_s": round(time.monotonic() - t0, 3),
+        "budget_s": float(time_budget),
+        "budget_exhausted": budget_exhausted,
+        "completed": completed,
+        "command": command,
+        "size": size,
+        "seed": seed,
+        "workers": n_workers,
+        "device": env,
+        "totals": dict(sorted(totals.items())),
+        "corpus": str(corpus) if corpus is not None else "tests/cases",
+        "known_failures": len(known),
+        "layout_classes": _class_order(targets),
+        "cells": agg["cells"],
+        "grid": {op: {c["layout_class"]: _grid_text(c) for c in agg["cells"] if c["op"] == op}
+                 for op in dict.fromkeys(c["op"] for c in agg["cells"])},
+        "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
+        "new_failures": new,
+    }
+    write_reports(summary, out_dir)
+    return summary
+
+
+def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:
+    """Per op kind, the layout class names in their canonical order (report columns)."""
+    from harness.targets.layout_classes import ATTENTION_CLASSES, LINEAR_CLASSES
+
+    canon = {"linear": list(LINEAR_CLASSES), "attention": list(ATTENTION_CLASSES)}
+    out: dict[str, list[str]] = {}
+    for t in targets:
+        names = out.setdefault(t.kind, [])
+        names += [n for n in t.layout_classes() if n not in names]
+    for kind, names in out.items():
+        order = canon.get(kind, [])
+        names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
+    return out
+
+
+def _grid_text(cell: Mapping[str, Any]) -> str:
+    if cell["status"] in ("unavailable", "not_run"):
+        return cell["status"]
+    bad = [f"{v} {n}" for v, n in cell["counts"].items() if v != "pass"]
+    return f"{cell['status']} ({cell['cases']}" + (": " + ", ".join(bad) if bad else "") + ")"
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    ops = [p.strip() for s in (args.ops or []) for p in s.split(",") if p.strip()]
+    command = "python -m harness matrix " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
+    try:
+        summary = run_matrix(device=args.device, time_budget=args.time_budget, ops=ops or None, out=args.out,
+                             workers=args.workers, cases_per_cell=args.cases_per_cell, size=args.size,
+                             seed=args.seed, corpus=args.corpus, case_timeout=args.case_timeout,
+                             plugins=args.plugin or (), attribute=not args.no_attribute,
+                             progress=None if args.quiet else sys.stderr, command=command.strip())
+    except MatrixError as e:
+        print(f"harness matrix: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    new = summary["new_failures"]
+    fails = sum(1 for c in summary["cells"] if c["status"] == "fail")
+    print(f"matrix: {sum(summary['totals'].values())} cases in {summary['duration_s']:.0f} s on "
+          f"{summary['device'].get('used')}; {fails} failing cells, {len(new)} new failure(s), "
+          f"{len(summary['unavailable'])} unavailable target(s)")
+    print(f"report: {out / 'report.html'}  ({out / 'report.md'}, {out / 'summary.json'})")
+    for f in new:
+        print(f"NEW  {f['fingerprint']}  {out / f['case'] if f['case'] else ''}")
+    if not summary.get("completed", True):
+        return 3
+    if args.fail_on_new and new:
+        return 1
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``matrix`` and its options (see the module docstring)."""
+    p = subparsers.add_parser("matrix", help="drive every op and backend through every layout class; write a report",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                   help=f"stop starting new rounds after this long (default {DEFAULT_BUDGET_S:g}); round 0 always runs")
+    p.add_argument("--ops", action="append", metavar="NAMES",
+                   help="comma-separated target names or fnmatch patterns (e.g. 'fp8_linear,legacy.*,attn.sdpa*')")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--fail-on-new", action="store_true",
+                   help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="workers per device (default 1 per GPU; "
+                   "CPU: half the cores, at most 4)")
+    p.add_argument("--cases-per-cell", type=int, default=None, metavar="N", help="at most N cases per cell")
+    p.add_argument("--size", choices=("small", "wan"), default="small", help="tensor sizes: small, or Wan2.1's")
+    p.add_argument("--seed", type=int, default=0, help="case set (0: the standard one; nightly: a date)")
+    p.add_argument("--corpus", default=None, metavar="DIR", help="regression corpus (default tests/cases)")
+    p.add_argument("--case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
+                   help=f"per case (default {DEFAULT_CASE_TIMEOUT_S:g})")
+    p.add_argument("--plugin", action="append", metavar="PKG.MOD:ATTR", help="also drive this FP8 linear plug-in")
+    p.add_argument("--no-attribute", action="store_true",
+                   help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd, argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "matrix" else [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.matrix ...`` = ``python -m harness matrix ...``."""
+    parser = argparse.ArgumentParser(prog="harness")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    args = parser.parse_args(["matrix", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
