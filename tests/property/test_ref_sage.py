@@ -1,0 +1,204 @@
+"""harness.reference.sage: SageAttention 1/2/3 emulations.
+
+Accuracy is judged against the exact ``attention`` on the same inputs; the quantizers are
+checked against independent loops over their token groups; the FP4 path is checked against a
+composition of independently quantized parts (``formats.quantize_nvfp4`` + exact attention).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.reference.attention import attention
+from harness.reference.formats import is_representable, quantize_nvfp4
+from harness.reference.metrics import cosine, error_report
+from harness.reference.sage import group_ids, sage_v1, sage_v2, sage_v3
+
+VERSIONS = {
+    "v1": lambda q, k, v, **kw: sage_v1(q, k, v, **kw),
+    "v2_sm89": lambda q, k, v, **kw: sage_v2(q, k, v, **kw),
+    "v2_sm90": lambda q, k, v, **kw: sage_v2(q, k, v, q_warp=16, k_block=128, pv_accum_dtype="fp32+fp32", **kw),
+    "v2_warp_fp32": lambda q, k, v, **kw: sage_v2(q, k, v, qk_quant_gran="per_warp", pv_accum_dtype="fp32", **kw),
+    "v3": lambda q, k, v, **kw: sage_v3(q, k, v, **kw),
+}
+
+
+def _qkv(seed: int, s_q: int = 200, s_k: int = 200, d: int = 128, h: int = 2,
+         dtype: torch.dtype = torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, h, s_q, d, generator=g).to(dtype)
+    k = torch.randn(1, h, s_k, d, generator=g).to(dtype)
+    v = torch.randn(1, h, s_k, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _with_outliers(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Every 7th token scaled by 10 (token outliers survive smoothing; channel biases would not)."""
+    y = x.clone()
+    y[:, :, ::7] *= 10
+    return y
+
+
+@pytest.mark.parametrize("name", ["v1", "v2_sm89", "v2_sm90", "v2_warp_fp32"])
+def test_int8_fp8_versions_reach_the_reported_cosine(name: str) -> None:
+    # SageAttention 1/2 report cosine similarity >= 0.99 against full precision
+    q, k, v = _qkv(0)
+    out = VERSIONS[name](q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    c = cosine(out, attention(q, k, v))
+    assert c >= 0.99, f"{name}: cosine {c:.5f}"
+
+
+def _nvfp4_dq(x: torch.Tensor, axis: int) -> torch.Tensor:
+    qt = quantize_nvfp4(x, axis=axis)
+    return qt.values.double() * torch.repeat_interleave(qt.scale.double(), 16, dim=axis)
+
+
+def test_fp4_version_error_is_the_composition_of_its_parts() -> None:
+    """On iid normal inputs NVFP4 costs ~0.5-1% cosine per quantized operand (Q.K, P, V); the
+    emulation's error must not exceed twice the sum of those parts, each computed here
+    independently (quantize_nvfp4 + exact attention, P quantized against the final row max)."""
+    q, k, v = _qkv(1, s_q=256, s_k=256)
+    exact = attention(q, k, v)
+    out = sage_v3(q, k, v)
+    qd, kd, vd = (t[0, 0].double() for t in (q, k, v))
+    kd = kd - kd.mean(dim=0, keepdim=True)
+    qm = qd.reshape(2, 128, -1).mean(dim=1).repeat_interleave(128, dim=0)
+    ref0 = exact[0, 0]
+    parts = []
+    s_qk = (_nvfp4_dq((qd - qm).float(), -1) @ _nvfp4_dq(kd.float(), -1).T + qm @ kd.T) / 128**0.5
+    parts.append(torch.softmax(s_qk, -1) @ vd)
+    parts.append(torch.softmax(qd @ kd.T / 128**0.5, -1) @ _nvfp4_dq(vd.float(), 0))
+    s = qd @ kd.T / 128**0.5
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    parts.append((_nvfp4_dq((p * 2688).float(), -1) / 2688) @ vd / p.sum(-1, keepdim=True))
+    part_dist = sum(1 - cosine(pp, ref0) for pp in parts)
+    got = 1 - cosine(out[0, 0], ref0)
+    assert 0 < got <= 2 * part_dist, f"cos_dist {got:.4g} vs parts {part_dist:.4g}"
+
+
+@pytest.mark.parametrize("name", list(VERSIONS))
+def test_error_grows_with_outlier_tokens(name: str) -> None:
+    q, k, v = _qkv(2)
+    base = 1 - cosine(VERSIONS[name](q, k, v), attention(q, k, v))
+    q2, k2 = _with_outliers(q, 0), _with_outliers(k, 1)
+    worse = 1 - cosine(VERSIONS[name](q2, k2, v), attention(q2, k2, v))
+    assert worse > base, f"{name}: outliers {worse:.3g} <= normal {base:.3g}"
+
+
+def test_k_smoothing_removes_a_channel_bias() -> None:
+    q, k, v = _qkv(3)
+    kb = k.clone()
+    kb[..., 5] += 8  # a per-channel bias: softmax-invariant, but it inflates INT8 K scales
+    exact = attention(q, kb, v)
+    smooth = cosine(sage_v1(q, kb, v, smooth_k=True), exact)
+    raw = cosine(sage_v1(q, kb, v, smooth_k=False), exact)
+    assert smooth >= 0.99 and raw < smooth
+
+
+@pytest.mark.parametrize("name", list(VERSIONS))
+def test_layouts_agree_and_inputs_are_untouched(name: str) -> None:
+    q, k, v = _qkv(4, s_q=70, s_k=90)
+    before = [t.clone() for t in (q, k, v)]
+    hnd = VERSIONS[name](q, k, v)
+    nhd = VERSIONS[name](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD")
+    assert torch.equal(nhd.transpose(1, 2), hnd)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+# --- the quantizers, against loops over their groups ---------------------------------
+
+
+def _group_scales_by_loop(x: torch.Tensor, members) -> torch.Tensor:
+    """Per-token scale amax(group)/127 with groups given as lists of token indices."""
+    out = torch.empty(x.shape[0])
+    for idx in members:
+        out[idx] = x[idx].abs().max() / 127
+    return out
+
+
+@pytest.mark.parametrize("gran", ["per_warp", "per_thread"])
+def test_v2_int8_groups_and_rounding(gran: str) -> None:
+    q, k, v = _qkv(5, s_q=100, s_k=150, h=1)
+    _, it = sage_v2(q, k, v, qk_quant_gran=gran, return_intermediates=True)
+    qf = q[0, 0].float()
+    kf = k[0, 0].float() - k[0, 0].mean(dim=0, keepdim=True).float()
+    if gran == "per_warp":
+        q_groups = [list(range(a, min(a + 32, 100))) for a in range(0, 100, 32)]
+        k_groups = [list(range(a, min(a + 64, 150))) for a in range(0, 150, 64)]
+    else:
+        q_groups = [[t for t in range(w, min(w + 32, 100)) if t % 8 == r] for w in range(0, 100, 32) for r in range(8)]
+        k_groups = [[t for t in range(w, min(w + 64, 150)) if (t % 8) // 2 == r] for w in range(0, 150, 64) for r in range(4)]
+    for x, codes, scale, groups in ((qf, it.q_values[0, 0], it.q_scale[0, 0, :, 0], q_groups),
+                                    (kf, it.k_values[0, 0], it.k_scale[0, 0, :, 0], k_groups)):
+        groups = [g for g in groups if g]
+        want = _group_scales_by_loop(x, groups)
+        assert torch.allclose(scale, want, rtol=2**-23, atol=0)
+        assert torch.equal(codes, codes.round()) and codes.abs().max() <= 127
+        # half a step, plus the float32 rounding of x/scale (|x/scale| <= 127) the kernel also does
+        err = (codes.double() * scale[:, None].double() - x.double()).abs()
+        assert (err <= scale[:, None].double() * (0.5 + 127 * 2.0**-24)).all()
+    assert is_representable(it.v_values, "e4m3").all()
+    v_amax = v[0, 0].float().abs().amax(dim=0)
+    assert torch.allclose(it.v_scale[0, 0, 0], v_amax / 2.25)  # fp32+fp16 keeps V within 2.25
+
+
+def test_group_ids_shapes() -> None:
+    ids, n = group_ids(40, "thread_q", 32)
+    assert n == 16 and ids[:10].tolist() == list(range(8)) + [0, 1] and ids[32].item() == 8
+    ids, n = group_ids(20, "thread_k", 16)
+    assert n == 8 and ids[:8].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and ids[16].item() == 4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        group_ids(10, "thread_q", 12)
+
+
+def test_v1_intermediates_premultiply_log2e() -> None:
+    q, k, v = _qkv(6, s_q=130, s_k=70, h=1)
+    _, it = sage_v1(q, k, v, return_intermediates=True)
+    x = q[0, 0].float() * it.params["q_premultiplied"]
+    s = it.q_scale[0, 0]
+    assert torch.allclose(s[0], x[:128].abs().max() / 127) and torch.allclose(s[-1], x[128:].abs().max() / 127)
+    err = (it.q_values[0, 0].double() * s.double() - x.double()).abs()
+    assert (err <= s.double() * (0.5 + 127 * 2.0**-24)).all()
+    assert torch.equal(it.v_values, v.to(torch.float16).float())
+
+
+def test_v3_intermediates_are_nvfp4() -> None:
+    q, k, v = _qkv(7, s_q=150, s_k=90, h=1)
+    _, it = sage_v3(q, k, v, return_intermediates=True)
+    for vals, sc in ((it.q_values, it.q_scale), (it.k_values, it.k_scale), (it.v_values, it.v_scale)):
+        assert is_representable(vals, "e2m1").all() and is_representable(sc, "e4m3").all()
+    assert it.q_scale.shape == (1, 1, 150, 8) and it.v_scale.shape == (1, 1, 6, 128)
+    # Q padded to 256 tokens: the second block's mean includes 106 zero rows
+    qpad = torch.cat([q[0, 0].float(), torch.zeros(106, 128)])
+    want = qpad.reshape(2, 128, 128).mean(dim=1).to(torch.bfloat16).float()
+    assert torch.equal(it.q_mean[0, 0], want)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sage_v3(q[..., :40], k[..., :40], v[..., :40])
+
+
+def test_v1_tail_key_quirk_only_rescales_rows() -> None:
+    q, k, v = _qkv(8, s_q=64, s_k=100, h=1, dtype=torch.float32)
+    plain = sage_v1(q, k, v)
+    quirk = sage_v1(q, k, v, tail_keys_score_zero=True)
+    # the quirk adds to each row's denominator (and lifts its running max to >= 0, which only
+    # changes P's FP16 rounding): every row shrinks by one factor, up to FP16 resolution
+    nz = plain.abs() > plain.abs().amax(dim=-1, keepdim=True) * 2.0**-8
+    ratio = torch.where(nz, quirk / plain, torch.nan)
+    row = ratio.nanmedian(dim=-1, keepdim=True).values
+    assert (row < 1).all()
+    dev = ((ratio - row).abs() / row)[nz]
+    assert dev.max() <= 2 * 2.0**-10 * plain.abs().amax() / plain.abs()[nz].min()
+    q, k, v = _qkv(8, s_q=64, s_k=128, h=1, dtype=torch.float32)
+    assert torch.equal(sage_v1(q, k, v), sage_v1(q, k, v, tail_keys_score_zero=True))
+
+
+def test_v2_smooth_v_is_ignored_outside_fp32_accumulation() -> None:
+    q, k, v = _qkv(9, s_q=32, s_k=64, h=1)
+    with pytest.warns(UserWarning, match="smooth_v is ignored"):
+        a = sage_v2(q, k, v, smooth_v=True)
+    assert torch.equal(a, sage_v2(q, k, v))
+    vb = v + 3  # a channel mean: smooth_v takes it out before FP8
+    rep = error_report(sage_v2(q, k, vb, pv_accum_dtype="fp32", smooth_v=True), attention(q, k, vb))
+    assert rep.cosine >= 0.99
