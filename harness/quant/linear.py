@@ -196,7 +196,7 @@ def copy_reasons(
             major = {"a": "A must be row-major", "b": "B must be column-major (weight row-major)",
                      "out": "out must be row-major"}[kind]
             reasons.append(CopyReason("last_stride", f"{role} last-dim stride is {last}, the kernel needs 1 ({major})"))
-        if rv is not None and rv[0] > 1:
+        if rv is not None and rv[0] > 1 and (last == 1 or g.shape[-1] == 1):
             ld = rv[1]
             k = g.shape[-1]
             if ld < k:
@@ -681,8 +681,8 @@ def quantize_activation(
         q2[:, k:].zero_()
         target = q2[:, :k].view(lead + (k,))
     if saturate:
-        tmp = torch.div(x, s)
-        torch.clamp(tmp, -E4M3_MAX, E4M3_MAX, out=target)
+        tmp = torch.div(x, s).clamp_(-E4M3_MAX, E4M3_MAX)  # float32 temporary, clamped before the cast
+        target.copy_(tmp)
     else:
         torch.div(x, s, out=target)
     return q2
