@@ -184,13 +184,26 @@ def select_targets(patterns: Sequence[str] | None = None) -> list[Any]:
     return chosen
 
 
-def _build_cells(targets: Sequence[Any]) -> list[Cell]:
-    """Cells in submission order: class 0 of every target, class 1 of every target, ..."""
+def _build_cells(targets: Sequence[Any], classes: Sequence[str] | None = None) -> list[Cell]:
+    """Cells in submission order: class 0 of every target, class 1 of every target, ...
+
+    ``classes``: fnmatch patterns of layout class names to keep (None: all); a pattern that
+    matches no class of any target is an error.
+    """
     per_target = []
     for t in targets:
-        classes = t.layout_classes()
+        table = t.layout_classes()
+        if classes:
+            table = {n: f for n, f in table.items() if any(fnmatch.fnmatchcase(n, p) for p in classes)}
         per_target.append([Cell(t.name, t.kind, name, f, bool(getattr(t, "accepts_all_layouts", False)))
-                           for name, f in classes.items()])
+                           for name, f in table.items()])
+    if classes:
+        have = {c.layout_class for p in per_target for c in p}
+        for pat in classes:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in have):
+                known = sorted({n for t in targets for n in t.layout_classes()})
+                raise MatrixError(f"--classes pattern {pat!r} matches no layout class of the selected ops; "
+                                  f"known: {', '.join(known)}")
     cells = []
     for i in range(max((len(p) for p in per_target), default=0)):
         cells += [p[i] for p in per_target if i < len(p)]
@@ -347,6 +360,7 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
 
 def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, ops: Sequence[str] | None = None,
                out: str | os.PathLike = DEFAULT_OUT, workers: int | None = None, cases_per_cell: int | None = None,
+               classes: Sequence[str] | None = None,
                size: str = "small", seed: int = 0, corpus: str | os.PathLike | None = None,
                case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
                attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
@@ -375,11 +389,14 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys(prior + list(plugins)))  # workers inherit it
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
+    if workers is not None and workers < 1:
+        raise MatrixError(f"--workers {workers} must be >= 1")
     targets = select_targets(list(ops) + [f"plugin.{p}" for p in plugins] if ops else None)
+    cells = _build_cells(targets, classes)
+    if not cells:
+        raise MatrixError("no (op, layout class) cell selected: check --ops / --classes")
     devices = _resolve_device(device)
     n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
-    if n_workers < 1:
-        raise MatrixError(f"--workers {n_workers} must be >= 1")
     entries = load_corpus(corpus)
     known = {e.fingerprint for e in entries}
     out_dir = Path(out)
@@ -391,7 +408,6 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _device_env(devices)
 
-    cells = _build_cells(targets)
     by_target: dict[str, list[Cell]] = collections.defaultdict(list)
     for c in cells:
         by_target[c.op].append(c)
@@ -538,14 +554,16 @@ def _grid_text(cell: Mapping[str, Any]) -> str:
 
 def _cmd(args: argparse.Namespace) -> int:
     ops = [p.strip() for s in (args.ops or []) for p in s.split(",") if p.strip()]
+    classes = [p.strip() for s in (args.classes or []) for p in s.split(",") if p.strip()]
     command = "python -m harness matrix " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
     try:
         summary = run_matrix(device=args.device, time_budget=args.time_budget, ops=ops or None, out=args.out,
-                             workers=args.workers, cases_per_cell=args.cases_per_cell, size=args.size,
+                             workers=args.workers, cases_per_cell=args.cases_per_cell, classes=classes or None,
+                             size=args.size,
                              seed=args.seed, corpus=args.corpus, case_timeout=args.case_timeout,
                              plugins=args.plugin or (), attribute=not args.no_attribute,
                              progress=None if args.quiet else sys.stderr, command=command.strip())
-    except MatrixError as e:
+    except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -573,6 +591,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"stop starting new rounds after this long (default {DEFAULT_BUDGET_S:g}); round 0 always runs")
     p.add_argument("--ops", action="append", metavar="NAMES",
                    help="comma-separated target names or fnmatch patterns (e.g. 'fp8_linear,legacy.*,attn.sdpa*')")
+    p.add_argument("--classes", action="append", metavar="NAMES",
+                   help="comma-separated layout class names or patterns to keep (e.g. 'contiguous,offset_*')")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus")
