@@ -494,12 +494,12 @@ def wan_block(
 # embeddings feeding the blocks
 
 
-def sinusoidal_embedding(t: Tensor, dim: int = 256) -> Tensor:
-    """[cos | sin] of ``t * 10000**(-i/(dim/2))``, i < dim/2, computed in float64, float32 out."""
+def sinusoidal_embedding(t: Tensor, dim: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[cos | sin] of ``t * 10000**(-i/(dim/2))``, i < dim/2, computed in float64, ``dtype`` out."""
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half).to(t.device)
     a = t.to(torch.float64)[..., None] * freqs
-    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1).to(torch.float32)
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1).to(dtype)
 
 
 def time_modulation(t: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *,
@@ -507,9 +507,10 @@ def time_modulation(t: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *,
     """(temb, e) from timesteps t: (B,) -> e (B, 6, C); per-token t (B, L) -> e (B, 6, L, C).
 
     ``temb = time_embedding.2(SiLU(time_embedding.0(sincos(t))))``,
-    ``e = time_projection.1(SiLU(temb))`` reshaped to 6 chunks of C.
+    ``e = time_projection.1(SiLU(temb))`` reshaped to 6 chunks of C. Computed in the
+    parameters' dtype promoted to float32.
     """
-    s = sinusoidal_embedding(t, cfg.freq_dim)
+    s = sinusoidal_embedding(t, cfg.freq_dim, _cdt(_p(params, "time_embedding.0.weight")))
     temb = _lin(F.silu(_lin(s, params, "time_embedding.0", linear)), params, "time_embedding.2", linear)
     e = _lin(F.silu(temb), params, "time_projection.1", linear)
     e = e.unflatten(-1, (6, cfg.dim))
