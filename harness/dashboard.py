@@ -55,12 +55,15 @@ __all__ = [
     "latest_table",
     "add_parser",
     "SPEEDUP_BASE_OP",
-    "SPEEDUP_OPS",
+    "SPEEDUP_SKIP_FAMILIES",
+    "speed_targets",
 ]
 
-#: The op every speed-up is measured against (same ``shape_key``), and the ops compared with it.
+#: The op every speed-up is measured against: each other op with the same ``shape_key`` gets a row
+#: (fp8_linear, the bare cast + _scaled_mm, the legacy forwards, the misaligned-input run), except
+#: results of the families in :data:`SPEEDUP_SKIP_FAMILIES` (the speed-target check has its own table).
 SPEEDUP_BASE_OP = "bf16_linear"
-SPEEDUP_OPS = ("fp8_linear", "scaled_mm_bare")
+SPEEDUP_SKIP_FAMILIES = ("speed_target",)
 
 _BENCH_SCHEMA = "harness.bench/1"
 
@@ -226,6 +229,7 @@ class Series:
     group: str | None
     op: str | None
     shape_key: str | None
+    family: str | None = None
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -278,6 +282,7 @@ def build_series(runs: Sequence[Run]) -> list[Series]:
                     group=entry.get("group") if isinstance(entry.get("group"), str) else None,
                     op=extra.get("op") if isinstance(extra.get("op"), str) else None,
                     shape_key=extra.get("shape_key") if isinstance(extra.get("shape_key"), str) else None,
+                    family=extra.get("family") if isinstance(extra.get("family"), str) else None,
                 )
             s.points.append(_point(entry, i))
     return sorted(by_key.values(), key=lambda s: (s.device, s.machine, s.group or "", s.fullname))
@@ -344,9 +349,9 @@ class SpeedupRow:
 
 
 def speedups(series: Sequence[Series], run_index: int | None = None) -> list[SpeedupRow]:
-    """Speed-up of each op in :data:`SPEEDUP_OPS` over bf16 per (device, shape) in one run (default: latest).
+    """Speed-up over :data:`SPEEDUP_BASE_OP` of every other op per (device, shape), in one run (default: latest).
 
-    Pairs are matched on ``extra_info.shape_key``; a shape with only one side measured gives no row.
+    Pairs are matched on ``extra_info.shape_key``; a shape without a bf16 result gives no row.
     """
     latest: dict[str, int] = {}
     for s in series:
@@ -354,7 +359,7 @@ def speedups(series: Sequence[Series], run_index: int | None = None) -> list[Spe
             latest[s.device] = max(latest.get(s.device, -1), p.run)
     table: dict[tuple[str, str], dict[str, float]] = {}
     for s in series:
-        if s.shape_key is None or s.op is None:
+        if s.shape_key is None or s.op is None or s.family in SPEEDUP_SKIP_FAMILIES:
             continue
         want = latest.get(s.device) if run_index is None else run_index
         pts = [p for p in s.points if p.run == want]
@@ -365,10 +370,22 @@ def speedups(series: Sequence[Series], run_index: int | None = None) -> list[Spe
         base = ops.get(SPEEDUP_BASE_OP)
         if base is None:
             continue
-        for op in SPEEDUP_OPS:
-            if op in ops:
-                rows.append(SpeedupRow(device, shape_key, op, base, ops[op]))
+        rows += [SpeedupRow(device, shape_key, op, base, ms) for op, ms in sorted(ops.items()) if op != SPEEDUP_BASE_OP]
     return rows
+
+
+def speed_targets(run: Run) -> list[dict[str, Any]]:
+    """The speed-target verdicts (``extra_info["speed_target"]``) recorded in one run, with their shape."""
+    out = []
+    for entry in run.benchmarks:
+        extra = entry.get("extra_info", {})
+        st = extra.get("speed_target")
+        if isinstance(st, dict) and all(_finite(st.get(k)) for k in (
+                "speedup_vs_bf16", "overhead_vs_bare", "min_speedup_vs_bf16", "max_overhead_vs_bare")):
+            out.append({"name": entry["name"], "shape_key": extra.get("shape_key", "?"), "device": _device_of(entry),
+                        **st, "met": st["speedup_vs_bf16"] >= st["min_speedup_vs_bf16"]
+                        and st["overhead_vs_bare"] <= st["max_overhead_vs_bare"]})
+    return out
 
 
 # --------------------------------------------------------------------------- matrix summary
@@ -395,6 +412,17 @@ def load_matrix_summary(path: Path | str | None) -> tuple[dict[str, Any] | None,
 
 # --------------------------------------------------------------------------- SVG
 _BLUE, _BAND, _RED, _GREY, _GREEN = "#1f77b4", "#aec7e8", "#d62728", "#7f7f7f", "#2ca02c"
+_ORANGE, _PURPLE = "#ff7f0e", "#9467bd"
+
+
+def _op_colour(op: str) -> str:
+    if op == "fp8_linear":
+        return _GREEN
+    if op.startswith("legacy."):
+        return _ORANGE
+    if op.startswith("fp8_linear."):
+        return _PURPLE
+    return _GREY
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -675,7 +703,7 @@ def render_html(
         rows = [r for r in speedups(dev_series, last_run)]
         o.append("<h3>FP8 over bf16 speed-up per shape (latest run)</h3>")
         if rows:
-            bars = [(f"{r.shape_key} {r.op}", r.speedup, _GREEN if r.op == "fp8_linear" else _GREY) for r in rows]
+            bars = [(f"{r.shape_key} {r.op}", r.speedup, _op_colour(r.op)) for r in rows]
             o.append(_bar_svg(bars, unit=f"speed-up over {SPEEDUP_BASE_OP} (x)", target=SPEED_TARGET.min_speedup_vs_bf16,
                               target_label=f"issue-4 target {SPEED_TARGET.min_speedup_vs_bf16}x (Wan-14B, 32760 tokens): "
                               + SPEED_TARGET.why, css="speedup"))
@@ -685,6 +713,19 @@ def render_html(
             o.append("</table>")
         else:
             o.append('<p class="note">no shape has both a bf16 and an FP8 result in the latest run</p>')
+
+        targets = [t for t in speed_targets(runs[last_run]) if t["device"] == device]
+        if targets:
+            o.append("<h3>Issue-4 speed target (latest run, interleaved medians)</h3>"
+                     f'<p class="note">{_esc(targets[0].get("why", ""))}</p><table class="speed-target"><tr><th>shape</th>'
+                     "<th>fp8_linear / bf16 speed-up</th><th>target</th><th>overhead vs bare cast + _scaled_mm</th>"
+                     "<th>budget</th><th>verdict</th></tr>")
+            for t in targets:
+                o.append(f'<tr class="{"" if t["met"] else "bad"}"><td>{_esc(t["shape_key"])}</td>'
+                         f"<td class=num>{_fmt(t['speedup_vs_bf16'])}x</td><td class=num>>= {t['min_speedup_vs_bf16']:g}x</td>"
+                         f"<td class=num>{t['overhead_vs_bare']:+.1%}</td><td class=num><= {t['max_overhead_vs_bare']:.0%}</td>"
+                         f"<td>{'met' if t['met'] else 'MISSED'}</td></tr>")
+            o.append("</table>")
 
         ratio_rows = [(s.name, s.points[-1].ceiling_ratio, _BLUE) for s in dev_series
                       if s.points[-1].run == last_run and s.points[-1].ceiling_ratio is not None]

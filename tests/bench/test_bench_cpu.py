@@ -1,4 +1,4 @@
-"""CPU benchmarks that always run: layout materialization, the FP8 emulations, CPU ``_scaled_mm``.
+"""CPU benchmarks that always run: layout materialization, the FP8 and Sage emulations, CPU ``_scaled_mm``.
 
 Small shapes (256 tokens of the Wan-1.3B width): under CI's ``--benchmark-disable``
 each body runs once and the file takes about a second; with ``--benchmark-enable``
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.bench import (
+    AttentionShape,
     LinearShape,
     assert_not_all_zero,
     bare_fp8_linear,
@@ -21,6 +22,7 @@ from harness.bench import (
     run_benchmark,
 )
 from harness.layouts import LayoutSpec, ViewOp, materialize
+from harness.quant.backends import get_backend
 from harness.quant.linear import fp8_linear
 from harness.reference import formats
 
@@ -112,3 +114,22 @@ def test_bench_cpu_linear(benchmark, op, rounds_policy, cpu_ceilings, cpu_env) -
     timing = run_benchmark(benchmark, fn, DEVICE, warmup=warmup, rounds=rounds)
     record(benchmark, timing, op=op, family="linear", shape_key=SHAPE.key, shape=SHAPE.as_dict(),
            ceilings=cpu_ceilings, ceiling=ceiling, env=cpu_env, flops=SHAPE.flops)
+
+
+ATTN = AttentionShape("1.3B", "self", 1, 2, 256, 256, 128)
+
+
+@pytest.mark.parametrize("backend_name", ["emu.naive", "emu.sage1", "emu.sage2", "emu.sage3"])
+def test_bench_cpu_attention_emulation(benchmark, backend_name, rounds_policy, cpu_ceilings, cpu_env) -> None:
+    """The attention emulations (harness.reference via the backend registry) on a small bf16 shape."""
+    backend = get_backend(backend_name)
+    ok, why = backend.available("cpu")
+    if not ok:
+        pytest.skip(f"{backend_name}: {why}")
+    q, k, v = (random_tensor((ATTN.batch, ATTN.heads, ATTN.q_tokens, ATTN.head_dim), torch.bfloat16, DEVICE, seed)
+               for seed in (21, 22, 23))
+    assert_not_all_zero({"q": q, "k": k, "v": v})
+    warmup, rounds = rounds_policy.for_device(DEVICE)
+    timing = run_benchmark(benchmark, lambda: backend.run(q, k, v, "HND"), DEVICE, warmup=warmup, rounds=rounds)
+    record(benchmark, timing, op=f"attn.{backend_name}", family="emulation", shape_key=ATTN.key, shape=ATTN.as_dict(),
+           ceilings=cpu_ceilings, ceiling="bf16_matmul", env=cpu_env, flops=ATTN.flops, backend=backend_name)

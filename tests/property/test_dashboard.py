@@ -30,6 +30,7 @@ from harness.dashboard import (
     load_matrix_summary,
     load_runs,
     render_html,
+    speed_targets,
     speedups,
 )
 
@@ -167,7 +168,7 @@ def test_dashboard_slower_last_run_only_adds_flags(medians, bump, window) -> Non
 
 
 # --------------------------------------------------------------------------- speed-up
-def _bench_entry(name: str, op: str, shape_key: str, median_ms: float, device: str = "GPU X") -> dict:
+def _bench_entry(name: str, op: str, shape_key: str, median_ms: float, device: str = "GPU X", **extra) -> dict:
     """A minimal pytest-benchmark entry with harness.bench extra_info."""
     s = median_ms / 1e3
     return {
@@ -175,7 +176,7 @@ def _bench_entry(name: str, op: str, shape_key: str, median_ms: float, device: s
         "stats": {"min": s * 0.9, "max": s * 1.2, "median": s, "mean": s, "rounds": 5},
         "extra_info": {"schema": "harness.bench/1", "op": op, "shape_key": shape_key,
                        "device_ms": {"min": median_ms * 0.9, "median": median_ms, "max": median_ms * 1.2},
-                       "env": {"device": device}},
+                       "env": {"device": device}, **extra},
     }
 
 
@@ -190,6 +191,8 @@ def test_dashboard_speedup_pairs_by_shape(tmp_path: Path) -> None:
         _bench_entry("bf16[a]", SPEEDUP_BASE_OP, "shapeA", 10.0),
         _bench_entry("fp8[a]", "fp8_linear", "shapeA", 6.0),
         _bench_entry("bare[a]", "scaled_mm_bare", "shapeA", 5.0),
+        _bench_entry("legacy[a]", "legacy.comfyui", "shapeA", 8.0),
+        _bench_entry("target[a]", "fp8_linear", "shapeA", 99.0, family="speed_target"),  # has its own table
         _bench_entry("fp8[b]", "fp8_linear", "shapeB", 3.0),  # no bf16 partner: no row
         _bench_entry("bf16[c]", SPEEDUP_BASE_OP, "shapeC", 8.0, device="GPU Y"),
         _bench_entry("fp8[c]", "fp8_linear", "shapeC", 4.0, device="GPU Y"),
@@ -200,6 +203,7 @@ def test_dashboard_speedup_pairs_by_shape(tmp_path: Path) -> None:
     assert rows == {
         ("GPU X", "shapeA", "fp8_linear"): pytest.approx(10 / 6),
         ("GPU X", "shapeA", "scaled_mm_bare"): pytest.approx(10 / 5),
+        ("GPU X", "shapeA", "legacy.comfyui"): pytest.approx(10 / 8),
         ("GPU Y", "shapeC", "fp8_linear"): pytest.approx(8 / 4),
     }
 
@@ -221,6 +225,23 @@ def test_dashboard_speedup_on_fixtures_matches_raw_json() -> None:
              if b["extra_info"]["family"] == "linear"}
     rows = {r.op: r.speedup for r in speedups(build_series(runs))}
     assert rows == {op: pytest.approx(by_op[SPEEDUP_BASE_OP] / by_op[op]) for op in ("fp8_linear", "scaled_mm_bare")}
+
+
+def test_dashboard_speed_target_verdicts(tmp_path: Path) -> None:
+    rule = {"min_speedup_vs_bf16": 1.5, "max_overhead_vs_bare": 0.05, "why": "because"}
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [
+        _bench_entry("t[met]", "fp8_linear", "s1", 1.0, family="speed_target",
+                     speed_target={**rule, "speedup_vs_bf16": 1.55, "overhead_vs_bare": 0.02}),
+        _bench_entry("t[slow]", "fp8_linear", "s2", 1.0, family="speed_target",
+                     speed_target={**rule, "speedup_vs_bf16": 1.45, "overhead_vs_bare": 0.02}),
+        _bench_entry("t[overhead]", "fp8_linear", "s3", 1.0, family="speed_target",
+                     speed_target={**rule, "speedup_vs_bf16": 1.6, "overhead_vs_bare": 0.08}),
+        _bench_entry("t[broken]", "fp8_linear", "s4", 1.0, family="speed_target", speed_target={"speedup_vs_bf16": "?"}),
+    ])
+    runs, _ = load_runs(tmp_path)
+    assert {t["shape_key"]: t["met"] for t in speed_targets(runs[0])} == {"s1": True, "s2": False, "s3": False}
+    page = render_html(runs, [], storage="x", threshold=0.1, window=5)
+    assert page.count(">MISSED<") == 2 and page.count(">met<") == 1
 
 
 # --------------------------------------------------------------------------- malformed files
