@@ -56,13 +56,18 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memor
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the ops the code under it calls; ``failed`` is the op that raised (innermost seen)."""
+    """Records the ops the code under it calls; ``failed`` is the op that raised (innermost seen).
+
+    Triton kernels do not go through torch's dispatcher; when Triton is importable a launch
+    hook records them too, as ``triton::<kernel name>``.
+    """
 
     def __init__(self, keep: int = 12) -> None:
         super().__init__()
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self.failed: str | None = None
         self.count = 0
+        self._triton_restore: Any = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = _op_name(func)
@@ -74,6 +79,62 @@ class OpRecorder(TorchDispatchMode):
             if self.failed is None:
                 self.failed = name
             raise
+
+    def _triton_launch(self, metadata: Any) -> None:
+        try:
+            data = metadata.get() if hasattr(metadata, "get") and callable(metadata.get) else metadata
+            name = data.get("name") if isinstance(data, dict) else None
+        except Exception:  # noqa: BLE001 - a hook must never break the launch
+            name = None
+        self.tail.append(f"triton::{name or '?'}")
+
+    def __enter__(self) -> "OpRecorder":
+        self._triton_restore = _install_triton_hook(self._triton_launch)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._triton_restore is not None:
+                self._triton_restore()
+                self._triton_restore = None
+
+    def culprit(self) -> tuple[str, str]:
+        """(the op to blame, a note): the op that raised; else the Triton kernel launched last."""
+        last = self.tail[-1] if self.tail else ""
+        if self.failed is None:
+            return (last, "raised outside torch's dispatcher; last launch named") if last else ("", "")
+        tail = list(self.tail)
+        if self.failed.startswith("aten::") and len(tail) >= 2 and tail[-2].startswith("triton::"):
+            return self.failed, (f"{tail[-2]} ran just before and Triton does not check its launches for errors: "
+                                 "it is the likely culprit")
+        return self.failed, ""
+
+
+def _install_triton_hook(hook: Any) -> Any:
+    """Set Triton's launch-enter hook (``triton.knobs`` or ``CompiledKernel``); returns an undo, or None."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - Triton is optional
+        return None
+    try:
+        from triton import knobs
+
+        rt = knobs.runtime
+        old = rt.launch_enter_hook
+        rt.launch_enter_hook = hook
+        return lambda: setattr(rt, "launch_enter_hook", old)
+    except Exception:  # noqa: BLE001 - older Triton
+        pass
+    try:
+        from triton.compiler import CompiledKernel
+
+        old = getattr(CompiledKernel, "launch_enter_hook", None)
+        CompiledKernel.launch_enter_hook = hook
+        return lambda: setattr(CompiledKernel, "launch_enter_hook", old)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _op_name(func: Any) -> str:
@@ -372,7 +433,10 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
         verdict, why = classify_exception(e, device)
         attribution = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
         if recorder is not None:
-            attribution.update(op=recorder.failed or "", frame=_frame_of(e), ops_tail=list(recorder.tail))
+            op, note = recorder.culprit()
+            attribution.update(op=op, frame=_frame_of(e), ops_tail=list(recorder.tail))
+            if note:
+                attribution["note"] = note
         msg = f"{type(e).__name__}: {str(e).strip()}"
         if verdict is Verdict.DEVICE_FAULT:
             msg += f"\nhealth check after the op: {why}"

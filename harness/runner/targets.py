@@ -367,11 +367,19 @@ class ExitTarget(_FaultTarget):
 
 @register_target
 class OomTarget(_FaultTarget):
-    """Raises ``torch.OutOfMemoryError`` as an allocator would; the worker stays healthy."""
+    """Raises ``torch.OutOfMemoryError`` as an allocator would; the worker stays healthy.
+
+    ``params["real"]``: ask the device's allocator for ``params["bytes"]`` (default 2**50, a PiB,
+    which every allocator refuses at once without touching memory) instead of simulating.
+    """
 
     name = "fault.oom"
 
     def run(self, inputs, params):
+        if params.get("real"):
+            x = inputs["x"]
+            torch.empty(int(params.get("bytes", 2**50)), dtype=torch.uint8, device=x.device)
+            return self.clean(x)  # pragma: no cover - the allocation above never succeeds
         raise torch.OutOfMemoryError(
             "Tried to allocate 1024.00 GiB (simulated by fault.oom: the allocator refused the request)")
 

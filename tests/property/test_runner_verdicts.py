@@ -118,6 +118,12 @@ def test_out_of_memory_error_is_oom():
     assert "OutOfMemoryError" in r.message
 
 
+def test_real_allocator_refusal_is_oom():
+    r = run_case(case("fault.oom", real=True))  # a 1 PiB request: refused at once, nothing touched
+    assert r.verdict is Verdict.OOM, r.format()
+    assert "can't allocate memory" in r.message
+
+
 def test_failing_reference_is_error_not_the_kernels_verdict():
     r = run_case(case("fault.reference_error"))
     assert r.verdict is Verdict.ERROR
