@@ -609,7 +609,9 @@ def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | s
     if bdims:
         index = tuple(slice(0, 1) if i in bdims else slice(None) for i in range(spec.ndim))
         first = src[index]
-        if not torch.equal(first.expand(spec.shape), src):
+        # compare bytes: works for every dtype (FP8 included) and treats identical NaNs as equal
+        same = torch.equal(first.expand(spec.shape).contiguous().view(torch.uint8), src.contiguous().view(torch.uint8))
+        if not same:
             raise LayoutError(f"values vary along broadcast (stride-0) dims {bdims}; they must be constant there")
         src = first
     if spec.numel:
