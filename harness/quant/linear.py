@@ -759,7 +759,18 @@ def fp8_linear_with_plan(
     rules: Optional[str] = None,
     use_fast_accum: bool = False,
 ) -> LinearResult:
-    """:func:`fp8_linear`, returning the output together with its plan and kernel operands."""
+    """:func:`fp8_linear`, returning the output together with its plan and kernel operands.
+
+    Inference only: runs under ``torch.no_grad()`` (``_scaled_mm`` has no backward for this use).
+    """
+    with torch.no_grad():
+        return _fp8_linear_impl(input, weight, weight_scale, input_scale, bias, out_dtype, backend, rules,
+                                use_fast_accum)
+
+
+def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any,
+                     bias: Optional[Tensor], out_dtype: Optional[torch.dtype], backend: str, rules: Optional[str],
+                     use_fast_accum: bool) -> LinearResult:
     out_dtype, scaling = _check_args(input, weight, weight_scale, input_scale, bias, out_dtype)
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise Fp8LinearError("fp8_linear needs tensors; plan_operands accepts layouts")
