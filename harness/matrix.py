@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import fnmatch
+import json
 import math
 import os
 import shlex
@@ -365,7 +366,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
                attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
                pool_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Run the matrix and write the reports into ``out``; returns the summary dict (see :mod:`harness.report`).
+    """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
     ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
     replaces :class:`~harness.runner.pool.WorkerPool`.
@@ -523,8 +524,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new,
     }
-    write_reports(summary, out_dir)
-    return summary
+    paths = write_reports(summary, out_dir)
+    return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
 
 
 def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:

@@ -204,7 +204,7 @@ def _lin_last_stride_2(rng, ctx):
 
 
 def _lin_padded_rows(rng, ctx):
-    a = _act_shape(rng, ctx)
+    a = _act_shape(rng, ctx, min_tokens=2)  # one row has no leading dimension to pad
     pad = (0,) * (len(a.shape) - 1) + (_pick(rng, (1, 3, 7)),)  # odd leading dimension K + pad
     return _linear_draw(LayoutSpec(a.shape, ctx.dtype, pad=pad), a, _normal(rng))
 
@@ -226,7 +226,7 @@ def _lin_offset(nbytes: int) -> Callable[[random.Random, Context], Draw]:
 
 
 def _lin_packed_slice(rng, ctx):
-    a = _act_shape(rng, ctx)
+    a = _act_shape(rng, ctx, min_tokens=2)  # the row stride shows only from the second row on
     parts = _pick(rng, (3, 2))  # qkv or kv projection
     index = rng.randint(0, parts - 1)
     base = a.shape[:-1] + (a.k * parts,)
@@ -238,7 +238,7 @@ def _lin_flatten_permuted(rng, ctx):
     # (B, S, H, d) heads laid out sequence-major in memory (S, B, H, d), merged with flatten(2):
     # a view (torch would copy if the heads themselves were permuted), strides (C, B*C, 1).
     rank = 3 if 3 in ctx.ranks else max(ctx.ranks)
-    a = _act_shape(rng, ctx, rank, min_batch=2)
+    a = _act_shape(rng, ctx, rank, min_batch=2, min_tokens=2)
     b, s, k = a.shape[0], a.shape[-2], a.k
     d = 16 if k < 64 else 64
     heads = k // d

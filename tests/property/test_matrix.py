@@ -1,0 +1,173 @@
+"""The matrix driver on the CPU: cells, round-robin scheduling, verdict aggregation, reports with
+links that resolve, unavailable targets with their reason, and ``--fail-on-new`` exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from harness.cases import load_case
+from harness.matrix import Cell, MatrixError, _build_cells, find_new_failures, is_failure, run_matrix, select_targets
+from harness.report import load_summary
+from harness.runner.execute import run_case
+from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
+from harness.verdicts import Result, Verdict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class InProcessPool:
+    """Stands in for WorkerPool in fast tests: runs each case in this process when submitted."""
+
+    def __init__(self, devices, workers_per_device=1, **kw):
+        self.devices = list(devices)
+        self.cases = []
+
+    def submit(self, case):
+        self.cases.append(case)
+        f: Future = Future()
+        f.set_result(run_case(case, self.devices[0]))
+        return f
+
+    def close(self, cancel_pending=False):
+        pass
+
+
+@pytest.mark.parametrize("verdict,accepts_all,expected", [
+    ("pass", False, False), ("unavailable", False, False), ("rejected", False, False),
+    ("rejected", True, True), ("drift", False, True), ("input_mutation", False, True),
+    ("layout_noninvariance", False, True), ("device_fault", False, True), ("error", False, True),
+    ("timeout", False, True), ("worker_crash", False, True), ("nonfinite", False, True), ("oom", False, True),
+])
+def test_which_verdicts_are_failures(verdict: str, accepts_all: bool, expected: bool) -> None:
+    assert is_failure(verdict, accepts_all) is expected
+
+
+def test_new_failures_are_matched_by_fingerprint() -> None:
+    cells = [{"op": "legacy.comfyui", "layout_class": "broadcast", "failing": ["layout_noninvariance", "drift"],
+              "examples": {"drift": "cases/d.json"}},
+             {"op": "fp8_linear", "layout_class": "offset_2", "failing": []}]
+    new = find_new_failures(cells, {"legacy.comfyui|broadcast|layout_noninvariance"})
+    assert new == [{"op": "legacy.comfyui", "layout_class": "broadcast", "verdict": "drift",
+                    "case": "cases/d.json", "fingerprint": "legacy.comfyui|broadcast|drift"}]
+
+
+def test_cells_are_interleaved_round_robin_and_filtered() -> None:
+    targets = select_targets(["fp8_linear", "raw.scaled_mm"])
+    cells = _build_cells(targets)
+    assert [c.op for c in cells[:4]] == ["fp8_linear", "raw.scaled_mm"] * 2
+    assert {c.key for c in cells} == {(t.name, k) for t in targets for k in t.layout_classes()}
+    only = _build_cells(targets, ["offset_*"])
+    assert {c.layout_class for c in only} == {"offset_1", "offset_2", "offset_4", "offset_8", "offset_16"}
+    with pytest.raises(MatrixError, match="matches no layout class"):
+        _build_cells(targets, ["nonsense"])
+    with pytest.raises(MatrixError, match="matches no target; known: .*fp8_linear"):
+        select_targets(["no_such_op*"])
+
+
+def test_cell_keeps_the_worst_drift_as_its_example() -> None:
+    c = Cell("fp8_linear", "linear", "offset_2")
+    for ratio in (1.5, 3.0, 2.0):
+        c.add(f"case{ratio}", Result(Verdict.DRIFT, op="fp8_linear", metrics={"ratio": ratio, "err": ratio,
+                                                                              "allowed": 1.0}))
+    c.add("case-pass", Result(Verdict.PASS, op="fp8_linear", metrics={"ratio": 0.5}))
+    assert c.examples["drift"][0] == "case3.0" and c.worst[0] == 3.0 and c.counts == {"drift": 3, "pass": 1}
+
+
+def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
+    pools = []
+
+    def factory(*a, **kw):
+        pools.append(InProcessPool(*a, **kw))
+        return pools[0]
+
+    out = tmp_path / "m"
+    s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui", "attn.sdpa.flash"],
+                   classes=["contiguous", "broadcast", "values_beyond_448", "hnd_contiguous"], out=out,
+                   cases_per_cell=2, corpus=tmp_path / "empty", progress=None, pool_factory=factory)
+    cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
+    assert set(cells) == {("legacy.comfyui", "contiguous"), ("legacy.comfyui", "broadcast"),
+                          ("legacy.comfyui", "values_beyond_448"), ("attn.sdpa.flash", "hnd_contiguous")}
+    assert cells[("legacy.comfyui", "contiguous")]["status"] == "pass"
+    assert cells[("legacy.comfyui", "contiguous")]["cases"] == 2  # the cap, not the budget, ended it
+    assert cells[("legacy.comfyui", "broadcast")]["counts"] == {"layout_noninvariance": 2}
+    assert cells[("legacy.comfyui", "values_beyond_448")]["failing"] == ["input_mutation"]
+    flash = cells[("attn.sdpa.flash", "hnd_contiguous")]
+    assert flash["status"] == "unavailable" and "CUDA" in flash["reason"]
+    assert s["unavailable"][0]["op"] == "attn.sdpa.flash"
+    # one submission told the driver the target cannot run; no round 2 for it
+    assert sum(1 for c in pools[0].cases if c.op == "attn.sdpa.flash") == 1
+    assert {f["fingerprint"] for f in s["new_failures"]} == {"legacy.comfyui|broadcast|layout_noninvariance",
+                                                            "legacy.comfyui|values_beyond_448|input_mutation"}
+    # every example link resolves to a loadable case of that cell, holding the verdict
+    for c in s["cells"]:
+        for verdict, rel in c["examples"].items():
+            case, tensors = load_case(out / rel)
+            assert case.op == c["op"] and case.params["layout_class"] == c["layout_class"]
+            assert case.verdict["verdict"] == verdict and tensors
+    assert load_summary(out) == s
+
+
+def test_run_matrix_budget_zero_still_runs_round_zero(tmp_path) -> None:
+    pool = InProcessPool(["cpu"])
+    s = run_matrix(device="cpu", time_budget=0, ops=["fp8_linear"], classes=["contiguous", "offset_*"],
+                   out=tmp_path / "m", corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: pool)
+    assert all(c["cases"] == 1 for c in s["cells"]) and len(s["cells"]) == 5
+    assert s["budget_exhausted"] is True
+
+
+def test_run_matrix_rejects_bad_arguments(tmp_path) -> None:
+    with pytest.raises(MatrixError, match="--time-budget"):
+        run_matrix(device="cpu", time_budget=-1, out=tmp_path, progress=None)
+    with pytest.raises(MatrixError, match="--device 'tpu'"):
+        run_matrix(device="tpu", ops=["fp8_linear"], out=tmp_path, progress=None)
+    with pytest.raises(MatrixError, match="--workers 0"):
+        run_matrix(device="cpu", workers=0, out=tmp_path, progress=None)
+
+
+def test_the_corpus_makes_its_failures_known(tmp_path) -> None:
+    s = run_matrix(device="cpu", time_budget=0, ops=["legacy.wanvideo_late2025"], classes=["values_beyond_448"],
+                   out=tmp_path / "m", progress=None, pool_factory=lambda *a, **k: InProcessPool(["cpu"]))
+    assert s["new_failures"] == []
+    assert s["cells"][0]["known"] == ["input_mutation"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", "matrix", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_end_to_end_with_worker_processes_and_fail_on_new(tmp_path) -> None:
+    """The real thing: spawned workers, reports on disk, exit 1 only for failures the corpus lacks."""
+    out = tmp_path / "out"
+    common = ["--device", "cpu", "--time-budget", "0", "--ops", "legacy.wanvideo_late2025,attn.sdpa.flash",
+              "--classes", "contiguous,values_beyond_448,hnd_contiguous", "--out", str(out), "--fail-on-new"]
+    r = _cli(*common, "--corpus", str(tmp_path / "empty"), cwd=REPO)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "NEW  legacy.wanvideo_late2025|values_beyond_448|input_mutation" in r.stdout
+    s = load_summary(out)
+    assert s["device"]["used"] == "cpu" and s["device"]["torch"]
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    rel = "cases/legacy_wanvideo_late2025-values_beyond_448-input_mutation.json"
+    assert f"]({rel})" in md and f"href='{rel}'" in html and (out / rel).exists()
+    assert "attn.sdpa.flash" in md and "needs a CUDA device" in md  # listed with its reason
+
+    r2 = _cli(*common, cwd=REPO)  # the repository's corpus knows this defect
+    assert r2.returncode == 0, r2.stdout + r2.stderr[-2000:]
+    assert "0 new failure(s)" in r2.stdout
+
+
+def test_cli_usage_errors_exit_2(tmp_path) -> None:
+    r = _cli("--device", "cpu", "--ops", "nope", "--out", str(tmp_path), cwd=REPO)
+    assert r.returncode == 2 and "matches no target" in r.stderr
+
+
+def test_default_corpus_is_the_repository_one() -> None:
+    assert DEFAULT_CORPUS == REPO / "tests" / "cases"
+    assert load_corpus(check_files=False)
