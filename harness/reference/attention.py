@@ -131,8 +131,8 @@ class ChunkPlan:
 
 
 def _workspace(hc: int, qc: int, kc: int, d: int, dv: int, e: int) -> int:
-    tiles = 3 * qc * kc  # scores, probabilities, one elementwise temporary
-    rows = qc * (d + 2 * dv + 3)  # scaled q tile, accumulator + its rescaled copy, m, l, corr
+    tiles = 2 * qc * kc  # the score/probability tile (updated in place) + one temporary
+    rows = qc * (d + dv + 16)  # scaled q tile, accumulator, ~a dozen per-row vectors
     keys = 2 * kc * (d + dv)  # K/V tile (an upcast copy when the input dtype differs)
     return e * hc * (tiles + rows + keys)
 
@@ -146,10 +146,11 @@ def plan_chunks(b: int, h: int, s_q: int, s_k: int, d: int, dv: int, *,
     Workspace per step, with ``e`` = bytes of ``compute_dtype``, ``hc`` heads, ``qc`` query
     rows, ``kc`` key rows::
 
-        W = e * hc * (3*qc*kc + qc*(d + 2*dv + 3) + 2*kc*(d + dv))
+        W = e * hc * (2*qc*kc + qc*(d + dv + 16) + 2*kc*(d + dv))
 
-    (score/probability tiles, the query tile and accumulators, K/V tiles). Peak memory of
-    ``attention`` <= inputs (caller's) + output (b*h*s_q*dv*e) + W. Defaults start from
+    (score/probability tile, the query tile, accumulator and per-row vectors, K/V tiles).
+    Peak memory of ``attention`` <= inputs (caller's) + output (b*h*s_q*dv*e) + W, plus the
+    matmul library's own workspace (cuBLAS: tens of MiB, allocated once per process). Defaults start from
     qc = 1024, kc = 4096 and take as many heads as fit; if one head does not fit, kc then qc
     are halved (down to 16). Explicit ``q_chunk``/``k_chunk`` are honoured as given. Raises
     ``ValueError`` if even the smallest tiles exceed ``memory_budget``.
@@ -208,9 +209,15 @@ def attention(
         scale = 1.0 / math.sqrt(d)
     plan = plan_chunks(b, h, s_q, s_k, d, dv, compute_dtype=compute_dtype,
                        memory_budget=memory_budget, q_chunk=q_chunk, k_chunk=k_chunk)
-    out = torch.zeros((b, h, s_q, dv), dtype=compute_dtype, device=q.device)
+    # allocate the result in the caller's layout and write through an HND view: no final copy
+    if layout == "HND":
+        result = torch.zeros((b, h, s_q, dv), dtype=compute_dtype, device=q.device)
+        out = result
+    else:
+        result = torch.zeros((b, s_q, h, dv), dtype=compute_dtype, device=q.device)
+        out = result.transpose(1, 2)
     if s_q == 0 or s_k == 0 or b == 0 or h == 0:
-        return from_hnd(out, layout)
+        return result
     neg_inf = -math.inf
     with torch.no_grad(), _ieee_fp32_matmul(q.device):
         for bi in range(b):
@@ -221,25 +228,25 @@ def attention(
                 vb = vh[bi, h0:h1]
                 for q0 in range(0, s_q, plan.q_chunk):
                     q1 = min(s_q, q0 + plan.q_chunk)
-                    qt = qh[bi, h0:h1, q0:q1].to(compute_dtype) * scale
+                    qt = qh[bi, h0:h1, q0:q1].to(compute_dtype, copy=True).mul_(scale)
                     m = torch.full((h1 - h0, q1 - q0, 1), neg_inf, dtype=compute_dtype, device=q.device)
                     l = torch.zeros_like(m)
                     acc = torch.zeros((h1 - h0, q1 - q0, dv), dtype=compute_dtype, device=q.device)
                     for k0 in range(0, s_k, plan.k_chunk):
                         k1 = min(s_k, k0 + plan.k_chunk)
-                        s = qt @ kb[:, k0:k1].to(compute_dtype).transpose(1, 2)
+                        p = qt @ kb[:, k0:k1].to(compute_dtype).transpose(1, 2)  # scores
                         if keep is not None:
-                            s.masked_fill_(~keep[k0:k1], neg_inf)
-                        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                            p.masked_fill_(~keep[k0:k1], neg_inf)
+                        m_new = torch.maximum(m, p.amax(dim=-1, keepdim=True))
                         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-                        p = torch.exp(s.sub_(m_safe))
+                        p.sub_(m_safe).exp_()  # probabilities, in place
                         corr = torch.exp(m - m_safe)
-                        l = l * corr + p.sum(dim=-1, keepdim=True)
-                        acc = acc * corr + p @ vb[:, k0:k1].to(compute_dtype)
+                        l.mul_(corr).add_(p.sum(dim=-1, keepdim=True))
+                        acc.mul_(corr).baddbmm_(p, vb[:, k0:k1].to(compute_dtype))
                         m = m_new
                     l_safe = torch.where(l > 0, l, torch.ones_like(l))
-                    out[bi, h0:h1, q0:q1] = acc / l_safe
-    return from_hnd(out, layout)
+                    out[bi, h0:h1, q0:q1] = acc.div_(l_safe)
+    return result
 
 
 def naive_attention(
