@@ -438,8 +438,7 @@ def sage_v3(
                     qm = qq.mean(dim=0, keepdim=True)
                     qm_tok = qm.expand(sq_pad, d)
                 qs = (qq - qm_tok)[:s_q]
-                # correction mean . k^T in the input dtype, then float32 (as the kernel's matmul)
-                delta = (qm_tok[:s_q] @ kk.T).to(torch.float32)
+                qm_rows = qm_tok[:s_q]
                 q_dq, q_vals, q_sc = _nvfp4_dq(qs.to(torch.float32), axis=-1)
                 k_dq, k_vals, k_sc = _nvfp4_dq(kk.to(torch.float32), axis=-1)
                 vf = torch.nn.functional.pad(vh[bi, hi].to(torch.float32), (0, 0, 0, sv_pad - s_k))
@@ -447,7 +446,10 @@ def sage_v3(
                 sl = scale * LOG2E_SAGE
 
                 def scores(k0: int, k1: int) -> Tensor:
-                    return (q_dq @ k_dq[k0:k1].T + delta[:, k0:k1]) * sl
+                    # correction mean . k^T in the input dtype, then float32 (as the kernel's
+                    # matmul), one key tile at a time so no (s_q, s_k) matrix is materialised
+                    delta = (qm_rows @ kk[k0:k1].T).to(torch.float32)
+                    return (q_dq @ k_dq[k0:k1].T + delta) * sl
 
                 def pv(p: Tensor, k0: int, k1: int) -> Tensor:
                     return _quant_p_fp4(p) @ v_dq[k0:k1]
