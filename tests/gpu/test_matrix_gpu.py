@@ -1,0 +1,38 @@
+"""``python -m harness matrix --device cuda`` end to end: runs on the GPU, reports the GPU, links resolve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cases import load_case
+from harness.report import load_summary
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_matrix_on_cuda_writes_a_gpu_report(tmp_path) -> None:
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "harness", "matrix", "--device", "cuda", "--time-budget", "30",
+                        "--ops", "fp8_linear,raw.scaled_mm,attn.sdpa*,safe_attn.sdpa*,legacy.comfyui",
+                        "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    s = load_summary(out)
+    dev = s["device"]
+    assert dev["used"] == "cuda" and dev["capability"] and dev["cuda"] and dev["cublas"], dev
+    cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
+    assert cells[("fp8_linear", "contiguous")]["status"] == "pass", cells[("fp8_linear", "contiguous")]
+    assert cells[("attn.sdpa.math", "hnd_contiguous")]["status"] == "pass"
+    assert all(c["cases"] >= 1 for c in s["cells"] if c["status"] != "unavailable"), "round 0 must cover every cell"
+    for c in s["cells"]:
+        for verdict, rel in c["examples"].items():
+            case, _ = load_case(out / rel)
+            assert case.verdict["verdict"] == verdict
+            assert case.env.get("device_type") == "cuda" or str(case.env.get("device", "")).startswith("cuda")
+    html = (out / "report.html").read_text()
+    assert dev["name"] in html and s["device"]["capability"] in html

@@ -1,0 +1,132 @@
+"""Every op target through its layout classes on the GPU, in worker processes.
+
+One sweep (module fixture) runs ``CASES`` cases of every (target, layout class) cell through a
+:class:`~harness.runner.pool.WorkerPool` on ``cuda`` (a sticky fault kills a worker, never this
+process, which does not initialise CUDA); the tests below assert on slices of it:
+
+- every target that can run here passes its plain-layout control classes (raw SageAttention
+  kernels excepted: they write ``k -= mean(k)`` into the caller's ``k``, so raw they are
+  ``input_mutation`` -- the registry's documented behaviour, checked here);
+- the layout-safe ops (``fp8_linear``, ``safe_attn.*``) pass in *every* class;
+- the raw kernels show the layout facts measured on an H200 (docs/gpu-findings.md);
+- no cell ends in a harness ``error``.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from harness.matrix import is_failure
+from harness.runner.targets import all_targets
+
+pytestmark = pytest.mark.gpu
+
+CASES = 2
+CONTROL = {"linear": ("contiguous", "2d", "3d"), "attention": ("hnd_contiguous", "nhd_contiguous")}
+#: raw kernels that write k -= mean(k) into their k argument (harness.quant.backends: modifies_inputs)
+RAW_WRITES_K = {"attn.sage1.sageattn", "attn.sage1.sageattn_varlen", "attn.sage3", "attn.sage3.no_block_mean"}
+
+
+@pytest.fixture(scope="module")
+def capability() -> tuple[int, int]:
+    from harness.runner.pool import probe_cuda
+
+    devs = probe_cuda()["devices"]
+    if not devs:
+        pytest.skip("no CUDA device")
+    return tuple(devs[0]["capability"])
+
+
+@pytest.fixture(scope="module")
+def sweep(capability) -> dict[tuple[str, str], list]:
+    """(target, class) -> [Result, ...] for every matrix target on cuda:0."""
+    from harness.runner.pool import WorkerPool
+
+    futures = collections.defaultdict(list)
+    with WorkerPool("cuda:0", workers_per_device=1, case_timeout=180) as pool:
+        for name, t in all_targets().items():
+            if t.kind not in CONTROL:
+                continue
+            for cls, f in t.layout_classes().items():
+                for i in range(CASES):
+                    futures[(name, cls)].append(pool.submit(f.build(i)))
+        return {k: [f.result() for f in fs] for k, fs in futures.items()}
+
+
+def _available(sweep, name: str) -> bool:
+    return not any(r.verdict.value == "unavailable" for (n, _), rs in sweep.items() if n == name for r in rs)
+
+
+def _show(rs) -> str:
+    return "\n".join(r.format() for r in rs if r.verdict.value != "pass")[:6000]
+
+
+def test_the_sweep_covered_the_gpu_targets(sweep, capability) -> None:
+    ran = {n for (n, _), rs in sweep.items() if all(r.verdict.value != "unavailable" for r in rs)}
+    must = {"fp8_linear", "raw.scaled_mm", "attn.sdpa", "attn.sdpa.math", "attn.sdpa.efficient",
+            "safe_attn.sdpa.efficient", "legacy.comfyui"}
+    if capability >= (8, 0):
+        must |= {"attn.sdpa.flash", "safe_attn.sdpa.flash"}
+    assert must <= ran, f"not run on this GPU: {sorted(must - ran)}"
+
+
+def test_no_harness_errors_or_lost_workers(sweep) -> None:
+    bad = [(k, r) for k, rs in sweep.items() for r in rs if r.verdict.value in ("error", "worker_crash")]
+    assert not bad, "\n".join(f"{k}: {r.format()}" for k, r in bad[:10])
+
+
+def test_every_target_passes_its_control_classes(sweep) -> None:
+    problems = []
+    for (name, cls), rs in sweep.items():
+        t = all_targets()[name]
+        if cls not in CONTROL[t.kind] or not _available(sweep, name):
+            continue
+        want = "input_mutation" if name in RAW_WRITES_K else "pass"
+        got = [r.verdict.value for r in rs]
+        if any(v != want for v in got):
+            problems.append(f"{name} x {cls}: expected {want}, got {got}\n{_show(rs)}")
+    assert not problems, "\n\n".join(problems)
+
+
+def test_layout_safe_ops_accept_every_class(sweep) -> None:
+    problems = []
+    for (name, cls), rs in sweep.items():
+        t = all_targets()[name]
+        if not getattr(t, "accepts_all_layouts", False) or not _available(sweep, name):
+            continue
+        bad = [r for r in rs if is_failure(r.verdict.value, True)]
+        if bad:
+            problems.append(f"{name} x {cls}: {[r.verdict.value for r in bad]}\n{_show(bad)}")
+    assert not problems, "\n\n".join(problems)
+
+
+#: (target, class) -> verdict, measured on an H200 (sm 9.0), torch 2.11+cu130 (docs/gpu-findings.md)
+H200_FACTS = {
+    ("raw.scaled_mm", "offset_1"): "rejected",  # CUBLAS_STATUS_NOT_SUPPORTED, context healthy
+    ("raw.scaled_mm", "offset_8"): "rejected",
+    ("raw.scaled_mm", "offset_16"): "pass",
+    ("raw.scaled_mm", "padded_rows"): "rejected",  # odd leading dimension
+    ("raw.scaled_mm", "transposed"): "rejected",  # torch: A must be row-major
+    ("attn.sdpa.flash", "misaligned_ptr_2"): "device_fault",  # sticky 'misaligned address'
+    ("attn.sdpa.flash", "misaligned_ptr_8"): "device_fault",
+    ("attn.sdpa.efficient", "misaligned_ptr_2"): "rejected",  # 'p.query_ptr is not correctly aligned'
+    ("attn.sdpa.efficient", "misaligned_ptr_8"): "device_fault",
+    ("attn.sdpa.cudnn", "misaligned_ptr_2"): "pass",
+    ("attn.sdpa.math", "misaligned_ptr_8"): "pass",
+    ("legacy.wanvideo_late2025", "values_beyond_448"): "input_mutation",
+}
+
+
+@pytest.mark.parametrize("cell", sorted(H200_FACTS), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_raw_kernel_layout_facts(sweep, capability, cell) -> None:
+    if capability != (9, 0):
+        pytest.skip(f"facts measured on compute capability 9.0, found {capability[0]}.{capability[1]}")
+    rs = sweep[cell]
+    if any(r.verdict.value == "unavailable" for r in rs):
+        pytest.skip(f"{cell[0]} unavailable: {rs[0].message}")
+    want = H200_FACTS[cell]
+    assert [r.verdict.value for r in rs] == [want] * len(rs), _show(rs)
+    if want == "device_fault":
+        assert all(r.attribution for r in rs), "device faults must come with an attribution"
