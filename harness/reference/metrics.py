@@ -494,13 +494,18 @@ def judge(out: Tensor, exact: Tensor, emulated_or_naive: Optional[Tensor], bound
     ``exact``: the high-precision reference on the same (already quantized) inputs.
     ``emulated_or_naive``: the emulated quantization scheme or same-precision naive run whose
     own error against ``exact`` scales the bound (None: the floor alone). Fails where the
-    output's NaN/inf pattern differs from the reference's, on NaN metrics, or when the ``bound.metric`` error exceeds the limit.
+    output's NaN/inf pattern differs from the reference's, when the emulated/naive run itself
+    is non-finite where ``exact`` is not (it cannot vouch for a bound then), on NaN metrics, or when the ``bound.metric`` error exceeds the limit.
     """
     rep = error_report(out, exact)
     ref_rep = error_report(emulated_or_naive, exact) if emulated_or_naive is not None else None
     ref_err = ref_rep.metric(bound.metric) if ref_rep is not None else None
-    if ref_err is not None and math.isnan(ref_err):
-        ref_err = math.inf
+    if ref_rep is not None and (ref_rep.nonfinite_mismatch or math.isnan(ref_err)):
+        # a broken reference run must not widen the bound: judge on the floor alone and fail
+        chk = bound.check(rep.metric(bound.metric), None)
+        return Judgement(False, "the emulated/naive reference run is broken against exact "
+                         f"({ref_rep.nonfinite_mismatch} non-finite mismatches, {bound.metric}="
+                         f"{ref_err}); fix the reference before judging", chk, rep, ref_rep)
     chk = bound.check(rep.metric(bound.metric), ref_err)
     if rep.nonfinite_mismatch:
         return Judgement(False, f"{rep.nonfinite_mismatch} position(s) where the output's "

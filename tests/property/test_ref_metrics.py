@@ -167,3 +167,11 @@ def test_judge_passes_fails_and_reports_numbers() -> None:
     j2 = mt.judge(nan_out, exact, naive, bound)
     assert not j2.passed and "finiteness" in j2.reason
     json.dumps(j2.to_dict(), allow_nan=False)
+
+
+def test_judge_refuses_a_broken_reference_run() -> None:
+    exact = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    broken = exact.clone()
+    broken[0] = math.nan
+    j = mt.judge(exact.clone(), exact, broken, mt.Bound(k=2.0, floor=0.0, why="test"))
+    assert not j.passed and "reference run is broken" in j.reason
