@@ -74,6 +74,8 @@ DEFAULT_CASE_TIMEOUT = 120.0
 DEFAULT_START_TIMEOUT = 300.0
 #: consecutive failed worker starts on one device before its queued cases fail
 MAX_START_FAILURES = 3
+#: seconds a worker that reported a device fault may take to exit before it is killed
+RETIRE_TIMEOUT = 30.0
 #: stored input values larger than this are not written beside a failing case (recipes suffice)
 MAX_SAVED_BYTES = 64 * 2**20
 
@@ -364,13 +366,14 @@ class WorkerPool:
     ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
     ``sanitizer``: also run that rerun under ``compute-sanitizer``. ``prefetch``: cases queued per worker.
+    ``threads``: torch intra-op threads per worker (default: the cores divided among the active workers).
     """
 
     def __init__(self, devices: str | Sequence[str] | None = None, workers_per_device: int = 1, *,
                  case_timeout: float = DEFAULT_CASE_TIMEOUT, spares: int | None = None,
                  cases_dir: str | os.PathLike | None = None, attribute: bool = True, sanitizer: bool = False,
                  prefetch: int = 2, start_timeout: float = DEFAULT_START_TIMEOUT,
-                 attribution_timeout: float | None = None) -> None:
+                 attribution_timeout: float | None = None, threads: int | None = None) -> None:
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device={workers_per_device!r} must be an integer >= 1")
         if not case_timeout or case_timeout <= 0:
@@ -390,6 +393,12 @@ class WorkerPool:
         self.attribute = attribute
         self.sanitizer = sanitizer
         self.prefetch = prefetch
+        if threads is None:
+            active = len(self.devices) * workers_per_device
+            threads = max(1, (os.cpu_count() or 1) // active)
+        if threads < 1:
+            raise ValueError(f"threads={threads!r} must be >= 1 (torch intra-op threads per worker)")
+        self._threads = threads
         self.attribution_timeout = attribution_timeout or max(120.0, 2 * self.case_timeout) * (10 if sanitizer else 1)
         #: seconds from losing a worker until its device had its full count of ready workers again
         self.recoveries: list[float] = []
@@ -543,7 +552,7 @@ class WorkerPool:
         name = f"{device}#{next(self._names)}"
         log_path = os.path.join(self._tmp, f"{name.replace(':', '_').replace('#', '_')}.log")
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, args=(child_conn, device, name, log_path),
+        proc = self._ctx.Process(target=worker_main, args=(child_conn, device, name, log_path, self._threads),
                                  name=f"harness-worker-{name}", daemon=True)
         proc.start()
         child_conn.close()
@@ -741,6 +750,11 @@ class WorkerPool:
             w = ready[0]
             if len(w.outstanding) >= self.prefetch:
                 break
+            if w.outstanding and self._pending[0].blob is not None:
+                # stored values can exceed the pipe's buffer: a send to a busy worker would block
+                # this loop (and with it timeouts and results) until that worker reads
+                ready.remove(w)
+                continue
             item = self._pending.popleft()
             try:
                 w.conn.send(("run", item.id, item.case, item.blob, item.record_ops))
@@ -832,6 +846,10 @@ class WorkerPool:
                     self._finish(item, result)
                 else:
                     self._lose(w, "killed after answering", 0)
+                self._reap(w)
+            elif w.state == "retiring" and now - w.running_since > RETIRE_TIMEOUT:
+                w.proc.kill()  # it answered its device fault but did not exit
+                w.proc.join(5)
                 self._reap(w)
             elif w.state == "starting" and now - w.started > self.start_timeout:
                 w.proc.kill()

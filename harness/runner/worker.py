@@ -105,11 +105,19 @@ def _warm_up(device: str) -> None:
         raise RuntimeError(f"warm-up case failed on {device}: {r.verdict.value}: {r.message}")
 
 
-def worker_main(conn: Any, device: str, name: str, log_path: str | None = None) -> None:
-    """Loop of a pool worker (the ``spawn`` target). Never returns normally; exits the process."""
+def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, threads: int | None = None) -> None:
+    """Loop of a pool worker (the ``spawn`` target). Never returns normally; exits the process.
+
+    ``threads``: torch intra-op threads for this worker (the pool divides the cores among its
+    workers; oversubscribed OpenMP threads spin and make small cases 50x slower).
+    """
     _redirect_stderr(log_path)
     _die_with_parent()
     try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         info = _setup_device(device)
         _warm_up(device)
         from harness.runner.execute import run_case
