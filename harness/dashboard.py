@@ -285,7 +285,7 @@ def build_series(runs: Sequence[Run]) -> list[Series]:
                     family=extra.get("family") if isinstance(extra.get("family"), str) else None,
                 )
             s.points.append(_point(entry, i))
-    return sorted(by_key.values(), key=lambda s: (s.device, s.machine, s.group or "", s.fullname))
+    return sorted(by_key.values(), key=lambda s: (s.device, s.machine, s.family or "~", s.group or "", s.fullname))
 
 
 @dataclass(frozen=True)
@@ -521,7 +521,9 @@ def _trend_svg(s: Series, runs: Sequence[Run], checks: Sequence[RegressionCheck 
 def _bar_svg(rows: Sequence[tuple[str, float, str]], *, unit: str, target: float | None = None,
              target_label: str = "", css: str) -> str:
     """Horizontal bars (label, value, colour); an optional dashed target line."""
-    W, row_h, L, R, T, B = 760, 20, 300, 70, 10, 28
+    # the label column is as wide as the longest label (11 px sans-serif: ~6.5 px per character)
+    L = int(min(640, max(120, 6.5 * max((len(label) for label, _, _ in rows), default=10) + 14)))
+    W, row_h, R, T, B = L + 460, 20, 70, 10, 28
     H = T + B + row_h * len(rows)
     vmax = max([v for _, v, _ in rows if math.isfinite(v)] + [target or 0, 1e-12]) * 1.1
     pw = W - L - R
@@ -562,6 +564,7 @@ def _bar_svg(rows: Sequence[tuple[str, float, str]], *, unit: str, target: float
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}h3{font-size:14px;margin:4px 0}
+h4{font-size:13px;margin:12px 0 4px;color:#555}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .bad{color:#d62728;font-weight:bold}.ok{color:#2ca02c}.note{color:#666;font-size:12px}
@@ -736,15 +739,19 @@ def render_html(
         else:
             o.append('<p class="note">no result in the latest run records a ceiling ratio</p>')
 
-        o.append('<h3>Trends</h3><div class="grid">')
-        for s in dev_series:
-            c = checks[s.key][-1]
-            bad = c is not None and c.regressed
-            o.append(f'<div class="card{" regressed" if bad else ""}"><h3>{_esc(s.name)}'
-                     f'{" <span class=bad>REGRESSION " + format(c.change, "+.1%") + "</span>" if bad else ""}</h3>')
-            o.append(_trend_svg(s, runs, checks[s.key], threshold))
+        o.append("<h3>Trends</h3>")
+        for family in dict.fromkeys(s.family or "other" for s in dev_series):
+            o.append(f'<h4>{_esc(family)}</h4><div class="grid">')
+            for s in dev_series:
+                if (s.family or "other") != family:
+                    continue
+                c = checks[s.key][-1]
+                bad = c is not None and c.regressed
+                o.append(f'<div class="card{" regressed" if bad else ""}"><h3>{_esc(s.name)}'
+                         f'{" <span class=bad>REGRESSION " + format(c.change, "+.1%") + "</span>" if bad else ""}</h3>')
+                o.append(_trend_svg(s, runs, checks[s.key], threshold))
+                o.append("</div>")
             o.append("</div>")
-        o.append("</div>")
 
     o.append("<h2>Matrix report</h2>")
     o.append(_matrix_html(matrix, matrix_note))
@@ -791,7 +798,8 @@ def build_dashboard(
 
 
 def latest_table(runs: Sequence[Run]) -> str:
-    """A plain-text table of the latest run per device: benchmark, median, throughput, ceiling ratio, speed-up."""
+    """A plain-text table of the latest run per device: benchmark, median, throughput, ceiling ratio, speed-up
+    over bf16 on the same shape; then the speed-target verdicts of that run."""
     series = build_series(runs)
     lines = []
     for device in dict.fromkeys(s.device for s in series):
@@ -803,7 +811,7 @@ def latest_table(runs: Sequence[Run]) -> str:
             p = s.points[-1]
             if p.run != last:
                 continue
-            up = sp.get((s.shape_key, s.op))
+            up = None if s.family in SPEEDUP_SKIP_FAMILIES else sp.get((s.shape_key, s.op))
             rows.append((
                 s.name, _fmt(p.median), f"{_fmt(p.throughput)} {p.unit or ''}".strip(),
                 f"{_fmt(p.ceiling_ratio)} {p.ceiling_name or ''}".strip(), f"{_fmt(up)}x" if up else "",
@@ -812,6 +820,12 @@ def latest_table(runs: Sequence[Run]) -> str:
         lines.append(f"== {device} ({runs[last].label})")
         for r in rows:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        for t in speed_targets(runs[last]):
+            if t["device"] == device:
+                lines.append(
+                    f"speed target {t['shape_key']}: fp8_linear {_fmt(t['speedup_vs_bf16'])}x bf16 "
+                    f"(>= {t['min_speedup_vs_bf16']:g}x), {t['overhead_vs_bare']:+.1%} vs bare cast + _scaled_mm "
+                    f"(<= {t['max_overhead_vs_bare']:.0%}): {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
 
 

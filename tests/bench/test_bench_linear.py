@@ -8,6 +8,9 @@
   asserted from interleaved medians (:data:`harness.bench.SPEED_TARGET`).
 - ``test_bench_realign``: ``fp8_linear`` on an input offset by one bf16 element
   (a misaligned view) against the aligned input — the cost of realigning.
+- ``test_bench_quantize``: the memory-bound steps before the GEMM on each Wan
+  activation shape — the amax pass, fp8_linear's quantizing division
+  (``quantize_activation``) and a bare cast, in GB/s against the copy ceiling.
 
 Activations are (1, L, C) bf16 as in the Wan blocks; weights FP8 E4M3 (N, K)
 with a per-tensor scale, as Wan FP8 checkpoints store them.  All inputs are
@@ -35,12 +38,16 @@ from harness.bench import (
     wan_linear_shapes,
 )
 from harness.layouts import LayoutSpec, data_ptr_alignment, materialize
-from harness.quant.linear import fp8_linear
+from harness.quant.linear import fp8_linear, quantize_activation
 
 SHAPES = wan_linear_shapes()
 TARGET_SHAPES = [s for s in SHAPES if s.model == "14B" and s.tokens == 32760]
 REALIGN_SHAPES = [s for s in SHAPES if s.tokens in (32760, 512) and (s.model == "14B" or s.proj == "qkvo")]
 OPS = ("bf16_linear", "fp8_linear", "scaled_mm_bare")
+#: Distinct (model, tokens, width) of the activations the projections read (q/k/v/o and FFN up read C, FFN down ffn).
+ACTIVATIONS = sorted({(s.model, s.tokens, s.in_features) for s in SHAPES if s.proj != "cross_kv"})
+#: Bytes per activation element each quantization step must move at least (bf16 read, fp8 write).
+QUANT_OPS = {"quantize.amax": 2, "quantize.activation": 3, "quantize.cast": 3}
 
 pytestmark = pytest.mark.gpu
 
@@ -171,3 +178,31 @@ def test_bench_realign(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, roun
     record(benchmark, timing, op="fp8_linear.offset1", family="realign", shape_key=shape.key, shape=shape.as_dict(),
            ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops, realign=realign,
            input_sets=len(aligned_sets))
+
+
+@pytest.mark.parametrize("op", sorted(QUANT_OPS))
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: f"wan{a[0]}.act.L{a[1]}.C{a[2]}")
+def test_bench_quantize(benchmark, act, op, fp8_device, gpu_ceilings, gpu_env, rounds_policy) -> None:
+    """One memory-bound quantization step on one Wan activation; GB/s over the bytes it must move.
+
+    ``quantize.amax``: the per-tensor amax pass of a dynamic scale (reads bf16);
+    ``quantize.activation``: fp8_linear's ``quantize_activation`` (x / scale into a fresh
+    FP8 tensor); ``quantize.cast``: a bare ``x.to(float8_e4m3fn)``, the floor.
+    """
+    model, tokens, width = act
+    device = fp8_device
+    x = random_tensor((1, tokens, width), torch.bfloat16, device, 4000)
+    assert_not_all_zero({"x": x})
+    scale = (x.abs().amax().float() / 448.0).reshape(1)
+    sets = [(x,)] + [(random_tensor((1, tokens, width), torch.bfloat16, device, 4000 + i),)
+                     for i in range(1, rotation_count(tensor_bytes([x]), device))]
+    step = {
+        "quantize.amax": lambda t: torch.aminmax(t),
+        "quantize.activation": lambda t: quantize_activation(t, scale),
+        "quantize.cast": lambda t: t.to(torch.float8_e4m3fn),
+    }[op]
+    warmup, rounds = rounds_policy.for_device(device)
+    timing = run_benchmark(benchmark, rotate(step, sets), device, warmup=warmup, rounds=rounds)
+    record(benchmark, timing, op=op, family="quantize", shape_key=f"wan{model}.act.L{tokens}.C{width}",
+           shape={"M": tokens, "K": width, "model": model}, ceilings=gpu_ceilings, ceiling="copy", env=gpu_env,
+           nbytes=QUANT_OPS[op] * x.numel(), input_sets=len(sets))

@@ -242,6 +242,9 @@ def test_dashboard_speed_target_verdicts(tmp_path: Path) -> None:
     assert {t["shape_key"]: t["met"] for t in speed_targets(runs[0])} == {"s1": True, "s2": False, "s3": False}
     page = render_html(runs, [], storage="x", threshold=0.1, window=5)
     assert page.count(">MISSED<") == 2 and page.count(">met<") == 1
+    table = latest_table(runs)
+    assert "speed target s1: fp8_linear 1.55x bf16 (>= 1.5x), +2.0% vs bare cast + _scaled_mm (<= 5%): met" in table
+    assert table.count("MISSED") == 2
 
 
 # --------------------------------------------------------------------------- malformed files
@@ -358,20 +361,37 @@ def test_dashboard_latest_table_lists_latest_run(tmp_path: Path) -> None:
     assert "vs bf16" in table and "TFLOP/s" in table and "GB/s" in table
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "dashboard", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``python -m harness dashboard ARGS`` in-process: (exit code, stdout, stderr)."""
+    from harness.cli import main
+
+    try:
+        rc = main(["dashboard", *args])
+    except SystemExit as exc:  # argparse rejects arguments this way
+        rc = int(exc.code)
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-def test_dashboard_cli_writes_page_and_reports_regression(tmp_path: Path) -> None:
+def test_dashboard_cli_entry_point(tmp_path: Path) -> None:
+    """The real command line, in a subprocess, as the nightly job runs it."""
     out = tmp_path / "d.html"
-    r = _cli("--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.10", "--window", "5",
-             "--fail-on-regression")
-    assert r.returncode == 1, r.stderr
-    assert out.is_file() and f"REGRESSION {SLOWED}" in r.stdout
-    r = _cli("--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.9")
+    r = subprocess.run([sys.executable, "-m", "harness", "dashboard", "--storage", str(FIXTURES), "--out", str(out),
+                        "--print-latest"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "0 regressions" in r.stdout
+    assert out.is_file() and "1 regressions" in r.stdout and "vs bf16" in r.stdout
+
+
+def test_dashboard_cli_writes_page_and_reports_regression(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d.html"
+    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.10",
+                              "--window", "5", "--fail-on-regression")
+    assert rc == 1, stderr
+    assert out.is_file() and f"REGRESSION {SLOWED}" in stdout
+    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.9",
+                              "--fail-on-regression")
+    assert rc == 0, stderr
+    assert "0 regressions" in stdout
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -379,17 +399,17 @@ def test_dashboard_cli_writes_page_and_reports_regression(tmp_path: Path) -> Non
     (("--threshold", "ten"), "--threshold 'ten' is not a number"),
     (("--window", "0"), "--window '0' must be >= 1"),
 ])
-def test_dashboard_cli_rejects_bad_arguments(tmp_path: Path, args, expected) -> None:
-    r = _cli("--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"), *args)
-    assert r.returncode == 2 and expected in r.stderr
+def test_dashboard_cli_rejects_bad_arguments(tmp_path: Path, capsys, args, expected) -> None:
+    rc, _, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"), *args)
+    assert rc == 2 and expected in stderr
 
 
-def test_dashboard_cli_empty_storage_exit_2(tmp_path: Path) -> None:
+def test_dashboard_cli_empty_storage_exit_2(tmp_path: Path, capsys) -> None:
     (tmp_path / "store").mkdir()
-    r = _cli("--storage", str(tmp_path / "store"), "--out", str(tmp_path / "d.html"))
-    assert r.returncode == 2 and "no usable pytest-benchmark runs" in r.stderr
-    r = _cli("--storage", str(tmp_path / "missing"), "--out", str(tmp_path / "d.html"))
-    assert r.returncode == 2 and "is not a directory" in r.stderr
+    rc, _, stderr = _cli(capsys, "--storage", str(tmp_path / "store"), "--out", str(tmp_path / "d.html"))
+    assert rc == 2 and "no usable pytest-benchmark runs" in stderr
+    rc, _, stderr = _cli(capsys, "--storage", str(tmp_path / "missing"), "--out", str(tmp_path / "d.html"))
+    assert rc == 2 and "is not a directory" in stderr
 
 
 def test_dashboard_build_returns_what_it_found(tmp_path: Path) -> None:
