@@ -61,6 +61,7 @@ from harness.values import ValueSpec
 __all__ = [
     "LinearTarget",
     "Fp8LinearTarget",
+    "Fp8LinearStaticTarget",
     "LegacyTarget",
     "RawScaledMmTarget",
     "PluginLinearTarget",
@@ -112,6 +113,8 @@ class LinearTarget(ClassTarget):
     input_format = "e4m3"
     #: input scale of the emulated scheme: "dynamic" (amax / format max, per tensor) or "ones" (scale 1)
     input_scaling = "dynamic"
+    #: a stored static input scale (``scale_input`` of scaled checkpoints) the op is given; None: none stored
+    input_scale: float | None = None
     scheme = "per-tensor dynamic-scale E4M3 input x FP8 E4M3 weight, FP32 accumulation, bf16 output"
 
     # ---- cases
@@ -120,15 +123,18 @@ class LinearTarget(ClassTarget):
         layouts = {"weight": LayoutSpec.contiguous((n, k), "float8_e4m3fn"),
                    "bias": LayoutSpec.contiguous((n,), "bfloat16")}
         values = {"weight": ValueSpec("normal", seed), "bias": ValueSpec("normal", seed + 1)}
-        return self._case(draw, class_name, seed, layouts=layouts, values=values,
-                          params={"weight_scale": self.weight_scale, "out_dtype": "bfloat16"})
+        params = {"weight_scale": self.weight_scale, "out_dtype": "bfloat16"}
+        if self.input_scale is not None:
+            params["input_scale"] = self.input_scale
+        return self._case(draw, class_name, seed, layouts=layouts, values=values, params=params)
 
     def make_inputs(self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
                     ) -> dict[str, torch.Tensor]:
         inputs = materialize_inputs(case, device, values)
-        ws = case.params.get("weight_scale")
-        if ws is not None:
-            inputs["weight_scale"] = torch.tensor(float(ws), dtype=torch.float32, device=device)
+        for key in ("weight_scale", "input_scale"):
+            v = case.params.get(key)
+            if v is not None:
+                inputs[key] = torch.tensor(float(v), dtype=torch.float32, device=device)
         return inputs
 
     # ---- references
@@ -152,7 +158,10 @@ class LinearTarget(ClassTarget):
 
         x = inputs["x"]
         k = x.shape[-1]
-        scale = None if self.input_scaling == "dynamic" else 1.0  # scale 1: saturating cast, as the clamp does
+        if inputs.get("input_scale") is not None:  # static scale: saturating cast of x / scale
+            scale: Any = float(inputs["input_scale"])
+        else:
+            scale = None if self.input_scaling == "dynamic" else 1.0  # scale 1: saturating, as the clamp does
         qx = quantize(x.to(torch.float32).reshape(-1, k), self.input_format, granularity="tensor", scale=scale)
         ws = inputs.get("weight_scale")
         w = inputs["weight"]
@@ -198,8 +207,18 @@ class Fp8LinearTarget(LinearTarget):
     def call(self, x, inputs):
         from harness.quant.linear import fp8_linear
 
-        return fp8_linear(x, inputs["weight"], weight_scale=inputs.get("weight_scale"), bias=inputs.get("bias"),
-                          out_dtype=self.out_dtype)
+        return fp8_linear(x, inputs["weight"], weight_scale=inputs.get("weight_scale"),
+                          input_scale=inputs.get("input_scale"), bias=inputs.get("bias"), out_dtype=self.out_dtype)
+
+
+@register_target
+class Fp8LinearStaticTarget(Fp8LinearTarget):
+    """``fp8_linear`` given a stored static ``input_scale`` (1.0): values beyond 448 must saturate, never NaN."""
+
+    name = "fp8_linear.static_scale"
+    input_scale = 1.0
+    scheme = "E4M3 input x / input_scale (static), saturating at +-448 x FP8 E4M3 weight, FP32 accumulation, bf16 output"
+    description = "robust FP8 linear with a stored static input scale (clamps on a temporary copy)"
 
 
 class LegacyTarget(LinearTarget):
@@ -221,17 +240,21 @@ class LegacyTarget(LinearTarget):
         from harness.quant.legacy import legacy_op
 
         return legacy_op(self.legacy_name)(x, inputs["weight"], weight_scale=inputs.get("weight_scale"),
-                                           bias=inputs.get("bias"), out_dtype=self.out_dtype)
+                                           input_scale=inputs.get("input_scale"), bias=inputs.get("bias"),
+                                           out_dtype=self.out_dtype)
 
 
-def _legacy(name: str, fmt: str, scale: float | None, scheme: str, doc: str) -> type[LegacyTarget]:
-    cls = type(f"Legacy_{name}", (LegacyTarget,), {
-        "name": f"legacy.{name}", "legacy_name": name, "input_format": fmt, "weight_scale": scale,
-        "scheme": scheme, "description": doc, "__doc__": doc})
+def _legacy(name: str, fmt: str, scale: float | None, scheme: str, doc: str, *, input_scale: float | None = None,
+            suffix: str = "") -> type[LegacyTarget]:
+    cls = type(f"Legacy_{name}{suffix.replace('.', '_')}", (LegacyTarget,), {
+        "name": f"legacy.{name}{suffix}", "legacy_name": name, "input_format": fmt, "weight_scale": scale,
+        "input_scale": input_scale, "scheme": scheme, "description": doc, "__doc__": doc})
     return register_target(cls)
 
 
 _LEGACY_SCHEME = "E4M3 input with scale 1, clamped to +-448 x FP8 E4M3 weight, FP32 accumulation, bf16 output"
+_STATIC_SCHEME = ("E4M3 input x / scale_input (stored static scale), saturating at +-448 x FP8 E4M3 weight, "
+                  "FP32 accumulation, bf16 output")
 
 LEGACY_TARGETS: dict[str, type[LegacyTarget]] = {
     # early 2025 ignores any stored scale (ones scales), as the unscaled checkpoints of its time needed:
@@ -249,6 +272,17 @@ LEGACY_TARGETS: dict[str, type[LegacyTarget]] = {
     "legacy.comfyui": _legacy(
         "comfyui", "e4m3", DEFAULT_WEIGHT_SCALE, _LEGACY_SCHEME,
         "ComfyUI fp8_linear with its caller's fallback to a plain linear"),
+    # With a stored scale_input (scaled checkpoints) ComfyUI-style forwards skip the clamp and cast
+    # x / scale_input straight to E4M3: values beyond 448 saturate on torch 2.13's CPU cast but turn
+    # to NaN on torch 2.11 (CPU and CUDA) -- a version-dependent defect (quant-numerics.md section 1).
+    "legacy.comfyui.scaled_input": _legacy(
+        "comfyui", "e4m3", DEFAULT_WEIGHT_SCALE, _STATIC_SCHEME,
+        "ComfyUI fp8_linear with a stored scale_input: unclamped cast of x / scale_input",
+        input_scale=1.0, suffix=".scaled_input"),
+    "legacy.user_fixed.scaled_input": _legacy(
+        "user_fixed", "e4m3", DEFAULT_WEIGHT_SCALE, _STATIC_SCHEME,
+        "the user's fixed forward with a stored scale_input: unclamped cast of x / scale_input",
+        input_scale=1.0, suffix=".scaled_input"),
 }
 
 
@@ -270,16 +304,7 @@ class RawScaledMmTarget(LinearTarget):
     def available(self, device):
         return _scaled_mm_available(device)
 
-    def case_from_draw(self, draw, class_name, seed):
-        case = super().case_from_draw(draw, class_name, seed)
-        case.params["input_scale"] = 2.0**-2  # dequantization scale of A (exact)
-        return case
-
-    def make_inputs(self, case, device, values=None):
-        inputs = super().make_inputs(case, device, values)
-        inputs["input_scale"] = torch.tensor(float(case.params.get("input_scale", 1.0)), dtype=torch.float32,
-                                             device=device)
-        return inputs
+    input_scale = 2.0**-2  # dequantization scale of A (exact)
 
     def exact(self, inputs):
         x = inputs["x"].to(torch.float64) * inputs["input_scale"].to(torch.float64)

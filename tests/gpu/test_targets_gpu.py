@@ -116,6 +116,9 @@ H200_FACTS = {
     ("attn.sdpa.cudnn", "misaligned_ptr_2"): "pass",
     ("attn.sdpa.math", "misaligned_ptr_8"): "pass",
     ("legacy.wanvideo_late2025", "values_beyond_448"): "input_mutation",
+    # x / scale_input cast to E4M3 unclamped: torch 2.11's CUDA cast gives NaN from 480 up
+    ("legacy.comfyui.scaled_input", "values_beyond_448"): "nonfinite",
+    ("legacy.user_fixed.scaled_input", "values_beyond_448"): "nonfinite",
 }
 
 

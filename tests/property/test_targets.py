@@ -193,7 +193,7 @@ def test_cpu_target_passes_on_plain_layouts(name: str) -> None:
             assert r.metrics["ratio"] <= 1.0 and r.bound["why"]
 
 
-@pytest.mark.parametrize("name", ["fp8_linear", "safe_attn.sdpa", "safe_attn.emu.naive"])
+@pytest.mark.parametrize("name", ["fp8_linear", "fp8_linear.static_scale", "safe_attn.sdpa", "safe_attn.emu.naive"])
 def test_layout_safe_targets_pass_in_every_class(name: str) -> None:
     t = get_target(name)
     assert t.accepts_all_layouts
@@ -220,6 +220,17 @@ def test_known_bad_cells_get_their_verdict(name: str, cls: str, verdict: str, da
     case = data.draw(get_target(name).layout_classes()[cls]())
     r = run_case(case, "cpu")
     assert r.verdict.value == verdict, r.format()
+
+
+@pytest.mark.parametrize("name", ["legacy.comfyui.scaled_input", "legacy.user_fixed.scaled_input"])
+def test_unclamped_cast_follows_this_torch_versions_fp8_overflow(name: str) -> None:
+    """With a stored scale_input the ComfyUI-style forwards cast x / scale unclamped: NaN where this torch's
+    E4M3 cast overflows to NaN (2.11), a pass where it saturates (2.13 CPU) -- probed, not assumed."""
+    nan_cast = bool(torch.isnan(torch.tensor([480.0, 1e4]).to(torch.float8_e4m3fn).float()).any())
+    case = get_target(name).layout_classes()["values_beyond_448"].build(0)
+    r = run_case(case, "cpu")
+    assert r.verdict.value == ("nonfinite" if nan_cast else "pass"), r.format()
+    assert r.verdict.value == "pass" or "NaN/inf" in r.message
 
 
 def test_late2025_mutation_message_names_the_input_and_count() -> None:
