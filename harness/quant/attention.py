@@ -6,7 +6,7 @@ the backend's :class:`~harness.quant.backends.Requirements` demand and records e
 - a layout the backend does not take (HND vs NHD) -> ``transpose`` of dims 1 and 2, **a view**
   (no copy); the output is transposed back the same way;
 - last-dim stride != 1 where the backend needs 1, a data pointer or a non-unit stride that is
-  not a multiple of the backend's alignment (16 bytes for the CUDA kernels), or a backend that
+  not a multiple of the backend's (stride) alignment (16 bytes for the CUDA kernels), or a backend that
   writes to this input (SageAttention 1 with ``smooth_k`` and SageAttention 3 do ``k -= mean(k)``
   in place) -> **one** fresh copy that fixes all of them at once.
 
@@ -85,14 +85,15 @@ def _copy_reasons(name: str, g: Geom, be: AttentionBackend, writes: bool) -> lis
     why: list[str] = []
     if req.last_dim_stride_one and g.shape and g.shape[-1] > 1 and g.strides[-1] != 1:
         why.append(f"last-dim stride is {g.strides[-1]}, {be.name} needs 1")
-    if req.alignment:
-        if g.ptr_align < req.alignment:
-            why.append(f"data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset}), "
-                       f"{be.name} needs {req.alignment}")
+    if req.alignment and g.ptr_align < req.alignment:
+        why.append(f"data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset}), "
+                   f"{be.name} needs {req.alignment}")
+    stride_al = req.alignment if req.stride_alignment is None else req.stride_alignment
+    if stride_al:
         for dim, (size, stride) in enumerate(zip(g.shape, g.strides)):
-            if size > 1 and stride not in (0, 1) and (stride * g.itemsize) % req.alignment:
+            if size > 1 and stride not in (0, 1) and (stride * g.itemsize) % stride_al:
                 why.append(f"dim {dim} stride is {stride} elements = {stride * g.itemsize} bytes, "
-                           f"not a multiple of {req.alignment}")
+                           f"not a multiple of {stride_al}")
                 break
     if writes:
         why.append(f"{be.name} writes to its {name} input (e.g. k -= mean(k)); copied to protect the caller's tensor")

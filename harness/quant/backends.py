@@ -141,7 +141,8 @@ class Requirements:
     head_dim_multiple: Optional[int] = None
     layouts: tuple[str, ...] = _LAYOUTS
     last_dim_stride_one: bool = False
-    alignment: int = 0  # bytes every data pointer and non-unit stride must be a multiple of (0: none)
+    alignment: int = 0  # bytes every data pointer must be a multiple of (0: none)
+    stride_alignment: Optional[int] = None  # bytes every non-unit stride must be a multiple of (None: = alignment)
     modifies_inputs: tuple[str, ...] = ()  # which of "q", "k", "v" it may write
     modifies_unless: Optional[tuple[str, Any]] = None  # (kwarg, value) that turns the writing off
     varlen: bool = False
@@ -420,8 +421,9 @@ def _b(name: str, description: str, runner: Runner, kind: str = "native", **req:
 
 
 BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
-    _b("sdpa", "torch SDPA, kernel chosen by torch", _sdpa_runner(None), layouts=("HND",),
-       notes="NHD inputs are passed as transposed views"),
+    _b("sdpa", "torch SDPA, kernel chosen by torch", _sdpa_runner(None), layouts=("HND",), alignment=16,
+       notes="NHD inputs are passed as transposed views; alignment 16 because torch may pick the flash or "
+             "efficient kernel, which fault on misaligned pointers (docs/gpu-findings.md)"),
     _b("sdpa.flash", "torch SDPA forced to FLASH_ATTENTION", _sdpa_runner("FLASH_ATTENTION"),
        device="cuda", min_capability=(8, 0), torch_feature="flash", dtypes=_HALF, max_head_dim=256,
        layouts=("HND",), last_dim_stride_one=True, alignment=16,
@@ -431,7 +433,8 @@ BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
        notes="8-byte misaligned inputs are a sticky fault on H200 (docs/gpu-findings.md)"),
     _b("sdpa.cudnn", "torch SDPA forced to CUDNN_ATTENTION", _sdpa_runner("CUDNN_ATTENTION"),
        device="cuda", min_capability=(8, 0), torch_feature="cudnn", dtypes=_HALF, max_head_dim=256,
-       layouts=("HND",), last_dim_stride_one=True),
+       layouts=("HND",), last_dim_stride_one=True, stride_alignment=16,
+       notes="misaligned pointers work on H200 (docs/gpu-findings.md); odd strides are unverified, so copied"),
     _b("sdpa.math", "torch SDPA forced to MATH (reference kernel)", _sdpa_runner("MATH"),
        dtypes=("float16", "bfloat16", "float32", "float64"), layouts=("HND",)),
     _b("sage1.sageattn", "SageAttention 1.x sageattn (Triton): INT8 QK, FP16 PV", _sage_runner("sageattention", "sageattn"),
@@ -489,12 +492,23 @@ EMULATION_OF: dict[str, str] = {
     "sdpa": "emu.naive", "sdpa.flash": "emu.naive", "sdpa.efficient": "emu.naive", "sdpa.cudnn": "emu.naive",
     "sdpa.math": "emu.naive", "flash_attn": "emu.naive",
     "sage1.sageattn": "emu.sage1", "sage1.sageattn_varlen": "emu.sage1",
-    "sage2.sageattn": "emu.sage2", "sage2.qk_int8_pv_fp16_triton": "emu.sage2",
+    "sage2.sageattn": "emu.sage2", "sage2.qk_int8_pv_fp16_triton": "emu.sage1",
     "sage2.qk_int8_pv_fp16_cuda": "emu.sage2", "sage2.qk_int8_pv_fp8_cuda": "emu.sage2",
     "sage2.qk_int8_pv_fp8_cuda_sm90": "emu.sage2.sm90", "sage2.sageattn_varlen": "emu.sage2",
     "sage3": "emu.sage3", "sage3.no_block_mean": "emu.sage3",
 }
-__all__.append("EMULATION_OF")
+__all__ += ["EMULATION_OF", "emulation_for"]
+
+
+def emulation_for(name: str, device: Optional[Any] = None) -> str:
+    """The emulation modelling ``name`` on ``device``: ``EMULATION_OF``, refined where the kernel
+    depends on the GPU (``sage2.sageattn`` runs the sm90 kernel on compute capability 9.0).
+    Probes the capability only for that case (call it where CUDA may be initialised)."""
+    emu = EMULATION_OF.get(name, "emu.naive" if name not in BACKENDS or BACKENDS[name].kind != "emulated" else name)
+    if name == "sage2.sageattn" and device is not None and torch.device(device).type == "cuda" and _cuda_available():
+        if tuple(_capability(torch.device(device))) == (9, 0):
+            return "emu.sage2.sm90"
+    return emu
 
 
 def get_backend(name: str) -> AttentionBackend:

@@ -1,0 +1,205 @@
+"""fp8_linear on CUDA (torch._scaled_mm): every layout against the emulation, the raw kernel's defect, no mutation.
+
+Skips name what is missing: "no CUDA device", "FP8 matmul needs compute capability >= 8.9, found 8.6".
+Bounds are derived the same way as on the CPU: float32 accumulation of K exact FP8 products in any
+order (2 x gamma_(K+2) x |A||B|) plus one output ULP, against ``harness.reference.formats.scaled_mm``
+run on the very operands fp8_linear handed to the kernel (``LinearResult.a/b/scale_a/scale_b``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from harness.layouts import LayoutSpec, data_ptr_alignment, materialize, poison_intact
+from harness.quant.legacy import legacy_op
+from harness.quant.linear import LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan
+from harness.reference.formats import round_to_format, scaled_mm
+from harness.reference.metrics import Bound, judge, summation_bound, ulp
+from harness.strategies import layouts
+
+pytestmark = pytest.mark.gpu
+
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.fixture
+def dev() -> torch.device:
+    """A CUDA device that can run FP8 matmul (probed when the test runs, never at import)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        pytest.skip(f"FP8 matmul needs compute capability >= 8.9, found {major}.{minor}")
+    return torch.device("cuda")
+
+
+def kernel_bound(res: LinearResult, emulated: torch.Tensor) -> Bound:
+    """float32 accumulation in any order on both sides (2 x gamma_(K+2) x |A||B|) + 1 output ULP."""
+    a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
+    b = res.b.to(torch.float64) * res.scale_b.to(torch.float64)
+    k = res.a.shape[1]
+    acc = summation_bound(a.abs() @ b.abs(), k + 2, torch.float32)[:, : res.plan.n]
+    per_elem = 2 * acc + ulp(emulated.reshape(acc.shape), res.plan.out_dtype)
+    return Bound(k=0.0, floor=float(per_elem.max()),
+                 why=f"cuBLASLt and the emulation both accumulate K={k} FP8 products in float32 "
+                     f"(2 x gamma_(K+2) x |A||B|) + 1 ULP of {res.plan.out_dtype}")
+
+
+def check(res: LinearResult, bias: torch.Tensor | None = None) -> None:
+    emu = scaled_mm(res.a, res.b, res.scale_a, res.scale_b, bias=res.bias, out_dtype=res.plan.out_dtype)
+    emu = emu[:, : res.plan.n]
+    if bias is not None and res.plan.out_dtype == torch.float32:
+        emu = emu + bias.to(torch.float32)
+    j = judge(res.out.reshape(emu.shape).double(), emu.double(), None, kernel_bound(res, emu))
+    assert j.passed, f"{j}\n{res.plan.describe()}"
+
+
+def weight(n: int, k: int, dev: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = round_to_format(torch.randn(n, k, generator=g) * 4, "e4m3").to(E4M3).to(dev)
+    return w, torch.tensor(2.0 ** -4, device=dev)
+
+
+M, K, N = 96, 256, 192
+LAYOUTS = [
+    ("bf16 contiguous", LayoutSpec((2, 48, K), "bfloat16")),
+    ("bf16 offset 1 element (2 B)", LayoutSpec((2, 48, K), "bfloat16", offset=1)),
+    ("bf16 transposed memory", LayoutSpec((2, 48, K), "bfloat16", perm=(2, 0, 1))),
+    ("bf16 last stride 2", LayoutSpec((M, K), "bfloat16", step=(1, 2))),
+    ("bf16 odd leading dim", LayoutSpec((M, K), "bfloat16", pad=(0, 1))),
+    ("fp8 offset 1 byte", LayoutSpec((M, K), "float8_e4m3fn", offset=1)),
+    ("fp8 offset 8 bytes", LayoutSpec((M, K), "float8_e4m3fn", offset=8)),
+    ("fp8 offset 16 bytes", LayoutSpec((M, K), "float8_e4m3fn", offset=16)),
+    ("fp8 odd leading dim", LayoutSpec((M, K), "float8_e4m3fn", pad=(0, 1))),
+    ("fp8 column-major", LayoutSpec((M, K), "float8_e4m3fn", perm=(1, 0))),
+    ("fp32 3-D unmergeable rows", LayoutSpec((4, 24, K), "float32", perm=(1, 0, 2))),
+]
+
+
+@pytest.mark.parametrize("name,spec", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_fp8_linear_on_cuda_matches_emulation(dev: torch.device, name: str, spec: LayoutSpec, scaling: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    vals = torch.randn(spec.shape, generator=g) * 3
+    if spec.dtype == "float8_e4m3fn":
+        vals = round_to_format(vals, "e4m3")
+    x = materialize(spec, vals, device=dev)
+    before = x.clone()
+    w, sw = weight(N, K, dev)
+    ws = sw if scaling == "tensor" else (torch.rand(N, generator=g) + 0.5).to(dev)
+    bias = torch.randn(N, generator=g).to(dev, torch.bfloat16)
+    res = fp8_linear_with_plan(x, w, ws, input_scale=0.5 if spec.dtype == "float8_e4m3fn" else None, bias=bias,
+                               out_dtype=torch.bfloat16)
+    assert res.backend_used == "cuda", res.plan.backend_reason
+    for t in (res.a, res.b.t(), res.scale_a, res.scale_b):  # what the kernel got is aligned
+        assert data_ptr_alignment(t) >= 16
+    assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
+                       before.view(torch.uint8) if before.element_size() == 1 else before)
+    assert poison_intact(x, spec)
+    check(res)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kn", [(40, 40), (256, 200), (200, 256)])
+def test_padding_and_out_dtypes_on_cuda(dev: torch.device, out_dtype: torch.dtype, kn: tuple[int, int]) -> None:
+    k, n = kn
+    x = torch.randn(3, 37, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)  # high precision: quantized rowwise here
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    res = fp8_linear_with_plan(x, w, bias=bias, out_dtype=out_dtype)
+    assert res.backend_used == "cuda" and res.out.shape == (3, 37, n) and res.out.is_contiguous()
+    assert res.plan.k_padded % 16 == 0 and res.plan.n_padded % 16 == 0
+    check(res, bias)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_any_drawn_layout_on_cuda(data: Any) -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs an FP8-capable CUDA device")
+    k = data.draw(st.sampled_from([64, 128, 136]), label="K")
+    dtype = data.draw(st.sampled_from(["bfloat16", "float8_e4m3fn"]), label="dtype")
+    spec = data.draw(layouts((2, 33, k), dtype, views=True), label="layout")
+    vals = torch.randn(spec.shape) * 2
+    if dtype == "float8_e4m3fn":
+        vals = round_to_format(vals, "e4m3")
+    x = materialize(spec, vals, device="cuda")
+    w, sw = weight(48, k, torch.device("cuda"))
+    res = fp8_linear_with_plan(x, w, sw, input_scale=1.0 if dtype == "float8_e4m3fn" else None)
+    assert res.backend_used == "cuda"
+    if dtype == "float8_e4m3fn":
+        assert (res.plan.decision("input").action == "copy") == bool(copy_reasons(x, "input", rules="cuda"))
+    assert poison_intact(x, spec)
+    check(res)
+
+
+RAW_DEFECTS = [
+    ("A offset 1 byte", LayoutSpec((M, K), "float8_e4m3fn", offset=1)),
+    ("A offset 8 bytes", LayoutSpec((M, K), "float8_e4m3fn", offset=8)),
+    ("A odd leading dim", LayoutSpec((M, K), "float8_e4m3fn", pad=(0, 1))),
+]
+
+
+@pytest.mark.parametrize("name,spec", RAW_DEFECTS, ids=[n for n, _ in RAW_DEFECTS])
+def test_raw_scaled_mm_rejects_what_fp8_linear_handles(dev: torch.device, name: str, spec: LayoutSpec) -> None:
+    """The defect the harness exists to catch: cuBLASLt refuses a misaligned A (a clean CUBLAS error)."""
+    a = materialize(spec, round_to_format(torch.randn(spec.shape), "e4m3"), device=dev)
+    w, sw = weight(N, K, dev)
+    one = torch.ones((), device=dev)
+    with pytest.raises(RuntimeError):
+        torch._scaled_mm(a, w.t(), scale_a=one, scale_b=sw, out_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+    res = fp8_linear_with_plan(a, w, sw, input_scale=1.0)
+    assert res.plan.decision("input").action == "copy" and res.plan.copies == 1
+    check(res)
+
+
+def test_static_scale_saturation_never_writes_the_callers_tensor(dev: torch.device) -> None:
+    x = torch.randn(64, K, device=dev, dtype=torch.bfloat16)
+    x[0, :4] = torch.tensor([500.0, -1e4, 470.0, 448.0], device=dev, dtype=torch.bfloat16)
+    before = x.clone()
+    w, sw = weight(N, K, dev)
+    res = fp8_linear_with_plan(x, w, sw, input_scale=1.0)
+    assert torch.equal(x, before)
+    assert res.a[0, :4].float().tolist() == [448.0, -448.0, 448.0, 448.0]  # saturated, not NaN (2.11 casts give NaN)
+    assert torch.isfinite(res.out).all()
+    check(res)
+
+
+class _Big(TorchDispatchMode):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.seen = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.n and t.untyped_storage().data_ptr() not in ins:
+                self.seen.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def test_aligned_bf16_input_costs_the_cast_and_the_output_only(dev: torch.device) -> None:
+    x = torch.randn(2, 48, K, device=dev, dtype=torch.bfloat16)
+    w, sw = weight(N, K, dev)
+    fp8_linear(x, w, sw)  # warm up (cuBLAS handles, workspace)
+    with _Big(min(M * K, M * N, N * K) // 2) as mode:
+        fp8_linear(x, w, sw)
+    assert [(s, d) for _, s, d in mode.seen] == [((2, 48, K), E4M3), ((M, N), torch.bfloat16)], mode.seen
+    assert last_plan().copies == 0
+
+
+def test_legacy_late2025_still_mutates_on_cuda(dev: torch.device) -> None:
+    x = torch.randn(2, 48, K, device=dev, dtype=torch.bfloat16)
+    x[0, 0, 0] = 1000.0
+    w, sw = weight(N, K, dev)
+    legacy_op("wanvideo_late2025")(x, w, weight_scale=sw)
+    assert float(x[0, 0, 0]) == 448.0
