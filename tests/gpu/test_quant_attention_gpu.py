@@ -43,8 +43,9 @@ def _head_dim(backend: str) -> int:
 
 # (name, layout of q/k/v as drawn by model code): logical shape (b, h, s, d) HND or (b, s, h, d) NHD
 def _cases(d: int) -> list[tuple[str, str, LayoutSpec]]:
-    b, h, s = 1, 2, 200
+    b, h, s = 1, 2, 200  # 200: not a multiple of any kernel tile (64, 128)
     return [
+        ("HND contiguous 256 tokens", "HND", LayoutSpec((b, h, 256, d), "bfloat16")),
         ("HND contiguous", "HND", LayoutSpec((b, h, s, d), "bfloat16")),
         ("NHD contiguous", "NHD", LayoutSpec((b, s, h, d), "bfloat16")),
         ("HND view of NHD memory", "HND", LayoutSpec((b, h, s, d), "bfloat16", perm=(0, 2, 1, 3))),
@@ -62,10 +63,20 @@ def _judge(backend: str, out: torch.Tensor, q, k, v, layout: str) -> None:
     bound = Bound.derived(2.0, exact, torch.bfloat16,
                           why=f"{backend}: 2 x the error of {emu_name} on the same inputs vs exact float64")
     j = judge(out.double(), exact, emu.double(), bound)
+    if not j.passed and backend.startswith("sage1.") and k.shape[1 if layout == "NHD" else 2] % 64:
+        # SageAttention 1.0.6 is suspected (from its source) of adding exp2(0 - m) per out-of-range key of a
+        # short last key tile to the row sum; if the kernel matches that reading, report it as the known defect
+        from harness.reference.sage import sage_v1
+
+        tail = sage_v1(q, k, v, layout, tail_keys_score_zero=True)
+        if judge(out.double(), exact, tail.double(), bound).passed or \
+                judge(out.double(), tail.double(), None, bound).passed:
+            pytest.xfail(f"{backend}: short last key tile (s_k % 64 = {k.shape[1 if layout == 'NHD' else 2] % 64}) "
+                         f"matches the tail_keys_score_zero emulation: upstream defect reproduced\n{j}")
     assert j.passed, str(j)
 
 
-@pytest.mark.parametrize("case_idx", range(7), ids=[c[0] for c in _cases(64)])
+@pytest.mark.parametrize("case_idx", range(len(_cases(64))), ids=[c[0] for c in _cases(64)])
 @pytest.mark.parametrize("backend", NATIVE)
 def test_backend_through_safe_wrapper_matches_exact(backend: str, case_idx: int) -> None:
     _need(backend)
