@@ -390,24 +390,22 @@ def speed_targets(run: Run) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- matrix summary
 def load_matrix_summary(path: Path | str | None) -> tuple[dict[str, Any] | None, str]:
-    """The matrix report's ``summary.json`` (``path`` is the file or its directory) and a note.
+    """The matrix report's ``summary.json`` (``path`` is the file or its directory), validated, and a note.
 
-    Returns ``(None, reason)`` when there is none or it is unreadable; the page then says so.
+    Validation is :func:`harness.report.load_summary`'s (the schema's owner).  Returns
+    ``(None, reason)`` when there is none or it is malformed; the page then says so.
     """
+    from harness.report import SummaryError, load_summary  # noqa: PLC0415
+
     if path is None:
         return None, "no matrix report (pass --matrix DIR_OR_SUMMARY_JSON)"
     p = Path(path)
     if p.is_dir():
         p = p / "summary.json"
-    if not p.is_file():
-        return None, f"no matrix report: {str(p)!r} does not exist"
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"no matrix report: {str(p)!r} is not readable JSON ({exc})"
-    if not isinstance(obj, dict):
-        return None, f"no matrix report: {str(p)!r} holds a {type(obj).__name__}, not an object"
-    return obj, str(p)
+        return load_summary(p), str(p)
+    except (SummaryError, OSError) as exc:
+        return None, f"no matrix report: {exc}"
 
 
 # --------------------------------------------------------------------------- SVG
@@ -595,28 +593,50 @@ def _esc(x: Any) -> str:
 
 
 def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
+    """The latest matrix summary: where and when it ran, verdict totals, cell statuses, non-passing cells."""
     if summary is None:
         return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
-    out = [f'<p class="note">from <code>{_esc(note)}</code></p>']
-    scalars = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
-    if scalars:
-        out.append("<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in scalars) + "</table>")
-    for k, v in summary.items():
-        if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()):
-            out.append(f"<h3>{_esc(k)}</h3><table>" + "".join(
-                f"<tr><th>{_esc(kk)}</th><td class=num>{_esc(vv)}</td></tr>" for kk, vv in v.items()) + "</table>")
-        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
-            cols = sorted({c for x in v.values() for c in x})
-            out.append(f"<h3>{_esc(k)}</h3><table><tr><th></th>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>")
-            for rk, rv in v.items():
-                out.append(f"<tr><th>{_esc(rk)}</th>" + "".join(f"<td class=num>{_esc(rv.get(c, ''))}</td>" for c in cols) + "</tr>")
-            out.append("</table>")
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            cols = list(dict.fromkeys(c for x in v for c in x if not isinstance(x[c], (dict, list))))
-            out.append(f"<h3>{_esc(k)}</h3><table><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>")
-            for row in v[:200]:
-                out.append("<tr>" + "".join(f"<td>{_esc(row.get(c, ''))}</td>" for c in cols) + "</tr>")
-            out.append("</table>" + (f'<p class="note">{len(v) - 200} more rows not shown</p>' if len(v) > 200 else ""))
+    dev = summary.get("device", {})
+    report = Path(note).parent / "report.html"
+    link = f' (<a href="{_esc(report.resolve().as_uri())}">full report</a>)' if report.is_file() else ""
+    out = [f'<p class="note" id="matrix">from <code>{_esc(note)}</code>{link}</p><table>']
+    rows = [
+        ("device", f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"),
+        ("capability / torch / CUDA", f"{dev.get('capability') or '–'} / {dev.get('torch') or '–'} / {dev.get('cuda') or '–'}"),
+        ("started", summary.get("started_at", "–")),
+        ("duration", f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else "")),
+        ("command", summary.get("command", "–")),
+    ]
+    out += [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows]
+    out.append("</table>")
+    totals = sorted(summary["totals"].items(), key=lambda kv: (kv[0] != "pass", -kv[1]))
+    statuses: dict[str, int] = {}
+    for c in summary["cells"]:
+        statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+    out.append('<table class="matrix-totals"><tr><th>cases by verdict</th>' + "".join(
+        f"<td>{_esc(v)} <b>{n}</b></td>" for v, n in totals) + "</tr><tr><th>cells by status</th>" + "".join(
+        f"<td>{_esc(st)} <b>{n}</b></td>" for st, n in sorted(statuses.items())) + "</tr></table>")
+    bad = [c for c in summary["cells"] if c["status"] in ("fail", "nonpass")]
+    if bad:
+        out.append('<table class="matrix-cells"><tr><th>op</th><th>layout class</th><th>status</th>'
+                   "<th>non-pass verdicts</th><th>new</th><th>worst error / allowed</th></tr>")
+        for c in bad[:100]:
+            nonpass = ", ".join(f"{v} {n}" for v, n in c["counts"].items() if v != "pass")
+            worst = c.get("worst") or {}
+            ratio = worst.get("ratio")
+            out.append(f'<tr class="{"bad" if c["status"] == "fail" else ""}"><td>{_esc(c["op"])}</td>'
+                       f'<td>{_esc(c["layout_class"])}</td><td>{_esc(c["status"])}</td><td>{_esc(nonpass)}</td>'
+                       f'<td>{_esc(", ".join(c.get("new", [])) or "–")}</td>'
+                       f"<td class=num>{_fmt(ratio) if _finite(ratio) else '–'}</td></tr>")
+        out.append("</table>" + (f'<p class="note">{len(bad) - 100} more non-passing cells</p>' if len(bad) > 100 else ""))
+    else:
+        out.append('<p class="ok">every cell that ran passed</p>')
+    unavailable = summary.get("unavailable", [])
+    if unavailable:
+        out.append("<p class=note>unavailable here: " + "; ".join(
+            f"{_esc(u.get('op'))} ({_esc(u.get('reason'))})" for u in unavailable if isinstance(u, dict)) + "</p>")
+    new = summary.get("new_failures", [])
+    out.append(f'<p class="{"bad" if new else "note"}">{len(new)} new failure(s) not in the regression corpus</p>')
     return "".join(out)
 
 

@@ -41,7 +41,7 @@ SLOW_FACTOR = 1.6
 
 
 def _fixture_files() -> list[Path]:
-    return sorted(FIXTURES.rglob("*.json"))
+    return sorted(p for p in FIXTURES.rglob("*.json") if p.name != "summary.json")
 
 
 def _raw(path: Path) -> dict:
@@ -258,7 +258,7 @@ MALFORMED = {
 
 def test_dashboard_skips_malformed_files_with_clear_messages(tmp_path: Path) -> None:
     storage = tmp_path / "store"
-    shutil.copytree(FIXTURES, storage, ignore=shutil.ignore_patterns("*.py"))
+    shutil.copytree(FIXTURES, storage, ignore=shutil.ignore_patterns("*.py", "*.md"))
     for name, (text, _) in MALFORMED.items():
         (storage / name).write_text(text)
     (storage / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
@@ -329,27 +329,37 @@ def test_dashboard_page_is_self_contained(tmp_path: Path) -> None:
     assert 'id="matrix-none"' in page and "no matrix report" in page
 
 
-def test_dashboard_page_shows_matrix_summary(tmp_path: Path) -> None:
-    summary = {"schema_version": 1, "device": "NVIDIA H100", "verdicts": {"pass": 120, "drift": 3},
-               "by_target": {"fp8_linear": {"pass": 60, "drift": 3}, "attn.sdpa": {"pass": 60}}}
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    data, note = load_matrix_summary(tmp_path)
-    assert data == summary and note.endswith("summary.json")
+MATRIX = FIXTURES / "matrix" / "summary.json"  # a genuine CPU matrix run (python -m harness matrix ...)
+
+
+def test_dashboard_page_shows_matrix_summary() -> None:
+    data, note = load_matrix_summary(MATRIX.parent)
+    assert data == _raw(MATRIX) and note == str(MATRIX)
     runs, problems = load_runs(FIXTURES)
     page = render_html(runs, problems, storage="x", threshold=0.1, window=5, matrix=data, matrix_note=note)
-    assert "matrix-none" not in page
-    for text in ("NVIDIA H100", "drift", "attn.sdpa", ">120<"):
-        assert text in page
+    assert "matrix-none" not in page and 'id="matrix"' in page
+    failing = [c for c in data["cells"] if c["status"] == "fail"]
+    assert failing, "the fixture summary has failing cells to show"
+    for c in failing:
+        assert f"<td>{c['op']}</td><td>{c['layout_class']}</td><td>fail</td>" in page
+    for verdict, n in data["totals"].items():
+        assert f"{verdict} <b>{n}</b>" in page
+    assert data["device"]["torch"] in page
 
 
-@pytest.mark.parametrize("content, expected", [(None, "does not exist"), ("{oops", "not readable JSON"),
-                                               ("[1]", "holds a list")])
+@pytest.mark.parametrize("content, expected", [
+    (None, "does not exist"), ("{oops", "is not valid JSON"), ("[1]", "must be a JSON object, got list"),
+    ('{"schema_version": 99}', "schema_version 99 is not supported"),
+])
 def test_dashboard_bad_matrix_summary_says_why(tmp_path: Path, content, expected) -> None:
     p = tmp_path / "summary.json"
     if content is not None:
         p.write_text(content)
     data, note = load_matrix_summary(p)
     assert data is None and expected in note and note.startswith("no matrix report")
+    runs, problems = load_runs(FIXTURES)
+    page = render_html(runs, problems, storage="x", threshold=0.1, window=5, matrix=data, matrix_note=note)
+    assert 'id="matrix-none"' in page and expected in page
 
 
 def test_dashboard_latest_table_lists_latest_run(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ it fails, so CI cannot silently skip it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -139,13 +138,11 @@ def _count(rows: list[bytes], bpp: int, rect: tuple[int, int, int, int], colour:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The dashboard built from the fixture runs (plus a matrix summary), its DOM after scripts, its screenshot."""
+    """The dashboard built from the fixture runs and matrix summary, its DOM after scripts, its screenshot."""
     exe = _chromium()
     tmp = tmp_path_factory.mktemp("dashboard")
-    (tmp / "matrix").mkdir()
-    (tmp / "matrix" / "summary.json").write_text(json.dumps({"device": "cpu", "verdicts": {"pass": 10, "drift": 1}}))
     page = tmp / "dashboard.html"
-    build_dashboard(FIXTURES, page, matrix=tmp / "matrix", threshold=0.10, window=5)
+    build_dashboard(FIXTURES, page, matrix=FIXTURES / "matrix", threshold=0.10, window=5)
     url = page.resolve().as_uri()
     dom = _run_chromium(exe, tmp / "profile1", f"--window-size={WIDTH},2000", "--dump-dom", url).stdout.decode()
     parsed = _Plots()
