@@ -1,17 +1,24 @@
 """Timing, throughput and ceilings for the benchmark suite (``tests/bench``).
 
-**How time is measured.**  On CUDA every round is bracketed by two CUDA events
-recorded on the current stream; the reported time of a round is the event
-``elapsed_time`` (device time, no launch or Python overhead), and a result is
-the *median* over many rounds after warm-up rounds that are thrown away.
-Under pytest-benchmark the same rounds are driven by ``benchmark.pedantic``;
-its own timer is host-side, so the timed callable waits on its end event
-before returning: pytest-benchmark's statistics then hold host time *including*
-the device work (device time plus ~10 µs of launch/sync overhead), and the
-event times of those very rounds go to ``benchmark.extra_info["device_ms"]``.
-Throughputs, ceiling ratios, speed-ups and the dashboard use ``device_ms``;
-pytest-benchmark's own columns stay meaningful (and comparable across runs)
-for its CLI.  On the CPU rounds are timed with ``time.perf_counter``.
+**How time is measured.**  On CUDA a round is bracketed by two CUDA events on
+the current stream and its time is the events' ``elapsed_time``; a result is
+the *median* over many rounds after warm-up rounds that are thrown away.  Each
+GPU benchmark is timed twice, on the same inputs:
+
+1. under pytest-benchmark (``benchmark.pedantic``), one *synchronous* call per
+   round: pytest-benchmark's timer is host-side, so the timed callable waits on
+   its end event before returning.  pytest-benchmark's statistics therefore
+   hold the latency of one synchronous call (Python and launch overhead plus
+   device work), and the event times of those rounds are kept as
+   ``device_ms["sync_call_median"]``;
+2. then back to back (:func:`cuda_time`: events around each call, one
+   synchronisation at the end), as a model's forward issues them: the GPU queue
+   stays full, host overhead hides behind device work unless it is the
+   bottleneck, and the event times are the steady-state device time per call.
+   These are ``extra_info["device_ms"]`` and what throughputs, ceiling ratios,
+   speed-ups, speed targets and the dashboard use.
+
+On the CPU rounds are timed with ``time.perf_counter`` under pytest-benchmark only.
 
 **Caches.**  Inputs are larger than the last-level cache or rotated among
 several input sets (:func:`rotation_count`) so a round never finds its operands
@@ -234,11 +241,16 @@ def _is_cuda(device: torch.device | str) -> bool:
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-round times in milliseconds of one measurement, warm-up excluded."""
+    """Per-round times in milliseconds of one measurement, warm-up excluded.
+
+    ``sync_times_ms``: on CUDA under pytest-benchmark, the device time of each
+    synchronous call (see the module docstring); empty otherwise.
+    """
 
     times_ms: tuple[float, ...]
     timer: str  # "cuda_event" | "perf_counter"
     warmup: int
+    sync_times_ms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.times_ms:
@@ -257,10 +269,13 @@ class Timing:
         return max(self.times_ms)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "median": self.median, "min": self.min, "max": self.max,
             "rounds": len(self.times_ms), "warmup": self.warmup, "timer": self.timer,
         }
+        if self.sync_times_ms:
+            d["sync_call_median"] = statistics.median(self.sync_times_ms)
+        return d
 
 
 def cuda_time(fn: Callable[[], Any], *, warmup: int = 3, rounds: int = 20) -> list[float]:
@@ -359,11 +374,14 @@ class _RoundRecorder:
 def run_benchmark(
     benchmark: Any, fn: Callable[[], Any], device: torch.device | str, *, warmup: int, rounds: int
 ) -> Timing:
-    """Time ``fn`` under a pytest-benchmark fixture (``benchmark.pedantic``); return the recorded rounds.
+    """Time ``fn`` under a pytest-benchmark fixture (``benchmark.pedantic``) and, on CUDA, back to back.
 
+    Returns the back-to-back CUDA-event rounds (with the synchronous-call event
+    times in ``sync_times_ms``) on CUDA, the pytest-benchmark rounds on the CPU.
     With benchmarks disabled (``--benchmark-disable``, the CPU CI default)
-    pytest-benchmark calls ``fn`` exactly once; the returned :class:`Timing` then
-    holds that single cold round and must not be used to judge speed.
+    pytest-benchmark calls ``fn`` exactly once and nothing else is timed; the
+    returned :class:`Timing` then holds that single cold round and must not be
+    used to judge speed.
     """
     _check_rounds(warmup, rounds)
     cuda = _is_cuda(device)
@@ -371,9 +389,12 @@ def run_benchmark(
         torch.cuda.synchronize()
     rec = _RoundRecorder(fn, cuda)
     benchmark.pedantic(rec, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    disabled = bool(getattr(benchmark, "disabled", False))
-    times = rec.times if disabled else rec.times[warmup:]
-    return Timing(tuple(times), "cuda_event" if cuda else "perf_counter", 0 if disabled else warmup)
+    if getattr(benchmark, "disabled", False):
+        return Timing(tuple(rec.times), "cuda_event" if cuda else "perf_counter", 0)
+    if not cuda:
+        return Timing(tuple(rec.times[warmup:]), "perf_counter", warmup)
+    steady = cuda_time(fn, warmup=1, rounds=rounds)
+    return Timing(tuple(steady), "cuda_event", warmup, sync_times_ms=tuple(rec.times[warmup:]))
 
 
 # --------------------------------------------------------------------------- inputs

@@ -122,6 +122,48 @@ def test_bench_run_benchmark_disabled_runs_once() -> None:
     assert len(calls) == 1 and len(t.times_ms) == 1 and t.warmup == 0
 
 
+class _FakeEvent:
+    """CPU stand-in for torch.cuda.Event: record() stamps perf_counter, elapsed_time() in ms."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing, "timing events must be created with enable_timing=True"
+        self.t: float | None = None
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        assert self.t is not None, "synchronize() on an event that was never recorded"
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_bench_run_benchmark_cuda_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path: pytest-benchmark's synchronous rounds, then a back-to-back pass of as many rounds."""
+    import harness.bench as hb
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    calls = []
+    fb = FakeBenchmark()
+    t = hb.run_benchmark(fb, lambda: calls.append(1), "cuda", warmup=2, rounds=5)
+    assert fb.calls == [(5, 2)]
+    assert len(calls) == (2 + 5) + (1 + 5), "pytest-benchmark rounds, then 1 warm-up + 5 back-to-back rounds"
+    assert t.timer == "cuda_event" and len(t.times_ms) == 5 and len(t.sync_times_ms) == 5
+    assert "sync_call_median" in t.as_dict()
+    calls.clear()
+    t = hb.run_benchmark(FakeBenchmark(disabled=True), lambda: calls.append(1), "cuda", warmup=2, rounds=5)
+    assert len(calls) == 1 and len(t.times_ms) == 1 and t.sync_times_ms == ()
+    order: list[str] = []
+    res = hb.interleaved_time({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cuda",
+                              warmup=1, rounds=4, blocks=2)
+    assert {k: (v.timer, len(v.times_ms)) for k, v in res.items()} == {"a": ("cuda_event", 4), "b": ("cuda_event", 4)}
+    assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 2
+
+
 @given(rounds=st.integers(1, 20), blocks=st.integers(1, 6), warmup=st.integers(0, 3))
 def test_bench_interleaved_time_counts(rounds, blocks, warmup) -> None:
     """Every callable gets warmup + 1 discarded rounds, then exactly ``rounds`` timed ones, in alternation."""
