@@ -472,36 +472,28 @@ def assert_not_all_zero(tensors: Mapping[str, torch.Tensor]) -> None:
 
 # --------------------------------------------------------------------------- environment
 def env_info(device: torch.device | str) -> dict[str, Any]:
-    """Device name, compute capability and library versions, for every result's ``extra_info``."""
+    """Device name, compute capability and library versions, for every result's ``extra_info``.
+
+    The versions come from :func:`harness.env.collect_env` (torch, CUDA, cuDNN, cuBLAS, driver,
+    Triton, SageAttention, flash-attn); the device fields describe ``device`` itself.
+    """
+    from harness.env import collect_env  # noqa: PLC0415
+
     dev = torch.device(device)
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None,
-        "device_type": dev.type,
-    }
+    env = collect_env(backends=False)
+    keep = ("python", "torch", "cuda", "cudnn", "cublas", "driver", "triton", "sageattention", "flash_attn")
+    info: dict[str, Any] = {k: env.get(k) for k in keep}
+    info["device_type"] = dev.type
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         info["device"] = props.name
         info["capability"] = f"{props.major}.{props.minor}"
         info["l2_bytes"] = int(getattr(props, "L2_cache_size", 0))
-        info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        try:
-            import triton  # noqa: PLC0415
-
-            info["triton"] = triton.__version__
-        except Exception:  # noqa: BLE001 - optional
-            info["triton"] = None
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
     else:
         info["device"] = _cpu_name()
         info["capability"] = None
         info["threads"] = torch.get_num_threads()
-    try:
-        from importlib.metadata import version  # noqa: PLC0415
-
-        info["sageattention"] = version("sageattention")
-    except Exception:  # noqa: BLE001 - optional package
-        info["sageattention"] = None
     return info
 
 
