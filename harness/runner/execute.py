@@ -226,6 +226,11 @@ def classify_exception(exc: BaseException, device: str) -> tuple[Verdict, str]:
     if not healthy:
         return Verdict.DEVICE_FAULT, why
     if is_oom(exc):
+        if _is_cuda(device):
+            try:
+                torch.cuda.empty_cache()  # hand the failed attempt's cached blocks back for the next case
+            except Exception:  # noqa: BLE001
+                pass
         return Verdict.OOM, ""
     return Verdict.REJECTED, ""
 

@@ -406,7 +406,7 @@ class WorkerPool:
         self.replaced: list[tuple[str, str]] = []
 
         self._ctx = multiprocessing.get_context("spawn")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a Future callback may submit() from the dispatcher
         self._pending: collections.deque[_Item] = collections.deque()
         self._ids = itertools.count()
         self._names = itertools.count()
