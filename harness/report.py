@@ -360,7 +360,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
                 text = _h(_cell_text(cell))
                 ex = _first_example(cell)
                 if ex and cell["status"] in ("fail", "nonpass"):
-                    text = f"<a href='#{_h(_anchor(op, cls))}'>{text}</a>"
+                    text = (f"<a href='#{_h(_anchor(op, cls))}'>{text}</a> "
+                            f"<a class='small' href='{_h(ex)}' title='example case file'>case</a>")
                 out.append(f"<td class='{_h(klass)}' title='{_h(title)}'>{text}</td>")
             out.append("</tr>")
         out.append("</table>")
