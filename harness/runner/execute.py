@@ -82,7 +82,7 @@ class OpRecorder(TorchDispatchMode):
 
     def _triton_launch(self, metadata: Any) -> None:
         try:
-            data = metadata.get() if hasattr(metadata, "get") and callable(metadata.get) else metadata
+            data = metadata if isinstance(metadata, dict) else metadata.get()  # Triton's LazyDict
             name = data.get("name") if isinstance(data, dict) else None
         except Exception:  # noqa: BLE001 - a hook must never break the launch
             name = None

@@ -265,9 +265,21 @@ def _faulthandler_frame(log: str) -> str:
             for f in frames:
                 path = f.split('"')[1] if f.count('"') >= 2 else ""
                 if path and not path.startswith(_LIB_DIRS) and f"{os.sep}torch{os.sep}" not in path:
-                    return f
+                    return _with_code(f, path)
             return frames[0] if frames else ""
     return ""
+
+
+def _with_code(frame_line: str, path: str) -> str:
+    """Append the source line to a faulthandler frame (``File "x.py", line 3 in f: code``)."""
+    import linecache
+
+    try:
+        lineno = int(frame_line.split(", line ")[1].split()[0])
+    except (IndexError, ValueError):
+        return frame_line
+    code = linecache.getline(path, lineno).strip()
+    return f"{frame_line}: {code}" if code else frame_line
 
 
 def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, launch_blocking: bool = False,

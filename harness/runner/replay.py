@@ -93,6 +93,10 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
             att["rerun_verdict"] = rerun.verdict.value
             result.attribution = att
     result.case_path = str(path)
+    if not result.op:  # the process died before it could say
+        result.op = case.op
+    if not result.layouts:
+        result.layouts = {n: spec.describe() for n, spec in case.layouts.items()}
     return result, ""
 
 

@@ -250,3 +250,25 @@ def test_view_op_layouts_are_described_in_results():
     r = run_case(case("fault.nan", spec))
     assert "transpose" in r.layouts["x"]
     assert r.format().count("layout x:") == 1
+
+
+def test_fault_recorder_names_the_op_that_raised_or_the_triton_launch_before_it():
+    from harness.runner.execute import OpRecorder
+
+    rec = OpRecorder()
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError):
+        with rec:
+            y = x * 2
+            torch.ones(2) @ y  # shape error raised inside aten::mm / aten::dot
+    assert rec.tail[0] == "aten::mul.Tensor" and rec.failed == rec.tail[-1] != "aten::mul.Tensor"
+    assert rec.culprit() == (rec.failed, "")
+    # Triton launches do not pass the dispatcher: the launch hook records them by kernel name
+    rec2 = OpRecorder()
+    rec2.tail.extend(["aten::mul.Tensor"])
+    rec2._triton_launch({"name": "_fwd_kernel"})
+    assert rec2.culprit() == ("triton::_fwd_kernel", "raised outside torch's dispatcher; last launch named")
+    rec2.tail.append("aten::add.Tensor")
+    rec2.failed = "aten::add.Tensor"  # Triton does not check launches: the error surfaces at the next op
+    op, note = rec2.culprit()
+    assert op == "aten::add.Tensor" and "triton::_fwd_kernel" in note and "likely culprit" in note
