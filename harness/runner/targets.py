@@ -543,7 +543,7 @@ class NanTarget(_FaultTarget):
     def run(self, inputs, params):
         out = self.clean(inputs["x"]).clone()
         if out.numel():
-            out.view(-1)[0] = float("nan")
+            out[(0,) * out.dim()] = float("nan")
         return out
 
 

@@ -60,9 +60,10 @@ def test_matmul_passes_with_its_derived_bound_across_layouts():
     assert "layout_err" in r.metrics  # b is not contiguous: the layout check ran
 
 
-def test_nan_output_is_nonfinite():
-    r = run_case(case("fault.nan"))
-    assert r.verdict is Verdict.NONFINITE
+@pytest.mark.parametrize("spec", [PLAIN, LayoutSpec((4, 8), "float32", perm=(1, 0))], ids=["plain", "column-major"])
+def test_nan_output_is_nonfinite(spec):
+    r = run_case(case("fault.nan", spec))
+    assert r.verdict is Verdict.NONFINITE, r.format()
     assert r.metrics["nonfinite"] == 1 and "[0, 0]" in r.message
 
 
