@@ -3,7 +3,8 @@
 What it does:
 
 1. selects the targets (``--ops`` patterns, default every ``linear`` and ``attention`` target,
-   plus ``--plugin`` FP8 linears) and their layout classes: each (target, class) pair is a *cell*;
+   plus ``--plugin`` FP8 linears and ``--attn-plugin`` attention functions) and their layout
+   classes (``--classes`` patterns): each (target, class) pair is a *cell*;
 2. picks the device without initialising CUDA here (``auto``: a subprocess probe; the GPU when
    there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there;
 3. submits cases round-robin over the cells -- case 0 of every cell, then case 1 of every
@@ -359,11 +360,31 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
 # ------------------------------------------------------------------------------ the run
 
 
+def _register_plugins(plugins: Sequence[str], attn_plugins: Sequence[str]) -> list[str]:
+    """Register plug-in targets here and, through the environment, in every worker; returns their names."""
+    from harness.targets import ATTN_PLUGINS_ENV, PLUGINS_ENV, register_attention_plugin, register_plugin
+
+    names = []
+    for specs, var, reg in ((plugins, PLUGINS_ENV, register_plugin),
+                            (attn_plugins, ATTN_PLUGINS_ENV, register_attention_plugin)):
+        if not specs:
+            continue
+        try:
+            names += [reg(spec) for spec in specs]
+        except ValueError as e:
+            raise MatrixError(str(e)) from None
+        prior = [s for s in os.environ.get(var, "").split(",") if s.strip()]
+        os.environ[var] = ",".join(dict.fromkeys(prior + list(specs)))  # spawned workers inherit it
+    return names
+
+
+
 def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, ops: Sequence[str] | None = None,
                out: str | os.PathLike = DEFAULT_OUT, workers: int | None = None, cases_per_cell: int | None = None,
                classes: Sequence[str] | None = None,
                size: str = "small", seed: int = 0, corpus: str | os.PathLike | None = None,
                case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
+               attn_plugins: Sequence[str] = (),
                attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
                pool_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
@@ -381,18 +402,12 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         raise MatrixError(f"--cases-per-cell {cases_per_cell} must be >= 1")
     if size not in ("small", "wan"):
         raise MatrixError(f"--size {size!r}: use small or wan")
-    if plugins:
-        from harness.targets import PLUGINS_ENV, register_plugin
-
-        for spec in plugins:
-            register_plugin(spec)
-        prior = [s for s in os.environ.get(PLUGINS_ENV, "").split(",") if s.strip()]
-        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys(prior + list(plugins)))  # workers inherit it
+    plugin_names = _register_plugins(plugins, attn_plugins)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
     if workers is not None and workers < 1:
         raise MatrixError(f"--workers {workers} must be >= 1")
-    targets = select_targets(list(ops) + [f"plugin.{p}" for p in plugins] if ops else None)
+    targets = select_targets(list(ops) + plugin_names if ops else None)
     cells = _build_cells(targets, classes)
     if not cells:
         raise MatrixError("no (op, layout class) cell selected: check --ops / --classes")
@@ -562,7 +577,8 @@ def _cmd(args: argparse.Namespace) -> int:
                              workers=args.workers, cases_per_cell=args.cases_per_cell, classes=classes or None,
                              size=args.size,
                              seed=args.seed, corpus=args.corpus, case_timeout=args.case_timeout,
-                             plugins=args.plugin or (), attribute=not args.no_attribute,
+                             plugins=args.plugin or (), attn_plugins=args.attn_plugin or (),
+                             attribute=not args.no_attribute,
                              progress=None if args.quiet else sys.stderr, command=command.strip())
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
@@ -605,7 +621,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=None, metavar="DIR", help="regression corpus (default tests/cases)")
     p.add_argument("--case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
                    help=f"per case (default {DEFAULT_CASE_TIMEOUT_S:g})")
-    p.add_argument("--plugin", action="append", metavar="PKG.MOD:ATTR", help="also drive this FP8 linear plug-in")
+    p.add_argument("--plugin", action="append", metavar="PKG.MOD:ATTR",
+                   help="also drive this FP8 linear plug-in (or harness.fp8_linear entry point)")
+    p.add_argument("--attn-plugin", action="append", metavar="PKG.MOD:ATTR",
+                   help="also drive this attention plug-in (or harness.attention entry point)")
     p.add_argument("--no-attribute", action="store_true",
                    help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

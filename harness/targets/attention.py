@@ -38,7 +38,8 @@ from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 
-__all__ = ["AttentionTarget", "SafeAttentionTarget", "ATTENTION_TARGETS", "register_backend_targets"]
+__all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
+           "register_backend_targets", "register_attention_plugin"]
 
 _K_BOUND = 2.0
 _DTYPE = "bfloat16"
@@ -166,6 +167,41 @@ class SafeAttentionTarget(AttentionTarget):
         if self.varlen:
             return super().call(q, k, v, layout)
         return self.invoke(q, k, v, layout)  # the wrapper takes either layout and fixes what the kernel needs
+
+
+class PluginAttentionTarget(AttentionTarget):
+    """A user's attention function (``package.module:attr`` or a ``harness.attention`` entry point),
+    resolved by :func:`harness.quant.plugins.load_attention` inside the worker and judged like SDPA
+    (against the same-precision naive attention)."""
+
+    spec = ""
+    backend_layouts = ("HND", "NHD")  # the plug-in adapter takes either (transposed views for HND-only code)
+
+    def available(self, device):
+        try:
+            from harness.quant.plugins import load_attention
+
+            load_attention(self.spec)
+        except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
+            return False, f"attention plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
+        return True, ""
+
+    def invoke(self, q, k, v, layout, **kw):
+        from harness.quant.plugins import load_attention
+
+        return load_attention(self.spec)(q, k, v, layout, **kw)
+
+
+def register_attention_plugin(spec: str) -> str:
+    """Register the attention plug-in ``spec`` as target ``plugin_attn.<spec>``; returns the target name."""
+    if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
+        raise ValueError(f"attention plug-in {spec!r} must be 'package.module:attr' or an entry-point name")
+    name = f"plugin_attn.{spec}"
+    cls = type(f"PluginAttn_{spec.replace('.', '_').replace(':', '__')}", (PluginAttentionTarget,), {
+        "name": name, "spec": spec, "backend_name": f"plugin:{spec}", "description": f"user attention {spec}",
+        "__doc__": f"user attention plug-in {spec}"})
+    register_target(cls, replace=True)
+    return name
 
 
 ATTENTION_TARGETS: dict[str, type[AttentionTarget]] = {}

@@ -355,9 +355,13 @@ class PluginLinearTarget(LinearTarget):
 
 
 def register_plugin(spec: str) -> str:
-    """Register the plug-in ``package.module:attr`` as target ``plugin.<spec>``; returns the target name."""
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear')")
+    """Register the FP8 linear plug-in ``spec`` as target ``plugin.<spec>``; returns the target name.
+
+    ``spec``: ``package.module:attr`` or the name of a ``harness.fp8_linear`` entry point.
+    """
+    if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1 or (":" in spec and not all(spec.split(":"))):
+        raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
+                         "or be a harness.fp8_linear entry-point name")
     name = f"plugin.{spec}"
     cls = type(f"Plugin_{spec.replace('.', '_').replace(':', '__')}", (PluginLinearTarget,), {
         "name": name, "spec": spec, "description": f"user plug-in {spec}", "__doc__": f"user FP8 linear {spec}"})

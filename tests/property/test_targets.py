@@ -277,10 +277,23 @@ def test_plugin_target_runs_a_user_linear(monkeypatch) -> None:
     r = run_case(t.layout_classes()["transposed"].build(0), "cpu")
     assert r.verdict.value == "pass", r.format()
     with pytest.raises(ValueError, match="package.module:attr"):
-        register_plugin("no_colon_here")
+        register_plugin("a:b:c")
+    ok, why = get_target(register_plugin("no_such_entry_point")).available("cpu")
+    assert not ok and "no_such_entry_point" in why  # neither a module path nor an installed entry point
     bad = get_target(register_plugin("harness.nonexistent_module:fn"))
     ok, why = bad.available("cpu")
     assert not ok and "nonexistent_module" in why
+
+
+def test_attention_plugin_target_runs_a_user_function() -> None:
+    from harness.targets import register_attention_plugin
+
+    t = get_target(register_attention_plugin("torch.nn.functional:scaled_dot_product_attention"))
+    for cls in ("nhd_contiguous", "mtv_scrambled_k"):  # an HND-only function gets NHD as transposed views
+        r = run_case(t.layout_classes()[cls].build(0), "cpu")
+        assert r.verdict.value == "pass", r.format()
+    ok, why = get_target(register_attention_plugin("harness.nowhere:attn")).available("cpu")
+    assert not ok and "harness.nowhere" in why
 
 
 def test_factories_are_case_factories_for_every_matrix_target() -> None:
