@@ -1,6 +1,6 @@
 """Every op target through its layout classes on the GPU, in worker processes.
 
-One sweep (module fixture) runs ``CASES`` cases of every (target, layout class) cell through a
+One sweep (module fixture) runs ``CASES`` (``$HARNESS_GPU_SWEEP_CASES``, default 1) cases of every (target, layout class) cell through a
 :class:`~harness.runner.pool.WorkerPool` on ``cuda`` (a sticky fault kills a worker, never this
 process, which does not initialise CUDA); the tests below assert on slices of it:
 
@@ -15,6 +15,7 @@ process, which does not initialise CUDA); the tests below assert on slices of it
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 
@@ -23,7 +24,8 @@ from harness.runner.targets import all_targets
 
 pytestmark = pytest.mark.gpu
 
-CASES = 2
+#: cases per (target, class) cell; raise for a nightly sweep
+CASES = int(os.environ.get("HARNESS_GPU_SWEEP_CASES", "1"))
 CONTROL = {"linear": ("contiguous", "2d", "3d"), "attention": ("hnd_contiguous", "nhd_contiguous")}
 #: raw kernels that write k -= mean(k) into their k argument (harness.quant.backends: modifies_inputs)
 RAW_WRITES_K = {"attn.sage1.sageattn", "attn.sage1.sageattn_varlen", "attn.sage3", "attn.sage3.no_block_mean"}
