@@ -61,7 +61,7 @@ __all__ = [
 
 DEFAULT_BUDGET_S = 180.0
 DEFAULT_OUT = "matrix-out"
-DEFAULT_CASE_TIMEOUT_S = 60.0
+DEFAULT_CASE_TIMEOUT_S = 120.0  # first calls may JIT-compile Triton kernels (SageAttention)
 MATRIX_KINDS = ("linear", "attention")
 
 
