@@ -20,7 +20,7 @@ What it does:
 
 Exit status: 0 when the run completed (whatever it found); with ``--fail-on-new``, 1 when some
 failure's fingerprint is not in the corpus; 2 for bad arguments or no usable device; 3 when the
-run could not complete (no worker could start).
+run did not complete (interrupted, or no case ran) -- the partial report is written anyway.
 
 Failing verdicts are those outside :data:`harness.verdicts.BENIGN`, plus ``rejected`` for
 targets that promise to accept every layout (``accepts_all_layouts``: ``fp8_linear``,
@@ -503,9 +503,10 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                 handle(c, case, r)
             cells_done = sum(1 for c in cells if c.cases or c.unavailable)
             prog.update(done, cells_done, len(cells), totals, len(unavailable))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # stop, but still write what was found (exit 3: not completed)
         completed = False
-        raise
+        if progress is not None:
+            progress.write("\nmatrix: interrupted; writing the partial report\n")
     finally:
         pool.close(cancel_pending=True)
         prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals, len(unavailable),
