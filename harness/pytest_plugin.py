@@ -30,7 +30,6 @@ takes seconds).
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from pathlib import Path

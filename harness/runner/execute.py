@@ -25,10 +25,8 @@ from __future__ import annotations
 import collections
 import functools
 import linecache
-import math
 import os
 import platform
-import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Mapping
@@ -323,10 +321,6 @@ def _nonfinite_where_ref_finite(out: torch.Tensor, exact: torch.Tensor) -> tuple
         return 0, []
     first = int(bad.reshape(-1).nonzero()[0])
     return n, [int(i) for i in torch.unravel_index(torch.tensor(first), out.shape)]
-
-
-def _finite(x: float) -> float:
-    return float(x)
 
 
 class _Case:

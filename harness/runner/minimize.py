@@ -47,7 +47,6 @@ class MinimizeResult:
     result: Result
 
 
-Candidate = tuple[str, "Case", dict]
 
 
 def _slice_to(t: "torch.Tensor", shape: tuple[int, ...]) -> "torch.Tensor":

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from harness.cases import Case
 from harness.layouts import LayoutSpec, ViewOp
