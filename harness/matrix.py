@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait

@@ -3,7 +3,6 @@ links that resolve, unavailable targets with their reason, and ``--fail-on-new``
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from concurrent.futures import Future
