@@ -280,7 +280,7 @@ def activations(
     r = rank if rank is not None else draw(st.sampled_from([2, 3]), label="rank")
     dim = draw(st.sampled_from(fitting), label="dim")
     batch = draw(st.integers(1, max_batch), label="batch") if r == 3 else 1
-    tokens = draw(seq_lens(max_len=max(1, cap // (dim * batch))), label="tokens")
+    tokens = min(draw(seq_lens(max_len=8192), label="tokens"), max(1, cap // (dim * batch)))
     shape = (batch, tokens, dim) if r == 3 else (tokens, dim)
     spec = draw(layouts(shape, dtype, alignment=alignment, views=views), label="layout")
     values = draw(value_specs(kinds=kinds), label="values")
@@ -362,20 +362,23 @@ def attention_inputs(
     if alignment is not None:
         offset_for_alignment(alignment, isz)
 
+    # structural choices first, sizes after: each shrinks independently of the others
     layout = tensor_layout or draw(st.sampled_from(["HND", "NHD"]), label="tensor_layout")
+    # both flags are always drawn so the choice sequence keeps its shape when either shrinks
+    is_cross = cross if cross is not None else draw(st.booleans(), label="cross")
+    want_packed = packed if packed is not None else draw(st.booleans(), label="packed")
+    use_packed = (not is_cross) and want_packed
     head_dim = draw(st.sampled_from(sorted(head_dims)), label="head_dim")
     batch = draw(st.integers(1, max_batch), label="batch")
     heads = draw(st.integers(1, max_heads), label="heads")
     per_token = batch * heads * head_dim * 3
     max_len = max(1, cap // per_token)
-    seq_q = draw(seq_lens(max_len=max_len), label="seq_q")
-    is_cross = cross if cross is not None else draw(st.booleans(), label="cross")
-    if is_cross:
-        ctx = [s for s in (77, 257, 512) if s <= max_len] or [min(max_len, 77)]
-        seq_kv = draw(st.sampled_from(ctx), label="seq_kv")
-    else:
-        seq_kv = seq_q
-    use_packed = (not is_cross) and (packed if packed is not None else draw(st.booleans(), label="packed"))
+    # lengths are drawn from fixed ranges and then capped, so shrinking a size never reinterprets them
+    seq_q = min(draw(seq_lens(max_len=8192), label="seq_q"), max_len)
+    ctx_len = draw(st.sampled_from((77, 257, 512)), label="seq_kv")
+    if ctx_len > max_len:  # the largest real context length that fits the size cap
+        ctx_len = max([c for c in (77, 257, 512) if c <= max_len], default=max_len)
+    seq_kv = ctx_len if is_cross else seq_q
 
     def off(label: str) -> int:
         if alignment is None:
