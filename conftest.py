@@ -14,10 +14,7 @@ import torch
 
 from harness.profiles import PROFILES, load_profile
 
-import importlib.util
-
-# The runner's plugin is enabled here once it exists (it is being written alongside).
-pytest_plugins = ["harness.pytest_plugin"] if importlib.util.find_spec("harness.pytest_plugin") else []
+pytest_plugins = ["harness.pytest_plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
