@@ -196,10 +196,12 @@ class AttentionBackend:
             return torch.device(device)
         if self.requires.device == "cuda":
             return torch.device("cuda")
+        if self.requires.device != "cpu" and _cuda_available():
+            return torch.device("cuda")  # "any"-device backends are asked about the GPU when there is one
         return torch.device("cpu")
 
     def available(self, device: Optional[Any] = None) -> tuple[bool, str]:
-        """Can this backend run on ``device`` (default: CUDA for CUDA backends, else CPU)? -> (ok, reason)."""
+        """Can this backend run on ``device`` (default: CUDA when present, except CPU-only backends)? -> (ok, reason)."""
         req = self.requires
         dev = self._device(device)
         if req.device == "cuda":
@@ -433,8 +435,9 @@ BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
        notes="8-byte misaligned inputs are a sticky fault on H200 (docs/gpu-findings.md)"),
     _b("sdpa.cudnn", "torch SDPA forced to CUDNN_ATTENTION", _sdpa_runner("CUDNN_ATTENTION"),
        device="cuda", min_capability=(8, 0), torch_feature="cudnn", dtypes=_HALF, max_head_dim=256,
-       layouts=("HND",), last_dim_stride_one=True, stride_alignment=16,
-       notes="misaligned pointers work on H200 (docs/gpu-findings.md); odd strides are unverified, so copied"),
+       layouts=("HND",), last_dim_stride_one=True, alignment=16,
+       notes="2- and 8-byte misaligned q/k/v run without error on H200 but read memory outside the view "
+             "(poison NaN reaches the output): silently wrong results (docs/gpu-findings.md)"),
     _b("sdpa.math", "torch SDPA forced to MATH (reference kernel)", _sdpa_runner("MATH"),
        dtypes=("float16", "bfloat16", "float32", "float64"), layouts=("HND",)),
     _b("sage1.sageattn", "SageAttention 1.x sageattn (Triton): INT8 QK, FP16 PV", _sage_runner("sageattention", "sageattn"),

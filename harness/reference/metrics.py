@@ -33,6 +33,8 @@ __all__ = [
     "ulp_distance",
     "rounding_floor",
     "summation_bound",
+    "fp8_tensor_core_bound",
+    "TENSOR_CORE_FP8_ACCUM_BITS",
     "ErrorReport",
     "error_report",
     "Bound",
@@ -304,6 +306,38 @@ def summation_bound(abs_sum: Union[Tensor, float], n: int, dtype: DTypeLike = to
     if nu >= 1:
         raise ValueError(f"n={n} terms in {dtype}: n*u={nu:.3g} >= 1, no useful bound; sum in a wider dtype")
     return abs_sum * (nu / (1 - nu))
+
+
+#: Mantissa bits the FP8 tensor-core accumulator keeps on Hopper (sm90): DeepSeek-V3 technical
+#: report, section 3.3.2, "limited to retaining around 14 bits"; cuBLASLt (without fast
+#: accumulation) promotes the partial sums to float32 every 4 WGMMAs, i.e. every 128 products.
+TENSOR_CORE_FP8_ACCUM_BITS = 14
+TENSOR_CORE_FP8_PROMOTE_INTERVAL = 128
+
+
+def fp8_tensor_core_bound(abs_sum: Union[Tensor, float], k: int, *,
+                          accum_bits: int = TENSOR_CORE_FP8_ACCUM_BITS,
+                          promote_interval: int = TENSOR_CORE_FP8_PROMOTE_INTERVAL) -> Union[Tensor, float]:
+    """Worst-case accumulation error of a K-long FP8 dot product on Hopper tensor cores.
+
+    Within each run of ``promote_interval`` products the accumulator keeps ``accum_bits``
+    mantissa bits (unit roundoff ``2**-accum_bits``); the runs are summed in float32.  So the
+    error is at most ``(gamma_m(2**-accum_bits) + gamma_(ceil(K/m)+1)(2**-24)) * sum|a*b|`` with
+    ``m = min(K, promote_interval)`` (Higham's gamma, as :func:`summation_bound`).  A float32
+    emulation of the same products (``harness.reference.formats.scaled_mm``) is within
+    ``summation_bound(.., K, float32)`` of exact, so a kernel/emulation comparison adds both.
+    """
+    if k < 0:
+        raise ValueError(f"k={k} must be >= 0")
+    m = max(1, min(k, promote_interval))
+    u_acc = 2.0 ** -accum_bits
+    if m * u_acc >= 1:
+        raise ValueError(f"promote_interval {m} x 2**-{accum_bits} >= 1: no useful bound")
+    g_acc = m * u_acc / (1 - m * u_acc)
+    runs = -(-k // m) + 1
+    u32 = 2.0 ** -24
+    g_32 = runs * u32 / (1 - runs * u32)
+    return abs_sum * (g_acc + g_32)
 
 
 # ---------------------------------------------------------------------------

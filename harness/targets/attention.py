@@ -235,3 +235,21 @@ try:
     register_backend_targets()
 except ImportError:  # pragma: no cover - the backend registry is part of the package; keep linear targets alive
     pass
+
+
+def known_upstream_defect(target_name: str, case: Case) -> str | None:
+    """A defect of the kernel itself (not of the layout) that this case is expected to show, or None.
+
+    SageAttention 1.0.6 (``sageattn``/``sageattn_varlen``) gives the padded keys of a short last
+    key tile (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax weight: the
+    output drifts beyond the emulation's bound and matches ``emu.sage1`` with
+    ``tail_keys_score_zero=True`` (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's
+    32760-token self-attention (32760 % 64 = 56) and 257-token CLIP context are affected.
+    """
+    if ".sage1." not in f".{target_name}." or "k" not in case.layouts:
+        return None
+    k = case.layouts["k"]
+    s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
+    if s_k % 64:
+        return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
+    return None

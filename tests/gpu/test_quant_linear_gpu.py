@@ -1,8 +1,9 @@
 """fp8_linear on CUDA (torch._scaled_mm): every layout against the emulation, the raw kernel's defect, no mutation.
 
 Skips name what is missing: "no CUDA device", "FP8 matmul needs compute capability >= 8.9, found 8.6".
-Bounds are derived the same way as on the CPU: float32 accumulation of K exact FP8 products in any
-order (2 x gamma_(K+2) x |A||B|) plus one output ULP, against ``harness.reference.formats.scaled_mm``
+Bounds are derived from the accumulators: Hopper's FP8 tensor cores keep about 14 mantissa bits
+within each 128-product run (float32 across runs; ``fp8_tensor_core_bound``), the emulation sums in
+float32 (gamma_(K+2) x |A||B|), plus one output ULP, against ``harness.reference.formats.scaled_mm``
 run on the very operands fp8_linear handed to the kernel (``LinearResult.a/b/scale_a/scale_b``).
 """
 
@@ -21,7 +22,7 @@ from harness.layouts import LayoutSpec, data_ptr_alignment, materialize, poison_
 from harness.quant.legacy import legacy_op
 from harness.quant.linear import LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan
 from harness.reference.formats import round_to_format, scaled_mm
-from harness.reference.metrics import Bound, judge, summation_bound, ulp
+from harness.reference.metrics import Bound, fp8_tensor_core_bound, judge, summation_bound, ulp
 from harness.strategies import layouts
 
 pytestmark = pytest.mark.gpu
@@ -41,15 +42,18 @@ def dev() -> torch.device:
 
 
 def kernel_bound(res: LinearResult, emulated: torch.Tensor) -> Bound:
-    """float32 accumulation in any order on both sides (2 x gamma_(K+2) x |A||B|) + 1 output ULP."""
+    """Tensor-core accumulation (14-bit runs of 128, float32 across) + the emulation's float32
+    accumulation (gamma_(K+2) x |A||B|) + 1 output ULP."""
     a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
     b = res.b.to(torch.float64) * res.scale_b.to(torch.float64)
     k = res.a.shape[1]
-    acc = summation_bound(a.abs() @ b.abs(), k + 2, torch.float32)[:, : res.plan.n]
-    per_elem = 2 * acc + ulp(emulated.reshape(acc.shape), res.plan.out_dtype)
+    abs_sum = a.abs() @ b.abs()
+    acc = (summation_bound(abs_sum, k + 2, torch.float32) + fp8_tensor_core_bound(abs_sum, k))[:, : res.plan.n]
+    per_elem = acc + ulp(emulated.reshape(acc.shape), res.plan.out_dtype)
     return Bound(k=0.0, floor=float(per_elem.max()),
-                 why=f"cuBLASLt and the emulation both accumulate K={k} FP8 products in float32 "
-                     f"(2 x gamma_(K+2) x |A||B|) + 1 ULP of {res.plan.out_dtype}")
+                 why=f"K={k} FP8 products: tensor-core accumulator (14 bits per 128-product run, float32 "
+                     f"across runs) + the emulation's float32 sum (gamma_(K+2) x |A||B|) + 1 ULP of "
+                     f"{res.plan.out_dtype}")
 
 
 def check(res: LinearResult, bias: torch.Tensor | None = None) -> None:

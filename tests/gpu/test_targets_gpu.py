@@ -21,6 +21,7 @@ import pytest
 
 from harness.matrix import is_failure
 from harness.runner.targets import all_targets
+from harness.targets.attention import known_upstream_defect
 
 pytestmark = pytest.mark.gpu
 
@@ -53,8 +54,21 @@ def sweep(capability) -> dict[tuple[str, str], list]:
                 continue
             for cls, f in t.layout_classes().items():
                 for i in range(CASES):
-                    futures[(name, cls)].append(pool.submit(f.build(i)))
-        return {k: [f.result() for f in fs] for k, fs in futures.items()}
+                    case = f.build(i)
+                    futures[(name, cls)].append((case, pool.submit(case)))
+        out = {}
+        for key, pairs in futures.items():
+            out[key] = []
+            for case, fut in pairs:
+                r = fut.result()
+                r.known_defect = known_upstream_defect(key[0], case)  # kernel defects, not layout ones
+                out[key].append(r)
+        return out
+
+
+def _expected(name: str, r, default: str) -> str:
+    """A case that hits a known kernel defect must still show it (drift): it has not silently changed."""
+    return "drift" if getattr(r, "known_defect", None) else default
 
 
 def _available(sweep, name: str) -> bool:
@@ -86,9 +100,10 @@ def test_every_target_passes_its_control_classes(sweep) -> None:
         if cls not in CONTROL[t.kind] or not _available(sweep, name):
             continue
         want = "input_mutation" if name in RAW_WRITES_K else "pass"
+        wants = [want if want != "pass" else _expected(name, r, want) for r in rs]
         got = [r.verdict.value for r in rs]
-        if any(v != want for v in got):
-            problems.append(f"{name} x {cls}: expected {want}, got {got}\n{_show(rs)}")
+        if got != wants:
+            problems.append(f"{name} x {cls}: expected {wants}, got {got}\n{_show(rs)}")
     assert not problems, "\n\n".join(problems)
 
 
@@ -98,7 +113,7 @@ def test_layout_safe_ops_accept_every_class(sweep) -> None:
         t = all_targets()[name]
         if not getattr(t, "accepts_all_layouts", False) or not _available(sweep, name):
             continue
-        bad = [r for r in rs if is_failure(r.verdict.value, True)]
+        bad = [r for r in rs if is_failure(r.verdict.value, True) and r.verdict.value != _expected(name, r, "pass")]
         if bad:
             problems.append(f"{name} x {cls}: {[r.verdict.value for r in bad]}\n{_show(bad)}")
     assert not problems, "\n\n".join(problems)
@@ -115,7 +130,9 @@ H200_FACTS = {
     ("attn.sdpa.flash", "misaligned_ptr_8"): "device_fault",
     ("attn.sdpa.efficient", "misaligned_ptr_2"): "rejected",  # 'p.query_ptr is not correctly aligned'
     ("attn.sdpa.efficient", "misaligned_ptr_8"): "device_fault",
-    ("attn.sdpa.cudnn", "misaligned_ptr_2"): "pass",
+    # no error, but the kernel reads outside the view: the NaN poison around it reaches the output
+    ("attn.sdpa.cudnn", "misaligned_ptr_2"): "nonfinite",
+    ("attn.sdpa.cudnn", "misaligned_ptr_8"): "nonfinite",
     ("attn.sdpa.math", "misaligned_ptr_8"): "pass",
     ("legacy.wanvideo_late2025", "values_beyond_448"): "input_mutation",
     # x / scale_input cast to E4M3 unclamped: torch 2.11's CUDA cast gives NaN from 480 up
