@@ -246,7 +246,7 @@ def known_upstream_defect(target_name: str, case: Case) -> str | None:
     ``tail_keys_score_zero=True`` (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's
     32760-token self-attention (32760 % 64 = 56) and 257-token CLIP context are affected.
     """
-    if ".sage1." not in f".{target_name}." or "k" not in case.layouts:
+    if not target_name.startswith(("attn.sage1.", "safe_attn.sage1.")) or "k" not in case.layouts:
         return None
     k = case.layouts["k"]
     s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
