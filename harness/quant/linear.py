@@ -61,6 +61,7 @@ which operand was used as is, quantized, copied, padded or cast, and why.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -72,6 +73,7 @@ import torch
 from torch import Tensor
 
 from harness.quant._geom import Geom
+from harness.quant._triton_quant import MAX_K, rowwise_quantize, triton_available
 
 __all__ = [
     "E4M3_MAX",
@@ -307,6 +309,8 @@ class LinearPlan:
     out_dtype: torch.dtype
     decisions: tuple[OperandDecision, ...]
     epilogue: tuple[str, ...] = ()
+    #: how the activation was quantized: "eager" (PyTorch ops) or "triton-rowwise" (one fused pass, CUDA)
+    quantizer: str = "eager"
 
     def decision(self, role: str) -> OperandDecision:
         for d in self.decisions:
@@ -326,7 +330,7 @@ class LinearPlan:
     def describe(self) -> str:
         head = (f"fp8_linear M={self.m} K={self.k} N={self.n} (padded K={self.k_padded}, N={self.n_padded}) "
                 f"{self.scaling} ({self.input_scaling} input) out={self.out_dtype} backend={self.backend} "
-                f"({self.backend_reason}); rules={self.rules}")
+                f"({self.backend_reason}); rules={self.rules}; quantizer={self.quantizer}")
         lines = [head] + ["  " + d.describe() for d in self.decisions]
         if self.epilogue:
             lines.append("  epilogue: " + ", ".join(self.epilogue))
@@ -334,6 +338,7 @@ class LinearPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "backend_reason": self.backend_reason, "rules": self.rules,
+                "quantizer": self.quantizer,
                 "scaling": self.scaling, "input_scaling": self.input_scaling,
                 "weight_quantized": self.weight_quantized, "m": self.m, "k": self.k, "n": self.n,
                 "k_padded": self.k_padded, "n_padded": self.n_padded,
@@ -708,6 +713,27 @@ def quantize_weight_rowwise(weight: Tensor, *, k_padded: Optional[int] = None,
     return q, s
 
 
+def _fused_quant_input(input: Tensor, plan: "LinearPlan", m: int, k: int) -> tuple[Optional[Tensor], str]:
+    """``(x2d, "")`` when the one-pass Triton quantizer can read ``input`` as (m, k) rows, else ``(None, why)``."""
+    if plan.backend != "cuda" or input.device.type != "cuda":
+        return None, ""
+    if input.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None, f"input dtype {input.dtype}"
+    if plan.scaling != "rowwise" and plan.out_dtype != torch.bfloat16:
+        return None, f"tensorwise weight with {plan.out_dtype} output (rowwise _scaled_mm is used for bfloat16 only)"
+    if plan.k_padded > MAX_K:
+        return None, f"K={plan.k_padded} > {MAX_K}"
+    ok, why = triton_available()
+    if not ok:
+        return None, why
+    if k > 1 and input.stride(-1) != 1:
+        return None, f"last-dim stride {input.stride(-1)}"
+    try:
+        return input.view(m, k), ""
+    except RuntimeError:
+        return None, "rows do not merge into one (m, k) view"
+
+
 def call_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor],
                    out_dtype: torch.dtype, use_fast_accum: bool = False) -> Tensor:
     """``torch._scaled_mm`` with keyword arguments, unwrapping the ``(out, amax)`` tuple of torch <= 2.4."""
@@ -832,6 +858,7 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
         scale_a = s_in.expand(m, 1).contiguous() if rowwise else (
             s_in if plan.decision("scale_a").action == "use" else s_in.clone())
     else:
+        x2d = None
         if input_scale is not None:
             s_in = torch.as_tensor(input_scale, **f32).detach().to(**f32).reshape(1)
             if plan.decision("scale_a").action == "copy":
@@ -848,10 +875,27 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
             scale_a = s_in.expand(m, 1).contiguous() if rowwise else s_in
         else:
             saturate = False
-            amax = _amax(input, rowwise=rowwise)
-            scale_div = _dynamic_scale(amax)
-            scale_a = scale_div.reshape(m, 1) if rowwise else scale_div
-        a_q = quantize_activation(input, scale_div, k_padded=kp, saturate=saturate)
+            x2d, why_not = _fused_quant_input(input, plan, m, k)
+            if x2d is not None:
+                # one fused pass (row amax, scale, cast); a scalar weight scale is broadcast per column so
+                # the kernel runs rowwise x rowwise -- per-row input scales never lose range to one outlier row
+                a_q, s_row = rowwise_quantize(x2d, kp, out_shape=lead + (kp,))
+                scale_a = s_row.reshape(m, 1)
+                if not rowwise:
+                    scale_b = scale_b.reshape(1, 1).expand(1, np_).contiguous()
+                    rowwise = True
+                plan = dataclasses.replace(plan, quantizer="triton-rowwise", input_scaling="dynamic-row",
+                                           scaling="rowwise")
+                _state.plan = plan
+                logger.debug("input: one-pass Triton row-wise quantization (%d x %d)", m, k)
+            else:
+                if why_not:
+                    logger.debug("input: eager quantization (%s)", why_not)
+                amax = _amax(input, rowwise=rowwise)
+                scale_div = _dynamic_scale(amax)
+                scale_a = scale_div.reshape(m, 1) if rowwise else scale_div
+        if x2d is None or input_scale is not None:
+            a_q = quantize_activation(input, scale_div, k_padded=kp, saturate=saturate)
 
     # ---- bias
     kernel_bias: Optional[Tensor] = None

@@ -207,3 +207,42 @@ def test_legacy_late2025_still_mutates_on_cuda(dev: torch.device) -> None:
     w, sw = weight(N, K, dev)
     legacy_op("wanvideo_late2025")(x, w, weight_scale=sw)
     assert float(x[0, 0, 0]) == 448.0
+
+
+# ---------------------------------------------------------------------------- the one-pass Triton quantizer
+from harness.quant._triton_quant import rowwise_quantize, triton_available  # noqa: E402
+from harness.quant.linear import _amax, _dynamic_scale, quantize_activation  # noqa: E402
+from harness.values import FINITE_KINDS, ValueSpec  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", FINITE_KINDS + ("nonfinite",))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mk", [(257, 5120), (33, 40), (7, 13824)])
+def test_triton_rowwise_quantizer_is_bitwise_the_eager_one(dev, kind: str, dtype: torch.dtype, mk) -> None:
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    m, k = mk
+    kp = -(-k // 16) * 16
+    x = ValueSpec(kind, 7).generate((m, k), torch.float32).to(dtype).to(dev)
+    before = x.clone()
+    q, s = rowwise_quantize(x, kp)
+    s_ref = _dynamic_scale(_amax(x, rowwise=True))
+    q_ref = quantize_activation(x, s_ref, k_padded=kp)
+    assert torch.equal(x, before) or kind == "nonfinite"  # read only (NaN != NaN, so compare bytes there)
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), "scales differ"
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), "E4M3 bytes differ"
+
+
+def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev) -> None:
+    if not triton_available()[0]:
+        pytest.skip(triton_available()[1])
+    x = torch.randn(2, 48, K, device=dev, dtype=torch.bfloat16)
+    w, sw = weight(N, K, dev)
+    res = fp8_linear_with_plan(x, w, sw)
+    assert res.plan.quantizer == "triton-rowwise" and res.plan.scaling == "rowwise"
+    check(res)
+    strided = materialize(LayoutSpec((2, 48, K), "bfloat16", offset=1, pad=(0, 0, 8)), x.cpu(), device="cuda")
+    res2 = fp8_linear_with_plan(strided, w, sw)  # misaligned, padded rows: still one pass, same numbers
+    assert res2.plan.quantizer == "triton-rowwise"
+    assert torch.equal(res2.out, res.out)
