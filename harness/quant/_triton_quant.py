@@ -8,7 +8,7 @@ the FP8 row and its scale: the bytes of a bare cast.
 
 It computes exactly what ``harness.quant.linear._dynamic_scale`` and ``quantize_activation``
 compute in eager mode (bit for bit, checked by ``tests/gpu/test_quant_linear_gpu.py``):
-``s = amax / 448`` rounded to nearest (1.0 for an all-zero row, at least the smallest normal
+``s = amax * float32(1/448)`` (what eager ``amax / 448`` does on CUDA) (1.0 for an all-zero row, at least the smallest normal
 float32), nudged up one ULP where ``amax / s > 448``; NaN anywhere in a row makes its scale NaN
 (so the row's outputs are NaN, as in eager mode); ``q = x / s`` rounded to nearest, then to E4M3
 with round-to-nearest-even.  Padded columns ``k <= j < k_padded`` are written as zeros.
@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["triton_available", "rowwise_quantize", "MAX_K"]
+__all__ = ["triton_available", "rowwise_quantize", "scaled_cast", "MAX_K"]
 
 #: Longest row the one-block-per-row kernel handles (registers); longer rows use the eager path.
 MAX_K = 32768
@@ -48,13 +48,13 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def _rowwise_quant(x_ptr, q_ptr, s_ptr, K, K_PAD, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    def _rowwise_quant(x_ptr, q_ptr, s_ptr, K, K_PAD, stride_xm, stride_qm, INV_MAX, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         n_nan = tl.sum((x != x).to(tl.int32), axis=0)
         amax = tl.max(tl.abs(x), axis=0)
-        s = tl.math.div_rn(amax, 448.0)
+        s = amax * INV_MAX  # eager ``amax / 448`` on CUDA multiplies by the float32 reciprocal
         s = tl.where(amax == 0.0, 1.0, s)
         s = tl.maximum(s, 1.1754943508222875e-38)  # float32 tiny, as the eager clamp
         over = tl.math.div_rn(amax, s) > 448.0
@@ -90,5 +90,48 @@ def rowwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
         return q2, scale
     block = triton.next_power_of_2(max(kp, 16))
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _kernel()[(m,)](x2d, q2, scale, k, kp, x2d.stride(0), q2.stride(0), BLOCK_K=block, num_warps=warps)
+    inv_max = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)  # the float32 reciprocal eager mode uses
+    _kernel()[(m,)](x2d, q2, scale, k, kp, x2d.stride(0), q2.stride(0), inv_max, BLOCK_K=block, num_warps=warps)
     return q2, scale
+
+
+@functools.lru_cache(maxsize=1)
+def _cast_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scaled_cast(x_ptr, s_ptr, q_ptr, K, K_PAD, stride_xm, stride_qm, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        s = tl.load(s_ptr)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q0 = tl.math.div_rn(x, s)
+        q = tl.minimum(tl.maximum(q0, -448.0), 448.0)  # saturate on the copy
+        q = tl.where(q0 != q0, q0, q)  # NaN stays NaN (min/max would drop it)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K_PAD)
+
+    return _scaled_cast
+
+
+def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, k_padded: Optional[int] = None,
+                out_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """E4M3 ``clamp(x / scale, -448, 448)`` of (M, K) rows in one pass: q (M, k_padded), zero-padded columns.
+
+    ``scale``: a one-element float32 CUDA tensor (per-tensor; static or computed by the caller).
+    Bitwise what eager ``torch.div(x, scale)`` (true division) then a clamp and an RNE cast give.
+    """
+    m, k = x2d.shape
+    kp = k if k_padded is None else k_padded
+    if x2d.stride(-1) != 1 and k > 1:
+        raise ValueError(f"scaled_cast needs last-dim stride 1, got {x2d.stride(-1)}")
+    import triton
+
+    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
+    q2 = q.view(m, kp)
+    if m == 0:
+        return q2
+    block = 2048
+    _cast_kernel()[(m, triton.cdiv(kp, block))](x2d, scale.reshape(1), q2, k, kp, x2d.stride(0), q2.stride(0),
+                                                 BLOCK=block, num_warps=8)
+    return q2

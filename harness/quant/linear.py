@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from harness.quant._geom import Geom
-from harness.quant._triton_quant import MAX_K, rowwise_quantize, triton_available
+from harness.quant._triton_quant import MAX_K, rowwise_quantize, scaled_cast, triton_available
 
 __all__ = [
     "E4M3_MAX",
@@ -309,7 +309,8 @@ class LinearPlan:
     out_dtype: torch.dtype
     decisions: tuple[OperandDecision, ...]
     epilogue: tuple[str, ...] = ()
-    #: how the activation was quantized: "eager" (PyTorch ops) or "triton-rowwise" (one fused pass, CUDA)
+    #: how the activation was quantized: "eager" (PyTorch ops), "triton-rowwise" (amax, scale and cast in one
+    #: pass) or "triton-tensorwise" (amax pass, then one fused divide-clamp-cast pass); same numbers either way
     quantizer: str = "eager"
 
     def decision(self, role: str) -> OperandDecision:
@@ -719,8 +720,6 @@ def _fused_quant_input(input: Tensor, plan: "LinearPlan", m: int, k: int) -> tup
         return None, ""
     if input.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None, f"input dtype {input.dtype}"
-    if plan.scaling != "rowwise" and plan.out_dtype != torch.bfloat16:
-        return None, f"tensorwise weight with {plan.out_dtype} output (rowwise _scaled_mm is used for bfloat16 only)"
     if plan.k_padded > MAX_K:
         return None, f"K={plan.k_padded} > {MAX_K}"
     ok, why = triton_available()
@@ -876,25 +875,27 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
         else:
             saturate = False
             x2d, why_not = _fused_quant_input(input, plan, m, k)
-            if x2d is not None:
-                # one fused pass (row amax, scale, cast); a scalar weight scale is broadcast per column so
-                # the kernel runs rowwise x rowwise -- per-row input scales never lose range to one outlier row
+            quantizer = None
+            if x2d is not None and rowwise:
+                # one pass: row amax, scale and E4M3 values (bitwise the eager scheme below)
                 a_q, s_row = rowwise_quantize(x2d, kp, out_shape=lead + (kp,))
                 scale_a = s_row.reshape(m, 1)
-                if not rowwise:
-                    scale_b = scale_b.reshape(1, 1).expand(1, np_).contiguous()
-                    rowwise = True
-                plan = dataclasses.replace(plan, quantizer="triton-rowwise", input_scaling="dynamic-row",
-                                           scaling="rowwise")
-                _state.plan = plan
-                logger.debug("input: one-pass Triton row-wise quantization (%d x %d)", m, k)
+                quantizer = "triton-rowwise"
             else:
-                if why_not:
-                    logger.debug("input: eager quantization (%s)", why_not)
                 amax = _amax(input, rowwise=rowwise)
                 scale_div = _dynamic_scale(amax)
                 scale_a = scale_div.reshape(m, 1) if rowwise else scale_div
-        if x2d is None or input_scale is not None:
+                if x2d is not None:
+                    # the per-tensor scale needs the amax pass first; the division and cast are one fused pass
+                    a_q = scaled_cast(x2d, scale_div, kp, out_shape=lead + (kp,))
+                    quantizer = "triton-tensorwise"
+            if quantizer is not None:
+                plan = dataclasses.replace(plan, quantizer=quantizer)
+                _state.plan = plan
+                logger.debug("input: %s quantization (%d x %d)", quantizer, m, k)
+            elif why_not:
+                logger.debug("input: eager quantization (%s)", why_not)
+        if x2d is None:
             a_q = quantize_activation(input, scale_div, k_padded=kp, saturate=saturate)
 
     # ---- bias

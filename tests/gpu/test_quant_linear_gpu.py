@@ -239,10 +239,31 @@ def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev) -> None:
         pytest.skip(triton_available()[1])
     x = torch.randn(2, 48, K, device=dev, dtype=torch.bfloat16)
     w, sw = weight(N, K, dev)
-    res = fp8_linear_with_plan(x, w, sw)
-    assert res.plan.quantizer == "triton-rowwise" and res.plan.scaling == "rowwise"
+    res = fp8_linear_with_plan(x, w, sw)  # scalar weight scale: per-tensor input scale
+    assert res.plan.quantizer == "triton-tensorwise" and res.plan.scaling == "tensorwise"
     check(res)
     strided = materialize(LayoutSpec((2, 48, K), "bfloat16", offset=1, pad=(0, 0, 8)), x.cpu(), device="cuda")
-    res2 = fp8_linear_with_plan(strided, w, sw)  # misaligned, padded rows: still one pass, same numbers
-    assert res2.plan.quantizer == "triton-rowwise"
+    res2 = fp8_linear_with_plan(strided, w, sw)  # misaligned, padded rows: still fused, same numbers
+    assert res2.plan.quantizer == "triton-tensorwise"
     assert torch.equal(res2.out, res.out)
+    transposed = materialize(LayoutSpec((2, 48, K), "bfloat16", perm=(0, 2, 1)), x.cpu(), device="cuda")
+    res3 = fp8_linear_with_plan(transposed, w, sw)  # last stride != 1: the eager path, the same numbers
+    assert res3.plan.quantizer == "eager" and torch.equal(res3.out, res.out)
+    wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16)  # high-precision weight: rowwise, one pass
+    res4 = fp8_linear_with_plan(x, wb)
+    assert res4.plan.quantizer == "triton-rowwise"
+    check(res4)
+    assert torch.equal(fp8_linear_with_plan(transposed, wb).out, res4.out)
+
+
+@pytest.mark.parametrize("kind", FINITE_KINDS + ("nonfinite",))
+def test_triton_scaled_cast_is_bitwise_the_eager_one(dev, kind: str) -> None:
+    if not triton_available()[0]:
+        pytest.skip(triton_available()[1])
+    from harness.quant._triton_quant import scaled_cast
+
+    x = ValueSpec(kind, 3).generate((129, 1000), torch.float32).to(torch.bfloat16).to(dev)
+    s = _dynamic_scale(_amax(x, rowwise=False))
+    q = scaled_cast(x, s, 1008)
+    q_ref = quantize_activation(x, s, k_padded=1008)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
