@@ -714,6 +714,34 @@ def quantize_weight_rowwise(weight: Tensor, *, k_padded: Optional[int] = None,
     return q, s
 
 
+_SCALE_CHECKED: "dict[tuple, bool]" = {}
+
+
+def _validated_static_scale(input_scale: Any, f32: dict) -> Tensor:
+    """``input_scale`` as a (1,) float32 tensor, checked positive and finite.
+
+    A Python number is checked on the host.  A device tensor is checked once per (storage, version):
+    the first call reads it back (one sync); later calls with the same, unmodified scale buffer (a
+    model's stored ``scale_input``) cost nothing.
+    """
+    if isinstance(input_scale, Tensor):
+        key = (input_scale.device, input_scale.data_ptr(), input_scale._version, input_scale.numel())
+        if key not in _SCALE_CHECKED:
+            if input_scale.numel() != 1:
+                raise Fp8LinearError(f"input_scale must have one element, got shape {tuple(input_scale.shape)}")
+            val = float(input_scale.detach().reshape(()).float())
+            if not (math.isfinite(val) and val > 0):
+                raise Fp8LinearError(f"input_scale={val} must be positive and finite")
+            if len(_SCALE_CHECKED) > 1024:
+                _SCALE_CHECKED.clear()
+            _SCALE_CHECKED[key] = True
+        return input_scale.detach().to(**f32).reshape(1)
+    val = float(input_scale)
+    if not (math.isfinite(val) and val > 0):
+        raise Fp8LinearError(f"input_scale={val} must be positive and finite")
+    return torch.full((1,), val, **f32)
+
+
 def _fused_quant_input(input: Tensor, plan: "LinearPlan", m: int, k: int) -> tuple[Optional[Tensor], str]:
     """``(x2d, "")`` when the one-pass Triton quantizer can read ``input`` as (m, k) rows, else ``(None, why)``."""
     if plan.backend != "cuda" or input.device.type != "cuda":
@@ -858,7 +886,21 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
             s_in if plan.decision("scale_a").action == "use" else s_in.clone())
     else:
         x2d = None
+        fused_static = None
         if input_scale is not None:
+            fused_static, _ = _fused_quant_input(input, plan, m, k)
+        if fused_static is not None:
+            # a static scale needs no pass over the input: one fused divide-clamp-cast (the clamp is a no-op
+            # where the eager path would not saturate, so the numbers are the same) and no device sync
+            s_in = _validated_static_scale(input_scale, f32)
+            if plan.decision("scale_a").action == "copy":
+                s_in = s_in.clone()
+            x2d = fused_static
+            a_q = scaled_cast(x2d, s_in, kp, out_shape=lead + (kp,))
+            scale_a = s_in.expand(m, 1).contiguous() if rowwise else s_in
+            plan = dataclasses.replace(plan, quantizer="triton-tensorwise")
+            _state.plan = plan
+        elif input_scale is not None:
             s_in = torch.as_tensor(input_scale, **f32).detach().to(**f32).reshape(1)
             if plan.decision("scale_a").action == "copy":
                 s_in = s_in.clone()
