@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["triton_available", "rowwise_quantize", "scaled_cast", "MAX_K"]
+__all__ = ["triton_available", "rowwise_quantize", "scaled_cast", "dynamic_tensorwise_quantize", "MAX_K"]
 
 #: Longest row the one-block-per-row kernel handles (registers); longer rows use the eager path.
 MAX_K = 32768
@@ -96,15 +96,48 @@ def rowwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
 
 
 @functools.lru_cache(maxsize=1)
+def _absmax_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _absmax(x_ptr, out_ptr, M, K, stride_xm, BLOCK_K: tl.constexpr):
+        # |x| of non-negative floats orders like its int32 bits, and NaN's bits sort above inf: an integer max
+        # keeps NaN (a float max would drop it), and one atomic per program keeps contention low
+        pid = tl.program_id(0)
+        acc = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for row in range(pid, M, tl.num_programs(0)):
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
+        tl.atomic_max(out_ptr, tl.max(acc, axis=0))
+
+    return _absmax
+
+
+@functools.lru_cache(maxsize=1)
 def _cast_kernel() -> Any:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _scaled_cast(x_ptr, s_ptr, q_ptr, K, K_PAD, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    def _scaled_cast(x_ptr, s_ptr, amax_ptr, q_ptr, K, K_PAD, stride_xm, stride_qm, INV_MAX,
+                     BLOCK: tl.constexpr, DYNAMIC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        s = tl.load(s_ptr)
+        if DYNAMIC:  # the scale from the amax, exactly as harness.quant.linear._dynamic_scale
+            amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+            s = amax * INV_MAX
+            s = tl.where(amax == 0.0, 1.0, s)
+            s = tl.maximum(s, 1.1754943508222875e-38)
+            over = tl.math.div_rn(amax, s) > 448.0
+            s = tl.where(over, (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)
+            s = tl.where(amax != amax, amax, s)
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(s_ptr, s)
+        else:
+            s = tl.load(s_ptr)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         q0 = tl.math.div_rn(x, s)
         q = tl.minimum(tl.maximum(q0, -448.0), 448.0)  # saturate on the copy
@@ -132,6 +165,39 @@ def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, k_padded: Optional[int] 
     if m == 0:
         return q2
     block = 2048
-    _cast_kernel()[(m, triton.cdiv(kp, block))](x2d, scale.reshape(1), q2, k, kp, x2d.stride(0), q2.stride(0),
-                                                 BLOCK=block, num_warps=8)
+    _cast_kernel()[(m, triton.cdiv(kp, block))](x2d, scale.reshape(1), scale, q2, k, kp, x2d.stride(0),
+                                                 q2.stride(0), 0.0, BLOCK=block, DYNAMIC=False, num_warps=8)
     return q2
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(device_index: int) -> int:
+    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dynamic_tensorwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
+                                out_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with a dynamic per-tensor scale: one read-only amax pass, then one fused cast pass.
+
+    ``scale`` is a (1,) float32 tensor, bitwise ``_dynamic_scale(amax(|x|))``; ``q`` bitwise the eager
+    ``quantize_activation``.  No host synchronisation.
+    """
+    m, k = x2d.shape
+    kp = k if k_padded is None else k_padded
+    if x2d.stride(-1) != 1 and k > 1:
+        raise ValueError(f"dynamic_tensorwise_quantize needs last-dim stride 1, got {x2d.stride(-1)}")
+    import triton
+
+    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
+    q2 = q.view(m, kp)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x2d.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x2d.device)
+    if m == 0:
+        return q2, scale.fill_(1.0)
+    nprog = min(m, _programs(x2d.device.index or 0))
+    _absmax_kernel()[(nprog,)](x2d, amax_bits, m, k, x2d.stride(0), BLOCK_K=1024, num_warps=4)
+    inv_max = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)
+    block = 2048
+    _cast_kernel()[(m, triton.cdiv(kp, block))](x2d, scale, amax_bits, q2, k, kp, x2d.stride(0), q2.stride(0),
+                                                 inv_max, BLOCK=block, DYNAMIC=True, num_warps=8)
+    return q2, scale

@@ -73,7 +73,13 @@ import torch
 from torch import Tensor
 
 from harness.quant._geom import Geom
-from harness.quant._triton_quant import MAX_K, rowwise_quantize, scaled_cast, triton_available
+from harness.quant._triton_quant import (
+    MAX_K,
+    dynamic_tensorwise_quantize,
+    rowwise_quantize,
+    scaled_cast,
+    triton_available,
+)
 
 __all__ = [
     "E4M3_MAX",
@@ -923,14 +929,15 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
                 a_q, s_row = rowwise_quantize(x2d, kp, out_shape=lead + (kp,))
                 scale_a = s_row.reshape(m, 1)
                 quantizer = "triton-rowwise"
+            elif x2d is not None:
+                # a per-tensor scale needs one read-only amax pass first; scale, division and cast are one pass
+                a_q, scale_div = dynamic_tensorwise_quantize(x2d, kp, out_shape=lead + (kp,))
+                scale_a = scale_div
+                quantizer = "triton-tensorwise"
             else:
                 amax = _amax(input, rowwise=rowwise)
                 scale_div = _dynamic_scale(amax)
                 scale_a = scale_div.reshape(m, 1) if rowwise else scale_div
-                if x2d is not None:
-                    # the per-tensor scale needs the amax pass first; the division and cast are one fused pass
-                    a_q = scaled_cast(x2d, scale_div, kp, out_shape=lead + (kp,))
-                    quantizer = "triton-tensorwise"
             if quantizer is not None:
                 plan = dataclasses.replace(plan, quantizer=quantizer)
                 _state.plan = plan
