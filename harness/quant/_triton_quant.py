@@ -61,7 +61,7 @@ def _kernel() -> Any:
         s_up = (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)  # nextafter(s, +inf), s > 0
         s = tl.where(over, s_up, s)
         s = tl.where(n_nan > 0, float("nan"), s)
-        q = tl.math.div_rn(x, s)
+        q = tl.where(offs < K, tl.math.div_rn(x, s), 0.0)  # padded columns are zeros whatever the scale
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K_PAD)
         tl.store(s_ptr + row, s)
 
@@ -142,6 +142,7 @@ def _cast_kernel() -> Any:
         q0 = tl.math.div_rn(x, s)
         q = tl.minimum(tl.maximum(q0, -448.0), 448.0)  # saturate on the copy
         q = tl.where(q0 != q0, q0, q)  # NaN stays NaN (min/max would drop it)
+        q = tl.where(offs < K, q, 0.0)  # padded columns are zeros whatever the scale
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K_PAD)
 
     return _scaled_cast
