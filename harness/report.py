@@ -51,6 +51,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from harness.verdicts import format_number
+
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
     "CELL_STATUSES",
@@ -147,23 +149,8 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _num(x: Any) -> str:
-    if isinstance(x, bool) or x is None:
-        return "-" if x is None else str(x)
-    if isinstance(x, str):
-        return x
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "nan"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        if x == 0:
-            return "0"
-        if 1e-3 <= abs(x) < 1e4:
-            return f"{x:.4g}"
-        return f"{x:.3e}"
-    return str(x)
+    """A metric for a table cell: ``format_number``, with ``-`` for a missing value."""
+    return "-" if x is None else format_number(x)
 
 
 def _ordered_unique(items: Iterable[str]) -> list[str]:
