@@ -8,6 +8,8 @@ Select with ``pytest -k "fault or isolat or worker"``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,10 +65,28 @@ FAULTS = {
 
 
 def test_worker_pool_parent_never_initialises_cuda(worker_pool):
+    already = torch.cuda.is_initialized()  # e.g. GPU tests ran earlier in this pytest process
     results = worker_pool.run([case("cpu.scale", seed=i) for i in range(20)])
     assert [r.verdict for r in results] == [Verdict.PASS] * 20
-    assert not torch.cuda.is_initialized()
     assert {w["info"]["pid"] for w in worker_pool.workers()}.isdisjoint({os.getpid()})
+    if not already:
+        assert not torch.cuda.is_initialized()
+        return
+    # this process's CUDA state proves nothing now: ask a fresh parent
+    code = (
+        "import torch\n"
+        "from harness.cases import Case\n"
+        "from harness.layouts import LayoutSpec\n"
+        "from harness.runner.pool import WorkerPool\n"
+        "from harness.values import ValueSpec\n"
+        "c = Case(op='cpu.scale', layouts={'x': LayoutSpec((8, 8), 'float32')}, values={'x': ValueSpec('normal', 1)})\n"
+        "with WorkerPool('cpu', workers_per_device=1) as pool:\n"
+        "    assert pool.run([c])[0].verdict.value == 'pass'\n"
+        "print(torch.cuda.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.parametrize("op", sorted(FAULTS))
