@@ -68,6 +68,23 @@ def _kernel() -> Any:
     return _rowwise_quant
 
 
+def _fp8_rows(x2d: torch.Tensor, k_padded: Optional[int], out_shape: Optional[tuple[int, ...]],
+              who: str) -> tuple[int, int, int, torch.Tensor]:
+    """Validate ``x2d`` (M, K) with last-dim stride 1; allocate the FP8 output. -> (m, k, k_padded, q (M, k_padded))."""
+    m, k = x2d.shape
+    kp = k if k_padded is None else k_padded
+    if x2d.stride(-1) != 1 and k > 1:
+        raise ValueError(f"{who} needs last-dim stride 1, got {x2d.stride(-1)}")
+    if kp > MAX_K:
+        raise ValueError(f"{who}: rows of {kp} elements exceed MAX_K={MAX_K}")
+    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
+    return m, k, kp, q.view(m, kp)
+
+
+#: the float32 reciprocal of 448 that eager ``x / 448`` multiplies by on CUDA
+_INV_MAX = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)
+
+
 def rowwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
                      out_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: q (M, k_padded) float8_e4m3fn row-major, scale (M,) float32, from ``x2d`` (M, K).
@@ -75,23 +92,15 @@ def rowwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
     ``x2d`` must be on CUDA, bf16/fp16/fp32, with last-dim stride 1 (any row stride); it is read
     only.  ``out_shape`` lets the caller allocate q with its own leading shape (same numel).
     """
-    m, k = x2d.shape
-    kp = k if k_padded is None else k_padded
-    if x2d.stride(-1) != 1 and k > 1:
-        raise ValueError(f"rowwise_quantize needs last-dim stride 1, got {x2d.stride(-1)}")
-    if kp > MAX_K:
-        raise ValueError(f"rows of {kp} elements exceed MAX_K={MAX_K}")
     import triton
 
-    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
-    q2 = q.view(m, kp)
+    m, k, kp, q2 = _fp8_rows(x2d, k_padded, out_shape, "rowwise_quantize")
     scale = torch.empty(m, dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q2, scale
     block = triton.next_power_of_2(max(kp, 16))
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    inv_max = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)  # the float32 reciprocal eager mode uses
-    _kernel()[(m,)](x2d, q2, scale, k, kp, x2d.stride(0), q2.stride(0), inv_max, BLOCK_K=block, num_warps=warps)
+    _kernel()[(m,)](x2d, q2, scale, k, kp, x2d.stride(0), q2.stride(0), _INV_MAX, BLOCK_K=block, num_warps=warps)
     return q2, scale
 
 
@@ -155,14 +164,9 @@ def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, k_padded: Optional[int] 
     ``scale``: a one-element float32 CUDA tensor (per-tensor; static or computed by the caller).
     Bitwise what eager ``torch.div(x, scale)`` (true division) then a clamp and an RNE cast give.
     """
-    m, k = x2d.shape
-    kp = k if k_padded is None else k_padded
-    if x2d.stride(-1) != 1 and k > 1:
-        raise ValueError(f"scaled_cast needs last-dim stride 1, got {x2d.stride(-1)}")
     import triton
 
-    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
-    q2 = q.view(m, kp)
+    m, k, kp, q2 = _fp8_rows(x2d, k_padded, out_shape, "scaled_cast")
     if m == 0:
         return q2
     block = 2048
@@ -183,22 +187,16 @@ def dynamic_tensorwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = Non
     ``scale`` is a (1,) float32 tensor, bitwise ``_dynamic_scale(amax(|x|))``; ``q`` bitwise the eager
     ``quantize_activation``.  No host synchronisation.
     """
-    m, k = x2d.shape
-    kp = k if k_padded is None else k_padded
-    if x2d.stride(-1) != 1 and k > 1:
-        raise ValueError(f"dynamic_tensorwise_quantize needs last-dim stride 1, got {x2d.stride(-1)}")
     import triton
 
-    q = torch.empty(out_shape if out_shape is not None else (m, kp), dtype=torch.float8_e4m3fn, device=x2d.device)
-    q2 = q.view(m, kp)
+    m, k, kp, q2 = _fp8_rows(x2d, k_padded, out_shape, "dynamic_tensorwise_quantize")
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x2d.device)
     scale = torch.empty(1, dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q2, scale.fill_(1.0)
     nprog = min(m, _programs(x2d.device.index or 0))
     _absmax_kernel()[(nprog,)](x2d, amax_bits, m, k, x2d.stride(0), BLOCK_K=1024, num_warps=4)
-    inv_max = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)
     block = 2048
     _cast_kernel()[(m, triton.cdiv(kp, block))](x2d, scale, amax_bits, q2, k, kp, x2d.stride(0), q2.stride(0),
-                                                 inv_max, BLOCK=block, DYNAMIC=True, num_warps=8)
+                                                 _INV_MAX, BLOCK=block, DYNAMIC=True, num_warps=8)
     return q2, scale
