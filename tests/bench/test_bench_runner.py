@@ -11,6 +11,7 @@ GPUs are counted by a probe subprocess. Cases use random (never all-zero) values
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -21,6 +22,20 @@ from harness.layouts import LayoutSpec
 from harness.runner.pool import WorkerPool, probe_cuda, probe_devices
 from harness.values import ValueSpec
 from harness.verdicts import Verdict
+
+@functools.lru_cache(maxsize=4)
+def _runner_env(cuda: bool) -> dict:
+    """Device and versions for ``extra_info["env"]`` (the dashboard groups by it); CUDA is probed in a child."""
+    if not cuda:
+        from harness.bench import env_info
+
+        return env_info("cpu")
+    from harness.env import collect_env_subprocess
+
+    env = collect_env_subprocess()
+    keep = ("python", "torch", "cuda", "cudnn", "cublas", "driver", "triton", "device", "capability")
+    return {**{k: env.get(k) for k in keep}, "device_type": "cuda"}
+
 
 #: a small strided case: offset, padding (so the layout check runs), 8K elements
 SMALL = LayoutSpec((64, 128), "float32", offset=3, pad=(0, 4))
@@ -61,7 +76,7 @@ def test_bench_runner_throughput(benchmark, bench_devices):
         benchmark.pedantic(round_, rounds=3, warmup_rounds=0, iterations=1)
         med = statistics.median(seconds)
         benchmark.extra_info.update({
-            "op": "runner.throughput", "family": "runner", "devices": bench_devices,
+            "op": "runner.throughput", "family": "runner", "devices": bench_devices, "env": _runner_env(cuda),
             "workers_per_device": per_device, "cases": n, "seconds_median": med,
             "cases_per_s": n / med, "cases_per_s_per_device": n / med / len(bench_devices),
             "target_cases_per_s_per_gpu": 200,
@@ -91,6 +106,7 @@ def test_bench_runner_recovery(benchmark, bench_devices, spares):
         benchmark.pedantic(round_, rounds=3 if cuda else 1, warmup_rounds=0, iterations=1)
         benchmark.extra_info.update({
             "op": f"runner.recovery.{'spare' if spares else 'fresh'}", "family": "runner", "device": bench_devices[0],
+            "env": _runner_env(cuda),
             "fault": fault.op, "spares": spares, "recovery_s_median": statistics.median(recovery),
             "recovery_s": recovery, "pool_recoveries_s": list(pool.recoveries), "target_recovery_s": 10.0,
         })
