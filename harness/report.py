@@ -25,7 +25,8 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
           "worst": null | {"metric", "err", "allowed", "ratio", "why", "verdict", "case"},
           "examples": {verdict: "cases/NAME.json"},   # one case file per non-pass verdict
           "new": [verdict, ...],         # failing verdicts not in the corpus
-          "known": [verdict, ...],       # failing verdicts the corpus already lists
+          "known": [verdict, ...],       # failing verdicts the corpus lists or a named kernel defect explains
+          "kernel_defects": {verdict: str},  # optional: the kernel defect that explains the example case
           "messages": {verdict: str}     # first message seen per non-pass verdict
       }],
       "unavailable": [{"op", "reason"}],
@@ -269,6 +270,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 tags.append("known: " + ", ".join(c["known"]))
             lines.append(f"### {c['op']} × {c['layout_class']} ({c['status']}{'; ' + '; '.join(tags) if tags else ''})")
             lines.append("")
+            for v, why in sorted(c.get("kernel_defects", {}).items()):
+                lines.append(f"- kernel defect ({v}): {why}")
             lines.append("- verdicts: " + ", ".join(f"{v} {n}" for v, n in sorted(c["counts"].items())))
             lines.append(f"- worst: {_worst_text(c.get('worst'))}")
             if c.get("worst") and c["worst"].get("why"):
@@ -364,6 +367,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
             out.append(f"<h3 id='{_h(_anchor(c['op'], c['layout_class']))}'>{_h(c['op'])} &times; "
                        f"{_h(c['layout_class'])} <span class='small'>({_h(c['status'])}"
                        f"{'; ' + '; '.join(tags) if tags else ''})</span></h3><ul>")
+            for v, why in sorted(c.get("kernel_defects", {}).items()):
+                out.append(f"<li>kernel defect ({_h(v)}): {_h(why)}</li>")
             out.append("<li>verdicts: " + _h(", ".join(f"{v} {n}" for v, n in sorted(c["counts"].items()))) + "</li>")
             w = c.get("worst")
             out.append(f"<li>worst: {_h(_worst_text(w))}</li>")

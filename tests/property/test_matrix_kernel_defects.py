@@ -1,0 +1,39 @@
+"""A drift that a named kernel defect explains is reported as such, not as a new failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.cases import Case
+from harness.layouts import LayoutSpec
+from harness.matrix import Cell, aggregate, find_new_failures
+from harness.values import ValueSpec
+from harness.verdicts import Result, Verdict
+
+
+def _cell(op: str, s_k: int) -> Cell:
+    specs = {n: LayoutSpec((1, 2, s_k if n != "q" else 64, 64), "bfloat16") for n in "qkv"}
+    case = Case(op=op, layouts=specs, values={n: ValueSpec("normal", 1) for n in "qkv"},
+                params={"tensor_layout": "HND", "layout_class": "hnd_contiguous"})
+    cell = Cell(op=op, kind="attention", layout_class="hnd_contiguous")
+    cell.add(case, Result(Verdict.DRIFT, "max_abs 0.08 > allowed 0.02", op=op,
+                          metrics={"err": 0.08, "allowed": 0.02, "ratio": 4.0}))
+    return cell
+
+
+@pytest.mark.parametrize("op,s_k,explained", [
+    ("safe_attn.sage1.sageattn", 100, True),   # 100 % 64 = 36: SageAttention 1's short last key tile
+    ("attn.sage1.sageattn_varlen", 257, True),
+    ("safe_attn.sage1.sageattn", 128, False),  # whole tiles: a drift here is unexplained
+    ("safe_attn.sdpa.flash", 100, False),      # not a SageAttention kernel
+    ("attn.emu.sage1", 100, False),            # the emulation has no such defect
+])
+def test_kernel_defect_explains_drift(tmp_path, op: str, s_k: int, explained: bool) -> None:
+    row = aggregate([_cell(op, s_k)], tmp_path, known=set(), save_examples=False)["cells"][0]
+    assert row["failing"] == ["drift"]
+    new = find_new_failures([row], known=set())
+    if explained:
+        assert "short last key tile" in row["kernel_defects"]["drift"]
+        assert row["known"] == ["drift"] and row["new"] == [] and new == []
+    else:
+        assert row["kernel_defects"] == {} and row["new"] == ["drift"] and len(new) == 1
