@@ -50,6 +50,10 @@ __all__ = [
     "mtv_motion_attention",
     "humo_audio_attention",
     "multitalk_audio_attention",
+    "multitalk_ref_attn_map",
+    "multitalk_rope_ranges",
+    "multitalk_query_positions",
+    "MultiTalkInputError",
     "wan_block",
     "sinusoidal_embedding",
     "time_modulation",
@@ -364,9 +368,11 @@ def humo_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Tensor],
 
 def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str,
                               cfg: WanConfig, grid: Grid, *, n_speakers: int = 1,
+                              ref_target_masks: Optional[Tensor] = None,
+                              x_ref_attn_map: Optional[Tensor] = None,
                               linear: LinearFn = exact_linear,
                               attention: AttentionFn = exact_attention) -> Tensor:
-    """MultiTalk/InfiniteTalk single-speaker audio cross-attention (section 8.3).
+    """MultiTalk/InfiniteTalk audio cross-attention (section 8.3).
 
     x: (B, L, C) (already ``norm_x``-ed); grid (N_t, N_h, N_w), S = N_h*N_w. If L != N_t*S the
     last S tokens are an extra (reference) frame: excluded from the attention and given zero
@@ -374,11 +380,20 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     N_t, whose view then only fits when L == N_t*S; this reference keeps the intended math).
     audio: (B * frames, N_a, A). No q/k norm; ``kv_linear`` is packed [K | V].
     ``prefix`` is the block's ``audio_cross_attn`` module.
+
+    Several speakers (``n_speakers > 1``): ``audio`` rows hold the speakers' tokens concatenated
+    per frame (N_a = n_speakers * 32 upstream; speaker i owns tokens [i*N_a/n, (i+1)*N_a/n)).
+    ``ref_target_masks`` (n_classes, S) or (n_classes, N_h, N_w): one first-frame token mask per
+    speaker plus optionally a background mask last (n_classes = n_speakers or n_speakers + 1);
+    ``x_ref_attn_map`` (n_classes, L or L_main) from ``multitalk_ref_attn_map``. Q is rotated by
+    RoPE1D at ``multitalk_query_positions`` (min-max over each given map row, then the first
+    L_main entries are used), K by the centre of each speaker's range. An extra frame is also
+    assumed when ``audio`` rows != B*N_t (upstream's multi-speaker test); it is dropped and
+    zero-filled as for one speaker.
     """
     if n_speakers != 1:
-        raise NotImplementedError(
-            f"n_speakers={n_speakers}: only the single-speaker MultiTalk path is implemented"
-        )
+        return _multitalk_multi(x, audio, params, prefix, cfg, grid, n_speakers, ref_target_masks,
+                                x_ref_attn_map, linear, attention)
     B, L, C = x.shape
     H, d = cfg.heads, cfg.head_dim
     n_t, n_h, n_w = (int(g) for g in grid)
@@ -404,6 +419,163 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
         y = torch.cat([y, y.new_zeros(B, S, C)], dim=1)
     return y
 
+
+class MultiTalkInputError(ValueError, NotImplementedError):
+    """Several MultiTalk speakers were asked for without ``ref_target_masks``/``x_ref_attn_map``.
+
+    A ``ValueError``; also a ``NotImplementedError`` so callers written against the earlier
+    single-speaker-only reference keep catching it.
+    """
+
+
+MULTITALK_BACKGROUND_POS = 12.0
+
+
+def multitalk_rope_ranges(n_speakers: int) -> list[tuple[float, float]]:
+    """RoPE1D position range R_i per speaker: 2 speakers [0,4], [20,24]; otherwise [4i, 4i+4]."""
+    if n_speakers < 1:
+        raise ValueError(f"n_speakers={n_speakers} must be >= 1")
+    if n_speakers == 2:
+        return [(0.0, 4.0), (20.0, 24.0)]
+    return [(4.0 * i, 4.0 * i + 4.0) for i in range(n_speakers)]
+
+
+def _flat_masks(ref_target_masks: Tensor, S: int) -> Tensor:
+    m = ref_target_masks
+    if m.dim() == 3:
+        m = m.reshape(m.shape[0], -1)
+    if m.dim() != 2 or m.shape[0] < 1 or m.shape[1] != S:
+        raise ValueError(
+            f"ref_target_masks must be (n_classes, S={S}) or (n_classes, N_h, N_w) first-frame "
+            f"token masks, got shape {tuple(ref_target_masks.shape)}"
+        )
+    return m
+
+
+def multitalk_ref_attn_map(q: Tensor, k: Tensor, ref_target_masks: Tensor,
+                           first_frame_tokens: int) -> Tensor:
+    """MultiTalk ``x_ref_attn_map`` (n_classes, L) from the block's self-attention (section 8.3).
+
+    q, k: (1, L, H, d) self-attention queries/keys after RMSNorm and 3D RoPE;
+    ref_target_masks: (n_classes, S) or (n_classes, N_h, N_w) masks over the first frame's
+    S = ``first_frame_tokens`` keys. For each class c:
+    ``mean_h( sum_s softmax_s((Q_h/sqrt(d)) K_h[:S]^T)[:, s] * mask_c[s] / (sum(mask_c) + 1e-8) )``.
+    Computed one head at a time in the compute dtype. Batch must be 1 (upstream stacks the
+    per-class maps of all samples along one axis).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q, k must be (B, L, H, d) alike, got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, L, H, d = q.shape
+    if B != 1:
+        raise ValueError(f"multitalk_ref_attn_map needs batch 1, got B={B}")
+    S = int(first_frame_tokens)
+    if S < 1 or S > k.shape[1]:
+        raise ValueError(f"first_frame_tokens={S} must be in [1, {k.shape[1]}] (keys available)")
+    dt = _cdt(q)
+    masks = _flat_masks(ref_target_masks, S).to(device=q.device, dtype=dt)
+    norm = masks.sum(dim=1) + 1e-8  # (n_classes,)
+    qs = q[0].to(dt) / math.sqrt(d)
+    kf = k[0, :S].to(dt)
+    acc = torch.zeros(masks.shape[0], L, dtype=dt, device=q.device)
+    with _ieee_fp32_matmul(q.device):
+        for h in range(H):
+            probs = torch.softmax(qs[:, h] @ kf[:, h].T, dim=-1)  # (L, S)
+            acc += (probs @ masks.T).T / norm[:, None]
+    return acc / H
+
+
+def multitalk_query_positions(x_ref_attn_map: Tensor, n_speakers: int, background: bool) -> Tensor:
+    """RoPE1D query positions (L,) in float64 from the class map (section 8.3).
+
+    Speaker i's row is min-max normalised into ``multitalk_rope_ranges(n)[i]`` (a constant row
+    goes to the range's lower end); the background position is 12. Each token takes the
+    position of the class whose map value is largest (first on ties); the background row
+    (last) takes part only when ``background``.
+    """
+    n_cls = n_speakers + (1 if background else 0)
+    if x_ref_attn_map.dim() != 2 or x_ref_attn_map.shape[0] != n_cls:
+        raise ValueError(
+            f"x_ref_attn_map must be (n_classes={n_cls}, L) for {n_speakers} speakers"
+            f"{' + background' if background else ''}, got {tuple(x_ref_attn_map.shape)}"
+        )
+    m = x_ref_attn_map.to(torch.float64)
+    rows = []
+    for i, (lo, hi) in enumerate(multitalk_rope_ranges(n_speakers)):
+        r = m[i]
+        mn, mx = r.min(), r.max()
+        span = mx - mn
+        unit = (r - mn) / span if span > 0 else torch.zeros_like(r)
+        rows.append(unit * (hi - lo) + lo)
+    if background:
+        rows.append(torch.full_like(m[0], MULTITALK_BACKGROUND_POS))
+    table = torch.stack(rows, dim=0)  # (n_cls, L)
+    idx = torch.argmax(m, dim=0)
+    return table.gather(0, idx[None]).squeeze(0)
+
+
+def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str,
+                     cfg: WanConfig, grid: Grid, n_speakers: int, ref_target_masks: Optional[Tensor],
+                     x_ref_attn_map: Optional[Tensor], linear: LinearFn,
+                     attention: AttentionFn) -> Tensor:
+    """Several-speaker path of ``multitalk_audio_attention`` (section 8.3)."""
+    if not isinstance(n_speakers, int) or n_speakers < 1:
+        raise ValueError(f"n_speakers={n_speakers!r} must be a positive int")
+    if ref_target_masks is None or x_ref_attn_map is None:
+        missing = [n for n, t in (("ref_target_masks", ref_target_masks),
+                                  ("x_ref_attn_map", x_ref_attn_map)) if t is None]
+        raise MultiTalkInputError(
+            f"n_speakers={n_speakers}: the multi-speaker MultiTalk path needs "
+            f"{' and '.join(missing)} (see multitalk_ref_attn_map)"
+        )
+    B, L, C = x.shape
+    H, d = cfg.heads, cfg.head_dim
+    n_t, n_h, n_w = (int(g) for g in grid)
+    S = n_h * n_w
+    masks = _flat_masks(ref_target_masks, S)
+    n_cls = masks.shape[0]
+    if n_cls not in (n_speakers, n_speakers + 1):
+        raise ValueError(
+            f"ref_target_masks has {n_cls} masks; {n_speakers} speakers need {n_speakers} "
+            f"(one per speaker) or {n_speakers + 1} (plus a background mask last)"
+        )
+    background = n_cls == n_speakers + 1
+    extra = L != n_t * S or audio.shape[0] != B * n_t
+    L_main = L - S if extra else L
+    if L_main <= 0 or L_main % S:
+        raise ValueError(f"MultiTalk: x has {L} tokens, not whole frames of S={S} (grid {tuple(grid)})")
+    frames = L_main // S
+    if audio.shape[0] != B * frames:
+        raise ValueError(
+            f"MultiTalk audio has {audio.shape[0]} rows, needs B*frames = {B}*{frames} = {B * frames} "
+            "(one row per latent frame per batch element)"
+        )
+    n_a = audio.shape[1]
+    if n_a % n_speakers:
+        raise ValueError(f"MultiTalk audio has {n_a} tokens per frame, not divisible by n_speakers={n_speakers}")
+    if x_ref_attn_map.dim() != 2 or x_ref_attn_map.shape[0] != n_cls or x_ref_attn_map.shape[1] not in (L, L_main):
+        raise ValueError(
+            f"x_ref_attn_map must be (n_classes={n_cls}, {L}) (or ({n_cls}, {L_main}) without the "
+            f"extra frame) to match ref_target_masks and x, got {tuple(x_ref_attn_map.shape)}"
+        )
+    pos_q = multitalk_query_positions(x_ref_attn_map, n_speakers, background)[:L_main]
+    centres = torch.tensor([(lo + hi) / 2 for lo, hi in multitalk_rope_ranges(n_speakers)],
+                           dtype=torch.float64)
+    pos_k = centres.repeat_interleave(n_a // n_speakers)  # (N_a,), same in every frame
+
+    xm = x[:, :L_main].reshape(B * frames, S, C)
+    q = split_heads(_lin(xm, params, f"{prefix}.q_linear", linear), H)
+    q = apply_rope(q.reshape(B, L_main, H, d), rope_1d_angles(pos_q, d).to(x.device))
+    q = q.reshape(B * frames, S, H, d)
+    kv = _lin(audio, params, f"{prefix}.kv_linear", linear)
+    kv = kv.view(B * frames, n_a, 2, H, d)
+    k = apply_rope(kv[:, :, 0], rope_1d_angles(pos_k, d).to(x.device))
+    kv = torch.stack((k, kv[:, :, 1].to(k.dtype)), dim=2)
+    k, v = kv[:, :, 0], kv[:, :, 1]  # non-contiguous, token stride 2C, as upstream
+    y = _lin(merge_heads(attention(q, k, v)), params, f"{prefix}.proj", linear)
+    y = y.reshape(B, L_main, C)
+    if extra:
+        y = torch.cat([y, y.new_zeros(B, S, C)], dim=1)
+    return y
 
 def wan_block(
     x: Tensor,
