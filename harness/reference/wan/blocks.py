@@ -420,12 +420,8 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     return y
 
 
-class MultiTalkInputError(ValueError, NotImplementedError):
-    """Several MultiTalk speakers were asked for without ``ref_target_masks``/``x_ref_attn_map``.
-
-    A ``ValueError``; also a ``NotImplementedError`` so callers written against the earlier
-    single-speaker-only reference keep catching it.
-    """
+class MultiTalkInputError(ValueError):
+    """Several MultiTalk speakers were asked for without ``ref_target_masks``/``x_ref_attn_map``."""
 
 
 MULTITALK_BACKGROUND_POS = 12.0
