@@ -399,15 +399,7 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     n_t, n_h, n_w = (int(g) for g in grid)
     S = n_h * n_w
     extra = L != n_t * S
-    L_main = L - S if extra else L
-    if L_main <= 0 or L_main % S:
-        raise ValueError(f"MultiTalk: x has {L} tokens, not whole frames of S={S} (grid {tuple(grid)})")
-    frames = L_main // S
-    if audio.shape[0] != B * frames:
-        raise ValueError(
-            f"MultiTalk audio has {audio.shape[0]} rows, needs B*frames = {B}*{frames} = {B * frames} "
-            "(one row per latent frame per batch element)"
-        )
+    L_main, frames = _multitalk_frames(L, S, B, extra, audio, grid)
     xm = x[:, :L_main].reshape(B * frames, S, C)
     q = split_heads(_lin(xm, params, f"{prefix}.q_linear", linear), H)
     kv = _lin(audio, params, f"{prefix}.kv_linear", linear)
@@ -418,6 +410,20 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     if extra:
         y = torch.cat([y, y.new_zeros(B, S, C)], dim=1)
     return y
+
+
+def _multitalk_frames(L: int, S: int, B: int, extra: bool, audio: Tensor, grid: Sequence[int]) -> tuple[int, int]:
+    """(tokens without the extra reference frame, latent frames), validated against x and the audio rows."""
+    L_main = L - S if extra else L
+    if L_main <= 0 or L_main % S:
+        raise ValueError(f"MultiTalk: x has {L} tokens, not whole frames of S={S} (grid {tuple(grid)})")
+    frames = L_main // S
+    if audio.shape[0] != B * frames:
+        raise ValueError(
+            f"MultiTalk audio has {audio.shape[0]} rows, needs B*frames = {B}*{frames} = {B * frames} "
+            "(one row per latent frame per batch element)"
+        )
+    return L_main, frames
 
 
 class MultiTalkInputError(ValueError):
@@ -536,15 +542,7 @@ def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], pre
         )
     background = n_cls == n_speakers + 1
     extra = L != n_t * S or audio.shape[0] != B * n_t
-    L_main = L - S if extra else L
-    if L_main <= 0 or L_main % S:
-        raise ValueError(f"MultiTalk: x has {L} tokens, not whole frames of S={S} (grid {tuple(grid)})")
-    frames = L_main // S
-    if audio.shape[0] != B * frames:
-        raise ValueError(
-            f"MultiTalk audio has {audio.shape[0]} rows, needs B*frames = {B}*{frames} = {B * frames} "
-            "(one row per latent frame per batch element)"
-        )
+    L_main, frames = _multitalk_frames(L, S, B, extra, audio, grid)
     n_a = audio.shape[1]
     if n_a % n_speakers:
         raise ValueError(f"MultiTalk audio has {n_a} tokens per frame, not divisible by n_speakers={n_speakers}")
