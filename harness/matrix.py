@@ -439,6 +439,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         by_target[c.op].append(c)
     unavailable: dict[str, str] = {}
     totals: collections.Counter = collections.Counter()
+    by_device: collections.Counter = collections.Counter()  # cases answered per device (the spread)
     prog = Progress(progress, time_budget)
     done = 0
     budget_exhausted = False
@@ -460,6 +461,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         if r.verdict is Verdict.ERROR and "pool was closed" in (r.message or ""):
             return  # cancelled at the end of the budget: not a result
         totals[r.verdict.value] += 1
+        by_device[r.device or "unknown"] += 1
         c.add(case, r)
 
     factory = pool_factory
@@ -541,6 +543,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "workers": n_workers,
         "device": env,
         "totals": dict(sorted(totals.items())),
+        "cases_by_device": dict(sorted(by_device.items())),
+        "workers_replaced": len(getattr(pool, "replaced", ())),
         "corpus": str(corpus) if corpus is not None else "tests/cases",
         "known_failures": len(known),
         "layout_classes": _class_order(targets),

@@ -15,6 +15,8 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
       "device": {"used": "cuda"|"cpu", "name", "capability", "torch", "cuda", "cudnn",
                  "cublas", "driver", "python", "platform", ...},
       "totals": {verdict: count},        # over every case that ran
+      "cases_by_device": {device: count},  # optional: where the cases ran (the pool's spread over GPUs)
+      "workers_replaced": int,           # optional: workers the pool replaced (faults, timeouts, crashes)
       "corpus": str | null,              # regression corpus matched against
       "layout_classes": {kind: [class, ...]},   # column order (optional)
       "cells": [{
@@ -101,6 +103,10 @@ def validate_summary(summary: Any) -> dict[str, Any]:
     _req(summary, "device", dict, "summary")
     _req(summary, "duration_s", (int, float), "summary")
     _req(summary, "totals", dict, "summary")
+    by_device = summary.get("cases_by_device", {})
+    if not isinstance(by_device, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in by_device.values()):
+        raise SummaryError(f"summary: cases_by_device must map device -> non-negative int, got {by_device!r:.80}")
     cells = _req(summary, "cells", list, "summary")
     for i, cell in enumerate(cells):
         where = f"cells[{i}]"
@@ -208,6 +214,10 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                      f"{', exhausted' if summary.get('budget_exhausted') else ''})"),
         ("cases", ", ".join(f"{v} {n}" for v, n in sorted(summary["totals"].items(), key=lambda t: -t[1])) or "0"),
     ]
+    if summary.get("cases_by_device"):
+        rows.append(("cases per device", ", ".join(f"{d} {n}" for d, n in summary["cases_by_device"].items())))
+    if summary.get("workers_replaced") is not None:
+        rows.append(("workers replaced", str(summary["workers_replaced"])))
     if summary.get("corpus"):
         rows.append(("regression corpus", str(summary["corpus"])))
     if summary.get("command"):

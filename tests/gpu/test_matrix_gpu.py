@@ -29,6 +29,9 @@ def test_matrix_on_cuda_writes_a_gpu_report(tmp_path) -> None:
     assert cells[("fp8_linear", "contiguous")]["status"] == "pass", cells[("fp8_linear", "contiguous")]
     assert cells[("attn.sdpa.math", "hnd_contiguous")]["status"] == "pass"
     assert all(c["cases"] >= 1 for c in s["cells"] if c["status"] != "unavailable"), "round 0 must cover every cell"
+    # every visible GPU ran cases (issue 5.7: the matrix uses them all), and no case lost its device
+    assert set(s["cases_by_device"]) == set(dev["devices_used"]), (s["cases_by_device"], dev["devices_used"])
+    assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())
     for c in s["cells"]:
         for verdict, rel in c["examples"].items():
             case, _ = load_case(out / rel)

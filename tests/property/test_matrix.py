@@ -170,3 +170,28 @@ def test_cli_usage_errors_exit_2(tmp_path) -> None:
 def test_default_corpus_is_the_repository_one() -> None:
     assert DEFAULT_CORPUS == REPO / "tests" / "cases"
     assert load_corpus(check_files=False)
+
+
+class TwoDevicePool(InProcessPool):
+    """Answers like a pool with workers on two devices: results alternate their device label."""
+
+    def __init__(self, devices, workers_per_device=1, **kw):
+        super().__init__(devices, workers_per_device, **kw)
+        self.replaced = [("w3", "device fault")]
+
+    def submit(self, case):
+        f = super().submit(case)
+        r = f.result()
+        r.device = f"cuda:{len(self.cases) % 2}"
+        return f
+
+
+def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
+    out = tmp_path / "m"
+    s = run_matrix(device="cpu", time_budget=0, ops=["fp8_linear"], classes=["contiguous", "offset_*"], out=out,
+                   corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
+    assert s["cases_by_device"] == {"cuda:0": 2, "cuda:1": 3}
+    assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())
+    assert s["workers_replaced"] == 1
+    md = (out / "report.md").read_text()
+    assert "| cases per device | cuda:0 2, cuda:1 3 |" in md and "| workers replaced | 1 |" in md

@@ -107,6 +107,8 @@ def test_html_escapes_messages() -> None:
     (lambda s: s["cells"][0].update(counts={"pass": -1}), "non-negative"),
     (lambda s: s["cells"][0].pop("op"), "missing field 'op'"),
     (lambda s: s.update(cells={}), "'cells' must be list"),
+    (lambda s: s.update(cases_by_device={"cuda:0": -3}), "cases_by_device"),
+    (lambda s: s.update(cases_by_device=["cuda:0"]), "cases_by_device"),
 ])
 def test_validate_summary_names_the_bad_field(mutate, match) -> None:
     s = _summary([_cell("fp8_linear", "contiguous", "pass", {"pass": 1})])
