@@ -352,8 +352,9 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
         # its example case: reported with its description, not as a new failure
         defects = {}
         for v in failing:
-            if v == "drift" and v in c.examples:
-                why = known_upstream_defect(c.op, c.examples[v][0])
+            if v in c.examples:
+                ex_case, ex_result = c.examples[v]
+                why = known_upstream_defect(c.op, ex_case, v, ex_result.message or "")
                 if why:
                     defects[v] = why
         rows.append({

@@ -237,19 +237,39 @@ except ImportError:  # pragma: no cover - the backend registry is part of the pa
     pass
 
 
-def known_upstream_defect(target_name: str, case: Case) -> str | None:
-    """A defect of the kernel itself (not of the layout) that this case is expected to show, or None.
+_SAGE1_RAW = ("attn.sage1.sageattn", "attn.sage1.sageattn_varlen")
+_MUTATION_PREFIX = "the op wrote into its inputs: "
 
-    SageAttention 1.0.6 (``sageattn``/``sageattn_varlen``) gives the padded keys of a short last
-    key tile (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax weight: the
-    output drifts beyond the emulation's bound and matches ``emu.sage1`` with
-    ``tail_keys_score_zero=True`` (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's
-    32760-token self-attention (32760 % 64 = 56) and 257-token CLIP context are affected.
+
+def known_upstream_defect(target_name: str, case: Case, verdict: str = "drift", message: str = "") -> str | None:
+    """A defect of the kernel itself (not of the layout) that explains ``verdict`` on this case, or None.
+
+    ``message`` is the result's message (what the verdict saw).  Named defects, all measured on an
+    H200 with torch 2.11 and sageattention 1.0.6 (docs/gpu-findings.md):
+
+    * ``drift`` -- SageAttention 1.0.6 (``sageattn``/``sageattn_varlen``) gives the padded keys of a
+      short last key tile (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax
+      weight: the output drifts beyond the emulation's bound and matches ``emu.sage1`` with
+      ``tail_keys_score_zero=True``.  Wan's 32760-token self-attention (32760 % 64 = 56) and
+      257-token CLIP context are affected.
+    * ``input_mutation`` -- SageAttention 1.0.6 called as is (``attn.sage1.*``, with its default
+      ``smooth_k=True``, which is how the targets call it) subtracts the key mean in place (``k -= k.mean(...)``), in every layout.
+      Explained only when ``k``'s own values are all that changed: a write to q, v or to storage
+      outside a view would be a different defect.
     """
-    if not target_name.startswith(("attn.sage1.", "safe_attn.sage1.")) or "k" not in case.layouts:
+    if verdict == "drift":
+        if not target_name.startswith(("attn.sage1.", "safe_attn.sage1.")) or "k" not in case.layouts:
+            return None
+        k = case.layouts["k"]
+        s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
+        if s_k % 64:
+            return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
         return None
-    k = case.layouts["k"]
-    s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
-    if s_k % 64:
-        return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
+    if verdict == "input_mutation" and target_name in _SAGE1_RAW:
+        text = message.strip().splitlines()[0] if message.strip() else ""
+        if not text.startswith(_MUTATION_PREFIX):
+            return None
+        changes = text[len(_MUTATION_PREFIX):].split("; ")
+        if changes and all(c.startswith("k: ") and "values changed" in c for c in changes):
+            return "SageAttention 1.x smooth_k subtracts the key mean in place: the caller's k is modified"
     return None

@@ -37,3 +37,34 @@ def test_kernel_defect_explains_drift(tmp_path, op: str, s_k: int, explained: bo
         assert row["known"] == ["drift"] and row["new"] == [] and new == []
     else:
         assert row["kernel_defects"] == {} and row["new"] == ["drift"] and len(new) == 1
+
+
+def _mutation_cell(op: str, message: str) -> Cell:
+    cell = _cell(op, 128)
+    case = cell.examples["drift"][0]
+    cell = Cell(op=op, kind="attention", layout_class="packed_qkv")
+    cell.add(case, Result(Verdict.INPUT_MUTATION, message, op=op))
+    return cell
+
+
+K_ONLY = "the op wrote into its inputs: k: 8192 of its 8192 values changed (first at index [0, 0, 0, 0])"
+
+
+@pytest.mark.parametrize("op,message,explained", [
+    ("attn.sage1.sageattn", K_ONLY, True),             # smooth_k: k -= mean, in place, any layout
+    ("attn.sage1.sageattn_varlen", K_ONLY, True),
+    ("safe_attn.sage1.sageattn", K_ONLY, False),       # safe_attention must protect the caller
+    ("attn.sdpa.flash", K_ONLY, False),
+    ("attn.sage1.sageattn", "the op wrote into its inputs: q: 3 of its 8192 values changed (first at index "
+     "[0, 0, 0, 1])", False),                          # not the known defect: q was written
+    ("attn.sage1.sageattn", K_ONLY + "; v: 1 byte(s) of storage outside the view (the poison) were written", False),
+    ("attn.sage1.sageattn", "k: storage outside the view (the poison) was written", False),
+])
+def test_kernel_defect_explains_sage1_key_mean_write(tmp_path, op: str, message: str, explained: bool) -> None:
+    row = aggregate([_mutation_cell(op, message)], tmp_path, known=set(), save_examples=False)["cells"][0]
+    assert row["failing"] == ["input_mutation"]
+    if explained:
+        assert "key mean in place" in row["kernel_defects"]["input_mutation"]
+        assert row["new"] == [] and find_new_failures([row], known=set()) == []
+    else:
+        assert row["kernel_defects"] == {} and row["new"] == ["input_mutation"]
