@@ -277,7 +277,8 @@ def _device_env(devices: Sequence[str]) -> dict[str, Any]:
         env["name"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
         env["capability"] = None
     else:
-        env["name"] = env.get("device")
+        n = sum(1 for d in devices if d.startswith("cuda"))
+        env["name"] = f"{n} x {env.get('device')}" if n > 1 else env.get("device")
     return env
 
 

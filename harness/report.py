@@ -199,6 +199,15 @@ def _cell_text(cell: Mapping[str, Any] | None) -> str:
     return f"{_STATUS_MARK[st]} {head}/{cell['cases']}"
 
 
+def cudnn_version_text(v: Any) -> str:
+    """``torch.backends.cudnn.version()`` as people write it: 91900 -> "9.19.0", 8902 -> "8.9.2"."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        if v >= 90000:  # cuDNN 9: major * 10000 + minor * 100 + patch
+            return f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+        return f"{v // 1000}.{v % 1000 // 100}.{v % 100}"  # cuDNN 7/8: major * 1000 + minor * 100 + patch
+    return _num(v)
+
+
 def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     dev = summary.get("device", {})
     rows = [
@@ -206,7 +215,7 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("compute capability", _num(dev.get("capability"))),
         ("torch", _num(dev.get("torch"))),
         ("CUDA", _num(dev.get("cuda"))),
-        ("cuDNN", _num(dev.get("cudnn"))),
+        ("cuDNN", cudnn_version_text(dev.get("cudnn"))),
         ("cuBLAS", _num(dev.get("cublas"))),
         ("driver", _num(dev.get("driver"))),
         ("started", _num(summary.get("started_at"))),

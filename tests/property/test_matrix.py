@@ -195,3 +195,13 @@ def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
     assert s["workers_replaced"] == 1
     md = (out / "report.md").read_text()
     assert "| cases per device | cuda:0 2, cuda:1 3 |" in md and "| workers replaced | 1 |" in md
+
+
+def test_report_header_names_every_gpu_used(monkeypatch) -> None:
+    import harness.env
+    from harness.matrix import _device_env
+
+    monkeypatch.setattr(harness.env, "collect_env_subprocess", lambda backends=False: {"device": "NVIDIA H200"})
+    two = _device_env(["cuda:0", "cuda:1"])
+    assert two["name"] == "2 x NVIDIA H200" and two["devices_used"] == ["cuda:0", "cuda:1"]
+    assert _device_env(["cuda:1"])["name"] == "NVIDIA H200"

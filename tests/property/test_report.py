@@ -79,7 +79,7 @@ def test_nonpass_cell_is_rendered_with_numbers_and_links() -> None:
     assert "NEW: drift" in md and "known: device_fault" in md
     assert "[cases/flash-fault.json](cases/flash-fault.json)" in md
     assert "attn.sage1.sageattn: no CUDA device" in md
-    for key in ("NVIDIA H200", "9.0", "2.11.0", "13.0", "91900", "13.1.0.3", "12.5 s"):
+    for key in ("NVIDIA H200", "9.0", "2.11.0", "13.0", "| cuDNN | 9.19.0 |", "13.1.0.3", "12.5 s"):
         assert key in md
 
     html = render_html(s)
@@ -178,3 +178,11 @@ def test_every_nonpass_cell_links_every_example(summary) -> None:
     for cls in {c["layout_class"] for c in summary["cells"]}:
         assert re.search(r"\|[^\n]*" + re.escape(cls.replace("|", "\\|")), md)
     json.dumps(summary)  # the strategy builds plain JSON
+
+
+@pytest.mark.parametrize("raw,text", [(91900, "9.19.0"), (90100, "9.1.0"), (8902, "8.9.2"), (7605, "7.6.5"),
+                                      (None, "-"), ("9.19.0", "9.19.0")])
+def test_cudnn_version_is_written_as_people_write_it(raw, text) -> None:
+    from harness.report import cudnn_version_text
+
+    assert cudnn_version_text(raw) == text
