@@ -242,12 +242,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert torch.equal(a.view(view)[~an], b.view(view)[~bn]), f"{what} differ"
 
 
-def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev, monkeypatch) -> None:
+def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev) -> None:
     if not triton_available()[0]:
         pytest.skip(triton_available()[1])
-    import harness.quant.linear as lin
-
-    monkeypatch.setattr(lin, "FUSED_MIN_ELEMENTS", 0)  # small shapes normally take the eager path (same bits)
     x = torch.randn(2, 48, K, device=dev, dtype=torch.bfloat16)
     w, sw = weight(N, K, dev)
     res = fp8_linear_with_plan(x, w, sw)  # scalar weight scale: per-tensor input scale
@@ -267,18 +264,28 @@ def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev, monkeypatch
     assert torch.equal(fp8_linear_with_plan(transposed, wb).out, res4.out)
 
 
+# the cast runs as 1-D blocks when input rows and output are one dense run, else per row: both must be the scheme
+CAST_PATHS = {"flat": (1000, None, 0), "padded_rows": (1000, 1008, 0), "strided_rows": (1000, None, 24),
+              "flat_tail": (997, None, 0)}
+
+
+@pytest.mark.parametrize("path", sorted(CAST_PATHS))
 @pytest.mark.parametrize("kind", FINITE_KINDS + ("nonfinite",))
-def test_triton_scaled_cast_is_bitwise_the_eager_one(dev, kind: str) -> None:
+def test_triton_scaled_cast_is_bitwise_the_eager_one(dev, kind: str, path: str) -> None:
     if not triton_available()[0]:
         pytest.skip(triton_available()[1])
-    from harness.quant._triton_quant import scaled_cast
+    from harness.quant._triton_quant import cast_is_flat, dynamic_tensorwise_quantize, scaled_cast
 
-    from harness.quant._triton_quant import dynamic_tensorwise_quantize
-
-    x = ValueSpec(kind, 3).generate((1290, 1000), torch.float32).to(torch.bfloat16).to(dev)
+    k, kp, extra = CAST_PATHS[path]
+    wide = ValueSpec(kind, 3).generate((1290, k + extra), torch.float32).to(torch.bfloat16).to(dev)
+    x = wide[:, :k]  # row stride k + extra: not one dense run when extra > 0
+    q_shape = torch.empty((1290, kp or k), dtype=torch.float8_e4m3fn, device=dev)
+    assert cast_is_flat(x, q_shape, kp) is path.startswith("flat"), path
+    before = wide.clone()
     s = _dynamic_scale(_amax(x, rowwise=False))
-    q_ref = quantize_activation(x, s, k_padded=1008)
-    _same_bits(scaled_cast(x, s, 1008), q_ref, "E4M3 values (given scale)")
-    q_dyn, s_dyn = dynamic_tensorwise_quantize(x, 1008)
+    q_ref = quantize_activation(x, s, k_padded=kp)
+    _same_bits(scaled_cast(x, s, kp), q_ref, "E4M3 values (given scale)")
+    q_dyn, s_dyn = dynamic_tensorwise_quantize(x, kp)
+    assert torch.equal(wide.view(torch.int16), before.view(torch.int16)), "the quantizer wrote its input"
     _same_bits(s_dyn, s, "dynamic scale")
     _same_bits(q_dyn, q_ref, "E4M3 values (dynamic scale)")

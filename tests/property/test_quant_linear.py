@@ -431,3 +431,15 @@ def test_select_backend_rejects_unknown_and_mismatched_devices() -> None:
         L.select_backend("cpu", "tensorwise", "cuda")
     assert L.select_backend("cpu", "tensorwise", "emulate")[0] == "emulate"
     assert math.isfinite(float(fp8_linear(torch.randn(2, 32), _W8).float().sum()))
+
+
+def test_the_cuda_cast_takes_1d_blocks_only_for_one_dense_run() -> None:
+    from harness.quant._triton_quant import cast_is_flat
+
+    x = torch.zeros(6, 40, dtype=torch.bfloat16)
+    q = torch.zeros(6, 40, dtype=torch.float8_e4m3fn)
+    assert cast_is_flat(x, q)
+    assert not cast_is_flat(x, torch.zeros(6, 48, dtype=torch.float8_e4m3fn), k_padded=48)  # padded columns
+    assert not cast_is_flat(torch.zeros(6, 48, dtype=torch.bfloat16)[:, :40], q)  # rows 48 apart
+    assert not cast_is_flat(torch.zeros(40, 6, dtype=torch.bfloat16).t(), q)  # columns not adjacent
+    assert cast_is_flat(torch.zeros(1, 48, dtype=torch.bfloat16)[:, :40], q[:1])  # one row is one run
