@@ -8,7 +8,8 @@
 # $OUT/matrix.log, $OUT/replay.json, $OUT/pytest-gpu.xml and $OUT/pytest-gpu.log.
 # Exit status: 0 when every step passed, else the first failing step's code
 # (matrix: 1 new failure with --fail-on-new / 3 not completed; replay: 1 a case changed verdict;
-# pytest: its own).  Knobs: MATRIX_BUDGET (seconds, default: the matrix's own default),
+# pytest: its own).  Knobs: MATRIX_DEVICE (default cuda; "cpu" smoke-tests the script itself in CI),
+# MATRIX_BUDGET (seconds, default: the matrix's own default),
 # MATRIX_ARGS (extra matrix arguments, e.g. "--fail-on-new"), PYTEST_ARGS (e.g. "-k runner"),
 # STEP_TIMEOUT (seconds per step, default 900), HARNESS_PROFILE (Hypothesis profile, default ci).
 set -uo pipefail
@@ -26,7 +27,7 @@ python3 -m harness env --json >"$OUT/env.json" || note "harness env failed (see 
 budget=()
 [ -n "${MATRIX_BUDGET:-}" ] && budget=(--time-budget "$MATRIX_BUDGET")
 # shellcheck disable=SC2086  # MATRIX_ARGS is a list of words on purpose
-timeout "$STEP_TIMEOUT" python3 -m harness matrix --device cuda "${budget[@]}" ${MATRIX_ARGS:-} \
+timeout "$STEP_TIMEOUT" python3 -m harness matrix --device "${MATRIX_DEVICE:-cuda}" "${budget[@]}" ${MATRIX_ARGS:-} \
     --out "$OUT/matrix" 2>"$OUT/matrix.log"
 m=$?
 note "matrix exit $m"; keep "$m"

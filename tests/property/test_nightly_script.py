@@ -1,0 +1,47 @@
+"""``scripts/gpu_nightly.sh`` end to end on the CPU (``MATRIX_DEVICE=cpu``): every step runs, writes where it
+says, and the script's exit status is the first failing step's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_nightly.sh"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                 reason="needs bash and coreutils timeout")]
+
+
+def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(out), MATRIX_DEVICE="cpu", MATRIX_BUDGET="0", MATRIX_ARGS=matrix_args,
+               PYTEST_ARGS="-k known_defect_keeps_its_verdict", STEP_TIMEOUT="600",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+
+
+def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> None:
+    out = tmp_path / "out"
+    cp = _run(out, "--ops fp8_linear --classes contiguous,offset_2 --quiet")
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-3000:]
+    assert json.loads((out / "env.json").read_text())["torch"]
+    summary = json.loads((out / "matrix" / "summary.json").read_text())
+    assert summary["device"]["used"] == "cpu" and summary["totals"] == {"pass": 2}
+    assert (out / "pytest-gpu.xml").is_file() and "matrix exit 0" in cp.stderr and "pytest exit 0" in cp.stderr
+
+
+def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(tmp_path) -> None:
+    out = tmp_path / "out"
+    # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
+    cp = _run(out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --corpus {tmp_path / 'no-corpus'}")
+    assert cp.returncode == 1, cp.stdout[-2000:] + cp.stderr[-3000:]
+    assert "matrix exit 1" in cp.stderr
+    replays = json.loads((out / "replay.json").read_text())  # the case it wrote was still replayed
+    assert [r["expected"] for r in replays] == ["layout_noninvariance"] and replays[0]["rc"] == 0, replays
+    assert (out / "pytest-gpu.xml").is_file() and "pytest exit 0" in cp.stderr
