@@ -276,3 +276,61 @@ def test_single_speaker_unchanged(params, extra) -> None:
     new32 = wb.multitalk_audio_attention(x.float(), audio.float(), p32, PRE, CFG, GRID)
     old32 = _baseline_blocks().multitalk_audio_attention(x.float(), audio.float(), p32, PRE, CFG, GRID)
     assert torch.equal(new32, old32)
+
+
+# --- the block computes the map from its own self-attention --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_params() -> dict:
+    return ww.init_params(CFG, 1, "multitalk", layers=1, dtype=F64)
+
+
+def _block_inputs():
+    return dict(x=_x(90, 1, L, CFG.dim), e=_x(91, 1, 6, CFG.dim), context=_x(92, 1, CFG.text_len, CFG.dim),
+                context_img=_x(93, 1, CFG.image_tokens, CFG.dim),
+                multitalk_audio=_x(94, GRID[0], 2 * PER_SPK, CFG.multitalk_audio_dim))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_wan_block_feeds_the_map_of_its_own_self_attention(block_params, monkeypatch, background) -> None:
+    seen = {"self_qk": None, "audio_kw": None}
+
+    def attn(q, k, v):
+        if seen["self_qk"] is None:  # the block's first attention call is its self-attention (q, k after RoPE)
+            seen["self_qk"] = (q.clone(), k.clone())
+        return wb.exact_attention(q, k, v)
+
+    real = wb.multitalk_audio_attention
+
+    def spy(*a, **kw):
+        seen["audio_kw"] = kw
+        return real(*a, **kw)
+
+    monkeypatch.setattr(wb, "multitalk_audio_attention", spy)
+    inp = _block_inputs()
+    masks = _masks(2 + int(background), 95)
+    out = wb.wan_block(inp.pop("x"), inp.pop("e"), block_params, 0, CFG, grid=GRID, multitalk_speakers=2,
+                       ref_target_masks=masks, attention=attn, **inp)
+    assert out.shape == (1, L, CFG.dim) and torch.isfinite(out).all()
+    kw = seen["audio_kw"]
+    assert kw["n_speakers"] == 2 and kw["ref_target_masks"] is masks
+    q, k = seen["self_qk"]
+    _close(kw["x_ref_attn_map"], ind_map(q, k, masks, S))  # over the first frame's S keys, mean over heads
+
+
+def test_wan_block_multi_speaker_changes_the_output_and_names_missing_masks(block_params) -> None:
+    inp = _block_inputs()
+    x, e = inp.pop("x"), inp.pop("e")
+    one = wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, **inp)
+    two = wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=2, ref_target_masks=_masks(2, 96),
+                       **inp)
+    assert not torch.allclose(one, two)  # RoPE1D by speaker: the audio term is not the single-speaker one
+    with pytest.raises(wb.MultiTalkInputError, match="2 MultiTalk speakers need ref_target_masks"):
+        wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=2, **inp)
+    with pytest.raises(ValueError, match="multitalk_speakers=0"):
+        wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=0, **inp)
+    with pytest.raises(ValueError, match="batch 1"):
+        wb.wan_block(x.repeat(2, 1, 1), e.repeat(2, 1, 1), block_params, 0, CFG, grid=GRID, multitalk_speakers=2,
+                     ref_target_masks=_masks(2, 97), **{**inp, "context": inp["context"].repeat(2, 1, 1),
+                                                         "context_img": inp["context_img"].repeat(2, 1, 1)})

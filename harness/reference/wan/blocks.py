@@ -247,15 +247,20 @@ def apply_motion_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def self_attention(x: Tensor, params: Mapping[str, Tensor], prefix: str, cfg: WanConfig,
                    rope: Tensor, *, linear: LinearFn = exact_linear,
-                   attention: AttentionFn = exact_attention) -> Tensor:
-    """WanSelfAttention (section 3). x: (B, L, C); rope: ``rope_angles(grid, head_dim)``."""
+                   attention: AttentionFn = exact_attention, return_qk: bool = False):
+    """WanSelfAttention (section 3). x: (B, L, C); rope: ``rope_angles(grid, head_dim)``.
+
+    ``return_qk``: return ``(out, q, k)`` with the (B, L, H, d) queries and keys after RMSNorm and
+    RoPE, which MultiTalk's multi-speaker map is computed from (section 8.3).
+    """
     q = rms_norm(_lin(x, params, f"{prefix}.q", linear), _p(params, f"{prefix}.norm_q.weight"), cfg.eps)
     k = rms_norm(_lin(x, params, f"{prefix}.k", linear), _p(params, f"{prefix}.norm_k.weight"), cfg.eps)
     v = _lin(x, params, f"{prefix}.v", linear)
     q = apply_rope(split_heads(q, cfg.heads), rope)
     k = apply_rope(split_heads(k, cfg.heads), rope)
     y = attention(q, k, split_heads(v, cfg.heads))
-    return _lin(merge_heads(y), params, f"{prefix}.o", linear)
+    out = _lin(merge_heads(y), params, f"{prefix}.o", linear)
+    return (out, q, k) if return_qk else out
 
 
 def t2v_cross_attention(x: Tensor, context: Tensor, params: Mapping[str, Tensor], prefix: str,
@@ -584,6 +589,8 @@ def wan_block(
     rope: Optional[Tensor] = None,
     multitalk_audio: Optional[Tensor] = None,
     multitalk_scale: float = 1.0,
+    multitalk_speakers: int = 1,
+    ref_target_masks: Optional[Tensor] = None,
     motion: Optional[Tensor] = None,
     motion_pe: Optional[tuple[Tensor, Tensor]] = None,
     mtv_scale: float = 1.0,
@@ -598,6 +605,10 @@ def wan_block(
     (B, Lc, C) text; context_img: (B, n_img, C) for I2V blocks (those with ``cross_attn.k_img``).
     Adapters run when the block has their params (``audio_cross_attn.q_linear`` MultiTalk,
     ``motion_attn`` MTV, ``audio_cross_attn_wrapper`` HuMo) and then need their input.
+    MultiTalk with ``multitalk_speakers > 1`` also needs ``ref_target_masks`` (see
+    ``multitalk_audio_attention``); the block computes ``x_ref_attn_map`` from its own
+    self-attention queries and keys (after RMSNorm and RoPE) over the first frame's N_h*N_w
+    keys, as upstream does (batch 1, as upstream runs it).
     Returns a new (B, L, C) tensor in the compute dtype.
     """
     pre = f"blocks.{index}"
@@ -620,8 +631,20 @@ def wan_block(
     eps = cfg.eps
     ops = dict(linear=linear, attention=attention)
 
-    y = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn", cfg,
-                       rope, **ops)
+    multitalk = f"{pre}.audio_cross_attn.q_linear.weight" in params
+    if not isinstance(multitalk_speakers, int) or isinstance(multitalk_speakers, bool) or multitalk_speakers < 1:
+        raise ValueError(f"multitalk_speakers={multitalk_speakers!r} must be an integer >= 1")
+    x_ref_attn_map = None
+    if multitalk and multitalk_speakers > 1:
+        if ref_target_masks is None:
+            raise MultiTalkInputError(f"{pre}: {multitalk_speakers} MultiTalk speakers need ref_target_masks "
+                                      "(one first-frame token mask per speaker, optionally a background mask)")
+        y, q_rope, k_rope = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn",
+                                           cfg, rope, return_qk=True, **ops)
+        x_ref_attn_map = multitalk_ref_attn_map(q_rope, k_rope, ref_target_masks, int(grid[1]) * int(grid[2]))
+    else:
+        y = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn", cfg,
+                           rope, **ops)
     xf = xf + y * g1
 
     h = layer_norm(xf, params.get(f"{pre}.norm3.weight"), params.get(f"{pre}.norm3.bias"), eps)
@@ -632,12 +655,13 @@ def wan_block(
     else:
         xf = xf + t2v_cross_attention(h, context, params, f"{pre}.cross_attn", cfg, **ops)
 
-    if f"{pre}.audio_cross_attn.q_linear.weight" in params:
+    if multitalk:
         if multitalk_audio is None:
             raise ValueError(f"{pre} has MultiTalk audio attention: pass multitalk_audio")
         h = layer_norm(xf, _p(params, f"{pre}.norm_x.weight"), _p(params, f"{pre}.norm_x.bias"), eps)
         xf = xf + multitalk_scale * multitalk_audio_attention(
-            h, multitalk_audio, params, f"{pre}.audio_cross_attn", cfg, grid, **ops)
+            h, multitalk_audio, params, f"{pre}.audio_cross_attn", cfg, grid, n_speakers=multitalk_speakers,
+            ref_target_masks=ref_target_masks, x_ref_attn_map=x_ref_attn_map, **ops)
     if f"{pre}.motion_attn.q.weight" in params:
         if motion is None or motion_pe is None:
             raise ValueError(f"{pre} has MTV motion attention: pass motion and motion_pe")
