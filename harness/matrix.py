@@ -9,7 +9,10 @@ What it does:
    there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there;
 3. submits cases round-robin over the cells -- case 0 of every cell, then case 1 of every
    cell, ... -- so a short budget still covers every cell.  Round 0 is always submitted whole
-   (every available cell gets a case); ``--time-budget`` stops later rounds.  Case *i* of a
+   (every available cell gets a case and is waited for); once ``--time-budget`` is spent no
+   case is submitted and later rounds' cases still running are dropped, without waiting for
+   them or for their faults' attribution reruns (the summary's ``wrapup_s`` is the time from
+   then to the reports: closing the pool, writing the example cases).  Case *i* of a
    cell is deterministic (``CaseFactory.build``); ``--seed`` shifts to another set.
    A target whose first result is ``unavailable`` is dropped, with its reason;
 4. aggregates verdict counts, the worst bound ratio and one example case file per non-pass
@@ -497,18 +500,31 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                 rnd += 1
             return True
 
+        late: set[Future] = set()  # submitted in rounds >= 1: not waited for once the budget is spent
         while True:
             while len(inflight) < max_inflight and refill():
                 c = queue.popleft()
                 if not cell_open(c, c.submitted):
                     continue
                 case = c.factory.build(offset + c.submitted, size=size)
+                fut = pool.submit(case)
+                if c.submitted:
+                    late.add(fut)
                 c.submitted += 1
-                inflight[pool.submit(case)] = (c, case)
+                inflight[fut] = (c, case)
+            if late and time.monotonic() - t0 >= time_budget:
+                # the budget is spent: round 0 (one case per cell) is still awaited, later rounds are dropped
+                # (pool.close cancels them, and skips the attribution reruns of faults not yet attributed)
+                budget_exhausted = True
+                for f in late:
+                    inflight.pop(f, None)
+                late.clear()
+                queue.clear()
             if not inflight:
                 break
             finished, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
             for f in finished:
+                late.discard(f)
                 c, case = inflight.pop(f)
                 try:
                     r = f.result()
@@ -522,6 +538,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         if progress is not None:
             progress.write("\nmatrix: interrupted; writing the partial report\n")
     finally:
+        cases_done_at = time.monotonic()
         pool.close(cancel_pending=True)
         prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals, len(unavailable),
                     force=True)
@@ -536,6 +553,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "kind": "harness.matrix.summary",
         "started_at": started,
         "duration_s": round(time.monotonic() - t0, 3),
+        "wrapup_s": round(time.monotonic() - cases_done_at, 3),  # closing the pool, writing example cases
         "budget_s": float(time_budget),
         "budget_exhausted": budget_exhausted,
         "completed": completed,

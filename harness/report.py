@@ -11,6 +11,7 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
       "schema_version": 1, "kind": "harness.matrix.summary",
       "started_at": ISO-8601, "duration_s": float, "budget_s": float,
       "budget_exhausted": bool,          # true when the time budget cut rounds short
+      "wrapup_s": float,                 # optional: from the end of case work to the reports
       "command": str,                    # the command line that produced it
       "device": {"used": "cuda"|"cpu", "name", "capability", "torch", "cuda", "cudnn",
                  "cublas", "driver", "python", "platform", ...},

@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "WorkerPool",
     "PoolClosed",
+    "Cancelled",
+    "ATTRIBUTION_SKIPPED",
     "probe_devices",
     "probe_cuda",
     "resolve_devices",
@@ -101,6 +103,11 @@ sys.stdout.write(json.dumps(out))
 
 _PROBE_CACHE: dict[str, Any] | None = None
 _PROBE_LOCK = threading.Lock()
+
+
+#: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
+ATTRIBUTION_SKIPPED = ("the pool was closed (cancel_pending) before the CUDA_LAUNCH_BLOCKING rerun finished; "
+                       "replay the case to attribute it")
 
 
 class PoolClosed(RuntimeError):
@@ -282,15 +289,19 @@ def _with_code(frame_line: str, path: str) -> str:
     return f"{frame_line}: {code}" if code else frame_line
 
 
+class Cancelled(RuntimeError):
+    """A fresh-process run was stopped through its ``cancel`` event (its pool is closing)."""
+
+
 def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, launch_blocking: bool = False,
-                         record_ops: bool = True, sanitizer: bool = False, timeout: float = DEFAULT_CASE_TIMEOUT
-                         ) -> Result:
+                         record_ops: bool = True, sanitizer: bool = False, timeout: float = DEFAULT_CASE_TIMEOUT,
+                         cancel: threading.Event | None = None) -> Result:
     """Run a case file in a new interpreter (``python -m harness.runner.worker``) and return its Result.
 
     ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
     ``sanitizer`` runs it under ``compute-sanitizer --tool memcheck`` (its report goes into
     ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
-    ``timeout``.
+    ``timeout``. ``cancel``: when it is set the process is killed and :class:`Cancelled` raised.
     """
     with tempfile.TemporaryDirectory(prefix="harness-fresh-") as tmp:
         out = os.path.join(tmp, "result.json")
@@ -308,7 +319,7 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
         env = _child_env({"CUDA_LAUNCH_BLOCKING": "1"} if launch_blocking else None)
         t0 = time.perf_counter()
         try:
-            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            cp = _run_cancellable(cmd, env, timeout, cancel)
         except subprocess.TimeoutExpired as e:
             tail = (e.stderr or b"")
             tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
@@ -331,6 +342,28 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
             att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
             r.attribution = att
         return r
+
+
+def _run_cancellable(cmd: list[str], env: Mapping[str, str], timeout: float,
+                     cancel: threading.Event | None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop."""
+    if cancel is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if cancel.is_set():
+        raise Cancelled("cancelled before it started")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.2)
+                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                if cancel.is_set() or time.monotonic() >= deadline:
+                    proc.kill()
+                    out, err = proc.communicate()
+                    if cancel.is_set():
+                        raise Cancelled("killed: cancelled while running") from None
+                    raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
 
 
 def _sanitizer_report(text: str) -> str:
@@ -431,7 +464,9 @@ class WorkerPool:
         self._tmp = tempfile.mkdtemp(prefix="harness-pool-")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="harness-finish")
+        # case files and attribution reruns (a fresh process each, several seconds on CUDA): two per device
+        self._finisher = ThreadPoolExecutor(max_workers=2 * len(self.devices), thread_name_prefix="harness-finish")
+        self._cancel_attribution = threading.Event()
         self._unfinished = 0
         self._idle = threading.Condition(self._lock)
         self._ready_cv = threading.Condition(self._lock)
@@ -508,6 +543,9 @@ class WorkerPool:
                 return
             self._closing = True
             if cancel_pending:
+                # faults already answered by their worker keep their verdict; attribution reruns not yet done
+                # are skipped (running ones killed) rather than drained one by one
+                self._cancel_attribution.set()
                 while self._pending:
                     item = self._pending.popleft()
                     self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed before this case ran",
@@ -686,9 +724,13 @@ class WorkerPool:
             if path is None:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
                 path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=item.values)
-            rerun = run_in_fresh_process(path, result.device or "cpu", launch_blocking=True, record_ops=True,
-                                         sanitizer=self.sanitizer, timeout=self.attribution_timeout)
-            result.attribution = merge_attribution(result.attribution, rerun)
+            try:
+                rerun = run_in_fresh_process(path, result.device or "cpu", launch_blocking=True, record_ops=True,
+                                             sanitizer=self.sanitizer, timeout=self.attribution_timeout,
+                                             cancel=self._cancel_attribution)
+                result.attribution = merge_attribution(result.attribution, rerun)
+            except Cancelled:
+                result.attribution = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
             if self.cases_dir is not None:
                 save_failure(item.case, result, self.cases_dir, values=item.values,
                              name=Path(path).stem)  # rewrite with the attribution

@@ -200,3 +200,57 @@ def test_worker_pool_arguments_are_validated():
 def test_worker_pool_rejects_non_case(worker_pool):
     with pytest.raises(TypeError, match="needs a harness.cases.Case"):
         worker_pool.submit({"op": "cpu.scale"})
+
+
+def _slow_sanitizer(tmp_path: Path, monkeypatch) -> Path:
+    """A stand-in ``compute-sanitizer`` on $PATH that marks that it started, then hangs (an attribution
+    rerun that would take far longer than the pool's close may wait)."""
+    marker = tmp_path / "rerun-started"
+    tool = tmp_path / "bin" / "compute-sanitizer"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\ntouch '{marker}'\nexec sleep 600\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return marker
+
+
+def test_fault_attribution_rerun_is_cancelled_not_drained_when_the_pool_closes(tmp_path, monkeypatch):
+    from harness.runner.pool import ATTRIBUTION_SKIPPED
+
+    marker = _slow_sanitizer(tmp_path, monkeypatch)
+    pool = WorkerPool("cpu", 1, case_timeout=30, spares=0, cases_dir=tmp_path / "cases", attribute=True,
+                      sanitizer=True, attribution_timeout=600)
+    try:
+        fut = pool.submit(case("fault.sticky"))
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the worker answered the fault; its attribution rerun is running
+            assert time.monotonic() < deadline and not fut.done(), "the attribution rerun never started"
+            time.sleep(0.05)
+    finally:
+        pool.close(cancel_pending=True)
+    r = fut.result(timeout=0)  # answered by close, not after the 600 s rerun
+    assert r.verdict is Verdict.DEVICE_FAULT, r.format()
+    assert r.attribution["skipped"] == ATTRIBUTION_SKIPPED and "rerun_verdict" not in r.attribution
+    saved, _ = load_case(next((tmp_path / "cases").glob("*.json")))
+    assert saved.verdict["attribution"]["skipped"] == ATTRIBUTION_SKIPPED  # the case file says so too
+
+
+def test_fresh_process_run_is_killed_by_its_cancel_event(tmp_path):
+    import threading
+
+    from harness.cases import save_case
+    from harness.runner.pool import Cancelled, run_in_fresh_process
+
+    path = save_case(case("fault.hang"), tmp_path / "hang.json")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="before it started"):
+        run_in_fresh_process(path, cancel=stop, timeout=60)
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
+    try:  # a hang that only the event can end before the 60 s timeout (which would give a TIMEOUT result)
+        with pytest.raises(Cancelled, match="while running"):
+            run_in_fresh_process(path, cancel=stop, timeout=60)
+    finally:
+        timer.cancel()

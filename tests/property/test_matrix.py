@@ -205,3 +205,48 @@ def test_report_header_names_every_gpu_used(monkeypatch) -> None:
     two = _device_env(["cuda:0", "cuda:1"])
     assert two["name"] == "2 x NVIDIA H200" and two["devices_used"] == ["cuda:0", "cuda:1"]
     assert _device_env(["cuda:1"])["name"] == "NVIDIA H200"
+
+
+class StallingPool(InProcessPool):
+    """Answers each cell's first case at once; later cases hang until the pool is closed (or, if the driver
+    wrongly waits for them, until a 60 s timer answers them as passes)."""
+
+    def __init__(self, devices, workers_per_device=1, **kw):
+        super().__init__(devices, workers_per_device, **kw)
+        self.seen: set = set()
+        self.stalled: list[Future] = []
+        self.timers: list = []
+        self.closed_with_cancel = None
+
+    def submit(self, case):
+        key = (case.op, case.params.get("layout_class"))
+        if key not in self.seen:
+            self.seen.add(key)
+            return super().submit(case)
+        import threading
+
+        f: Future = Future()
+        self.stalled.append(f)
+        timer = threading.Timer(60, lambda: f.done() or f.set_result(Result(Verdict.PASS, op=case.op)))
+        timer.daemon = True
+        timer.start()
+        self.timers.append(timer)
+        return f
+
+    def close(self, cancel_pending=False):
+        self.closed_with_cancel = cancel_pending
+        for t in self.timers:
+            t.cancel()
+        for f in self.stalled:
+            if not f.done():
+                f.set_result(Result(Verdict.ERROR, "the pool was closed before this case ran"))
+
+
+def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path) -> None:
+    pool = StallingPool(["cpu"])
+    s = run_matrix(device="cpu", time_budget=1.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
+                   out=tmp_path / "m", corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: pool)
+    assert pool.stalled, "the driver never submitted a second round"
+    assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
+    assert s["budget_exhausted"] is True and pool.closed_with_cancel is True
+    assert 0 <= s["wrapup_s"] <= s["duration_s"]
