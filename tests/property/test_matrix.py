@@ -211,8 +211,9 @@ class StallingPool(InProcessPool):
     """Answers each cell's first case at once; later cases hang until the pool is closed (or, if the driver
     wrongly waits for them, until a 60 s timer answers them as passes)."""
 
-    def __init__(self, devices, workers_per_device=1, **kw):
+    def __init__(self, devices, workers_per_device=1, clock=None, **kw):
         super().__init__(devices, workers_per_device, **kw)
+        self.clock = clock  # the driver's clock: a stalled case uses up the budget
         self.seen: set = set()
         self.stalled: list[Future] = []
         self.timers: list = []
@@ -227,6 +228,7 @@ class StallingPool(InProcessPool):
 
         f: Future = Future()
         self.stalled.append(f)
+        self.clock["t"] += 1000.0
         timer = threading.Timer(60, lambda: f.done() or f.set_result(Result(Verdict.PASS, op=case.op)))
         timer.daemon = True
         timer.start()
@@ -242,9 +244,15 @@ class StallingPool(InProcessPool):
                 f.set_result(Result(Verdict.ERROR, "the pool was closed before this case ran"))
 
 
-def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path) -> None:
-    pool = StallingPool(["cpu"])
-    s = run_matrix(device="cpu", time_budget=1.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
+def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monkeypatch) -> None:
+    import types
+
+    import harness.matrix
+
+    clock = {"t": 0.0}  # the budget runs out when, and only when, a later-round case stalls
+    monkeypatch.setattr(harness.matrix, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
+    pool = StallingPool(["cpu"], clock=clock)
+    s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
                    out=tmp_path / "m", corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: pool)
     assert pool.stalled, "the driver never submitted a second round"
     assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
