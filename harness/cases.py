@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from harness._jsonfile import read_json
 from harness.layouts import LayoutError, LayoutSpec
 from harness.values import ValueError_, ValueSpec
 
@@ -184,12 +185,8 @@ def load_case(path: str | os.PathLike) -> tuple[Case, dict[str, torch.Tensor]]:
     json_path, st_path = case_paths(path)
     if not json_path.exists():
         raise CaseError(f"case file {json_path} does not exist")
-    if json_path.stat().st_size > _MAX_JSON_BYTES:
-        raise CaseError(f"case file {json_path} is larger than {_MAX_JSON_BYTES} bytes; not a case file")
-    try:
-        data = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaseError(f"case file {json_path} is not valid JSON: {e}") from None
+    data = read_json(json_path, CaseError, label=f"case file {json_path}", kind="a case file",
+                     max_bytes=_MAX_JSON_BYTES)
     case = Case.from_dict(data, source=str(json_path))
     tensors: dict[str, torch.Tensor] = {}
     if st_path.exists():

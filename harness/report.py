@@ -55,6 +55,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from harness._jsonfile import read_json
 from harness.verdicts import format_number
 
 __all__ = [
@@ -144,12 +145,7 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
         p = p / "summary.json"
     if not p.exists():
         raise SummaryError(f"{p} does not exist; run `python -m harness matrix --out DIR` first")
-    if p.stat().st_size > _MAX_SUMMARY_BYTES:
-        raise SummaryError(f"{p} is larger than {_MAX_SUMMARY_BYTES} bytes; not a matrix summary")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SummaryError(f"{p} is not valid JSON: {e}") from None
+    data = read_json(p, SummaryError, label=str(p), kind="a matrix summary", max_bytes=_MAX_SUMMARY_BYTES)
     return validate_summary(data)
 
 

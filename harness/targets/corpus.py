@@ -38,6 +38,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from harness._jsonfile import read_json
+
 __all__ = [
     "CORPUS_SCHEMA_VERSION",
     "DEFAULT_CORPUS",
@@ -142,10 +144,7 @@ def load_corpus(corpus: str | os.PathLike | None = None, *, check_files: bool = 
     idx = d / _INDEX
     if not idx.exists():
         return []
-    try:
-        data = json.loads(idx.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{idx} is not valid JSON: {e}") from None
+    data = read_json(idx, CorpusError, label=str(idx))
     if not isinstance(data, dict) or data.get("schema_version") != CORPUS_SCHEMA_VERSION:
         raise CorpusError(f"{idx}: expected {{'schema_version': {CORPUS_SCHEMA_VERSION}, 'cases': [...]}}")
     cases = data.get("cases")
