@@ -399,16 +399,33 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     if n_speakers != 1:
         return _multitalk_multi(x, audio, params, prefix, cfg, grid, n_speakers, ref_target_masks,
                                 x_ref_attn_map, linear, attention)
-    B, L, C = x.shape
-    H, d = cfg.heads, cfg.head_dim
+    B, L, _ = x.shape
     n_t, n_h, n_w = (int(g) for g in grid)
     S = n_h * n_w
     extra = L != n_t * S
     L_main, frames = _multitalk_frames(L, S, B, extra, audio, grid)
+    return _multitalk_attend(x, audio, params, prefix, cfg, L_main, frames, S, extra, linear, attention)
+
+
+def _multitalk_attend(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str, cfg: WanConfig,
+                      L_main: int, frames: int, S: int, extra: bool, linear: LinearFn, attention: AttentionFn,
+                      pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None) -> Tensor:
+    """Per-frame audio attention of the first ``L_main`` tokens; zeros for an extra frame's S tokens.
+
+    ``pos_q`` (L_main,) / ``pos_k`` (N_a,): RoPE1D positions of the multi-speaker path (None: no RoPE).
+    """
+    B, _, C = x.shape
+    H, d = cfg.heads, cfg.head_dim
+    n_a = audio.shape[1]
     xm = x[:, :L_main].reshape(B * frames, S, C)
     q = split_heads(_lin(xm, params, f"{prefix}.q_linear", linear), H)
     kv = _lin(audio, params, f"{prefix}.kv_linear", linear)
-    kv = kv.view(B * frames, audio.shape[1], 2, H, d)
+    kv = kv.view(B * frames, n_a, 2, H, d)
+    if pos_q is not None:
+        q = apply_rope(q.reshape(B, L_main, H, d), rope_1d_angles(pos_q, d).to(x.device))
+        q = q.reshape(B * frames, S, H, d)
+        k = apply_rope(kv[:, :, 0], rope_1d_angles(pos_k, d).to(x.device))
+        kv = torch.stack((k, kv[:, :, 1].to(k.dtype)), dim=2)
     k, v = kv[:, :, 0], kv[:, :, 1]  # non-contiguous, token stride 2C, as upstream
     y = _lin(merge_heads(attention(q, k, v)), params, f"{prefix}.proj", linear)
     y = y.reshape(B, L_main, C)
@@ -534,8 +551,7 @@ def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], pre
             f"n_speakers={n_speakers}: the multi-speaker MultiTalk path needs "
             f"{' and '.join(missing)} (see multitalk_ref_attn_map)"
         )
-    B, L, C = x.shape
-    H, d = cfg.heads, cfg.head_dim
+    B, L, _ = x.shape
     n_t, n_h, n_w = (int(g) for g in grid)
     S = n_h * n_w
     masks = _flat_masks(ref_target_masks, S)
@@ -560,21 +576,8 @@ def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], pre
     centres = torch.tensor([(lo + hi) / 2 for lo, hi in multitalk_rope_ranges(n_speakers)],
                            dtype=torch.float64)
     pos_k = centres.repeat_interleave(n_a // n_speakers)  # (N_a,), same in every frame
-
-    xm = x[:, :L_main].reshape(B * frames, S, C)
-    q = split_heads(_lin(xm, params, f"{prefix}.q_linear", linear), H)
-    q = apply_rope(q.reshape(B, L_main, H, d), rope_1d_angles(pos_q, d).to(x.device))
-    q = q.reshape(B * frames, S, H, d)
-    kv = _lin(audio, params, f"{prefix}.kv_linear", linear)
-    kv = kv.view(B * frames, n_a, 2, H, d)
-    k = apply_rope(kv[:, :, 0], rope_1d_angles(pos_k, d).to(x.device))
-    kv = torch.stack((k, kv[:, :, 1].to(k.dtype)), dim=2)
-    k, v = kv[:, :, 0], kv[:, :, 1]  # non-contiguous, token stride 2C, as upstream
-    y = _lin(merge_heads(attention(q, k, v)), params, f"{prefix}.proj", linear)
-    y = y.reshape(B, L_main, C)
-    if extra:
-        y = torch.cat([y, y.new_zeros(B, S, C)], dim=1)
-    return y
+    return _multitalk_attend(x, audio, params, prefix, cfg, L_main, frames, S, extra, linear, attention,
+                             pos_q, pos_k)
 
 def wan_block(
     x: Tensor,
