@@ -223,7 +223,7 @@ class QuantizedTensor:
             s = s * self.global_scale
         if self.granularity == "block":
             s = torch.repeat_interleave(s, self.block_size, dim=self.axis)
-        return s.expand_as(self.values) if s.dim() else s.expand(self.values.shape)
+        return s.expand_as(self.values)
 
     def to_torch(self) -> Tensor:
         """The values as the native torch dtype (e.g. ``float8_e4m3fn``); exact, values are representable."""

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from harness.reference.attention import _ieee_fp32_matmul, _validate, from_hnd
-from harness.reference.formats import FORMATS, quantize_nvfp4, round_to_format
+from harness.reference.formats import FORMATS, amax_to_scale, dequantize, quantize_nvfp4, round_to_format
 
 __all__ = [
     "LOG2E_SAGE",
@@ -119,7 +119,7 @@ def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, 
     amax_tok = x.abs().amax(dim=1)
     g = torch.zeros(ngroups, dtype=torch.float32, device=x.device)
     g = g.scatter_reduce(0, gid, amax_tok, reduce="amax", include_self=True)
-    scale = torch.where(g > 0, g / 127.0, torch.ones_like(g))
+    scale = amax_to_scale(g, 127.0)
     tok_scale = scale[gid].unsqueeze(1)
     y = x / tok_scale
     codes = torch.sign(y) * torch.floor(y.abs() + 0.5)
@@ -323,7 +323,7 @@ def sage_v2(
                     vm = vf.mean(dim=0, keepdim=True)
                     vf = vf - vm
                 v_amax = vf.abs().amax(dim=0, keepdim=True)
-                v_s = torch.where(v_amax > 0, v_amax / v_scale_max, torch.ones_like(v_amax))
+                v_s = amax_to_scale(v_amax, v_scale_max)
                 v_q = round_to_format(vf / v_s, "e4m3")
                 sl = scale * LOG2E_SAGE
 
@@ -375,8 +375,7 @@ def sage_v2(
 def _nvfp4_dq(x: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
     """NVFP4 (no global scale) along ``axis``: (dequantized, E2M1 values, block scales)."""
     qt = quantize_nvfp4(x, axis=axis, block_size=16)
-    deq = qt.values * torch.repeat_interleave(qt.scale, 16, dim=axis)
-    return deq, qt.values, qt.scale
+    return dequantize(qt), qt.values, qt.scale
 
 
 def _quant_p_fp4(p: Tensor) -> Tensor:
