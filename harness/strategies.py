@@ -23,7 +23,6 @@ how to fix it (as Hypothesis' own strategies do).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Sequence
 

@@ -1,5 +1,5 @@
 """Quick facts about the GPU machine that the harness relies on (prints JSON lines)."""
-import json, sys, time, traceback
+import json, sys, time
 import torch
 
 ONLY = sys.argv[1:]

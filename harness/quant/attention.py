@@ -22,7 +22,7 @@ the decisions are testable on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor

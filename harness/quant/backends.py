@@ -38,7 +38,6 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence

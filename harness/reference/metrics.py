@@ -21,6 +21,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from harness.reference.formats import FORMATS
+
 __all__ = [
     "ERROR_METRICS",
     "rel_l1",
@@ -174,11 +176,8 @@ _FLOAT_PARAMS: dict[str, tuple[int, int]] = {
     "float32": (23, -126),
     "bfloat16": (7, -126),
     "float16": (10, -14),
-    "float8_e4m3fn": (3, -6),
-    "float8_e5m2": (2, -14),
-    "e4m3": (3, -6),
-    "e5m2": (2, -14),
-    "e2m1": (1, 0),
+    **{name: (f.man_bits, f.emin) for name, f in FORMATS.items()},
+    **{f.torch_dtype_name: (f.man_bits, f.emin) for f in FORMATS.values() if f.torch_dtype_name},
 }
 
 
@@ -299,13 +298,17 @@ def summation_bound(abs_sum: Union[Tensor, float], n: int, dtype: DTypeLike = to
     ``|A| @ |B|`` for a matmul); raises if ``n*u >= 1`` (the bound is vacuous).
     """
     man, _ = _FLOAT_PARAMS[_dtype_name(dtype)]
-    u = 2.0 ** -(man + 1)
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
+    return abs_sum * _gamma(n, 2.0 ** -(man + 1), f"n={n} terms in {dtype}", "; sum in a wider dtype")
+
+
+def _gamma(n: int, u: float, what: str, hint: str = "") -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``; ``n u >= 1`` gives no useful bound (an error naming ``what``)."""
     nu = n * u
     if nu >= 1:
-        raise ValueError(f"n={n} terms in {dtype}: n*u={nu:.3g} >= 1, no useful bound; sum in a wider dtype")
-    return abs_sum * (nu / (1 - nu))
+        raise ValueError(f"{what}: n*u={nu:.3g} >= 1, no useful bound{hint}")
+    return nu / (1 - nu)
 
 
 #: Mantissa bits the FP8 tensor-core accumulator keeps on Hopper (sm90): DeepSeek-V3 technical
@@ -330,14 +333,9 @@ def fp8_tensor_core_bound(abs_sum: Union[Tensor, float], k: int, *,
     if k < 0:
         raise ValueError(f"k={k} must be >= 0")
     m = max(1, min(k, promote_interval))
-    u_acc = 2.0 ** -accum_bits
-    if m * u_acc >= 1:
-        raise ValueError(f"promote_interval {m} x 2**-{accum_bits} >= 1: no useful bound")
-    g_acc = m * u_acc / (1 - m * u_acc)
+    g_acc = _gamma(m, 2.0 ** -accum_bits, f"promote_interval {m} x 2**-{accum_bits}")
     runs = -(-k // m) + 1
-    u32 = 2.0 ** -24
-    g_32 = runs * u32 / (1 - runs * u32)
-    return abs_sum * (g_acc + g_32)
+    return abs_sum * (g_acc + _gamma(runs, 2.0 ** -24, f"{runs} float32 partial sums"))
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from harness.layouts import LayoutSpec, ViewOp, materialize, poison_intact
+from harness.layouts import LayoutSpec, materialize, poison_intact
 from harness.quant import linear as L
 from harness.quant.linear import (Fp8LinearError, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
                                   plan_operands)

@@ -7,6 +7,7 @@ frame/head/token and RoPE as a complex-number rotation.
 from __future__ import annotations
 
 import cmath
+import functools
 import importlib.util
 import math
 import subprocess
@@ -248,6 +249,7 @@ def test_errors(params) -> None:
         call(n_speakers=0)
 
 
+@functools.lru_cache(maxsize=1)
 def _baseline_blocks():
     root = Path(__file__).resolve().parents[2]
     try:

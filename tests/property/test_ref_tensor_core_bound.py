@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.reference.formats import round_to_format
-from harness.reference.metrics import fp8_tensor_core_bound, summation_bound
+from harness.reference.metrics import (TENSOR_CORE_FP8_ACCUM_BITS, TENSOR_CORE_FP8_PROMOTE_INTERVAL,
+                                       fp8_tensor_core_bound, summation_bound)
 
 
 def _round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def test_simulated_accumulator_stays_within_the_bound(k: int, seed: int, scale: 
     a = round_to_format(torch.randn(k, generator=g, dtype=torch.float64) * scale, "e4m3")
     b = round_to_format(torch.randn(k, generator=g, dtype=torch.float64), "e4m3")
     exact = (a * b).sum()
-    got = _tensor_core_dot(a, b, bits=14, interval=128)
+    got = _tensor_core_dot(a, b, bits=TENSOR_CORE_FP8_ACCUM_BITS, interval=TENSOR_CORE_FP8_PROMOTE_INTERVAL)
     bound = fp8_tensor_core_bound((a * b).abs().sum(), k)
     assert abs(float(got - exact)) <= float(bound)
 

@@ -149,13 +149,8 @@ def rope_angles(grid: Grid, head_dim: int, theta: float = 10000.0,
         raise ValueError(f"grid={tuple(grid)} must be three positive ints (frames, height, width)")
     nf, nh, nw = rope_axis_pairs(head_dim)
     Fr, H, W = grid
-    parts = []
-    for n_pairs, positions in ((nf, torch.arange(Fr, dtype=torch.float64)),
-                               (nh, torch.arange(H, dtype=torch.float64)),
-                               (nw, torch.arange(W, dtype=torch.float64))):
-        inv = theta ** (-2.0 * torch.arange(n_pairs, dtype=torch.float64) / (2 * n_pairs))
-        parts.append(torch.outer(positions, inv))
-    af, ah, aw = parts
+    af, ah, aw = (rope_1d_angles(torch.arange(n, dtype=torch.float64), 2 * n_pairs, theta)
+                  for n_pairs, n in ((nf, Fr), (nh, H), (nw, W)))
     ang = torch.cat([
         af[:, None, None, :].expand(Fr, H, W, nf),
         ah[None, :, None, :].expand(Fr, H, W, nh),
@@ -215,12 +210,9 @@ def motion_rope_table(n_frames: int, joint_xyz: Tensor, head_dim: int = 128,
     nj = j.shape[0]
     centred = j - j.mean(dim=0, keepdim=True)
     f = torch.arange(n_frames, dtype=torch.float64).repeat_interleave(nj)  # (S_m,)
-    t_inv = theta ** (-2.0 * torch.arange(22, dtype=torch.float64) / 44)
-    s_inv = theta ** (-2.0 * torch.arange(14, dtype=torch.float64) / 28)
-    ang = [torch.outer(f, t_inv)]
-    for axis in range(3):
-        pos = centred[:, axis].repeat(n_frames)  # joint coordinate per row
-        ang.append(torch.outer(pos, s_inv))
+    ang = [rope_1d_angles(f, 44, theta)]  # time: 22 pairs
+    for axis in range(3):  # x, y, z: 14 pairs each, at the joint's coordinate in every frame
+        ang.append(rope_1d_angles(centred[:, axis].repeat(n_frames), 28, theta))
     a = torch.cat(ang, dim=1)  # (S_m, 64) pairs
     lanes = a.repeat_interleave(2, dim=1)
     return torch.cos(lanes).to(torch.float32), torch.sin(lanes).to(torch.float32)
@@ -620,16 +612,12 @@ def wan_block(
     dt = _cdt(x)
     xf = x.to(dt)
     mod = _p(params, f"{pre}.modulation").to(dt)
-    if e.dim() == 3:
-        if e.shape[1] != 6:
-            raise ValueError(f"e must be (B, 6, C) or (B, 6, L, C), got {tuple(e.shape)}")
-        m = (mod + e.to(dt)).chunk(6, dim=1)  # each (B, 1, C)
-    elif e.dim() == 4:
-        if e.shape[1] != 6:
-            raise ValueError(f"e must be (B, 6, C) or (B, 6, L, C), got {tuple(e.shape)}")
-        m = tuple(t.squeeze(1) for t in (mod.unsqueeze(2) + e.to(dt)).chunk(6, dim=1))
-    else:
+    if e.dim() not in (3, 4) or e.shape[1] != 6:
         raise ValueError(f"e must be (B, 6, C) or (B, 6, L, C), got {tuple(e.shape)}")
+    if e.dim() == 3:
+        m = (mod + e.to(dt)).chunk(6, dim=1)  # each (B, 1, C)
+    else:
+        m = tuple(t.squeeze(1) for t in (mod.unsqueeze(2) + e.to(dt)).chunk(6, dim=1))
     sh1, sc1, g1, sh2, sc2, g2 = m
     eps = cfg.eps
     ops = dict(linear=linear, attention=attention)
@@ -637,17 +625,14 @@ def wan_block(
     multitalk = f"{pre}.audio_cross_attn.q_linear.weight" in params
     if not isinstance(multitalk_speakers, int) or isinstance(multitalk_speakers, bool) or multitalk_speakers < 1:
         raise ValueError(f"multitalk_speakers={multitalk_speakers!r} must be an integer >= 1")
-    x_ref_attn_map = None
-    if multitalk and multitalk_speakers > 1:
-        if ref_target_masks is None:
-            raise MultiTalkInputError(f"{pre}: {multitalk_speakers} MultiTalk speakers need ref_target_masks "
-                                      "(one first-frame token mask per speaker, optionally a background mask)")
-        y, q_rope, k_rope = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn",
-                                           cfg, rope, return_qk=True, **ops)
-        x_ref_attn_map = multitalk_ref_attn_map(q_rope, k_rope, ref_target_masks, int(grid[1]) * int(grid[2]))
-    else:
-        y = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn", cfg,
-                           rope, **ops)
+    several = multitalk and multitalk_speakers > 1
+    if several and ref_target_masks is None:
+        raise MultiTalkInputError(f"{pre}: {multitalk_speakers} MultiTalk speakers need ref_target_masks "
+                                  "(one first-frame token mask per speaker, optionally a background mask)")
+    y, q_rope, k_rope = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn",
+                                       cfg, rope, return_qk=True, **ops)
+    x_ref_attn_map = (multitalk_ref_attn_map(q_rope, k_rope, ref_target_masks, int(grid[1]) * int(grid[2]))
+                      if several else None)
     xf = xf + y * g1
 
     h = layer_norm(xf, params.get(f"{pre}.norm3.weight"), params.get(f"{pre}.norm3.bias"), eps)

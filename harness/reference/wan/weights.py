@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -46,13 +46,12 @@ def block_has_motion(index: int) -> bool:
     return index % MTV_EVERY == 0
 
 
-def _attn(prefix: str, C: int, kv_in: int, out: dict, norms: bool = True) -> None:
+def _attn(prefix: str, C: int, kv_in: int, out: dict) -> None:
     for n, fan_in in (("q", C), ("k", kv_in), ("v", kv_in), ("o", C)):
         out[f"{prefix}.{n}.weight"] = (C, fan_in)
         out[f"{prefix}.{n}.bias"] = (C,)
-    if norms:
-        out[f"{prefix}.norm_q.weight"] = (C,)
-        out[f"{prefix}.norm_k.weight"] = (C,)
+    out[f"{prefix}.norm_q.weight"] = (C,)
+    out[f"{prefix}.norm_k.weight"] = (C,)
 
 
 def param_shapes(cfg: WanConfig, variant: str = "t2v", *, layers: Optional[int] = None,
