@@ -82,6 +82,14 @@ class Case:
             if name not in self.layouts:
                 raise CaseError(f"values[{name!r}] has no matching layout; layouts are {sorted(self.layouts)}")
 
+    def value_spec(self, name: str) -> ValueSpec:
+        """The recipe of input ``name``: its own, else standard normal seeded from the case seed and the
+        input's position (what every worker generates, and what a saved case's tensors hold)."""
+        if name in self.values:
+            return self.values[name]
+        i = list(self.layouts).index(name)
+        return ValueSpec("normal", seed=(int(self.seed) * 1009 + i) % 2**63)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,

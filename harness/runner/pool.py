@@ -176,13 +176,7 @@ def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
 
 def case_values(case: "Case") -> dict[str, "torch.Tensor"]:
     """The input values a worker generates for ``case`` (CPU, contiguous, logical shapes)."""
-    from harness.values import ValueSpec
-
-    out = {}
-    for i, (name, spec) in enumerate(case.layouts.items()):
-        vs = case.values.get(name) or ValueSpec("normal", seed=(int(case.seed) * 1009 + i) % 2**63)
-        out[name] = vs.generate(spec.shape, spec.torch_dtype)
-    return out
+    return {name: case.value_spec(name).generate(spec.shape, spec.torch_dtype) for name, spec in case.layouts.items()}
 
 
 def _case_digest(case: "Case") -> str:

@@ -110,15 +110,13 @@ def default_inputs(case: "Case", device: str, values: Mapping[str, torch.Tensor]
     view can only hold such values. ``values`` are never modified.
     """
     from harness.layouts import materialize
-    from harness.values import ValueSpec
 
     out: dict[str, torch.Tensor] = {}
-    for i, (name, spec) in enumerate(case.layouts.items()):
+    for name, spec in case.layouts.items():
         if values is not None and name in values:
             v = values[name]
         else:
-            vs = case.values.get(name) or ValueSpec("normal", seed=(int(case.seed) * 1009 + i) % 2**63)
-            v = vs.generate(spec.shape, spec.torch_dtype)
+            v = case.value_spec(name).generate(spec.shape, spec.torch_dtype)
         bdims = _broadcast_dims(spec.shape, spec.strides())
         if bdims:
             idx = tuple(slice(0, 1) if d in bdims else slice(None) for d in range(len(spec.shape)))

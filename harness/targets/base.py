@@ -141,18 +141,14 @@ def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tenso
             if s.broadcast and s.torch_dtype.is_floating_point and s.itemsize == 1}
     if not shim:
         return default_inputs(case, device, values)
-    from harness.values import ValueSpec
 
     vals = dict(values or {})
     layouts = dict(case.layouts)
-    for i, n in enumerate(case.layouts):
-        if n not in shim:
-            continue
+    for n in shim:
         spec = layouts[n]
         v = vals.get(n)
         if v is None:
-            vs = case.values.get(n) or ValueSpec("normal", seed=(int(case.seed) * 1009 + i) % 2**63)
-            v = vs.generate(spec.shape, spec.torch_dtype)
+            v = case.value_spec(n).generate(spec.shape, spec.torch_dtype)
         vals[n] = v.to(spec.torch_dtype).view(torch.uint8)
         layouts[n] = spec.replace(dtype="uint8")
     out = default_inputs(dataclasses.replace(case, layouts=layouts), device, vals)
