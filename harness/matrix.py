@@ -409,7 +409,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     """
     from harness.report import write_reports
     from harness.targets.corpus import load_corpus
-    from harness.verdicts import Result, Verdict
+    from harness.verdicts import POOL_CLOSED, Result, Verdict
 
     if not (isinstance(time_budget, (int, float)) and time_budget >= 0):
         raise MatrixError(f"--time-budget {time_budget!r} must be >= 0 seconds")
@@ -463,7 +463,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
             for other in by_target[c.op]:
                 other.unavailable = unavailable[c.op]
             return
-        if r.verdict is Verdict.ERROR and "pool was closed" in (r.message or ""):
+        if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
             return  # cancelled at the end of the budget: not a result
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1

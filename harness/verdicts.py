@@ -14,7 +14,12 @@ import json
 import math
 from typing import Any, Mapping
 
-__all__ = ["Verdict", "Result", "BENIGN", "format_number"]
+__all__ = ["Verdict", "Result", "BENIGN", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED"]
+
+#: how an ``input_mutation`` message starts; then "name: what changed" entries joined by "; "
+INPUT_MUTATION_PREFIX = "the op wrote into its inputs: "
+#: how the message of a case a closing pool answered without running it starts (verdict ``error``)
+POOL_CLOSED = "the pool was closed"
 
 
 class Verdict(str, enum.Enum):

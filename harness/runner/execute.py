@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.verdicts import Result, Verdict
+from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.cases import Case
@@ -457,7 +457,7 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     # ---- input mutation
     changes = snap.changes(inputs, tuple(getattr(target, "mutates", ()) or ()))
     if changes:
-        return st.result(Verdict.INPUT_MUTATION, "the op wrote into its inputs: " + "; ".join(changes))
+        return st.result(Verdict.INPUT_MUTATION, INPUT_MUTATION_PREFIX + "; ".join(changes))
 
     if tuple(out.shape) != tuple(exact.shape):
         return st.result(Verdict.DRIFT, f"output shape {tuple(out.shape)} differs from the reference's "

@@ -46,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from harness.verdicts import Result, Verdict
+from harness.verdicts import POOL_CLOSED, Result, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -106,7 +106,7 @@ _PROBE_LOCK = threading.Lock()
 
 
 #: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
-ATTRIBUTION_SKIPPED = ("the pool was closed (cancel_pending) before the CUDA_LAUNCH_BLOCKING rerun finished; "
+ATTRIBUTION_SKIPPED = (f"{POOL_CLOSED} (cancel_pending) before the CUDA_LAUNCH_BLOCKING rerun finished; "
                        "replay the case to attribute it")
 
 
@@ -542,12 +542,12 @@ class WorkerPool:
                 self._cancel_attribution.set()
                 while self._pending:
                     item = self._pending.popleft()
-                    self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed before this case ran",
+                    self._resolve_locked(item, Result(Verdict.ERROR, f"{POOL_CLOSED} before this case ran",
                                                       op=item.case.op))
                 for w in self._workers:
                     if w.outstanding:
                         for item in w.outstanding:
-                            self._resolve_locked(item, Result(Verdict.ERROR, "the pool was closed while this case "
+                            self._resolve_locked(item, Result(Verdict.ERROR, f"{POOL_CLOSED} while this case "
                                                               "was queued or running", op=item.case.op,
                                                               worker=w.name, device=w.device))
                         w.outstanding.clear()

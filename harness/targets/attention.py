@@ -37,6 +37,7 @@ from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
+from harness.verdicts import INPUT_MUTATION_PREFIX
 
 __all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
            "register_backend_targets", "register_attention_plugin"]
@@ -237,25 +238,33 @@ except ImportError:  # pragma: no cover - the backend registry is part of the pa
     pass
 
 
-_SAGE1_RAW = ("attn.sage1.sageattn", "attn.sage1.sageattn_varlen")
-_MUTATION_PREFIX = "the op wrote into its inputs: "
+def declared_input_writes(target_name: str) -> tuple[str, ...]:
+    """The inputs a raw attention target's backend declares it writes (``harness.quant.backends``
+    ``modifies_inputs``, with the kwargs the targets pass, i.e. none); () for the layout-safe
+    ``safe_attn.*`` targets, which must copy such inputs first, and for unknown names."""
+    cls = ATTENTION_TARGETS.get(target_name)
+    if cls is None or issubclass(cls, SafeAttentionTarget):
+        return ()
+    from harness.quant.backends import BACKENDS
+
+    b = BACKENDS.get(cls.backend_name)
+    return tuple(b.requires.mutated_inputs({})) if b is not None else ()
 
 
 def known_upstream_defect(target_name: str, case: Case, verdict: str = "drift", message: str = "") -> str | None:
     """A defect of the kernel itself (not of the layout) that explains ``verdict`` on this case, or None.
 
-    ``message`` is the result's message (what the verdict saw).  Named defects, all measured on an
-    H200 with torch 2.11 and sageattention 1.0.6 (docs/gpu-findings.md):
+    ``message`` is the result's message (what the verdict saw).  Named defects:
 
     * ``drift`` -- SageAttention 1.0.6 (``sageattn``/``sageattn_varlen``) gives the padded keys of a
       short last key tile (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax
       weight: the output drifts beyond the emulation's bound and matches ``emu.sage1`` with
-      ``tail_keys_score_zero=True``.  Wan's 32760-token self-attention (32760 % 64 = 56) and
-      257-token CLIP context are affected.
-    * ``input_mutation`` -- SageAttention 1.0.6 called as is (``attn.sage1.*``, with its default
-      ``smooth_k=True``, which is how the targets call it) subtracts the key mean in place (``k -= k.mean(...)``), in every layout.
-      Explained only when ``k``'s own values are all that changed: a write to q, v or to storage
-      outside a view would be a different defect.
+      ``tail_keys_score_zero=True`` (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's
+      32760-token self-attention (32760 % 64 = 56) and 257-token CLIP context are affected.
+    * ``input_mutation`` -- a raw kernel whose backend declares that it writes some inputs
+      (:func:`declared_input_writes`; SageAttention 1 and 3 subtract the key mean in place, in
+      every layout).  Explained only when the values of declared inputs are all that changed: a
+      write to another input or to storage outside a view is a different defect.
     """
     if verdict == "drift":
         if not target_name.startswith(("attn.sage1.", "safe_attn.sage1.")) or "k" not in case.layouts:
@@ -265,11 +274,13 @@ def known_upstream_defect(target_name: str, case: Case, verdict: str = "drift", 
         if s_k % 64:
             return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
         return None
-    if verdict == "input_mutation" and target_name in _SAGE1_RAW:
-        text = message.strip().splitlines()[0] if message.strip() else ""
-        if not text.startswith(_MUTATION_PREFIX):
-            return None
-        changes = text[len(_MUTATION_PREFIX):].split("; ")
-        if changes and all(c.startswith("k: ") and "values changed" in c for c in changes):
-            return "SageAttention 1.x smooth_k subtracts the key mean in place: the caller's k is modified"
+    written = declared_input_writes(target_name) if verdict == "input_mutation" else ()
+    text = message.strip().splitlines()[0] if message.strip() else ""
+    if written and text.startswith(INPUT_MUTATION_PREFIX):
+        changes = text[len(INPUT_MUTATION_PREFIX):].split("; ")
+        names = {c.split(": ", 1)[0] for c in changes}
+        if names <= set(written) and all("values changed" in c for c in changes):
+            backend = ATTENTION_TARGETS[target_name].backend_name
+            return (f"{backend} writes its {', '.join(sorted(names))} input in place, as its backend declares "
+                    f"(modifies_inputs={list(written)}); safe_attn.{backend} copies it first")
     return None

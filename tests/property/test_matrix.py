@@ -15,7 +15,7 @@ from harness.matrix import Cell, MatrixError, _build_cells, find_new_failures, i
 from harness.report import load_summary
 from harness.runner.execute import run_case
 from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
-from harness.verdicts import Result, Verdict
+from harness.verdicts import POOL_CLOSED, Result, Verdict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -241,7 +241,7 @@ class StallingPool(InProcessPool):
             t.cancel()
         for f in self.stalled:
             if not f.done():
-                f.set_result(Result(Verdict.ERROR, "the pool was closed before this case ran"))
+                f.set_result(Result(Verdict.ERROR, f"{POOL_CLOSED} before this case ran"))
 
 
 def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ from harness.cases import Case
 from harness.layouts import LayoutSpec
 from harness.matrix import Cell, aggregate, find_new_failures
 from harness.values import ValueSpec
-from harness.verdicts import Result, Verdict
+from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Verdict
 
 
 def _cell(op: str, s_k: int) -> Cell:
@@ -47,24 +47,27 @@ def _mutation_cell(op: str, message: str) -> Cell:
     return cell
 
 
-K_ONLY = "the op wrote into its inputs: k: 8192 of its 8192 values changed (first at index [0, 0, 0, 0])"
+K_ONLY = INPUT_MUTATION_PREFIX + "k: 8192 of its 8192 values changed (first at index [0, 0, 0, 0])"
 
 
 @pytest.mark.parametrize("op,message,explained", [
     ("attn.sage1.sageattn", K_ONLY, True),             # smooth_k: k -= mean, in place, any layout
     ("attn.sage1.sageattn_varlen", K_ONLY, True),
+    ("attn.sage3", K_ONLY, True),                      # declared by its backend too (modifies_inputs)
     ("safe_attn.sage1.sageattn", K_ONLY, False),       # safe_attention must protect the caller
     ("attn.sdpa.flash", K_ONLY, False),
-    ("attn.sage1.sageattn", "the op wrote into its inputs: q: 3 of its 8192 values changed (first at index "
+    ("attn.sage1.sageattn", INPUT_MUTATION_PREFIX + "q: 3 of its 8192 values changed (first at index "
      "[0, 0, 0, 1])", False),                          # not the known defect: q was written
     ("attn.sage1.sageattn", K_ONLY + "; v: 1 byte(s) of storage outside the view (the poison) were written", False),
     ("attn.sage1.sageattn", "k: storage outside the view (the poison) was written", False),
+    ("attn.sage1.sageattn", INPUT_MUTATION_PREFIX + "k: 2 byte(s) of storage outside the view (the poison) were "
+     "written", False),                                # a declared input, but outside its view: another defect
 ])
-def test_kernel_defect_explains_sage1_key_mean_write(tmp_path, op: str, message: str, explained: bool) -> None:
+def test_kernel_defect_explains_a_declared_input_write(tmp_path, op: str, message: str, explained: bool) -> None:
     row = aggregate([_mutation_cell(op, message)], tmp_path, known=set(), save_examples=False)["cells"][0]
     assert row["failing"] == ["input_mutation"]
     if explained:
-        assert "key mean in place" in row["kernel_defects"]["input_mutation"]
+        assert "writes its k input in place" in row["kernel_defects"]["input_mutation"]
         assert row["new"] == [] and find_new_failures([row], known=set()) == []
     else:
         assert row["kernel_defects"] == {} and row["new"] == ["input_mutation"]
