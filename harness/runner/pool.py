@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -193,6 +194,14 @@ def replay_command(path: str | os.PathLike, device: str | None = None) -> str:
     return f"python -m harness replay {q}" + (f" --device {device}" if device and device != "cpu" else "")
 
 
+def _saved_tensors(case: "Case", values: Mapping[str, "torch.Tensor"] | None) -> dict[str, "torch.Tensor"]:
+    """The input values stored beside a failing case: ``values`` or the recipes', none beyond ``MAX_SAVED_BYTES``
+    (checked on the layouts, before anything is generated)."""
+    if sum(math.prod(s.shape) * s.itemsize for s in case.layouts.values()) > MAX_SAVED_BYTES:
+        return {}
+    return dict(values) if values else case_values(case)
+
+
 def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
                  values: Mapping[str, "torch.Tensor"] | None = None, name: str | None = None) -> Path:
     """Write ``case`` with its verdict and environment to ``cases_dir`` (JSON + safetensors).
@@ -208,9 +217,7 @@ def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
     # no dots: Path.with_suffix (used for the .safetensors sibling) would cut the name at one
     stem = "".join(c if c.isalnum() or c in "-" else "_" for c in stem)[:180]
     path = Path(cases_dir) / f"{stem}.json"
-    tensors = dict(values) if values else case_values(case)
-    if sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_SAVED_BYTES:
-        tensors = {}
+    tensors = _saved_tensors(case, values)
     verdict = {k: v for k, v in result.to_json().items()
                if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v}
     env = dict(case.env)
@@ -712,12 +719,13 @@ class WorkerPool:
     def _finish_slow_inner(self, item: _Item, result: Result) -> None:
         tmpdir = None
         path: Path | None = None
+        values = _saved_tensors(item.case, item.values)  # generated once for every file written below
         if self.cases_dir is not None and result.verdict.failed:
-            path = save_failure(item.case, result, self.cases_dir, values=item.values)
+            path = save_failure(item.case, result, self.cases_dir, values=values)
         if self.attribute and result.verdict is Verdict.DEVICE_FAULT:
             if path is None:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
-                path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=item.values)
+                path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=values)
             try:
                 rerun = run_in_fresh_process(path, result.device or "cpu", launch_blocking=True, record_ops=True,
                                              sanitizer=self.sanitizer, timeout=self.attribution_timeout,
@@ -726,7 +734,7 @@ class WorkerPool:
             except Cancelled:
                 result.attribution = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
             if self.cases_dir is not None:
-                save_failure(item.case, result, self.cases_dir, values=item.values,
+                save_failure(item.case, result, self.cases_dir, values=values,
                              name=Path(path).stem)  # rewrite with the attribution
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
