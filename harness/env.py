@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect_env", "collect_env_subprocess", "cuda_capability", "format_env", "add_parser"]
+__all__ = ["collect_env", "collect_env_subprocess", "format_env", "add_parser"]
 
 
 def _pkg_version(*names: str) -> str | None:
@@ -70,13 +70,6 @@ def _driver_version() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def cuda_capability(device: int = 0) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device, or None without one.  Initialises CUDA in this process."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
-
-
 def collect_env(*, backends: bool = True) -> dict[str, Any]:
     """Versions and devices, JSON-able.  Initialises CUDA when a GPU is present."""
     env: dict[str, Any] = {
@@ -120,10 +113,8 @@ def collect_env(*, backends: bool = True) -> dict[str, Any]:
 
 
 def _describe_backends() -> dict[str, Any]:
-    try:
-        from harness.quant import backends as registry
-    except ImportError as e:  # the registry module is optional for this command
-        return {"_error": {"available": False, "reason": f"backend registry not importable: {e}"}}
+    from harness.quant import backends as registry
+
     return registry.describe_all()
 
 
@@ -148,16 +139,9 @@ def format_env(env: dict[str, Any]) -> str:
                      f"{d['multiprocessors']} SMs)")
     be = env.get("backends")
     if be:
-        try:
-            from harness.quant.backends import format_table
+        from harness.quant.backends import format_table
 
-            lines += ["", "attention backends:", format_table(be)]
-        except ImportError:
-            lines += ["", "attention backends:"]
-            w = max(len(n) for n in be)
-            for name, info in be.items():
-                mark = "yes" if info.get("available") else "no"
-                lines.append(f"  {name:<{w}}  {mark:<3}  {info.get('reason', '')}")
+        lines += ["", "attention backends:", format_table(be)]
     return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "poison_intact",
     "poison_bytes",
     "data_ptr_alignment",
+    "pow2_alignment",
     "describe_tensor",
     "dtype_from_name",
     "dtype_name",
@@ -83,7 +84,8 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype_from_name(dtype)).removeprefix("torch.")
 
 
-def _pow2_alignment(nbytes: int) -> int:
+def pow2_alignment(nbytes: int) -> int:
+    """Largest power of two dividing ``nbytes``, capped at ``MAX_ALIGNMENT`` (which 0 also gives)."""
     if nbytes == 0:
         return MAX_ALIGNMENT
     return min(nbytes & -nbytes, MAX_ALIGNMENT)
@@ -346,7 +348,7 @@ class LayoutSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def ndim(self) -> int:
@@ -370,7 +372,7 @@ class LayoutSpec:
 
     def alignment(self) -> int:
         """Data-pointer alignment in bytes (power of two, capped at MAX_ALIGNMENT)."""
-        return _pow2_alignment(self.storage_offset() * self.itemsize)
+        return pow2_alignment(self.storage_offset() * self.itemsize)
 
     def last_stride(self) -> int | None:
         """Stride of the last dimension (None for a 0-d tensor)."""
@@ -406,7 +408,7 @@ class LayoutSpec:
     def leading_dimension_alignment(self) -> int | None:
         """Byte alignment of the leading dimension (see :meth:`leading_dimension`)."""
         ld = self.leading_dimension()
-        return None if ld is None else _pow2_alignment(ld * self.itemsize)
+        return None if ld is None else pow2_alignment(ld * self.itemsize)
 
     def span_bytes(self) -> int:
         """Bytes from the first to one past the last element the view touches."""
@@ -569,7 +571,7 @@ def poison_bytes(dtype: torch.dtype | str) -> bytes:
         return _NAN_PATTERNS[dt]
     if dt == torch.bool:
         return b"\x01"
-    size = torch.empty((), dtype=dt).element_size()
+    size = dt.itemsize
     return b"\xa5" * size
 
 
@@ -646,7 +648,7 @@ def poison_intact(tensor: torch.Tensor, spec: LayoutSpec) -> bool:
 
 def data_ptr_alignment(tensor: torch.Tensor) -> int:
     """The actual alignment in bytes of ``tensor.data_ptr()`` (power of two, capped at MAX_ALIGNMENT)."""
-    return _pow2_alignment(tensor.data_ptr())
+    return pow2_alignment(tensor.data_ptr())
 
 
 def describe_tensor(tensor: torch.Tensor) -> str:

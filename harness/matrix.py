@@ -569,8 +569,6 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "known_failures": len(known),
         "layout_classes": _class_order(targets),
         "cells": agg["cells"],
-        "grid": {op: {c["layout_class"]: _grid_text(c) for c in agg["cells"] if c["op"] == op}
-                 for op in dict.fromkeys(c["op"] for c in agg["cells"])},
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new,
     }
@@ -591,13 +589,6 @@ def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:
         order = canon.get(kind, [])
         names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
     return out
-
-
-def _grid_text(cell: Mapping[str, Any]) -> str:
-    if cell["status"] in ("unavailable", "not_run"):
-        return cell["status"]
-    bad = [f"{v} {n}" for v, n in cell["counts"].items() if v != "pass"]
-    return f"{cell['status']} ({cell['cases']}" + (": " + ", ".join(bad) if bad else "") + ")"
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -101,7 +101,7 @@ def _check_dtype(dtype: object) -> str:
 
 
 def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=dtype_from_name(dtype)).element_size()
+    return dtype_from_name(dtype).itemsize
 
 
 def offset_for_alignment(alignment: int, itemsize: int, k: int = 0) -> int:

@@ -13,14 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Geom", "pow2_alignment"]
+from harness.layouts import data_ptr_alignment, pow2_alignment
 
-
-def pow2_alignment(nbytes: int, cap: int = 256) -> int:
-    """Largest power of two dividing ``nbytes`` (``cap`` for 0), capped at ``cap``."""
-    if nbytes == 0:
-        return cap
-    return min(cap, nbytes & -nbytes)
+__all__ = ["Geom"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ class Geom:
             if x.device.type == "meta":
                 align = pow2_alignment(x.storage_offset() * x.element_size())
             else:
-                align = pow2_alignment(x.data_ptr())
+                align = data_ptr_alignment(x)
             return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.element_size(), align, x.storage_offset())
         if all(hasattr(x, a) for a in ("shape", "strides", "alignment", "torch_dtype", "itemsize")):
             return cls(tuple(x.shape), tuple(x.strides()), x.torch_dtype, x.itemsize, x.alignment(),

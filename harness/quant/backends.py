@@ -314,10 +314,6 @@ def _torch_feature(feature: str) -> tuple[bool, str]:
 # Runners
 
 
-def _swap(x: Tensor) -> Tensor:
-    return x.transpose(1, 2)
-
-
 def _pop_scale(kw: dict[str, Any]) -> Optional[float]:
     s = kw.pop("sm_scale", None)
     if s is None:
@@ -344,19 +340,15 @@ def _sdpa_runner(kernel: Optional[str]) -> Runner:
         causal = bool(kw.pop("is_causal", False))
         if kw:
             raise TypeError(f"unexpected keyword(s) for SDPA: {sorted(kw)}")
-        if layout == "NHD":
-            q, k, v = _swap(q), _swap(k), _swap(v)
-        with _sdpa_forced(kernel):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        return _swap(o) if layout == "NHD" else o
+        with _sdpa_forced(kernel):  # HND only: run() refuses any other layout for these backends
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     return run
 
 
-def _sage_runner(module: str, attr: str, layout_kw: bool = True, **fixed: Any) -> Runner:
+def _sage_runner(module: str, attr: str, layout_kw: bool = True) -> Runner:
     def run(q: Tensor, k: Tensor, v: Tensor, layout: str, **kw: Any) -> Tensor:
         fn = getattr(_import(module), attr)
-        kw = {**fixed, **kw}
         if "scale" in kw and "sm_scale" not in kw:
             kw["sm_scale"] = kw.pop("scale")
         if layout_kw:
@@ -443,7 +435,7 @@ BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
        attr="sageattn", head_dims=(64, 96, 128), **_SAGE1),
     _b("sage1.sageattn_varlen", "SageAttention 1.x sageattn_varlen (Triton), packed (tokens, heads, d)",
        _sage_runner("sageattention", "sageattn_varlen", layout_kw=False), attr="sageattn_varlen",
-       head_dims=(64, 128), varlen=True, **{**_SAGE1, "alignment": 16}),
+       head_dims=(64, 128), varlen=True, **_SAGE1),
     _b("sage2.sageattn", "SageAttention 2.x sageattn (dispatches by architecture)",
        _sage_runner("sageattention", "sageattn"), attr="sageattn",
        exact_capabilities=((8, 0), (8, 6), (8, 9), (9, 0), (12, 0)), **_SAGE2),

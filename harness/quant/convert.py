@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from harness.quant.legacy import FP8_FORWARD_KEEP
 from harness.quant.linear import E4M3_MAX, _amax, _dynamic_scale, fp8_linear
 
 __all__ = [
@@ -34,10 +35,8 @@ __all__ = [
 ]
 
 #: Name keywords kept in high precision by default: WanVideoWrapper's list plus the user's
-#: ``multitalk_audio_proj`` fix (quant-numerics §3).
-DEFAULT_KEEP: tuple[str, ...] = ("norm", "bias", "time_in", "patch_embedding", "time_", "img_emb", "modulation",
-                                 "text_embedding", "adapter", "add", "ref_conv", "audio_proj",
-                                 "multitalk_audio_proj")
+#: ``multitalk_audio_proj`` fix (quant-numerics §3; ``audio_proj`` already matches it by substring).
+DEFAULT_KEEP: tuple[str, ...] = FP8_FORWARD_KEEP + ("multitalk_audio_proj",)
 
 _ORIGINALS = "_harness_fp8_originals"
 _SCALINGS = ("tensor", "row", "none")

@@ -155,7 +155,7 @@ def plan_chunks(b: int, h: int, s_q: int, s_k: int, d: int, dv: int, *,
     are halved (down to 16). Explicit ``q_chunk``/``k_chunk`` are honoured as given. Raises
     ``ValueError`` if even the smallest tiles exceed ``memory_budget``.
     """
-    e = torch.empty((), dtype=compute_dtype).element_size()
+    e = compute_dtype.itemsize
     qc = min(s_q, q_chunk or 1024) if s_q else 1
     kc = min(s_k, k_chunk or 4096) if s_k else 1
     if q_chunk is not None and q_chunk < 1 or k_chunk is not None and k_chunk < 1:

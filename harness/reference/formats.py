@@ -533,7 +533,7 @@ def scaled_mm(
         bias_acc = bias.detach().to(accum_dtype)
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     bw = b.detach().to(accum_dtype)
-    row_bytes = max(1, (K + N) * torch.empty((), dtype=accum_dtype).element_size())
+    row_bytes = max(1, (K + N) * accum_dtype.itemsize)
     chunk = max(1, min(M, _SCALED_MM_CHUNK_BYTES // row_bytes)) if M else 1
     for i in range(0, M, chunk):
         acc = a[i:i + chunk].detach().to(accum_dtype) @ bw

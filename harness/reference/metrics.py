@@ -223,7 +223,7 @@ def ulp_distance(a: Tensor, b: Tensor, dtype: DTypeLike) -> Tensor:
             return idx - zero
     else:
         tdt = getattr(torch, name)
-        width = torch.empty((), dtype=tdt).element_size() * 8
+        width = tdt.itemsize * 8
         idt = {64: torch.int64, 32: torch.int32, 16: torch.int16}[width]
 
         def ordered(t: Tensor) -> Tensor:

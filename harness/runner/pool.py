@@ -384,7 +384,6 @@ class _Item:
     future: Future
     timeout: float
     record_ops: bool
-    submitted: float
 
 
 @dataclasses.dataclass(eq=False)
@@ -488,7 +487,7 @@ class WorkerPool:
 
         fut: Future = Future()
         item = _Item(next(self._ids), case, encode_values(values), values, fut,
-                     float(timeout or self.case_timeout), record_ops, time.monotonic())
+                     float(timeout or self.case_timeout), record_ops)
         with self._lock:
             if self._closing:
                 raise PoolClosed("the pool is closed; create a new WorkerPool")

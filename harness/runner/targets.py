@@ -382,14 +382,6 @@ class OomTarget(_FaultTarget):
             "Tried to allocate 1024.00 GiB (simulated by fault.oom: the allocator refused the request)")
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # pragma: no cover - non-Linux
-        return 0
-
-
 @register_target
 class OomKillTarget(_FaultTarget):
     """Caps the worker's address space (RLIMIT_AS), allocates past the cap, then dies by SIGKILL

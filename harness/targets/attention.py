@@ -65,7 +65,6 @@ class AttentionTarget(ClassTarget):
     #: layouts / head dims the backend takes (read from its Requirements when the class is made)
     backend_layouts: tuple[str, ...] = ("HND", "NHD")
     varlen = False
-    emulated_kind = "native"
 
     # ---- cases
     def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:
@@ -225,7 +224,7 @@ def register_backend_targets() -> list[str]:
             doc = f"{b.description} ({'through safe_attention' if prefix == 'safe_attn' else 'called as is'})"
             cls = type(f"{prefix}_{bname}".replace(".", "_"), (base,), {
                 "name": name, "backend_name": bname, "head_dims": dims, "varlen": bool(req.varlen),
-                "backend_layouts": tuple(req.layouts), "emulated_kind": b.kind, "description": doc, "__doc__": doc})
+                "backend_layouts": tuple(req.layouts), "description": doc, "__doc__": doc})
             register_target(cls)
             ATTENTION_TARGETS[name] = cls
             new.append(name)

@@ -82,7 +82,7 @@ class Context:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+        return dtype_from_name(self.dtype).itemsize
 
     @property
     def preset(self) -> dict[str, tuple[int, ...]]:
