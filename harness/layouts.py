@@ -459,10 +459,9 @@ class LayoutSpec:
         candidates: list[tuple[str, dict]] = []
         if self.offset:
             candidates.append((f"offset {self.offset}", {"offset": 0}))
-            if self.offset * self.itemsize % 16:
+            if self.offset * self.itemsize % 16:  # the nearest 16-byte aligned offset below (itemsize <= 8)
                 aligned = self.offset - (self.offset * self.itemsize % 16) // self.itemsize
-                if aligned != self.offset and aligned >= 0:
-                    candidates.append(("misalignment", {"offset": aligned}))
+                candidates.append(("misalignment", {"offset": aligned}))
         if self.broadcast:
             candidates.append(("broadcast", {"broadcast": ()}))
         if self.perm and self.perm != tuple(range(len(self.perm))):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.layouts import LayoutSpec, data_ptr_alignment, materialize, poison_intact
-from harness.quant.attention import Action, UnsupportedInput, aligned_copy, plan_attention, safe_attention
+from harness.quant.attention import UnsupportedInput, aligned_copy, plan_attention, safe_attention
 from harness.quant.backends import BACKENDS, AttentionBackend, Requirements, get_backend, register_backend
 from harness.strategies import attention_inputs
 
@@ -112,7 +112,6 @@ def test_any_layout_runs_unmutated_and_layout_invariant(inp: Any, smooth: bool) 
     plain = [t.contiguous().clone() for t in (q, k, v)]
     ref, _ = safe_attention("test.strict", *plain, inp.tensor_layout, smooth_k=smooth)
     assert torch.equal(out, ref)
-    assert all(isinstance(a, Action) for a in actions)
     assert out.shape == q.shape[:-1] + (v.shape[-1],)
 
 

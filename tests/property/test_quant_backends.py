@@ -94,7 +94,6 @@ def test_sage3_on_blackwell(fake_gpu) -> None:
     fake_gpu["modules"].add("sageattn3")
     fake_gpu["attrs"]["sageattn3"] = ("sageattn3_blackwell",)
     assert be.available()[0]
-    assert B.SAGE3_CAPABILITIES == ((10, 0), (12, 0))
 
 
 def test_version_parsing() -> None:

@@ -8,8 +8,9 @@ measured error is the kernel's, with a bound derived from float32 summation erro
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
+
+import math
 
 import pytest
 import torch
@@ -209,8 +210,9 @@ def test_quantized_activation_is_the_reference_quantization() -> None:
     want_r = round_to_format(x.float() / res_r.scale_a, "e4m3")
     assert torch.equal(res_r.a.float(), want_r)
     # and it matches the reference scheme's own quantization up to the scale's one-ULP nudge
-    ref = quantize(x.float(), "e4m3", granularity="row", axis=-1)
-    assert torch.allclose(res_r.scale_a, ref.scale, rtol=2 ** -23, atol=0)
+    ref = quantize(x.float(), "e4m3", granularity="row", axis=-1).scale.reshape(res_r.scale_a.shape)
+    nudged = torch.nextafter(ref, torch.full_like(ref, math.inf))
+    assert ((res_r.scale_a == ref) | (res_r.scale_a == nudged)).all()
 
 
 def test_accuracy_vs_exact_is_that_of_the_emulated_scheme() -> None:
@@ -430,7 +432,6 @@ def test_select_backend_rejects_unknown_and_mismatched_devices() -> None:
     with pytest.raises(Fp8LinearError, match="backend='cuda' requested but the tensors are on cpu"):
         L.select_backend("cpu", "tensorwise", "cuda")
     assert L.select_backend("cpu", "tensorwise", "emulate")[0] == "emulate"
-    assert math.isfinite(float(fp8_linear(torch.randn(2, 32), _W8).float().sum()))
 
 
 def test_the_cuda_cast_takes_1d_blocks_only_for_one_dense_run() -> None:
