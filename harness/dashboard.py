@@ -120,11 +120,9 @@ def _check_benchmark(entry: Any, index: int) -> str | None:
     stats = entry.get("stats")
     if not isinstance(stats, dict):
         return f"{where} has no 'stats' object"
-    for k in ("min", "max", "median"):
-        if not _finite(stats.get(k)) or stats[k] < 0:
-            return f"{where} stats.{k} = {stats.get(k)!r}; expected a finite number >= 0"
-    if not stats["min"] <= stats["median"] <= stats["max"]:
-        return f"{where} stats are inconsistent: min {stats['min']}, median {stats['median']}, max {stats['max']}"
+    bad = _check_min_med_max(stats, f"{where} stats")
+    if bad:
+        return bad
     extra = entry.get("extra_info", {})
     if not isinstance(extra, dict):
         return f"{where} extra_info is a {type(extra).__name__}, not an object"
@@ -135,11 +133,16 @@ def _check_device_ms(extra: Mapping[str, Any]) -> str | None:
     dm = extra.get("device_ms")
     if not isinstance(dm, dict):
         return "extra_info.device_ms is missing"
+    return _check_min_med_max(dm, "extra_info.device_ms")
+
+
+def _check_min_med_max(d: Mapping[str, Any], label: str) -> str | None:
+    """Why ``d``'s min/median/max timings are unusable (None when finite, >= 0 and ordered)."""
     for k in ("min", "median", "max"):
-        if not _finite(dm.get(k)) or dm[k] < 0:
-            return f"extra_info.device_ms.{k} = {dm.get(k)!r}; expected a finite number >= 0"
-    if not dm["min"] <= dm["median"] <= dm["max"]:
-        return f"extra_info.device_ms is inconsistent: min {dm['min']}, median {dm['median']}, max {dm['max']}"
+        if not _finite(d.get(k)) or d[k] < 0:
+            return f"{label}.{k} = {d.get(k)!r}; expected a finite number >= 0"
+    if not d["min"] <= d["median"] <= d["max"]:
+        return f"{label} are inconsistent: min {d['min']}, median {d['median']}, max {d['max']}"
     return None
 
 
@@ -596,12 +599,14 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     """The latest matrix summary: where and when it ran, verdict totals, cell statuses, non-passing cells."""
     if summary is None:
         return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
+    from harness.report import _nonpass_cells, _nonpass_counts, device_text  # noqa: PLC0415
+
     dev = summary.get("device", {})
     report = Path(note).parent / "report.html"
     link = f' (<a href="{_esc(report.resolve().as_uri())}">full report</a>)' if report.is_file() else ""
     out = [f'<p class="note" id="matrix">from <code>{_esc(note)}</code>{link}</p><table>']
     rows = [
-        ("device", f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"),
+        ("device", device_text(summary)),
         ("capability / torch / CUDA", f"{dev.get('capability') or '–'} / {dev.get('torch') or '–'} / {dev.get('cuda') or '–'}"),
         ("started", summary.get("started_at", "–")),
         ("duration", f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else "")),
@@ -616,12 +621,12 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     out.append('<table class="matrix-totals"><tr><th>cases by verdict</th>' + "".join(
         f"<td>{_esc(v)} <b>{n}</b></td>" for v, n in totals) + "</tr><tr><th>cells by status</th>" + "".join(
         f"<td>{_esc(st)} <b>{n}</b></td>" for st, n in sorted(statuses.items())) + "</tr></table>")
-    bad = [c for c in summary["cells"] if c["status"] in ("fail", "nonpass")]
+    bad = _nonpass_cells(summary)
     if bad:
         out.append('<table class="matrix-cells"><tr><th>op</th><th>layout class</th><th>status</th>'
                    "<th>non-pass verdicts</th><th>new</th><th>worst error / allowed</th></tr>")
         for c in bad[:100]:
-            nonpass = ", ".join(f"{v} {n}" for v, n in c["counts"].items() if v != "pass")
+            nonpass = ", ".join(f"{v} {n}" for v, n in _nonpass_counts(c))
             worst = c.get("worst") or {}
             ratio = worst.get("ratio")
             out.append(f'<tr class="{"bad" if c["status"] == "fail" else ""}"><td>{_esc(c["op"])}</td>'
@@ -652,10 +657,22 @@ def render_html(
 ) -> str:
     """The whole dashboard page as one self-contained HTML string."""
     _validate_rule(threshold, window)
+    series, checks = _analyse(runs, threshold, window)
+    return _render(runs, problems, series, checks, storage=storage, threshold=threshold, window=window,
+                   matrix=matrix, matrix_note=matrix_note)
+
+
+def _analyse(runs: Sequence[Run], threshold: float, window: int) -> tuple[list[Series], dict[Any, list]]:
+    """The benchmark series and, per series, the regression check of every run."""
+    series = build_series(runs)
+    return series, {s.key: check_regressions(s.medians, threshold=threshold, window=window) for s in series}
+
+
+def _render(runs: Sequence[Run], problems: Sequence[Problem], series: Sequence[Series], checks: Mapping[Any, list],
+            *, storage: str, threshold: float, window: int, matrix: dict[str, Any] | None,
+            matrix_note: str) -> str:
     from harness.bench import SPEED_TARGET  # noqa: PLC0415 - torch only when rendering
 
-    series = build_series(runs)
-    checks = {s.key: check_regressions(s.medians, threshold=threshold, window=window) for s in series}
     flagged = [(s, checks[s.key][-1]) for s in series if checks[s.key][-1] is not None and checks[s.key][-1].regressed]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rule = (f"a benchmark is flagged when its median is more than {threshold:.0%} slower than the median of "
@@ -789,6 +806,7 @@ class DashboardResult:
     series: int
     problems: tuple[Problem, ...]
     regressions: tuple[tuple[str, str, float], ...]  # (device, benchmark name, relative change)
+    loaded: tuple[Run, ...] = ()  # the runs read (for latest_table)
 
 
 def build_dashboard(
@@ -803,18 +821,15 @@ def build_dashboard(
     _validate_rule(threshold, window)
     runs, problems = load_runs(storage)
     summary, note = load_matrix_summary(matrix)
-    page = render_html(runs, problems, storage=str(storage), threshold=threshold, window=window,
-                       matrix=summary, matrix_note=note)
+    series, checks = _analyse(runs, threshold, window)
+    page = _render(runs, problems, series, checks, storage=str(storage), threshold=threshold, window=window,
+                   matrix=summary, matrix_note=note)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    series = build_series(runs)
-    regs = []
-    for s in series:
-        c = check_regressions(s.medians, threshold=threshold, window=window)[-1]
-        if c is not None and c.regressed:
-            regs.append((s.device, s.name, c.change))
-    return DashboardResult(out, len(runs), len(series), tuple(problems), tuple(regs))
+    regs = [(s.device, s.name, checks[s.key][-1].change) for s in series
+            if checks[s.key][-1] is not None and checks[s.key][-1].regressed]
+    return DashboardResult(out, len(runs), len(series), tuple(problems), tuple(regs), tuple(runs))
 
 
 def latest_table(runs: Sequence[Run]) -> str:
@@ -881,8 +896,7 @@ def _main(args: argparse.Namespace) -> int:
     for device, name, change in res.regressions:
         print(f"dashboard: REGRESSION {name} on {device}: {change:+.1%} (threshold {args.threshold:.0%})")
     if args.print_latest and res.runs:
-        runs, _ = load_runs(args.storage)
-        print(latest_table(runs))
+        print(latest_table(res.loaded))
     if res.runs == 0:
         print(f"dashboard: no usable pytest-benchmark runs under {args.storage} "
               "(save them with --benchmark-autosave --benchmark-storage DIR)", file=sys.stderr)

@@ -205,10 +205,16 @@ def cudnn_version_text(v: Any) -> str:
     return _num(v)
 
 
+def device_text(summary: Mapping[str, Any]) -> str:
+    """``cuda: 2 x NVIDIA H200`` -- where a matrix ran."""
+    dev = summary.get("device", {})
+    return f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"
+
+
 def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     dev = summary.get("device", {})
     rows = [
-        ("device", f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"),
+        ("device", device_text(summary)),
         ("compute capability", _num(dev.get("capability"))),
         ("torch", _num(dev.get("torch"))),
         ("CUDA", _num(dev.get("cuda"))),
