@@ -623,7 +623,7 @@ def measure_ceilings(
     items["copy"] = Ceiling(
         "copy", "GB/s", 2 * numel * 2 / (tc.median * 1e-3) / 1e9, f"copy_ of {mib} MiB (read + write counted)"
     )
-    name = env_info(dev)["device"]
+    name = torch.cuda.get_device_properties(dev).name if cuda else _cpu_name()
     return Ceilings(device=name, items=items)
 
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from harness.bench import cuda_time
 from harness.quant._triton_quant import scaled_cast
 
 
@@ -33,16 +34,7 @@ def flat(x, s, block, warps):
 
 
 def t(fn, n=40):
-    for _ in range(5):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    torch.cuda.synchronize()
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    return statistics.median(cuda_time(fn, warmup=5, rounds=n))
 
 
 for m, k in ((32760, 5120), (32760, 13824)):

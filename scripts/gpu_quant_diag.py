@@ -1,6 +1,7 @@
 """Where fp8_linear's time goes on Wan-14B q/k/v/o at 32760 tokens: quantizer and GEMM variants (CUDA events)."""
 import statistics
 import torch
+from harness.bench import cuda_time
 from harness.quant._triton_quant import rowwise_quantize
 from harness.quant.linear import fp8_linear_with_plan
 
@@ -12,16 +13,11 @@ one = torch.ones((), device=dev)
 sa_row = torch.rand(M, 1, device=dev) + 0.5
 sb_row = torch.rand(1, N, device=dev) + 0.5
 xq = x.to(torch.float8_e4m3fn)
+w_bf16 = w8.to(torch.bfloat16)  # converted once: the bf16 row times the matmul only
 
 
 def t(fn, n=30):
-    for _ in range(5):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        a.record(); fn(); b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    return statistics.median(cuda_time(fn, warmup=5, rounds=n))
 
 
 rows = {
@@ -32,7 +28,7 @@ rows = {
     "mm tensorwise fast_accum": lambda: torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True),
     "mm rowwise fast_accum": lambda: torch._scaled_mm(xq, w8.t(), scale_a=sa_row, scale_b=sb_row, out_dtype=torch.bfloat16, use_fast_accum=True),
     "fp8_linear": lambda: fp8_linear_with_plan(x, w8, one),
-    "bf16 F.linear": lambda: torch.nn.functional.linear(x, w8.to(torch.bfloat16)),
+    "bf16 F.linear": lambda: torch.nn.functional.linear(x, w_bf16),
 }
 for name, fn in rows.items():
     print(f"{name:28s} {t(fn):8.3f} ms")

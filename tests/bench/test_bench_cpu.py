@@ -23,7 +23,8 @@ from harness.bench import (
 )
 from harness.layouts import LayoutSpec, ViewOp, materialize
 from harness.quant.backends import get_backend
-from harness.quant.linear import fp8_linear
+from harness.quant.convert import quantize_weight
+from harness.quant.linear import E4M3_MAX, fp8_linear
 from harness.reference import formats
 
 DEVICE = torch.device("cpu")
@@ -72,18 +73,17 @@ def test_bench_cpu_quantize_emulation(benchmark, rounds_policy, cpu_ceilings, cp
 
 
 def _fp8_operands(shape: LinearShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """bf16 activation, FP8 weight (N, K) and its float32 per-tensor scale (amax / 448)."""
+    """bf16 activation, FP8 weight (N, K) and its float32 per-tensor scale (amax / 448, ``quantize_weight``)."""
     x = random_tensor((shape.tokens, shape.in_features), torch.bfloat16, DEVICE, seed=13)
     w = random_tensor((shape.out_features, shape.in_features), torch.float32, DEVICE, seed=14, std=0.02)
-    w_scale = (w.abs().amax() / 448.0).reshape(())
-    w8 = (w / w_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w8, w_scale = quantize_weight(w)
     return x, w8, w_scale
 
 
 def test_bench_cpu_scaled_mm_emulation(benchmark, rounds_policy, cpu_ceilings, cpu_env) -> None:
     """The float32 emulation of ``_scaled_mm`` (harness.reference.formats.scaled_mm)."""
     x, w8, w_scale = _fp8_operands(SHAPE)
-    x8 = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    x8 = x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     assert_not_all_zero({"x8": x8, "w8": w8})
     one = torch.ones((), dtype=torch.float32)
     warmup, rounds = rounds_policy.for_device(DEVICE)

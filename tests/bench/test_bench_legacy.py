@@ -31,6 +31,7 @@ from harness.bench import (
     tensor_bytes,
     wan_linear_shapes,
 )
+from harness.quant.convert import quantize_weight
 from harness.quant.legacy import LEGACY_FORWARDS, last_path, make_fp8_module
 from harness.quant.linear import fp8_linear
 
@@ -42,8 +43,7 @@ pytestmark = pytest.mark.gpu
 def _input_set(shape, device: torch.device, seed: int) -> dict:
     x = random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, seed)
     w = random_tensor((shape.out_features, shape.in_features), torch.float32, device, seed + 1, std=0.02)
-    w_scale = (w.abs().amax() / 448.0).reshape(())
-    w8 = (w / w_scale).clamp_(-448, 448).to(torch.float8_e4m3fn)
+    w8, w_scale = quantize_weight(w)
     del w
     return {"x": x, "w8": w8, "w_scale": w_scale, "module": make_fp8_module(w8, w_scale)}
 

@@ -58,7 +58,7 @@ def bench_devices(request) -> list[str]:
 def test_bench_runner_throughput(benchmark, bench_devices):
     """Small cases/s through the whole pool (submit -> worker -> judged Result), all devices."""
     cuda = bench_devices[0].startswith("cuda")
-    per_device = 2 if cuda else 2
+    per_device = 2
     n = 2000 * len(bench_devices) if cuda else 300
     cases = small_cases(n)
     with WorkerPool(bench_devices, per_device, spares=0, attribute=False, prefetch=4) as pool:
