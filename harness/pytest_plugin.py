@@ -188,10 +188,9 @@ def _attribute_case(path: str, device: str, sanitizer: bool, timeout: float) -> 
     import dataclasses
 
     from harness.cases import load_case, save_case
-    from harness.runner.pool import merge_attribution, run_in_fresh_process
+    from harness.runner.pool import attribution_rerun, merge_attribution
 
-    rerun = run_in_fresh_process(path, device, launch_blocking=True, record_ops=True, sanitizer=sanitizer,
-                                 timeout=max(120.0, 2 * timeout) * (10 if sanitizer else 1))
+    rerun = attribution_rerun(path, device, sanitizer=sanitizer, case_timeout=timeout)
     case, tensors = load_case(path)
     verdict = dict(case.verdict)
     att = merge_attribution(verdict.get("attribution"), rerun)

@@ -63,6 +63,7 @@ __all__ = [
     "probe_cuda",
     "resolve_devices",
     "run_in_fresh_process",
+    "attribution_rerun",
     "save_failure",
     "replay_command",
     "case_values",
@@ -345,6 +346,21 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
         return r
 
 
+def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
+    """Seconds an attribution rerun may take: twice the case's (at least 120 s: a fresh CUDA context), ten
+    times that under compute-sanitizer."""
+    return max(120.0, 2 * float(case_timeout)) * (10 if sanitizer else 1)
+
+
+def attribution_rerun(case_path: str | os.PathLike, device: str, *, sanitizer: bool = False,
+                      case_timeout: float = DEFAULT_CASE_TIMEOUT, timeout: float | None = None,
+                      cancel: threading.Event | None = None) -> Result:
+    """The case rerun in a fresh process with ``CUDA_LAUNCH_BLOCKING=1`` and op recording, to name the op
+    that faults (optionally under compute-sanitizer); ``timeout`` defaults to twice the case's (at least 120 s), ten times that under the sanitizer."""
+    return run_in_fresh_process(case_path, device, launch_blocking=True, record_ops=True, sanitizer=sanitizer,
+                                timeout=timeout or _default_attribution_timeout(case_timeout, sanitizer), cancel=cancel)
+
+
 def _run_cancellable(cmd: list[str], env: Mapping[str, str], timeout: float,
                      cancel: threading.Event | None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop."""
@@ -444,7 +460,7 @@ class WorkerPool:
         if threads < 1:
             raise ValueError(f"threads={threads!r} must be >= 1 (torch intra-op threads per worker)")
         self._threads = threads
-        self.attribution_timeout = attribution_timeout or max(120.0, 2 * self.case_timeout) * (10 if sanitizer else 1)
+        self.attribution_timeout = attribution_timeout or _default_attribution_timeout(self.case_timeout, sanitizer)
         #: seconds from losing a worker until its device had its full count of ready workers again
         self.recoveries: list[float] = []
         #: (worker name, reason) for every worker replaced
@@ -726,9 +742,8 @@ class WorkerPool:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
                 path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=values)
             try:
-                rerun = run_in_fresh_process(path, result.device or "cpu", launch_blocking=True, record_ops=True,
-                                             sanitizer=self.sanitizer, timeout=self.attribution_timeout,
-                                             cancel=self._cancel_attribution)
+                rerun = attribution_rerun(path, result.device or "cpu", sanitizer=self.sanitizer,
+                                          timeout=self.attribution_timeout, cancel=self._cancel_attribution)
                 result.attribution = merge_attribution(result.attribution, rerun)
             except Cancelled:
                 result.attribution = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)

@@ -71,7 +71,7 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
            timeout: float | None = None) -> tuple[Result | None, str]:
     """Replay a case file in fresh processes; returns (Result, "") or (None, why it cannot run here)."""
     from harness.cases import CaseError, load_case
-    from harness.runner.pool import DEFAULT_CASE_TIMEOUT, merge_attribution, run_in_fresh_process
+    from harness.runner.pool import DEFAULT_CASE_TIMEOUT, attribution_rerun, merge_attribution, run_in_fresh_process
 
     try:
         case, _ = load_case(path)
@@ -83,8 +83,7 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
     t = float(timeout or DEFAULT_CASE_TIMEOUT)
     result = run_in_fresh_process(path, dev, launch_blocking=False, record_ops=False, timeout=t)
     if (result.verdict is Verdict.DEVICE_FAULT and attribute) or sanitizer:
-        rerun = run_in_fresh_process(path, dev, launch_blocking=True, record_ops=True, sanitizer=sanitizer,
-                                     timeout=t * (10 if sanitizer else 2))
+        rerun = attribution_rerun(path, dev, sanitizer=sanitizer, case_timeout=t)
         if result.verdict is Verdict.DEVICE_FAULT:
             result.attribution = merge_attribution(result.attribution, rerun)
         else:

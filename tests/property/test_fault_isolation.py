@@ -39,12 +39,8 @@ def worker_pool(tmp_path_factory):
 
 
 def wait_restored(pool: WorkerPool, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pool.worker_count() == pool.target_count():
-            return True
-        time.sleep(0.05)
-    return False
+    """The pool is back to its full count of ready workers (its own condition wait; no spares here)."""
+    return pool.wait_ready(timeout) and pool.worker_count() == pool.target_count()
 
 
 #: fault target -> (layout, params, expected verdict, text the message must contain)
