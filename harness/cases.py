@@ -82,6 +82,16 @@ class Case:
             if name not in self.layouts:
                 raise CaseError(f"values[{name!r}] has no matching layout; layouts are {sorted(self.layouts)}")
 
+    def describe_layouts(self) -> dict[str, str]:
+        """``LayoutSpec.describe()`` of every input (a spec that cannot describe itself says why)."""
+        out = {}
+        for n, spec in self.layouts.items():
+            try:
+                out[n] = spec.describe()
+            except Exception as e:  # noqa: BLE001 - a broken spec is reported, not raised, in a verdict
+                out[n] = f"<cannot describe: {e}>"
+        return out
+
     def value_spec(self, name: str) -> ValueSpec:
         """The recipe of input ``name``: its own, else standard normal seeded from the case seed and the
         input's position (what every worker generates, and what a saved case's tensors hold)."""

@@ -73,17 +73,12 @@ class _Session:
 
     def gpu_devices(self) -> list[str] | None:
         """GPU devices for the ``pool`` fixture, or None (with the skip reason) when there are none."""
-        from harness.runner.pool import probe_cuda, resolve_devices
+        from harness.runner.pool import probe_devices, resolve_devices
 
         if self.devices:
             devs = resolve_devices(self.devices)
-            if any(d.startswith("cuda") for d in devs):
-                return devs
-            return None
-        info = probe_cuda()
-        if not info["devices"]:
-            return None
-        return [f"cuda:{d['index']}" for d in info["devices"]]
+            return devs if any(d.startswith("cuda") for d in devs) else None
+        return probe_devices() or None
 
     def pool(self, kind: str) -> "WorkerPool":
         from harness.runner.pool import WorkerPool, probe_cuda

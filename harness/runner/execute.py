@@ -332,12 +332,7 @@ class _Case:
         self.worker = worker
         self.t0 = time.perf_counter()
         self.op = case.op
-        self.layouts = {}
-        for n, spec in case.layouts.items():
-            try:
-                self.layouts[n] = spec.describe()
-            except Exception as e:  # pragma: no cover - a broken spec is reported below
-                self.layouts[n] = f"<cannot describe: {e}>"
+        self.layouts = case.describe_layouts()
 
     def result(self, verdict: Verdict, message: str = "", **kw: Any) -> Result:
         env = {}

@@ -891,7 +891,7 @@ class WorkerPool:
             result = Result(Verdict.WORKER_CRASH, f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} while "
                             f"running this case", op=item.case.op, device=w.device, worker=w.name,
                             duration=time.monotonic() - w.running_since, attribution=att,
-                            env=dict(w.info), layouts=_describe_layouts(item.case))
+                            env=dict(w.info), layouts=item.case.describe_layouts())
             result.metrics["exitcode"] = code
             self._lose(w, f"crash ({_exit_text(code)})", 1)
             self._finish(item, result)
@@ -911,7 +911,7 @@ class WorkerPool:
                     result = Result(Verdict.TIMEOUT, f"ran past the {item.timeout:g} s case timeout; worker {w.name} "
                                     f"was killed and replaced", op=item.case.op, device=w.device, worker=w.name,
                                     duration=now - w.running_since, env=dict(w.info),
-                                    layouts=_describe_layouts(item.case))
+                                    layouts=item.case.describe_layouts())
                     self._lose(w, "timeout", 1)
                     self._finish(item, result)
                 else:
@@ -939,16 +939,6 @@ class WorkerPool:
             item = self._pending.popleft()
             self._resolve_locked(item, Result(Verdict.WORKER_CRASH, f"no worker could be started ({why})",
                                               op=item.case.op))
-
-
-def _describe_layouts(case: "Case") -> dict[str, str]:
-    out = {}
-    for n, spec in case.layouts.items():
-        try:
-            out[n] = spec.describe()
-        except Exception as e:  # pragma: no cover
-            out[n] = f"<{e}>"
-    return out
 
 
 def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
     if not result.op:  # the process died before it could say
         result.op = case.op
     if not result.layouts:
-        result.layouts = {n: spec.describe() for n, spec in case.layouts.items()}
+        result.layouts = case.describe_layouts()
     return result, ""
 
 
