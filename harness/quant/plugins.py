@@ -232,7 +232,7 @@ def _wrap_op(name: str, fn: Callable) -> Callable[..., Tensor]:
 def _holder(weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any, bias: Optional[Tensor]) -> nn.Module:
     from harness.quant.legacy import make_fp8_module
 
-    return make_fp8_module(weight, weight_scale, input_scale, bias)
+    return make_fp8_module(weight, weight_scale, input_scale, bias, copy=False)
 
 
 def _wrap_forward(name: str, fn: Callable) -> Callable[..., Tensor]:

@@ -155,3 +155,24 @@ def test_detect_convention_on_plain_objects() -> None:
     assert detect_convention(torch.nn.Linear(2, 2)) == "module"
     with pytest.raises(PluginError, match="not an nn.Module subclass"):
         detect_convention(dict)
+
+
+def test_a_forward_that_writes_its_weight_is_not_hidden_by_a_copy() -> None:
+    """The ops under test hand plug-ins the caller's own FP8 weight (no per-call copy), so a forward that
+    writes it changes the case's input -- which the runner's input-mutation check then reports."""
+    from harness.quant import plugins
+    from harness.quant.legacy import make_fp8_module
+
+    w8 = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    before = w8.clone()
+
+    def writes_weight(module, base_dtype, x):
+        module.weight.data.zero_()
+        return x.new_zeros(x.shape[:-1] + (module.out_features,))
+
+    plugins._wrap_forward("writer", writes_weight)(torch.randn(2, 32), w8, torch.ones(()))
+    assert not torch.equal(w8.view(torch.uint8), before.view(torch.uint8))
+    # make_fp8_module's default still protects whoever builds a module for their own use
+    held = make_fp8_module(before, torch.ones(()))
+    held.weight.data.zero_()
+    assert held.weight.data_ptr() != before.data_ptr() and before.float().abs().sum() > 0
