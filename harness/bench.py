@@ -601,7 +601,9 @@ def measure_ceilings(
     items["bf16_matmul"] = Ceiling("bf16_matmul", "TFLOP/s", flops / (t.median * 1e-3) / 1e12, f"bf16 matmul {n}^3")
 
     how8 = f"fp8 e4m3 _scaled_mm {n}^3, tensorwise scales, bf16 out"
-    reason = gpu_skip_reason((8, 9), what="FP8 _scaled_mm") if cuda else None
+    from harness.quant.linear import MIN_CAPABILITY  # noqa: PLC0415
+
+    reason = gpu_skip_reason(MIN_CAPABILITY, what="FP8 _scaled_mm") if cuda else None
     if reason is None:
         try:
             a8 = a.to(torch.float8_e4m3fn)

@@ -210,15 +210,11 @@ def _linear_available(kind: str, device: torch.device) -> tuple[bool, str]:
         except Exception as e:  # noqa: BLE001
             return False, f"plug-in {kind!r} cannot be loaded: {e}"
         return True, ""
-    # legacy forwards call torch._scaled_mm directly
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            return False, f"{kind} calls torch._scaled_mm: FP8 matmul needs compute capability >= 8.9, found {major}.{minor}"
-        return True, ""
-    if device.type == "cpu" and hasattr(torch, "_scaled_mm"):
-        return True, ""
-    return False, f"{kind} calls torch._scaled_mm, which this torch has no {device.type} kernel for"
+    # legacy forwards call torch._scaled_mm directly (early 2025 with an E5M2 input cast)
+    from harness.quant.linear import scaled_mm_available
+
+    ok, why = scaled_mm_available(device, mixed=kind == "wanvideo_early2025")
+    return (True, "") if ok else (False, f"{kind} calls torch._scaled_mm: {why}")
 
 
 def resolve_preset(

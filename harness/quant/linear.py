@@ -86,6 +86,7 @@ __all__ = [
     "KERNEL_ALIGNMENT",
     "DIM_MULTIPLE",
     "MIN_CAPABILITY",
+    "scaled_mm_available",
     "Fp8LinearError",
     "CopyReason",
     "OperandDecision",
@@ -604,6 +605,43 @@ def _cpu_scaled_mm_supports(scaling: str) -> tuple[bool, str]:
     if not torch.equal(out, want):
         return False, f"torch {torch.__version__} CPU _scaled_mm gives wrong {scaling} results"
     return True, f"torch {torch.__version__} CPU _scaled_mm"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_scaled_mm_mixed() -> tuple[bool, str]:
+    """Probe torch's CPU ``_scaled_mm`` with an E5M2 A and an E4M3 B (what an E5M2 input cast calls)."""
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} has no torch._scaled_mm"
+    a = torch.ones(16, 16).to(torch.float8_e5m2)
+    one = torch.ones((), dtype=torch.float32)
+    try:
+        out = call_scaled_mm(a, torch.ones(16, 16).to(_FP8).t(), one, one, None, torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return False, f"torch {torch.__version__} CPU _scaled_mm rejects E5M2 x E4M3 ({str(e).splitlines()[0][:160]})"
+    if not bool((out == 16).all()):
+        return False, f"torch {torch.__version__} CPU _scaled_mm gives wrong E5M2 x E4M3 results"
+    return True, f"torch {torch.__version__} CPU _scaled_mm (E5M2 x E4M3)"
+
+
+def scaled_mm_available(device: Union[str, torch.device], *, mixed: bool = False) -> tuple[bool, str]:
+    """(ok, why): can ``torch._scaled_mm`` itself run on ``device`` (what the legacy forwards call directly)?
+
+    CUDA: compute capability >= ``MIN_CAPABILITY``. CPU: a known-answer probe, E4M3 x E4M3 or, with
+    ``mixed``, E5M2 x E4M3.
+    """
+    dev = torch.device(device)
+    what = "FP8 matmul (torch._scaled_mm)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, f"{what} needs a CUDA device: no CUDA device"
+        major, minor = torch.cuda.get_device_capability(dev)
+        if (major, minor) < MIN_CAPABILITY:
+            need = ".".join(map(str, MIN_CAPABILITY))
+            return False, f"{what} needs compute capability >= {need}, found {major}.{minor}"
+        return True, ""
+    if dev.type == "cpu":
+        return _cpu_scaled_mm_mixed() if mixed else _cpu_scaled_mm_supports("tensorwise")
+    return False, f"no torch._scaled_mm on device {str(device)!r}"
 
 
 def select_backend(device: Union[str, torch.device], scaling: str, requested: str = "auto") -> tuple[str, str]:

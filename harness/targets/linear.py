@@ -45,7 +45,6 @@ differently: the same ``2 x emulated + floor`` slack as the drift bound.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -54,7 +53,7 @@ from harness.cases import Case
 from harness.layouts import LayoutSpec
 from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
-from harness.targets.base import ClassTarget, materialize_inputs, need_cuda_capability
+from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 from harness.values import ValueSpec
 
@@ -73,33 +72,6 @@ __all__ = [
 #: Dequantization scale of the stored FP8 weights (2**-4: exact; N(0,1) codes become std-0.0625 weights).
 DEFAULT_WEIGHT_SCALE = 2.0**-4
 _K_BOUND = 2.0
-_FP8_MIN_CAPABILITY = (8, 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_scaled_mm(mixed: bool) -> tuple[bool, str]:
-    """Does this torch's CPU ``_scaled_mm`` run (E4M3 x E4M3, or E5M2 x E4M3 when ``mixed``)?"""
-    if not hasattr(torch, "_scaled_mm"):
-        return False, f"torch {torch.__version__} has no torch._scaled_mm"
-    a = torch.ones(16, 16).to(torch.float8_e5m2 if mixed else torch.float8_e4m3fn)
-    b = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    one = torch.ones((), dtype=torch.float32)
-    try:
-        r = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-    except (RuntimeError, TypeError, NotImplementedError) as e:
-        return False, f"torch {torch.__version__} CPU _scaled_mm cannot run ({str(e).splitlines()[0][:160]})"
-    r = r[0] if isinstance(r, tuple) else r
-    if not bool((r.float() == 16).all()):
-        return False, f"torch {torch.__version__} CPU _scaled_mm computes wrong results"
-    return True, ""
-
-
-def _scaled_mm_available(device: str, mixed: bool = False) -> tuple[bool, str]:
-    if str(device).startswith("cuda"):
-        return need_cuda_capability(device, _FP8_MIN_CAPABILITY, "FP8 matmul (torch._scaled_mm)")
-    if str(device) == "cpu":
-        return _cpu_scaled_mm(mixed)
-    return False, f"no torch._scaled_mm on device {device!r}"
 
 
 class LinearTarget(ClassTarget):
@@ -234,7 +206,9 @@ class LegacyTarget(LinearTarget):
             get_legacy(self.legacy_name)
         except (ImportError, KeyError) as e:
             return False, f"legacy forward {self.legacy_name!r} not importable: {e}"
-        return _scaled_mm_available(device, mixed=self.input_format == "e5m2")
+        from harness.quant.linear import scaled_mm_available
+
+        return scaled_mm_available(device, mixed=self.input_format == "e5m2")
 
     def call(self, x, inputs):
         from harness.quant.legacy import legacy_op
@@ -302,7 +276,9 @@ class RawScaledMmTarget(LinearTarget):
     description = "torch._scaled_mm called directly on the swept FP8 operand (no adapter)"
 
     def available(self, device):
-        return _scaled_mm_available(device)
+        from harness.quant.linear import scaled_mm_available
+
+        return scaled_mm_available(device)
 
     input_scale = 2.0**-2  # dequantization scale of A (exact)
 

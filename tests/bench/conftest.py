@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from harness.bench import Ceilings, env_info, gpu_skip_reason, measure_ceilings
+from harness.quant.linear import MIN_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def cuda_device() -> torch.device:
 @pytest.fixture(scope="session")
 def fp8_device(cuda_device: torch.device) -> torch.device:
     """A CUDA device with FP8 ``_scaled_mm`` (compute capability >= 8.9); skips naming the capability found."""
-    reason = gpu_skip_reason((8, 9), what="FP8 matmul")
+    reason = gpu_skip_reason(MIN_CAPABILITY, what="FP8 matmul")
     if reason:
         pytest.skip(reason)
     return cuda_device

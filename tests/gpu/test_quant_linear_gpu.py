@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten
 
 from harness.layouts import LayoutSpec, data_ptr_alignment, materialize, poison_intact
 from harness.quant.legacy import legacy_op
-from harness.quant.linear import LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan
+from harness.quant.linear import (LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
+                                  scaled_mm_available)
 from harness.reference.formats import round_to_format, scaled_mm
 from harness.reference.metrics import Bound, fp8_tensor_core_bound, judge, summation_bound, ulp
 from harness.strategies import layouts
@@ -33,11 +34,9 @@ E4M3 = torch.float8_e4m3fn
 @pytest.fixture
 def dev() -> torch.device:
     """A CUDA device that can run FP8 matmul (probed when the test runs, never at import)."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        pytest.skip(f"FP8 matmul needs compute capability >= 8.9, found {major}.{minor}")
+    ok, why = scaled_mm_available("cuda")
+    if not ok:
+        pytest.skip(why)
     return torch.device("cuda")
 
 
@@ -126,8 +125,9 @@ def test_padding_and_out_dtypes_on_cuda(dev: torch.device, out_dtype: torch.dtyp
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_any_drawn_layout_on_cuda(data: Any) -> None:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("needs an FP8-capable CUDA device")
+    ok, why = scaled_mm_available("cuda")
+    if not ok:
+        pytest.skip(why)
     k = data.draw(st.sampled_from([64, 128, 136]), label="K")
     dtype = data.draw(st.sampled_from(["bfloat16", "float8_e4m3fn"]), label="dtype")
     spec = data.draw(layouts((2, 33, k), dtype, views=True), label="layout")
