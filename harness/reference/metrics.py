@@ -36,6 +36,7 @@ __all__ = [
     "rounding_floor",
     "summation_bound",
     "fp8_tensor_core_bound",
+    "scaled_mm_kernel_bound",
     "TENSOR_CORE_FP8_ACCUM_BITS",
     "ErrorReport",
     "error_report",
@@ -336,6 +337,23 @@ def fp8_tensor_core_bound(abs_sum: Union[Tensor, float], k: int, *,
     g_acc = _gamma(m, 2.0 ** -accum_bits, f"promote_interval {m} x 2**-{accum_bits}")
     runs = -(-k // m) + 1
     return abs_sum * (g_acc + _gamma(runs, 2.0 ** -24, f"{runs} float32 partial sums"))
+
+
+def scaled_mm_kernel_bound(a: Tensor, b: Tensor, emulated: Tensor, out_dtype: DTypeLike, *,
+                           tensor_core: bool = False) -> Tensor:
+    """Per element, how far a ``_scaled_mm`` kernel may sit from its float32 emulation on the same operands.
+
+    ``a`` (M, K), ``b`` (K, N): the dequantized operands (scales applied, float64). The emulation sums
+    the K exact products and two scale multiplies in float32, within ``gamma_(K+2) |A||B|`` of exact.
+    A float32-accumulating kernel is within as much, so twice that apart; with ``tensor_core`` the
+    kernel's side is :func:`fp8_tensor_core_bound` instead (Hopper).  Both round once to
+    ``out_dtype``: one ULP of ``emulated`` more.
+    """
+    abs_sum = a.abs() @ b.abs()
+    k = a.shape[1]
+    emulation = summation_bound(abs_sum, k + 2, torch.float32)
+    kernel = fp8_tensor_core_bound(abs_sum, k) if tensor_core else emulation
+    return emulation + kernel + ulp(emulated.reshape(abs_sum.shape), out_dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from harness.quant.legacy import legacy_op
 from harness.quant.linear import (LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
                                   scaled_mm_available)
 from harness.reference.formats import round_to_format, scaled_mm
-from harness.reference.metrics import Bound, fp8_tensor_core_bound, judge, summation_bound, ulp
+from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
 from harness.strategies import layouts
 
 pytestmark = pytest.mark.gpu
@@ -44,11 +44,9 @@ def kernel_bound(res: LinearResult, emulated: torch.Tensor) -> Bound:
     """Tensor-core accumulation (14-bit runs of 128, float32 across) + the emulation's float32
     accumulation (gamma_(K+2) x |A||B|) + 1 output ULP."""
     a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
-    b = res.b.to(torch.float64) * res.scale_b.to(torch.float64)
+    b = (res.b.to(torch.float64) * res.scale_b.to(torch.float64))[:, : res.plan.n]
     k = res.a.shape[1]
-    abs_sum = a.abs() @ b.abs()
-    acc = (summation_bound(abs_sum, k + 2, torch.float32) + fp8_tensor_core_bound(abs_sum, k))[:, : res.plan.n]
-    per_elem = acc + ulp(emulated.reshape(acc.shape), res.plan.out_dtype)
+    per_elem = scaled_mm_kernel_bound(a, b, emulated, res.plan.out_dtype, tensor_core=True)
     return Bound(k=0.0, floor=float(per_elem.max()),
                  why=f"K={k} FP8 products: tensor-core accumulator (14 bits per 128-product run, float32 "
                      f"across runs) + the emulation's float32 sum (gamma_(K+2) x |A||B|) + 1 ULP of "

@@ -9,7 +9,7 @@ from harness.layouts import LayoutSpec, materialize
 from harness.quant.legacy import (LEGACY_FORWARDS, comfyui_fp8_linear, get_legacy, last_path, legacy_op,
                                   make_fp8_module)
 from harness.reference.formats import round_to_format, scaled_mm
-from harness.reference.metrics import Bound, judge, summation_bound, ulp
+from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
 
 K, N = 32, 16
 
@@ -112,8 +112,7 @@ def test_comfyui_falls_back_on_a_kernel_error() -> None:
 
 
 def _kernel_bound(a_deq: torch.Tensor, b_deq: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, why: str) -> Bound:
-    acc = summation_bound(a_deq.abs() @ b_deq.abs(), a_deq.shape[1] + 2, torch.float32)
-    floor = float((2 * acc + ulp(ref, dtype)).max())
+    floor = float(scaled_mm_kernel_bound(a_deq, b_deq, ref, dtype).max())
     return Bound(0.0, floor, why + "; float32 accumulation in any order + 1 output ULP")
 
 

@@ -24,7 +24,7 @@ from harness.quant import linear as L
 from harness.quant.linear import (Fp8LinearError, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
                                   plan_operands)
 from harness.reference.formats import quantize, round_to_format, scaled_mm
-from harness.reference.metrics import Bound, judge, summation_bound, ulp
+from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
 from harness.strategies import layouts, value_specs
 
 E4M3 = torch.float8_e4m3fn
@@ -42,11 +42,9 @@ def kernel_bound(res: L.LinearResult, emulated: torch.Tensor) -> Bound:
     output ULP apart where the float32 values straddle a rounding boundary.
     """
     a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
-    b = res.b.to(torch.float64) * res.scale_b.to(torch.float64)
+    b = (res.b.to(torch.float64) * res.scale_b.to(torch.float64))[:, : res.plan.n]
     k = res.a.shape[1]
-    n = res.plan.n
-    acc = summation_bound(a.abs() @ b.abs(), k + 2, torch.float32)[:, :n]
-    per_elem = 2 * acc + ulp(emulated.reshape(acc.shape), res.plan.out_dtype)
+    per_elem = scaled_mm_kernel_bound(a, b, emulated, res.plan.out_dtype)
     floor = float(per_elem.max()) if per_elem.numel() else 0.0
     return Bound(k=0.0, floor=floor,
                  why=f"float32 accumulation of K={k} products in any order (2 x gamma_(K+2) x |A||B|) "

@@ -45,3 +45,20 @@ def test_bound_is_wider_than_float32_and_grows_with_k() -> None:
     for k in (16, 128, 129, 5120):
         assert fp8_tensor_core_bound(s, k) > summation_bound(s, k, torch.float32)
     assert fp8_tensor_core_bound(s, 5120) > fp8_tensor_core_bound(s, 128) > fp8_tensor_core_bound(s, 16)
+
+
+@given(st.integers(1, 300), st.integers(0, 2**16))
+def test_kernel_bound_covers_another_float32_summation_order(k: int, seed: int) -> None:
+    """A kernel summing the same FP8 products in another float32 order stays within scaled_mm_kernel_bound
+    of the emulation (both rounded to bf16)."""
+    from harness.reference.formats import scaled_mm
+    from harness.reference.metrics import scaled_mm_kernel_bound
+
+    g = torch.Generator().manual_seed(seed)
+    a = round_to_format(torch.randn(5, k, generator=g) * 30, "e4m3").float()
+    b = round_to_format(torch.randn(k, 7, generator=g), "e4m3").float()
+    sa, sb = torch.tensor(0.25), torch.tensor(2.0)
+    emu = scaled_mm(a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn), sa, sb, out_dtype=torch.bfloat16)
+    other = (((a.flip(1) @ b.flip(0)) * sa) * sb).to(torch.bfloat16)  # reversed K order, float32
+    bound = scaled_mm_kernel_bound(a.double() * 0.25, b.double() * 2.0, emu, torch.bfloat16)
+    assert ((other.double() - emu.double()).abs() <= bound).all()
