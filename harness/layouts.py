@@ -574,18 +574,20 @@ def poison_bytes(dtype: torch.dtype | str) -> bytes:
     return b"\xa5" * size
 
 
+def _poison_pattern(dtype: torch.dtype | str, device: torch.device) -> torch.Tensor:
+    """The bytes of one poisoned element of ``dtype``, as a uint8 tensor on ``device``."""
+    return torch.frombuffer(bytearray(poison_bytes(dtype)), dtype=torch.uint8).to(device)
+
+
 def _poisoned_storage(spec: LayoutSpec, device: torch.device) -> torch.Tensor:
-    """A 1-D tensor of ``spec.storage_numel()`` elements, every one poisoned."""
-    pattern = torch.frombuffer(bytearray(poison_bytes(spec.dtype)), dtype=torch.uint8)
-    n = spec.storage_numel()
-    raw = pattern.repeat(n).to(device)
-    return raw.view(spec.torch_dtype)
+    """A 1-D tensor of ``spec.storage_numel()`` elements, every one poisoned (filled on ``device``)."""
+    return _poison_pattern(spec.dtype, device).repeat(spec.storage_numel()).view(spec.torch_dtype)
 
 
-def _collapsed(shape: Sequence[int], strides: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-    """Shape/strides with stride-0 dims reduced to size 1; also the dims that were broadcast."""
+def _collapsed(shape: Sequence[int], strides: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``shape`` with stride-0 dims reduced to size 1; also the dims that were broadcast."""
     bdims = [i for i, (sz, st) in enumerate(zip(shape, strides)) if st == 0 and sz > 1]
-    return [1 if i in bdims else s for i, s in enumerate(shape)], list(strides), bdims
+    return [1 if i in bdims else s for i, s in enumerate(shape)], bdims
 
 
 def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -606,7 +608,8 @@ def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | s
     storage = _poisoned_storage(spec, dev)
     out = storage.as_strided(spec.shape, spec.strides(), spec.storage_offset())
     src = values.detach().to(device=dev, dtype=spec.torch_dtype)
-    cshape, cstrides, bdims = _collapsed(spec.shape, spec.strides())
+    cstrides = spec.strides()
+    cshape, bdims = _collapsed(spec.shape, cstrides)
     if bdims:
         index = tuple(slice(0, 1) if i in bdims else slice(None) for i in range(spec.ndim))
         first = src[index]
@@ -622,9 +625,10 @@ def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | s
 
 def _view_mask(spec: LayoutSpec, device: torch.device) -> torch.Tensor:
     mask = torch.zeros(spec.storage_numel(), dtype=torch.bool, device=device)
-    cshape, cstrides, _ = _collapsed(spec.shape, spec.strides())
+    strides = spec.strides()
+    cshape, _ = _collapsed(spec.shape, strides)
     if spec.numel:
-        mask.as_strided(cshape, cstrides, spec.storage_offset()).fill_(True)
+        mask.as_strided(cshape, strides, spec.storage_offset()).fill_(True)
     return mask
 
 
@@ -641,7 +645,7 @@ def poison_intact(tensor: torch.Tensor, spec: LayoutSpec) -> bool:
         )
     raw = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage).view(-1, spec.itemsize)
     outside = ~_view_mask(spec, tensor.device)
-    pattern = torch.frombuffer(bytearray(poison_bytes(spec.dtype)), dtype=torch.uint8).to(tensor.device)
+    pattern = _poison_pattern(spec.dtype, tensor.device)
     return bool((raw[outside] == pattern).all())
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -13,8 +14,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_env_json_is_machine_readable_and_lists_backends() -> None:
-    out = _run("env", "--json")
+@pytest.fixture(scope="module")
+def env_json() -> subprocess.CompletedProcess:
+    return _run("env", "--json")
+
+
+def test_env_json_is_machine_readable_and_lists_backends(env_json) -> None:
+    out = env_json
     assert out.returncode == 0, out.stderr
     env = json.loads(out.stdout)
     assert env["torch"] == torch.__version__
@@ -28,10 +34,10 @@ def test_env_json_is_machine_readable_and_lists_backends() -> None:
             assert info["reason"], f"{name} is unavailable without a reason"
 
 
-def test_env_table_names_every_backend() -> None:
+def test_env_table_names_every_backend(env_json) -> None:
     table = _run("env")
     assert table.returncode == 0, table.stderr
-    env = json.loads(_run("env", "--json").stdout)
+    env = json.loads(env_json.stdout)
     assert "attention backends" in table.stdout
     for name in env["backends"]:
         assert name in table.stdout
