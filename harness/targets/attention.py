@@ -179,17 +179,22 @@ class PluginAttentionTarget(AttentionTarget):
 
     def available(self, device):
         try:
-            from harness.quant.plugins import load_attention
-
-            load_attention(self.spec)
+            self._resolve()
         except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
             return False, f"attention plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
         return True, ""
 
-    def invoke(self, q, k, v, layout, **kw):
-        from harness.quant.plugins import load_attention
+    def _resolve(self):
+        """The plug-in function, resolved once per target instance (a failure is not kept: it raises again)."""
+        fn = self.__dict__.get("_fn")
+        if fn is None:
+            from harness.quant.plugins import load_attention
 
-        return load_attention(self.spec)(q, k, v, layout, **kw)
+            fn = self.__dict__["_fn"] = load_attention(self.spec)
+        return fn
+
+    def invoke(self, q, k, v, layout, **kw):
+        return self._resolve()(q, k, v, layout, **kw)
 
 
 def register_attention_plugin(spec: str) -> str:

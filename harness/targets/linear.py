@@ -321,9 +321,13 @@ class PluginLinearTarget(LinearTarget):
         return True, ""
 
     def _resolve(self) -> Callable[..., torch.Tensor]:
-        from harness.quant import plugins
+        """The plug-in's op, resolved once per target instance (a failure is not kept: it raises again)."""
+        op = self.__dict__.get("_op")
+        if op is None:
+            from harness.quant import plugins
 
-        return plugins.load_linear(self.spec)
+            op = self.__dict__["_op"] = plugins.load_linear(self.spec)
+        return op
 
     def call(self, x, inputs):
         return self._resolve()(x, inputs["weight"], weight_scale=inputs.get("weight_scale"), bias=inputs.get("bias"),
