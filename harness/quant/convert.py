@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.quant.legacy import FP8_FORWARD_KEEP
-from harness.quant.linear import E4M3_MAX, _amax, _dynamic_scale, fp8_linear
+from harness.quant.linear import (E4M3_MAX, _amax, _dynamic_scale, fp8_linear, quantize_activation,
+                                  quantize_weight_rowwise)
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -53,11 +54,10 @@ def quantize_weight(weight: Tensor, weight_scaling: str = "tensor") -> tuple[Ten
     w = weight.detach()
     if weight_scaling == "none":
         return torch.clamp(w.to(torch.float32), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), None
-    rowwise = weight_scaling == "row"
-    s = _dynamic_scale(_amax(w, rowwise=rowwise))
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-    torch.div(w, s.reshape(-1, 1) if rowwise else s.reshape(1, 1), out=q)
-    return q, (s if rowwise else s.reshape(()))
+    if weight_scaling == "row":
+        return quantize_weight_rowwise(w)
+    s = _dynamic_scale(_amax(w, rowwise=False))
+    return quantize_activation(w, s.reshape(1)), s.reshape(())
 
 
 ForwardFn = Callable[[nn.Module, torch.dtype, Tensor], Tensor]
