@@ -49,10 +49,16 @@ __all__ = [
     "describe_tensor",
     "dtype_from_name",
     "dtype_name",
+    "DTYPES",
+    "MAX_NDIM",
+    "MAX_VIEWS",
 ]
 
 #: Alignments are reported up to this many bytes (what the allocators guarantee at least on CUDA).
 MAX_ALIGNMENT = 256
+#: Most dims a layout (base or logical) may have, and most view ops: bounds on what a case file can ask for.
+MAX_NDIM = 16
+MAX_VIEWS = 32
 
 _VIEW_ARITY = {
     "transpose": 2,  # (dim0, dim1)
@@ -69,19 +75,46 @@ class LayoutError(ValueError):
     """A layout description is inconsistent; the message names the field and the fix."""
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for unknown names."""
+#: The dtypes a layout may have: every one materializes, poisons and round-trips through safetensors here.
+#: Names are resolved from this table only (never ``getattr(torch, name)``, which would import submodules
+#: such as ``torch._dynamo`` for a hostile name); quantized (``qint8``) and packed sub-byte dtypes
+#: (``float4_e2m1fn_x2``) cannot be materialized element-wise and are refused when a case is loaded.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` (or ``"torch.bfloat16"``, or the dtype itself) -> ``torch.bfloat16``, from :data:`DTYPES` only."""
     if isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise LayoutError(f"dtype {name!r} is not a torch dtype name (e.g. 'bfloat16', 'float8_e4m3fn')")
+        if name in _NAMES:
+            return name
+        raise LayoutError(f"dtype {name} is not supported in a layout; supported: {', '.join(DTYPES)}")
+    if not isinstance(name, str):
+        raise LayoutError(f"dtype must be a dtype name string, got {type(name).__name__} {name!r}")
+    dt = DTYPES.get(name.removeprefix("torch."))
+    if dt is None:
+        raise LayoutError(f"dtype {name!r} is not a supported dtype name; use one of: {', '.join(DTYPES)}")
     return dt
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (validated)."""
-    return str(dtype_from_name(dtype)).removeprefix("torch.")
+    """``torch.bfloat16`` -> ``"bfloat16"`` (validated against :data:`DTYPES`)."""
+    return _NAMES[dtype_from_name(dtype)]
 
 
 def pow2_alignment(nbytes: int) -> int:
@@ -248,6 +281,16 @@ def _apply_view(op: ViewOp, shape: list[int], strides: list[int], offset: int) -
     raise AssertionError(op.op)  # pragma: no cover
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` cut to ``limit`` characters (an error message never echoes a whole hostile field)."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _tuple_or_none(x: Any) -> tuple[int, ...] | None:
     return None if x is None else tuple(int(v) for v in x)
 
@@ -289,6 +332,10 @@ class LayoutSpec:
         set_("offset", int(self.offset))
         set_("broadcast", tuple(sorted(int(d) for d in self.broadcast)))
         set_("views", tuple(v if isinstance(v, ViewOp) else ViewOp(v[0], tuple(v[1])) for v in self.views))
+        if len(self.shape) > MAX_NDIM or (self.base_shape is not None and len(self.base_shape) > MAX_NDIM):
+            raise LayoutError(f"a layout may have at most {MAX_NDIM} dims")
+        if len(self.views) > MAX_VIEWS:
+            raise LayoutError(f"a layout may have at most {MAX_VIEWS} view ops, got {len(self.views)}")
         if any(s < 0 for s in self.shape):
             raise LayoutError(f"shape {self.shape} has a negative size")
         base = self.base_shape if self.base_shape is not None else self.shape
@@ -508,28 +555,37 @@ class LayoutSpec:
         if "shape" not in d:
             raise LayoutError("layout is missing 'shape'")
 
-        def ints(key: str) -> tuple[int, ...] | None:
+        def ints(key: str, most: int = MAX_NDIM) -> tuple[int, ...] | None:
             v = d.get(key)
             if v is None:
                 return None
-            if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-                raise LayoutError(f"layout field {key!r} must be a list of integers, got {v!r}")
+            if not isinstance(v, list) or not all(_is_int(x) for x in v):
+                raise LayoutError(f"layout field {key!r} must be a list of integers, got {_short(v)}")
+            if len(v) > most:
+                raise LayoutError(f"layout field {key!r} has {len(v)} entries; at most {most} are supported")
             return tuple(v)
 
         views = d.get("views", [])
         if not isinstance(views, list):
-            raise LayoutError(f"layout field 'views' must be a list, got {views!r}")
+            raise LayoutError(f"layout field 'views' must be a list, got {_short(views)}")
+        if len(views) > MAX_VIEWS:
+            raise LayoutError(f"layout has {len(views)} view ops; at most {MAX_VIEWS} are supported")
         ops = []
         for v in views:
-            if not isinstance(v, dict) or set(v) != {"op", "args"} or not isinstance(v["args"], list):
-                raise LayoutError(f"each view must be {{'op': str, 'args': [int, ...]}}, got {v!r}")
-            ops.append(ViewOp(str(v["op"]), tuple(v["args"])))
+            if (not isinstance(v, dict) or set(v) != {"op", "args"} or not isinstance(v["op"], str)
+                    or not isinstance(v["args"], list) or not all(_is_int(a) for a in v["args"])
+                    or len(v["args"]) > MAX_NDIM + 1):
+                raise LayoutError(f"each view must be {{'op': str, 'args': [int, ...]}}, got {_short(v)}")
+            ops.append(ViewOp(v["op"], tuple(v["args"])))
         offset = d.get("offset", 0)
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise LayoutError(f"layout field 'offset' must be an integer, got {offset!r}")
+        if not _is_int(offset):
+            raise LayoutError(f"layout field 'offset' must be an integer, got {_short(offset)}")
+        dtype = d.get("dtype", "bfloat16")
+        if not isinstance(dtype, str):
+            raise LayoutError(f"layout field 'dtype' must be a dtype name string, got {_short(dtype)}")
         return cls(
             shape=ints("shape") or (),
-            dtype=d.get("dtype", "bfloat16"),
+            dtype=dtype,
             base_shape=ints("base_shape"),
             perm=ints("perm"),
             step=ints("step"),
@@ -658,6 +714,6 @@ def describe_tensor(tensor: torch.Tensor) -> str:
     """One line: dtype, shape, strides, storage offset, pointer alignment, contiguity, device."""
     flags = "contiguous" if tensor.is_contiguous() else "non-contiguous"
     return (
-        f"{dtype_name(tensor.dtype)}{list(tensor.shape)}; strides {tuple(tensor.stride())}; "
+        f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}; strides {tuple(tensor.stride())}; "
         f"offset {tensor.storage_offset()}; ptr align {data_ptr_alignment(tensor)}B; {flags}; {tensor.device}"
     )

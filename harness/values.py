@@ -152,10 +152,24 @@ class ValueSpec:
         unknown = set(d) - {"kind", "seed", "params"}
         if unknown:
             raise ValueError_(f"unknown value-spec fields {sorted(unknown)}; allowed: kind, seed, params")
+        kind = d.get("kind", "normal")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ValueError_(f"value kind {str(kind)[:40]!r} unknown; use one of {KINDS}")
         params = d.get("params", {})
         if not isinstance(params, dict):
-            raise ValueError_(f"value-spec 'params' must be an object, got {params!r}")
-        return cls(kind=d.get("kind", "normal"), seed=d.get("seed", 0), params=tuple(params.items()))
+            raise ValueError_(f"value-spec 'params' must be an object, got {type(params).__name__}")
+        for name, v in params.items():
+            default = _PARAMS[kind].get(name)
+            if default is None:
+                continue  # __post_init__ names the unknown parameter
+            ok = (isinstance(v, bool) if isinstance(default, bool)
+                  else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if isinstance(default, int)
+                  else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            if not ok:
+                want = ("true or false" if isinstance(default, bool) else "an integer >= 0"
+                        if isinstance(default, int) else "a finite number")
+                raise ValueError_(f"value-spec param {name!r} of kind {kind!r} must be {want}, got {str(v)[:40]!r}")
+        return cls(kind=kind, seed=d.get("seed", 0), params=tuple(params.items()))
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any]) -> "ValueSpec":

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.cases import SCHEMA_VERSION, Case, CaseError, case_paths, load_case, save_case
-from harness.layouts import LayoutSpec, materialize
+from harness.cases import (MAX_CASE_ELEMENTS_ENV, SCHEMA_VERSION, STALE_TEMP_SECONDS, Case, CaseError, CaseTooNew,
+                           case_paths, load_case, printable, save_case)
+from harness.layouts import DTYPES, LayoutSpec, materialize, poison_intact
 from harness.strategies import attention_inputs, layouts, value_specs
 from harness.values import ValueSpec
 
@@ -137,4 +140,177 @@ def test_show_prints_layouts_and_verdict(tmp_path) -> None:
     assert spec.describe() in out.stdout and "_scaled_dot_product_flash_attention" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "harness", "show", str(tmp_path / "missing.json")],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "does not exist" in bad.stdout
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and not bad.stdout
+
+
+# ------------------------------------------------------------------------------ writing a case as one unit
+
+_IN = {"layouts": {"input": LayoutSpec((2, 16), "float32")}, "values": {"input": ValueSpec("normal", 1)}}
+CASE_A = Case(op="fp8_linear", verdict={"verdict": "drift"}, **_IN)
+CASE_B = Case(op="fp8_linear", verdict={"verdict": "nonfinite"}, **_IN)
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_save_killed_between_its_renames_is_refused_not_paired(tmp_path, monkeypatch) -> None:
+    save_case(CASE_A, tmp_path / "c", {"input": torch.zeros(2, 16)})
+    real = os.replace
+    calls = []
+
+    def dies_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is stopped after the tensors are in place
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_case(CASE_B, tmp_path / "c", {"input": torch.ones(2, 16)})
+    monkeypatch.setattr(os, "replace", real)
+    assert _leftovers(tmp_path) == []  # the JSON temp was removed in finally
+    with pytest.raises(CaseError, match="was not written with this c.json"):
+        load_case(tmp_path / "c.json")
+    # the note is free text: editing it by hand keeps the pair
+    save_case(CASE_A, tmp_path / "c", {"input": torch.zeros(2, 16)})
+    d = json.loads((tmp_path / "c.json").read_text())
+    d["note"] = "looked at it on Tuesday"
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert load_case(tmp_path / "c.json")[0].note == "looked at it on Tuesday"
+
+
+def test_concurrent_saves_of_one_name_lose_nothing(tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(CASE_A if i % 2 else CASE_B, torch.full((2, 16), float(i % 2))) for i in range(40)]
+    with ThreadPoolExecutor(8) as ex:
+        paths = list(ex.map(lambda job: save_case(job[0], tmp_path / "same", {"input": job[1]}), jobs))
+    assert all(p == tmp_path / "same.json" for p in paths)
+    case, tensors = load_case(tmp_path / "same.json")  # the last writer's pair, whole
+    assert float(tensors["input"][0, 0]) == (1.0 if case.verdict["verdict"] == "drift" else 0.0)
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_removes_its_own_stale_temps_only(tmp_path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    stale = tmp_path / f".c.json.{dead}-0123abcd.tmp"
+    fresh = tmp_path / f".c.safetensors.{dead}-0123abce.tmp"
+    alive = tmp_path / f".c.json.{os.getpid()}-0123abcf.tmp"
+    legacy = tmp_path / "c.json.tmp"
+    other = tmp_path / f".d.json.{dead}-0123abd0.tmp"
+    for p in (stale, fresh, alive, legacy, other):
+        p.write_bytes(b"x" * 100)
+    old = time.time() - 2 * STALE_TEMP_SECONDS
+    for p in (stale, alive, legacy, other):
+        os.utime(p, (old, old))
+    save_case(CASE_A, tmp_path / "c")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert stale.name not in left and legacy.name not in left  # ours, process gone, old
+    assert {fresh.name, alive.name, other.name} <= left  # too recent / still running / another case's
+    assert load_case(tmp_path / "c.json")[0].verdict == CASE_A.verdict  # loaders ignore temps
+
+
+def test_stored_tensor_dtype_must_match_its_layout(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    case = Case(op="fp8_linear", layouts={"input": LayoutSpec((2, 16), "bfloat16")})
+    save_case(case, tmp_path / "c", {"input": torch.zeros(2, 16)})  # float32 values are stored as the layout's dtype
+    assert load_case(tmp_path / "c")[1]["input"].dtype == torch.bfloat16
+    save_file({"input": torch.zeros(2, 16)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(CaseError, match="tensor 'input' is float32, its layout says bfloat16"):
+        load_case(tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------ strict, bounded loading
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_every_allowed_dtype_materializes_and_round_trips(tmp_path, name) -> None:
+    spec = LayoutSpec((3, 4), name, offset=1, pad=(0, 1))
+    values = ValueSpec("normal", seed=1).generate(spec.shape, spec.torch_dtype)
+    assert poison_intact(materialize(spec, values), spec)
+    save_case(Case(op="cpu.scale", layouts={"x": spec}), tmp_path / "c", {"x": values})
+    assert torch.equal(load_case(tmp_path / "c")[1]["x"].view(torch.uint8), values.view(torch.uint8))
+
+
+@pytest.mark.parametrize(("dtype", "match"), [
+    ("qint8", "'qint8' is not a supported dtype"), ("float4_e2m1fn_x2", "'float4_e2m1fn_x2' is not a supported"),
+    ("_dynamo", "'_dynamo' is not a supported"), (["bfloat16"], "must be a dtype name string"),
+])
+def test_dtype_names_come_from_the_allow_list(tmp_path, dtype, match) -> None:
+    with pytest.raises(CaseError, match=match):
+        load_case(_write(tmp_path, {**GOOD, "layouts": {"input": {"shape": [2, 16], "dtype": dtype}}}))
+
+
+def test_a_hostile_dtype_name_imports_nothing() -> None:
+    code = ("import sys; from harness.layouts import LayoutSpec, LayoutError\n"
+            "try:\n    LayoutSpec((2,), '_dynamo')\nexcept LayoutError:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0 and cp.stdout.strip() == "[]", cp.stderr
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    ({**GOOD, "schema_version": True}, "schema_version must be an integer, got True"),
+    ({**GOOD, "schema_version": 1.0}, "schema_version must be an integer, got 1.0"),
+    ({**GOOD, "layouts": {"input": {"shape": [2, 16], "views": [{"op": "select", "args": [0, 1.5]}]}}},
+     "each view must be"),
+    ({**GOOD, "values": {"input": {"kind": "outliers", "params": {"n_channels": "many"}}}}, "integer >= 0"),
+    ({**GOOD, "op": "fp8\x1b[2J_linear"}, "printable string"),
+    ({**GOOD, "layouts": {"input": {"shape": [2] * 17}}}, "at most 16 are supported"),
+    ("[" * 100_000 + "]" * 100_000, "nests deeper than 64 levels"),
+    ('{"seed": ' + "9" * 5000 + "}", "not valid JSON"),
+])
+def test_loose_fields_are_refused(tmp_path, payload, match) -> None:
+    with pytest.raises(CaseError, match=match):
+        load_case(_write(tmp_path, payload))
+
+
+def test_a_newer_schema_is_its_own_error(tmp_path) -> None:
+    with pytest.raises(CaseTooNew, match="written by a newer harness"):
+        load_case(_write(tmp_path, {**GOOD, "schema_version": SCHEMA_VERSION + 1}))
+
+
+def test_the_element_budget_is_checked_before_anything_is_read(tmp_path, monkeypatch) -> None:
+    big = {**GOOD, "layouts": {"input": {"shape": [2, 16], "offset": 500_000_000}}}
+    with pytest.raises(CaseError, match=r"need 500,000,064 elements .* over the budget of 268,435,456"):
+        load_case(_write(tmp_path, big))
+    monkeypatch.setenv(MAX_CASE_ELEMENTS_ENV, str(10**9))  # a user with a real big case
+    assert load_case(tmp_path / "bad.json")[0].layouts["input"].offset == 500_000_000
+    with pytest.raises(CaseError, match="over the budget of 64"):
+        load_case(tmp_path / "bad.json", max_elements=64)
+    monkeypatch.setenv(MAX_CASE_ELEMENTS_ENV, "lots")
+    with pytest.raises(CaseError, match="HARNESS_CASE_MAX_ELEMENTS='lots' is not an integer"):
+        load_case(tmp_path / "bad.json")
+
+
+def test_only_regular_files_are_read(tmp_path) -> None:
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "dir.json").mkdir()
+    for name, what in (("fifo.json", r"a FIFO \(named pipe\)"), ("zero.json", "a device"), ("dir.json", "a directory")):
+        with pytest.raises(CaseError, match=f"is {what}, not a case file"):
+            load_case(tmp_path / name)
+    _write(tmp_path, GOOD)
+    (tmp_path / "bad.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(CaseError, match="is a device, not a safetensors file"):
+        load_case(tmp_path / "bad.json")
+
+
+def test_a_directory_gets_a_file_suggested(tmp_path) -> None:
+    save_case(CASE_A, tmp_path / "cases" / "one.json")
+    with pytest.raises(CaseError, match=r"cases is a directory, not a case file; name a case file in it, e\.g\. .*one\.json"):
+        load_case(tmp_path / "cases")
+
+
+def test_show_escapes_untrusted_text(tmp_path) -> None:
+    case = Case(op="cpu.scale", layouts={"x": LayoutSpec((2,), "float32")}, values={"x": ValueSpec()}, backend="\ud800",
+                env={"device": "\x1b]0;pwned\x07"}, note="\x1b[2J\x1b[31mred\nsecond line \ud83d")
+    path = save_case(case, tmp_path / "c")
+    out = subprocess.run([sys.executable, "-m", "harness", "show", str(path)], capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == b"", out.stderr
+    assert b"\x1b" not in out.stdout and b"\x07" not in out.stdout
+    assert rb"note: \x1b[2J\x1b[31mred\nsecond line \ud83d" in out.stdout and rb"backend: \ud800" in out.stdout
+    assert printable("a\x1b[0m\u202eb") == r"a\x1b[0m\u202eb"
