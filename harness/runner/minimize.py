@@ -15,13 +15,24 @@ verdict stays the same:
 
 Stored values are sliced along with the dims, so "the same numbers" survive
 shrinking. The search repeats until a full pass changes nothing (or ``--max-steps``).
+
+The element budget (``--max-elements``, ``$HARNESS_CASE_MAX_ELEMENTS``, see ``harness.cases``)
+is checked on the case before anything runs and on every candidate before its inputs are made.
+
+``--out`` names the file to write (default ``CASE-min.json`` beside the case); an existing
+directory (or a path ending in ``/``) gets ``CASE-min.json`` inside it.  An existing file is
+never overwritten without ``--force``.  Exit status: 0 minimized and written; 1 the case does
+not fail here (nothing to keep); 2 a harness-side problem (the case file is missing, malformed
+or over the budget, ``--out`` exists, a bad argument, or the case's verdict is the harness's own
+``error``/``unsupported``); 125 it cannot run here (no GPU for a CUDA case, target unavailable).
+Problems are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -32,7 +43,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from harness.cases import Case
 
-__all__ = ["add_parser", "minimize", "candidates", "MinimizeResult"]
+__all__ = ["add_parser", "minimize", "candidates", "MinimizeResult", "NothingToMinimize"]
+
+
+class NothingToMinimize(ValueError):
+    """The case's own verdict gives nothing to keep (it passes, cannot run, or is the harness's verdict)."""
+
+    def __init__(self, message: str, verdict: Verdict) -> None:
+        super().__init__(message)
+        self.verdict = verdict
 
 
 @dataclasses.dataclass
@@ -116,17 +135,26 @@ def candidates(case: "Case", values: Mapping[str, "torch.Tensor"]) -> Iterator[t
 
 
 def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Callable[["Case", dict], Result], *,
-             max_steps: int = 300, log: Callable[[str], None] | None = None) -> MinimizeResult:
+             max_steps: int = 300, log: Callable[[str], None] | None = None,
+             max_elements: int | None = None) -> MinimizeResult:
     """Greedy shrink of ``case`` keeping the verdict ``run(case, values)`` gives it.
 
-    ``run`` executes one candidate (a pool in practice, a stub in tests). Raises ValueError when the
-    case passes or cannot run (nothing to keep).
+    ``run`` executes one candidate (a pool in practice, a stub in tests). Raises
+    ``harness.cases.CaseError`` when the case is over the element budget (``max_elements``, default
+    ``harness.cases.max_case_elements()``) and :class:`NothingToMinimize` when the case passes,
+    cannot run, or gets a harness-side verdict; candidates over the budget are skipped unrun.
     """
+    from harness.cases import case_elements, check_budget, max_case_elements
+    from harness.runner.replay import harness_side
+
+    check_budget(case, max_elements)
+    budget = max_case_elements(max_elements)
     first = run(case, dict(values or {}))
     target = first.verdict
-    if not target.failed:
-        raise ValueError(f"the case does not fail here (verdict {target.value}: {first.message.splitlines()[0] if first.message else ''}); "
-                         "nothing to minimize")
+    why = first.message.splitlines()[0] if first.message else ""
+    if not target.failed or harness_side(target):
+        what = ("the harness cannot run it as it needs" if harness_side(target) else "the case does not fail here")
+        raise NothingToMinimize(f"{what} (verdict {target.value}: {why}); nothing to minimize", target)
     cur_case, cur_vals, cur_result = case, dict(values or {}), first
     removed: list[str] = []
     tried = 0
@@ -136,6 +164,8 @@ def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Cal
         for what, cand, cand_vals in candidates(cur_case, cur_vals):
             if tried >= max_steps:
                 break
+            if case_elements(cand) > budget:
+                continue
             tried += 1
             r = run(cand, cand_vals)
             if r.verdict is target:
@@ -148,39 +178,70 @@ def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Cal
     return MinimizeResult(cur_case, cur_vals, target, removed, tried, cur_result)
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from harness.cases import CaseError, load_case
-    from harness.runner.pool import WorkerPool, save_failure
-    from harness.runner.replay import EXIT_CANNOT_RUN, choose_device
+def _out_path(case_arg: str, out: str | None) -> Path:
+    """Where the minimal case goes (see the module docstring)."""
+    from harness.cases import case_paths
 
+    name = case_paths(case_arg)[0].stem + "-min.json"
+    if not out:
+        return case_paths(case_arg)[0].with_name(name)
+    p = Path(out)
+    if p.is_dir() or out.endswith(("/", os.sep)):
+        return p / name
+    return p if p.suffix == ".json" else p.with_name(p.name + ".json")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from harness.cases import CaseError, CaseTooNew, case_paths, load_case, print_problem, printable, tolerant_stdout
+    from harness.runner.pool import WorkerPool, save_failure
+    from harness.runner.replay import EXIT_CANNOT_RUN, EXIT_HARNESS, choose_device
+
+    tolerant_stdout()
     try:
-        case, tensors = load_case(args.case)
+        case, tensors = load_case(args.case, max_elements=args.max_elements)
+    except CaseTooNew as e:
+        print_problem("minimize", f"cannot run here: {e}")
+        return EXIT_CANNOT_RUN
     except CaseError as e:
-        print(f"harness minimize: {e}", file=sys.stderr)
-        return 2
+        print_problem("minimize", e)
+        return EXIT_HARNESS
+    out = _out_path(args.case, args.out)
+    taken = [p for p in case_paths(out) if os.path.lexists(p)]
+    if taken and not args.force:
+        print_problem("minimize", f"{taken[0]} already exists; pass --force to overwrite it, or name another --out")
+        return EXIT_HARNESS
+    if out.exists() and out.is_dir():
+        print_problem("minimize", f"--out {out} is a directory holding the name it would write; name a file")
+        return EXIT_HARNESS
     device, why = choose_device(case.env, args.device)
     if device is None:
-        print(f"harness minimize: cannot run here: {why}")
+        print_problem("minimize", f"cannot run here: {why}")
         return EXIT_CANNOT_RUN
-    out = Path(args.out) if args.out else Path(args.case).with_name(Path(args.case).stem + "-min.json")
     with WorkerPool([device], 1, case_timeout=args.timeout, attribute=False, spares=1) as pool:
         def run(c: "Case", v: dict) -> Result:
             return pool.submit(c, values=v or None).result()
 
         try:
-            res = minimize(case, tensors, run, max_steps=args.max_steps, log=lambda s: print(f"  {s}", flush=True))
-        except ValueError as e:
-            print(f"harness minimize: {e}")
-            return 1
+            res = minimize(case, tensors, run, max_steps=args.max_steps, log=lambda s: print(f"  {s}", flush=True),
+                           max_elements=args.max_elements)
+        except NothingToMinimize as e:
+            print_problem("minimize", e)
+            if e.verdict is Verdict.UNAVAILABLE:
+                return EXIT_CANNOT_RUN
+            return 1 if not e.verdict.failed else EXIT_HARNESS
         res.result.device = device
-        path = save_failure(res.case, res.result, out.parent, values=res.values or None, name=out.stem)
+        try:
+            path = save_failure(res.case, res.result, out.parent, values=res.values or None, name=out.stem)
+        except (OSError, CaseError) as e:
+            print_problem("minimize", f"cannot write {out}: {e}")
+            return EXIT_HARNESS
     print(f"verdict kept: {res.verdict.value}; {res.tried} candidates tried; removed {len(res.removed)}:")
     for what in res.removed:
-        print(f"  - {what}")
+        print(f"  - {printable(what)}")
     for name, spec in res.case.layouts.items():
         print(f"  {name}: {spec.describe()}")
-    print(f"wrote {path}")
-    print(f"replay: {res.result.replay}")
+    print(f"wrote {printable(path)}")
+    print(f"replay: {printable(res.result.replay)}")
     return 0
 
 
@@ -189,8 +250,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("minimize", help="shrink a failing case one layout property at a time",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("case", help="CASE.json of a failing case")
-    p.add_argument("--out", default=None, help="where to write the minimal case (default: CASE-min.json beside it)")
+    p.add_argument("--out", default=None,
+                   help="file to write the minimal case to, or a directory to put CASE-min.json in "
+                        "(default: CASE-min.json beside the case); an existing file needs --force")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: where the case was recorded)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per candidate before it counts as a timeout")
     p.add_argument("--max-steps", type=int, default=300, help="most candidates to try")
+    from harness.cases import add_budget_argument
+
+    add_budget_argument(p)
     p.set_defaults(func=_cmd)

@@ -1,33 +1,54 @@
 """``python -m harness replay CASE``: rerun a case file in a fresh worker; exit codes made for ``git bisect run``.
 
-Exit status:
+Exit status (``--bisect`` changes only the harness-side row):
   0    the case passes (or, with ``--expect VERDICT``, its verdict is VERDICT)
-  1    it still fails (or its verdict is not VERDICT)
+  1    it still fails: a verdict about the op (drift, device_fault, timeout, ...), or not VERDICT
+  2    a harness-side problem, never the op's fault: the case file is missing, unreadable,
+       malformed or over the element budget (``--max-elements``), a bad argument, or the
+       harness's own verdict (``error``; ``unsupported``: the harness cannot call the op as
+       the case needs).  With ``--bisect`` these exit 128 instead, which makes
+       ``git bisect run`` stop with the message visible (it would read 2 as "bad").
   125  it cannot run here: the target is unknown or unavailable (missing GPU capability or
-       package), the case was recorded on CUDA and there is no GPU, the case file cannot be
-       read by this checkout, or the harness itself fails to start -- ``git bisect`` skips such
-       commits.
+       package), the case was recorded on CUDA and there is no GPU, the case file has a newer
+       schema than this checkout reads, or this checkout's harness fails to start (a Python
+       error before the case ran) -- ``git bisect`` skips such commits.
 
 The case runs in a fresh interpreter (``python -m harness.runner.worker``); a device fault
 is rerun with ``CUDA_LAUNCH_BLOCKING=1`` to name the faulting op, and ``--sanitizer`` adds a
-``compute-sanitizer --tool memcheck`` run whose report is printed.
+``compute-sanitizer --tool memcheck`` run whose report is printed.  Problems are one line on
+stderr; the element budget is checked before anything is allocated (and passed on to the
+fresh worker through ``$HARNESS_CASE_MAX_ELEMENTS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from harness.verdicts import Result, Verdict
 
-__all__ = ["add_parser", "replay", "choose_device", "exit_code", "EXIT_PASS", "EXIT_FAIL", "EXIT_CANNOT_RUN"]
+__all__ = ["add_parser", "replay", "choose_device", "exit_code", "harness_side", "EXIT_PASS", "EXIT_FAIL",
+           "EXIT_HARNESS", "EXIT_BISECT_ABORT", "EXIT_CANNOT_RUN"]
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
+EXIT_HARNESS = 2
 EXIT_CANNOT_RUN = 125
+#: ``git bisect run`` aborts on 128 and above; ``--bisect`` uses it for harness-side problems.
+EXIT_BISECT_ABORT = 128
+
+
+def harness_side(verdict: Verdict) -> bool:
+    """True for the harness's own verdicts (``error``, and ``unsupported`` where this checkout has it)."""
+    return verdict is Verdict.ERROR or verdict is getattr(Verdict, "UNSUPPORTED", None)
+
+
+def _harness_exit(bisect: bool) -> int:
+    return EXIT_BISECT_ABORT if bisect else EXIT_HARNESS
 
 
 def choose_device(case_env: dict[str, Any], requested: str | None) -> tuple[str | None, str]:
@@ -56,27 +77,38 @@ def choose_device(case_env: dict[str, Any], requested: str | None) -> tuple[str 
     return (gpus[0] if gpus else "cpu"), ""
 
 
-def exit_code(result: Result, expect: Verdict | None) -> int:
-    """0/1/125 for a replayed Result (see the module docstring)."""
+def exit_code(result: Result, expect: Verdict | None, *, bisect: bool = False) -> int:
+    """0/1/2/125 (128 for a harness-side verdict with ``bisect``) for a replayed Result (see the module docstring)."""
     if result.verdict is Verdict.UNAVAILABLE and expect is not Verdict.UNAVAILABLE:
         return EXIT_CANNOT_RUN
     if (result.attribution or {}).get("harness_broken"):
         return EXIT_CANNOT_RUN
+    if expect is not None and result.verdict is expect:
+        return EXIT_PASS
+    if harness_side(result.verdict):
+        return _harness_exit(bisect)
     if expect is not None:
-        return EXIT_PASS if result.verdict is expect else EXIT_FAIL
+        return EXIT_FAIL
     return EXIT_PASS if result.verdict is Verdict.PASS else EXIT_FAIL
 
 
 def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = False, attribute: bool = True,
-           timeout: float | None = None) -> tuple[Result | None, str]:
-    """Replay a case file in fresh processes; returns (Result, "") or (None, why it cannot run here)."""
-    from harness.cases import CaseError, load_case
+           timeout: float | None = None, max_elements: int | None = None) -> tuple[Result | None, str]:
+    """Replay a case file in fresh processes; returns (Result, "") or (None, why it cannot run here).
+
+    Raises ``harness.cases.CaseError`` for a file that is missing, malformed or over the element
+    budget (``harness.cases.CaseTooNew`` for a newer schema), before anything runs.
+    """
+    from harness.cases import load_case
+
+    case, _ = load_case(path, max_elements=max_elements)
+    return _run(path, case, device=device, sanitizer=sanitizer, attribute=attribute, timeout=timeout)
+
+
+def _run(path: str | Path, case: Any, *, device: str | None, sanitizer: bool, attribute: bool,
+         timeout: float | None) -> tuple[Result | None, str]:
     from harness.runner.pool import DEFAULT_CASE_TIMEOUT, attribution_rerun, merge_attribution, run_in_fresh_process
 
-    try:
-        case, _ = load_case(path)
-    except CaseError as e:
-        return None, f"cannot read the case with this checkout: {e}"
     dev, why = choose_device(case.env, device)
     if dev is None:
         return None, why
@@ -100,44 +132,54 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from harness.cases import (MAX_CASE_ELEMENTS_ENV, CaseError, CaseTooNew, load_case, print_problem, printable,
+                               tolerant_stdout)
+
+    tolerant_stdout()
+    harness_exit = _harness_exit(args.bisect)
+    abort = " (exit 128: git bisect run stops here; fix the problem, then rerun the bisect)" if args.bisect else ""
     expect = None
     if args.expect:
         try:
             expect = Verdict.parse(args.expect)
         except ValueError as e:
-            print(f"harness replay: {e}", file=sys.stderr)
-            return 2
-    result, why = replay(args.case, device=args.device, sanitizer=args.sanitizer, attribute=not args.no_attribute,
-                         timeout=args.timeout)
+            print_problem("replay", f"{e}{abort}")
+            return harness_exit
+    try:
+        case, _ = load_case(args.case, max_elements=args.max_elements)
+    except CaseTooNew as e:
+        print_problem("replay", f"cannot run here: {e}")
+        return EXIT_CANNOT_RUN
+    except CaseError as e:
+        print_problem("replay", f"{e}{abort}")
+        return harness_exit
+    if args.max_elements is not None:
+        os.environ[MAX_CASE_ELEMENTS_ENV] = str(args.max_elements)  # the fresh worker loads the case too
+    result, why = _run(args.case, case, device=args.device, sanitizer=args.sanitizer, attribute=not args.no_attribute,
+                       timeout=args.timeout)
     if result is None:
-        print(f"harness replay: cannot run here: {why}")
+        print_problem("replay", f"cannot run here: {why}")
         return EXIT_CANNOT_RUN
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        print(result.format())
-        recorded = _recorded_verdict(args.case)
+        print("\n".join(printable(line) for line in result.format().splitlines()))
+        recorded = str((case.verdict or {}).get("verdict", ""))
         if recorded:
-            print(f"  recorded verdict: {recorded}")
-    code = exit_code(result, expect)
+            print(f"  recorded verdict: {printable(recorded)}")
+    code = exit_code(result, expect, bisect=args.bisect)
     if code == EXIT_CANNOT_RUN and result.verdict is not Verdict.UNAVAILABLE:
-        print("harness replay: the harness itself failed to start here; exit 125 (cannot run)")
+        print_problem("replay", "the harness itself failed to start here; exit 125 (cannot run)")
+    elif harness_side(result.verdict) and code != EXIT_PASS:
+        print_problem("replay", f"verdict {result.verdict.value} is the harness's, not the op's: "
+                                f"{(result.message or '').splitlines()[0] if result.message else ''}{abort}")
     return code
-
-
-def _recorded_verdict(path: str) -> str:
-    try:
-        from harness.cases import load_case
-
-        case, _ = load_case(path)
-        return str(case.verdict.get("verdict", ""))
-    except Exception:
-        return ""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``replay`` (see the module docstring for exit codes)."""
-    p = subparsers.add_parser("replay", help="rerun a case in a fresh worker (exit 0 pass, 1 fail, 125 cannot run)",
+    p = subparsers.add_parser("replay", help="rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side "
+                                             "problem, 125 cannot run)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("case", help="CASE.json (its .safetensors sibling is used when present)")
     p.add_argument("--device", default=None,
@@ -148,4 +190,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds before the case counts as a timeout")
     p.add_argument("--no-attribute", action="store_true", help="skip the CUDA_LAUNCH_BLOCKING=1 rerun of a fault")
     p.add_argument("--json", action="store_true", help="print the Result as JSON")
+    p.add_argument("--bisect", action="store_true",
+                   help="for git bisect run: exit 128 (abort the bisect) instead of 2 on a harness-side problem")
+    from harness.cases import add_budget_argument
+
+    add_budget_argument(p)
+    _abort_on_bad_arguments_under_bisect(p)
     p.set_defaults(func=_cmd)
+
+
+def _abort_on_bad_arguments_under_bisect(p: argparse.ArgumentParser) -> None:
+    """argparse exits 2 on a bad argument, which ``git bisect run`` reads as "bad": with ``--bisect`` on the
+    command line, exit 128 instead (bisect stops and shows argparse's message)."""
+    plain_exit = p.exit
+
+    def exit_(status: int = 0, message: str | None = None) -> None:
+        if status == 2 and "--bisect" in sys.argv[1:]:
+            status = EXIT_BISECT_ABORT
+        plain_exit(status, message)
+
+    p.exit = exit_  # type: ignore[method-assign]

@@ -1,4 +1,5 @@
-"""``harness replay`` exit codes (0 pass / 1 fail / 125 cannot run) and ``harness minimize``."""
+"""``harness replay`` exit codes (0 pass / 1 fail / 2 harness-side / 125 cannot run; 128 under --bisect) and
+``harness minimize``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from harness.layouts import LayoutSpec, ViewOp
 from harness.reference.metrics import Bound
 from harness.runner.execute import run_case
 from harness.runner.minimize import candidates, minimize
-from harness.runner.replay import EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_PASS, exit_code
+from harness.cases import CaseError, case_elements
+from harness.runner.minimize import NothingToMinimize
+from harness.runner.replay import EXIT_BISECT_ABORT, EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_HARNESS, EXIT_PASS, exit_code
 from harness.runner.targets import BaseTarget, register_target
 from harness.values import ValueSpec
 from harness.verdicts import Result, Verdict
@@ -47,21 +50,48 @@ def test_replay_exit_codes(tmp_path, capsys, op, argv, code):
 def test_replay_of_a_cuda_case_without_gpu_cannot_run(tmp_path, capsys):
     path = write(tmp_path, "cpu.scale", "gpu_case", device_type="cuda", device="cuda:0", device_name="NVIDIA H100")
     assert cli_main(["replay", str(path)]) == EXIT_CANNOT_RUN
-    assert "recorded on CUDA (NVIDIA H100)" in capsys.readouterr().out
+    assert "recorded on CUDA (NVIDIA H100)" in capsys.readouterr().err
     # asking for the CPU explicitly runs it anyway
     assert cli_main(["replay", str(path), "--device", "cpu"]) == EXIT_PASS
 
 
-def test_replay_of_an_unreadable_case_cannot_run(tmp_path, capsys):
+@pytest.mark.parametrize(("payload", "match"), [
+    ('{"schema_version": 0, "op": "cpu.scale"}', "schema_version 0 is not supported"),
+    ('{"schema_version": true, "op": "cpu.scale"}', "schema_version must be an integer"),
+    ('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}}}', "'qint8'"),
+    ('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "offset": 500000000}}, '
+     '"values": {"x": {}}}', "over the budget"),
+])
+def test_replay_of_a_bad_case_file_is_harness_side_never_fail_or_skip(tmp_path, capsys, payload, match):
     bad = tmp_path / "bad.json"
+    bad.write_text(payload)
+    assert cli_main(["replay", str(bad)]) == EXIT_HARNESS
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["replay", str(bad), "--bisect"]) == EXIT_BISECT_ABORT
+    assert "git bisect run stops here" in capsys.readouterr().err
+    assert cli_main(["replay", str(tmp_path / "typo.json")]) == EXIT_HARNESS  # a typo is not "skip this commit"
+
+
+def test_replay_of_a_newer_schema_cannot_run_at_this_commit(tmp_path, capsys):
+    bad = tmp_path / "new.json"
     bad.write_text('{"schema_version": 99, "op": "cpu.scale"}')
-    assert cli_main(["replay", str(bad)]) == EXIT_CANNOT_RUN
-    assert "schema_version 99" in capsys.readouterr().out
+    assert cli_main(["replay", str(bad), "--bisect"]) == EXIT_CANNOT_RUN
+    assert "written by a newer harness" in capsys.readouterr().err
+
+
+def test_replay_bad_arguments_abort_a_bisect(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path, "cpu.scale", "c")
+    assert cli_main(["replay", str(path), "--expect", "crashed", "--bisect"]) == EXIT_BISECT_ABORT
+    monkeypatch.setattr(sys, "argv", ["harness", "replay", str(path), "--bisect", "--timeout", "soon"])
+    with pytest.raises(SystemExit) as e:
+        cli_main(sys.argv[1:])
+    assert e.value.code == EXIT_BISECT_ABORT and "--timeout" in capsys.readouterr().err
 
 
 def test_replay_rejects_unknown_expect(tmp_path, capsys):
     path = write(tmp_path, "cpu.scale", "c")
-    assert cli_main(["replay", str(path), "--expect", "crashed"]) == 2
+    assert cli_main(["replay", str(path), "--expect", "crashed"]) == EXIT_HARNESS
     assert "expected one of" in capsys.readouterr().err
 
 
@@ -72,6 +102,14 @@ def test_replay_exit_code_rules():
     broken = Result(Verdict.WORKER_CRASH, "fresh process exited with status 1", attribution={"harness_broken": True})
     assert exit_code(broken, None) == EXIT_CANNOT_RUN
     assert exit_code(Result(Verdict.WORKER_CRASH), None) == EXIT_FAIL
+    # the harness's own verdicts are never "still fails"
+    harness_verdicts = [Verdict.ERROR] + [v for v in Verdict if v.value == "unsupported"]
+    for v in harness_verdicts:
+        assert exit_code(Result(v, "the reference raised"), None) == EXIT_HARNESS
+        assert exit_code(Result(v), Verdict.DRIFT) == EXIT_HARNESS
+        assert exit_code(Result(v), None, bisect=True) == EXIT_BISECT_ABORT
+        assert exit_code(Result(v), v) == EXIT_PASS  # asked for on purpose
+    assert exit_code(Result(Verdict.DRIFT), None, bisect=True) == EXIT_FAIL
 
 
 def test_replay_works_as_git_bisect_run_command(tmp_path):
@@ -147,8 +185,32 @@ def test_minimize_slices_stored_values_with_the_dims():
 
 def test_minimize_refuses_a_passing_case():
     c = Case(op="cpu.scale", layouts={"x": PLAIN})
-    with pytest.raises(ValueError, match="does not fail here"):
+    with pytest.raises(NothingToMinimize, match="does not fail here"):
         minimize(c, {}, run_in_process)
+
+
+def test_minimize_refuses_a_harness_verdict():
+    with pytest.raises(NothingToMinimize, match="the harness cannot run it"):
+        minimize(Case(op="cpu.scale", layouts={"x": PLAIN}), {}, lambda c, v: Result(Verdict.ERROR, "reference raised"))
+
+
+def test_minimize_checks_the_budget_before_anything_runs():
+    ran: list[Case] = []
+
+    def oom(c, v):
+        ran.append(c)
+        return Result(Verdict.OOM, "out of memory")
+
+    huge = Case(op="cpu.scale", layouts={"x": LayoutSpec((10**12,), "float32")})
+    with pytest.raises(CaseError, match="over the budget"):
+        minimize(huge, {}, oom)
+    assert ran == []
+    # removing a broadcast makes the storage grow (4160 -> 8192 elements): over a budget of 5000 that candidate,
+    # the first one tried, is skipped unrun; once the dims have shrunk it fits and goes
+    c = Case(op="cpu.scale", layouts={"x": LayoutSpec((64, 64), "float32", broadcast=(0,))})
+    res = minimize(c, {}, oom, max_elements=5000)
+    assert res.removed[:2] == ["size 64 -> 32 in ['x']", "x: broadcast"]
+    assert max(case_elements(x) for x in ran) <= 5000
 
 
 def test_minimize_cli_writes_the_minimal_case(tmp_path, capsys):
@@ -162,3 +224,30 @@ def test_minimize_cli_writes_the_minimal_case(tmp_path, capsys):
     assert small.layouts["x"] == LayoutSpec((1, 1), "float32", offset=2)
     assert small.verdict["verdict"] == "layout_noninvariance"
     assert cli_main(["replay", str(out), "--expect", "layout_noninvariance"]) == EXIT_PASS
+
+
+def test_minimize_out_directory_and_existing_files(tmp_path, capsys):
+    spec = LayoutSpec((6, 4), "float32", offset=2, pad=(1, 1))
+    src = write(tmp_path, "fault.layout", "big", spec)
+    outdir = tmp_path / "minimal"
+    outdir.mkdir()
+    assert cli_main(["minimize", str(src), "--out", str(outdir)]) == 0
+    assert load_case(outdir / "big-min.json")[0].verdict["verdict"] == "layout_noninvariance"
+    capsys.readouterr()
+    before = (outdir / "big-min.json").read_bytes()
+    assert cli_main(["minimize", str(src), "--out", str(outdir)]) == EXIT_HARNESS  # nothing the user owns is lost
+    err = capsys.readouterr().err
+    assert "big-min.json already exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert (outdir / "big-min.json").read_bytes() == before
+    assert cli_main(["minimize", str(src), "--out", str(outdir / "big-min.json"), "--force"]) == 0
+
+
+def test_minimize_bad_files_exit_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "q.json"
+    bad.write_text('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}},'
+                   ' "values": {"x": {}}}')
+    assert cli_main(["minimize", str(bad)]) == EXIT_HARNESS
+    err = capsys.readouterr().err
+    assert "'qint8' is not a supported dtype" in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["minimize", str(tmp_path)]) == EXIT_HARNESS
+    assert "is a directory, not a case file" in capsys.readouterr().err
