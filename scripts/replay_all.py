@@ -4,7 +4,8 @@
 
 Each case runs as ``python -m harness replay CASE --expect <its recorded verdict>`` (a fresh
 interpreter and CUDA context per case, as a colleague replaying it would run it).  Prints a table
-and exits 1 when any case changed verdict (125 = could not run here, reported separately).
+and exits 1 when any case changed verdict (125 = could not run here, 2 = a harness-side problem such as an
+unreadable case file: both reported separately, 2 also makes the exit status 1).
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from pathlib import Path
 
 
 def replay(path: Path, timeout: float) -> dict:
-    case = json.loads(path.read_text())
-    want = (case.get("verdict") or {}).get("verdict", "pass")
+    from harness._jsonfile import read_json
+
+    try:  # bounded and regular-file-only, as every case loader (a FIFO or a huge file must not hang this loop)
+        case = read_json(path, ValueError, label=str(path), kind="a case file")
+        want = str(((case.get("verdict") if isinstance(case, dict) else None) or {}).get("verdict", "pass"))
+    except (ValueError, AttributeError) as e:
+        return {"case": path.name, "op": None, "expected": None, "rc": 2, "s": 0.0, "tail": [str(e)]}
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, "-m", "harness", "replay", str(path), "--expect", want, "--no-attribute"],
@@ -44,13 +50,15 @@ def main() -> int:
         results = list(ex.map(lambda p: replay(p, args.timeout), paths))
     same = sum(r["rc"] == 0 for r in results)
     cannot = [r for r in results if r["rc"] == 125]
-    changed = [r for r in results if r["rc"] not in (0, 125)]
-    print(f"replayed {len(results)} cases: {same} same verdict, {len(changed)} changed, {len(cannot)} cannot run here")
-    for r in changed + cannot:
+    harness = [r for r in results if r["rc"] == 2]
+    changed = [r for r in results if r["rc"] not in (0, 2, 125)]
+    print(f"replayed {len(results)} cases: {same} same verdict, {len(changed)} changed, {len(cannot)} cannot run here, "
+          f"{len(harness)} harness-side problems")
+    for r in changed + harness + cannot:
         print(f"  rc={r['rc']} {r['case']} ({r['op']}, expected {r['expected']}): {' | '.join(r['tail'])[:300]}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
-    return 1 if changed else 0
+    return 1 if changed or harness else 0
 
 
 if __name__ == "__main__":

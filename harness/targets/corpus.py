@@ -86,12 +86,19 @@ class CorpusEntry:
     torch_below: str | None = None
 
     def __post_init__(self) -> None:
-        for f in ("file", "op", "layout_class", "verdict", "description", "versions"):
+        for f in ("file", "op", "layout_class", "verdict", "description", "versions", "device"):
             v = getattr(self, f)
             if not isinstance(v, str) or not v.strip():
-                raise CorpusError(f"corpus entry {self.file!r}: field {f!r} must be a non-empty string, got {v!r}")
+                raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} must be a non-empty string, "
+                                  f"got {_short(v)}")
             if "\n" in v:
-                raise CorpusError(f"corpus entry {self.file!r}: field {f!r} must be one line")
+                raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} must be one line")
+            if not v.isprintable():
+                raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} holds control characters: {_short(v)}")
+        for f in ("min_capability", "torch_min", "torch_below"):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, str):
+                raise CorpusError(f"corpus entry {self.file!r}: field {f!r} must be a string or null, got {_short(v)}")
         if os.path.isabs(self.file) or ".." in Path(self.file).parts or not self.file.endswith(".json"):
             raise CorpusError(f"corpus entry file {self.file!r} must be a relative NAME.json inside the corpus")
         if self.device not in ("cpu", "cuda"):
@@ -133,6 +140,11 @@ class CorpusEntry:
         return cls(**d)
 
 
+def _short(x: object, limit: int = 60) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _version(v: str) -> tuple[int, ...]:
     m = re.match(r"\s*(\d+(?:\.\d+)*)", str(v))
     return tuple(int(p) for p in m.group(1).split(".")) if m else ()
@@ -144,7 +156,7 @@ def load_corpus(corpus: str | os.PathLike | None = None, *, check_files: bool = 
     idx = d / _INDEX
     if not idx.exists():
         return []
-    data = read_json(idx, CorpusError, label=str(idx))
+    data = read_json(idx, CorpusError, label=str(idx), kind="a corpus index")  # regular file, capped, depth-bounded
     if not isinstance(data, dict) or data.get("schema_version") != CORPUS_SCHEMA_VERSION:
         raise CorpusError(f"{idx}: expected {{'schema_version': {CORPUS_SCHEMA_VERSION}, 'cases': [...]}}")
     cases = data.get("cases")

@@ -135,3 +135,25 @@ def test_applies_here(entry_kw, cap, torch_v, ok, match) -> None:
                     **entry_kw)
     got, why = applies_here(e, torch_version=torch_v, cuda_capability=cap)
     assert got is ok and match in why
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    ({"min_capability": 9.0}, "'min_capability' must be a string or null, got 9.0"),
+    ({"device": ["cpu"]}, "'device' must be a non-empty string"),
+    ({"description": "fine\x1b[2Jnot"}, "control characters"),
+])
+def test_index_fields_are_typed(tmp_path, entry, match) -> None:
+    base = {"file": "a.json", "op": "x", "layout_class": "y", "verdict": "drift", "description": "d", "versions": "v"}
+    (tmp_path / "index.json").write_text(json.dumps({"schema_version": 1, "cases": [{**base, **entry}]}))
+    with pytest.raises(CorpusError, match=match):
+        load_corpus(tmp_path, check_files=False)
+
+
+def test_index_that_is_not_a_regular_file_or_too_deep_is_one_error(tmp_path) -> None:
+    (tmp_path / "index.json").symlink_to("/dev/zero")
+    with pytest.raises(CorpusError, match="is a device, not a corpus index"):
+        load_corpus(tmp_path)
+    (tmp_path / "index.json").unlink()
+    (tmp_path / "index.json").write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(CorpusError, match="nests deeper than 64 levels"):
+        load_corpus(tmp_path)
