@@ -330,7 +330,8 @@ def _remove_stale_temps(final: Path) -> None:
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``folder`` for the renames of one save (no-op where flock is missing)."""
+    """An exclusive ``flock`` on ``folder`` for the renames of one save (none where the platform or filesystem
+    has no flock)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not Linux
@@ -338,7 +339,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a filesystem without flock: the renames still happen, unserialized
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
