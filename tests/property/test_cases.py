@@ -314,3 +314,30 @@ def test_show_escapes_untrusted_text(tmp_path) -> None:
     assert b"\x1b" not in out.stdout and b"\x07" not in out.stdout
     assert rb"note: \x1b[2J\x1b[31mred\nsecond line \ud83d" in out.stdout and rb"backend: \ud800" in out.stdout
     assert printable("a\x1b[0m\u202eb") == r"a\x1b[0m\u202eb"
+
+
+def test_a_sigkilled_save_leaves_no_silent_pair_and_its_orphan_is_cleaned(tmp_path) -> None:
+    save_case(CASE_A, tmp_path / "c", {"input": torch.zeros(2, 16)})
+    # a real SIGKILL (no finally runs) right after the tensor file is renamed into place
+    code = (
+        "import os, signal, torch\n"
+        "from harness.cases import Case, save_case\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        f"case = Case.from_dict({CASE_B.to_dict()!r})\n"
+        f"save_case(case, {str(tmp_path / 'c')!r}, {{'input': torch.ones(2, 16)}})\n"
+    )
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == -9, cp.stderr
+    orphans = _leftovers(tmp_path)
+    assert len(orphans) == 1 and orphans[0].startswith(".c.json."), orphans  # the JSON temp it never renamed
+    with pytest.raises(CaseError, match="was not written with this c.json"):
+        load_case(tmp_path / "c.json")
+    old = time.time() - 2 * STALE_TEMP_SECONDS
+    os.utime(tmp_path / orphans[0], (old, old))
+    save_case(CASE_B, tmp_path / "c", {"input": torch.ones(2, 16)})  # the rerun
+    assert _leftovers(tmp_path) == []
+    assert load_case(tmp_path / "c.json")[0].verdict == CASE_B.verdict
