@@ -210,8 +210,9 @@ def _cmd(args: argparse.Namespace) -> int:
     if taken and not args.force:
         print_problem("minimize", f"{taken[0]} already exists; pass --force to overwrite it, or name another --out")
         return EXIT_HARNESS
-    if out.exists() and out.is_dir():
-        print_problem("minimize", f"--out {out} is a directory holding the name it would write; name a file")
+    blocking = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+    if blocking is not None:
+        print_problem("minimize", f"--out {out}: {blocking} is a file, not a directory; name a folder or a new file")
         return EXIT_HARNESS
     device, why = choose_device(case.env, args.device)
     if device is None:

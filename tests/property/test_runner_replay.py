@@ -240,6 +240,9 @@ def test_minimize_out_directory_and_existing_files(tmp_path, capsys):
     assert "big-min.json already exists; pass --force" in err and len(err.strip().splitlines()) == 1
     assert (outdir / "big-min.json").read_bytes() == before
     assert cli_main(["minimize", str(src), "--out", str(outdir / "big-min.json"), "--force"]) == 0
+    capsys.readouterr()
+    assert cli_main(["minimize", str(src), "--out", str(outdir / "big-min.json" / "x.json")]) == EXIT_HARNESS
+    assert "big-min.json is a file, not a directory" in capsys.readouterr().err
 
 
 def test_minimize_bad_files_exit_2_with_one_line(tmp_path, capsys):
