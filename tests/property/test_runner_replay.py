@@ -254,3 +254,24 @@ def test_minimize_bad_files_exit_2_with_one_line(tmp_path, capsys):
     assert "'qint8' is not a supported dtype" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["minimize", str(tmp_path)]) == EXIT_HARNESS
     assert "is a directory, not a case file" in capsys.readouterr().err
+
+
+def test_git_bisect_run_stops_on_a_harness_side_problem_with_the_message(tmp_path):
+    # a throwaway repository: with --bisect, a malformed case stops the bisect instead of marking a commit bad
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    for i in range(3):
+        (repo / "kernel.txt").write_text(str(i))
+        subprocess.run([*git, "add", "."], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", f"c{i}"], cwd=repo, check=True)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}}}')
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([*git, "bisect", "start", "HEAD", "HEAD~2"], cwd=repo, check=True, capture_output=True)
+    cp = subprocess.run([*git, "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(bad)],
+                        cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0 and "'qint8' is not a supported dtype" in log and "git bisect run stops here" in log, log
+    assert "is the first bad commit" not in log, log
