@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["ShardError", "Shard", "parse_shard", "shard_of", "cell_key", "split"]
+__all__ = ["Shard", "ShardError", "cell_key", "parse_shard", "shard_of", "shard_record", "split"]
 
 T = TypeVar("T")
 _SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
@@ -80,3 +81,18 @@ def split(keys: Sequence[str], count: int) -> dict[int, list[str]]:
     for k in keys:
         out[shard_of(k, count)].append(k)
     return out
+
+
+def shard_record(spec: str | Shard, cells: Sequence[T]) -> tuple[list[T], dict[str, Any]]:
+    """This shard's matrix cells (objects with ``op`` and ``layout_class``) and the summary's ``shard`` record.
+
+    The record names the shard, the harness version and every cell of the unsharded run in its
+    order (``all_cells``), so a merge can check the shards belong together and cover the run.
+    """
+    from harness import __version__
+
+    shard = spec if isinstance(spec, Shard) else parse_shard(spec)
+    mine = shard.select(cells, key=lambda c: cell_key(c.op, c.layout_class))  # type: ignore[attr-defined]
+    record = {"index": shard.index, "count": shard.count, "harness": __version__, "cells": len(mine),
+              "all_cells": [[c.op, c.layout_class] for c in cells]}  # type: ignore[attr-defined]
+    return mine, record
