@@ -28,7 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    name = load_profile(config.getoption("--harness-profile"))
+    try:
+        name = load_profile(config.getoption("--harness-profile"))
+    except ValueError as e:  # a bad HARNESS_PROFILE / HARNESS_HYPOTHESIS_DB: one line, not a traceback
+        raise pytest.UsageError(str(e)) from None
     config._harness_profile = name  # type: ignore[attr-defined]
 
 
