@@ -4,7 +4,8 @@
 - ``gpu``-marked tests skip, with the missing capability named, when no CUDA device is visible.
   The probe runs when tests are collected (never at import of the package) and only asks
   ``torch.cuda.is_available()``, which does not create a CUDA context.
-- The runner's pytest plugin (pool fixture, case files for failures) is enabled here.
+- The runner's pytest plugin (pool fixture, case files for failures) is enabled here, and
+  :mod:`harness.pytest_fleet` (``--harness-shard I/N``; one GPU per pytest-xdist worker).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from harness.profiles import PROFILES, load_profile
 
-pytest_plugins = ["harness.pytest_plugin"]
+pytest_plugins = ["harness.pytest_plugin", "harness.pytest_fleet"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
