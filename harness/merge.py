@@ -8,8 +8,10 @@ hash names, that no shard is given twice and none is missing (``--allow-missing`
 the missing shards' cells become ``not_run`` and the merged run is not complete).  It writes
 ``MERGED/summary.json``, ``report.md``, ``report.html``, ``cases/`` (every shard's example cases;
 a name taken by another shard gets a ``shardIofN-`` prefix) and ``contracts.json`` when the shards
-have one (merged by op).  The merged summary lists, under ``merged_from``, which device ran which
-shard; each merged cell carries its ``shard``.
+have one, merged by op (an op whose cells ran on several shards, each inferring its contract from
+its own cases, so that the entries differ, is left out and listed under ``partial``).  The merged
+summary lists, under ``merged_from``, which device ran which shard (also a table in the reports);
+each merged cell carries its ``shard``.
 
 Exit status: 0 merged; 1 with ``--fail-on-new`` when the merged run has a new failure; 2 bad input
 (one line on stderr; nothing written); 3 merged, but the run is not complete (a shard did not
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import html
 import json
 import os
 import shlex
@@ -52,7 +55,7 @@ SAME_RUN_FIELDS = ("schema_version", "kind", "size", "seed")
 #: top-level fields the merge computes itself; any other field is kept when every shard agrees on it
 _COMPUTED = {"started_at", "duration_s", "wrapup_s", "budget_s", "budget_exhausted", "completed", "command",
              "workers", "device", "totals", "cases_by_device", "workers_replaced", "cells", "unavailable",
-             "new_failures", "shard", "corpus", "known_failures", "layout_classes", "interrupted"}
+             "new_failures", "shard", "corpus", "known_failures", "layout_classes", "interrupted", "contracts"}
 _MAX_CONTRACTS_BYTES = 64 * 1024 * 1024
 
 
@@ -169,33 +172,46 @@ def _relink(cell: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, An
     return c
 
 
-def merge_contracts(outputs: Sequence[ShardOutput]) -> dict[str, Any] | None:
-    """The shards' ``contracts.json`` merged by op (an ``ops`` object if the files have one, else top-level keys).
+def _by_op(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Union of per-op mappings ``[(shard label, {op: entry})]``: (entries every shard agrees on, disagreeing ops).
 
-    An op in several shards must have the same entry; None when no shard has the file.
+    An op whose cells ran on several shards may have an entry per shard, each inferred from that shard's cases
+    only; those cannot be combined here and are left out, listed with the shards that hold them.
     """
-    docs = [(o, o.contracts) for o in outputs if o.contracts is not None]
+    seen: dict[str, list[tuple[str, Any]]] = {}
+    for label, doc in docs:
+        for op, entry in doc.items():
+            seen.setdefault(op, []).append((label, entry))
+    merged = {op: es[0][1] for op, es in sorted(seen.items()) if all(e == es[0][1] for _, e in es)}
+    partial = {op: [label for label, _ in es] for op, es in sorted(seen.items()) if op not in merged}
+    return merged, partial
+
+
+def _op_field(doc: Mapping[str, Any]) -> str | None:
+    """Where a contracts document keeps its per-op entries (``contracts`` or ``ops``; None: top level)."""
+    return next((k for k in ("contracts", "ops") if isinstance(doc.get(k), dict)), None)
+
+
+def merge_contracts(outputs: Sequence[ShardOutput]) -> dict[str, Any] | None:
+    """The shards' ``contracts.json`` merged by op; None when no shard has the file.
+
+    Fields other than the per-op entries come from the lowest shard.  Ops whose entries differ between shards
+    (each shard inferred its part) are left out and listed under ``partial`` ({op: [shard, ...]}).
+    """
+    docs = [(o, o.contracts) for o in sorted(outputs, key=lambda o: o.index) if o.contracts is not None]
     if not docs:
         return None
-    nested = all(isinstance(d.get("ops"), dict) for _, d in docs)
-    merged: dict[str, Any] = {}
-    where: dict[str, ShardOutput] = {}
-    for o, d in docs:
-        entries = d["ops"] if nested else d
-        for op, entry in entries.items():
-            if op in merged and merged[op] != entry:
-                raise MergeError(f"contracts.json: {op!r} differs between {where[op].path} and {o.path}; "
-                                 "shards of one run must declare the same contracts")
-            merged.setdefault(op, entry)
-            where.setdefault(op, o)
-    if not nested:
-        return merged
-    out = {k: v for k, v in docs[0][1].items() if k != "ops"}
-    for o, d in docs[1:]:
-        for k in set(out) | (set(d) - {"ops"}):
-            if out.get(k) != d.get(k):
-                raise MergeError(f"contracts.json: field {k!r} differs between {docs[0][0].path} and {o.path}")
-    out["ops"] = merged
+    field = _op_field(docs[0][1])
+    if any(_op_field(d) != field for _, d in docs):
+        raise MergeError(f"contracts.json of {docs[0][0].path} and another shard have different layouts; "
+                         "shards of one run write the same format")
+    merged, partial = _by_op([(o.label, d[field] if field else d) for o, d in docs])
+    if field is None:
+        return dict(merged, **({"partial": partial} if partial else {}))
+    out = {k: v for k, v in docs[0][1].items() if k != field}
+    out[field] = merged
+    if partial:
+        out["partial"] = partial
     return out
 
 
@@ -283,11 +299,47 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
                          "completed": o.summary.get("completed", True), "cells": len(o.summary["cells"]),
                          "cases": sum(o.summary["totals"].values())} for o in outs],
     }
+    if any(isinstance(o.summary.get("contracts"), dict) for o in outs):  # per-op, like contracts.json
+        merged["contracts"], partial = _by_op([(o.label, o.summary["contracts"]) for o in outs
+                                               if isinstance(o.summary.get("contracts"), dict)])
+        if partial:
+            merged["contracts_partial"] = partial
     for key in sorted({k for o in outs for k in o.summary} - _COMPUTED - set(merged)):
         values = [o.summary.get(key) for o in outs]
         if all(v == values[0] for v in values):  # a field this merge does not know: kept when the shards agree
             merged[key] = values[0]
     return merged
+
+
+def _shard_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    return [[m["shard"], str(m["device"]), str(m.get("capability") or "-"), ", ".join(m.get("devices_used") or []),
+             str(m["cells"]), str(m["cases"]), f"{float(m.get('duration_s') or 0):.0f} s",
+             "yes" if m.get("completed", True) else "NO", m["source"]] for m in summary["merged_from"]]
+
+
+_SHARD_HEAD = ["shard", "device", "capability", "devices", "cells", "cases", "duration", "completed", "from"]
+
+
+def _add_shard_tables(summary: Mapping[str, Any], out: Path) -> None:
+    """Append "which device ran which shard" to the rendered report.md and report.html."""
+    rows = _shard_rows(summary)
+    missing = summary["shards"]["missing"]
+    n = summary["shards"]["count"]
+    md = ["", f"## Shards ({len(rows)} of {n} merged)", "", "| " + " | ".join(_SHARD_HEAD) + " |",
+          "|" + "---|" * len(_SHARD_HEAD)]
+    md += ["| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows]
+    if missing:
+        md += ["", "Missing shards: " + ", ".join(f"{i}/{n}" for i in missing)]
+    md_path = out / "report.md"
+    md_path.write_text(md_path.read_text() + "\n".join(md) + "\n")
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
+    table = (f"<h2>Shards ({len(rows)} of {n} merged)</h2><table class='hdr'><tr>"
+             + "".join(f"<th>{h}</th>" for h in _SHARD_HEAD) + f"</tr>{cells}</table>"
+             + (f"<p>Missing shards: {html.escape(', '.join(f'{i}/{n}' for i in missing))}</p>" if missing else ""))
+    html_path = out / "report.html"
+    page = html_path.read_text()
+    cut = page.rfind("</body>")
+    html_path.write_text(page[:cut] + table + "\n" + page[cut:] if cut >= 0 else page + table)
 
 
 def merge(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_missing: bool = False,
@@ -312,6 +364,7 @@ def merge(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_
         renamed = {o.index: _copy_cases(o, tmp / "cases", taken) for o in sorted(outputs, key=lambda o: o.index)}
         summary = merge_summaries(outputs, renamed, missing=missing, command=command)
         write_reports(summary, tmp)
+        _add_shard_tables(summary, tmp)
         if contracts is not None:
             (tmp / "contracts.json").write_text(json.dumps(contracts, indent=2, sort_keys=True) + "\n")
         if dest.exists():
@@ -338,6 +391,10 @@ def _cmd(args: argparse.Namespace) -> int:
     for m in s["merged_from"]:
         print(f"  shard {m['shard']}: {m['device']} ({m['cells']} cells, {m['cases']} cases"
               f"{'' if m['completed'] else ', NOT completed'}) from {m['source']}")
+    partial = s.get("contracts_partial") or {}
+    if partial:
+        print(f"note: {len(partial)} op(s) have contracts inferred per shard that differ ({', '.join(partial)}); "
+              "left out of the merged contracts")
     print(f"report: {Path(args.out) / 'report.html'}")
     if not s["completed"]:
         return 3

@@ -192,19 +192,32 @@ def test_unknown_fields_are_tolerated_and_kept_when_the_shards_agree(tmp_path) -
     assert m["interrupted"] is True
 
 
-def test_contracts_merge_by_op_and_conflicts_are_refused(tmp_path) -> None:
-    ins = [_shard(tmp_path, i, 3) for i in (1, 2, 3)]
-    for i, d in enumerate(ins):
-        (d / "contracts.json").write_text(json.dumps({"schema": 1, "ops": {f"op{i}": {"writes": []},
-                                                                            "shared": {"writes": ["out"]}}}))
-    m_dir = tmp_path / "m"
-    merge(ins, m_dir)
-    got = json.loads((m_dir / "contracts.json").read_text())
-    assert got == {"schema": 1, "ops": {"op0": {"writes": []}, "op1": {"writes": []}, "op2": {"writes": []},
-                                         "shared": {"writes": ["out"]}}}
-    (ins[2] / "contracts.json").write_text(json.dumps({"schema": 1, "ops": {"shared": {"writes": []}}}))
-    with pytest.raises(MergeError, match="'shared' differs"):
-        merge(ins, tmp_path / "m2")
+def test_contracts_merge_by_op_and_per_shard_inferences_are_listed_not_mixed(tmp_path) -> None:
+    ins = [_shard(tmp_path, i, 3, extra={"contracts": {f"op{i}": {"n": i}, "shared": {"n": 0}}}) for i in (1, 2, 3)]
+    for i, d in enumerate(ins, 1):
+        doc = {"kind": "harness.contracts", "source": "matrix", "measured_on": {"name": f"gpu{i}"},
+               "contracts": {f"op{i}": {"writes": []}, "shared": {"writes": ["out"]}}}
+        if i == 3:
+            doc["contracts"]["shared"] = {"writes": []}  # shard 3 saw other cases of this op
+        (d / "contracts.json").write_text(json.dumps(doc))
+    m = merge(ins, tmp_path / "m")
+    got = json.loads((tmp_path / "m" / "contracts.json").read_text())
+    assert got["contracts"] == {"op1": {"writes": []}, "op2": {"writes": []}, "op3": {"writes": []}}
+    assert got["partial"] == {"shared": ["1/3", "2/3", "3/3"]}
+    assert got["kind"] == "harness.contracts" and got["measured_on"] == {"name": "gpu1"}
+    assert m["contracts"] == {"op1": {"n": 1}, "op2": {"n": 2}, "op3": {"n": 3}, "shared": {"n": 0}}
+    assert "contracts_partial" not in m
+
+
+def test_the_reports_name_the_device_of_every_shard(tmp_path) -> None:
+    a, b = _shard(tmp_path, 1, 3), _shard(tmp_path, 3, 3)
+    merge([a, b], tmp_path / "m", allow_missing=True)
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert "## Shards (2 of 3 merged)" in md and "Missing shards: 2/3" in md
+    assert "| 1/3 | NVIDIA H200 #1 | 9.0 | cuda:0 |" in md and "| 3/3 | NVIDIA H200 #3 |" in md
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "<h2>Shards (2 of 3 merged)</h2>" in page and page.rstrip().endswith("</html>")
+    assert page.index("NVIDIA H200 #3</td>") < page.index("</body>")
 
 
 def test_a_non_empty_out_is_never_touched(tmp_path) -> None:
@@ -249,3 +262,26 @@ def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 3, r.stderr
     assert "missing shards 2/3, 3/3" in r.stdout
+
+
+def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
+    empty = next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
+    out = tmp_path / "empty"
+    r = subprocess.run(_harness("matrix", "--device", "cpu", "--time-budget", "0", "--workers", "1", "--quiet",
+                                "--ops", "fp8_linear", "--classes", "contiguous", "--shard", f"{empty}/2",
+                                "--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = load_summary(out)
+    assert s["cells"] == [] and s["shard"] == {"index": empty, "count": 2, "harness": s["shard"]["harness"],
+                                               "cells": 0, "all_cells": [["fp8_linear", "contiguous"]]}
+
+
+@pytest.mark.parametrize("spec, match", [("0/2", "between 1 and 2"), ("x", "is not I/N")])
+def test_matrix_rejects_a_bad_shard_in_one_line(tmp_path, spec: str, match: str) -> None:
+    r = subprocess.run(_harness("matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec,
+                                "--out", str(tmp_path / "o")), cwd=REPO, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness matrix: ") and match in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
