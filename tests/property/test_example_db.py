@@ -215,3 +215,23 @@ def test_load_profile_pings_the_server(redis_url, monkeypatch, request) -> None:
     finally:
         monkeypatch.undo()
         load_profile(request.config._harness_profile)  # back to this session's own profile and database
+
+
+def test_which_profiles_use_the_setting(monkeypatch, tmp_path, request) -> None:
+    from hypothesis import settings
+
+    from harness.profiles import register_profiles
+
+    try:
+        monkeypatch.setenv(DB_ENV, str(tmp_path / "shared"))
+        register_profiles()
+        for name in ("dev", "nightly"):
+            db = settings.get_profile(name).database
+            assert isinstance(db, DirectoryBasedExampleDatabase) and Path(db.path) == tmp_path / "shared", name
+        assert settings.get_profile("ci").database is None  # derandomized: no database by design
+        monkeypatch.delenv(DB_ENV)
+        register_profiles()
+        assert Path(settings.get_profile("nightly").database.path) == Path(".hypothesis", "nightly")
+    finally:
+        monkeypatch.undo()
+        load_profile(request.config._harness_profile)
