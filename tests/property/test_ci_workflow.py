@@ -171,7 +171,7 @@ def test_every_command_the_workflow_calls_exists(wf) -> None:
             elif tok in ("python", "python3") and rest[:2] == ["-m", "pytest"]:
                 helptext = _pytest_help()
                 for opt in _options(rest[2:]) + [o for o in rest[2:] if o in ("-n", "-m", "-p")]:
-                    assert re.search(rf"(^|[\s,]){re.escape(opt)}([\s=,]|$)", helptext, re.M), f"pytest {opt}?"
+                    assert re.search(rf"(^|[\s,]){re.escape(opt)}([\s=,]|$)", helptext, re.MULTILINE), f"pytest {opt}?"
                 for path in (a for a in rest[2:] if a.startswith("tests/")):
                     assert (REPO / path).exists(), path
                 seen["pytest"] += 1

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.pytest_fleet import GPU_COUNT_ENV, device_for_worker, gpus_to_hand_out, worker_index
+from harness.pytest_fleet import (
+    GPU_COUNT_ENV,
+    device_for_worker,
+    gpus_to_hand_out,
+    worker_index,
+)
 from harness.shard import shard_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +98,7 @@ def test_harness_shard_splits_the_collected_tests(tmp_path) -> None:
             i = int(spec[0])
             assert ids == [x for x in every if shard_of(x, 3) == i]
             shares.append(ids)
-    assert len(every) == 30 and sorted(sum(shares, [])) == sorted(every)  # disjoint and complete
+    assert len(every) == 30 and sorted(x for s in shares for x in s) == sorted(every)  # disjoint and complete
     assert all(shares)
 
 
