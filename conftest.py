@@ -4,7 +4,8 @@
 - ``gpu``-marked tests skip, with the missing capability named, when no CUDA device is visible.
   The probe runs when tests are collected (never at import of the package) and only asks
   ``torch.cuda.is_available()``, which does not create a CUDA context.
-- The runner's pytest plugin (pool fixture, case files for failures) is enabled here.
+- The runner's pytest plugin (pool fixture, case files for failures) is enabled here, and
+  :mod:`harness.pytest_fleet` (``--harness-shard I/N``; one GPU per pytest-xdist worker).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from harness.profiles import PROFILES, load_profile
 
-pytest_plugins = ["harness.pytest_plugin"]
+pytest_plugins = ["harness.pytest_plugin", "harness.pytest_fleet"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,7 +29,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    name = load_profile(config.getoption("--harness-profile"))
+    try:
+        name = load_profile(config.getoption("--harness-profile"))
+    except ValueError as e:  # a bad HARNESS_PROFILE / HARNESS_HYPOTHESIS_DB: one line, not a traceback
+        raise pytest.UsageError(str(e)) from None
     config._harness_profile = name  # type: ignore[attr-defined]
 
 

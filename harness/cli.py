@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("harness.runner.replay", "rerun a case in a fresh worker (exit 0 pass, 1 fail, 125 cannot run)"),
     "minimize": ("harness.runner.minimize", "shrink a failing case one layout property at a time"),
     "matrix": ("harness.matrix", "drive every op and backend through every layout class; write a report"),
+    "merge": ("harness.merge", "combine the outputs of `matrix --shard I/N` runs into one report"),
     "dashboard": ("harness.dashboard", "build the static benchmark dashboard from saved runs"),
 }
 

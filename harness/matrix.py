@@ -401,11 +401,12 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
                attn_plugins: Sequence[str] = (),
                attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
-               pool_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+               pool_factory: Callable[..., Any] | None = None, shard: str | None = None) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
     ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
-    replaces :class:`~harness.runner.pool.WorkerPool`.
+    replaces :class:`~harness.runner.pool.WorkerPool`.  ``shard`` (``"I/N"``) keeps this machine's
+    share of the cells (:mod:`harness.shard`); ``python -m harness merge`` joins the shards' outputs.
     """
     from harness.report import write_reports
     from harness.targets.corpus import load_corpus
@@ -426,6 +427,11 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     cells = _build_cells(targets, classes)
     if not cells:
         raise MatrixError("no (op, layout class) cell selected: check --ops / --classes")
+    shard_record = None
+    if shard is not None:  # this machine's share; an empty share still writes its (empty) summary for merge
+        from harness.shard import shard_record as _shard_record
+
+        cells, shard_record = _shard_record(shard, cells)
     devices = _resolve_device(device)
     n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
     entries = load_corpus(corpus)
@@ -572,6 +578,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new,
     }
+    if shard_record is not None:
+        summary["shard"] = shard_record
     paths = write_reports(summary, out_dir)
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
 
@@ -605,7 +613,8 @@ def _cmd(args: argparse.Namespace) -> int:
                              seed=args.seed, corpus=args.corpus, case_timeout=args.case_timeout,
                              plugins=args.plugin or (), attn_plugins=args.attn_plugin or (),
                              attribute=not args.no_attribute,
-                             progress=None if args.quiet else sys.stderr, command=command.strip())
+                             progress=None if args.quiet else sys.stderr, command=command.strip(),
+                             shard=args.shard)
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
         return 2
@@ -654,6 +663,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-attribute", action="store_true",
                    help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N (1 <= I <= N) of the cells, the same split on every machine; "
+                        "join the outputs with `python -m harness merge`")
     p.set_defaults(func=_cmd, argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "matrix" else [])
 
 

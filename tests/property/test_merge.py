@@ -1,0 +1,287 @@
+"""``matrix --shard`` + ``harness merge``: real sharded CPU runs merge into the unsharded run; bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cases import load_case
+from harness.merge import MergeError, merge
+from harness.report import load_summary, write_reports
+from harness.shard import cell_key, shard_of
+
+REPO = Path(__file__).resolve().parents[2]
+OPS = "legacy.wanvideo_late2025,fp8_linear"
+CLASSES = "contiguous,offset_2,broadcast,values_beyond_448"
+
+
+def _harness(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", *args]
+
+
+def _matrix_args(out: Path, corpus: Path, *extra: str) -> list[str]:
+    return _harness("matrix", "--device", "cpu", "--time-budget", "0", "--cases-per-cell", "1", "--workers", "1",
+                    "--ops", OPS, "--classes", CLASSES, "--corpus", str(corpus), "--quiet", "--out", str(out), *extra)
+
+
+def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> None:
+    corpus = tmp_path / "empty-corpus"  # every failure is new: new_failures and their case links get merged too
+    outs = {i: tmp_path / f"shard{i}" for i in (1, 2)}
+    procs = [subprocess.Popen(_matrix_args(outs[i], corpus, "--shard", f"{i}/2"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    whole = subprocess.run(_matrix_args(tmp_path / "whole", corpus), cwd=REPO, capture_output=True, text=True, check=False,
+                           timeout=600)
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    shards = {i: load_summary(o) for i, o in outs.items()}
+    ref = load_summary(tmp_path / "whole")
+    keys = {i: [(c["op"], c["layout_class"]) for c in s["cells"]] for i, s in shards.items()}
+    ref_keys = [(c["op"], c["layout_class"]) for c in ref["cells"]]
+    assert keys[1] and keys[2] and not set(keys[1]) & set(keys[2])  # both non-empty, disjoint
+    assert sorted(keys[1] + keys[2]) == sorted(ref_keys)  # together complete
+    assert shards[1]["shard"]["all_cells"] == [list(k) for k in ref_keys]
+
+    merged_dir = tmp_path / "merged"
+    r = subprocess.run(_harness("merge", str(outs[2]), str(outs[1]), "--out", str(merged_dir)), cwd=REPO,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "merged 2 of 2 shards" in r.stdout and "shard 1/2: cpu" in r.stdout
+    m = load_summary(merged_dir)
+    assert [(c["op"], c["layout_class"]) for c in m["cells"]] == ref_keys  # the unsharded order
+    fields = ("kind", "status", "cases", "counts", "failing", "new", "known", "examples", "kernel_defects")
+    for got, want in zip(m["cells"], ref["cells"]):
+        assert {k: got.get(k) for k in fields} == {k: want.get(k) for k in fields}, got["op"]
+        assert got["shard"] == shard_of(cell_key(got["op"], got["layout_class"]), 2)
+    assert m["totals"] == ref["totals"]
+    assert sorted(f["fingerprint"] for f in m["new_failures"]) == sorted(f["fingerprint"] for f in ref["new_failures"])
+    assert m["new_failures"], "the selection was chosen to hold a known defect"
+    for c in m["cells"]:
+        for verdict, rel in c["examples"].items():
+            case, _ = load_case(merged_dir / rel)
+            assert case.op == c["op"] and case.verdict["verdict"] == verdict
+    assert [e["shard"] for e in m["merged_from"]] == ["1/2", "2/2"]
+    assert set(m["cases_by_device"]) == {"1/2 cpu", "2/2 cpu"}
+    assert "fp8_linear" in (merged_dir / "report.md").read_text()
+    assert (merged_dir / "report.html").exists()
+
+
+# ------------------------------------------------------------------ synthetic shard outputs (no workers)
+
+ALL = [["opA", "c1"], ["opB", "c1"], ["opA", "c2"], ["opB", "c2"], ["opA", "c3"], ["opB", "c3"], ["opA", "c4"]]
+
+
+def _cell(op: str, cls: str, status: str = "pass") -> dict:
+    counts = {"pass": 2} if status == "pass" else {"drift": 1, "pass": 1}
+    ex = {} if status == "pass" else {"drift": f"cases/{op}-{cls}-drift.json"}
+    return {"op": op, "kind": "linear", "layout_class": cls, "status": status, "cases": 2, "counts": counts,
+            "reason": "", "worst": None, "examples": ex, "messages": {}, "failing": [] if status == "pass" else ["drift"],
+            "new": [], "known": [], "kernel_defects": {}}
+
+
+def _shard(root: Path, i: int, n: int, *, all_cells=ALL, device=None, cells=None, extra=None, case_names=()) -> Path:
+    out = root / f"s{i}of{n}"
+    mine = [c for c in all_cells if shard_of(cell_key(*c), n) == i] if cells is None else cells
+    rows = [_cell(op, cls, "fail" if cls == "c2" else "pass") for op, cls in mine]
+    (out / "cases").mkdir(parents=True)
+    for r in rows:
+        for rel in r["examples"].values():
+            (out / rel).write_text(json.dumps({"from": i}))
+    for name in case_names:
+        (out / "cases" / f"{name}.json").write_text(json.dumps({"from": i}))
+    s = {"schema_version": 1, "kind": "harness.matrix.summary", "started_at": f"2026-01-01T00:0{i}:00+00:00",
+         "duration_s": 10.0 * i, "budget_s": 60.0, "budget_exhausted": False, "completed": True, "size": "small",
+         "seed": 0, "workers": 1, "device": dict({"used": "cuda", "name": f"NVIDIA H200 #{i}", "capability": "9.0",
+                                                   "torch": "2.13.0", "cuda": "13.0", "devices_used": ["cuda:0"]},
+                                                  **(device or {})),
+         "totals": {"pass": sum(r["counts"].get("pass", 0) for r in rows),
+                    "drift": sum(r["counts"].get("drift", 0) for r in rows)},
+         "cases_by_device": {"cuda:0": sum(r["cases"] for r in rows)}, "cells": rows, "unavailable": [],
+         "new_failures": [], "shard": {"index": i, "count": n, "harness": "0.1.0", "cells": len(rows),
+                                       "all_cells": all_cells}}
+    s.update(extra or {})
+    write_reports(s, out)
+    return out
+
+
+def _check_spread() -> None:
+    got = {shard_of(cell_key(*c), 3) for c in ALL}
+    assert got == {1, 2, 3}, "the synthetic cells must spread over three shards for these tests"
+
+
+def test_synthetic_merge_orders_cells_sums_totals_and_names_devices(tmp_path) -> None:
+    _check_spread()
+    ins = [_shard(tmp_path, i, 3) for i in (3, 1, 2)]
+    m = merge(ins, tmp_path / "m")
+    assert [[c["op"], c["layout_class"]] for c in m["cells"]] == ALL
+    assert m["totals"]["pass"] == sum(c["counts"].get("pass", 0) for c in m["cells"])
+    assert m["duration_s"] == 30.0 and m["started_at"].startswith("2026-01-01T00:01")
+    assert m["completed"] is True and m["shards"]["missing"] == []
+    assert [e["device"] for e in m["merged_from"]] == ["NVIDIA H200 #1", "NVIDIA H200 #2", "NVIDIA H200 #3"]
+    assert m["device"]["capability"] == "9.0" and "NVIDIA H200 #2 (1 shard)" in m["device"]["name"]
+    for c in m["cells"]:
+        for rel in c["examples"].values():
+            assert (tmp_path / "m" / rel).exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"device": {"torch": "2.12.0"}}, "torch '2.12.0'"),
+    ({"device": {"capability": "8.9"}}, "capability '8.9'"),
+    ({"extra": {"seed": 7}}, "seed 7"),
+    ({"all_cells": ALL[:-1]}, "different cell selections"),
+])
+def test_incompatible_shards_are_refused(tmp_path, change, match) -> None:
+    a = _shard(tmp_path, 1, 3)
+    b = _shard(tmp_path, 2, 3, **change)
+    c = _shard(tmp_path, 3, 3)
+    with pytest.raises(MergeError, match=match):
+        merge([a, b, c], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_duplicate_and_mixed_shards_are_named(tmp_path) -> None:
+    a, b = _shard(tmp_path, 1, 3), _shard(tmp_path, 2, 3)
+    with pytest.raises(MergeError, match=r"shard\(s\) 3/3 missing"):
+        merge([a, b], tmp_path / "m")
+    with pytest.raises(MergeError, match="shard 1/3 given twice"):
+        merge([a, a, b], tmp_path / "m")
+    other = _shard(tmp_path / "x", 1, 2)
+    with pytest.raises(MergeError, match="same N"):
+        merge([a, other], tmp_path / "m")
+    wrong = _shard(tmp_path / "y", 2, 3, cells=[ALL[0]] if shard_of(cell_key(*ALL[0]), 3) != 2 else [ALL[1]])
+    with pytest.raises(MergeError, match="does not belong to shard 2/3"):
+        merge([a, wrong], tmp_path / "m")
+
+
+def test_allow_missing_marks_the_missing_cells_not_run_and_the_run_incomplete(tmp_path) -> None:
+    a, b = _shard(tmp_path, 1, 3), _shard(tmp_path, 2, 3)
+    m = merge([a, b], tmp_path / "m", allow_missing=True)
+    gone = [c for c in m["cells"] if c["status"] == "not_run"]
+    assert gone and all(c["shard"] == 3 and "shard 3/3 missing" in c["reason"] for c in gone)
+    assert [[c["op"], c["layout_class"]] for c in gone] == [c for c in ALL if shard_of(cell_key(*c), 3) == 3]
+    assert m["completed"] is False and m["shards"]["missing"] == [3]
+
+
+def test_a_taken_case_name_is_prefixed_and_relinked(tmp_path) -> None:
+    a = _shard(tmp_path, 1, 3, case_names=["clash"])
+    b = _shard(tmp_path, 2, 3, case_names=["clash"])
+    c = _shard(tmp_path, 3, 3)
+    s2 = load_summary(b)
+    s2["cells"][0]["examples"] = {"drift": "cases/clash.json"}
+    s2["cells"][0]["status"], s2["cells"][0]["counts"] = "fail", {"drift": 2}
+    write_reports(s2, b)
+    m = merge([a, b, c], tmp_path / "m")
+    moved = next(x for x in m["cells"] if x["op"] == s2["cells"][0]["op"]
+                 and x["layout_class"] == s2["cells"][0]["layout_class"])
+    assert moved["examples"]["drift"] == "cases/shard2of3-clash.json"
+    assert json.loads((tmp_path / "m" / "cases" / "shard2of3-clash.json").read_text()) == {"from": 2}
+    assert json.loads((tmp_path / "m" / "cases" / "clash.json").read_text()) == {"from": 1}
+
+
+def test_unknown_fields_are_tolerated_and_kept_when_the_shards_agree(tmp_path) -> None:
+    ins = [_shard(tmp_path, i, 3, extra={"future": {"x": 1}, "per_shard": i, "interrupted": i == 2})
+           for i in (1, 2, 3)]
+    m = merge(ins, tmp_path / "m")
+    assert m["future"] == {"x": 1} and "per_shard" not in m
+    assert m["interrupted"] is True
+
+
+def test_contracts_merge_by_op_and_per_shard_inferences_are_listed_not_mixed(tmp_path) -> None:
+    ins = [_shard(tmp_path, i, 3, extra={"contracts": {f"op{i}": {"n": i}, "shared": {"n": 0}}}) for i in (1, 2, 3)]
+    for i, d in enumerate(ins, 1):
+        doc = {"kind": "harness.contracts", "source": "matrix", "measured_on": {"name": f"gpu{i}"},
+               "contracts": {f"op{i}": {"writes": []}, "shared": {"writes": ["out"]}}}
+        if i == 3:
+            doc["contracts"]["shared"] = {"writes": []}  # shard 3 saw other cases of this op
+        (d / "contracts.json").write_text(json.dumps(doc))
+    m = merge(ins, tmp_path / "m")
+    got = json.loads((tmp_path / "m" / "contracts.json").read_text())
+    assert got["contracts"] == {"op1": {"writes": []}, "op2": {"writes": []}, "op3": {"writes": []}}
+    assert got["partial"] == {"shared": ["1/3", "2/3", "3/3"]}
+    assert got["kind"] == "harness.contracts" and got["measured_on"] == {"name": "gpu1"}
+    assert m["contracts"] == {"op1": {"n": 1}, "op2": {"n": 2}, "op3": {"n": 3}, "shared": {"n": 0}}
+    assert "contracts_partial" not in m
+
+
+def test_the_reports_name_the_device_of_every_shard(tmp_path) -> None:
+    a, b = _shard(tmp_path, 1, 3), _shard(tmp_path, 3, 3)
+    merge([a, b], tmp_path / "m", allow_missing=True)
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert "## Shards (2 of 3 merged)" in md and "Missing shards: 2/3" in md
+    assert "| 1/3 | NVIDIA H200 #1 | 9.0 | cuda:0 |" in md and "| 3/3 | NVIDIA H200 #3 |" in md
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "<h2>Shards (2 of 3 merged)</h2>" in page and page.rstrip().endswith("</html>")
+    assert page.index("NVIDIA H200 #3</td>") < page.index("</body>")
+
+
+def test_a_non_empty_out_is_never_touched(tmp_path) -> None:
+    ins = [_shard(tmp_path, i, 3) for i in (1, 2, 3)]
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(MergeError, match="never overwrites"):
+        merge(ins, out)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert merge(ins, empty)["shards"]["merged"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("setup, match", [
+    ("not_a_dir", "is not a directory"),
+    ("unsharded", "no shard record"),
+    ("bad_json", "not valid JSON"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
+    good = _shard(tmp_path, 1, 1)
+    bad = tmp_path / "bad"
+    if setup == "unsharded":
+        s = load_summary(good)
+        del s["shard"]
+        write_reports(s, bad)
+    elif setup == "bad_json":
+        bad.mkdir()
+        (bad / "summary.json").write_text("{nope")
+    r = subprocess.run(_harness("merge", str(good), str(bad), "--out", str(tmp_path / "m")), cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness merge: ") and match in lines[0], r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
+    a = _shard(tmp_path, 1, 3)
+    r = subprocess.run(_harness("merge", str(a), "--out", str(tmp_path / "m"), "--allow-missing"), cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 3, r.stderr
+    assert "missing shards 2/3, 3/3" in r.stdout
+
+
+def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
+    empty = next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
+    out = tmp_path / "empty"
+    r = subprocess.run(_harness("matrix", "--device", "cpu", "--time-budget", "0", "--workers", "1", "--quiet",
+                                "--ops", "fp8_linear", "--classes", "contiguous", "--shard", f"{empty}/2",
+                                "--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = load_summary(out)
+    assert s["cells"] == [] and s["shard"] == {"index": empty, "count": 2, "harness": s["shard"]["harness"],
+                                               "cells": 0, "all_cells": [["fp8_linear", "contiguous"]]}
+
+
+@pytest.mark.parametrize("spec, match", [("0/2", "between 1 and 2"), ("x", "is not I/N")])
+def test_matrix_rejects_a_bad_shard_in_one_line(tmp_path, spec: str, match: str) -> None:
+    r = subprocess.run(_harness("matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec,
+                                "--out", str(tmp_path / "o")), cwd=REPO, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness matrix: ") and match in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
