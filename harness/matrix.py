@@ -407,6 +407,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
     replaces :class:`~harness.runner.pool.WorkerPool`.
     """
+    from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
     from harness.targets.corpus import load_corpus
     from harness.verdicts import POOL_CLOSED, Result, Verdict
@@ -444,6 +445,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         by_target[c.op].append(c)
     unavailable: dict[str, str] = {}
     totals: collections.Counter = collections.Counter()
+    contract_records: list[dict[str, Any]] = []  # harness.contract.record_of per result, for contracts.json
     by_device: collections.Counter = collections.Counter()  # cases answered per device (the spread)
     prog = Progress(progress, time_budget)
     done = 0
@@ -468,6 +470,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         c.add(case, r)
+        contract_records.append(record_of(case, r))
 
     factory = pool_factory
     if factory is None:
@@ -548,6 +551,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         completed = False
     agg = aggregate(cells, out_dir, known)
     new = find_new_failures(agg["cells"], known)
+    contracts = infer_contracts(contract_records, measured_on(env), "python -m harness matrix")
     summary = {
         "schema_version": 1,
         "kind": "harness.matrix.summary",
@@ -571,7 +575,9 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "cells": agg["cells"],
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new,
+        "contracts": contracts["contracts"],  # harness.contract: one layout contract per op (report section)
     }
+    write_contracts(out_dir, contracts)  # DIR/contracts.json
     paths = write_reports(summary, out_dir)
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
 
