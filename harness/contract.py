@@ -57,6 +57,8 @@ __all__ = [
     "format_contract",
     "diff_contracts",
     "measured_on",
+    "measured_features",
+    "clause_line",
     "add_parser",
 ]
 
@@ -373,6 +375,15 @@ def infer_contracts(records: Sequence[Mapping[str, Any]], env: Mapping[str, Any]
     ops = sorted({r.get("op", "") for r in records})
     return {"schema_version": CONTRACTS_SCHEMA_VERSION, "kind": CONTRACTS_KIND, "source": source,
             "measured_on": dict(env or {}), "contracts": {op: infer_contract(records, op, env) for op in ops}}
+
+
+def measured_features(contract: Mapping[str, Any], operand: str) -> set[str]:
+    """The features of ``operand`` the contract's evidence covers: its ``measured_features`` entry
+    when it has one (shipped contracts, assembled from aggregate findings), else what ``observed`` holds."""
+    declared = contract.get("measured_features")
+    if isinstance(declared, Mapping):
+        return set(declared.get(operand, ()))
+    return {k.split(":", 1)[1] for k in contract.get("observed", {}) if k.split(":", 1)[0] == operand}
 
 
 def measured_on(env: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from torch import Tensor
 from harness.contract import FEATURES, clause_line, operand_facts
 from harness.layouts import data_ptr_alignment, dtype_name, pow2_alignment
 
-__all__ = ["GuardError", "Repair", "Guarded", "guard", "aligned_empty", "aligned_copy", "layout_facts",
+__all__ = ["GuardError", "Repair", "Guarded", "guard", "contract_check", "aligned_empty", "aligned_copy", "layout_facts",
            "COPY_FEATURES", "FATAL_FEATURES"]
 
 #: features a fresh dense, aligned copy satisfies
@@ -140,6 +140,31 @@ def _evidence(clause: Mapping[str, Any]) -> str:
         f" on {on}" if on else "")
 
 
+def contract_check(contract: Mapping[str, Any], name: str, x: Any, *, op_name: str = "op",
+                   writes: bool = True) -> list[str]:
+    """Why operand ``name`` (a tensor, meta tensor, ``LayoutSpec`` or ``Geom``) needs a copy under
+    ``contract`` ([] when it complies; ``writes`` False: leave write protection out); raises
+    :class:`GuardError` for a clause no copy can satisfy."""
+    facts = layout_facts(x)
+    why = []
+    for cl in contract.get("preconditions", ()):
+        if cl.get("operand") != name or cl.get("feature") not in FEATURES or cl["feature"] == "values":
+            continue
+        value = facts.get(cl["feature"])
+        if value is None or not _violates(cl, value):
+            continue
+        if cl["feature"] in FATAL_FEATURES:
+            raise GuardError(f"{op_name}: {name} has {cl['feature']} {value!r}, outside its measured contract "
+                             f"'{cl['text']}' ({_evidence(cl)}); a copy cannot change that: "
+                             "convert the input or use another backend")
+        why.append(f"{cl['text']} violated ({cl['feature']} is {value!r}; {_evidence(cl)})")
+    w = next((w for w in contract.get("writes", ()) if w.get("operand") == name), None)
+    if w is not None and writes:
+        why.append(f"{op_name} writes to its {name} input (measured: written in {w['written']} of "
+                   f"{w['checked']} checked cases); copied to protect the caller's tensor")
+    return why
+
+
 class Guarded:
     """``op`` behind the checks and repairs of ``contract`` (see the module docstring)."""
 
@@ -167,22 +192,7 @@ class Guarded:
     # ---- checks (metadata only)
     def check(self, name: str, x: Any, *, writes: bool | None = None) -> list[str]:
         """Reasons operand ``name`` needs a copy ([] when it complies); raises :class:`GuardError`."""
-        facts = layout_facts(x)
-        why = []
-        for cl in self.clauses.get(name, ()):
-            value = facts.get(cl["feature"])
-            if value is None or not _violates(cl, value):
-                continue
-            if cl["feature"] in FATAL_FEATURES:
-                raise GuardError(f"{self.name}: {name} has {cl['feature']} {value!r}, outside its measured contract "
-                                 f"'{cl['text']}' ({_evidence(cl)}); a copy cannot change that: "
-                                 "convert the input or use another backend")
-            why.append(f"{cl['text']} violated ({cl['feature']} is {value!r}; {_evidence(cl)})")
-        w = self.writes.get(name)
-        if w is not None and (writes is None or writes):
-            why.append(f"{self.name} writes to its {name} input (measured: written in {w['written']} of "
-                       f"{w['checked']} checked cases); copied to protect the caller's tensor")
-        return why
+        return contract_check(self.contract, name, x, op_name=self.name, writes=writes is None or writes)
 
     def _alignment_needed(self, name: str) -> int:
         need = [int(cl["bound"]) for cl in self.clauses.get(name, ())
