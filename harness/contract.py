@@ -529,7 +529,9 @@ def diff_contracts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[
 
     ``change``: ``narrowed`` (NEW refuses what OLD was seen to accept: a regression), ``widened``
     (NEW accepts what OLD was seen to refuse), or ``new_evidence`` / ``no_evidence`` (a clause only
-    one side could state because only it measured the values involved: neither).
+    one side could state because only it measured the values involved: neither).  A bound that moved
+    without such evidence (inside the gap between the nearest failing and the smallest working
+    value neither run measured) is no change.
     """
     out: list[dict[str, Any]] = []
     oc, nc = old.get("contracts", {}), new.get("contracts", {})
@@ -586,11 +588,17 @@ def _diff_clause(op: str, key: str, a: Mapping[str, Any] | None, b: Mapping[str,
                 res.append(_entry(op, key, "widened", b["text"], _evidence(a, o, feat_key, kind, a["bound"]),
                                   _evidence(b, n, feat_key, kind, b["bound"]) + f"; now accepted: {gained}"))
             return res
-        if a["bound"] == b["bound"]:
+        # a change needs evidence: NEW failing at a value OLD saw working (narrowed), or NEW working at a
+        # value OLD saw failing (widened); a bound that moved inside the unmeasured gap is no change
+        bn, an = b.get("nearest_failing"), a.get("nearest_failing")
+        try:
+            narrowed = bn is not None and (bn >= a["bound"] if kind == "min" else bn <= a["bound"])
+            widened = an is not None and (b["bound"] <= an if kind == "min" else b["bound"] >= an)
+        except TypeError:
             return []
-        tighter = (b["bound"] > a["bound"]) if kind == "min" else (b["bound"] < a["bound"])
-        return [_entry(op, key, "narrowed" if tighter else "widened", b["text"],
-                       _evidence(a, o, feat_key, kind, a["bound"]), _evidence(b, n, feat_key, kind, b["bound"]))]
+        return [_entry(op, key, change, b["text"], _evidence(a, o, feat_key, kind, a["bound"]),
+                       _evidence(b, n, feat_key, kind, b["bound"]))
+                for change, hit in (("narrowed", narrowed), ("widened", widened)) if hit]
     c = b if b is not None else a
     other = o if b is not None else n
     seen = other.get("observed", {}).get(feat_key, [])

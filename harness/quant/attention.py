@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-import torch
 from torch import Tensor
 
 from harness.quant._geom import Geom
