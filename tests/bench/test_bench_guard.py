@@ -17,7 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.bench import random_tensor, record, run_benchmark, interleaved_time, wan_attention_shapes
+from harness.bench import (
+    interleaved_time,
+    random_tensor,
+    record,
+    run_benchmark,
+    wan_attention_shapes,
+)
 from harness.contracts import measured_contract
 from harness.guard import guard
 from harness.layouts import LayoutSpec, materialize

@@ -13,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.cases import Case
-from harness.contract import (ContractError, diff_contracts, infer_contract, infer_contracts, load_contracts,
-                              operand_facts, record_of, write_contracts, written_inputs)
+from harness.contract import (
+    ContractError,
+    diff_contracts,
+    infer_contract,
+    infer_contracts,
+    load_contracts,
+    operand_facts,
+    record_of,
+    write_contracts,
+    written_inputs,
+)
 from harness.layouts import LayoutSpec, ViewOp
 from harness.values import ValueSpec
 from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Verdict
