@@ -362,7 +362,7 @@ def _writes(counted: Sequence[Mapping[str, Any]], env: Mapping[str, Any]) -> lis
         if not entry["always"]:
             labels = ["written" if i in wrote else "untouched" for i in range(len(sub))]
             clauses, explained = _infer(sub, wrote, labels, env)
-            entry["when"] = [{"key": c["key"], "text": c["text"], "values": c["nearest_failing"],
+            entry["when"] = [{"key": c["key"], "kind": c["kind"], "text": c["text"], "values": c["nearest_failing"],
                               "violated": c["violated"], "satisfied": c["satisfied"]} for c in clauses]
             entry["unexplained"] = len(wrote - explained)
         out.append(entry)
@@ -502,9 +502,11 @@ def format_contract(c: Mapping[str, Any]) -> list[str]:
         if not w["when"]:
             lines.append(head + ": no separating boundary found")
         for x in w["when"]:
-            lines.append(head + f", only where not ({x['text']}; seen there: {x.get('values')}): written in "
-                         f"{x['violated']['failed']} of {x['violated']['cases']}; elsewhere "
-                         f"{x['satisfied']['failed']} of {x['satisfied']['cases']}")
+            where = (f"{x['key'].split(':')[0]} {FEATURES[x['key'].split(':')[1]].what} in {x.get('values')}"
+                     if x.get("kind") == "one_of" and x["key"].split(":")[1] in FEATURES
+                     else f"not ({x['text']}), nearest {x.get('values')}")
+            lines.append(head + f": only where {where}: written in {x['violated']['failed']} of "
+                         f"{x['violated']['cases']}; elsewhere {x['satisfied']['failed']} of {x['satisfied']['cases']}")
     if c.get("measured_on"):
         lines.append(f"  measured on: {env_line(c['measured_on'])}")
     return lines
