@@ -19,9 +19,11 @@ would need a pass over the data, the second are not about an operand.  Every rep
 :attr:`Guarded.last_repairs`; :meth:`Guarded.plan` computes them from metadata alone (tensors,
 ``meta`` tensors, ``LayoutSpec``) without running the op.
 
-A fresh ``torch.empty`` is aligned by the allocator (the CUDA caching allocator hands out blocks in
-multiples of 512 bytes, the CPU allocator aligns to 64 bytes); :func:`aligned_empty` checks the
-pointer it got and over-allocates when a contract needs more, so nothing here relies on either.
+A fresh ``torch.empty`` is aligned by the allocator: at least 64 bytes on the CPU (checked by
+``tests/property/test_guard.py``), at least 256 bytes from the CUDA caching allocator, whose blocks
+are multiples of 512 bytes (checked by ``tests/gpu/test_guard_gpu.py``).  :func:`aligned_empty`
+checks the pointer it got and over-allocates when a contract needs more, so nothing here relies on
+either.
 """
 
 from __future__ import annotations

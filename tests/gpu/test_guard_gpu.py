@@ -73,3 +73,17 @@ def test_guarded_backend_runs_every_layout_class_clean(pool, backend: str) -> No
         if v in LAYOUT_FAILURES or (v == "drift" and not known_upstream_defect(f"safe_attn.{backend}", case, v)):
             bad.append(f"{case.params['layout_class']}: {r.summary()}")
     assert not bad, "\n".join(bad)
+
+
+def test_fresh_cuda_allocations_are_at_least_256_byte_aligned() -> None:
+    """What the guard's copies start from (it checks the pointer anyway: ``harness.guard.aligned_empty``)."""
+    import torch
+
+    from harness.guard import aligned_empty
+    from harness.layouts import data_ptr_alignment
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    keep = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in (1, 3, 7, 100, 4097, 1 << 20) for _ in range(8)]
+    assert min(data_ptr_alignment(t) for t in keep) >= 256
+    assert data_ptr_alignment(aligned_empty((5, 3), torch.bfloat16, "cuda", 256)) >= 256
