@@ -93,3 +93,25 @@ def test_the_raw_op_against_the_guarded_one_is_a_widening_diff() -> None:
     q = [c for c in changes if c["key"] == "q:alignment:min"]
     assert q and q[0]["change"] == "widened" and "16 failed in 16" in q[0]["old"]
     assert not [c for c in changes if c["change"] == "narrowed"]
+
+
+def test_unforced_sdpa_on_the_cpu_runs_through_its_measured_guard() -> None:
+    """The measured path end to end with tensors: misaligned NHD views in, aligned copies to the kernel,
+    the caller's tensors and the poison around them untouched, the same result as plain inputs."""
+    import torch
+
+    from harness.layouts import materialize, poison_intact
+    from harness.quant.attention import safe_attention
+
+    spec = LayoutSpec((1, 40, 2, 64), "bfloat16", perm=(0, 2, 1, 3), offset=3)  # NHD view of HND memory, 6 B
+    vals = [torch.randn(spec.shape) for _ in range(3)]
+    q, k, v = (materialize(spec, x) for x in vals)
+    before = [t.clone() for t in (q, k, v)]
+    out, actions = safe_attention("sdpa", q, k, v, "NHD")
+    copies = [a for a in actions if a.is_copy]
+    assert {a.tensor for a in copies} == {"q", "k", "v"}
+    assert all("pointer alignment >= 16 B violated (alignment is 2" in a.why for a in copies)
+    for t, b in zip((q, k, v), before):
+        assert torch.equal(t, b) and poison_intact(t, spec)
+    ref, plain_actions = safe_attention("sdpa", *(x.to(torch.bfloat16) for x in vals), "NHD")
+    assert not [a for a in plain_actions if a.is_copy] and torch.equal(out, ref)
