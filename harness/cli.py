@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "matrix": ("harness.matrix", "drive every op and backend through every layout class; write a report"),
     "merge": ("harness.merge", "combine the outputs of `matrix --shard I/N` runs into one report"),
     "dashboard": ("harness.dashboard", "build the static benchmark dashboard from saved runs"),
+    "contract": ("harness.contract", "print each op's measured layout contract; --diff OLD NEW names what narrowed"),
 }
 
 

@@ -408,6 +408,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     replaces :class:`~harness.runner.pool.WorkerPool`.  ``shard`` (``"I/N"``) keeps this machine's
     share of the cells (:mod:`harness.shard`); ``python -m harness merge`` joins the shards' outputs.
     """
+    from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
     from harness.targets.corpus import load_corpus
     from harness.verdicts import POOL_CLOSED, Result, Verdict
@@ -450,6 +451,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         by_target[c.op].append(c)
     unavailable: dict[str, str] = {}
     totals: collections.Counter = collections.Counter()
+    contract_records: list[dict[str, Any]] = []  # harness.contract.record_of per result, for contracts.json
     by_device: collections.Counter = collections.Counter()  # cases answered per device (the spread)
     prog = Progress(progress, time_budget)
     done = 0
@@ -474,6 +476,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         c.add(case, r)
+        contract_records.append(record_of(case, r))
 
     factory = pool_factory
     if factory is None:
@@ -554,6 +557,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         completed = False
     agg = aggregate(cells, out_dir, known)
     new = find_new_failures(agg["cells"], known)
+    contracts = infer_contracts(contract_records, measured_on(env), "python -m harness matrix")
     summary = {
         "schema_version": 1,
         "kind": "harness.matrix.summary",
@@ -577,9 +581,11 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         "cells": agg["cells"],
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new,
+        "contracts": contracts["contracts"],  # harness.contract: one layout contract per op (report section)
     }
     if shard_record is not None:
         summary["shard"] = shard_record
+    write_contracts(out_dir, contracts)  # DIR/contracts.json
     paths = write_reports(summary, out_dir)
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
 

@@ -34,6 +34,7 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
       }],
       "unavailable": [{"op", "reason"}],
       "new_failures": [{"op", "layout_class", "verdict", "case", "fingerprint"}],
+      "contracts": {op: contract},       # optional: harness.contract.infer_contract per op (also contracts.json)
     }
 
 Cell status: ``pass`` every case passed; ``fail`` some case got a failing
@@ -302,12 +303,41 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 msg = c.get("messages", {}).get(verdict, "")
                 lines.append(f"- {verdict}: [{path}]({path})" + (f" — {_md_escape(msg[:300])}" if msg else ""))
             lines.append("")
+    lines += contracts_section(summary)
     unavailable = summary.get("unavailable", [])
     if unavailable:
         lines += ["## Unavailable on this device", ""]
         lines += [f"- {u['op']}: {_md_escape(u.get('reason', ''))}" for u in unavailable]
         lines.append("")
     return "\n".join(lines)
+
+
+def contracts_section(summary: Mapping[str, Any], html_out: bool = False) -> list[str]:
+    """The "Layout contracts" section: each op's measured preconditions (``summary["contracts"]``, see
+    :mod:`harness.contract`), as Markdown lines or HTML; [] when the summary has none."""
+    from harness.contract import env_line, format_contract
+
+    contracts = summary.get("contracts") or {}
+    if not isinstance(contracts, Mapping) or not contracts:
+        return []
+    first = next(iter(contracts.values()))
+    head = ("Layout contracts (what each op needed in this run; clauses only where the evidence separates; "
+            f"measured on {env_line(first.get('measured_on', {}))})")
+    if not html_out:
+        lines = [f"## {head}", ""]
+        for op, c in contracts.items():
+            text = format_contract(c)
+            lines += [f"- **{_md_escape(op)}**: {_md_escape(text[0].split(': ', 1)[1])}"]
+            lines += [f"  - {_md_escape(t.strip())}" for t in text[1:] if not t.strip().startswith("measured on")]
+        return lines + [""]
+    out = [f"<h2>{_h(head)}</h2><ul>"]
+    for op, c in contracts.items():
+        text = format_contract(c)
+        out.append(f"<li><b>{_h(op)}</b>: {_h(text[0].split(': ', 1)[1])}<ul>")
+        out += [f"<li>{_h(t.strip())}</li>" for t in text[1:] if not t.strip().startswith("measured on")]
+        out.append("</ul></li>")
+    out.append("</ul>")
+    return out
 
 
 def _first_example(cell: Mapping[str, Any] | None) -> str | None:
@@ -401,6 +431,7 @@ def render_html(summary: Mapping[str, Any]) -> str:
                 out.append(f"<li>{_h(verdict)}: <a href='{_h(path)}'>{_h(path)}</a>"
                            + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "") + "</li>")
             out.append("</ul>")
+    out += contracts_section(summary, html_out=True)
     unavailable = summary.get("unavailable", [])
     if unavailable:
         out.append("<h2>Unavailable on this device</h2><ul>")

@@ -146,7 +146,8 @@ class AttentionTarget(ClassTarget):
 
 
 class SafeAttentionTarget(AttentionTarget):
-    """``safe_attn.<backend>``: the backend through ``harness.quant.attention.safe_attention``."""
+    """``safe_attn.<backend>``: the backend through ``harness.quant.attention.safe_attention``, the guard
+    generated from the backend's measured contract (``harness/contracts``; hand-written rules where none)."""
 
     accepts_all_layouts = True
 
