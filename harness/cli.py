@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "minimize": ("harness.runner.minimize", "shrink a failing case one layout property at a time"),
     "matrix": ("harness.matrix", "drive every op and backend through every layout class; write a report"),
     "dashboard": ("harness.dashboard", "build the static benchmark dashboard from saved runs"),
+    "claims": ("harness.claims", "test the write-up's claims on this device (--scenarios: its Wan-block scenarios)"),
 }
 
 
