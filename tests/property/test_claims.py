@@ -33,6 +33,8 @@ def test_metadata_decision_has_all_three_outcomes() -> None:
     assert status == C.REFUTED and "torch.cuda.synchronize()" in why
     after = dict(poisoned, metadata_after_fault=_reads(["x.shape: AcceleratorError: misaligned address"]))
     assert d({"healthy": _reads(), "poisoned": after})[0] == C.CONFIRMED
+    late = dict(poisoned, metadata_after_error=_reads(["x.device: AcceleratorError: misaligned address"]))
+    assert d({"healthy": _reads(), "poisoned": late})[0] == C.CONFIRMED
     no_fault = dict(poisoned, fault_triggered=False, surfaced_at=None)
     assert d({"healthy": _reads(), "poisoned": no_fault})[0] == C.UNTESTABLE
     assert d({"healthy": _reads(), "poisoned": {"child_failed": "exit 1: boom"}})[0] == C.UNTESTABLE
@@ -78,6 +80,10 @@ def test_sage3_decision() -> None:
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep}})[0] == C.CONFIRMED
     sweep_ok = {"cases_run": 2, "by_class": {"hnd_contiguous": {"pass": 1}, "transposed_view": {"pass": 1}}}
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_ok}})[0] == C.REFUTED
+    # Sage 3's in-place key write shows in every layout: it is not a layout failure
+    sweep_mut = {"cases_run": 2, "by_class": {"hnd_contiguous": {"input_mutation": 1},
+                                              "transposed_view": {"input_mutation": 1}}}
+    assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_mut}})[0] == C.REFUTED
     sweep_bad = {"cases_run": 1, "by_class": {"hnd_contiguous": {"drift": 1}}}
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_bad}})[0] == C.REFUTED
 
@@ -126,6 +132,8 @@ def test_after_fixes_decision() -> None:
     assert d(_after(aligned, cost=cost))[0] == C.CONFIRMED
     faulty = dict(aligned, verdicts={"pass": 9, "device_fault": 1})
     assert d(_after(faulty, cost=cost))[0] == C.REFUTED
+    clean_error = dict(aligned, misaligned_messages=1)
+    assert d(_after(clean_error, cost=cost))[0] == C.REFUTED
     slow = dict(cost, median_ms={"user_fixed": 1.1, "wanvideo_late2025": 1.0})
     assert d(_after(aligned, cost=slow))[0] == C.REFUTED
     fat = dict(cost, peak_extra_bytes={"user_fixed": 300, "wanvideo_late2025": 100})
