@@ -54,7 +54,8 @@ def test_infinitetalk_runs_the_audio_attention_on_the_emulation_it_names() -> No
     assert r.status == "pass", r.reason
     assert r.operators["attention"] == {"self_attn": "emu.sage1", "cross_attn": "emu.sage1",
                                         "audio_cross_attn": "emu.sage1"}
-    assert any(s.startswith("self_attn: sage1.sageattn -> emu.sage1") for s in r.substitutions)
+    assert any(s.split(": ")[0].startswith("self_attn/") and "sage1.sageattn -> emu.sage1" in s
+               for s in r.substitutions)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
@@ -81,3 +82,18 @@ def test_emulated_block_uses_the_scheme_not_the_kernel() -> None:
 def test_scenario_inputs_check_the_grid() -> None:
     with pytest.raises(ValueError, match="must equal the grid"):
         scenario_inputs("t2v", "cpu", tokens=9)
+
+
+def test_an_all_emulated_run_says_it_checks_only_the_mechanics() -> None:
+    r = run_scenario("sageattn_3_fp8", "cpu")
+    assert r.status == "pass" and r.name == "sageattn_3_fp8"
+    # the FP8 linears ran the CPU kernel, so the run is not the emulation itself
+    assert "block's mechanics" not in r.reason
+    assert r.substitutions[0].startswith("self_attn/cross_attn/") and "-> emu.sage2.sm90" in r.substitutions[0]
+
+
+def test_a_run_that_is_its_own_emulation_says_so() -> None:
+    from harness.quant.blocks import QuantizedBlockConfig
+
+    r = run_scenario(QuantizedBlockConfig(name="all-emulated", linear="nvfp4", attention="emu.naive"), "cpu")
+    assert r.name == "all-emulated" and r.status == "pass" and "block's mechanics, not a kernel" in r.reason
