@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["CONFIRMED", "REFUTED", "UNTESTABLE", "Claim", "ClaimResult", "ClaimContext", "CLAIMS",
-           "OVERHEAD_TARGET", "run_claims", "format_results", "add_parser"]
+           "OVERHEAD_TARGET", "run_claim", "run_claims", "format_results", "add_parser"]
 
 CONFIRMED, REFUTED, UNTESTABLE = "confirmed", "refuted", "not testable here"
 #: "almost free" / "no slowdown": the project's overhead target for guards (issue 13: within 2 % of the bare op).
@@ -60,6 +60,7 @@ class ClaimContext:
     per_class: int = 1
     classes: Optional[tuple[str, ...]] = None  # restrict the linear sweeps (tests)
     timing_rounds: int = 20  # CUDA; the CPU takes 5 (its timings only compare host costs)
+    pool: Optional[bool] = None  # run the sweeps in the worker pool (default: on CUDA only)
     _sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -211,7 +212,7 @@ def _run_cases(ctx: ClaimContext, op: str) -> dict[str, Any]:
         return ctx._sweeps[op]
     cells = [(name, f.build(i)) for name, f in target.layout_classes().items()
              if ctx.classes is None or name in ctx.classes for i in range(ctx.per_class)]
-    if ctx.cuda:
+    if ctx.cuda if ctx.pool is None else ctx.pool:
         from harness.runner.pool import WorkerPool
 
         with WorkerPool(devices=[ctx.device], case_timeout=120) as pool:
@@ -542,7 +543,7 @@ def _d_contiguous_free(ev: dict[str, Any]) -> Decision:
     if not ev["returns_self"] or ev["dispatched_ops"]:
         return REFUTED, (f"on a contiguous tensor .contiguous() returned {'self' if ev['returns_self'] else 'a copy'} "
                          f"and dispatched {ev['dispatched_ops']}"), ""
-    line = (f"returns self (no copy, no op dispatched); {ev['contiguous_ms'] * 1e3:.2f} us a call = "
+    line = (f"returns self (no copy, no op dispatched); {ev['contiguous_ms'] * 1e3:.2f} us of host time a call = "
             f"{ev['ratio']:.2%} of the FP8 linear it precedes ({ev['forward_ms']:.3f} ms, {ev['shape']}); a "
             f"non-contiguous input is copied ({ev['noncontiguous_copy_ms']:.3f} ms)")
     if ev["ratio"] <= ev["target"]:
@@ -696,7 +697,7 @@ def format_results(results: Sequence[ClaimResult], fmt: str = "text", *, env: Op
                           indent=2, default=_json_default)
     where = ", ".join(f"{k} {env[k]}" for k in ("device", "capability", "torch", "cuda", "sageattention")
                       if env.get(k))
-    rows = [(r.claim, r.status, r.why + (f" Settled by: {r.settle}." if r.settle else ""),
+    rows = [(r.claim, r.status, r.why + (f". Settled by: {r.settle}." if r.settle else ""),
              ", ".join(r.cases[:3]) + (f" (+{len(r.cases) - 3})" if len(r.cases) > 3 else "")) for r in results]
     srows = [(s["name"], s["status"], s["reason"] + ("; " + "; ".join(s["substitutions"]) if s["substitutions"] else ""))
              for s in scen]

@@ -253,3 +253,11 @@ def test_cli_markdown_and_files(tmp_path, capsys) -> None:
 def test_cli_bad_device(bad, capsys) -> None:
     assert main(["claims", "--device", bad, "--only", "int-shape"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_sweeps_through_the_worker_pool_as_on_cuda(tmp_path) -> None:
+    """The GPU path (sweeps in spawned workers, failing cases saved by the parent), exercised on the CPU."""
+    ctx = C.ClaimContext("cpu", out=tmp_path, classes=("values_beyond_448",), pool=True)
+    s = C._run_cases(ctx, "legacy.user_fixed")
+    assert s["by_class"] == {"values_beyond_448": {"input_mutation": 1}}
+    assert len(s["case_files"]) == 1 and C._run_cases(ctx, "legacy.user_fixed") is s  # cached per op
