@@ -486,8 +486,20 @@ def _d_int_shape(ev: dict[str, Any]) -> Decision:
 _COMFY_OPS = ("legacy.comfyui", "legacy.comfyui.scaled_input")
 
 
+def _scaled_mm_returns(device: str) -> Optional[str]:
+    """What ``torch._scaled_mm`` returns here ("Tensor" or "tuple"), or None when it cannot run."""
+    from harness.quant.linear import scaled_mm_available
+
+    if not scaled_mm_available(device)[0]:
+        return None
+    a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    return type(torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)).__name__
+
+
 def _m_comfy(ctx: ClaimContext) -> dict[str, Any]:
-    return {"sweeps": {op: _run_cases(ctx, op) for op in (*_COMFY_OPS, "fp8_linear")}}
+    return {"sweeps": {op: _run_cases(ctx, op) for op in (*_COMFY_OPS, "fp8_linear")},
+            "scaled_mm_returns": _scaled_mm_returns(ctx.device), "torch": torch.__version__}
 
 
 def _d_comfy(ev: dict[str, Any]) -> Decision:
@@ -497,6 +509,8 @@ def _d_comfy(ev: dict[str, Any]) -> Decision:
     bad = _failing(comfy)
     robust = ev["sweeps"].get("fp8_linear", {})
     ref = (f"; the harness's fp8_linear: {robust.get('verdicts')}" if robust.get("available") else "")
+    if ev.get("scaled_mm_returns") == "Tensor":
+        ref += f"; its tuple unwrap is dead code on torch {ev.get('torch')} (_scaled_mm returns a Tensor)"
     if bad:
         return REFUTED, "the ComfyUI-style forward fails: " + "; ".join(bad) + ref, ""
     n = sum(s.get("cases_run", 0) for s in comfy.values())
@@ -750,35 +764,54 @@ def _resolve_device(device: str) -> str:
     raise ValueError(f"--device {device!r}: use auto, cpu, cuda or one of {found or 'no GPUs here'}")
 
 
+def _write(out: Path, results: Sequence[ClaimResult], env: dict[str, Any], scen: Optional[Sequence[Any]],
+           fmts: Sequence[str] = ("json", "md", "html")) -> None:
+    """Write the tables into ``out`` (each file replaced atomically, so a kill never leaves half a file)."""
+    for fmt in fmts:
+        path = out / f"claims.{fmt}"
+        tmp = path.with_suffix(f".{fmt}.tmp")
+        tmp.write_text(format_results(results, fmt, env=env, scenarios=scen))
+        tmp.replace(path)
+
+
 def _cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"error: --out {out} exists and is not an empty directory; pick a new one (nothing was overwritten)",
               file=sys.stderr)
         return 2
+    if args.per_class < 1:
+        print(f"error: --per-class {args.per_class}: pass an integer >= 1", file=sys.stderr)
+        return 2
     try:
         device = _resolve_device(args.device)
         ids = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-        ctx = ClaimContext(device=device, out=out, per_class=args.per_class)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        from harness.env import collect_env_subprocess
-
-        env = collect_env_subprocess() if device != "cpu" else {"device": "cpu", "torch": torch.__version__}
-        results = run_claims(ctx, ids)
+        selected = [c for c in CLAIMS if not ids or c.id in ids]
+        unknown = sorted(set(ids or ()) - {c.id for c in CLAIMS})
+        if unknown:
+            raise ValueError(f"unknown claim id(s) {unknown}; known: {sorted(c.id for c in CLAIMS)}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    ctx = ClaimContext(device=device, out=out, per_class=args.per_class)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    from harness.env import collect_env_subprocess
+
+    env = collect_env_subprocess() if device != "cpu" else {"device": "cpu", "torch": torch.__version__}
+    results: list[ClaimResult] = []
+    for claim in selected:
+        results.append(run_claim(claim, ctx))
+        if out is not None:  # an interrupted run keeps every claim measured so far
+            _write(out, results, env, None, ("json",))
     scen = None
     if args.scenarios:
         from harness.scenarios import run_scenarios
 
         scen = run_scenarios(device)
-    text = format_results(results, args.format, env=env, scenarios=scen)
-    sys.stdout.write(text)
+    sys.stdout.write(format_results(results, args.format, env=env, scenarios=scen))
     if out is not None:
-        for fmt, name in (("json", "claims.json"), ("md", "claims.md"), ("html", "claims.html")):
-            (out / name).write_text(format_results(results, fmt, env=env, scenarios=scen))
+        _write(out, results, env, scen)
     return 0
 
 

@@ -261,3 +261,30 @@ def test_sweeps_through_the_worker_pool_as_on_cuda(tmp_path) -> None:
     s = C._run_cases(ctx, "legacy.user_fixed")
     assert s["by_class"] == {"values_beyond_448": {"input_mutation": 1}}
     assert len(s["case_files"]) == 1 and C._run_cases(ctx, "legacy.user_fixed") is s  # cached per op
+
+
+def test_cli_keeps_each_claim_as_it_is_measured(tmp_path, capsys, monkeypatch) -> None:
+    """A run that dies after the first claim still leaves that claim in claims.json."""
+    calls = []
+
+    def dies(ctx):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    broken = C.Claim("contiguous-free", "second claim", dies, lambda ev: (C.CONFIRMED, "", ""))
+    monkeypatch.setattr(C, "CLAIMS", (_claim("int-shape"), broken))
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        main(["claims", "--device", "cpu", "--out", str(out)])
+    data = json.loads((out / "claims.json").read_text())
+    assert calls and [c["id"] for c in data["claims"]] == ["int-shape"] and data["claims"][0]["status"] == C.REFUTED
+
+
+def test_comfyui_evidence_says_what_scaled_mm_returns_here() -> None:
+    ev = {"sweeps": {op: _sweep() for op in (*C._COMFY_OPS, "fp8_linear")}, "scaled_mm_returns": "Tensor",
+          "torch": "2.13"}
+    assert "tuple unwrap is dead code on torch 2.13" in _claim("comfyui-reference").decide(ev)[1]
+    from harness.quant.linear import scaled_mm_available
+
+    if scaled_mm_available("cpu")[0]:
+        assert C._scaled_mm_returns("cpu") == "Tensor"
