@@ -617,8 +617,8 @@ def _d_after(ev: dict[str, Any]) -> Decision:
         mis = a.get("misaligned_messages", 0)
         parts["no CUDA alignment error"] = (
             REFUTED if faults or mis else CONFIRMED,
-            f"{faults} device faults and {mis} 'misaligned' errors in {a['cases_run']} cases of the fixed forward "
-            "over every layout class")
+            (f"{faults} device faults and {mis} 'misaligned' errors in {a['cases_run']} cases of the fixed forward "
+             "over every layout class"))
     v = ev["video"]
     vs = {"pass": CONFIRMED, "fail": REFUTED}.get(v["status"], UNTESTABLE)
     parts["normal video"] = (vs, f"a Wan block with the fixed forward: {v['reason']}")

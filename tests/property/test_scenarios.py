@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.quant.blocks import PRESET_ALIASES, PRESETS, make_block, preset_config, resolve_preset
-from harness.scenarios import K_BOUND, SCENARIOS, judge_outputs, run_scenario, run_scenarios, scenario_inputs
+from harness.quant.blocks import (
+    PRESET_ALIASES,
+    PRESETS,
+    make_block,
+    preset_config,
+    resolve_preset,
+)
+from harness.scenarios import (
+    K_BOUND,
+    SCENARIOS,
+    judge_outputs,
+    run_scenario,
+    run_scenarios,
+    scenario_inputs,
+)
 
 
 @pytest.mark.parametrize("alias,preset", [("sageattn_3", "fp4+sage3-fp4"), ("sageattn_3_fp4", "fp4+sage3-fp4"),
