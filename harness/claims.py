@@ -162,9 +162,12 @@ try:  # a real misaligned-address fault: SDPA's flash kernel on 2-byte-aligned q
 except Exception as e:
     rep["launch_error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 if rep["fault"] is None:  # fallback: an out-of-bounds gather (device-side assert), also sticky
-    idx = torch.tensor([1 << 20], device=dev)
-    torch.zeros(4, device=dev)[idx]
-    rep["fault"] = "out-of-bounds index (device-side assert)"
+    try:
+        idx = torch.tensor([1 << 20], device=dev)
+        torch.zeros(4, device=dev)[idx]
+        rep["fault"] = "out-of-bounds index (device-side assert)"
+    except Exception as e:  # the first attempt already poisoned the context: it surfaced at this launch
+        rep["fault"], rep["fallback_error"] = "sdpa flash (error reported at launch)", f"{type(e).__name__}: {e}"
 rep["metadata_after_fault"] = _read_all(views)  # the faulty kernel is queued or done; nothing synchronised yet
 rep["surfaced_at"] = None
 for what, fn in (("torch.cuda.synchronize()", lambda: torch.cuda.synchronize(dev)),

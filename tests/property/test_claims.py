@@ -288,3 +288,13 @@ def test_comfyui_evidence_says_what_scaled_mm_returns_here() -> None:
 
     if scaled_mm_available("cpu")[0]:
         assert C._scaled_mm_returns("cpu") == "Tensor"
+
+
+def test_poison_probe_reports_no_fault_where_none_happens() -> None:
+    """The child script runs to its report; on the CPU (synchronize stubbed) nothing faults, so nothing is decided."""
+    code = "import torch\ntorch.cuda.synchronize = lambda *a: None\n" + C._POISON_CHILD
+    rep = C._child(code, "cpu")
+    assert "child_failed" not in rep, rep
+    assert rep["fault_triggered"] is False and rep["metadata_after_fault"]["reads"] >= 49
+    assert rep["fault"] and rep["surfaced_at"] is None  # the attempt ran (CPU SDPA takes any pointer) and raised nothing
+    assert _claim("metadata-read").decide({"healthy": _reads(), "poisoned": rep})[0] == C.UNTESTABLE
