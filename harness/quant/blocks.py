@@ -400,9 +400,14 @@ def make_linear_op(cfg: QuantizedBlockConfig, route: Optional[_Route] = None, *,
 
 
 def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
-                      route: Optional[_Route] = None) -> AttentionFn:
-    """The block's attention operator: NHD q/k/v -> backend of the calling part (see module docstring)."""
+                      route: Optional[_Route] = None,
+                      backend_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> AttentionFn:
+    """The block's attention operator: NHD q/k/v -> backend of the calling part (see module docstring).
+
+    ``backend_kwargs``: backend name -> extra keywords for its calls (e.g. an emulation's defect switch).
+    """
     route = route if route is not None else _Route()
+    extra = backend_kwargs or {}
 
     def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         name = backends.get(route.part, cfg.attention)
@@ -412,13 +417,15 @@ def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
         if cfg.safe:
             from harness.quant.attention import safe_attention
 
-            out, actions = safe_attention(be, qa, ka, va, "NHD")
+            out, actions = safe_attention(be, qa, ka, va, "NHD", **extra.get(name, {}))
         else:
+            kw = dict(extra.get(name, {}))
             layout = "NHD" if "NHD" in be.requires.layouts else be.requires.layouts[0]
             if layout == "NHD":
-                out = be.run(qa, ka, va, "NHD")
+                out = be.run(qa, ka, va, "NHD", **kw)
             else:
-                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout).transpose(1, 2)
+                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout,
+                             **kw).transpose(1, 2)
             actions = []
         route.attention_calls.append((route.part, name, [str(a) for a in actions]))
         return out.to(q.dtype)
@@ -465,13 +472,14 @@ class QuantizedBlock:
 
         return wan_block(x, e, params, index, cfg or self.wan_config, **kwargs)
 
-    def emulated(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None,
-                 **kwargs: Any) -> Tensor:
+    def emulated(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None, *,
+                 emulation_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None, **kwargs: Any) -> Tensor:
         """The block with every operator replaced by the emulation of its formats (same quantized weights).
 
         Linears: their scheme through ``harness.reference.formats``; attention: the emulation
-        modelling the backend that ran (``emulation_for``). The drift bound of a real run scales
-        with this run's error against :meth:`reference`.
+        modelling the backend that ran (``emulation_for``), called with ``emulation_kwargs[name]``
+        when given (e.g. ``{"emu.sage1": {"tail_keys_score_zero": True}}``: a known kernel defect).
+        The drift bound of a real run scales with this run's error against :meth:`reference`.
         """
         from harness.quant.backends import emulation_for
         from harness.reference.wan.blocks import wan_block
@@ -479,7 +487,7 @@ class QuantizedBlock:
         route = _Route()
         backends = {part: emulation_for(name, self.resolved.device) for part, name in self.resolved.attention.items()}
         linear = make_linear_op(self.config, route, emulate=True)
-        attention = make_attention_op(backends, self.config, route)
+        attention = make_attention_op(backends, self.config, route, emulation_kwargs)
         return wan_block(x, e, params, index, cfg or self.wan_config, linear=linear, attention=attention, **kwargs)
 
 

@@ -95,5 +95,7 @@ def test_scenarios_pass_their_bound_or_skip_with_the_reason(claims_run, name: st
     if r.status == "skipped":
         assert r.reason.startswith("cannot run on cuda:0: ")
         pytest.skip(r.reason)
+    if r.status == "fail" and r.known_defect:
+        pytest.xfail(f"{name}: {r.reason}")  # the table keeps the failure; the emulation of the defect explains it
     assert r.status == "pass", f"{name}: {r.reason} ({r.operators})"
     assert r.judgement["ref_report"]["max_abs"] > 0

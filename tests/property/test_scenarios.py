@@ -110,3 +110,20 @@ def test_a_run_that_is_its_own_emulation_says_so() -> None:
 
     r = run_scenario(QuantizedBlockConfig(name="all-emulated", linear="nvfp4", attention="emu.naive"), "cpu")
     assert r.name == "all-emulated" and r.status == "pass" and "block's mechanics, not a kernel" in r.reason
+
+
+def test_a_failure_the_known_sage1_defect_explains_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in kernel with Sage 1.0.6's short-tile defect fails its bound, and the defect's emulation explains it."""
+    from harness.quant import backends as B
+    from harness.quant.blocks import QuantizedBlockConfig
+
+    emu = B.BACKENDS["emu.sage1"]
+    faulty = B.AttentionBackend(
+        name="test.sage1_short_tile", description="emu.sage1 with the short-tile defect", requires=B.Requirements(),
+        runner=lambda q, k, v, layout, **kw: emu.run(q, k, v, layout, tail_keys_score_zero=True, **kw))
+    monkeypatch.setitem(B.BACKENDS, faulty.name, faulty)
+    monkeypatch.setitem(B.EMULATION_OF, faulty.name, "emu.sage1")
+    r = run_scenario(QuantizedBlockConfig(name="short-tile", linear="nvfp4", attention=faulty.name), "cpu")
+    assert r.status == "fail" and r.known_defect and "short last key tile" in r.reason
+    healthy = run_scenario(QuantizedBlockConfig(name="healthy", linear="nvfp4", attention="emu.sage1"), "cpu")
+    assert healthy.status == "pass" and healthy.known_defect is None
