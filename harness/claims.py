@@ -313,6 +313,10 @@ def _d_contiguous_fp8(ev: dict[str, Any]) -> Decision:
             f"{'the same tensor' if m['contiguous_returns_self'] else 'a copy'}, still {m['alignment_after']}-byte "
             "aligned)")
     bad = _failing(fixed)
+    before = ev["sweeps"].get("legacy.wanvideo_late2025", {})
+    if before.get("available"):
+        note += "; before the fix (wanvideo_late2025): " + ("; ".join(e.removeprefix(": ") for e in _failing({"": before}))
+                                                                 or "no failures")
     if bad:
         return REFUTED, "with input.contiguous() first the forward still fails: " + "; ".join(bad) + note, ""
     n = sum(s.get("cases_run", 0) for s in fixed.values())
