@@ -331,7 +331,7 @@ def _emulated_linear(kind: str, x: Tensor, w8: Tensor, sw: Optional[Tensor], bia
     target = get_target("fp8_linear" if kind == "fp8" else kind)
     inputs = {"x": x, "weight": w8, "bias": bias}
     if sw is not None and target.weight_scale is not None:  # early 2025 ignores a stored scale (ones scales)
-        inputs["weight_scale"] = sw
+        inputs["weight_scale"] = sw.reshape(1, -1) if sw.numel() > 1 else sw  # rowwise: _scaled_mm's (1, N)
     return target.emulated(inputs)
 
 

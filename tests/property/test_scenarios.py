@@ -127,3 +127,11 @@ def test_a_failure_the_known_sage1_defect_explains_is_named(monkeypatch: pytest.
     assert r.status == "fail" and r.known_defect and "short last key tile" in r.reason
     healthy = run_scenario(QuantizedBlockConfig(name="healthy", linear="nvfp4", attention="emu.sage1"), "cpu")
     assert healthy.status == "pass" and healthy.known_defect is None
+
+
+def test_rowwise_weight_scales_are_emulated_per_row() -> None:
+    from harness.quant.blocks import QuantizedBlockConfig
+
+    r = run_scenario(QuantizedBlockConfig(name="row-scaled", weight_scaling="row"), "cpu")
+    assert r.status == "pass", r.reason
+    assert r.judgement["check"]["allowed"] > r.judgement["check"]["err"] > 0
