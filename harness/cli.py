@@ -20,12 +20,13 @@ __all__ = ["main", "SUBCOMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("harness.env", "device, capability, library versions and attention backends"),
     "show": ("harness.cases", "print a case file's layouts and verdict"),
-    "replay": ("harness.runner.replay", "rerun a case in a fresh worker (exit 0 pass, 1 fail, 125 cannot run)"),
+    "replay": ("harness.runner.replay", "rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side problem, 125 cannot run here)"),
     "minimize": ("harness.runner.minimize", "shrink a failing case one layout property at a time"),
     "matrix": ("harness.matrix", "drive every op and backend through every layout class; write a report"),
     "merge": ("harness.merge", "combine the outputs of `matrix --shard I/N` runs into one report"),
     "dashboard": ("harness.dashboard", "build the static benchmark dashboard from saved runs"),
     "contract": ("harness.contract", "print each op's measured layout contract; --diff OLD NEW names what narrowed"),
+    "claims": ("harness.claims", "test the write-up's claims on this device (--scenarios: its Wan-block scenarios)"),
 }
 
 

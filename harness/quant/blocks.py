@@ -18,7 +18,8 @@ supplies its two operators:
   before its attention call). Inputs go through ``safe_attention`` unless ``safe=False``.
 
 Inputs are cast to ``act_dtype`` (bfloat16 by default) before each operator and outputs cast
-back, as the bf16 model does. Presets (:data:`PRESETS`) name the scenarios users report;
+back, as the bf16 model does. Presets (:data:`PRESETS`) name the scenarios users report (the
+write-up's attention mode names are accepted too: :data:`PRESET_ALIASES`);
 :func:`resolve_preset` says what can run on a device and, with ``emulate_missing=True``,
 replaces an unavailable backend by its emulation (reporting each substitution and why).
 """
@@ -40,6 +41,8 @@ __all__ = [
     "CONFIGS",
     "QuantizedBlockConfig",
     "PRESETS",
+    "PRESET_ALIASES",
+    "preset_config",
     "ResolvedPreset",
     "resolve_preset",
     "QuantizedBlock",
@@ -179,6 +182,26 @@ PRESETS: dict[str, QuantizedBlockConfig] = {p.name: p for p in (
 )}
 
 
+#: The write-up's attention mode names (WanVideoWrapper's ``attention_mode``) -> preset. Its plain
+#: ``sageattn_3`` is SageAttention 3's only inference kernel, the FP4 one.
+PRESET_ALIASES: dict[str, str] = {
+    "sageattn_3": "fp4+sage3-fp4",
+    "sageattn_3_fp4": "fp4+sage3-fp4",
+    "sageattn_3_fp8": "fp8+sage3-fp8",
+}
+
+
+def preset_config(preset: Union[str, QuantizedBlockConfig]) -> QuantizedBlockConfig:
+    """The config of a preset name or alias (a config passes through); the error lists the known names."""
+    if isinstance(preset, QuantizedBlockConfig):
+        return preset
+    name = PRESET_ALIASES.get(preset, preset)
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)} "
+                       f"(aliases: {', '.join(PRESET_ALIASES)})")
+    return PRESETS[name]
+
+
 @dataclass(frozen=True)
 class ResolvedPreset:
     """What a config runs on ``device``: per-part linear and attention, substitutions and why."""
@@ -229,9 +252,7 @@ def resolve_preset(
     ``emulate_missing``; otherwise the result is not runnable and ``reason`` says why.
     Probes run now (may initialise CUDA: call it in a worker).
     """
-    cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
-    if isinstance(cfg, str):
-        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = preset_config(preset)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -301,8 +322,25 @@ class _Route:
     attention_calls: list = field(default_factory=list)  # (part, backend, actions)
 
 
-def make_linear_op(cfg: QuantizedBlockConfig, route: Optional[_Route] = None) -> LinearFn:
-    """The block's linear operator for ``cfg`` (weights quantized once per name and cached)."""
+def _emulated_linear(kind: str, x: Tensor, w8: Tensor, sw: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The documented scheme of linear ``kind`` on the same FP8 weight, emulated (the op's target's ``emulated``)."""
+    if kind.startswith("plugin:"):
+        raise ValueError(f"no emulation is known for plug-in linear {kind!r}; judge it with an FP8 preset instead")
+    from harness.runner.targets import get_target
+
+    target = get_target("fp8_linear" if kind == "fp8" else kind)
+    inputs = {"x": x, "weight": w8, "bias": bias}
+    if sw is not None and target.weight_scale is not None:  # early 2025 ignores a stored scale (ones scales)
+        inputs["weight_scale"] = sw.reshape(1, -1) if sw.numel() > 1 else sw  # rowwise: _scaled_mm's (1, N)
+    return target.emulated(inputs)
+
+
+def make_linear_op(cfg: QuantizedBlockConfig, route: Optional[_Route] = None, *, emulate: bool = False) -> LinearFn:
+    """The block's linear operator for ``cfg`` (weights quantized once per name and cached).
+
+    ``emulate``: run each quantized linear's documented scheme through the format emulation
+    (``harness.reference.formats``) on the same quantized weight instead of the kernel.
+    """
     cache: dict[tuple[str, int], tuple[Tensor, Optional[Tensor]]] = {}
     route = route if route is not None else _Route()
     ops: dict[str, Callable[..., Tensor]] = {}
@@ -350,17 +388,26 @@ def make_linear_op(cfg: QuantizedBlockConfig, route: Optional[_Route] = None) ->
         lead = xa.shape[:-1]
         if cfg.input_rank == 2 and xa.dim() != 2:
             xa = xa.reshape(-1, xa.shape[-1])
-        y = op_for(kind)(xa, w8, weight_scale=sw, bias=None if bias is None else bias.to(act), out_dtype=act)
-        route.linear_calls.append((name, kind, f"{xa.dim()}-D input"))
+        b = None if bias is None else bias.to(act)
+        if emulate:
+            y = _emulated_linear(kind, xa, w8, sw, b).to(act)
+        else:
+            y = op_for(kind)(xa, w8, weight_scale=sw, bias=b, out_dtype=act)
+        route.linear_calls.append((name, kind, f"{xa.dim()}-D input" + (", emulated" if emulate else "")))
         return y.reshape(*lead, y.shape[-1]).to(x.dtype)
 
     return linear
 
 
 def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
-                      route: Optional[_Route] = None) -> AttentionFn:
-    """The block's attention operator: NHD q/k/v -> backend of the calling part (see module docstring)."""
+                      route: Optional[_Route] = None,
+                      backend_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> AttentionFn:
+    """The block's attention operator: NHD q/k/v -> backend of the calling part (see module docstring).
+
+    ``backend_kwargs``: backend name -> extra keywords for its calls (e.g. an emulation's defect switch).
+    """
     route = route if route is not None else _Route()
+    extra = backend_kwargs or {}
 
     def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         name = backends.get(route.part, cfg.attention)
@@ -370,13 +417,15 @@ def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
         if cfg.safe:
             from harness.quant.attention import safe_attention
 
-            out, actions = safe_attention(be, qa, ka, va, "NHD")
+            out, actions = safe_attention(be, qa, ka, va, "NHD", **extra.get(name, {}))
         else:
+            kw = dict(extra.get(name, {}))
             layout = "NHD" if "NHD" in be.requires.layouts else be.requires.layouts[0]
             if layout == "NHD":
-                out = be.run(qa, ka, va, "NHD")
+                out = be.run(qa, ka, va, "NHD", **kw)
             else:
-                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout).transpose(1, 2)
+                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout,
+                             **kw).transpose(1, 2)
             actions = []
         route.attention_calls.append((route.part, name, [str(a) for a in actions]))
         return out.to(q.dtype)
@@ -423,6 +472,24 @@ class QuantizedBlock:
 
         return wan_block(x, e, params, index, cfg or self.wan_config, **kwargs)
 
+    def emulated(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None, *,
+                 emulation_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None, **kwargs: Any) -> Tensor:
+        """The block with every operator replaced by the emulation of its formats (same quantized weights).
+
+        Linears: their scheme through ``harness.reference.formats``; attention: the emulation
+        modelling the backend that ran (``emulation_for``), called with ``emulation_kwargs[name]``
+        when given (e.g. ``{"emu.sage1": {"tail_keys_score_zero": True}}``: a known kernel defect).
+        The drift bound of a real run scales with this run's error against :meth:`reference`.
+        """
+        from harness.quant.backends import emulation_for
+        from harness.reference.wan.blocks import wan_block
+
+        route = _Route()
+        backends = {part: emulation_for(name, self.resolved.device) for part, name in self.resolved.attention.items()}
+        linear = make_linear_op(self.config, route, emulate=True)
+        attention = make_attention_op(backends, self.config, route, emulation_kwargs)
+        return wan_block(x, e, params, index, cfg or self.wan_config, linear=linear, attention=attention, **kwargs)
+
 
 def make_block(
     preset: Union[str, QuantizedBlockConfig],
@@ -436,9 +503,7 @@ def make_block(
     Raises ``RuntimeError`` naming what is missing when the preset cannot run on ``device``
     and ``emulate_missing`` is False.
     """
-    cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
-    if isinstance(cfg, str):
-        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = preset_config(preset)
     if overrides:
         cfg = replace(cfg, **overrides)
     resolved = resolve_preset(cfg, device, emulate_missing=emulate_missing)
