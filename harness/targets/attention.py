@@ -28,6 +28,7 @@ by as much as the drift bound allows: ``2 x emulated error + floor``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -171,40 +172,76 @@ class SafeAttentionTarget(AttentionTarget):
 
 class PluginAttentionTarget(AttentionTarget):
     """A user's attention function (``package.module:attr`` or a ``harness.attention`` entry point),
-    resolved by :func:`harness.quant.plugins.load_attention` inside the worker and judged like SDPA
-    (against the same-precision naive attention)."""
+    resolved by :func:`harness.quant.plugins.resolve` inside the worker and judged like SDPA
+    (against the same-precision naive attention).  Like the linear plug-ins: a plug-in that does not
+    import, or whose signature does not take the call, is ``unsupported``; a package its import
+    needs that is missing makes it ``unavailable``; cases record it in ``params["plugin"]``."""
 
     spec = ""
     backend_layouts = ("HND", "NHD")  # the plug-in adapter takes either (transposed views for HND-only code)
+    #: ``Plugin.describe()`` when known without importing the plug-in here (set by the matrix's probe)
+    plugin_info: dict[str, Any] | None = None
 
     def available(self, device):
+        from harness.quant.plugins import PluginError
+
         try:
             self._resolve()
-        except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
-            return False, f"attention plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
+        except PluginError as e:
+            if e.missing:
+                return False, str(e)
         return True, ""
 
+    def _plugin(self) -> Any:
+        plugin = self.__dict__.get("_resolved")
+        if plugin is None:
+            from harness.quant import plugins
+
+            plugin = self.__dict__["_resolved"] = plugins.resolve(self.spec, plugins.ATTENTION_GROUP)
+        return plugin
+
     def _resolve(self):
-        """The plug-in function, resolved once per target instance (a failure is not kept: it raises again)."""
+        """The plug-in as ``op(q, k, v, layout, **kw)``, resolved once per target instance (failures raise again)."""
         fn = self.__dict__.get("_fn")
         if fn is None:
-            from harness.quant.plugins import load_attention
-
-            fn = self.__dict__["_fn"] = load_attention(self.spec)
+            fn = self.__dict__["_fn"] = self._plugin().as_attention_op()
         return fn
+
+    def info(self) -> dict[str, Any]:
+        """``plugin_info``, else the plug-in resolved in this process and described; one that does not resolve
+        is described as taking everything (its cases then say why it cannot be called: ``unsupported``)."""
+        from harness.quant.plugins import PluginError, describe_unresolved
+
+        if self.plugin_info is not None:
+            return dict(self.plugin_info)
+        try:
+            return self._plugin().describe()
+        except PluginError:
+            return describe_unresolved(self.spec, "attention")
+
+    def case_from_draw(self, draw, class_name, seed):
+        case = super().case_from_draw(draw, class_name, seed)
+        return dataclasses.replace(case, params={**case.params, "plugin": self.info()})
 
     def invoke(self, q, k, v, layout, **kw):
         return self._resolve()(q, k, v, layout, **kw)
 
 
-def register_attention_plugin(spec: str) -> str:
-    """Register the attention plug-in ``spec`` as target ``plugin_attn.<spec>``; returns the target name."""
+def register_attention_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: bool = False) -> str:
+    """Register the attention plug-in ``spec`` as target ``plugin_attn.<spec>``; returns the target name.
+
+    ``info`` / ``probe``: as for :func:`harness.targets.linear.register_plugin`.
+    """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
         raise ValueError(f"attention plug-in {spec!r} must be 'package.module:attr' or an entry-point name")
+    if probe and info is None:
+        from harness.targets.linear import probe_plugin
+
+        info = probe_plugin(spec, "harness.attention")
     name = f"plugin_attn.{spec}"
     cls = type(f"PluginAttn_{spec.replace('.', '_').replace(':', '__')}", (PluginAttentionTarget,), {
         "name": name, "spec": spec, "backend_name": f"plugin:{spec}", "description": f"user attention {spec}",
-        "__doc__": f"user attention plug-in {spec}"})
+        "__doc__": f"user attention plug-in {spec}", "plugin_info": dict(info) if info is not None else None})
     register_target(cls, replace=True)
     return name
 

@@ -45,6 +45,7 @@ differently: the same ``2 x emulated + floor`` slack as the drift bound.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
@@ -66,6 +67,7 @@ __all__ = [
     "PluginLinearTarget",
     "LEGACY_TARGETS",
     "register_plugin",
+    "probe_plugin",
     "DEFAULT_WEIGHT_SCALE",
 ]
 
@@ -308,42 +310,104 @@ class PluginLinearTarget(LinearTarget):
     """A user's FP8 linear, named ``package.module:attr``, in the ``fp8_linear`` calling convention.
 
     The callable is resolved through :mod:`harness.quant.plugins` inside the worker (imports of
-    user code never happen in the matrix's parent process).
+    user code never happen in the matrix's parent process, which learns the signature from
+    :func:`harness.quant.plugins.probe` instead and sets ``plugin_info``).  Cases fit the
+    signature: no ``weight_scale`` parameter gives cases with an unscaled weight, no ``bias`` cases
+    without bias; every case records the plug-in (spec, kind, convention, what it takes) in
+    ``case.params["plugin"]``.
+
+    A plug-in that does not import is ``unsupported`` (a failure of the run) -- unless what is
+    missing is a package its import needs, which is ``unavailable`` (cannot run here).
     """
 
     spec = ""
+    #: ``Plugin.describe()`` of the plug-in when known without importing it here (set by the matrix's probe)
+    plugin_info: dict[str, Any] | None = None
 
     def available(self, device):
+        from harness.quant.plugins import PluginError
+
         try:
             self._resolve()
-        except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
-            return False, f"plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
+        except PluginError as e:
+            if e.missing:
+                return False, str(e)
+            # not "unavailable": run() raises the same error, and the verdict is unsupported
         return True, ""
 
-    def _resolve(self) -> Callable[..., torch.Tensor]:
-        """The plug-in's op, resolved once per target instance (a failure is not kept: it raises again)."""
-        op = self.__dict__.get("_op")
-        if op is None:
+    def _plugin(self) -> Any:
+        """The resolved :class:`~harness.quant.plugins.Plugin`, once per target instance (failures raise again)."""
+        plugin = self.__dict__.get("_resolved")
+        if plugin is None:
             from harness.quant import plugins
 
-            op = self.__dict__["_op"] = plugins.load_linear(self.spec)
+            plugin = self.__dict__["_resolved"] = plugins.resolve(self.spec, plugins.LINEAR_GROUP)
+        return plugin
+
+    def _resolve(self) -> Callable[..., torch.Tensor]:
+        """The plug-in's op in the ``fp8_linear`` convention, resolved once per target instance."""
+        op = self.__dict__.get("_op")
+        if op is None:
+            op = self.__dict__["_op"] = self._plugin().as_linear_op()
         return op
+
+    def info(self) -> dict[str, Any]:
+        """``plugin_info``, else the plug-in resolved in this process and described; one that does not resolve
+        is described as taking everything (its cases then say why it cannot be called: ``unsupported``)."""
+        from harness.quant.plugins import PluginError, describe_unresolved
+
+        if self.plugin_info is not None:
+            return dict(self.plugin_info)
+        try:
+            return self._plugin().describe()
+        except PluginError:
+            return describe_unresolved(self.spec, "linear")
+
+    def case_from_draw(self, draw, class_name, seed):
+        info = self.info()
+        case = super().case_from_draw(draw, class_name, seed)
+        layouts, values, params = dict(case.layouts), dict(case.values), dict(case.params)
+        takes = set(info.get("takes", ()))
+        if "weight_scale" not in takes:
+            params["weight_scale"] = None  # an unscaled checkpoint: the weight is the FP8 values as stored
+        if "bias" not in takes:
+            layouts.pop("bias", None)
+            values.pop("bias", None)
+        params["plugin"] = info
+        return dataclasses.replace(case, layouts=layouts, values=values, params=params)
 
     def call(self, x, inputs):
         return self._resolve()(x, inputs["weight"], weight_scale=inputs.get("weight_scale"), bias=inputs.get("bias"),
                                out_dtype=self.out_dtype)
 
 
-def register_plugin(spec: str) -> str:
+def register_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: bool = False) -> str:
     """Register the FP8 linear plug-in ``spec`` as target ``plugin.<spec>``; returns the target name.
 
     ``spec``: ``package.module:attr`` or the name of a ``harness.fp8_linear`` entry point.
+    ``info``: its ``Plugin.describe()``, when known; ``probe=True`` gets it from
+    :func:`harness.quant.plugins.probe` (a subprocess) and raises ValueError, one line, when the
+    plug-in does not load.
     """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1 or (":" in spec and not all(spec.split(":"))):
         raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
                          "or be a harness.fp8_linear entry-point name")
+    if probe and info is None:
+        info = probe_plugin(spec, "harness.fp8_linear")
     name = f"plugin.{spec}"
     cls = type(f"Plugin_{spec.replace('.', '_').replace(':', '__')}", (PluginLinearTarget,), {
-        "name": name, "spec": spec, "description": f"user plug-in {spec}", "__doc__": f"user FP8 linear {spec}"})
+        "name": name, "spec": spec, "description": f"user plug-in {spec}", "__doc__": f"user FP8 linear {spec}",
+        "plugin_info": dict(info) if info is not None else None})
     register_target(cls, replace=True)
     return name
+
+
+def probe_plugin(spec: str, group: str) -> dict[str, Any]:
+    """:func:`harness.quant.plugins.probe`, its failure as a one-line ValueError."""
+    from harness.quant.plugins import PluginError, probe
+
+    try:
+        return probe(spec, group)
+    except PluginError as e:
+        msg = str(e)
+        raise ValueError(msg if repr(spec) in msg else f"plug-in {spec!r} cannot be loaded: {msg}") from None

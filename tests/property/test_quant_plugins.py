@@ -12,8 +12,10 @@ import torch
 
 from harness.quant import plugins
 from harness.quant.linear import fp8_linear
-from harness.quant.plugins import PluginError, detect_convention, load_attention, load_linear, resolve
+from harness.quant.plugins import (PluginCallError, PluginError, detect_convention, load_attention, load_linear,
+                                   resolve)
 from harness.reference.formats import round_to_format
+from harness.verdicts import Unsupported
 
 PKG = "harness_test_plugin_pkg"
 
@@ -108,8 +110,9 @@ def test_module_instance_is_reused_with_the_cases_weights(plugin_pkg: str) -> No
 def test_op_without_an_argument_the_case_needs(plugin_pkg: str) -> None:
     x, w, sw, b = _operands()
     op = load_linear(f"{PKG}:op")
-    with pytest.raises(PluginError, match=r"takes no 'input_scale' argument"):
+    with pytest.raises(PluginCallError, match=r"takes no 'input_scale' argument") as info:
         op(x, w, weight_scale=sw, input_scale=torch.tensor(1.0))
+    assert isinstance(info.value, Unsupported)  # the runner's verdict: unsupported, never rejected
 
 
 def test_attention_plugins(plugin_pkg: str) -> None:
@@ -129,7 +132,8 @@ def test_entry_point_names(plugin_pkg: str) -> None:
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("nonexistent_pkg_xyz.mod:fn", r"plug-in 'nonexistent_pkg_xyz.mod:fn': cannot import module 'nonexistent_pkg_xyz.mod'"),
+    ("nonexistent_pkg_xyz.mod:fn", r"plug-in 'nonexistent_pkg_xyz.mod:fn': no module named 'nonexistent_pkg_xyz.mod' "
+     r"\(run from the directory that holds it"),
     (f"{PKG}:missing_fn", rf"plug-in '{PKG}:missing_fn': {PKG} has no attribute 'missing_fn'"),
     ("no_such_entry_point", r"plug-in 'no_such_entry_point' is neither 'package.module:attr' nor an entry point"),
     ("broken", r"entry point 'broken' .* failed to load"),
