@@ -108,3 +108,29 @@ def test_a_plugin_that_does_not_import_fails_fast_with_one_line(repo: Path, tmp_
                      "'user_kernel_nowhere' (run from the directory that holds it, or put that directory on "
                      "PYTHONPATH)"], cp.stderr
     assert not (out / "summary.json").exists()
+
+
+def test_the_readmes_pytest_route_finds_the_clamp_and_writes_the_shrunk_case(tmp_path: Path) -> None:
+    import re
+
+    block = re.search(r"```python\n# test_my_linear.py\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "README lost its pytest example"
+    (tmp_path / "test_my_linear.py").write_text(block.group(1))
+    (tmp_path / "my_kernels").mkdir()
+    (tmp_path / "my_kernels" / "__init__.py").write_text("")
+    (tmp_path / "my_kernels" / "fp8.py").write_text(textwrap.dedent('''
+        def my_linear(x, w):
+            if x.abs().max() > 448:
+                x.clamp_(-448.0, 448.0)  # only when needed -- but on the caller's tensor
+            return (x.float().contiguous() @ w.float().T).to(x.dtype)
+    '''))
+    env = {k: v for k, v in _env().items() if k != "PYTHONSAFEPATH"}
+    cp = subprocess.run([sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
+                         "-q", "--hypothesis-seed=0", "--harness-cases-dir", "cases", "test_my_linear.py"],
+                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1 and "harness: expected pass, got input_mutation" in out, out
+    (written,) = (tmp_path / "cases").glob("*.json")
+    case = json.loads(written.read_text())
+    assert case["op"] == "plugin.my_kernels.fp8:my_linear" and case["verdict"]["verdict"] == "input_mutation"
+    assert case["params"]["plugin"]["takes"] == [] and case["params"]["weight_scale"] is None
