@@ -42,6 +42,10 @@ non-pass verdicts (``rejected``: the op refused the layout with a clean error);
 ``unavailable`` the target cannot run on this device (``reason`` says why);
 ``not_run`` the budget ended before the cell got a case.
 
+Cells with ``unsupported`` cases (the harness could not call a plug-in as the
+case needs: a failure of the run, not the op's verdict) are listed first, in a
+section "The harness could not run these", before the grids.
+
 Case links are relative to the report's directory, so the whole output
 directory can be archived or served as static files.
 """
@@ -275,7 +279,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     unsupported = _unsupported_cells(summary)
     if unsupported:
         lines += [f"## {UNSUPPORTED_HEADING} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)", ""]
-        lines += [f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}" for c, n, msg in unsupported]
+        lines += [f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}"
+                  for c, n, msg in unsupported]
         lines.append("")
     new = summary.get("new_failures", [])
     if new:
