@@ -128,11 +128,13 @@ def load_object(spec: str) -> Any:
         _cwd_on_path()
         obj: Any = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        if e.name and e.name != mod_name and not mod_name.startswith(f"{e.name}."):
+        if not e.name or e.name == mod_name or mod_name.startswith(f"{e.name}."):
+            raise PluginError(f"plug-in {spec!r}: no module named {mod_name!r} (run from the directory that holds "
+                              "it, or put that directory on PYTHONPATH)") from e
+        if e.name.split(".")[0] != mod_name.split(".")[0]:  # another package, not installed here: cannot run here
             raise PluginError(f"plug-in {spec!r}: module {mod_name!r} needs {e.name!r}, which is not installed here",
                               missing=e.name) from e
-        raise PluginError(f"plug-in {spec!r}: no module named {mod_name!r} (run from the directory that holds it, "
-                          "or put that directory on PYTHONPATH)") from e
+        raise PluginError(f"plug-in {spec!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
     except Exception as e:  # noqa: BLE001 - any import failure is reported with the plug-in name
         raise PluginError(f"plug-in {spec!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
     for part in attr.split("."):

@@ -228,10 +228,14 @@ def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"user_kernels_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{name}.py").write_text(KERNELS)
     (tmp_path / "needs_dep.py").write_text("import harness_no_such_dependency_xyz\n")
+    (tmp_path / f"{name}_pkg").mkdir()
+    (tmp_path / f"{name}_pkg" / "__init__.py").write_text("")
+    (tmp_path / f"{name}_pkg" / "fp8.py").write_text(f"import {name}_pkg.helpers  # deleted from the package\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     yield name
-    sys.modules.pop(name, None)
+    for mod in [m for m in sys.modules if m == name or m.startswith(f"{name}_pkg")]:
+        sys.modules.pop(mod, None)
 
 
 def _target(spec: str):
@@ -290,6 +294,8 @@ def test_what_the_harness_cannot_call_is_unsupported_and_the_ops_own_errors_stay
     assert v == "unsupported" and "no module named 'user_kernels_nowhere'" in msg
     v, msg = verdict(plain, "needs_dep:fn")  # a package the kernel needs is not installed: cannot run here
     assert v == "unavailable" and "needs 'harness_no_such_dependency_xyz'" in msg
+    v, msg = verdict(plain, f"{kernels}_pkg.fp8:fn")  # a module of the kernel's own package is missing: broken
+    assert v == "unsupported" and f"No module named '{kernels}_pkg.helpers'" in msg
     v, msg = verdict(plain, f"{kernels}:refuses")
     assert v == "rejected" and "refuses: x must be contiguous" in msg
     v, msg = verdict(plain, f"{kernels}:inner_type_error")
