@@ -449,6 +449,8 @@ def probe(spec: str, group: str = LINEAR_GROUP, *, timeout: float = 120.0) -> di
         answer = json.loads(lines[-1]) if lines else {}
     except ValueError:
         answer = {}
+    if not isinstance(answer, dict):  # the last line was the plug-in's own output
+        answer = {}
     if cp.returncode == 0 and isinstance(answer.get("plugin"), dict):
         return answer["plugin"]
     why = answer.get("error") or (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]

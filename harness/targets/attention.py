@@ -34,10 +34,12 @@ from typing import Any, Mapping
 import torch
 
 from harness.cases import Case
+from harness.quant.plugins import ATTENTION_GROUP
 from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
+from harness.targets.plugin import PluginTarget, register_plugin_target
 from harness.verdicts import INPUT_MUTATION_PREFIX
 
 __all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
@@ -170,54 +172,20 @@ class SafeAttentionTarget(AttentionTarget):
         return self.invoke(q, k, v, layout)  # the wrapper takes either layout and fixes what the kernel needs
 
 
-class PluginAttentionTarget(AttentionTarget):
+class PluginAttentionTarget(PluginTarget, AttentionTarget):
     """A user's attention function (``package.module:attr`` or a ``harness.attention`` entry point),
-    resolved by :func:`harness.quant.plugins.resolve` inside the worker and judged like SDPA
-    (against the same-precision naive attention).  Like the linear plug-ins: a plug-in that does not
-    import, or whose signature does not take the call, is ``unsupported``; a package its import
-    needs that is missing makes it ``unavailable``; cases record it in ``params["plugin"]``."""
+    resolved inside the worker (see :mod:`harness.targets.plugin`) and judged like SDPA (against the
+    same-precision naive attention)."""
 
-    spec = ""
+    plugin_group = ATTENTION_GROUP
     backend_layouts = ("HND", "NHD")  # the plug-in adapter takes either (transposed views for HND-only code)
-    #: ``Plugin.describe()`` when known without importing the plug-in here (set by the matrix's probe)
-    plugin_info: dict[str, Any] | None = None
-
-    def available(self, device):
-        from harness.quant.plugins import PluginError
-
-        try:
-            self._resolve()
-        except PluginError as e:
-            if e.missing:
-                return False, str(e)
-        return True, ""
-
-    def _plugin(self) -> Any:
-        plugin = self.__dict__.get("_resolved")
-        if plugin is None:
-            from harness.quant import plugins
-
-            plugin = self.__dict__["_resolved"] = plugins.resolve(self.spec, plugins.ATTENTION_GROUP)
-        return plugin
 
     def _resolve(self):
         """The plug-in as ``op(q, k, v, layout, **kw)``, resolved once per target instance (failures raise again)."""
         fn = self.__dict__.get("_fn")
         if fn is None:
-            fn = self.__dict__["_fn"] = self._plugin().as_attention_op()
+            fn = self.__dict__["_fn"] = self.plugin().as_attention_op()
         return fn
-
-    def info(self) -> dict[str, Any]:
-        """``plugin_info``, else the plug-in resolved in this process and described; one that does not resolve
-        is described as taking everything (its cases then say why it cannot be called: ``unsupported``)."""
-        from harness.quant.plugins import PluginError, describe_unresolved
-
-        if self.plugin_info is not None:
-            return dict(self.plugin_info)
-        try:
-            return self._plugin().describe()
-        except PluginError:
-            return describe_unresolved(self.spec, "attention")
 
     def case_from_draw(self, draw, class_name, seed):
         case = super().case_from_draw(draw, class_name, seed)
@@ -234,16 +202,8 @@ def register_attention_plugin(spec: str, info: Mapping[str, Any] | None = None, 
     """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
         raise ValueError(f"attention plug-in {spec!r} must be 'package.module:attr' or an entry-point name")
-    if probe and info is None:
-        from harness.targets.linear import probe_plugin
-
-        info = probe_plugin(spec, "harness.attention")
-    name = f"plugin_attn.{spec}"
-    cls = type(f"PluginAttn_{spec.replace('.', '_').replace(':', '__')}", (PluginAttentionTarget,), {
-        "name": name, "spec": spec, "backend_name": f"plugin:{spec}", "description": f"user attention {spec}",
-        "__doc__": f"user attention plug-in {spec}", "plugin_info": dict(info) if info is not None else None})
-    register_target(cls, replace=True)
-    return name
+    return register_plugin_target(PluginAttentionTarget, f"plugin_attn.{spec}", spec, info, probe,
+                                  f"user attention {spec}", backend_name=f"plugin:{spec}")
 
 
 ATTENTION_TARGETS: dict[str, type[AttentionTarget]] = {}

@@ -52,10 +52,12 @@ import torch
 
 from harness.cases import Case
 from harness.layouts import LayoutSpec
+from harness.quant.plugins import LINEAR_GROUP
 from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
+from harness.targets.plugin import PluginTarget, register_plugin_target
 from harness.values import ValueSpec
 
 __all__ = [
@@ -67,7 +69,6 @@ __all__ = [
     "PluginLinearTarget",
     "LEGACY_TARGETS",
     "register_plugin",
-    "probe_plugin",
     "DEFAULT_WEIGHT_SCALE",
 ]
 
@@ -306,62 +307,23 @@ class RawScaledMmTarget(LinearTarget):
         return r[0] if isinstance(r, tuple) else r
 
 
-class PluginLinearTarget(LinearTarget):
+class PluginLinearTarget(PluginTarget, LinearTarget):
     """A user's FP8 linear, named ``package.module:attr``, in the ``fp8_linear`` calling convention.
 
-    The callable is resolved through :mod:`harness.quant.plugins` inside the worker (imports of
-    user code never happen in the matrix's parent process, which learns the signature from
-    :func:`harness.quant.plugins.probe` instead and sets ``plugin_info``).  Cases fit the
-    signature: no ``weight_scale`` parameter gives cases with an unscaled weight, no ``bias`` cases
-    without bias; every case records the plug-in (spec, kind, convention, what it takes) in
-    ``case.params["plugin"]``.
-
-    A plug-in that does not import is ``unsupported`` (a failure of the run) -- unless what is
-    missing is a package its import needs, which is ``unavailable`` (cannot run here).
+    Resolved inside the worker (see :mod:`harness.targets.plugin`); the matrix's own process learns
+    the signature from :func:`harness.quant.plugins.probe` instead of importing user code.  Cases
+    fit the signature: no ``weight_scale`` parameter gives cases with an unscaled weight, no
+    ``bias`` cases without bias.
     """
 
-    spec = ""
-    #: ``Plugin.describe()`` of the plug-in when known without importing it here (set by the matrix's probe)
-    plugin_info: dict[str, Any] | None = None
-
-    def available(self, device):
-        from harness.quant.plugins import PluginError
-
-        try:
-            self._resolve()
-        except PluginError as e:
-            if e.missing:
-                return False, str(e)
-            # not "unavailable": run() raises the same error, and the verdict is unsupported
-        return True, ""
-
-    def _plugin(self) -> Any:
-        """The resolved :class:`~harness.quant.plugins.Plugin`, once per target instance (failures raise again)."""
-        plugin = self.__dict__.get("_resolved")
-        if plugin is None:
-            from harness.quant import plugins
-
-            plugin = self.__dict__["_resolved"] = plugins.resolve(self.spec, plugins.LINEAR_GROUP)
-        return plugin
+    plugin_group = LINEAR_GROUP
 
     def _resolve(self) -> Callable[..., torch.Tensor]:
         """The plug-in's op in the ``fp8_linear`` convention, resolved once per target instance."""
         op = self.__dict__.get("_op")
         if op is None:
-            op = self.__dict__["_op"] = self._plugin().as_linear_op()
+            op = self.__dict__["_op"] = self.plugin().as_linear_op()
         return op
-
-    def info(self) -> dict[str, Any]:
-        """``plugin_info``, else the plug-in resolved in this process and described; one that does not resolve
-        is described as taking everything (its cases then say why it cannot be called: ``unsupported``)."""
-        from harness.quant.plugins import PluginError, describe_unresolved
-
-        if self.plugin_info is not None:
-            return dict(self.plugin_info)
-        try:
-            return self._plugin().describe()
-        except PluginError:
-            return describe_unresolved(self.spec, "linear")
 
     def case_from_draw(self, draw, class_name, seed):
         info = self.info()
@@ -392,22 +354,4 @@ def register_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: 
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1 or (":" in spec and not all(spec.split(":"))):
         raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
                          "or be a harness.fp8_linear entry-point name")
-    if probe and info is None:
-        info = probe_plugin(spec, "harness.fp8_linear")
-    name = f"plugin.{spec}"
-    cls = type(f"Plugin_{spec.replace('.', '_').replace(':', '__')}", (PluginLinearTarget,), {
-        "name": name, "spec": spec, "description": f"user plug-in {spec}", "__doc__": f"user FP8 linear {spec}",
-        "plugin_info": dict(info) if info is not None else None})
-    register_target(cls, replace=True)
-    return name
-
-
-def probe_plugin(spec: str, group: str) -> dict[str, Any]:
-    """:func:`harness.quant.plugins.probe`, its failure as a one-line ValueError."""
-    from harness.quant.plugins import PluginError, probe
-
-    try:
-        return probe(spec, group)
-    except PluginError as e:
-        msg = str(e)
-        raise ValueError(msg if repr(spec) in msg else f"plug-in {spec!r} cannot be loaded: {msg}") from None
+    return register_plugin_target(PluginLinearTarget, f"plugin.{spec}", spec, info, probe, f"user FP8 linear {spec}")
