@@ -22,7 +22,9 @@ What it does:
    :mod:`harness.report`).
 
 Exit status: 0 when the run completed (whatever it found); with ``--fail-on-new``, 1 when some
-failure's fingerprint is not in the corpus; 2 for bad arguments or no usable device; 3 when the
+failure's fingerprint is not in the corpus; 1 too when some case is ``unsupported`` (the harness
+could not call a plug-in as the case needs); 2 for bad arguments, a ``--plugin`` that does not
+load, or no usable device; 3 when the
 run did not complete (interrupted, or no case ran) -- the partial report is written anyway.
 
 Failing verdicts are those outside :data:`harness.verdicts.BENIGN`, plus ``rejected`` for
@@ -385,7 +387,7 @@ def _register_plugins(plugins: Sequence[str], attn_plugins: Sequence[str]) -> li
         if not specs:
             continue
         try:
-            names += [reg(spec) for spec in specs]
+            names += [reg(spec, probe=True) for spec in specs]  # a plug-in that does not load: one line, exit 2
         except ValueError as e:
             raise MatrixError(str(e)) from None
         prior = [s for s in os.environ.get(var, "").split(",") if s.strip()]
@@ -635,7 +637,10 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"NEW  {f['fingerprint']}  {out / f['case'] if f['case'] else ''}")
     if not summary.get("completed", True):
         return 3
-    if args.fail_on_new and new:
+    unsupported = summary["totals"].get("unsupported", 0)  # the harness could not run these as asked
+    if unsupported:
+        print(f"UNSUPPORTED  {unsupported} case(s) the harness could not call as they need (see the report's top)")
+    if (args.fail_on_new and new) or unsupported:
         return 1
     return 0
 

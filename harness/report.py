@@ -43,6 +43,10 @@ non-pass verdicts (``rejected``: the op refused the layout with a clean error);
 ``unavailable`` the target cannot run on this device (``reason`` says why);
 ``not_run`` the budget ended before the cell got a case.
 
+Cells with ``unsupported`` cases (the harness could not call a plug-in as the
+case needs: a failure of the run, not the op's verdict) are listed first, in a
+section "The harness could not run these", before the grids.
+
 Case links are relative to the report's directory, so the whole output
 directory can be archived or served as static files.
 """
@@ -242,6 +246,16 @@ def _nonpass_cells(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [c for c in summary["cells"] if c["status"] in ("fail", "nonpass")]
 
 
+#: heading of the report's first section: cells with ``unsupported`` cases (a failure of the run, not the op's)
+UNSUPPORTED_HEADING = "The harness could not run these"
+
+
+def _unsupported_cells(summary: Mapping[str, Any]) -> list[tuple[dict[str, Any], int, str]]:
+    """(cell, unsupported cases, first message) for every cell with ``unsupported`` cases."""
+    return [(c, c["counts"]["unsupported"], c.get("messages", {}).get("unsupported", ""))
+            for c in summary["cells"] if c["counts"].get("unsupported")]
+
+
 def _worst_text(worst: Mapping[str, Any] | None) -> str:
     if not worst:
         return "-"
@@ -263,6 +277,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines += ["| | |", "|---|---|"]
     lines += [f"| {k} | {_md_escape(v)} |" for k, v in _header_rows(summary)]
     lines.append("")
+    unsupported = _unsupported_cells(summary)
+    if unsupported:
+        lines += [f"## {UNSUPPORTED_HEADING} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)", ""]
+        lines += [f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}"
+                  for c, n, msg in unsupported]
+        lines.append("")
     new = summary.get("new_failures", [])
     if new:
         lines += [f"## New failures ({len(new)}; not in the regression corpus)", ""]
@@ -375,6 +395,13 @@ def render_html(summary: Mapping[str, Any]) -> str:
            f"<style>{_CSS}</style></head><body>", "<h1>Layout matrix report</h1>", "<table class='hdr'>"]
     out += [f"<tr><td>{_h(k)}</td><td>{_h(v)}</td></tr>" for k, v in _header_rows(summary)]
     out.append("</table>")
+    unsupported = _unsupported_cells(summary)
+    if unsupported:
+        out.append(f"<h2>{_h(UNSUPPORTED_HEADING)} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)"
+                   "</h2><ul>")
+        out += [f"<li><b>{_h(c['op'])}</b> &times; <code>{_h(c['layout_class'])}</code>: {n} &mdash; {_h(msg[:300])}"
+                "</li>" for c, n, msg in unsupported]
+        out.append("</ul>")
     new = summary.get("new_failures", [])
     if new:
         out.append(f"<h2>New failures ({len(new)}; not in the regression corpus)</h2><ul>")

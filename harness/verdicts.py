@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, Mapping
 
-__all__ = ["Verdict", "Result", "BENIGN", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED"]
+__all__ = ["Verdict", "Result", "BENIGN", "Unsupported", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED"]
 
 #: how an ``input_mutation`` message starts; then "name: what changed" entries joined by "; "
 INPUT_MUTATION_PREFIX = "the op wrote into its inputs: "
@@ -48,6 +48,9 @@ class Verdict(str, enum.Enum):
     WORKER_CRASH = "worker_crash"
     #: the harness or the target's own reference raised: not the kernel's verdict
     ERROR = "error"
+    #: the harness could not call the op as this case needs: a plug-in's signature/convention does not fit,
+    #: or it failed to import (a failure of the run, never the op's own refusal)
+    UNSUPPORTED = "unsupported"
 
     def __str__(self) -> str:  # "drift", not "Verdict.DRIFT"
         return self.value
@@ -70,6 +73,13 @@ class Verdict(str, enum.Enum):
         except ValueError:
             names = ", ".join(v.value for v in cls)
             raise ValueError(f"unknown verdict {text!r}; expected one of: {names}") from None
+
+
+class Unsupported(Exception):
+    """Raised by a target, before the op runs, when it cannot call the op as the case needs: verdict ``unsupported``.
+
+    Never raised from inside the op: an exception the op itself raises is its own refusal (``rejected``).
+    """
 
 
 #: verdicts that say the kernel behaved: it passed, refused cleanly, or cannot run here

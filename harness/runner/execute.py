@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Verdict
+from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Unsupported, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.cases import Case
@@ -219,10 +219,13 @@ def _frame_of(exc: BaseException) -> str:
 
 
 def classify_exception(exc: BaseException, device: str) -> tuple[Verdict, str]:
-    """Verdict for an exception raised by the op: oom, device_fault (health check fails) or rejected."""
+    """Verdict for an exception raised by the op: oom, device_fault (health check fails), unsupported (the
+    target could not call the op as the case needs: :class:`~harness.verdicts.Unsupported`) or rejected."""
     healthy, why = device_healthy(device)
     if not healthy:
         return Verdict.DEVICE_FAULT, why
+    if isinstance(exc, Unsupported):
+        return Verdict.UNSUPPORTED, ""
     if is_oom(exc):
         if _is_cuda(device):
             try:

@@ -39,6 +39,7 @@ __all__ = [
     "default_inputs",
     "simulated_fault_active",
     "EXTERNAL_TARGET_MODULES",
+    "register_on_demand",
 ]
 
 #: modules imported on the first registry lookup; each registers its targets on import
@@ -167,6 +168,17 @@ _REGISTRY: dict[str, Target] = {}
 _LOCK = threading.Lock()
 _EXTERNAL_LOADED = False
 _EXTERNAL_ERRORS: dict[str, str] = {}
+_ON_DEMAND: list[Callable[[str], Any]] = []
+
+
+def register_on_demand(factory: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Add ``factory(name)``, called by :func:`get_target` for a name nothing registered: it registers
+    the target ``name`` stands for (e.g. ``plugin.<spec>``: a user plug-in named in a case file) or
+    does nothing. Returns ``factory``."""
+    with _LOCK:
+        if factory not in _ON_DEMAND:
+            _ON_DEMAND.append(factory)
+    return factory
 
 
 def register_target(target: Any = None, *, replace: bool = False) -> Any:
@@ -223,6 +235,11 @@ def get_target(name: str) -> Target:
     if t is not None:
         return t
     _load_external()
+    with _LOCK:
+        t = _REGISTRY.get(name)
+        factories = list(_ON_DEMAND) if t is None else []
+    for factory in factories:
+        factory(name)
     with _LOCK:
         t = _REGISTRY.get(name)
         known = sorted(_REGISTRY)

@@ -4,10 +4,12 @@ Importing this package registers every target in :mod:`harness.runner.targets`' 
 registry imports it lazily on the first lookup).  Nothing here initialises CUDA: availability is
 probed by each target's ``available(device)`` inside the worker.
 
-User plug-ins listed in the ``HARNESS_PLUGINS`` (FP8 linears, targets ``plugin.<spec>``) and
-``HARNESS_ATTN_PLUGINS`` (attention, ``plugin_attn.<spec>``) environment variables (comma-separated
-``package.module:attr`` or entry-point names) are registered too, so spawned workers, which inherit
-the environment, know them; ``python -m harness matrix --plugin/--attn-plugin`` sets them.
+User plug-ins are targets ``plugin.<spec>`` (FP8 linears) and ``plugin_attn.<spec>`` (attention),
+``<spec>`` being ``package.module:attr`` or an entry-point name.  A lookup of such a name registers
+it on demand (:func:`plugin_target_on_demand`), so a case file names its plug-in by itself: ``show``,
+``replay``, ``minimize`` and ``git bisect run`` need nothing else.  Plug-ins listed in the
+``HARNESS_PLUGINS`` / ``HARNESS_ATTN_PLUGINS`` environment variables (comma-separated) are
+registered on import too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 
 from harness.targets import attention as _attention  # noqa: F401  (registers the attention targets)
 from harness.targets import linear as _linear  # noqa: F401  (registers the linear targets)
+from harness.runner.targets import register_on_demand
 from harness.targets.base import LAYOUT_CLASS_PARAM, CaseFactory, ClassTarget
 from harness.targets.layout_classes import ATTENTION_CLASSES, LINEAR_CLASSES, Context, LayoutClass, classes_for
 from harness.targets.attention import register_attention_plugin
@@ -33,6 +36,8 @@ __all__ = [
     "register_plugin",
     "register_attention_plugin",
     "register_env_plugins",
+    "plugin_target_on_demand",
+    "PLUGIN_PREFIXES",
     "PLUGINS_ENV",
     "ATTN_PLUGINS_ENV",
 ]
@@ -41,6 +46,22 @@ __all__ = [
 PLUGINS_ENV = "HARNESS_PLUGINS"
 #: The same for attention plug-ins (targets ``plugin_attn.<spec>``).
 ATTN_PLUGINS_ENV = "HARNESS_ATTN_PLUGINS"
+
+
+#: target-name prefix -> how a plug-in of that kind is registered
+PLUGIN_PREFIXES = {"plugin.": register_plugin, "plugin_attn.": register_attention_plugin}
+
+
+def plugin_target_on_demand(name: str) -> str | None:
+    """Register the plug-in target ``name`` (``plugin.<spec>`` / ``plugin_attn.<spec>``); its name, or None
+    when ``name`` is no well-formed plug-in target name. Nothing is imported: the worker resolves it."""
+    for prefix, register in PLUGIN_PREFIXES.items():
+        if name.startswith(prefix):
+            try:
+                return register(name[len(prefix):])
+            except ValueError:
+                return None
+    return None
 
 
 def register_env_plugins() -> list[str]:
@@ -52,4 +73,5 @@ def register_env_plugins() -> list[str]:
                                                                  for s in specs(ATTN_PLUGINS_ENV)]
 
 
+register_on_demand(plugin_target_on_demand)
 register_env_plugins()

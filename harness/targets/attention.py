@@ -28,15 +28,18 @@ by as much as the drift bound allows: ``2 x emulated error + floor``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
 
 from harness.cases import Case
+from harness.quant.plugins import ATTENTION_GROUP
 from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
+from harness.targets.plugin import PluginTarget, register_plugin_target
 from harness.verdicts import INPUT_MUTATION_PREFIX
 
 __all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
@@ -170,44 +173,38 @@ class SafeAttentionTarget(AttentionTarget):
         return self.invoke(q, k, v, layout)  # the wrapper takes either layout and fixes what the kernel needs
 
 
-class PluginAttentionTarget(AttentionTarget):
+class PluginAttentionTarget(PluginTarget, AttentionTarget):
     """A user's attention function (``package.module:attr`` or a ``harness.attention`` entry point),
-    resolved by :func:`harness.quant.plugins.load_attention` inside the worker and judged like SDPA
-    (against the same-precision naive attention)."""
+    resolved inside the worker (see :mod:`harness.targets.plugin`) and judged like SDPA (against the
+    same-precision naive attention)."""
 
-    spec = ""
+    plugin_group = ATTENTION_GROUP
     backend_layouts = ("HND", "NHD")  # the plug-in adapter takes either (transposed views for HND-only code)
 
-    def available(self, device):
-        try:
-            self._resolve()
-        except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
-            return False, f"attention plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
-        return True, ""
-
     def _resolve(self):
-        """The plug-in function, resolved once per target instance (a failure is not kept: it raises again)."""
+        """The plug-in as ``op(q, k, v, layout, **kw)``, resolved once per target instance (failures raise again)."""
         fn = self.__dict__.get("_fn")
         if fn is None:
-            from harness.quant.plugins import load_attention
-
-            fn = self.__dict__["_fn"] = load_attention(self.spec)
+            fn = self.__dict__["_fn"] = self.plugin().as_attention_op()
         return fn
+
+    def case_from_draw(self, draw, class_name, seed):
+        case = super().case_from_draw(draw, class_name, seed)
+        return dataclasses.replace(case, params={**case.params, "plugin": self.info()})
 
     def invoke(self, q, k, v, layout, **kw):
         return self._resolve()(q, k, v, layout, **kw)
 
 
-def register_attention_plugin(spec: str) -> str:
-    """Register the attention plug-in ``spec`` as target ``plugin_attn.<spec>``; returns the target name."""
+def register_attention_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: bool = False) -> str:
+    """Register the attention plug-in ``spec`` as target ``plugin_attn.<spec>``; returns the target name.
+
+    ``info`` / ``probe``: as for :func:`harness.targets.linear.register_plugin`.
+    """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
         raise ValueError(f"attention plug-in {spec!r} must be 'package.module:attr' or an entry-point name")
-    name = f"plugin_attn.{spec}"
-    cls = type(f"PluginAttn_{spec.replace('.', '_').replace(':', '__')}", (PluginAttentionTarget,), {
-        "name": name, "spec": spec, "backend_name": f"plugin:{spec}", "description": f"user attention {spec}",
-        "__doc__": f"user attention plug-in {spec}"})
-    register_target(cls, replace=True)
-    return name
+    return register_plugin_target(PluginAttentionTarget, f"plugin_attn.{spec}", spec, info, probe,
+                                  f"user attention {spec}", backend_name=f"plugin:{spec}")
 
 
 ATTENTION_TARGETS: dict[str, type[AttentionTarget]] = {}

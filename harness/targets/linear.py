@@ -45,16 +45,19 @@ differently: the same ``2 x emulated + floor`` slack as the drift bound.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
 
 from harness.cases import Case
 from harness.layouts import LayoutSpec
+from harness.quant.plugins import LINEAR_GROUP
 from harness.reference.metrics import Bound
 from harness.runner.targets import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
+from harness.targets.plugin import PluginTarget, register_plugin_target
 from harness.values import ValueSpec
 
 __all__ = [
@@ -304,46 +307,51 @@ class RawScaledMmTarget(LinearTarget):
         return r[0] if isinstance(r, tuple) else r
 
 
-class PluginLinearTarget(LinearTarget):
+class PluginLinearTarget(PluginTarget, LinearTarget):
     """A user's FP8 linear, named ``package.module:attr``, in the ``fp8_linear`` calling convention.
 
-    The callable is resolved through :mod:`harness.quant.plugins` inside the worker (imports of
-    user code never happen in the matrix's parent process).
+    Resolved inside the worker (see :mod:`harness.targets.plugin`); the matrix's own process learns
+    the signature from :func:`harness.quant.plugins.probe` instead of importing user code.  Cases
+    fit the signature: no ``weight_scale`` parameter gives cases with an unscaled weight, no
+    ``bias`` cases without bias.
     """
 
-    spec = ""
-
-    def available(self, device):
-        try:
-            self._resolve()
-        except Exception as e:  # noqa: BLE001 - any import failure makes the plug-in unavailable, with why
-            return False, f"plug-in {self.spec!r} cannot be loaded: {type(e).__name__}: {e}"
-        return True, ""
+    plugin_group = LINEAR_GROUP
 
     def _resolve(self) -> Callable[..., torch.Tensor]:
-        """The plug-in's op, resolved once per target instance (a failure is not kept: it raises again)."""
+        """The plug-in's op in the ``fp8_linear`` convention, resolved once per target instance."""
         op = self.__dict__.get("_op")
         if op is None:
-            from harness.quant import plugins
-
-            op = self.__dict__["_op"] = plugins.load_linear(self.spec)
+            op = self.__dict__["_op"] = self.plugin().as_linear_op()
         return op
+
+    def case_from_draw(self, draw, class_name, seed):
+        info = self.info()
+        case = super().case_from_draw(draw, class_name, seed)
+        layouts, values, params = dict(case.layouts), dict(case.values), dict(case.params)
+        takes = set(info.get("takes", ()))
+        if "weight_scale" not in takes:
+            params["weight_scale"] = None  # an unscaled checkpoint: the weight is the FP8 values as stored
+        if "bias" not in takes:
+            layouts.pop("bias", None)
+            values.pop("bias", None)
+        params["plugin"] = info
+        return dataclasses.replace(case, layouts=layouts, values=values, params=params)
 
     def call(self, x, inputs):
         return self._resolve()(x, inputs["weight"], weight_scale=inputs.get("weight_scale"), bias=inputs.get("bias"),
                                out_dtype=self.out_dtype)
 
 
-def register_plugin(spec: str) -> str:
+def register_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: bool = False) -> str:
     """Register the FP8 linear plug-in ``spec`` as target ``plugin.<spec>``; returns the target name.
 
     ``spec``: ``package.module:attr`` or the name of a ``harness.fp8_linear`` entry point.
+    ``info``: its ``Plugin.describe()``, when known; ``probe=True`` gets it from
+    :func:`harness.quant.plugins.probe` (a subprocess) and raises ValueError, one line, when the
+    plug-in does not load.
     """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1 or (":" in spec and not all(spec.split(":"))):
         raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
                          "or be a harness.fp8_linear entry-point name")
-    name = f"plugin.{spec}"
-    cls = type(f"Plugin_{spec.replace('.', '_').replace(':', '__')}", (PluginLinearTarget,), {
-        "name": name, "spec": spec, "description": f"user plug-in {spec}", "__doc__": f"user FP8 linear {spec}"})
-    register_target(cls, replace=True)
-    return name
+    return register_plugin_target(PluginLinearTarget, f"plugin.{spec}", spec, info, probe, f"user FP8 linear {spec}")

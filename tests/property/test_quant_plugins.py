@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import textwrap
@@ -12,8 +13,10 @@ import torch
 
 from harness.quant import plugins
 from harness.quant.linear import fp8_linear
-from harness.quant.plugins import PluginError, detect_convention, load_attention, load_linear, resolve
+from harness.quant.plugins import (PluginCallError, PluginError, detect_convention, load_attention, load_linear,
+                                   resolve)
 from harness.reference.formats import round_to_format
+from harness.verdicts import Unsupported
 
 PKG = "harness_test_plugin_pkg"
 
@@ -108,8 +111,9 @@ def test_module_instance_is_reused_with_the_cases_weights(plugin_pkg: str) -> No
 def test_op_without_an_argument_the_case_needs(plugin_pkg: str) -> None:
     x, w, sw, b = _operands()
     op = load_linear(f"{PKG}:op")
-    with pytest.raises(PluginError, match=r"takes no 'input_scale' argument"):
+    with pytest.raises(PluginCallError, match=r"takes no 'input_scale' argument") as info:
         op(x, w, weight_scale=sw, input_scale=torch.tensor(1.0))
+    assert isinstance(info.value, Unsupported)  # the runner's verdict: unsupported, never rejected
 
 
 def test_attention_plugins(plugin_pkg: str) -> None:
@@ -129,7 +133,8 @@ def test_entry_point_names(plugin_pkg: str) -> None:
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("nonexistent_pkg_xyz.mod:fn", r"plug-in 'nonexistent_pkg_xyz.mod:fn': cannot import module 'nonexistent_pkg_xyz.mod'"),
+    ("nonexistent_pkg_xyz.mod:fn", r"plug-in 'nonexistent_pkg_xyz.mod:fn': no module named 'nonexistent_pkg_xyz.mod' "
+     r"\(run from the directory that holds it"),
     (f"{PKG}:missing_fn", rf"plug-in '{PKG}:missing_fn': {PKG} has no attribute 'missing_fn'"),
     ("no_such_entry_point", r"plug-in 'no_such_entry_point' is neither 'package.module:attr' nor an entry point"),
     ("broken", r"entry point 'broken' .* failed to load"),
@@ -176,3 +181,157 @@ def test_a_forward_that_writes_its_weight_is_not_hidden_by_a_copy() -> None:
     held = make_fp8_module(before, torch.ones(()))
     held.weight.data.zero_()
     assert held.weight.data_ptr() != before.data_ptr() and before.float().abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------
+# Honest verdicts for a user's kernel: run what the signature can take, unsupported for what it cannot
+
+KERNELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def _mm(x, w):
+        return (x.float().contiguous() @ w.float().T).to(x.dtype)
+
+    def my_linear(x, w):
+        """the user's kernel: clamps the caller's activation in place"""
+        x.clamp_(-448.0, 448.0)
+        return _mm(x, w)
+
+    def clean_linear(x, w):
+        return _mm(x, w)
+
+    def needs_scale(x, w, scale):
+        """a required argument the harness has no value for"""
+        return _mm(x, w) * scale
+
+    def refuses(x, w):
+        if not x.is_contiguous():
+            raise ValueError("refuses: x must be contiguous")
+        return _mm(x, w)
+
+    def inner_type_error(x, w):
+        return torch.matmul(x, w, w)  # a TypeError raised inside the kernel is still the kernel's own
+
+    class TwoInputLinear(nn.Linear):
+        def forward(self, input, other):
+            return input
+
+    def attn_needs_mask(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+''')
+
+
+@pytest.fixture
+def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A user's kernel module in the current directory, found the way ``python -m`` finds it (cwd on sys.path)."""
+    name = f"user_kernels_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(KERNELS)
+    (tmp_path / "needs_dep.py").write_text("import harness_no_such_dependency_xyz\n")
+    (tmp_path / f"{name}_pkg").mkdir()
+    (tmp_path / f"{name}_pkg" / "__init__.py").write_text("")
+    (tmp_path / f"{name}_pkg" / "fp8.py").write_text(f"import {name}_pkg.helpers  # deleted from the package\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    yield name
+    for mod in [m for m in sys.modules if m == name or m.startswith(f"{name}_pkg")]:
+        sys.modules.pop(mod, None)
+
+
+def _target(spec: str):
+    from harness.runner.targets import get_target
+    from harness.targets import register_plugin
+
+    return get_target(register_plugin(spec))
+
+
+def test_unsupported_is_a_failure_of_the_run() -> None:
+    from harness.matrix import is_failure
+    from harness.verdicts import BENIGN, Verdict
+
+    v = Verdict.parse("unsupported")
+    assert v is Verdict.UNSUPPORTED and v.failed and not v.kills_worker and v not in BENIGN
+    assert is_failure("unsupported") and not is_failure("rejected")
+
+
+def test_cases_fit_a_two_argument_kernel_and_its_in_place_clamp_is_found(kernels: str) -> None:
+    from harness.runner.execute import run_case
+
+    t = _target(f"{kernels}:my_linear")
+    classes = t.layout_classes()
+    case = classes["values_beyond_448"].build(0)
+    assert case.params["plugin"] == {"spec": f"{kernels}:my_linear", "kind": "linear", "convention": "op",
+                                     "takes": []}
+    assert case.params["weight_scale"] is None and "bias" not in case.layouts  # what my_linear(x, w) can take
+    r = run_case(case, "cpu")
+    assert r.verdict.value == "input_mutation" and "x:" in r.message, r.format()
+    assert run_case(classes["contiguous"].build(0), "cpu").verdict.value == "pass"
+    # the same values through a kernel that does not clamp pass: the verdict is the clamp's doing
+    clean = dataclasses.replace(case, op=_target(f"{kernels}:clean_linear").name)
+    assert run_case(clean, "cpu").verdict.value == "pass"
+
+
+def test_what_the_harness_cannot_call_is_unsupported_and_the_ops_own_errors_stay_rejected(kernels: str) -> None:
+    from harness.runner.execute import run_case
+
+    full = _target("harness.quant.linear:fp8_linear").layout_classes()["transposed"].build(0)
+    assert full.params["weight_scale"] is not None and "bias" in full.layouts
+    plain = _target(f"{kernels}:clean_linear").layout_classes()["transposed"].build(0)
+
+    def verdict(case, spec):
+        r = run_case(dataclasses.replace(case, op=_target(spec).name), "cpu")
+        return r.verdict.value, r.message
+
+    v, msg = verdict(full, f"{kernels}:my_linear")  # a case file that needs weight_scale
+    assert v == "unsupported" and "takes no 'weight_scale' argument" in msg
+    v, msg = verdict(plain, f"{kernels}:needs_scale")
+    assert v == "unsupported" and "missing a required argument: 'scale'" in msg
+    v, msg = verdict(plain, f"{kernels}:TwoInputLinear")  # module convention, forward(input, other)
+    assert v == "unsupported" and "module(input)" in msg
+    v, msg = verdict(plain, f"{kernels}:missing_attr")
+    assert v == "unsupported" and "has no attribute 'missing_attr'" in msg
+    v, msg = verdict(plain, "user_kernels_nowhere:fn")
+    assert v == "unsupported" and "no module named 'user_kernels_nowhere'" in msg
+    v, msg = verdict(plain, "needs_dep:fn")  # a package the kernel needs is not installed: cannot run here
+    assert v == "unavailable" and "needs 'harness_no_such_dependency_xyz'" in msg
+    v, msg = verdict(plain, f"{kernels}_pkg.fp8:fn")  # a module of the kernel's own package is missing: broken
+    assert v == "unsupported" and f"No module named '{kernels}_pkg.helpers'" in msg
+    v, msg = verdict(plain, f"{kernels}:refuses")
+    assert v == "rejected" and "refuses: x must be contiguous" in msg
+    v, msg = verdict(plain, f"{kernels}:inner_type_error")
+    assert v == "rejected" and "TypeError" in msg
+
+
+def test_attention_plugin_cases_record_it_and_a_signature_that_does_not_fit_is_unsupported(kernels: str) -> None:
+    from harness.runner.execute import run_case
+    from harness.runner.targets import get_target
+    from harness.targets import register_attention_plugin
+
+    good = get_target(register_attention_plugin("torch.nn.functional:scaled_dot_product_attention"))
+    case = good.layout_classes()["nhd_contiguous"].build(0)
+    assert case.params["plugin"]["kind"] == "attention" and case.params["plugin"]["convention"] == "op"
+    bad = get_target(register_attention_plugin(f"{kernels}:attn_needs_mask"))
+    r = run_case(dataclasses.replace(case, op=bad.name), "cpu")
+    assert r.verdict.value == "unsupported" and "missing a required argument: 'mask'" in r.message, r.format()
+
+
+def test_a_plugin_target_is_registered_on_demand_from_its_name(kernels: str) -> None:
+    from harness.runner.targets import TargetError, get_target
+
+    t = get_target(f"plugin.{kernels}:refuses")  # never registered: a case file's op name is enough
+    assert t.name == f"plugin.{kernels}:refuses" and t.spec == f"{kernels}:refuses"
+    a = get_target(f"plugin_attn.{kernels}:attn_needs_mask")
+    assert a.kind == "attention" and a.spec == f"{kernels}:attn_needs_mask"
+    with pytest.raises(TargetError, match="unknown target 'plugin.a:b:c'"):
+        get_target("plugin.a:b:c")
+
+
+def test_probe_resolves_in_a_subprocess_and_names_what_fails(kernels: str) -> None:
+    info = plugins.probe(f"{kernels}:my_linear")
+    assert info == {"spec": f"{kernels}:my_linear", "kind": "linear", "convention": "op", "takes": []}
+    assert kernels not in sys.modules  # the probe imported it, not this process
+    with pytest.raises(PluginError, match="no module named 'user_kernels_nowhere'"):
+        plugins.probe("user_kernels_nowhere:fn")
+    with pytest.raises(PluginError, match="needs 'harness_no_such_dependency_xyz'") as e:
+        plugins.probe("needs_dep:fn")
+    assert e.value.missing == "harness_no_such_dependency_xyz"

@@ -4,6 +4,7 @@ verdict on the known-bad ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -280,11 +281,12 @@ def test_plugin_target_runs_a_user_linear(monkeypatch) -> None:
     assert r.verdict.value == "pass", r.format()
     with pytest.raises(ValueError, match="package.module:attr"):
         register_plugin("a:b:c")
-    ok, why = get_target(register_plugin("no_such_entry_point")).available("cpu")
-    assert not ok and "no_such_entry_point" in why  # neither a module path nor an installed entry point
-    bad = get_target(register_plugin("harness.nonexistent_module:fn"))
-    ok, why = bad.available("cpu")
-    assert not ok and "nonexistent_module" in why
+    # a plug-in that does not resolve is the harness's failure to call it (unsupported), not "unavailable"
+    for spec, named in (("no_such_entry_point", "no_such_entry_point"), ("harness.nonexistent_module:fn",
+                                                                       "nonexistent_module")):
+        bad = get_target(register_plugin(spec))
+        r = run_case(dataclasses.replace(t.layout_classes()["contiguous"].build(0), op=bad.name), "cpu")
+        assert r.verdict.value == "unsupported" and named in r.message, r.format()
 
 
 def test_attention_plugin_target_runs_a_user_function() -> None:
@@ -294,8 +296,9 @@ def test_attention_plugin_target_runs_a_user_function() -> None:
     for cls in ("nhd_contiguous", "mtv_scrambled_k"):  # an HND-only function gets NHD as transposed views
         r = run_case(t.layout_classes()[cls].build(0), "cpu")
         assert r.verdict.value == "pass", r.format()
-    ok, why = get_target(register_attention_plugin("harness.nowhere:attn")).available("cpu")
-    assert not ok and "harness.nowhere" in why
+    bad = get_target(register_attention_plugin("harness.nowhere:attn"))
+    r = run_case(dataclasses.replace(t.layout_classes()["nhd_contiguous"].build(0), op=bad.name), "cpu")
+    assert r.verdict.value == "unsupported" and "harness.nowhere" in r.message, r.format()
 
 
 def test_factories_are_case_factories_for_every_matrix_target() -> None:
