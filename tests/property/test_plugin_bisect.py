@@ -2,7 +2,7 @@
 
 A throwaway git repository holds a user's FP8 linear; one known commit makes it clamp the
 caller's activation in place.  The matrix, run from the bad commit, writes a case file (outside
-the repository: older commits do not have it); ``git bisect run python -m harness replay CASE``
+the repository: older commits do not have it); ``git bisect run python -m harness replay --bisect CASE``
 then has to name exactly that commit -- from the case file alone (no ``HARNESS_PLUGINS``), with
 replay exiting 0 on the good commits and 1 on the bad ones.
 """
@@ -79,7 +79,7 @@ def test_git_bisect_run_replay_names_the_commit_that_made_the_kernel_clamp_its_i
     assert not str(case).startswith(str(kernels))
 
     _git(kernels, "bisect", "start", "HEAD", good)
-    bisect = subprocess.run(["git", "bisect", "run", sys.executable, "-m", "harness", "replay", str(case)],
+    bisect = subprocess.run(["git", "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(case)],
                             cwd=kernels, capture_output=True, text=True, env=_env(), timeout=600)
     _git(kernels, "bisect", "reset")
     out = bisect.stdout + bisect.stderr
