@@ -74,6 +74,25 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> No
     assert "fp8_linear" in (merged_dir / "report.md").read_text()
     assert (merged_dir / "report.html").exists()
 
+    # the layout contracts: inferred again from both shards' cases, they are the unsharded run's
+    want = json.loads((tmp_path / "whole" / "contracts.json").read_text())["contracts"]
+    got = json.loads((merged_dir / "contracts.json").read_text())["contracts"]
+    assert got == want and m["contracts"] == want
+    split = [op for op in want if {i for i in (1, 2) if op in {k[0] for k in keys[i]}} == {1, 2}]
+    assert split, "an op must have cells on both shards for this test"
+    for op in split:
+        for i in (1, 2):
+            alone = json.loads((outs[i] / "contracts.json").read_text())["contracts"][op]
+            assert alone["counted"] < want[op]["counted"]  # each shard saw only part of the op's cases
+    shown = subprocess.run(_harness("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("layout contracts (python -m harness merge (2 of 2 shards")
+    for op, c in want.items():
+        assert f"{op}: {c['counted']} cases" in shown.stdout
+        assert all(f"  needs {cl['text']}: violated" in shown.stdout for cl in c["preconditions"])
+    assert any(c["preconditions"] for c in want.values()), "the selection was chosen to hold a rejected layout"
+
 
 # ------------------------------------------------------------------ synthetic shard outputs (no workers)
 
