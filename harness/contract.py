@@ -28,6 +28,12 @@ every other verdict is a *failure*.
 ``writes``: per operand, how many of the cases whose inputs were checked wrote it; when only some
 did, the same inference names what separates them (``x`` written only for some value recipes).
 
+``contracts.json`` (:func:`infer_contracts`, :func:`write_contracts`) also keeps the records it was
+inferred from (``records``, one compact line per case), so that ``python -m harness merge`` can infer
+the contracts of a sharded run from the union of its shards' cases, as one unsharded run would.  When
+they would make the file larger than the reader accepts (:data:`MAX_FILE_BYTES`), they are left out
+and ``records_omitted`` says so.
+
 CLI: ``python -m harness contract MATRIX_OUT`` prints the contracts; ``--diff OLD NEW`` names every
 clause that narrowed (exit 1) or widened (exit 0); bad input: one line, exit 2.
 """
@@ -44,6 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
     "CONTRACTS_SCHEMA_VERSION",
+    "MAX_FILE_BYTES",
     "ContractError",
     "FEATURES",
     "operand_facts",
@@ -52,6 +59,7 @@ __all__ = [
     "infer_contract",
     "infer_contracts",
     "validate_contracts",
+    "validate_records",
     "load_contracts",
     "write_contracts",
     "format_contract",
@@ -72,7 +80,8 @@ WORKED = frozenset({"pass", "input_mutation"})
 EXCLUDED = frozenset({"unavailable", "error"})
 #: verdicts whose case had its inputs checked for writes (the op returned and the check ran)
 WRITES_CHECKED = frozenset({"pass", "input_mutation", "nonfinite", "drift", "layout_noninvariance"})
-_MAX_FILE_BYTES = 64 * 1024 * 1024
+#: largest contracts.json read (and written: past it the records are left out)
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 class ContractError(ValueError):
@@ -371,10 +380,11 @@ def _writes(counted: Sequence[Mapping[str, Any]], env: Mapping[str, Any]) -> lis
 
 def infer_contracts(records: Sequence[Mapping[str, Any]], env: Mapping[str, Any] | None = None,
                     source: str = "") -> dict[str, Any]:
-    """The contracts document (``contracts.json``): one contract per op in ``records``."""
+    """The contracts document (``contracts.json``): one contract per op in ``records``, and the records."""
     ops = sorted({r.get("op", "") for r in records})
     return {"schema_version": CONTRACTS_SCHEMA_VERSION, "kind": CONTRACTS_KIND, "source": source,
-            "measured_on": dict(env or {}), "contracts": {op: infer_contract(records, op, env) for op in ops}}
+            "measured_on": dict(env or {}), "contracts": {op: infer_contract(records, op, env) for op in ops},
+            "records": [dict(r) for r in records]}
 
 
 def measured_features(contract: Mapping[str, Any], operand: str) -> set[str]:
@@ -418,7 +428,41 @@ def validate_contracts(doc: Any, where: str = "contracts") -> dict[str, Any]:
                                     "satisfied/violated")
             if cl["kind"] not in ("min", "max", "one_of"):
                 raise ContractError(f"{where}: contract of {op!r}: preconditions[{i}] kind {cl['kind']!r} unknown")
+    if "records" in doc:
+        validate_records(doc["records"], where)
     return doc
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_records(records: Any, where: str = "contracts") -> list[dict[str, Any]]:
+    """Check a ``records`` list (:func:`record_of` entries) so that inference cannot trip on it; returns it
+    or raises :class:`ContractError` naming the first bad record and field."""
+    if not isinstance(records, list):
+        raise ContractError(f"{where}: field 'records' must be a list of case records")
+    for i, r in enumerate(records):
+        bad = None
+        if not isinstance(r, dict):
+            bad = "is not an object"
+        elif not all(isinstance(r.get(k), str) for k in ("op", "verdict", "class")):
+            bad = "needs string fields op, verdict, class"
+        elif not isinstance(r.get("operands"), dict) or not all(
+                isinstance(n, str) and isinstance(f, dict) and all(_scalar(x) for x in f.values())
+                for n, f in r["operands"].items()):
+            bad = "field 'operands' must map operand -> {feature: number, string or bool}"
+        elif not isinstance(r.get("params"), dict) or not all(_int(x) for x in r["params"].values()):
+            bad = "field 'params' must map name -> integer"
+        elif not isinstance(r.get("written"), list) or not all(isinstance(x, str) for x in r["written"]):
+            bad = "field 'written' must be a list of operand names"
+        if bad:
+            raise ContractError(f"{where}: records[{i}] {bad}; rerun `python -m harness matrix` to write it again")
+    return records
 
 
 def load_contracts(path: str | Path) -> dict[str, Any]:
@@ -434,21 +478,38 @@ def load_contracts(path: str | Path) -> dict[str, Any]:
     elif not p.is_file():
         raise ContractError(f"{path}: no such file or folder; pass a matrix output folder or a contracts.json")
     try:
-        doc = read_json(p, ContractError, label=str(p), kind="a contracts file", max_bytes=_MAX_FILE_BYTES)
+        doc = read_json(p, ContractError, label=str(p), kind="a contracts file", max_bytes=MAX_FILE_BYTES)
     except OSError as e:
         raise ContractError(f"{p}: cannot read: {e.strerror or e}") from None
     return validate_contracts(doc, str(p))
 
 
+def _encode(doc: Mapping[str, Any]) -> str:
+    """``doc`` as JSON text: indented, except ``records``, which come last, one compact line each."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1, sort_keys=True, allow_nan=False)
+    if "records" not in doc:
+        return head + "\n"
+    lines = ",\n".join(json.dumps(r, sort_keys=True, separators=(",", ":"), allow_nan=False) for r in doc["records"])
+    return head[:-2] + ',\n "records": [' + (f"\n{lines}\n ]" if lines else "]") + "\n}\n"
+
+
 def write_contracts(out_dir: str | Path, doc: Mapping[str, Any]) -> Path:
     """Write the document ``doc`` (:func:`infer_contracts`) as ``out_dir/contracts.json`` (temporary
-    name, then rename); returns its path."""
+    name, then rename); returns its path.  Records that would make the file larger than
+    :data:`MAX_FILE_BYTES` are left out (``records_omitted`` says how many and why)."""
     validate_contracts(doc)
+    text = _encode(doc)
+    if len(text.encode("utf-8")) > MAX_FILE_BYTES and "records" in doc:
+        n = len(doc["records"])
+        doc = {k: v for k, v in doc.items() if k != "records"}
+        doc["records_omitted"] = (f"{n} case records left out: with them the file would exceed {MAX_FILE_BYTES} "
+                                  "bytes; `harness merge` cannot re-infer these contracts across shards")
+        text = _encode(doc)
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / CONTRACTS_FILE
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -8,8 +8,13 @@ hash names, that no shard is given twice and none is missing (``--allow-missing`
 the missing shards' cells become ``not_run`` and the merged run is not complete).  It writes
 ``MERGED/summary.json``, ``report.md``, ``report.html``, ``cases/`` (every shard's example cases;
 a name taken by another shard gets a ``shardIofN-`` prefix) and ``contracts.json`` when the shards
-have one, merged by op (an op whose cells ran on several shards, each inferring its contract from
-its own cases, so that the entries differ, is left out and listed under ``partial``).  The merged
+have one.  The layout contracts are inferred again (:func:`harness.contract.infer_contracts`) from
+the union of the shards' case records (their ``contracts.json`` ``records``), so an op whose cells
+ran on several shards gets the contract one unsharded run would give; they are also the merged
+summary's ``contracts`` (the reports' "Layout contracts" section).  Shards written by a harness that
+kept no records: the merge still merges, keeps the contracts of ops whose cells all ran on one
+shard (exact), and leaves out the others, listing them under ``partial`` (summary:
+``contracts_partial``) with the reason, which the CLI and the reports say.  The merged
 summary lists, under ``merged_from``, which device ran which shard (also a table in the reports);
 each merged cell carries its ``shard``.
 
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import html
-import json
 import os
 import shlex
 import shutil
@@ -33,7 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness._jsonfile import read_json
+from harness.contract import (
+    ContractError,
+    infer_contracts,
+    load_contracts,
+    write_contracts,
+)
 from harness.report import SummaryError, load_summary, write_reports
 from harness.shard import cell_key, shard_of
 
@@ -55,8 +64,8 @@ SAME_RUN_FIELDS = ("schema_version", "kind", "size", "seed")
 #: top-level fields the merge computes itself; any other field is kept when every shard agrees on it
 _COMPUTED = {"started_at", "duration_s", "wrapup_s", "budget_s", "budget_exhausted", "completed", "command",
              "workers", "device", "totals", "cases_by_device", "workers_replaced", "cells", "unavailable",
-             "new_failures", "shard", "corpus", "known_failures", "layout_classes", "interrupted", "contracts"}
-_MAX_CONTRACTS_BYTES = 64 * 1024 * 1024
+             "new_failures", "shard", "corpus", "known_failures", "layout_classes", "interrupted", "contracts",
+             "contracts_partial", "contracts_partial_reason"}
 
 
 class MergeError(ValueError):
@@ -95,11 +104,11 @@ def load_shard_output(path: str | os.PathLike) -> ShardOutput:
             and all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in cells)):
         raise MergeError(f"{p}/summary.json: malformed shard record (need index, count, all_cells)")
     contracts = None
-    cp = p / "contracts.json"
-    if cp.exists():
-        contracts = read_json(cp, MergeError, label=str(cp), kind="a contracts file", max_bytes=_MAX_CONTRACTS_BYTES)
-        if not isinstance(contracts, dict):
-            raise MergeError(f"{cp} must hold a JSON object keyed by op")
+    if (p / "contracts.json").exists():
+        try:
+            contracts = load_contracts(p)
+        except ContractError as e:
+            raise MergeError(str(e)) from None
     return ShardOutput(p, summary, idx, n, contracts)
 
 
@@ -172,47 +181,57 @@ def _relink(cell: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, An
     return c
 
 
-def _by_op(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Union of per-op mappings ``[(shard label, {op: entry})]``: (entries every shard agrees on, disagreeing ops).
-
-    An op whose cells ran on several shards may have an entry per shard, each inferred from that shard's cases
-    only; those cannot be combined here and are left out, listed with the shards that hold them.
-    """
-    seen: dict[str, list[tuple[str, Any]]] = {}
-    for label, doc in docs:
-        for op, entry in doc.items():
-            seen.setdefault(op, []).append((label, entry))
-    merged = {op: es[0][1] for op, es in sorted(seen.items()) if all(e == es[0][1] for _, e in es)}
-    partial = {op: [label for label, _ in es] for op, es in sorted(seen.items()) if op not in merged}
-    return merged, partial
-
-
-def _op_field(doc: Mapping[str, Any]) -> str | None:
-    """Where a contracts document keeps its per-op entries (``contracts`` or ``ops``; None: top level)."""
-    return next((k for k in ("contracts", "ops") if isinstance(doc.get(k), dict)), None)
+def _merged_env(envs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The shards' ``measured_on`` as one: a value every shard shares, else the distinct values joined by ``; ``."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for e in envs for k in e):
+        values = list(dict.fromkeys(e[key] for e in envs if key in e))
+        out[key] = values[0] if len(values) == 1 else "; ".join(map(str, values))
+    return out
 
 
 def merge_contracts(outputs: Sequence[ShardOutput]) -> dict[str, Any] | None:
-    """The shards' ``contracts.json`` merged by op; None when no shard has the file.
+    """The merged run's contracts document; None when no shard has a ``contracts.json``.
 
-    Fields other than the per-op entries come from the lowest shard.  Ops whose entries differ between shards
-    (each shard inferred its part) are left out and listed under ``partial`` ({op: [shard, ...]}).
+    Inferred from the union of the shards' records (in the unsharded cell order) with the shards' merged
+    ``measured_on``.  When a shard kept no records (an older harness, or ``records_omitted``), only the
+    contracts of ops whose cells all ran on one shard are kept; the others are listed under ``partial``
+    ({op: [shard, ...]}) and ``partial_reason`` names the shards without records.
     """
-    docs = [(o, o.contracts) for o in sorted(outputs, key=lambda o: o.index) if o.contracts is not None]
+    outs = sorted(outputs, key=lambda o: o.index)
+    docs = [o.contracts for o in outs if o.contracts is not None]
     if not docs:
         return None
-    field = _op_field(docs[0][1])
-    if any(_op_field(d) != field for _, d in docs):
-        raise MergeError(f"contracts.json of {docs[0][0].path} and another shard have different layouts; "
-                         "shards of one run write the same format")
-    merged, partial = _by_op([(o.label, d[field] if field else d) for o, d in docs])
-    if field is None:
-        return dict(merged, **({"partial": partial} if partial else {}))
-    out = {k: v for k, v in docs[0][1].items() if k != field}
-    out[field] = merged
+    env = _merged_env([d.get("measured_on") or {} for d in docs])
+    source = f"python -m harness merge ({len(outs)} of {outs[0].count} shards of: {docs[0].get('source') or '?'})"
+    lacking = [o for o in outs if o.contracts is None or "records" not in o.contracts]
+    all_cells = [tuple(c) for c in outs[0].summary["shard"]["all_cells"]]
+    if not lacking:
+        rank = {cell: i for i, cell in enumerate(all_cells)}
+        records = sorted((r for o in outs for r in o.contracts["records"]),  # type: ignore[index]
+                         key=lambda r: rank.get((r["op"], r["class"]), len(rank)))
+        return infer_contracts(records, env, source)
+    n = outs[0].count
+    shards_of: dict[str, set[int]] = {}
+    for op, cls in all_cells:
+        shards_of.setdefault(op, set()).add(shard_of(cell_key(op, cls), n))
+    kept: dict[str, Any] = {}
+    partial: dict[str, list[str]] = {}
+    for o in outs:
+        for op, c in (o.contracts or {}).get("contracts", {}).items():
+            if shards_of.get(op, {o.index}) == {o.index}:
+                kept[op] = c
+            else:
+                partial[op] = [f"{i}/{n}" for i in sorted(shards_of[op])]
+    why = (f"shard(s) {', '.join(str(o.path) for o in lacking)} kept no case records (written by an older harness, "
+           "or too many records); the contracts of ops whose cells ran on several shards cannot be inferred "
+           "from them: rerun those shards with this harness to get them")
+    doc: dict[str, Any] = {"schema_version": docs[0]["schema_version"], "kind": docs[0]["kind"], "source": source,
+                           "measured_on": env, "contracts": dict(sorted(kept.items()))}
     if partial:
-        out["partial"] = partial
-    return out
+        doc["partial"] = dict(sorted(partial.items()))
+        doc["partial_reason"] = why
+    return doc
 
 
 def _device_name(outputs: Sequence[ShardOutput]) -> str:
@@ -221,9 +240,13 @@ def _device_name(outputs: Sequence[ShardOutput]) -> str:
 
 
 def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mapping[str, str]] | None = None, *,
-                    missing: Sequence[int] = (), command: str = "") -> dict[str, Any]:
-    """The merged summary (cells in the unsharded run's order); ``renamed``: per shard, moved case paths."""
+                    missing: Sequence[int] = (), command: str = "",
+                    contracts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The merged summary (cells in the unsharded run's order); ``renamed``: per shard, moved case paths;
+    ``contracts``: the :func:`merge_contracts` document (None: computed here)."""
     renamed = renamed or {}
+    if contracts is None:
+        contracts = merge_contracts(outputs)
     outs = sorted(outputs, key=lambda o: o.index)
     first = outs[0].summary
     n = outs[0].count
@@ -299,11 +322,11 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
                          "completed": o.summary.get("completed", True), "cells": len(o.summary["cells"]),
                          "cases": sum(o.summary["totals"].values())} for o in outs],
     }
-    if any(isinstance(o.summary.get("contracts"), dict) for o in outs):  # per-op, like contracts.json
-        merged["contracts"], partial = _by_op([(o.label, o.summary["contracts"]) for o in outs
-                                               if isinstance(o.summary.get("contracts"), dict)])
-        if partial:
-            merged["contracts_partial"] = partial
+    if contracts is not None:  # the report's "Layout contracts" section
+        merged["contracts"] = contracts["contracts"]
+        if contracts.get("partial"):
+            merged["contracts_partial"] = contracts["partial"]
+            merged["contracts_partial_reason"] = contracts["partial_reason"]
     for key in sorted({k for o in outs for k in o.summary} - _COMPUTED - set(merged)):
         values = [o.summary.get(key) for o in outs]
         if all(v == values[0] for v in values):  # a field this merge does not know: kept when the shards agree
@@ -330,12 +353,18 @@ def _add_shard_tables(summary: Mapping[str, Any], out: Path) -> None:
     md += ["| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows]
     if missing:
         md += ["", "Missing shards: " + ", ".join(f"{i}/{n}" for i in missing)]
+    partial = summary.get("contracts_partial") or {}
+    note = (f"Layout contracts left out for {', '.join(partial)}: {summary.get('contracts_partial_reason', '')}"
+            if partial else "")
+    if note:
+        md += ["", note]
     md_path = out / "report.md"
     md_path.write_text(md_path.read_text() + "\n".join(md) + "\n")
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
     table = (f"<h2>Shards ({len(rows)} of {n} merged)</h2><table class='hdr'><tr>"
              + "".join(f"<th>{h}</th>" for h in _SHARD_HEAD) + f"</tr>{cells}</table>"
-             + (f"<p>Missing shards: {html.escape(', '.join(f'{i}/{n}' for i in missing))}</p>" if missing else ""))
+             + (f"<p>Missing shards: {html.escape(', '.join(f'{i}/{n}' for i in missing))}</p>" if missing else "")
+             + (f"<p>{html.escape(note)}</p>" if note else ""))
     html_path = out / "report.html"
     page = html_path.read_text()
     cut = page.rfind("</body>")
@@ -362,11 +391,11 @@ def merge(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_
         (tmp / "cases").mkdir()
         taken: set[str] = set()
         renamed = {o.index: _copy_cases(o, tmp / "cases", taken) for o in sorted(outputs, key=lambda o: o.index)}
-        summary = merge_summaries(outputs, renamed, missing=missing, command=command)
+        summary = merge_summaries(outputs, renamed, missing=missing, command=command, contracts=contracts)
         write_reports(summary, tmp)
         _add_shard_tables(summary, tmp)
         if contracts is not None:
-            (tmp / "contracts.json").write_text(json.dumps(contracts, indent=2, sort_keys=True) + "\n")
+            write_contracts(tmp, contracts)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         tmp.rename(dest)
@@ -393,8 +422,8 @@ def _cmd(args: argparse.Namespace) -> int:
               f"{'' if m['completed'] else ', NOT completed'}) from {m['source']}")
     partial = s.get("contracts_partial") or {}
     if partial:
-        print(f"note: {len(partial)} op(s) have contracts inferred per shard that differ ({', '.join(partial)}); "
-              "left out of the merged contracts")
+        print(f"note: layout contracts left out for {len(partial)} op(s) ({', '.join(partial)}): "
+              f"{s.get('contracts_partial_reason', '')}")
     print(f"report: {Path(args.out) / 'report.html'}")
     if not s["completed"]:
         return 3

@@ -263,7 +263,7 @@ def test_diff_names_a_new_input_write_as_narrowed() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "contract", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "harness", "contract", *args], capture_output=True, text=True, check=False,
                           cwd=REPO, timeout=120)
 
 
@@ -296,6 +296,45 @@ def test_load_refuses_what_is_not_a_contracts_file(tmp_path) -> None:
         load_contracts(tmp_path / "t.json")
 
 
+def test_the_file_keeps_the_records_it_was_inferred_from(tmp_path) -> None:
+    recs = _sdpa_like()
+    path = write_contracts(tmp_path, _doc(recs))
+    doc = load_contracts(tmp_path)
+    assert doc["records"] == recs
+    assert len(path.read_text().splitlines()) < len(recs) + 2000  # one line per record, not one per field
+    assert infer_contracts(doc["records"], doc["measured_on"], "again")["contracts"] == doc["contracts"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda r: r.pop("verdict"), r"records\[3\] needs string fields op, verdict, class"),
+    (lambda r: r["operands"]["q"].update(alignment=[16]), r"records\[3\] field 'operands'"),
+    (lambda r: r.update(params={"seq_k": True}), r"records\[3\] field 'params'"),
+    (lambda r: r.update(written="k"), r"records\[3\] field 'written'"),
+])
+def test_a_malformed_record_is_refused_on_load(tmp_path, change, match) -> None:
+    doc = json.loads(json.dumps(_doc(_sdpa_like())))
+    change(doc["records"][3])
+    (tmp_path / "contracts.json").write_text(json.dumps(doc))
+    with pytest.raises(ContractError, match=match):
+        load_contracts(tmp_path)
+    (tmp_path / "contracts.json").write_text(json.dumps(dict(doc, records={"not": "a list"})))
+    with pytest.raises(ContractError, match="'records' must be a list"):
+        load_contracts(tmp_path)
+
+
+def test_records_past_the_size_limit_are_left_out_and_said(tmp_path, monkeypatch) -> None:
+    from harness import contract
+
+    doc = _doc(_sdpa_like())
+    without = len(json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1, sort_keys=True))
+    monkeypatch.setattr(contract, "MAX_FILE_BYTES", without + 1000)  # room for the contracts, not the records
+    write_contracts(tmp_path, doc)
+    got = load_contracts(tmp_path)
+    assert "records" not in got and got["records_omitted"].startswith(f"{len(doc['records'])} case records left out")
+    assert got["contracts"] == json.loads(json.dumps(doc["contracts"]))
+    assert "records" in doc  # the caller's document is not modified
+
+
 def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_matrix import InProcessPool
@@ -313,6 +352,8 @@ def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     assert w["operand"] == "x" and (w["written"], w["checked"]) == (3, 6)
     assert w["when"][0]["key"] == "x:values:one_of" and w["when"][0]["values"] == ["fp8_edge(beyond=True)"]
     assert s["contracts"]["legacy.comfyui"] == c
+    assert len(doc["records"]) == 6 and infer_contracts(doc["records"], doc["measured_on"])["contracts"] == {
+        "legacy.comfyui": c}
     md = (out / "report.md").read_text()
     assert "## Layout contracts" in md and "writes x: in 3 of 6 checked cases" in md
     assert "Layout contracts" in (out / "report.html").read_text()

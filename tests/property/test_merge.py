@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import load_case
+from harness.cases import Case, load_case
+from harness.contract import infer_contracts, load_contracts, record_of, write_contracts
+from harness.layouts import LayoutSpec
 from harness.merge import MergeError, merge
 from harness.report import load_summary, write_reports
 from harness.shard import cell_key, shard_of
+from harness.verdicts import Result, Verdict
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = "legacy.wanvideo_late2025,fp8_linear"
@@ -70,6 +73,25 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> No
     assert set(m["cases_by_device"]) == {"1/2 cpu", "2/2 cpu"}
     assert "fp8_linear" in (merged_dir / "report.md").read_text()
     assert (merged_dir / "report.html").exists()
+
+    # the layout contracts: inferred again from both shards' cases, they are the unsharded run's
+    want = json.loads((tmp_path / "whole" / "contracts.json").read_text())["contracts"]
+    got = json.loads((merged_dir / "contracts.json").read_text())["contracts"]
+    assert got == want and m["contracts"] == want
+    split = [op for op in want if {i for i in (1, 2) if op in {k[0] for k in keys[i]}} == {1, 2}]
+    assert split, "an op must have cells on both shards for this test"
+    for op in split:
+        for i in (1, 2):
+            alone = json.loads((outs[i] / "contracts.json").read_text())["contracts"][op]
+            assert alone["counted"] < want[op]["counted"]  # each shard saw only part of the op's cases
+    shown = subprocess.run(_harness("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("layout contracts (python -m harness merge (2 of 2 shards")
+    for op, c in want.items():
+        assert f"{op}: {c['counted']} cases" in shown.stdout
+        assert all(f"  needs {cl['text']}: violated" in shown.stdout for cl in c["preconditions"])
+    assert any(c["preconditions"] for c in want.values()), "the selection was chosen to hold a rejected layout"
 
 
 # ------------------------------------------------------------------ synthetic shard outputs (no workers)
@@ -192,21 +214,92 @@ def test_unknown_fields_are_tolerated_and_kept_when_the_shards_agree(tmp_path) -
     assert m["interrupted"] is True
 
 
-def test_contracts_merge_by_op_and_per_shard_inferences_are_listed_not_mixed(tmp_path) -> None:
-    ins = [_shard(tmp_path, i, 3, extra={"contracts": {f"op{i}": {"n": i}, "shared": {"n": 0}}}) for i in (1, 2, 3)]
-    for i, d in enumerate(ins, 1):
-        doc = {"kind": "harness.contracts", "source": "matrix", "measured_on": {"name": f"gpu{i}"},
-               "contracts": {f"op{i}": {"writes": []}, "shared": {"writes": ["out"]}}}
-        if i == 3:
-            doc["contracts"]["shared"] = {"writes": []}  # shard 3 saw other cases of this op
-        (d / "contracts.json").write_text(json.dumps(doc))
-    m = merge(ins, tmp_path / "m")
-    got = json.loads((tmp_path / "m" / "contracts.json").read_text())
-    assert got["contracts"] == {"op1": {"writes": []}, "op2": {"writes": []}, "op3": {"writes": []}}
-    assert got["partial"] == {"shared": ["1/3", "2/3", "3/3"]}
-    assert got["kind"] == "harness.contracts" and got["measured_on"] == {"name": "gpu1"}
-    assert m["contracts"] == {"op1": {"n": 1}, "op2": {"n": 2}, "op3": {"n": 3}, "shared": {"n": 0}}
-    assert "contracts_partial" not in m
+# one op, two layout classes on different shards of 2: the misaligned class fails, the aligned one passes
+_BF16 = 2  # bytes per element
+
+
+def _split_classes() -> tuple[str, str]:
+    names = [f"c{i}" for i in range(1, 20)]
+    bad = names[0]
+    good = next(c for c in names if shard_of(cell_key("opA", c), 2) != shard_of(cell_key("opA", bad), 2))
+    return bad, good
+
+
+def _records(cls: str, aligns: tuple[int, ...], verdict: Verdict) -> list[dict]:
+    """Real records (record_of) of opA cases whose q has exactly these pointer alignments."""
+    out = []
+    for a in aligns:
+        q = LayoutSpec((1, 2, 64, 64), offset=a // _BF16 if a < 256 else 0)
+        case = Case(op="opA", layouts={"q": q, "k": LayoutSpec((1, 2, 64, 64)), "v": LayoutSpec((1, 2, 64, 64))},
+                    params={"layout_class": cls, "seq_k": 64})
+        r = record_of(case, Result(verdict, "" if verdict is Verdict.PASS else "misaligned address", op="opA"))
+        assert r["operands"]["q"]["alignment"] == a
+        out.append(r)
+    return out
+
+
+def _contract_shards(tmp_path: Path, *, with_records: bool = True) -> tuple[list[Path], list[dict], str]:
+    bad, good = _split_classes()
+    cells = [["opA", bad], ["opA", good], ["opB", "other"]]
+    recs = {bad: _records(bad, (2, 4, 8), Verdict.DEVICE_FAULT), good: _records(good, (16, 32, 256), Verdict.PASS),
+            "other": [dict(r, op="opB") for r in _records("other", (256,), Verdict.PASS)]}
+    env = {"used": "cuda", "capability": "9.0", "torch": "2.13.0"}
+    outs = []
+    for i in (1, 2):
+        mine = [c for c in cells if shard_of(cell_key(*c), 2) == i]
+        doc = infer_contracts([r for _, cls in mine for r in recs[cls]], dict(env, name=f"NVIDIA H200 #{i}"),
+                              "python -m harness matrix")
+        if not with_records:
+            del doc["records"]
+        out = _shard(tmp_path, i, 2, all_cells=cells, extra={"contracts": doc["contracts"]})
+        write_contracts(out, doc)
+        outs.append(out)
+    return outs, [r for rs in recs.values() for r in rs], bad
+
+
+def test_contracts_are_inferred_again_from_the_union_of_the_shards_records(tmp_path) -> None:
+    (s1, s2), everything, bad = _contract_shards(tmp_path)
+    for s in (s1, s2):  # neither shard alone can draw the boundary: one saw only failures, the other only passes
+        alone = load_contracts(s)["contracts"]["opA"]
+        assert alone["preconditions"] == [] and alone["counted"] == 3
+    m = merge([s2, s1], tmp_path / "m")
+    got = load_contracts(tmp_path / "m")
+    env = {"used": "cuda", "capability": "9.0", "torch": "2.13.0", "name": "NVIDIA H200 #1; NVIDIA H200 #2"}
+    want = infer_contracts(everything, env)["contracts"]
+    assert got["contracts"] == want and m["contracts"] == want
+    (cl,) = got["contracts"]["opA"]["preconditions"]
+    assert (cl["key"], cl["bound"], cl["nearest_failing"]) == ("q:alignment:min", 16, 8)
+    assert cl["violated"] == {"cases": 3, "failed": 3, "by_verdict": {"device_fault": 3}}
+    assert cl["satisfied"]["cases"] == 3 and cl["satisfied"]["failed"] == 0
+    assert cl["classes_violating"] == [bad] and got["contracts"]["opA"]["unexplained"]["failures"] == 0
+    assert len(got["records"]) == len(everything) and "partial" not in got and "contracts_partial" not in m
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert "q pointer alignment >= 16 B: violated -> 3 failed in 3 cases (device_fault 3)" in md
+
+
+def test_shards_without_records_keep_only_the_contracts_one_shard_saw_whole_and_say_so(tmp_path) -> None:
+    (s1, s2), _, _ = _contract_shards(tmp_path, with_records=False)
+    opb_shard = shard_of(cell_key("opB", "other"), 2)
+    r = subprocess.run(_harness("merge", str(s1), str(s2), "--out", str(tmp_path / "m")), cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "layout contracts left out for 1 op(s) (opA)" in r.stdout and "kept no case records" in r.stdout
+    got = load_contracts(tmp_path / "m")
+    assert got["contracts"] == {"opB": load_contracts([s1, s2][opb_shard - 1])["contracts"]["opB"]}
+    assert got["partial"] == {"opA": ["1/2", "2/2"]} and str(s1) in got["partial_reason"]
+    m = load_summary(tmp_path / "m")
+    assert set(m["contracts"]) == {"opB"} and m["contracts_partial"] == {"opA": ["1/2", "2/2"]}
+    assert "Layout contracts left out for opA" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_a_malformed_record_in_a_shard_is_refused_in_one_line(tmp_path) -> None:
+    (s1, s2), _, _ = _contract_shards(tmp_path)
+    doc = json.loads((s2 / "contracts.json").read_text())
+    doc["records"][0]["operands"]["q"]["alignment"] = [16]
+    (s2 / "contracts.json").write_text(json.dumps(doc))
+    with pytest.raises(MergeError, match=r"records\[0\] field 'operands'"):
+        merge([s1, s2], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_the_reports_name_the_device_of_every_shard(tmp_path) -> None:
