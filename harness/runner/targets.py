@@ -411,6 +411,44 @@ class OomKillTarget(_FaultTarget):
         return self.clean(inputs["x"])  # pragma: no cover
 
 
+@register_target
+class KilledTarget(_FaultTarget):
+    """Another process sends the worker SIGKILL while it runs this case (``kill -9`` by an operator
+    or a job scheduler)."""
+
+    name = "fault.killed"
+
+    def run(self, inputs, params):
+        import subprocess
+
+        subprocess.run(["kill", "-KILL", str(os.getpid())], check=False)
+        time.sleep(60)  # pragma: no cover - the signal ends the process first
+        return self.clean(inputs["x"])  # pragma: no cover
+
+
+_EXIT_BETWEEN_CASES: list[int] = []
+
+
+def take_exit_between_cases() -> int | None:
+    """The exit code ``fault.exit_between_cases`` armed in this process (once), else None.
+
+    The pool worker asks after it receives a case and before it acknowledges it: the worker then
+    dies between cases, with the next case already in its pipe."""
+    return _EXIT_BETWEEN_CASES.pop() if _EXIT_BETWEEN_CASES else None
+
+
+@register_target
+class ExitBetweenCasesTarget(_FaultTarget):
+    """Passes, and arms the worker to ``os._exit(params["code"])`` (default 0) when the next case reaches
+    it, before it starts that case: a worker that dies while idle (the next case is innocent)."""
+
+    name = "fault.exit_between_cases"
+
+    def run(self, inputs, params):
+        _EXIT_BETWEEN_CASES[:] = [int(params.get("code", 0))]
+        return self.clean(inputs["x"])
+
+
 # ---- simulated sticky device error -------------------------------------------------------
 
 _SIM_LOCK = threading.Lock()
