@@ -12,7 +12,10 @@ CUDA. A worker is replaced when
   the exit code or signal and the tail of its faulthandler log).
 
 Every submitted case gets exactly one :class:`~harness.verdicts.Result`: cases
-queued behind a case that killed its worker are re-queued, never lost. Spare
+queued behind a case that killed its worker are re-queued, never lost. A worker
+acknowledges each case before it runs it; only an acknowledged case can be
+charged with its worker's death or timeout (one that died between cases has its
+next case resent). Failed worker starts are retried with back-off. Spare
 workers (already started, CUDA context made) take over at once, so recovery does
 not wait for a fresh interpreter (5-7 s with CUDA).
 
@@ -138,7 +141,7 @@ def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ temp folders and exit
 
-_LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 _LIVE_TMP: set[str] = set()
 _HOOKS_LOCK = threading.Lock()
 _HOOKS_INSTALLED = False
@@ -228,13 +231,22 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
     """Wait until every process in ``procs`` has exited or ``timeout`` passed; returns those still alive."""
+    def running(p: Any) -> bool:
+        try:
+            return p.is_alive()
+        except ValueError:  # closed: another thread reaped it
+            return False
+
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in procs if p.is_alive()]
+        alive = [p for p in procs if running(p)]
         left = deadline - time.monotonic()
         if not alive or left <= 0:
             return alive
-        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
+        try:
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
+        except (ValueError, OSError):
+            pass
 
 
 def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
@@ -720,10 +732,11 @@ class WorkerPool:
                      "cases": w.cases_done, "info": dict(w.info)} for w in self._workers]
 
     def close(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
-        """Finish every submitted case, then stop the workers.
+        """Finish every submitted case, then stop the workers: each is asked to exit (status 0), and ended
+        (SIGTERM, then SIGKILL) only if it has not within ``STOP_TIMEOUT`` s; the temp folder is removed.
 
         ``cancel_pending``: do not wait; queued and running cases are answered with ``error``
-        (running ones have their worker killed).
+        (running ones have their worker killed). ``timeout``: seconds to wait for the dispatcher thread.
         """
         with self._lock:
             if self._closed:
@@ -843,9 +856,15 @@ class WorkerPool:
                 pass
         alive = _wait_exit([w.proc for w in workers], timeout)
         for p in alive:
-            p.terminate()
+            try:
+                p.terminate()
+            except (ValueError, OSError):
+                pass
         for p in _wait_exit(alive, 2.0):
-            p.kill()
+            try:
+                p.kill()
+            except (ValueError, OSError):
+                pass
         _wait_exit(alive, 5.0)
         with self._lock:
             for w in workers:
