@@ -144,12 +144,13 @@ def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 _LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 _LIVE_TMP: set[str] = set()
 _HOOKS_LOCK = threading.Lock()
-_HOOKS_INSTALLED = False
+_HOOKS_INSTALLED: set[str] = set()
 
 
 def _make_tmp(kind: str) -> str:
     """A temp folder named after this process (``harness-{kind}-<pid>-XXXX``); removed by ``_drop_tmp``, at exit
     and on SIGTERM, or by the next pool once this process is dead (``remove_stale_tmp``)."""
+    _install_exit_hooks()
     path = tempfile.mkdtemp(prefix=f"harness-{kind}-{os.getpid()}-")
     _LIVE_TMP.add(path)
     return path
@@ -199,14 +200,14 @@ def _install_exit_hooks() -> None:
     """Once per process: close live pools at exit; on SIGTERM (when it would just kill this process) end their
     workers and remove the temp folders first, then die of SIGTERM as before. A SIGTERM handler the program set
     itself is left alone (it decides; the pools close when it unwinds)."""
-    global _HOOKS_INSTALLED
     with _HOOKS_LOCK:
-        if _HOOKS_INSTALLED:
-            return
-        _HOOKS_INSTALLED = True
-        atexit.register(_close_all_at_exit)
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+        if "atexit" not in _HOOKS_INSTALLED:
+            _HOOKS_INSTALLED.add("atexit")
+            atexit.register(_close_all_at_exit)
+        if "sigterm" not in _HOOKS_INSTALLED and threading.current_thread() is threading.main_thread():
+            _HOOKS_INSTALLED.add("sigterm")  # decided once: a handler set later by the program is its own
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _close_all_at_exit() -> None:
@@ -572,6 +573,7 @@ class _Worker:
     outstanding: collections.deque = dataclasses.field(default_factory=collections.deque)
     cases_done: int = 0
     retired_at: float = 0.0
+    answered_at: float = 0.0  # when it last answered a case (the next one is its to take from then on)
     init_error: str = ""  # what its setup raised, when it failed to start
 
 
@@ -653,7 +655,6 @@ class WorkerPool:
         self._closing = False
         self._closed = False
         remove_stale_tmp()
-        _install_exit_hooks()
         self._tmp = _make_tmp("pool")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -1105,7 +1106,9 @@ class WorkerPool:
         worker to take the case it was sent; a starting worker's start timeout."""
         if w.state == "ready" and w.outstanding:
             item = w.outstanding[0]
-            return (item.started_at if item.started_at is not None else item.sent_at) + item.timeout
+            if item.started_at is not None:
+                return item.started_at + item.timeout
+            return max(item.sent_at, w.answered_at) + item.timeout
         if w.state == "starting":
             return w.started + self.start_timeout
         if w.state == "retiring":
@@ -1149,6 +1152,7 @@ class WorkerPool:
                     continue
                 item = w.outstanding.popleft()
                 w.cases_done += 1
+                w.answered_at = time.monotonic()
                 result = Result.from_json(msg[2])
                 if result.verdict is Verdict.DEVICE_FAULT:
                     w.state = "retiring"

@@ -426,15 +426,14 @@ class KilledTarget(_FaultTarget):
         return self.clean(inputs["x"])  # pragma: no cover
 
 
-_EXIT_BETWEEN_CASES: list[int] = []
+_BETWEEN_CASES: list[tuple[str, float]] = []
 
 
-def take_exit_between_cases() -> int | None:
-    """The exit code ``fault.exit_between_cases`` armed in this process (once), else None.
-
-    The pool worker asks after it receives a case and before it acknowledges it: the worker then
-    dies between cases, with the next case already in its pipe."""
-    return _EXIT_BETWEEN_CASES.pop() if _EXIT_BETWEEN_CASES else None
+def take_between_cases() -> tuple[str, float] | None:
+    """What ``fault.exit_between_cases`` / ``fault.stall_between_cases`` armed in this process (once): ``("exit",
+    code)`` or ``("stall", seconds)``, else None. The pool worker asks after it receives a case and before it
+    acknowledges it: the worker then dies (or hangs) between cases, with the next case already in its pipe."""
+    return _BETWEEN_CASES.pop() if _BETWEEN_CASES else None
 
 
 @register_target
@@ -445,7 +444,21 @@ class ExitBetweenCasesTarget(_FaultTarget):
     name = "fault.exit_between_cases"
 
     def run(self, inputs, params):
-        _EXIT_BETWEEN_CASES[:] = [int(params.get("code", 0))]
+        _BETWEEN_CASES[:] = [("exit", int(params.get("code", 0)))]
+        return self.clean(inputs["x"])
+
+
+@register_target
+class StallBetweenCasesTarget(_FaultTarget):
+    """Passes (after sleeping ``params["run_seconds"]``, default 0), and arms the worker to sleep
+    ``params["seconds"]`` (default 3600) when the next case reaches it, before it starts that case: a worker
+    stuck between cases (the next case is innocent)."""
+
+    name = "fault.stall_between_cases"
+
+    def run(self, inputs, params):
+        time.sleep(float(params.get("run_seconds", 0)))
+        _BETWEEN_CASES[:] = [("stall", float(params.get("seconds", 3600)))]
         return self.clean(inputs["x"])
 
 

@@ -10,7 +10,7 @@ Two ways in:
   started the case), run it with :func:`harness.runner.execute.run_case`, send
   ``("result", case_id, result_dict)``. After a device fault it sends the
   result and exits: its context is gone. ``("stop",)`` ends it with status 0;
-  so does its parent's death (it watches the parent's sentinel).
+  its parent's death with ``EXIT_PARENT_GONE`` (it watches the parent's sentinel).
 - ``python -m harness.runner.worker --case CASE.json --device cuda:0 --result OUT.json``
   runs one case file in a fresh interpreter (attribution reruns with
   ``CUDA_LAUNCH_BLOCKING=1``, ``compute-sanitizer``, ``harness replay``) and writes
@@ -186,7 +186,7 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
         info = _setup_device(device)
         _warm_up(device)
         from harness.runner.execute import run_case
-        from harness.runner.targets import take_exit_between_cases
+        from harness.runner.targets import take_between_cases
         from harness.verdicts import Verdict
     except BaseException as e:  # noqa: BLE001 - report, then exit
         import traceback
@@ -210,9 +210,11 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
             print(f"worker {name}: unknown message {kind!r}", file=sys.stderr)
             continue
         _, case_id, case, blob, record_ops = msg
-        code = take_exit_between_cases()
-        if code is not None:  # fault.exit_between_cases: die with this case received but not started
-            os._exit(code)
+        armed = take_between_cases()  # fault.exit/stall_between_cases: this case is received, not started
+        if armed is not None and armed[0] == "exit":
+            os._exit(int(armed[1]))
+        if armed is not None:
+            time.sleep(armed[1])
         try:
             conn.send(("started", case_id))
         except (BrokenPipeError, OSError):

@@ -102,6 +102,26 @@ def test_death_between_cases_is_not_charged_to_the_next_case():
     assert reasons == ["died between cases (exited with status 0)"] * 2
 
 
+def test_worker_stuck_between_cases_is_replaced_and_the_next_case_is_not_blamed():
+    with WorkerPool("cpu", 1, spares=0, attribute=False, case_timeout=60) as p:
+        assert p.run_one(case("fault.stall_between_cases")).verdict is Verdict.PASS
+        # its worker sleeps instead of taking this case: after the case's timeout it is replaced, the case resent
+        r = p.run_one(case("cpu.scale"), timeout=2)
+        reasons = [reason for _, reason in p.replaced]
+    assert r.verdict is Verdict.PASS, r.format()
+    assert reasons == ["did not take the case it was sent within 2 s"]
+
+
+def test_a_case_prefetched_behind_a_long_one_has_its_own_timeout_from_when_it_starts():
+    with WorkerPool("cpu", 1, spares=0, attribute=False, prefetch=2) as p:
+        # passes after 2 s, then its worker takes 0.5 s to take the next case
+        slow = p.submit(case("fault.stall_between_cases", run_seconds=2, seconds=0.5), timeout=60)
+        quick = p.submit(case("cpu.scale"), timeout=1)  # sent at once, behind it; takes milliseconds itself
+        assert slow.result(120).verdict is Verdict.PASS
+        assert quick.result(120).verdict is Verdict.PASS, quick.result().format()
+        assert p.replaced == []  # the queued case's 1 s did not run while the slow one did
+
+
 def test_idle_worker_killed_then_a_case_submitted_at_once_is_not_blamed():
     with WorkerPool("cpu", 1, spares=0, attribute=False, case_timeout=60) as p:
         for _ in range(2):

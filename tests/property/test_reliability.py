@@ -1,14 +1,16 @@
 """Reliability of the worker pool under faults, with its figures (issue 11): N cases per fault kind, on CPU.
 
-Every fault kind the pool must survive is submitted ``N`` times (``$HARNESS_RELIABILITY_N``, default 2),
-each followed by innocent cases, all at once, in a shuffled order. Asserted: every case returned (0 lost),
-each answered once (0 duplicated), each with the verdict its kind implies (0 mis-attributed: the innocent
-cases after a fault, and the next case after a death between cases, pass; the pools' own ``anomalies``
-count a case answered or started twice). Measured: recovery per fault
-kind, the seconds from the pool noticing the fault to the next case starting on that device
-(``WorkerPool.recovery_log``). The table is printed; ``$HARNESS_RELIABILITY_JSON`` names a file for it.
+Every fault kind the pool must survive (segfault, hang, ``os._exit``, OOM kill, sticky device fault, a worker
+SIGKILLed mid-case, a worker dying or hanging between cases, failed worker starts, an idle worker SIGKILLed)
+is submitted ``N`` times (``$HARNESS_RELIABILITY_N``, default 2), each followed by innocent cases, all at
+once, in a shuffled order. Asserted: every case returned (0 lost), each answered once (0 duplicated: the
+pools' own ``anomalies`` count a case answered or started twice), each with the verdict its kind implies
+(0 mis-attributed: the innocent cases after a fault, and the next case after a death between cases, pass).
+Measured: recovery per fault kind, the seconds from the pool noticing the fault to the next case starting on
+that device (``WorkerPool.recovery_log``). The table is printed; ``$HARNESS_RELIABILITY_JSON`` names a file
+for it as JSON.
 
-Marked ``slow`` (still in the default run): about a minute on two shared cores.
+Marked ``slow`` (still in the default run): under a minute on two shared cores.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.slow
 N = int(os.environ.get("HARNESS_RELIABILITY_N", "2"))
 JSON_ENV = "HARNESS_RELIABILITY_JSON"
 INNOCENT_AFTER = 2  # innocent cases submitted behind each fault
+INNOCENT_TIMEOUT = 5.0  # they take milliseconds; short, so a worker stuck before taking one is replaced soon
 
 #: kind -> (op, params, per-case timeout or None, expected verdict, text in the message)
 KINDS = {
@@ -46,6 +49,8 @@ KINDS = {
     "sigkilled_worker": ("fault.killed", {}, None, Verdict.WORKER_CRASH, "SIGKILL"),
     # the arming case passes; its worker dies when the next case reaches it, before starting it
     "death_between_cases": ("fault.exit_between_cases", {"code": 0}, None, Verdict.PASS, ""),
+    # ... or hangs there: replaced after the next case's timeout, that case resent
+    "stuck_between_cases": ("fault.stall_between_cases", {}, None, Verdict.PASS, ""),
 }
 
 
@@ -62,6 +67,8 @@ def _kind_of(entry: dict) -> str | None:
         return "death_between_cases"
     if entry["reason"].startswith("died idle"):
         return "idle_worker_sigkilled"
+    if entry["reason"].startswith("did not take the case"):
+        return "stuck_between_cases"
     return next((k for k, spec in KINDS.items() if spec[0] == entry["op"]), None)
 
 
@@ -104,7 +111,7 @@ def test_reliability_faults_are_answered_once_with_their_verdict_and_the_pool_re
     for kind, (op, params, timeout, verdict, text) in KINDS.items():
         for _ in range(N):
             block = [(kind, _case(op, next(seeds), **params), timeout, verdict, text)]
-            block += [("innocent", _case("cpu.scale", next(seeds)), None, Verdict.PASS, "")
+            block += [("innocent", _case("cpu.scale", next(seeds)), INNOCENT_TIMEOUT, Verdict.PASS, "")
                       for _ in range(INNOCENT_AFTER)]
             blocks.append(block)
     random.Random(11).shuffle(blocks)
