@@ -12,7 +12,10 @@ CUDA. A worker is replaced when
   the exit code or signal and the tail of its faulthandler log).
 
 Every submitted case gets exactly one :class:`~harness.verdicts.Result`: cases
-queued behind a case that killed its worker are re-queued, never lost. Spare
+queued behind a case that killed its worker are re-queued, never lost. A worker
+acknowledges each case before it runs it; only an acknowledged case can be
+charged with its worker's death or timeout (one that died between cases has its
+next case resent). Failed worker starts are retried with back-off. Spare
 workers (already started, CUDA context made) take over at once, so recovery does
 not wait for a fresh interpreter (5-7 s with CUDA).
 
@@ -26,6 +29,7 @@ worker, inputs built inside the worker; no re-imports per case.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import hashlib
@@ -43,6 +47,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -70,14 +75,21 @@ __all__ = [
     "find_sanitizer",
     "merge_attribution",
     "DEFAULT_CASE_TIMEOUT",
+    "remove_stale_tmp",
 ]
 
 #: seconds a case may run before its worker is killed (override per pool or per submit)
 DEFAULT_CASE_TIMEOUT = 120.0
 #: seconds a worker may take to start (import torch, create the CUDA context, warm up)
 DEFAULT_START_TIMEOUT = 300.0
-#: consecutive failed worker starts on one device before its queued cases fail
-MAX_START_FAILURES = 3
+#: seconds before the first retry of a failed worker start; doubled per consecutive failure ...
+START_BACKOFF = 0.25
+#: ... up to this (a device whose starts keep failing is retried this often while cases wait for it)
+MAX_START_BACKOFF = 30.0
+#: times a case is resent after a worker died between receiving it and starting it, before it is answered
+MAX_RESENDS = 3
+#: seconds a closing pool waits for its workers to exit after asking them to, before ending them
+STOP_TIMEOUT = 10.0
 #: seconds a worker that reported a device fault may take to exit before it is killed
 RETIRE_TIMEOUT = 30.0
 #: stored input values larger than this are not written beside a failing case (recipes suffice)
@@ -103,6 +115,9 @@ except Exception as e:
 sys.stdout.write(json.dumps(out))
 """
 
+#: temp folders of this process's pools and fresh runs (``harness-pool-<pid>-*``, ``harness-fresh-<pid>-*``)
+_TMP_PREFIXES = ("harness-pool-", "harness-fresh-")
+
 _PROBE_CACHE: dict[str, Any] | None = None
 _PROBE_LOCK = threading.Lock()
 
@@ -122,6 +137,117 @@ def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+# ------------------------------------------------------------------------------ temp folders and exit
+
+_LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+_LIVE_TMP: set[str] = set()
+_HOOKS_LOCK = threading.Lock()
+_HOOKS_INSTALLED: set[str] = set()
+
+
+def _make_tmp(kind: str) -> str:
+    """A temp folder named after this process (``harness-{kind}-<pid>-XXXX``); removed by ``_drop_tmp``, at exit
+    and on SIGTERM, or by the next pool once this process is dead (``remove_stale_tmp``)."""
+    _install_exit_hooks()
+    path = tempfile.mkdtemp(prefix=f"harness-{kind}-{os.getpid()}-")
+    _LIVE_TMP.add(path)
+    return path
+
+
+def _drop_tmp(path: str) -> None:
+    _LIVE_TMP.discard(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_tmp(root: str | os.PathLike | None = None) -> list[str]:
+    """Remove the ``harness-pool-<pid>-*`` / ``harness-fresh-<pid>-*`` folders under ``root`` (the temp dir) that
+    belong to this user and whose process is gone (killed by SIGKILL, so it could not clean up); returns them."""
+    removed: list[str] = []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        entries = list(os.scandir(root or tempfile.gettempdir()))
+    except OSError:
+        return removed
+    for e in entries:
+        prefix = next((p for p in _TMP_PREFIXES if e.name.startswith(p)), None)
+        pid_text = e.name[len(prefix):].split("-", 1)[0] if prefix else ""
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not e.is_dir(follow_symlinks=False) or (uid is not None and st.st_uid != uid) or _pid_alive(int(pid_text)):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(e.path)
+    return removed
+
+
+def _install_exit_hooks() -> None:
+    """Once per process: close live pools at exit; on SIGTERM (when it would just kill this process) end their
+    workers and remove the temp folders first, then die of SIGTERM as before. A SIGTERM handler the program set
+    itself is left alone (it decides; the pools close when it unwinds)."""
+    with _HOOKS_LOCK:
+        if "atexit" not in _HOOKS_INSTALLED:
+            _HOOKS_INSTALLED.add("atexit")
+            atexit.register(_close_all_at_exit)
+        if "sigterm" not in _HOOKS_INSTALLED and threading.current_thread() is threading.main_thread():
+            _HOOKS_INSTALLED.add("sigterm")  # decided once: a handler set later by the program is its own
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _close_all_at_exit() -> None:
+    for pool in list(_LIVE_POOLS):
+        try:
+            pool.close(cancel_pending=True, timeout=5)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    for path in list(_LIVE_TMP):
+        _drop_tmp(path)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    for pool in list(_LIVE_POOLS):
+        pool._end_workers_now()
+    for path in list(_LIVE_TMP):
+        _drop_tmp(path)
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
+    """Wait until every process in ``procs`` has exited or ``timeout`` passed; returns those still alive."""
+    def running(p: Any) -> bool:
+        try:
+            return p.is_alive()
+        except ValueError:  # closed: another thread reaped it
+            return False
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if running(p)]
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            return alive
+        try:
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
+        except (ValueError, OSError):
+            pass
 
 
 def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
@@ -203,12 +329,30 @@ def _saved_tensors(case: "Case", values: Mapping[str, "torch.Tensor"] | None) ->
     return dict(values) if values else case_values(case)
 
 
+_RESERVED: set[Path] = set()
+_RESERVED_LOCK = threading.Lock()
+
+
+def _unique_case_path(cases_dir: Path, stem: str) -> Path:
+    """``cases_dir/stem.json``, or ``stem-2.json``, ``stem-3.json``...: the first that no file and no earlier
+    result of this process holds (two results never write the same case)."""
+    with _RESERVED_LOCK:
+        for n in itertools.count(1):
+            path = cases_dir / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+            key = path.absolute()
+            if key not in _RESERVED and not path.exists() and not path.with_suffix(".safetensors").exists():
+                _RESERVED.add(key)
+                return path
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
                  values: Mapping[str, "torch.Tensor"] | None = None, name: str | None = None) -> Path:
     """Write ``case`` with its verdict and environment to ``cases_dir`` (JSON + safetensors).
 
-    ``name``: file stem (default ``{op}-{verdict}-{digest}``; a fixed name is overwritten, which
-    is how the pytest plugin keeps Hypothesis' final, shrunk example). Stored values are the
+    ``name``: file stem (default ``{op}-{verdict}-{digest}``, with ``-2``, ``-3``... when a file or an
+    earlier result of this process has it, so every result gets its own file; a given ``name`` is
+    overwritten, which is how the pytest plugin keeps Hypothesis' final, shrunk example). Stored values are the
     given ``values`` or the ones the recipes generate, unless they exceed ``MAX_SAVED_BYTES``.
     Sets ``result.case_path`` and ``result.replay``; returns the JSON path.
     """
@@ -217,7 +361,7 @@ def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
     stem = name or f"{case.op}-{result.verdict.value}-{_case_digest(case)}"
     # no dots: Path.with_suffix (used for the .safetensors sibling) would cut the name at one
     stem = "".join(c if c.isalnum() or c in "-" else "_" for c in stem)[:180]
-    path = Path(cases_dir) / f"{stem}.json"
+    path = Path(cases_dir) / f"{stem}.json" if name else _unique_case_path(Path(cases_dir), stem)
     tensors = _saved_tensors(case, values)
     verdict = {k: v for k, v in result.to_json().items()
                if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v}
@@ -305,45 +449,53 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
     ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
     ``timeout``. ``cancel``: when it is set the process is killed and :class:`Cancelled` raised.
     """
-    with tempfile.TemporaryDirectory(prefix="harness-fresh-") as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device,
-               "--result", out]
-        if record_ops:
-            cmd.append("--record-ops")
-        san_note = None
-        if sanitizer:
-            tool = find_sanitizer()
-            if tool is None:
-                san_note = "compute-sanitizer was asked for but is not installed ($PATH, $CUDA_HOME/bin)"
-            else:
-                cmd = [tool, "--tool", "memcheck", "--print-limit", "20", "--error-exitcode", "0"] + cmd
-        env = _child_env({"CUDA_LAUNCH_BLOCKING": "1"} if launch_blocking else None)
-        t0 = time.perf_counter()
-        try:
-            cp = _run_cancellable(cmd, env, timeout, cancel)
-        except subprocess.TimeoutExpired as e:
-            tail = (e.stderr or b"")
-            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-            return Result(Verdict.TIMEOUT, f"fresh process ran past {timeout:.0f} s", device=device,
-                          duration=time.perf_counter() - t0, worker="fresh",
-                          attribution={"log": tail[-2000:]} if tail else None)
-        if os.path.exists(out):
-            with open(out) as f:
-                r = Result.from_json(json.load(f))
+    tmp = _make_tmp("fresh")
+    try:
+        return _run_fresh(tmp, case_path, device, launch_blocking, record_ops, sanitizer, timeout, cancel)
+    finally:
+        _drop_tmp(tmp)
+
+
+def _run_fresh(tmp: str, case_path: str | os.PathLike, device: str, launch_blocking: bool, record_ops: bool,
+               sanitizer: bool, timeout: float, cancel: threading.Event | None) -> Result:
+    out = os.path.join(tmp, "result.json")
+    cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device,
+           "--result", out]
+    if record_ops:
+        cmd.append("--record-ops")
+    san_note = None
+    if sanitizer:
+        tool = find_sanitizer()
+        if tool is None:
+            san_note = "compute-sanitizer was asked for but is not installed ($PATH, $CUDA_HOME/bin)"
         else:
-            log = (cp.stderr or "")[-3000:]
-            code = cp.returncode if cp.returncode < 128 else -(cp.returncode - 128)  # a shell's 128+N
-            att: dict[str, Any] = {"frame": _faulthandler_frame(log), "log": log[-1500:]}
-            if code == 1 and "Traceback (most recent call last)" in log:
-                att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
-            r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(code)} before writing a result",
-                       device=device, duration=time.perf_counter() - t0, worker="fresh", attribution=att)
-        if sanitizer:
-            att = dict(r.attribution or {})
-            att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
-            r.attribution = att
-        return r
+            cmd = [tool, "--tool", "memcheck", "--print-limit", "20", "--error-exitcode", "0"] + cmd
+    env = _child_env({"CUDA_LAUNCH_BLOCKING": "1"} if launch_blocking else None)
+    t0 = time.perf_counter()
+    try:
+        cp = _run_cancellable(cmd, env, timeout, cancel)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return Result(Verdict.TIMEOUT, f"fresh process ran past {timeout:.0f} s", device=device,
+                      duration=time.perf_counter() - t0, worker="fresh",
+                      attribution={"log": tail[-2000:]} if tail else None)
+    if os.path.exists(out):
+        with open(out) as f:
+            r = Result.from_json(json.load(f))
+    else:
+        log = (cp.stderr or "")[-3000:]
+        code = cp.returncode if cp.returncode < 128 else -(cp.returncode - 128)  # a shell's 128+N
+        att: dict[str, Any] = {"frame": _faulthandler_frame(log), "log": log[-1500:]}
+        if code == 1 and "Traceback (most recent call last)" in log:
+            att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
+        r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(code)} before writing a result",
+                   device=device, duration=time.perf_counter() - t0, worker="fresh", attribution=att)
+    if sanitizer:
+        att = dict(r.attribution or {})
+        att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
+        r.attribution = att
+    return r
 
 
 def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
@@ -400,6 +552,11 @@ class _Item:
     future: Future
     timeout: float
     record_ops: bool
+    queued_at: float = 0.0  # when it (re)entered the queue
+    sent_at: float = 0.0  # when it was sent to its worker
+    started_at: float | None = None  # when its worker acknowledged it ("started"): the case timer runs from here
+    resends: int = 0  # workers that died after it was sent to them and before they started it
+    starts: int = 0  # acknowledgements received (more than one would be a protocol bug)
 
 
 @dataclasses.dataclass(eq=False)
@@ -414,8 +571,10 @@ class _Worker:
     state: str = "starting"  # starting | ready | retiring | dead
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     outstanding: collections.deque = dataclasses.field(default_factory=collections.deque)
-    running_since: float = 0.0
     cases_done: int = 0
+    retired_at: float = 0.0
+    answered_at: float = 0.0  # when it last answered a case (the next one is its to take from then on)
+    init_error: str = ""  # what its setup raised, when it failed to start
 
 
 class WorkerPool:
@@ -428,6 +587,13 @@ class WorkerPool:
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
     ``sanitizer``: also run that rerun under ``compute-sanitizer``. ``prefetch``: cases queued per worker.
     ``threads``: torch intra-op threads per worker (default: the cores divided among the active workers).
+
+    A case's timeout runs from the moment its worker acknowledges it (not while it waits in a queue or a
+    worker starts). A worker that dies before acknowledging a case has not started it: the case is sent
+    to another worker (at most ``MAX_RESENDS`` times), never blamed. A failed worker start is retried with
+    a doubling back-off (``START_BACKOFF`` .. ``MAX_START_BACKOFF`` s) for as long as cases wait; a case
+    waits at most its timeout for a worker, then gets ``error`` "worker start failed: <reason>".
+    ``close()`` asks the workers to exit and waits ``STOP_TIMEOUT`` s before ending them.
     """
 
     def __init__(self, devices: str | Sequence[str] | None = None, workers_per_device: int = 1, *,
@@ -465,6 +631,13 @@ class WorkerPool:
         self.recoveries: list[float] = []
         #: (worker name, reason) for every worker replaced
         self.replaced: list[tuple[str, str]] = []
+        #: (worker name, exit code) of every worker that left the pool (0: it exited when asked)
+        self.exits: list[tuple[str, int | None]] = []
+        #: one dict per lost worker or failed start: ``reason``, ``op`` (the case charged, or None), ``device``
+        #: and ``seconds`` from the loss to the next case starting on that device
+        self.recovery_log: list[dict[str, Any]] = []
+        #: protocol invariants the pool checks on itself; both stay 0 (the reliability suite asserts it)
+        self.anomalies: dict[str, int] = {"answered_twice": 0, "started_twice": 0}
 
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()  # re-entrant: a Future callback may submit() from the dispatcher
@@ -472,12 +645,17 @@ class WorkerPool:
         self._ids = itertools.count()
         self._names = itertools.count()
         self._workers: list[_Worker] = []
-        self._start_failures: dict[str, int] = collections.defaultdict(int)
+        self._start_failures: dict[str, int] = collections.defaultdict(int)  # consecutive, per device
         self._start_errors: dict[str, str] = {}
+        self._next_start: dict[str, float] = collections.defaultdict(float)  # no start before (back-off)
+        self._first_failure: dict[str, float] = {}
+        self._down_since: float | None = None  # since when no device could start a worker
         self._lost_at: dict[str, list[float]] = collections.defaultdict(list)
+        self._resume: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self._closing = False
         self._closed = False
-        self._tmp = tempfile.mkdtemp(prefix="harness-pool-")
+        remove_stale_tmp()
+        self._tmp = _make_tmp("pool")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         # case files and attribution reruns (a fresh process each, several seconds on CUDA): two per device
@@ -488,6 +666,7 @@ class WorkerPool:
         self._ready_cv = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._loop_guarded, name="harness-pool", daemon=True)
         self._thread.start()
+        _LIVE_POOLS.add(self)
 
     # ---------------------------------------------------------------- public API
     def submit(self, case: "Case", *, values: Mapping[str, "torch.Tensor"] | None = None,
@@ -503,7 +682,7 @@ class WorkerPool:
 
         fut: Future = Future()
         item = _Item(next(self._ids), case, encode_values(values), values, fut,
-                     float(timeout or self.case_timeout), record_ops)
+                     float(timeout or self.case_timeout), record_ops, queued_at=time.monotonic())
         with self._lock:
             if self._closing:
                 raise PoolClosed("the pool is closed; create a new WorkerPool")
@@ -542,6 +721,11 @@ class WorkerPool:
                 self._ready_cv.wait(min(left, 0.5))
         return True
 
+    @property
+    def tmp_dir(self) -> str:
+        """The pool's temp folder (``harness-pool-<pid>-*``: worker logs, attribution files); removed on close."""
+        return self._tmp
+
     def workers(self) -> list[dict[str, Any]]:
         """One dict per live worker: name, device, pid, state, spare, cases done."""
         with self._lock:
@@ -549,10 +733,11 @@ class WorkerPool:
                      "cases": w.cases_done, "info": dict(w.info)} for w in self._workers]
 
     def close(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
-        """Finish every submitted case, then stop the workers.
+        """Finish every submitted case, then stop the workers: each is asked to exit (status 0), and ended
+        (SIGTERM, then SIGKILL) only if it has not within ``STOP_TIMEOUT`` s; the temp folder is removed.
 
         ``cancel_pending``: do not wait; queued and running cases are answered with ``error``
-        (running ones have their worker killed).
+        (running ones have their worker killed). ``timeout``: seconds to wait for the dispatcher thread.
         """
         with self._lock:
             if self._closed:
@@ -581,16 +766,17 @@ class WorkerPool:
         with self._lock:
             self._closed = True
         self._wake()
-        self._thread.join(timeout)
+        self._thread.join(timeout)  # the dispatcher stops its workers (ask, wait, then end them) as it returns
         self._finisher.shutdown(wait=True)
-        for w in list(self._workers):
-            self._stop_worker(w, graceful=True)
+        if self._workers:  # the dispatcher is stuck: end them from here
+            self._stop_workers(0.0)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        _drop_tmp(self._tmp)
+        _LIVE_POOLS.discard(self)
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -632,9 +818,10 @@ class WorkerPool:
             return
         now = time.monotonic()
         for dev in self.devices:
-            if self._start_failures[dev] >= MAX_START_FAILURES:
-                continue
             live = [w for w in self._workers if w.device == dev and w.state in ("starting", "ready")]
+            if self._start_failures[dev] and (now < self._next_start[dev] or not self._pending
+                                              or any(w.state == "starting" for w in live)):
+                continue  # starts fail here: one at a time, after the back-off, while cases wait
             active = [w for w in live if not w.spare]
             spares = [w for w in live if w.spare]
             while len(active) < self.workers_per_device:
@@ -650,27 +837,73 @@ class WorkerPool:
                     active.append(s)
                 else:
                     active.append(self._spawn(dev, spare=False))
-            while len(spares) < self.spares and not self._closing:
+                    if self._start_failures[dev]:
+                        break
+            while len(spares) < self.spares and not self._closing and not self._start_failures[dev]:
                 spares.append(self._spawn(dev, spare=True))
             if self._lost_at[dev] and all(w.state == "ready" for w in active):
                 for t in self._lost_at[dev]:
                     self.recoveries.append(now - t)
                 self._lost_at[dev].clear()
 
-    def _stop_worker(self, w: _Worker, graceful: bool) -> None:
-        if w.state != "dead" and graceful and w.proc.is_alive():
+    def _stop_workers(self, timeout: float) -> None:
+        """Ask every worker to exit, wait up to ``timeout`` s for them, then SIGTERM, then SIGKILL; reap them."""
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
             try:
                 w.conn.send(("stop",))
             except (OSError, ValueError):
                 pass
-            w.proc.join(5)
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join(5)
-        self._reap(w)
+        alive = _wait_exit([w.proc for w in workers], timeout)
+        for p in alive:
+            try:
+                p.terminate()
+            except (ValueError, OSError):
+                pass
+        for p in _wait_exit(alive, 2.0):
+            try:
+                p.kill()
+            except (ValueError, OSError):
+                pass
+        _wait_exit(alive, 5.0)
+        with self._lock:
+            for w in workers:
+                self._reap(w)
+
+    def _end_workers_now(self) -> None:
+        """SIGTERM handler: end the workers at once (the process is about to die). Takes no lock: the
+        dispatcher may reap them meanwhile, so this works on pids and sentinels it copied, best effort."""
+        self._closing = True
+        procs = []
+        for w in list(self._workers):
+            try:
+                procs.append((w.proc.pid, w.proc.sentinel))
+            except ValueError:  # closed by the dispatcher already
+                pass
+        for pid, _ in procs:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        try:
+            deadline = time.monotonic() + 2.0
+            left = [s for _, s in procs]
+            while left and time.monotonic() < deadline:
+                done = multiprocessing.connection.wait(left, timeout=max(0.0, deadline - time.monotonic()))
+                left = [s for s in left if s not in done]
+        except (OSError, ValueError):
+            pass
 
     def _reap(self, w: _Worker) -> None:
+        if w.state == "dead" and w not in self._workers:
+            return
         w.state = "dead"
+        try:
+            w.proc.join(1)
+        except (ValueError, AssertionError):
+            pass
+        self.exits.append((w.name, w.proc.exitcode))
         try:
             w.conn.close()
         except OSError:
@@ -696,18 +929,48 @@ class WorkerPool:
         except OSError:
             return ""
 
-    def _lose(self, w: _Worker, reason: str, requeue_from: int) -> None:
-        """Take ``w`` out of rotation; re-queue its cases from index ``requeue_from`` (not yet started)."""
+    def _lose(self, w: _Worker, reason: str, requeue_from: int, op: str | None = None) -> None:
+        """Take ``w`` out of rotation; re-queue its cases from index ``requeue_from`` (not yet started).
+        ``op``: the case charged with the loss, if any."""
+        now = time.monotonic()
         items = list(w.outstanding)[requeue_from:]
         w.outstanding.clear()
         for item in reversed(items):
+            item.queued_at, item.started_at = now, None
             self._pending.appendleft(item)
         if w.state in ("ready", "retiring") and not w.spare:
-            self._lost_at[w.device].append(time.monotonic())
+            self._lost_at[w.device].append(now)
         self.replaced.append((w.name, reason))
+        self._resume[w.device].append({"reason": reason, "op": op, "device": w.device, "lost_at": now})
+
+    def _start_failed(self, w: _Worker, why: str, reason: str) -> None:
+        """A worker on ``w.device`` failed to start: back off before the next try there."""
+        now = time.monotonic()
+        dev = w.device
+        self._start_failures[dev] += 1
+        self._first_failure.setdefault(dev, now)
+        self._start_errors[dev] = why
+        self._next_start[dev] = now + min(MAX_START_BACKOFF, START_BACKOFF * 2 ** (self._start_failures[dev] - 1))
+        if self._down_since is None and all(self._start_failures[d] for d in self.devices) and not any(
+                x.state == "ready" and not x.spare for x in self._workers):
+            self._down_since = now
+        self._lose(w, reason, 0)
+
+    def _case_started(self, w: _Worker, item: _Item) -> None:
+        now = time.monotonic()
+        item.started_at = now
+        item.starts += 1
+        if item.starts > 1:
+            self.anomalies["started_twice"] += 1
+        for entry in self._resume.pop(w.device, []):
+            lost_at = entry.pop("lost_at")
+            self.recovery_log.append(dict(entry, seconds=now - lost_at))
 
     # ---------------------------------------------------------------- internals: results
     def _resolve_locked(self, item: _Item, result: Result) -> None:
+        if item.future.done() and not item.future.cancelled():  # cancelled by its caller: still counted once
+            self.anomalies["answered_twice"] += 1
+            return
         if not item.future.done():
             item.future.set_result(result)
         self._unfinished -= 1
@@ -769,9 +1032,9 @@ class WorkerPool:
                     w.outstanding.clear()
                 for item in items:
                     self._resolve_locked(item, Result(Verdict.ERROR, msg, op=item.case.op))
-                for w in list(self._workers):
-                    if w.proc.is_alive():
-                        w.proc.kill()
+        finally:
+            # this thread spawned the workers (their parent-death signal follows it): stop them before it ends
+            self._stop_workers(STOP_TIMEOUT)
 
     def _loop(self) -> None:
         while True:
@@ -779,7 +1042,7 @@ class WorkerPool:
                 if self._closed:
                     return
                 self._ensure_workers()
-                self._fail_dead_devices()
+                self._fail_waiting_cases()
                 self._assign()
                 waits: list[Any] = [self._wake_r]
                 by_obj: dict[Any, _Worker] = {}
@@ -789,8 +1052,8 @@ class WorkerPool:
                     by_obj[w.conn] = w
                     by_obj[w.proc.sentinel] = w
                 deadline = self._next_deadline()
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = multiprocessing.connection.wait(waits, timeout=min(wait_s, 1.0) if wait_s is not None else 1.0)
+            wait_s = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            ready = multiprocessing.connection.wait(waits, timeout=wait_s)
             with self._lock:
                 if self._wake_r in ready:
                     try:
@@ -825,6 +1088,9 @@ class WorkerPool:
                 # this loop (and with it timeouts and results) until that worker reads
                 ready.remove(w)
                 continue
+            if not w.proc.is_alive():  # died since the last wait: its death is handled there, not charged
+                ready.remove(w)
+                continue
             item = self._pending.popleft()
             try:
                 w.conn.send(("run", item.id, item.case, item.blob, item.record_ops))
@@ -832,17 +1098,30 @@ class WorkerPool:
                 self._pending.appendleft(item)
                 ready.remove(w)
                 continue
-            if not w.outstanding:
-                w.running_since = time.monotonic()
+            item.sent_at, item.started_at = time.monotonic(), None
             w.outstanding.append(item)
 
+    def _deadline_of(self, w: _Worker) -> float | None:
+        """When ``w`` is overdue: its running case's timeout, or (not yet acknowledged) as long again for the
+        worker to take the case it was sent; a starting worker's start timeout."""
+        if w.state == "ready" and w.outstanding:
+            item = w.outstanding[0]
+            if item.started_at is not None:
+                return item.started_at + item.timeout
+            return max(item.sent_at, w.answered_at) + item.timeout
+        if w.state == "starting":
+            return w.started + self.start_timeout
+        if w.state == "retiring":
+            return w.retired_at + RETIRE_TIMEOUT
+        return None
+
     def _next_deadline(self) -> float | None:
-        deadlines = []
-        for w in self._workers:
-            if w.state == "ready" and w.outstanding:
-                deadlines.append(w.running_since + w.outstanding[0].timeout)
-            elif w.state == "starting":
-                deadlines.append(w.started + self.start_timeout)
+        deadlines = [d for d in map(self._deadline_of, self._workers) if d is not None]
+        for dev in self.devices:
+            if self._start_failures[dev] and self._pending:
+                deadlines.append(self._next_start[dev])
+        if self._down_since is not None:
+            deadlines.extend(max(i.queued_at, self._down_since) + i.timeout for i in self._pending)
         return min(deadlines) if deadlines else None
 
     def _drain(self, w: _Worker) -> None:
@@ -858,43 +1137,68 @@ class WorkerPool:
                 w.state = "ready"
                 w.info = msg[1]
                 self._start_failures[w.device] = 0
+                self._first_failure.pop(w.device, None)
+                self._down_since = None
                 self._ready_cv.notify_all()
             elif kind == "init_error":
-                self._start_errors[w.device] = msg[1]
-            elif kind == "result":
-                _, case_id, data = msg
+                w.init_error = msg[1]
+            elif kind in ("started", "result"):
+                case_id = msg[1]
                 if not w.outstanding or w.outstanding[0].id != case_id:  # pragma: no cover - protocol bug
-                    raise RuntimeError(f"worker {w.name} answered case {case_id}, expected "
+                    raise RuntimeError(f"worker {w.name} sent {kind!r} for case {case_id}, expected "
                                        f"{w.outstanding[0].id if w.outstanding else None}")
+                if kind == "started":
+                    self._case_started(w, w.outstanding[0])
+                    continue
                 item = w.outstanding.popleft()
                 w.cases_done += 1
-                w.running_since = time.monotonic()
-                result = Result.from_json(data)
+                w.answered_at = time.monotonic()
+                result = Result.from_json(msg[2])
                 if result.verdict is Verdict.DEVICE_FAULT:
                     w.state = "retiring"
-                    self._lose(w, "device_fault", 0)
+                    w.retired_at = time.monotonic()
+                    self._lose(w, "device_fault", 0, op=item.case.op)
                 self._finish(item, result)
+
+    def _crash_result(self, w: _Worker, item: _Item, what: str, code: int | None) -> Result:
+        log = self._log_tail(w)
+        att = {"frame": _faulthandler_frame(log), "log": log[-1500:]} if log.strip() else None
+        result = Result(Verdict.WORKER_CRASH, f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} {what}",
+                        op=item.case.op, device=w.device, worker=w.name, attribution=att, env=dict(w.info),
+                        duration=time.monotonic() - (item.started_at or item.sent_at),
+                        layouts=item.case.describe_layouts())
+        result.metrics["exitcode"] = code
+        return result
+
+    def _not_started(self, w: _Worker, reason: str) -> None:
+        """``w`` is gone before it started the case it was sent: resend its cases, blaming none of them
+        (unless the first has now lost ``MAX_RESENDS`` workers this way)."""
+        item = w.outstanding[0] if w.outstanding else None
+        if item is not None:
+            item.resends += 1
+        if item is not None and item.resends >= MAX_RESENDS:
+            result = self._crash_result(w, item, f"after this case was sent and before it started it; "
+                                        f"{item.resends} workers in a row did so (it may kill them as it arrives)",
+                                        w.proc.exitcode)
+            self._lose(w, reason, 1, op=item.case.op)
+            self._finish(item, result)
+        else:
+            self._lose(w, reason, 0)
 
     def _on_death(self, w: _Worker) -> None:
         code = w.proc.exitcode
         if w.state == "starting":
-            self._start_failures[w.device] += 1
-            if w.device not in self._start_errors:
-                self._start_errors[w.device] = f"worker {_exit_text(code)} while starting:\n{self._log_tail(w)[-1500:]}"
-            self._lose(w, f"start failed ({_exit_text(code)})", 0)
+            why = w.init_error or f"worker {_exit_text(code)} while starting:\n{self._log_tail(w)[-1500:]}"
+            self._start_failed(w, why, f"start failed ({_exit_text(code)})")
         elif w.state == "retiring":
             pass  # exited after a device fault, as it should
-        elif w.outstanding:
+        elif w.outstanding and w.outstanding[0].started_at is not None:
             item = w.outstanding[0]
-            log = self._log_tail(w)
-            att = {"frame": _faulthandler_frame(log), "log": log[-1500:]} if log.strip() else None
-            result = Result(Verdict.WORKER_CRASH, f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} while "
-                            f"running this case", op=item.case.op, device=w.device, worker=w.name,
-                            duration=time.monotonic() - w.running_since, attribution=att,
-                            env=dict(w.info), layouts=item.case.describe_layouts())
-            result.metrics["exitcode"] = code
-            self._lose(w, f"crash ({_exit_text(code)})", 1)
+            result = self._crash_result(w, item, "while running this case", code)
+            self._lose(w, f"crash ({_exit_text(code)})", 1, op=item.case.op)
             self._finish(item, result)
+        elif w.outstanding:
+            self._not_started(w, f"died between cases ({_exit_text(code)})")
         else:
             self._lose(w, f"died idle ({_exit_text(code)})", 0)
         self._reap(w)
@@ -902,43 +1206,50 @@ class WorkerPool:
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for w in list(self._workers):
-            if w.state == "ready" and w.outstanding and now - w.running_since > w.outstanding[0].timeout:
-                item = w.outstanding[0]
-                w.proc.kill()
-                w.proc.join(5)
+            deadline = self._deadline_of(w)
+            if deadline is None or now <= deadline:
+                continue
+            w.proc.kill()
+            w.proc.join(5)
+            if w.state == "ready":
                 self._drain(w)
-                if w.outstanding and w.outstanding[0] is item:  # no answer came after all
+                item = w.outstanding[0] if w.outstanding else None
+                if item is None:
+                    self._lose(w, "killed after answering", 0)
+                elif item.started_at is None:
+                    self._not_started(w, f"did not take the case it was sent within {item.timeout:g} s")
+                else:
                     result = Result(Verdict.TIMEOUT, f"ran past the {item.timeout:g} s case timeout; worker {w.name} "
                                     f"was killed and replaced", op=item.case.op, device=w.device, worker=w.name,
-                                    duration=now - w.running_since, env=dict(w.info),
+                                    duration=now - item.started_at, env=dict(w.info),
                                     layouts=item.case.describe_layouts())
-                    self._lose(w, "timeout", 1)
+                    self._lose(w, "timeout", 1, op=item.case.op)
                     self._finish(item, result)
-                else:
-                    self._lose(w, "killed after answering", 0)
-                self._reap(w)
-            elif w.state == "retiring" and now - w.running_since > RETIRE_TIMEOUT:
-                w.proc.kill()  # it answered its device fault but did not exit
-                w.proc.join(5)
-                self._reap(w)
-            elif w.state == "starting" and now - w.started > self.start_timeout:
-                w.proc.kill()
-                w.proc.join(5)
-                self._start_failures[w.device] += 1
-                self._start_errors[w.device] = f"worker did not start within {self.start_timeout:g} s"
-                self._lose(w, "start timeout", 0)
-                self._reap(w)
+            elif w.state == "starting":
+                self._start_failed(w, f"worker did not start within {self.start_timeout:g} s", "start timeout")
+            # retiring: it answered its device fault but did not exit
+            self._reap(w)
 
-    def _fail_dead_devices(self) -> None:
-        """When no device can start a worker, answer every queued case with the reason."""
-        dead = [d for d in self.devices if self._start_failures[d] >= MAX_START_FAILURES]
-        if len(dead) < len(self.devices) or not self._pending:
+    def _fail_waiting_cases(self) -> None:
+        """While no device can start a worker, answer each queued case that has waited its timeout for one."""
+        if self._down_since is None or not self._pending:
             return
-        why = "; ".join(f"{d}: {self._start_errors.get(d, '?')}" for d in dead)
+        now = time.monotonic()
+        keep: collections.deque[_Item] = collections.deque()
         while self._pending:
             item = self._pending.popleft()
-            self._resolve_locked(item, Result(Verdict.WORKER_CRASH, f"no worker could be started ({why})",
-                                              op=item.case.op))
+            waited = now - max(item.queued_at, self._down_since)
+            if waited < item.timeout:
+                keep.append(item)
+                continue
+            first = "; ".join(f"{d}: {self._start_errors.get(d, '?').strip().splitlines()[0]}" for d in self.devices)
+            detail = "\n".join(
+                f"{d}: {self._start_failures[d]} failed start(s) in {now - self._first_failure.get(d, now):.1f} s, "
+                f"retrying with back-off; last error:\n{self._start_errors.get(d, '?')[-1500:]}" for d in self.devices)
+            self._resolve_locked(item, Result(
+                Verdict.ERROR, f"worker start failed: {first}\n(this case waited {waited:.1f} s, its timeout, for "
+                f"a worker; the harness could not run it)\n{detail}", op=item.case.op))
+        self._pending = keep
 
 
 def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[str, Any]:

@@ -428,6 +428,57 @@ class OomKillTarget(_FaultTarget):
         return self.clean(inputs["x"])  # pragma: no cover
 
 
+@register_target
+class KilledTarget(_FaultTarget):
+    """Another process sends the worker SIGKILL while it runs this case (``kill -9`` by an operator
+    or a job scheduler)."""
+
+    name = "fault.killed"
+
+    def run(self, inputs, params):
+        import subprocess
+
+        subprocess.run(["kill", "-KILL", str(os.getpid())], check=False)
+        time.sleep(60)  # pragma: no cover - the signal ends the process first
+        return self.clean(inputs["x"])  # pragma: no cover
+
+
+_BETWEEN_CASES: list[tuple[str, float]] = []
+
+
+def take_between_cases() -> tuple[str, float] | None:
+    """What ``fault.exit_between_cases`` / ``fault.stall_between_cases`` armed in this process (once): ``("exit",
+    code)`` or ``("stall", seconds)``, else None. The pool worker asks after it receives a case and before it
+    acknowledges it: the worker then dies (or hangs) between cases, with the next case already in its pipe."""
+    return _BETWEEN_CASES.pop() if _BETWEEN_CASES else None
+
+
+@register_target
+class ExitBetweenCasesTarget(_FaultTarget):
+    """Passes, and arms the worker to ``os._exit(params["code"])`` (default 0) when the next case reaches
+    it, before it starts that case: a worker that dies while idle (the next case is innocent)."""
+
+    name = "fault.exit_between_cases"
+
+    def run(self, inputs, params):
+        _BETWEEN_CASES[:] = [("exit", int(params.get("code", 0)))]
+        return self.clean(inputs["x"])
+
+
+@register_target
+class StallBetweenCasesTarget(_FaultTarget):
+    """Passes (after sleeping ``params["run_seconds"]``, default 0), and arms the worker to sleep
+    ``params["seconds"]`` (default 3600) when the next case reaches it, before it starts that case: a worker
+    stuck between cases (the next case is innocent)."""
+
+    name = "fault.stall_between_cases"
+
+    def run(self, inputs, params):
+        time.sleep(float(params.get("run_seconds", 0)))
+        _BETWEEN_CASES[:] = [("stall", float(params.get("seconds", 3600)))]
+        return self.clean(inputs["x"])
+
+
 # ---- simulated sticky device error -------------------------------------------------------
 
 _SIM_LOCK = threading.Lock()

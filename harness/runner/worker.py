@@ -3,10 +3,14 @@
 Two ways in:
 
 - :func:`worker_main` is the target of the pool's spawned processes. It sets
-  up the device once (CUDA context, warm-up case), says ``ready``, then loops:
-  receive ``("run", case_id, case, values_bytes)``, run it with
-  :func:`harness.runner.execute.run_case`, send ``("result", case_id, result_dict)``.
-  After a device fault it sends the result and exits: its context is gone.
+  up the device once (CUDA context, the imports a first case would pay for, a
+  warm-up case), says ``ready``, then loops: receive ``("run", case_id, case,
+  values_bytes, record_ops)``, acknowledge it with ``("started", case_id)`` (the
+  pool's case timer starts there, and a worker that dies before it has not
+  started the case), run it with :func:`harness.runner.execute.run_case`, send
+  ``("result", case_id, result_dict)``. After a device fault it sends the
+  result and exits: its context is gone. ``("stop",)`` ends it with status 0;
+  its parent's death with ``EXIT_PARENT_GONE`` (it watches the parent's sentinel).
 - ``python -m harness.runner.worker --case CASE.json --device cuda:0 --result OUT.json``
   runs one case file in a fresh interpreter (attribution reruns with
   ``CUDA_LAUNCH_BLOCKING=1``, ``compute-sanitizer``, ``harness replay``) and writes
@@ -27,12 +31,21 @@ import sys
 import time
 from typing import Any, Mapping
 
-__all__ = ["worker_main", "encode_values", "decode_values", "main", "EXIT_DEVICE_FAULT", "EXIT_INIT_FAILED"]
+__all__ = ["worker_main", "encode_values", "decode_values", "main", "EXIT_DEVICE_FAULT", "EXIT_INIT_FAILED",
+           "EXIT_PARENT_GONE", "FAIL_STARTS_ENV", "WARM_IMPORTS"]
 
 #: exit code of a worker that retired itself after a sticky device error
 EXIT_DEVICE_FAULT = 17
 #: exit code of a worker whose setup failed (the error was sent to the parent first)
 EXIT_INIT_FAILED = 18
+#: exit code of a worker that found its parent process gone
+EXIT_PARENT_GONE = 19
+#: test hook: a file holding a count N; the next N worker starts fail (each takes one), then starts succeed
+FAIL_STARTS_ENV = "HARNESS_FAIL_WORKER_STARTS"
+#: imported before a worker reports ready, so no case pays for them inside its timed window
+#: (``torch._dynamo`` alone is 1-4 s: torch imports it on the first dispatch-mode error or compile)
+WARM_IMPORTS = ("torch._dynamo", "harness.reference", "harness.reference.wan", "harness.runner.targets",
+                "harness.runner.execute", "harness.cases")
 
 
 def encode_values(values: Mapping[str, Any] | None) -> bytes | None:
@@ -67,6 +80,48 @@ def _die_with_parent() -> None:
         pass
 
 
+def _watch_parent() -> None:
+    """Exit (``EXIT_PARENT_GONE``) as soon as the parent process dies, even mid-case (a daemon thread
+    waits on the parent's sentinel; ``_die_with_parent`` covers a GIL held in native code on Linux)."""
+    import multiprocessing
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        sys.stderr.flush()
+        os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()
+
+
+def _injected_start_failure() -> None:
+    """Raise when ``$HARNESS_FAIL_WORKER_STARTS`` names a file whose count is above 0 (and take one)."""
+    path = os.environ.get(FAIL_STARTS_ENV)
+    if not path:
+        return
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return  # the cause went away
+    with os.fdopen(fd, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        text = f.read().strip()
+        left = int(text) if text.isdigit() else 0
+        if left <= 0:
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(left - 1))
+    raise RuntimeError(f"start failure injected by ${FAIL_STARTS_ENV}={path} ({left - 1} more to come)")
+
+
 def _redirect_stderr(log_path: str | None) -> None:
     if not log_path:
         faulthandler.enable()
@@ -95,7 +150,15 @@ def _setup_device(device: str) -> dict[str, Any]:
 
 
 def _warm_up(device: str) -> None:
-    """Run one tiny case so imports and first-call costs are paid before the first real case."""
+    """Import what a first case would (``WARM_IMPORTS``, every registered target) and run one tiny case,
+    so imports and first-call costs are paid before the worker reports ready."""
+    import importlib
+
+    for mod in WARM_IMPORTS:
+        importlib.import_module(mod)
+    from harness.runner.targets import all_targets
+
+    all_targets()  # imports the target modules (harness.targets and plug-ins)
     from harness.cases import Case
     from harness.layouts import LayoutSpec
     from harness.runner.execute import run_case
@@ -113,7 +176,9 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
     """
     _redirect_stderr(log_path)
     _die_with_parent()
+    _watch_parent()
     try:
+        _injected_start_failure()
         if threads:
             import torch
 
@@ -121,6 +186,7 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
         info = _setup_device(device)
         _warm_up(device)
         from harness.runner.execute import run_case
+        from harness.runner.targets import take_between_cases
         from harness.verdicts import Verdict
     except BaseException as e:  # noqa: BLE001 - report, then exit
         import traceback
@@ -138,11 +204,21 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
         kind = msg[0]
         if kind == "stop":
             conn.close()
+            sys.stderr.flush()
             os._exit(0)
         if kind != "run":  # pragma: no cover - protocol error
             print(f"worker {name}: unknown message {kind!r}", file=sys.stderr)
             continue
         _, case_id, case, blob, record_ops = msg
+        armed = take_between_cases()  # fault.exit/stall_between_cases: this case is received, not started
+        if armed is not None and armed[0] == "exit":
+            os._exit(int(armed[1]))
+        if armed is not None:
+            time.sleep(armed[1])
+        try:
+            conn.send(("started", case_id))
+        except (BrokenPipeError, OSError):
+            os._exit(0)
         result = run_case(case, device, values=decode_values(blob), record_ops=record_ops, worker=name)
         try:
             conn.send(("result", case_id, result.to_json()))
