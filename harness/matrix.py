@@ -28,9 +28,10 @@ What it does:
    ``op|layout_class|verdict``.
 
 ``--out DIR`` must be a new or empty folder: a non-empty one (an earlier run?) is refused
-unless ``--force``, which writes into it alongside what is there, replacing only files of the
-same name (``summary.json``, the reports, a case pair ``cases/OP-CLASS-VERDICT.json`` /
-``.safetensors``); the matrix never deletes a file it did not write.
+unless ``--force``, which writes into it alongside what is there: ``summary.json`` and the two
+reports are replaced; a case file whose name ``cases/OP-CLASS-VERDICT.json`` is already taken
+is written as ``OP-CLASS-VERDICT-2.json`` (``-3``, ...); nothing else is touched, and the matrix
+never deletes or overwrites a case file it did not write.
 
 Exit status: 0 when the run completed (whatever it found); with ``--fail-on-new``, 1 when some
 failure's fingerprint is not in the corpus; 2 for bad arguments or no usable device; 3 when the
@@ -50,6 +51,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -59,7 +61,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Container, Iterable, Mapping, Sequence, TextIO
 
 __all__ = [
     "DEFAULT_BUDGET_S",
@@ -343,8 +345,19 @@ def _rel(path: str | os.PathLike | None, out: Path) -> str | None:
         return str(path)
 
 
-def save_example(cell: Cell, verdict: str, out: Path) -> str | None:
-    """Write ``cell``'s example case for ``verdict`` to ``out/cases`` now.
+def _example_stem(cell: Cell, verdict: str, keep: Container[str]) -> str:
+    """``OP-CLASS-VERDICT`` (dots as ``_``), or with ``-2``, ``-3``, ... when ``keep`` (names of files that were
+    in ``cases/`` before this run) holds that case file: the matrix never overwrites a file it did not write."""
+    base = re.sub(r"[^0-9A-Za-z-]", "_", f"{cell.op}-{cell.layout_class}-{verdict}")
+    stem, n = base, 1
+    while f"{stem}.json" in keep or f"{stem}.safetensors" in keep:
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def save_example(cell: Cell, verdict: str, out: Path, keep: Container[str] = ()) -> str | None:
+    """Write ``cell``'s example case for ``verdict`` to ``out/cases`` now (never over a file named in ``keep``).
 
     Returns None, or a one-line warning when it could not be written (the cell then links no case
     for that verdict); never raises for a failed write.
@@ -353,7 +366,7 @@ def save_example(cell: Cell, verdict: str, out: Path) -> str | None:
 
     case, result = cell.examples[verdict]
     try:
-        path = save_failure(case, result, out / "cases", name=f"{cell.op}-{cell.layout_class}-{verdict}")
+        path = save_failure(case, result, out / "cases", name=_example_stem(cell, verdict, keep))
     except Exception as e:  # noqa: BLE001 - one unwritable case must not end the run; it is reported
         cell.saved.pop(verdict, None)
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -363,11 +376,11 @@ def save_example(cell: Cell, verdict: str, out: Path) -> str | None:
 
 
 def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_examples: bool = True,
-              warnings: list[str] | None = None) -> dict[str, Any]:
+              warnings: list[str] | None = None, keep: Container[str] = ()) -> dict[str, Any]:
     """Summary ``cells`` list (see :mod:`harness.report`).
 
-    ``save_examples``: first write every example case not written yet (:func:`save_example`;
-    a failed write appends its warning to ``warnings``).
+    ``save_examples``: first write every example case not written yet (:func:`save_example`, never
+    over a file named in ``keep``; a failed write appends its warning to ``warnings``).
     """
     from harness.targets.attention import known_upstream_defect
     from harness.targets.corpus import fingerprint
@@ -379,7 +392,7 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
         for verdict, (case, result) in sorted(c.examples.items()):
             messages[verdict] = (result.message or "").strip().splitlines()[0][:500] if result.message else ""
             if save_examples and c.saved.get(verdict, (None,))[0] is not case:
-                why = save_example(c, verdict, out)
+                why = save_example(c, verdict, out, keep)
                 if why and warnings is not None and why not in warnings:
                     warnings.append(why)
             if c.saved.get(verdict, (None,))[0] is case:
@@ -549,6 +562,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MatrixError(f"--out {out_dir}: cannot create the folder: {e.strerror or e}") from None
+    cases_dir = out_dir / "cases"
+    keep = frozenset(p.name for p in cases_dir.iterdir()) if cases_dir.is_dir() else frozenset()  # --force
     env = _device_env(devices, timeout=max(1.0, deadline - time.monotonic()))
 
     by_target: dict[str, list[Cell]] = collections.defaultdict(list)
@@ -589,12 +604,12 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         if c.add(case, r):  # a new example: on disk now, so an interrupted run keeps it
-            why = save_example(c, r.verdict.value, out_dir)
+            why = save_example(c, r.verdict.value, out_dir, keep)
             if why:
                 warn(why)
 
     def summary(status: str, interrupted: str = "") -> dict[str, Any]:
-        agg = aggregate(cells, out_dir, known, warnings=warnings)
+        agg = aggregate(cells, out_dir, known, warnings=warnings, keep=keep)
         now = time.monotonic()
         return {
             "schema_version": 1,
@@ -626,6 +641,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
 
     interrupted = ""
     error: Exception | None = None
+    inflight: dict[Future, tuple[Cell, Any]] = {}
     stop = _Stop()
     stop.install()
     try:
@@ -638,7 +654,6 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
 
                 factory = WorkerPool
             pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
-            inflight: dict[Future, tuple[Cell, Any]] = {}
             max_inflight = max(2, 3 * n_workers * len(devices))
             rnd = 0
             queue: collections.deque[Cell] = collections.deque()
@@ -697,6 +712,9 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                 why = _close_pool(pool, POOL_CLOSE_WAIT_S)
                 if why:
                     warn(why)
+            for f, (c, case) in list(inflight.items()):  # answered but not yet counted: kept (cancelled: skipped)
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    handle(c, case, f.result())
             prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals,
                         len(unavailable), force=True)
             prog.done()
