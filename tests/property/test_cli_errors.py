@@ -4,6 +4,7 @@ line naming it, exit 2; a harness bug is one line plus a file with the traceback
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,21 @@ def test_a_user_error_type_escaping_a_subcommand_is_one_line_exit_2(tmp_path, mo
     err = capsys.readouterr().err
     assert rc == 2 and err == "harness: summary.json: field 'cells' must be list\n"
     assert not (tmp_path / "crashes").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_bisect_run_stops_on_the_internal_error_exit_code(tmp_path) -> None:
+    """The claim behind 128: `git bisect run` aborts on it instead of marking the commit bad (or skipping it)."""
+    def git(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    git("init", "-q")
+    for i in range(3):
+        (tmp_path / "f").write_text(str(i))
+        git("add", "f")
+        git("commit", "-qm", f"c{i}")
+    git("bisect", "start", "HEAD", "HEAD~2")
+    r = git("bisect", "run", sys.executable, "-c", f"raise SystemExit({INTERNAL_ERROR_EXIT})")
+    assert r.returncode != 0 and "is the first bad commit" not in r.stdout
+    assert "bisect run failed" in (r.stdout + r.stderr)

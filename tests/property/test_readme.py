@@ -39,3 +39,12 @@ def test_ci_runs_the_readme_commands_inside_a_fresh_venv() -> None:
     assert venv_at < activate < ci.index(install) < ci.index(test)
     gitignore = (README.parent / ".gitignore").read_text().splitlines()
     assert "/.venv-ci/" in gitignore and "VENV=.venv-ci" in ci
+
+
+def test_readme_states_the_matrix_wrapup_bound_and_exit_codes() -> None:
+    from harness.cli import INTERNAL_ERROR_EXIT
+    from harness.matrix import WRAPUP_BOUND_S
+
+    text = README.read_text()
+    assert f"`harness.matrix.WRAPUP_BOUND_S` ({WRAPUP_BOUND_S:g} s)" in text
+    assert f"exits {INTERNAL_ERROR_EXIT}, which makes `git bisect run` stop" in text
