@@ -600,7 +600,7 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     """The latest matrix summary: where and when it ran, verdict totals, cell statuses, non-passing cells."""
     if summary is None:
         return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
-    from harness.report import _nonpass_cells, _nonpass_counts, device_text  # noqa: PLC0415
+    from harness.report import _nonpass_cells, _nonpass_counts, device_text, run_state_text  # noqa: PLC0415
 
     dev = summary.get("device", {})
     report = Path(note).parent / "report.html"
@@ -613,6 +613,9 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
         ("duration", f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else "")),
         ("command", summary.get("command", "–")),
     ]
+    state = run_state_text(summary)
+    if state:  # an interrupted or still running matrix says so first
+        rows.insert(0, ("run", state))
     out += [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows]
     out.append("</table>")
     totals = sorted(summary["totals"].items(), key=lambda kv: (kv[0] != "pass", -kv[1]))

@@ -453,3 +453,15 @@ def test_dashboard_build_returns_what_it_found(tmp_path: Path) -> None:
     res = build_dashboard(FIXTURES, tmp_path / "sub" / "d.html", threshold=0.10, window=5)
     assert res.out.is_file() and res.runs == 3 and res.problems == ()
     assert [name for _, name, _ in res.regressions] == [SLOWED]
+
+
+def test_dashboard_says_when_the_matrix_run_was_interrupted(tmp_path: Path) -> None:
+    summary = json.loads((MATRIX.parent / "summary.json").read_text())
+    summary.update(status="interrupted", interrupted="SIGTERM", completed=False)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "summary.json").write_text(json.dumps(summary))
+    res = build_dashboard(FIXTURES, tmp_path / "d.html", matrix=tmp_path / "m")
+    page = res.out.read_text()
+    assert "INTERRUPTED (SIGTERM)" in page
+    plain = build_dashboard(FIXTURES, tmp_path / "e.html", matrix=MATRIX.parent).out.read_text()
+    assert "INTERRUPTED" not in plain
