@@ -601,6 +601,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
             return
         if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
             return  # cancelled at the end of the budget: not a result
+        if stop.reason and r.verdict is Verdict.WORKER_CRASH:
+            return  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers), not the case's
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         if c.add(case, r):  # a new example: on disk now, so an interrupted run keeps it

@@ -248,3 +248,27 @@ def test_a_real_run_ends_within_its_budget_plus_the_wrapup_bound(tmp_path) -> No
     if missed:  # how far 8 s gets depends on the machine's load
         assert f"## Not reached ({len(missed)} cells" in (out / "report.md").read_text()
         assert f"matrix: {len(missed)} cell(s) not reached" in stdout
+
+
+class SignalledPool(InProcessPool):
+    """The second case's submission delivers SIGTERM to this process and comes back as the worker crash that a
+    Ctrl-C reaching the workers causes."""
+
+    def submit(self, case):
+        if not self.cases:
+            return super().submit(case)
+        self.cases.append(case)
+        os.kill(os.getpid(), signal.SIGTERM)  # run_matrix's handler turns it into an orderly stop
+        f: Future = Future()
+        f.set_result(Result(Verdict.WORKER_CRASH, "worker exited with code -2 while running this case", op=case.op))
+        return f
+
+
+def test_sigterm_is_an_orderly_stop_and_a_worker_killed_by_it_is_not_blamed_on_a_case(tmp_path) -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "m"
+    s = _run(tmp_path, out, pool_factory=lambda *a, **k: SignalledPool(["cpu"]))
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is removed again
+    assert s["status"] == "interrupted" and s["interrupted"] == "SIGTERM"
+    assert "worker_crash" not in s["totals"] and sum(s["totals"].values()) == 1
+    assert [c["status"] for c in s["cells"]].count("not_run") == 2
