@@ -196,7 +196,7 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
     ev = threading.Event()
     while not cond():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             pytest.fail(f"matrix exited {proc.returncode} before the condition held: {err[-2000:]}")
         if time.monotonic() > end:
             proc.kill()
