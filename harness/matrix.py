@@ -463,7 +463,7 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise MatrixError(f"--out {out} is an existing file; pass a folder for the reports")
     if out.is_dir() and not force and any(out.iterdir()):
         raise MatrixError(f"--out {out} is not empty (an earlier run?); pass a new folder, or --force to write "
-                          "into it (replaces only same-named files, deletes nothing)")
+                          "alongside (replaces summary.json and the reports; deletes or overwrites no case file)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -802,7 +802,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated layout class names or patterns to keep (e.g. 'contiguous,offset_*')")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--force", action="store_true",
-                   help="write into a non-empty --out, replacing only same-named files (nothing is deleted)")
+                   help="write into a non-empty --out: summary.json and the reports are replaced, a taken case "
+                        "file name gets -2, -3, ...; nothing is deleted")
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="workers per device (default 1 per GPU; "
