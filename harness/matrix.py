@@ -114,6 +114,8 @@ class Cell:
     unavailable: str | None = None
     #: verdict -> (the example case written, its path relative to the output folder)
     saved: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    #: verdict -> the example case whose write was last tried (a failed write is not retried every report)
+    tried: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -365,6 +367,7 @@ def save_example(cell: Cell, verdict: str, out: Path, keep: Container[str] = ())
     from harness.runner.pool import save_failure
 
     case, result = cell.examples[verdict]
+    cell.tried[verdict] = case
     try:
         path = save_failure(case, result, out / "cases", name=_example_stem(cell, verdict, keep))
     except Exception as e:  # noqa: BLE001 - one unwritable case must not end the run; it is reported
@@ -391,7 +394,7 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
         messages: dict[str, str] = {}
         for verdict, (case, result) in sorted(c.examples.items()):
             messages[verdict] = (result.message or "").strip().splitlines()[0][:500] if result.message else ""
-            if save_examples and c.saved.get(verdict, (None,))[0] is not case:
+            if save_examples and c.tried.get(verdict) is not case:
                 why = save_example(c, verdict, out, keep)
                 if why and warnings is not None and why not in warnings:
                     warnings.append(why)

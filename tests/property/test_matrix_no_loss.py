@@ -65,8 +65,11 @@ def test_a_case_that_cannot_be_written_is_a_one_line_warning_not_the_end_of_the_
 
     real = harness.runner.pool.save_failure
 
+    tries = []
+
     def flaky(case, result, cases_dir, **kw):
         if "broadcast" in kw.get("name", ""):
+            tries.append(kw["name"])
             raise OSError(28, "No space left on device")
         return real(case, result, cases_dir, **kw)
 
@@ -75,6 +78,7 @@ def test_a_case_that_cannot_be_written_is_a_one_line_warning_not_the_end_of_the_
     s = _run(tmp_path, out)
     assert s["status"] == "completed" and s["completed"] is True
     [warning] = s["warnings"]
+    assert len(tries) == 1  # tried when the verdict came in; the report rewrites do not retry it
     assert "\n" not in warning and "layout_noninvariance case of legacy.comfyui x broadcast" in warning
     assert "No space left on device" in warning
     cells = {c["layout_class"]: c for c in s["cells"]}
