@@ -567,6 +567,8 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         raise MatrixError(f"--out {out_dir}: cannot create the folder: {e.strerror or e}") from None
     cases_dir = out_dir / "cases"
     keep = frozenset(p.name for p in cases_dir.iterdir()) if cases_dir.is_dir() else frozenset()  # --force
+    stop = _Stop()  # from here on SIGTERM / Ctrl-C end the run in order, with its report
+    stop.install()
     env = _device_env(devices, timeout=max(1.0, deadline - time.monotonic()))
 
     by_target: dict[str, list[Cell]] = collections.defaultdict(list)
@@ -647,8 +649,6 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     interrupted = ""
     error: Exception | None = None
     inflight: dict[Future, tuple[Cell, Any]] = {}
-    stop = _Stop()
-    stop.install()
     try:
         try:
             write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
