@@ -7,6 +7,9 @@ handle (a size from ``stat`` is never trusted: ``/dev/zero`` reports 0).  :func:
 bound on nesting depth (:data:`MAX_JSON_DEPTH`) so a deeply nested file is one clear error, not a
 ``RecursionError``.
 
+:func:`atomic_write_text` is the one way the harness replaces a file it writes (reports, summaries,
+contracts, claims tables): a uniquely named temp file in the same folder, then ``os.replace``.
+
 Torch-free, so report rendering can use it.  The caller names its own error type and wording.
 """
 
@@ -16,6 +19,7 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +119,18 @@ def read_json(path: Path, error: type[Exception], *, label: str, kind: str = "",
     if json_depth_exceeds(data, max_depth):
         raise error(f"{label} nests deeper than {max_depth} levels; not {kind or 'a file the harness reads'}")
     return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a uniquely named temp file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness._jsonfile import atomic_write_text
+
 __all__ = ["CONFIRMED", "REFUTED", "UNTESTABLE", "Claim", "ClaimResult", "ClaimContext", "CLAIMS",
            "OVERHEAD_TARGET", "run_claim", "run_claims", "format_results", "add_parser"]
 
@@ -775,10 +777,7 @@ def _write(out: Path, results: Sequence[ClaimResult], env: dict[str, Any], scen:
            fmts: Sequence[str] = ("json", "md", "html")) -> None:
     """Write the tables into ``out`` (each file replaced atomically, so a kill never leaves half a file)."""
     for fmt in fmts:
-        path = out / f"claims.{fmt}"
-        tmp = path.with_suffix(f".{fmt}.tmp")
-        tmp.write_text(format_results(results, fmt, env=env, scenarios=scen))
-        tmp.replace(path)
+        atomic_write_text(out / f"claims.{fmt}", format_results(results, fmt, env=env, scenarios=scen))
 
 
 def _cmd(args: argparse.Namespace) -> int:

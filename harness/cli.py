@@ -5,16 +5,38 @@ Each subcommand lives in the module that owns its concern; that module exposes
 callable taking the parsed namespace and returning an exit code). Modules are
 imported only when their subcommand is parsed, so ``python -m harness env``
 never pays for the runner or the dashboard.
+
+No subcommand prints a traceback for a user error: an exception of one of the harness's
+user-error types (:data:`USER_ERRORS`: a bad case file, summary, corpus, matrix argument)
+that a subcommand did not handle itself is one line on stderr and exit 2.  Anything else is a
+bug in the harness: one line naming it and the file holding the full traceback
+(``$HARNESS_CRASH_DIR``, default the system temp folder), exit :data:`INTERNAL_ERROR_EXIT`
+(128: ``git bisect run`` aborts on it instead of marking the commit bad or skipping it).
+Ctrl-C is "interrupted", exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import traceback
+from datetime import datetime, timezone
 from typing import Sequence
 
-__all__ = ["main", "SUBCOMMANDS"]
+__all__ = ["main", "SUBCOMMANDS", "USER_ERRORS", "INTERNAL_ERROR_EXIT"]
+
+#: exceptions that mean "your input is wrong" (module, class); looked up only in modules already imported
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("harness.matrix", "MatrixError"),
+    ("harness.report", "SummaryError"),
+    ("harness.cases", "CaseError"),
+    ("harness.targets.corpus", "CorpusError"),
+    ("harness.layouts", "LayoutError"),
+)
+INTERNAL_ERROR_EXIT = 128
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +67,45 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_user_error(e: BaseException) -> bool:
+    types = [getattr(sys.modules[m], name, None) for m, name in USER_ERRORS if m in sys.modules]
+    return any(isinstance(t, type) and isinstance(e, t) for t in types)
+
+
+def _crash_report(e: BaseException) -> str:
+    """Write the traceback of ``e`` to a new file; returns its path (or why it could not be written)."""
+    folder = os.environ.get("HARNESS_CRASH_DIR") or tempfile.gettempdir()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=folder, prefix=f"harness-crash-{stamp}-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("harness " + " ".join(sys.argv[1:]) + "\n\n")
+            traceback.print_exception(type(e), e, e.__traceback__, file=f)
+        return path
+    except OSError as err:
+        return f"(could not be written to {folder}: {err.strerror or err})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code (see the module docstring for errors)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; a harness bug keeps its traceback in a file
+        first = (str(e).strip().splitlines() or [""])[0]
+        if _is_user_error(e):
+            print(f"harness: {first}", file=sys.stderr)
+            return 2
+        where = _crash_report(e)
+        print(f"harness: internal error (a bug in the harness, not in your input): {type(e).__name__}: {first}; "
+              f"full traceback in {where}; exit {INTERNAL_ERROR_EXIT}", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(argv)
     args = parser.parse_args(argv)

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from harness._jsonfile import atomic_write_text
+
 __all__ = [
     "CONTRACTS_SCHEMA_VERSION",
     "MAX_FILE_BYTES",
@@ -508,9 +510,7 @@ def write_contracts(out_dir: str | Path, doc: Mapping[str, Any]) -> Path:
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / CONTRACTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "render_html",
     "build_dashboard",
     "DashboardResult",
+    "DashboardError",
     "latest_table",
     "add_parser",
     "SPEEDUP_BASE_OP",
@@ -599,7 +600,7 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     """The latest matrix summary: where and when it ran, verdict totals, cell statuses, non-passing cells."""
     if summary is None:
         return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
-    from harness.report import _nonpass_cells, _nonpass_counts, device_text  # noqa: PLC0415
+    from harness.report import _nonpass_cells, _nonpass_counts, device_text, run_state_text  # noqa: PLC0415
 
     dev = summary.get("device", {})
     report = Path(note).parent / "report.html"
@@ -612,6 +613,9 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
         ("duration", f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else "")),
         ("command", summary.get("command", "–")),
     ]
+    state = run_state_text(summary)
+    if state:  # an interrupted or still running matrix says so first
+        rows.insert(0, ("run", state))
     out += [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows]
     out.append("</table>")
     totals = sorted(summary["totals"].items(), key=lambda kv: (kv[0] != "pass", -kv[1]))
@@ -797,6 +801,10 @@ def _render(runs: Sequence[Run], problems: Sequence[Problem], series: Sequence[S
 
 
 # --------------------------------------------------------------------------- entry points
+class DashboardError(ValueError):
+    """The dashboard cannot be built as asked (no runs, a bad path); the message names the path and the fix."""
+
+
 @dataclass(frozen=True)
 class DashboardResult:
     """What :func:`build_dashboard` wrote and found."""
@@ -816,11 +824,23 @@ def build_dashboard(
     matrix: Path | str | None = None,
     threshold: float = 0.10,
     window: int = 5,
+    require_runs: bool = False,
 ) -> DashboardResult:
-    """Load the runs under ``storage`` and write the page to ``out``."""
+    """Load the runs under ``storage`` and write the page to ``out``.
+
+    ``require_runs``: raise :class:`DashboardError` (and write nothing) when ``storage`` holds no
+    usable run, or when ``matrix`` is given but is not a readable matrix summary.
+    """
     _validate_rule(threshold, window)
     runs, problems = load_runs(storage)
+    if require_runs and not runs:
+        raise DashboardError(
+            f"--storage {storage}: no usable pytest-benchmark runs found; create some with `python3 -m pytest tests/bench "
+            f"--benchmark-enable --benchmark-autosave --benchmark-storage {storage}`"
+            + (f" ({len(problems)} file(s) skipped: {problems[0]})" if problems else ""))
     summary, note = load_matrix_summary(matrix)
+    if require_runs and matrix is not None and summary is None:
+        raise DashboardError(f"--matrix {matrix}: {note.removeprefix('no matrix report: ')}")
     series, checks = _analyse(runs, threshold, window)
     page = _render(runs, problems, series, checks, storage=str(storage), threshold=threshold, window=window,
                    matrix=summary, matrix_note=note)
@@ -884,10 +904,32 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """One line naming the first wrong path argument, or None."""
+    if not args.storage.exists():
+        return (f"--storage {args.storage} does not exist; pass the folder given to --benchmark-storage "
+                "(runs are saved there by `pytest tests/bench --benchmark-enable --benchmark-autosave`)")
+    if not args.storage.is_dir():
+        return f"--storage {args.storage} is a file; pass the folder given to --benchmark-storage"
+    if args.out.is_dir():
+        return f"--out {args.out} is a directory; pass the HTML file to write, e.g. {args.out / 'dashboard.html'}"
+    parent = next((p for p in args.out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--out {args.out}: {parent} is a file, not a folder"
+    if args.matrix is not None and not args.matrix.exists():
+        return f"--matrix {args.matrix} does not exist; pass the matrix --out folder or its summary.json"
+    return None
+
+
 def _main(args: argparse.Namespace) -> int:
+    bad = _check_paths(args)
+    if bad:
+        print(f"dashboard: {bad}", file=sys.stderr)
+        return 2
     try:
-        res = build_dashboard(args.storage, args.out, matrix=args.matrix, threshold=args.threshold, window=args.window)
-    except FileNotFoundError as exc:
+        res = build_dashboard(args.storage, args.out, matrix=args.matrix, threshold=args.threshold, window=args.window,
+                              require_runs=True)
+    except (DashboardError, OSError) as exc:
         print(f"dashboard: {exc}", file=sys.stderr)
         return 2
     for p in res.problems:
@@ -895,12 +937,8 @@ def _main(args: argparse.Namespace) -> int:
     print(f"dashboard: wrote {res.out} ({res.runs} runs, {res.series} series, {len(res.regressions)} regressions)")
     for device, name, change in res.regressions:
         print(f"dashboard: REGRESSION {name} on {device}: {change:+.1%} (threshold {args.threshold:.0%})")
-    if args.print_latest and res.runs:
+    if args.print_latest:
         print(latest_table(res.loaded))
-    if res.runs == 0:
-        print(f"dashboard: no usable pytest-benchmark runs under {args.storage} "
-              "(save them with --benchmark-autosave --benchmark-storage DIR)", file=sys.stderr)
-        return 2
     return 1 if (args.fail_on_regression and res.regressions) else 0
 
 

@@ -8,24 +8,37 @@ What it does:
 2. picks the device without initialising CUDA here (``auto``: a subprocess probe; the GPU when
    there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there;
 3. submits cases round-robin over the cells -- case 0 of every cell, then case 1 of every
-   cell, ... -- so a short budget still covers every cell.  Round 0 is always submitted whole
-   (every available cell gets a case and is waited for); once ``--time-budget`` is spent no
-   case is submitted and later rounds' cases still running are dropped, without waiting for
-   them or for their faults' attribution reruns (the summary's ``wrapup_s`` is the time from
-   then to the reports: closing the pool, writing the example cases).  Case *i* of a
-   cell is deterministic (``CaseFactory.build``); ``--seed`` shifts to another set.
-   A target whose first result is ``unavailable`` is dropped, with its reason;
-4. aggregates verdict counts, the worst bound ratio and one example case file per non-pass
-   verdict per cell (``DIR/cases/``; the worst-ratio case for drift), and matches failures
-   against the regression corpus by fingerprint ``op|layout_class|verdict``;
-5. writes ``DIR/summary.json``, ``DIR/report.md`` and ``DIR/report.html`` (see
-   :mod:`harness.report`).
+   cell, ... -- so a short budget still covers as many cells as it can.  ``--time-budget``
+   bounds the whole run, start-up included: when it is spent nothing more is submitted and
+   every case still queued or running is dropped (round 0 included: cells that got no case
+   are reported as *not reached*, never as passing), without waiting for faults' attribution
+   reruns; the wrap-up after that (stopping the pool, the final reports) is bounded by
+   :data:`WRAPUP_BOUND_S`, so the run ends within ``budget + WRAPUP_BOUND_S`` (the summary's
+   ``wrapup_s`` is the time it took).  Case *i* of a cell is deterministic
+   (``CaseFactory.build``); ``--seed`` shifts to another set.  A target whose first result is
+   ``unavailable`` is dropped, with its reason;
+4. writes each cell's example case file per non-pass verdict (``DIR/cases/``; the worst-ratio
+   case for drift) as soon as the verdict is known, and rewrites ``DIR/summary.json``,
+   ``DIR/report.md`` and ``DIR/report.html`` (see :mod:`harness.report`) at the start, every
+   :data:`REPORT_EVERY_S` seconds and at the end, each atomically (unique temp file + rename):
+   an interrupted run (Ctrl-C, SIGTERM -- both turned into an orderly stop --, an exception in
+   the harness) keeps everything found so far and its report says it was interrupted and why.
+   A case file that cannot be written is a one-line warning in the report, not the end of the
+   run.  Failures are matched against the regression corpus by fingerprint
+   ``op|layout_class|verdict``.
+
+``--out DIR`` must be a new or empty folder: a non-empty one (an earlier run?) is refused
+unless ``--force``, which writes into it alongside what is there: ``summary.json`` and the two
+reports are replaced; a case file whose name ``cases/OP-CLASS-VERDICT.json`` is already taken
+is written as ``OP-CLASS-VERDICT-2.json`` (``-3``, ...); nothing else is touched, and the matrix
+never deletes or overwrites a case file it did not write.
 
 Exit status: 0 when the run completed (whatever it found); with ``--fail-on-new``, 1 when some
 failure's fingerprint is not in the corpus; 1 too when some case is ``unsupported`` (the harness
 could not call a plug-in as the case needs); 2 for bad arguments, a ``--plugin`` that does not
-load, or no usable device; 3 when the
-run did not complete (interrupted, or no case ran) -- the partial report is written anyway.
+load, or no usable device; 3 when the run did not complete (interrupted, budget spent before any
+case, or no case ran) -- the partial report is written anyway.  A bug in the harness itself: see
+:mod:`harness.cli`.
 
 Failing verdicts are those outside :data:`harness.verdicts.BENIGN`, plus ``rejected`` for
 targets that promise to accept every layout (``accepts_all_layouts``: ``fp8_linear``,
@@ -40,18 +53,23 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Container, Iterable, Mapping, Sequence, TextIO
 
 __all__ = [
     "DEFAULT_BUDGET_S",
     "DEFAULT_OUT",
+    "REPORT_EVERY_S",
+    "WRAPUP_BOUND_S",
     "MatrixError",
     "Cell",
     "select_targets",
@@ -67,6 +85,10 @@ DEFAULT_BUDGET_S = 180.0
 DEFAULT_OUT = "matrix-out"
 DEFAULT_CASE_TIMEOUT_S = 120.0  # first calls may JIT-compile Triton kernels (SageAttention)
 MATRIX_KINDS = ("linear", "attention")
+REPORT_EVERY_S = 5.0  # the reports are rewritten this often while the run goes
+POOL_CLOSE_WAIT_S = 5.0  # the wrap-up waits this long for the pool to stop, then goes on without it
+#: after the budget is spent: stopping the pool (bounded above) plus the final reports (well under a second)
+WRAPUP_BOUND_S = POOL_CLOSE_WAIT_S + 3.0
 
 
 class MatrixError(RuntimeError):
@@ -92,6 +114,10 @@ class Cell:
     min_sqnr_db: float | None = None
     submitted: int = 0
     unavailable: str | None = None
+    #: verdict -> (the example case written, its path relative to the output folder)
+    saved: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    #: verdict -> the example case whose write was last tried (a failed write is not retried every report)
+    tried: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -101,7 +127,8 @@ class Cell:
     def cases(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, case: Any, result: Any) -> None:
+    def add(self, case: Any, result: Any) -> bool:
+        """Count ``result``; True when it became the cell's example for its verdict (to be written)."""
         v = result.verdict.value
         self.counts[v] += 1
         m = result.metrics or {}
@@ -112,10 +139,12 @@ class Cell:
         if sq is not None and (self.min_sqnr_db is None or sq < self.min_sqnr_db):
             self.min_sqnr_db = sq
         if v == "pass":
-            return
+            return False
         old = self.examples.get(v)
         if old is None or (v == "drift" and (ratio or 0) > (_worst_of(old[1])["ratio"] or 0)):
             self.examples[v] = (case, result)
+            return True
+        return False
 
 
 def _worst_of(result: Any) -> dict[str, Any]:
@@ -261,15 +290,15 @@ class Progress:
 # ------------------------------------------------------------------------------ environment
 
 
-def _device_env(devices: Sequence[str]) -> dict[str, Any]:
-    """Versions and device identity for the report header, from a subprocess (no CUDA here)."""
+def _device_env(devices: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
+    """Versions and device identity for the report header, from a subprocess (no CUDA here), within ``timeout`` s."""
     import platform
 
     env: dict[str, Any] = {}
     try:
         from harness.env import collect_env_subprocess
 
-        env = collect_env_subprocess(backends=False)
+        env = collect_env_subprocess(timeout=timeout, backends=False)
     except Exception as e:  # noqa: BLE001 - the header is informative; the run must not die for it
         import torch
 
@@ -320,22 +349,59 @@ def _rel(path: str | os.PathLike | None, out: Path) -> str | None:
         return str(path)
 
 
-def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_examples: bool = True) -> dict[str, Any]:
-    """Summary ``cells`` list (see :mod:`harness.report`); writes one example case per non-pass verdict."""
+def _example_stem(cell: Cell, verdict: str, keep: Container[str]) -> str:
+    """``OP-CLASS-VERDICT`` (dots as ``_``), or with ``-2``, ``-3``, ... when ``keep`` (names of files that were
+    in ``cases/`` before this run) holds that case file: the matrix never overwrites a file it did not write."""
+    base = re.sub(r"[^0-9A-Za-z-]", "_", f"{cell.op}-{cell.layout_class}-{verdict}")
+    stem, n = base, 1
+    while f"{stem}.json" in keep or f"{stem}.safetensors" in keep:
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def save_example(cell: Cell, verdict: str, out: Path, keep: Container[str] = ()) -> str | None:
+    """Write ``cell``'s example case for ``verdict`` to ``out/cases`` now (never over a file named in ``keep``).
+
+    Returns None, or a one-line warning when it could not be written (the cell then links no case
+    for that verdict); never raises for a failed write.
+    """
     from harness.runner.pool import save_failure
+
+    case, result = cell.examples[verdict]
+    cell.tried[verdict] = case
+    try:
+        path = save_failure(case, result, out / "cases", name=_example_stem(cell, verdict, keep))
+    except Exception as e:  # noqa: BLE001 - one unwritable case must not end the run; it is reported
+        cell.saved.pop(verdict, None)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"could not write the {verdict} case of {cell.op} x {cell.layout_class}: {type(e).__name__}: {first}"
+    cell.saved[verdict] = (case, _rel(path, out) or "")
+    return None
+
+
+def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_examples: bool = True,
+              warnings: list[str] | None = None, keep: Container[str] = ()) -> dict[str, Any]:
+    """Summary ``cells`` list (see :mod:`harness.report`).
+
+    ``save_examples``: first write every example case not written yet (:func:`save_example`, never
+    over a file named in ``keep``; a failed write appends its warning to ``warnings``).
+    """
     from harness.targets.attention import known_upstream_defect
     from harness.targets.corpus import fingerprint
 
-    cases_dir = out / "cases"
     rows = []
     for c in cells:
         examples: dict[str, str] = {}
         messages: dict[str, str] = {}
         for verdict, (case, result) in sorted(c.examples.items()):
             messages[verdict] = (result.message or "").strip().splitlines()[0][:500] if result.message else ""
-            if save_examples:
-                path = save_failure(case, result, cases_dir, name=f"{c.op}-{c.layout_class}-{verdict}")
-                examples[verdict] = _rel(path, out) or ""
+            if save_examples and c.tried.get(verdict) is not case:
+                why = save_example(c, verdict, out, keep)
+                if why and warnings is not None and why not in warnings:
+                    warnings.append(why)
+            if c.saved.get(verdict, (None,))[0] is case:
+                examples[verdict] = c.saved[verdict][1]
         failing = sorted(v for v in c.counts if is_failure(v, c.accepts_all_layouts))
         if c.unavailable is not None and c.cases == 0:
             status = "unavailable"
@@ -396,6 +462,62 @@ def _register_plugins(plugins: Sequence[str], attn_plugins: Sequence[str]) -> li
 
 
 
+def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty folder without ``force`` (see the module docstring)."""
+    if out.exists() and not out.is_dir():
+        raise MatrixError(f"--out {out} is an existing file; pass a folder for the reports")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise MatrixError(f"--out {out} is not empty (an earlier run?); pass a new folder, or --force to write "
+                          "alongside (replaces summary.json and the reports; deletes or overwrites no case file)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MatrixError(f"--out {out}: {parent} is a file, not a folder")
+            break
+
+
+class _Stop:
+    """SIGTERM and the first Ctrl-C ask for an orderly stop (``reason``); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.reason = self.reason or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _close_pool(pool: Any, wait_s: float) -> str | None:
+    """``pool.close(cancel_pending=True)``, waited for at most ``wait_s``; a warning when it did not finish."""
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            pool.close(cancel_pending=True)
+        except BaseException as e:  # noqa: BLE001 - reported as a warning below
+            errors.append(e)
+
+    t = threading.Thread(target=close, name="matrix-pool-close", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        return f"the worker pool did not stop within {wait_s:g} s; its workers are left to the exit handlers"
+    if errors:
+        return f"stopping the worker pool failed: {type(errors[0]).__name__}: {errors[0]}"
+    return None
+
+
 def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, ops: Sequence[str] | None = None,
                out: str | os.PathLike = DEFAULT_OUT, workers: int | None = None, cases_per_cell: int | None = None,
                classes: Sequence[str] | None = None,
@@ -403,29 +525,38 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
                case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
                attn_plugins: Sequence[str] = (),
                attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
-               pool_factory: Callable[..., Any] | None = None, shard: str | None = None) -> dict[str, Any]:
+               pool_factory: Callable[..., Any] | None = None, force: bool = False,
+               started_at: float | None = None, shard: str | None = None) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
     ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
-    replaces :class:`~harness.runner.pool.WorkerPool`.  ``shard`` (``"I/N"``) keeps this machine's
-    share of the cells (:mod:`harness.shard`); ``python -m harness merge`` joins the shards' outputs.
+    replaces :class:`~harness.runner.pool.WorkerPool`.  ``started_at``: the ``time.monotonic()``
+    the budget counts from (default: now).  An exception in the harness is re-raised after the
+    partial report is written.  ``shard`` (``"I/N"``) keeps this machine's share of the cells
+    (:mod:`harness.shard`); ``python -m harness merge`` joins the shards' outputs.
     """
     from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
     from harness.targets.corpus import load_corpus
     from harness.verdicts import POOL_CLOSED, Result, Verdict
 
-    if not (isinstance(time_budget, (int, float)) and time_budget >= 0):
-        raise MatrixError(f"--time-budget {time_budget!r} must be >= 0 seconds")
+    t0 = time.monotonic() if started_at is None else started_at
+    if not (isinstance(time_budget, (int, float)) and time_budget > 0):  # also refuses NaN
+        raise MatrixError(f"--time-budget {time_budget!r} must be > 0 seconds (the whole run, start-up included)")
     if cases_per_cell is not None and cases_per_cell < 1:
         raise MatrixError(f"--cases-per-cell {cases_per_cell} must be >= 1")
     if size not in ("small", "wan"):
         raise MatrixError(f"--size {size!r}: use small or wan")
-    plugin_names = _register_plugins(plugins, attn_plugins)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    t0 = time.monotonic()
     if workers is not None and workers < 1:
         raise MatrixError(f"--workers {workers} must be >= 1")
+    out_dir = Path(out)
+    _prepare_out(out_dir, force)
+    if corpus is not None and not Path(corpus).is_dir():
+        what = "is a file" if Path(corpus).exists() else "does not exist"
+        raise MatrixError(f"--corpus {corpus} {what}; pass the regression corpus folder (default tests/cases)")
+    plugin_names = _register_plugins(plugins, attn_plugins)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    deadline = t0 + float(time_budget)
     targets = select_targets(list(ops) + plugin_names if ops else None)
     cells = _build_cells(targets, classes)
     if not cells:
@@ -439,14 +570,15 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
     entries = load_corpus(corpus)
     known = {e.fingerprint for e in entries}
-    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MatrixError(f"--out {out_dir}: cannot create the folder: {e.strerror or e}") from None
     cases_dir = out_dir / "cases"
-    if cases_dir.exists():  # stale examples of an earlier run would be linked by nobody
-        for p in cases_dir.iterdir():
-            if p.suffix in (".json", ".safetensors") and p.is_file():
-                p.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = _device_env(devices)
+    keep = frozenset(p.name for p in cases_dir.iterdir()) if cases_dir.is_dir() else frozenset()  # --force
+    stop = _Stop()  # from here on SIGTERM / Ctrl-C end the run in order, with its report
+    stop.install()
+    env = _device_env(devices, timeout=max(1.0, deadline - time.monotonic()))
 
     by_target: dict[str, list[Cell]] = collections.defaultdict(list)
     for c in cells:
@@ -455,10 +587,19 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     totals: collections.Counter = collections.Counter()
     contract_records: list[dict[str, Any]] = []  # harness.contract.record_of per result, for contracts.json
     by_device: collections.Counter = collections.Counter()  # cases answered per device (the spread)
+    warnings: list[str] = []
     prog = Progress(progress, time_budget)
     done = 0
     budget_exhausted = False
     offset = int(seed) * 1_000_000
+    pool: Any = None
+    cases_done_at: float | None = None
+
+    def warn(msg: str) -> None:
+        if msg not in warnings:
+            warnings.append(msg)
+            if progress is not None:
+                progress.write(f"\nmatrix: warning: {msg}\n")
 
     def cell_open(c: Cell, rnd: int) -> bool:
         return c.op not in unavailable and (cases_per_cell is None or rnd < cases_per_cell)
@@ -475,120 +616,145 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
             return
         if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
             return  # cancelled at the end of the budget: not a result
+        if stop.reason and r.verdict is Verdict.WORKER_CRASH:
+            return  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers), not the case's
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
-        c.add(case, r)
         contract_records.append(record_of(case, r))
+        if c.add(case, r):  # a new example: on disk now, so an interrupted run keeps it
+            why = save_example(c, r.verdict.value, out_dir, keep)
+            if why:
+                warn(why)
 
-    factory = pool_factory
-    if factory is None:
-        from harness.runner.pool import WorkerPool
+    def summary(status: str, interrupted: str = "") -> dict[str, Any]:
+        agg = aggregate(cells, out_dir, known, warnings=warnings, keep=keep)
+        now = time.monotonic()
+        return {
+            "schema_version": 1,
+            "kind": "harness.matrix.summary",
+            "started_at": started,
+            "duration_s": round(now - t0, 3),
+            "wrapup_s": round(now - cases_done_at, 3) if cases_done_at is not None else 0.0,
+            "budget_s": float(time_budget),
+            "budget_exhausted": budget_exhausted,
+            "completed": status == "completed",
+            "status": status,
+            "interrupted": interrupted,
+            "warnings": list(warnings),
+            "command": command,
+            "size": size,
+            "seed": seed,
+            "workers": n_workers,
+            "device": env,
+            "totals": dict(sorted(totals.items())),
+            "cases_by_device": dict(sorted(by_device.items())),
+            "workers_replaced": len(getattr(pool, "replaced", ())),
+            "corpus": str(corpus) if corpus is not None else "tests/cases",
+            "known_failures": len(known),
+            "layout_classes": _class_order(targets),
+            "cells": agg["cells"],
+            "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
+            "new_failures": find_new_failures(agg["cells"], known),
+            **({"shard": shard_record} if shard_record is not None else {}),
+        }
 
-        factory = WorkerPool
-    pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
-    completed = True
+    def final_summary(status: str, interrupted: str = "") -> dict[str, Any]:
+        """The last summary, with the layout contracts inferred from every result (also written as contracts.json;
+        inferred once here, not on every rewrite while the run goes)."""
+        s = summary(status, interrupted)
+        contracts = infer_contracts(contract_records, measured_on(env), "python -m harness matrix")
+        s["contracts"] = contracts["contracts"]  # harness.contract: one layout contract per op (report section)
+        try:
+            write_contracts(out_dir, contracts)  # DIR/contracts.json
+        except OSError as e:
+            warn(f"contracts.json not written: {e}")
+            s["warnings"] = list(warnings)
+        return s
+
+    interrupted = ""
+    error: Exception | None = None
+    inflight: dict[Future, tuple[Cell, Any]] = {}
     try:
-        inflight: dict[Future, tuple[Cell, Any]] = {}
-        max_inflight = max(2, 3 * n_workers * len(devices))
-        rnd = 0
-        queue: collections.deque[Cell] = collections.deque()
+        try:
+            write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
+            last_write = time.monotonic()
+            factory = pool_factory
+            if factory is None:
+                from harness.runner.pool import WorkerPool
 
-        def refill() -> bool:
-            nonlocal rnd, budget_exhausted
-            over = time.monotonic() - t0 >= time_budget
-            if over and rnd >= 2:  # past round 0 (always submitted whole): stop, even mid-round
-                budget_exhausted = True
-                queue.clear()
-                return False
-            while not queue:
-                if rnd >= 1 and over:
+                factory = WorkerPool
+            pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
+            max_inflight = max(2, 3 * n_workers * len(devices))
+            rnd = 0
+            queue: collections.deque[Cell] = collections.deque()
+
+            def refill() -> bool:
+                nonlocal rnd
+                while not queue:
+                    nxt = [c for c in cells if cell_open(c, rnd)]
+                    if not nxt:
+                        return False
+                    queue.extend(nxt)
+                    rnd += 1
+                return True
+
+            while not stop.reason:
+                if time.monotonic() >= deadline:
+                    # the budget is spent: whatever is queued or running is dropped, round 0 included (pool
+                    # close cancels it and skips the attribution reruns of faults not yet attributed)
                     budget_exhausted = True
-                    return False
-                nxt = [c for c in cells if cell_open(c, rnd)]
-                if not nxt:
-                    return False
-                queue.extend(nxt)
-                rnd += 1
-            return True
+                    break
+                while len(inflight) < max_inflight and refill():
+                    c = queue.popleft()
+                    if not cell_open(c, c.submitted):
+                        continue
+                    case = c.factory.build(offset + c.submitted, size=size)
+                    fut = pool.submit(case)
+                    c.submitted += 1
+                    inflight[fut] = (c, case)
+                if not inflight:
+                    break
+                timeout = min(0.5, max(0.0, deadline - time.monotonic()))
+                finished, _ = wait(list(inflight), timeout=timeout, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    c, case = inflight.pop(f)
+                    try:
+                        r = f.result()
+                    except Exception as e:  # noqa: BLE001 - a lost future is reported, not fatal
+                        r = Result(Verdict.ERROR, f"the pool lost this case: {type(e).__name__}: {e}", op=c.op)
+                    handle(c, case, r)
+                cells_done = sum(1 for c in cells if c.cases or c.unavailable)
+                prog.update(done, cells_done, len(cells), totals, len(unavailable))
+                if time.monotonic() - last_write >= REPORT_EVERY_S:
+                    write_reports(summary("running"), out_dir)
+                    last_write = time.monotonic()
+            interrupted = stop.reason
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still write what was found
+            interrupted = "SIGINT"
+        except Exception as e:  # noqa: BLE001 - a harness bug: keep the partial report, then re-raise
+            interrupted = f"harness error: {type(e).__name__}: {e}"
+            error = e
+        finally:
+            cases_done_at = time.monotonic()
+            if interrupted and progress is not None:
+                progress.write(f"\nmatrix: interrupted ({interrupted}); writing the partial report\n")
+            if pool is not None:
+                why = _close_pool(pool, POOL_CLOSE_WAIT_S)
+                if why:
+                    warn(why)
+            for f, (c, case) in list(inflight.items()):  # answered but not yet counted: kept (cancelled: skipped)
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    handle(c, case, f.result())
+            prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals,
+                        len(unavailable), force=True)
+            prog.done()
 
-        late: set[Future] = set()  # submitted in rounds >= 1: not waited for once the budget is spent
-        while True:
-            while len(inflight) < max_inflight and refill():
-                c = queue.popleft()
-                if not cell_open(c, c.submitted):
-                    continue
-                case = c.factory.build(offset + c.submitted, size=size)
-                fut = pool.submit(case)
-                if c.submitted:
-                    late.add(fut)
-                c.submitted += 1
-                inflight[fut] = (c, case)
-            if late and time.monotonic() - t0 >= time_budget:
-                # the budget is spent: round 0 (one case per cell) is still awaited, later rounds are dropped
-                # (pool.close cancels them, and skips the attribution reruns of faults not yet attributed)
-                budget_exhausted = True
-                for f in late:
-                    inflight.pop(f, None)
-                late.clear()
-                queue.clear()
-            if not inflight:
-                break
-            finished, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
-            for f in finished:
-                late.discard(f)
-                c, case = inflight.pop(f)
-                try:
-                    r = f.result()
-                except Exception as e:  # noqa: BLE001 - a lost future is reported, not fatal
-                    r = Result(Verdict.ERROR, f"the pool lost this case: {type(e).__name__}: {e}", op=c.op)
-                handle(c, case, r)
-            cells_done = sum(1 for c in cells if c.cases or c.unavailable)
-            prog.update(done, cells_done, len(cells), totals, len(unavailable))
-    except KeyboardInterrupt:  # stop, but still write what was found (exit 3: not completed)
-        completed = False
-        if progress is not None:
-            progress.write("\nmatrix: interrupted; writing the partial report\n")
+        status = "interrupted" if interrupted else ("completed" if done else "no_results")
+        paths = write_reports(final_summary(status, interrupted), out_dir)
     finally:
-        cases_done_at = time.monotonic()
-        pool.close(cancel_pending=True)
-        prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals, len(unavailable),
-                    force=True)
-        prog.done()
-
-    if done == 0 and cells:
-        completed = False
-    agg = aggregate(cells, out_dir, known)
-    new = find_new_failures(agg["cells"], known)
-    contracts = infer_contracts(contract_records, measured_on(env), "python -m harness matrix")
-    summary = {
-        "schema_version": 1,
-        "kind": "harness.matrix.summary",
-        "started_at": started,
-        "duration_s": round(time.monotonic() - t0, 3),
-        "wrapup_s": round(time.monotonic() - cases_done_at, 3),  # closing the pool, writing example cases
-        "budget_s": float(time_budget),
-        "budget_exhausted": budget_exhausted,
-        "completed": completed,
-        "command": command,
-        "size": size,
-        "seed": seed,
-        "workers": n_workers,
-        "device": env,
-        "totals": dict(sorted(totals.items())),
-        "cases_by_device": dict(sorted(by_device.items())),
-        "workers_replaced": len(getattr(pool, "replaced", ())),
-        "corpus": str(corpus) if corpus is not None else "tests/cases",
-        "known_failures": len(known),
-        "layout_classes": _class_order(targets),
-        "cells": agg["cells"],
-        "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
-        "new_failures": new,
-        "contracts": contracts["contracts"],  # harness.contract: one layout contract per op (report section)
-    }
-    if shard_record is not None:
-        summary["shard"] = shard_record
-    write_contracts(out_dir, contracts)  # DIR/contracts.json
-    paths = write_reports(summary, out_dir)
+        stop.restore()
+    if error is not None:
+        raise error
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
 
 
@@ -611,6 +777,7 @@ def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()  # the budget counts from here: argument handling and start-up are part of the run
     ops = [p.strip() for s in (args.ops or []) for p in s.split(",") if p.strip()]
     classes = [p.strip() for s in (args.classes or []) for p in s.split(",") if p.strip()]
     command = "python -m harness matrix " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
@@ -622,7 +789,7 @@ def _cmd(args: argparse.Namespace) -> int:
                              plugins=args.plugin or (), attn_plugins=args.attn_plugin or (),
                              attribute=not args.no_attribute,
                              progress=None if args.quiet else sys.stderr, command=command.strip(),
-                             shard=args.shard)
+                             force=args.force, started_at=t0, shard=args.shard)
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
         return 2
@@ -635,6 +802,13 @@ def _cmd(args: argparse.Namespace) -> int:
     print(f"report: {out / 'report.html'}  ({out / 'report.md'}, {out / 'summary.json'})")
     for f in new:
         print(f"NEW  {f['fingerprint']}  {out / f['case'] if f['case'] else ''}")
+    not_reached = sum(1 for c in summary["cells"] if c["status"] == "not_run")
+    if not_reached:
+        print(f"matrix: {not_reached} cell(s) not reached (listed in the report)")
+    if summary["warnings"]:
+        print(f"matrix: {len(summary['warnings'])} warning(s), listed in the report; first: {summary['warnings'][0]}")
+    if summary["status"] == "interrupted":
+        print(f"matrix: INTERRUPTED ({summary['interrupted']}); the report holds what was found until then")
     if not summary.get("completed", True):
         return 3
     unsupported = summary["totals"].get("unsupported", 0)  # the harness could not run these as asked
@@ -651,12 +825,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
-                   help=f"stop starting new rounds after this long (default {DEFAULT_BUDGET_S:g}); round 0 always runs")
+                   help=f"wall time of the whole run, start-up included (default {DEFAULT_BUDGET_S:g}); "
+                        f"the wrap-up after it takes at most {WRAPUP_BOUND_S:g} s; cells not reached are listed")
     p.add_argument("--ops", action="append", metavar="NAMES",
                    help="comma-separated target names or fnmatch patterns (e.g. 'fp8_linear,legacy.*,attn.sdpa*')")
     p.add_argument("--classes", action="append", metavar="NAMES",
                    help="comma-separated layout class names or patterns to keep (e.g. 'contiguous,offset_*')")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out: summary.json and the reports are replaced, a taken case "
+                        "file name gets -2, -3, ...; nothing is deleted")
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="workers per device (default 1 per GPU; "

@@ -12,6 +12,10 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
       "started_at": ISO-8601, "duration_s": float, "budget_s": float,
       "budget_exhausted": bool,          # true when the time budget cut rounds short
       "wrapup_s": float,                 # optional: from the end of case work to the reports
+      "completed": bool,                 # optional: the run finished (not interrupted, some case ran)
+      "status": "running" | "completed" | "interrupted" | "no_results",   # optional (older summaries lack it)
+      "interrupted": str,                # optional: why the run stopped early ("SIGTERM", "SIGINT", "harness error: ...")
+      "warnings": [str, ...],            # optional: one line each (e.g. a case file that could not be written)
       "command": str,                    # the command line that produced it
       "device": {"used": "cuda"|"cpu", "name", "capability", "torch", "cuda", "cudnn",
                  "cublas", "driver", "python", "platform", ...},
@@ -41,7 +45,9 @@ Cell status: ``pass`` every case passed; ``fail`` some case got a failing
 verdict (see :data:`harness.verdicts.BENIGN`); ``nonpass`` only benign
 non-pass verdicts (``rejected``: the op refused the layout with a clean error);
 ``unavailable`` the target cannot run on this device (``reason`` says why);
-``not_run`` the budget ended before the cell got a case.
+``not_run`` the cell was not reached (the budget ended, or the run was
+interrupted, before it got a result); the reports list these cells as not
+reached, never as passing.
 
 Cells with ``unsupported`` cases (the harness could not call a plug-in as the
 case needs: a failure of the run, not the op's verdict) are listed first, in a
@@ -60,7 +66,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from harness._jsonfile import read_json
+from harness._jsonfile import atomic_write_text, read_json
 from harness.verdicts import format_number
 
 __all__ = [
@@ -72,13 +78,17 @@ __all__ = [
     "render_markdown",
     "render_html",
     "write_reports",
+    "atomic_write_text",
+    "run_state_text",
+    "RUN_STATUSES",
 ]
 
 SUMMARY_SCHEMA_VERSION = 1
 CELL_STATUSES = ("pass", "fail", "nonpass", "unavailable", "not_run")
+RUN_STATUSES = ("running", "completed", "interrupted", "no_results")
 _MAX_SUMMARY_BYTES = 64 * 1024 * 1024
 
-_STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "nonpass": "REJ", "unavailable": "n/a", "not_run": "-"}
+_STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "nonpass": "REJ", "unavailable": "n/a", "not_run": "not reached"}
 
 
 class SummaryError(ValueError):
@@ -140,6 +150,13 @@ def validate_summary(summary: Any) -> dict[str, Any]:
     for key in ("unavailable", "new_failures"):
         if not isinstance(summary.get(key, []), list):
             raise SummaryError(f"summary: {key!r} must be a list")
+    if summary.get("status", "completed") not in RUN_STATUSES:
+        raise SummaryError(f"summary: status {summary.get('status')!r} unknown; use one of {RUN_STATUSES}")
+    warnings = summary.get("warnings", [])
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise SummaryError("summary: warnings must be a list of strings")
+    if not isinstance(summary.get("interrupted", ""), str):
+        raise SummaryError("summary: interrupted must be a string")
     return summary
 
 
@@ -216,9 +233,28 @@ def device_text(summary: Mapping[str, Any]) -> str:
     return f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"
 
 
+def run_state_text(summary: Mapping[str, Any]) -> str | None:
+    """One line on how the run ended when it did not simply complete (None when it did)."""
+    status = summary.get("status", "completed" if summary.get("completed", True) else "interrupted")
+    if status == "running":
+        return "RUNNING: partial results, rewritten every few seconds while the run goes"
+    if status == "interrupted":
+        why = summary.get("interrupted") or "unknown cause"
+        return f"INTERRUPTED ({why}): partial results, everything found until then"
+    if status == "no_results":
+        return "NO RESULTS: no case finished (budget spent during start-up, or no usable target)"
+    return None
+
+
+def _not_reached(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c for c in summary["cells"] if c["status"] == "not_run"]
+
+
 def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     dev = summary.get("device", {})
-    rows = [
+    state = run_state_text(summary)
+    rows = [("run", state)] if state else []
+    rows += [
         ("device", device_text(summary)),
         ("compute capability", _num(dev.get("capability"))),
         ("torch", _num(dev.get("torch"))),
@@ -237,6 +273,10 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("workers replaced", str(summary["workers_replaced"])))
     if summary.get("corpus"):
         rows.append(("regression corpus", str(summary["corpus"])))
+    if _not_reached(summary):
+        rows.append(("not reached", f"{len(_not_reached(summary))} of {len(summary['cells'])} cells (listed below)"))
+    if summary.get("warnings"):
+        rows.append(("warnings", str(len(summary["warnings"]))))
     if summary.get("command"):
         rows.append(("command", str(summary["command"])))
     return rows
@@ -283,6 +323,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}"
                   for c, n, msg in unsupported]
         lines.append("")
+    if summary.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {_md_escape(w)}" for w in summary["warnings"]] + [""]
     new = summary.get("new_failures", [])
     if new:
         lines += [f"## New failures ({len(new)}; not in the regression corpus)", ""]
@@ -324,6 +366,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 lines.append(f"- {verdict}: [{path}]({path})" + (f" — {_md_escape(msg[:300])}" if msg else ""))
             lines.append("")
     lines += contracts_section(summary)
+    missed = _not_reached(summary)
+    if missed:
+        lines += [f"## Not reached ({len(missed)} cells; no result, not passing)", ""]
+        lines += [f"- {c['op']} × `{c['layout_class']}`" for c in missed]
+        lines.append("")
     unavailable = summary.get("unavailable", [])
     if unavailable:
         lines += ["## Unavailable on this device", ""]
@@ -402,6 +449,10 @@ def render_html(summary: Mapping[str, Any]) -> str:
         out += [f"<li><b>{_h(c['op'])}</b> &times; <code>{_h(c['layout_class'])}</code>: {n} &mdash; {_h(msg[:300])}"
                 "</li>" for c, n, msg in unsupported]
         out.append("</ul>")
+    if summary.get("warnings"):
+        out.append("<h2>Warnings</h2><ul>")
+        out += [f"<li>{_h(w)}</li>" for w in summary["warnings"]]
+        out.append("</ul>")
     new = summary.get("new_failures", [])
     if new:
         out.append(f"<h2>New failures ({len(new)}; not in the regression corpus)</h2><ul>")
@@ -459,6 +510,11 @@ def render_html(summary: Mapping[str, Any]) -> str:
                            + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "") + "</li>")
             out.append("</ul>")
     out += contracts_section(summary, html_out=True)
+    missed = _not_reached(summary)
+    if missed:
+        out.append(f"<h2>Not reached ({len(missed)} cells; no result, not passing)</h2><ul>")
+        out += [f"<li>{_h(c['op'])} &times; <code>{_h(c['layout_class'])}</code></li>" for c in missed]
+        out.append("</ul>")
     unavailable = summary.get("unavailable", [])
     if unavailable:
         out.append("<h2>Unavailable on this device</h2><ul>")
@@ -489,8 +545,9 @@ def _anchor(op: str, cls: str) -> str:
 def write_reports(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``summary.json``, ``report.md`` and ``report.html`` into ``out_dir``; returns their paths.
 
-    Every file is written to a temporary name and renamed, so a dashboard
-    polling the directory never reads a half-written summary.
+    Every file is written to a unique temporary name in ``out_dir`` and renamed over the old
+    one, so a reader (a dashboard polling the folder, a run interrupted mid-write) only ever
+    sees a whole file; the temporary file is removed when the write fails.
     """
     data = validate_summary(json.loads(json.dumps(_plain(summary), allow_nan=False)))  # plain JSON or fail here
     d = Path(out_dir)
@@ -502,7 +559,7 @@ def write_reports(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dic
         "html": render_html(data) + "\n",
     }
     for key, path in paths.items():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(texts[key], encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, texts[key])
     return paths
+
+

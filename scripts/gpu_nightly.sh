@@ -11,9 +11,13 @@
 # pytest: its own).  Knobs: MATRIX_DEVICE (default cuda; "cpu" smoke-tests the script itself in CI),
 # MATRIX_BUDGET (seconds, default: the matrix's own default),
 # MATRIX_ARGS (extra matrix arguments, e.g. "--fail-on-new"), PYTEST_ARGS (e.g. "-k runner"),
-# STEP_TIMEOUT (seconds per step, default 900), HARNESS_PROFILE (Hypothesis profile, default ci).
+# STEP_TIMEOUT (seconds per step, default 900), HARNESS_PROFILE (Hypothesis profile, default ci),
+# PYTHON (the interpreter, default the python3 on PATH: the active virtual environment's).
+# $OUT/matrix must not hold an earlier run: the matrix refuses a non-empty --out (use a new OUT per night).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The interpreter: $PYTHON, else the python3 on PATH (the active virtual environment's).
+PY="${PYTHON:-python3}"
 
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
@@ -22,24 +26,24 @@ rc=0
 note() { echo "gpu_nightly: $*" >&2; }
 keep() { [ "$rc" -eq 0 ] && rc="$1"; return 0; }
 
-python3 -m harness env --json >"$OUT/env.json" || note "harness env failed (see above)"
+"$PY" -m harness env --json >"$OUT/env.json" || note "harness env failed (see above)"
 
 budget=()
 [ -n "${MATRIX_BUDGET:-}" ] && budget=(--time-budget "$MATRIX_BUDGET")
 # shellcheck disable=SC2086  # MATRIX_ARGS is a list of words on purpose
-timeout "$STEP_TIMEOUT" python3 -m harness matrix --device "${MATRIX_DEVICE:-cuda}" "${budget[@]}" ${MATRIX_ARGS:-} \
+timeout "$STEP_TIMEOUT" "$PY" -m harness matrix --device "${MATRIX_DEVICE:-cuda}" "${budget[@]}" ${MATRIX_ARGS:-} \
     --out "$OUT/matrix" 2>"$OUT/matrix.log"
 m=$?
 note "matrix exit $m"; keep "$m"
 
 if [ -d "$OUT/matrix/cases" ]; then
-    timeout "$STEP_TIMEOUT" python3 scripts/replay_all.py "$OUT/matrix/cases" --out "$OUT/replay.json"
+    timeout "$STEP_TIMEOUT" "$PY" scripts/replay_all.py "$OUT/matrix/cases" --out "$OUT/replay.json"
     r=$?
     note "replay exit $r"; keep "$r"
 fi
 
 # shellcheck disable=SC2086
-timeout "$STEP_TIMEOUT" python3 -m pytest tests/gpu tests/property -m gpu -q -rs -p no:cacheprovider \
+timeout "$STEP_TIMEOUT" "$PY" -m pytest tests/gpu tests/property -m gpu -q -rs -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml" ${PYTEST_ARGS:-} >"$OUT/pytest-gpu.log" 2>&1
 p=$?
 tail -n 30 "$OUT/pytest-gpu.log"

@@ -414,15 +414,54 @@ def test_dashboard_cli_rejects_bad_arguments(tmp_path: Path, capsys, args, expec
     assert rc == 2 and expected in stderr
 
 
-def test_dashboard_cli_empty_storage_exit_2(tmp_path: Path, capsys) -> None:
-    (tmp_path / "store").mkdir()
-    rc, _, stderr = _cli(capsys, "--storage", str(tmp_path / "store"), "--out", str(tmp_path / "d.html"))
-    assert rc == 2 and "no usable pytest-benchmark runs" in stderr
-    rc, _, stderr = _cli(capsys, "--storage", str(tmp_path / "missing"), "--out", str(tmp_path / "d.html"))
-    assert rc == 2 and "is not a directory" in stderr
+def test_dashboard_cli_empty_storage_is_one_error_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    rc, stdout, stderr = _cli(capsys, "--storage", str(store), "--out", str(tmp_path / "d.html"))
+    assert rc == 2 and stdout == "" and not (tmp_path / "d.html").exists()
+    [line] = stderr.splitlines()  # one thing: the error, naming the folder and how to fill it
+    assert f"--storage {store}: no usable pytest-benchmark runs found" in line and "--benchmark-autosave" in line
+
+
+@pytest.mark.parametrize("make, args, expected", [
+    (None, ("--storage", "{t}/missing", "--out", "{t}/d.html"), "--storage {t}/missing does not exist"),
+    ("file:x", ("--storage", "{t}/x", "--out", "{t}/d.html"), "--storage {t}/x is a file"),
+    ("dir:o", ("--storage", "FIX", "--out", "{t}/o"), "--out {t}/o is a directory"),
+    ("file:f", ("--storage", "FIX", "--out", "{t}/f/d.html"), "--out {t}/f/d.html: {t}/f is a file"),
+    (None, ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/nope"), "--matrix {t}/nope does not exist"),
+    ("file:s.json", ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/s.json"), "--matrix {t}/s.json: "),
+])
+def test_dashboard_cli_wrong_paths_are_one_line_exit_2(tmp_path: Path, capsys, make, args, expected) -> None:
+    if make:
+        kind, name = make.split(":")
+        (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("not json")
+    argv = [str(FIXTURES) if a == "FIX" else a.format(t=tmp_path) for a in args]
+    rc, stdout, stderr = _cli(capsys, *argv)
+    assert rc == 2 and stdout == "" and not (tmp_path / "d.html").exists()
+    [line] = stderr.splitlines()
+    assert expected.format(t=tmp_path) in line and "Traceback" not in line
+
+
+def test_dashboard_cli_success_says_how_many_runs(tmp_path: Path, capsys) -> None:
+    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"),
+                              "--matrix", str(MATRIX.parent))
+    assert rc == 0 and stderr == ""
+    assert stdout.splitlines()[0].startswith(f"dashboard: wrote {tmp_path / 'd.html'} (3 runs, ")
 
 
 def test_dashboard_build_returns_what_it_found(tmp_path: Path) -> None:
     res = build_dashboard(FIXTURES, tmp_path / "sub" / "d.html", threshold=0.10, window=5)
     assert res.out.is_file() and res.runs == 3 and res.problems == ()
     assert [name for _, name, _ in res.regressions] == [SLOWED]
+
+
+def test_dashboard_says_when_the_matrix_run_was_interrupted(tmp_path: Path) -> None:
+    summary = json.loads((MATRIX.parent / "summary.json").read_text())
+    summary.update(status="interrupted", interrupted="SIGTERM", completed=False)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "summary.json").write_text(json.dumps(summary))
+    res = build_dashboard(FIXTURES, tmp_path / "d.html", matrix=tmp_path / "m")
+    page = res.out.read_text()
+    assert "INTERRUPTED (SIGTERM)" in page
+    plain = build_dashboard(FIXTURES, tmp_path / "e.html", matrix=MATRIX.parent).out.read_text()
+    assert "INTERRUPTED" not in plain

@@ -20,6 +20,13 @@ from harness.verdicts import POOL_CLOSED, Result, Verdict
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _empty(tmp_path: Path) -> Path:
+    """An empty regression corpus (a folder without index.json)."""
+    d = tmp_path / "empty-corpus"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 class InProcessPool:
     """Stands in for WorkerPool in fast tests: runs each case in this process when submitted."""
 
@@ -88,7 +95,7 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
     out = tmp_path / "m"
     s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui", "attn.sdpa.flash"],
                    classes=["contiguous", "broadcast", "values_beyond_448", "hnd_contiguous"], out=out,
-                   cases_per_cell=2, corpus=tmp_path / "empty", progress=None, pool_factory=factory)
+                   cases_per_cell=2, corpus=_empty(tmp_path), progress=None, pool_factory=factory)
     cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
     assert set(cells) == {("legacy.comfyui", "contiguous"), ("legacy.comfyui", "broadcast"),
                           ("legacy.comfyui", "values_beyond_448"), ("attn.sdpa.flash", "hnd_contiguous")}
@@ -112,17 +119,10 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
     assert load_summary(out) == s
 
 
-def test_run_matrix_budget_zero_still_runs_round_zero(tmp_path) -> None:
-    pool = InProcessPool(["cpu"])
-    s = run_matrix(device="cpu", time_budget=0, ops=["fp8_linear"], classes=["contiguous", "offset_*"],
-                   out=tmp_path / "m", corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: pool)
-    assert all(c["cases"] == 1 for c in s["cells"]) and len(s["cells"]) == 5
-    assert s["budget_exhausted"] is True
-
-
 def test_run_matrix_rejects_bad_arguments(tmp_path) -> None:
-    with pytest.raises(MatrixError, match="--time-budget"):
-        run_matrix(device="cpu", time_budget=-1, out=tmp_path, progress=None)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(MatrixError, match="--time-budget .* must be > 0"):
+            run_matrix(device="cpu", time_budget=bad, out=tmp_path, progress=None)
     with pytest.raises(MatrixError, match="--device 'tpu'"):
         run_matrix(device="tpu", ops=["fp8_linear"], out=tmp_path, progress=None)
     with pytest.raises(MatrixError, match="--workers 0"):
@@ -130,7 +130,7 @@ def test_run_matrix_rejects_bad_arguments(tmp_path) -> None:
 
 
 def test_the_corpus_makes_its_failures_known(tmp_path) -> None:
-    s = run_matrix(device="cpu", time_budget=0, ops=["legacy.wanvideo_late2025"], classes=["values_beyond_448"],
+    s = run_matrix(device="cpu", cases_per_cell=1, ops=["legacy.wanvideo_late2025"], classes=["values_beyond_448"],
                    out=tmp_path / "m", progress=None, pool_factory=lambda *a, **k: InProcessPool(["cpu"]))
     assert s["new_failures"] == []
     assert s["cells"][0]["known"] == ["input_mutation"]
@@ -144,8 +144,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_end_to_end_with_worker_processes_and_fail_on_new(tmp_path) -> None:
     """The real thing: spawned workers, reports on disk, exit 1 only for failures the corpus lacks."""
     out = tmp_path / "out"
-    common = ["--device", "cpu", "--time-budget", "0", "--ops", "legacy.wanvideo_late2025,attn.sdpa.flash",
+    common = ["--device", "cpu", "--cases-per-cell", "1", "--ops", "legacy.wanvideo_late2025,attn.sdpa.flash",
               "--classes", "contiguous,values_beyond_448,hnd_contiguous", "--out", str(out), "--fail-on-new"]
+    (tmp_path / "empty").mkdir()
     r = _cli(*common, "--corpus", str(tmp_path / "empty"), cwd=REPO)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "NEW  legacy.wanvideo_late2025|values_beyond_448|input_mutation" in r.stdout
@@ -157,7 +158,7 @@ def test_cli_end_to_end_with_worker_processes_and_fail_on_new(tmp_path) -> None:
     assert f"]({rel})" in md and f"href='{rel}'" in html and (out / rel).exists()
     assert "attn.sdpa.flash" in md and "needs a CUDA device" in md  # listed with its reason
 
-    r2 = _cli(*common, cwd=REPO)  # the repository's corpus knows this defect
+    r2 = _cli(*common, "--force", cwd=REPO)  # the repository's corpus knows this defect
     assert r2.returncode == 0, r2.stdout + r2.stderr[-2000:]
     assert "0 new failure(s)" in r2.stdout
 
@@ -188,8 +189,8 @@ class TwoDevicePool(InProcessPool):
 
 def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
     out = tmp_path / "m"
-    s = run_matrix(device="cpu", time_budget=0, ops=["fp8_linear"], classes=["contiguous", "offset_*"], out=out,
-                   corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
+    s = run_matrix(device="cpu", cases_per_cell=1, ops=["fp8_linear"], classes=["contiguous", "offset_*"], out=out,
+                   corpus=_empty(tmp_path), progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
     assert s["cases_by_device"] == {"cuda:0": 2, "cuda:1": 3}
     assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())
     assert s["workers_replaced"] == 1
@@ -201,7 +202,7 @@ def test_report_header_names_every_gpu_used(monkeypatch) -> None:
     import harness.env
     from harness.matrix import _device_env
 
-    monkeypatch.setattr(harness.env, "collect_env_subprocess", lambda backends=False: {"device": "NVIDIA H200"})
+    monkeypatch.setattr(harness.env, "collect_env_subprocess", lambda **kw: {"device": "NVIDIA H200"})
     two = _device_env(["cuda:0", "cuda:1"])
     assert two["name"] == "2 x NVIDIA H200" and two["devices_used"] == ["cuda:0", "cuda:1"]
     assert _device_env(["cuda:1"])["name"] == "NVIDIA H200"
@@ -253,7 +254,7 @@ def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monk
     monkeypatch.setattr(harness.matrix, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
     pool = StallingPool(["cpu"], clock=clock)
     s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
-                   out=tmp_path / "m", corpus=tmp_path / "empty", progress=None, pool_factory=lambda *a, **k: pool)
+                   out=tmp_path / "m", corpus=_empty(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
     assert pool.stalled, "the driver never submitted a second round"
     assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
     assert s["budget_exhausted"] is True and pool.closed_with_cancel is True

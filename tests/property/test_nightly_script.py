@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,28 @@ pytestmark = [pytest.mark.slow,
                                  reason="needs bash and coreutils timeout")]
 
 
+def _decoy_path(tmp: Path) -> str:
+    """PATH with a ``python3`` first that only leaves a mark: a script that calls a bare python3 is caught."""
+    bin_dir = tmp / "decoy-bin"
+    bin_dir.mkdir(exist_ok=True)
+    decoy = bin_dir / "python3"
+    decoy.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'decoy-called'}\nexit 97\n")
+    decoy.chmod(0o755)
+    return os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+
+
+def _env(tmp: Path, **kw: str) -> dict[str, str]:
+    return dict(os.environ, PYTHON=sys.executable, PATH=_decoy_path(tmp),
+                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), **kw)
+
+
 def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OUT=str(out), MATRIX_DEVICE="cpu", MATRIX_BUDGET="0", MATRIX_ARGS=matrix_args,
-               PYTEST_ARGS="-k known_defect_keeps_its_verdict", STEP_TIMEOUT="600",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    env = _env(out.parent, OUT=str(out), MATRIX_DEVICE="cpu", MATRIX_BUDGET="300",
+               MATRIX_ARGS=f"--cases-per-cell 1 {matrix_args}", PYTEST_ARGS="-k known_defect_keeps_its_verdict",
+               STEP_TIMEOUT="600")
+    cp = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
+    assert not (out.parent / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
+    return cp
 
 
 def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> None:
@@ -39,9 +57,21 @@ def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> N
 def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(tmp_path) -> None:
     out = tmp_path / "out"
     # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
+    (tmp_path / "no-corpus").mkdir()
     cp = _run(out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --corpus {tmp_path / 'no-corpus'}")
     assert cp.returncode == 1, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert "matrix exit 1" in cp.stderr
     replays = json.loads((out / "replay.json").read_text())  # the case it wrote was still replayed
     assert [r["expected"] for r in replays] == ["layout_noninvariance"] and replays[0]["rc"] == 0, replays
     assert (out / "pytest-gpu.xml").is_file() and "pytest exit 0" in cp.stderr
+
+
+def test_bench_script_uses_the_interpreter_it_is_given(tmp_path) -> None:
+    """On the CPU every benchmark is a GPU one and skips, so no run is saved: the dashboard says so, exit 2. Every
+    step ran under $PYTHON (the decoy python3 first on PATH was never called)."""
+    env = _env(tmp_path, OUT=str(tmp_path / "out"))
+    cp = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=600, check=False)
+    assert not (tmp_path / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
+    assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr[-2000:]
+    assert "no usable pytest-benchmark runs found" in cp.stderr and "torch" in cp.stdout  # env ran, then dashboard

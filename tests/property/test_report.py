@@ -186,3 +186,44 @@ def test_cudnn_version_is_written_as_people_write_it(raw, text) -> None:
     from harness.report import cudnn_version_text
 
     assert cudnn_version_text(raw) == text
+
+
+def test_a_failed_rewrite_leaves_the_previous_reports_whole_and_no_temp_file(tmp_path, monkeypatch) -> None:
+    import os
+
+    import harness.report
+
+    first = write_reports(_summary([_cell("fp8_linear", "contiguous", "pass", {"pass": 3})]), tmp_path)
+    before = {k: p.read_bytes() for k, p in first.items()}
+    real = os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        if str(dst).endswith("report.md"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(harness.report.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        write_reports(_summary([_cell("fp8_linear", "contiguous", "pass", {"pass": 9})], status="running"), tmp_path)
+    assert first["markdown"].read_bytes() == before["markdown"]  # the old one, whole
+    assert json.loads(first["summary"].read_text())["status"] == "running"  # written before the failure: whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md", "summary.json"]
+    temps = [os.path.basename(src) for src, _ in calls]
+    assert len(set(temps)) == len(temps) and all(t.startswith(".") and t.endswith(".tmp") for t in temps)
+
+
+@pytest.mark.parametrize("state, text", [
+    ({"status": "interrupted", "interrupted": "SIGTERM", "completed": False}, "INTERRUPTED (SIGTERM)"),
+    ({"status": "running", "completed": False}, "RUNNING: partial results"),
+    ({"status": "no_results", "completed": False}, "NO RESULTS"),
+])
+def test_reports_say_how_the_run_ended(state, text) -> None:
+    s = _summary([_cell("fp8_linear", "contiguous", "pass", {"pass": 3}),
+                  _cell("fp8_linear", "offset_2", "not_run", {})], **state)
+    md, html = render_markdown(s), render_html(s)
+    assert f"| run | {text}" in md and text in html
+    assert "## Not reached (1 cells; no result, not passing)" in md and "fp8_linear × `offset_2`" in md
+    done = render_markdown(_summary([_cell("fp8_linear", "contiguous", "pass", {"pass": 3})], status="completed"))
+    assert "| run |" not in done and "Not reached" not in done
