@@ -297,7 +297,8 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
         "budget_s": max(float(o.summary.get("budget_s") or 0.0) for o in outs),
         "budget_exhausted": any(bool(o.summary.get("budget_exhausted")) for o in outs),
         "completed": not missing and all(o.summary.get("completed", True) for o in outs),
-        "interrupted": any(bool(o.summary.get("interrupted")) for o in outs),
+        "interrupted": "; ".join(f"shard {o.index}: {o.summary['interrupted']}" for o in outs
+                                 if o.summary.get("interrupted")),
         "command": command,
         "size": first.get("size"),
         "seed": first.get("seed"),

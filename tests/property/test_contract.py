@@ -342,6 +342,7 @@ def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     from harness.matrix import run_matrix
 
     out = tmp_path / "m"
+    (tmp_path / "empty").mkdir()
     s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui"], classes=["contiguous", "values_beyond_448"],
                    out=out, cases_per_cell=3, corpus=tmp_path / "empty", progress=None,
                    pool_factory=lambda *a, **k: InProcessPool(["cpu"]))

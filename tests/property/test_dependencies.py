@@ -15,7 +15,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
 REPO = Path(__file__).resolve().parents[2]
 
 #: imported only inside a capability check, with a skip reason when missing (GPU-only or optional extras)
-OPTIONAL = {"triton", "sageattention"}
+OPTIONAL = {"triton", "sageattention", "redis"}
 #: needed although never imported by name: safetensors.torch.save_file / load_file convert through numpy
 INDIRECT = {"numpy"}
 #: distribution name -> top-level module, where they differ
@@ -49,4 +49,4 @@ def test_every_imported_third_party_module_is_declared() -> None:
     missing = _imported_modules() - required - OPTIONAL
     assert not missing, f"imported by harness/ but not in pyproject.toml dependencies: {sorted(missing)}"
     assert INDIRECT <= required, f"indirect runtime needs not declared: {sorted(INDIRECT - required)}"
-    assert "sageattention" in extras  # the optional one has its extra
+    assert {"sageattention", "redis"} <= extras  # the optional one has its extra

@@ -27,12 +27,13 @@ def _harness(*args: str) -> list[str]:
 
 
 def _matrix_args(out: Path, corpus: Path, *extra: str) -> list[str]:
-    return _harness("matrix", "--device", "cpu", "--time-budget", "0", "--cases-per-cell", "1", "--workers", "1",
+    return _harness("matrix", "--device", "cpu", "--time-budget", "300", "--cases-per-cell", "1", "--workers", "1",
                     "--ops", OPS, "--classes", CLASSES, "--corpus", str(corpus), "--quiet", "--out", str(out), *extra)
 
 
 def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> None:
     corpus = tmp_path / "empty-corpus"  # every failure is new: new_failures and their case links get merged too
+    corpus.mkdir()
     outs = {i: tmp_path / f"shard{i}" for i in (1, 2)}
     procs = [subprocess.Popen(_matrix_args(outs[i], corpus, "--shard", f"{i}/2"), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in (1, 2)]
@@ -207,11 +208,11 @@ def test_a_taken_case_name_is_prefixed_and_relinked(tmp_path) -> None:
 
 
 def test_unknown_fields_are_tolerated_and_kept_when_the_shards_agree(tmp_path) -> None:
-    ins = [_shard(tmp_path, i, 3, extra={"future": {"x": 1}, "per_shard": i, "interrupted": i == 2})
+    ins = [_shard(tmp_path, i, 3, extra={"future": {"x": 1}, "per_shard": i, "interrupted": "SIGTERM" if i == 2 else ""})
            for i in (1, 2, 3)]
     m = merge(ins, tmp_path / "m")
     assert m["future"] == {"x": 1} and "per_shard" not in m
-    assert m["interrupted"] is True
+    assert m["interrupted"] == "shard 2: SIGTERM"
 
 
 # one op, two layout classes on different shards of 2: the misaligned class fails, the aligned one passes
@@ -360,7 +361,7 @@ def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
 def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
     empty = next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
     out = tmp_path / "empty"
-    r = subprocess.run(_harness("matrix", "--device", "cpu", "--time-budget", "0", "--workers", "1", "--quiet",
+    r = subprocess.run(_harness("matrix", "--device", "cpu", "--time-budget", "300", "--cases-per-cell", "1", "--workers", "1", "--quiet",
                                 "--ops", "fp8_linear", "--classes", "contiguous", "--shard", f"{empty}/2",
                                 "--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
