@@ -8,7 +8,9 @@ feature returns a stale plan and fails; plan builds are counted by wrapping the 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -224,6 +226,16 @@ def test_a_cached_call_still_checks_a_number_input_scale(builds: list) -> None:
     with pytest.raises(Fp8LinearError, match=r"input_scale=-1.0 must be positive and finite"):
         fp8_linear(x8, W8, input_scale=-1.0)
     assert len(builds) == 1  # the same layout: the value check ran on the cached path
+
+
+def test_the_cache_keeps_no_tensor_alive(builds: list) -> None:
+    """Keys hold metadata only: the caller's tensors are freed when the caller drops them."""
+    x, w, s = torch.randn(4, 32), make_weight(16, 32), torch.tensor(0.5)
+    fp8_linear_with_plan(x, w, s)
+    refs = [weakref.ref(t) for t in (x, w, s)]
+    del x, w, s
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None] and plan_cache_info().currsize == 1
 
 
 def test_operands_that_are_not_tensors_are_not_cached(builds: list) -> None:

@@ -383,7 +383,7 @@ def resolve_config(
     Also validates the operands' dtypes and shapes (:class:`Fp8LinearError` naming the value and the fix).
     """
     if config is None:
-        cfg = Fp8LinearConfig(out_dtype=out_dtype, backend=backend, rules=rules, use_fast_accum=use_fast_accum)
+        cfg = Fp8LinearConfig(out_dtype=out_dtype, backend=backend, rules=rules, use_fast_accum=bool(use_fast_accum))
     elif not isinstance(config, Fp8LinearConfig):
         raise Fp8LinearError(f"config must be an Fp8LinearConfig, got {type(config).__name__}")
     else:
