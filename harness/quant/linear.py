@@ -21,9 +21,10 @@ Scaling (scales are dequantization multipliers: ``x ~= q * s``):
 
 Dynamic scales are nudged up by one float32 ULP where ``amax / scale`` would round above 448,
 so no value ever exceeds the E4M3 range and nothing relies on the cast's overflow behaviour
-(which differs by torch version). With a static ``input_scale`` the largest ``|x / s|`` is read
-back (one device sync); if it exceeds 448 the input is divided into a temporary copy and
-clamped to +-448 there before the cast. The caller's tensors are never written.
+(which differs by torch version). With a static ``input_scale`` the eager path reads the largest
+``|x / s|`` back (one device sync); if it exceeds 448 the input is divided into a temporary copy
+and clamped to +-448 there before the cast (the fused CUDA cast clamps in place of that check,
+same numbers, no sync). The caller's tensors are never written.
 Non-finite inputs: a dynamic scale computed from a NaN/inf amax is NaN/inf, so every output of
 that scaling group (the row, or the whole tensor when tensorwise) becomes NaN -- no silent
 saturation of infinities, and no device sync on the dynamic path.
