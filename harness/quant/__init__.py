@@ -1,6 +1,6 @@
 """The ops under test: FP8 linear, conversion, legacy forwards, plug-ins, attention backends, quantized blocks.
 
-Submodules (one concern each): ``linear`` (``fp8_linear`` and its copy planning), ``convert``
+Submodules (one concern each): ``linear`` (``fp8_linear`` and its copy planning; implemented in ``fp8``), ``convert``
 (``convert_to_fp8`` / ``revert_fp8``), ``legacy`` (reproductions of public FP8 forwards),
 ``plugins`` (user ops by name or entry point), ``backends`` (attention backend registry),
 ``attention`` (layout-safe attention wrapper), ``blocks`` (Wan blocks with quantized operators).
@@ -17,7 +17,7 @@ from typing import Any
 __all__ = [
     # linear
     "fp8_linear", "fp8_linear_with_plan", "plan_operands", "copy_reasons", "last_plan", "LinearPlan",
-    "LinearResult", "Fp8LinearError",
+    "LinearResult", "Fp8LinearError", "Fp8LinearConfig",
     # convert
     "convert_to_fp8", "revert_fp8", "FP8Linear", "DEFAULT_KEEP", "ConversionReport",
     # legacy and plug-ins
@@ -31,6 +31,7 @@ __all__ = [
 _WHERE = {
     "fp8_linear": "linear", "fp8_linear_with_plan": "linear", "plan_operands": "linear", "copy_reasons": "linear",
     "last_plan": "linear", "LinearPlan": "linear", "LinearResult": "linear", "Fp8LinearError": "linear",
+    "Fp8LinearConfig": "linear",
     "convert_to_fp8": "convert", "revert_fp8": "convert", "FP8Linear": "convert", "DEFAULT_KEEP": "convert",
     "ConversionReport": "convert",
     "LEGACY_FORWARDS": "legacy", "legacy_op": "legacy", "get_legacy": "legacy",

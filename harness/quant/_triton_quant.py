@@ -6,7 +6,7 @@ float32 temporary before the cast; at Wan sizes that is several times the bytes 
 reads each row once into registers, computes its amax, the scale and the E4M3 values, and writes
 the FP8 row and its scale: the bytes of a bare cast.
 
-It computes exactly what ``harness.quant.linear._dynamic_scale`` and ``quantize_activation``
+It computes exactly what ``harness.quant.fp8.quantize._dynamic_scale`` and ``quantize_activation``
 compute in eager mode (bit for bit, checked by ``tests/gpu/test_quant_linear_gpu.py``):
 ``s = amax * float32(1/448)`` (what eager ``amax / 448`` does on CUDA) (1.0 for an all-zero row, at least the smallest normal
 float32), nudged up one ULP where ``amax / s > 448``; NaN anywhere in a row makes its scale NaN
@@ -143,7 +143,7 @@ def _cast_kernel() -> Any:
             offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             x_ptrs = x_ptr + row * stride_xm + offs
             q_ptrs = q_ptr + row * stride_qm + offs
-        if DYNAMIC:  # the scale from the amax, exactly as harness.quant.linear._dynamic_scale
+        if DYNAMIC:  # the scale from the amax, exactly as harness.quant.fp8.quantize._dynamic_scale
             amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
             s = amax * INV_MAX
             s = tl.where(amax == 0.0, 1.0, s)
