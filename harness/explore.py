@@ -637,11 +637,13 @@ class _Runner:
         self.target, self.run_fn, self.free_bytes = target, run, free_bytes
         self.memo: dict[str, tuple[BuiltCase, Result]] = {}
         self.runs = 0
+        self.fresh = False  # whether the last call ran its case (False: answered from the memo)
 
     def __call__(self, genome: Genome) -> tuple[BuiltCase, Result]:
         built = build_case(self.target, genome, free_bytes=self.free_bytes)
         key = built.genome.key()
         hit = self.memo.get(key)
+        self.fresh = hit is None
         if hit is None:
             self.runs += 1
             hit = self.memo[key] = (built, self.run_fn(built.case))
@@ -821,8 +823,13 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
     raw: list[tuple[Genome, Verdict]] = []
     best = -1.0
     res.stopped = "budget_cases"
-    for i in range(budget_cases):
-        if budget_s is not None and time.monotonic() - t0 > budget_s:
+    i = -1
+    while runner.runs < budget_cases:
+        i += 1
+        if i >= 4 * budget_cases:
+            res.stopped = "no new draws (every draw already ran)"
+            break
+        if budget_s is not None and i > 0 and time.monotonic() - t0 > budget_s:  # the plain control always runs
             res.stopped = "budget_s"
             break
         kw = dict(max_elements=max_elements, large=large_offset, allow_nonfinite=allow_nonfinite)
@@ -834,6 +841,8 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
         else:
             g = draw_genome(rng, target, **kw)
         built, r = runner(g)
+        if not runner.fresh:
+            continue
         res.cases += 1
         res.verdicts[r.verdict.value] = res.verdicts.get(r.verdict.value, 0) + 1
         if r.verdict is Verdict.UNAVAILABLE and i == 0:
