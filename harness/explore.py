@@ -72,8 +72,10 @@ import json
 import math
 import random
 import time
+import zlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 from harness.cases import Case
 from harness.layouts import LayoutError, LayoutSpec, ViewOp
@@ -81,10 +83,28 @@ from harness.values import ValueError_, ValueSpec
 from harness.verdicts import Result, Verdict
 
 __all__ = [
-    "Perturbation", "ValuePick", "Genome", "Finding", "ExploreResult", "BuiltCase",
-    "LAYOUT_KINDS", "LINEAR_SIZES", "ATTENTION_SIZES", "EXPLORE_CLASS", "LARGE_OFFSET",
-    "build_case", "draw_genome", "mutate", "minimize_genome", "signature", "explore",
-    "cpu_coverage", "kernel_coverage", "large_offset_plan", "free_device_bytes", "size_class",
+    "ATTENTION_SIZES",
+    "EXPLORE_CLASS",
+    "LARGE_OFFSET",
+    "LAYOUT_KINDS",
+    "LINEAR_SIZES",
+    "BuiltCase",
+    "ExploreResult",
+    "Finding",
+    "Genome",
+    "Perturbation",
+    "ValuePick",
+    "build_case",
+    "cpu_coverage",
+    "draw_genome",
+    "explore",
+    "free_device_bytes",
+    "kernel_coverage",
+    "large_offset_plan",
+    "minimize_genome",
+    "mutate",
+    "signature",
+    "size_class",
 ]
 
 #: ``case.params["layout_class"]`` of every explored case; its genome is in ``case.params["explore"]``.
@@ -137,7 +157,7 @@ class Perturbation:
         return {"operand": self.operand, "kind": self.kind, "args": list(self.args)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Perturbation":
+    def from_dict(cls, d: Mapping[str, Any]) -> Perturbation:
         return cls(str(d["operand"]), str(d["kind"]), tuple(d.get("args", ())))
 
     def prop(self, spec: LayoutSpec | None = None, axes: Sequence[str] = ()) -> str:
@@ -185,7 +205,7 @@ class ValuePick:
         return {"operand": self.operand, "kind": self.kind, "axis": self.axis, "params": dict(self.params)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ValuePick":
+    def from_dict(cls, d: Mapping[str, Any]) -> ValuePick:
         return cls(str(d["operand"]), str(d["kind"]), str(d.get("axis", "")),
                    tuple(sorted(dict(d.get("params", {})).items())))
 
@@ -211,7 +231,7 @@ class Genome:
     def size(self, name: str) -> Any:
         return dict(self.sizes)[name]
 
-    def with_sizes(self, **changes: Any) -> "Genome":
+    def with_sizes(self, **changes: Any) -> Genome:
         s = dict(self.sizes)
         s.update(changes)
         return dataclasses.replace(self, sizes=tuple(sorted(s.items())))
@@ -224,7 +244,7 @@ class Genome:
                 "values": [v.to_dict() for v in self.values], "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Genome":
+    def from_dict(cls, d: Mapping[str, Any]) -> Genome:
         return cls(tuple(sorted(dict(d["sizes"]).items())),
                    tuple(Perturbation.from_dict(p) for p in d.get("perturbations", ())),
                    tuple(ValuePick.from_dict(v) for v in d.get("values", ())), int(d.get("seed", 0)))
@@ -396,7 +416,8 @@ def build_case(target: Any, genome: Genome, *, free_bytes: int | None = None) ->
                 continue
             prm["dim"] = o.axes.index(v.axis)
         try:
-            values[v.operand] = ValueSpec(v.kind, (genome.seed + 7 * (len(picks) + 1)) % 2**31, tuple(prm.items()))
+            vseed = (genome.seed + zlib.crc32(v.operand.encode())) % 2**31  # independent of the other picks
+            values[v.operand] = ValueSpec(v.kind, vseed, tuple(prm.items()))
             picks.append(v)
         except ValueError_ as e:
             skipped.append(f"{v.prop()}: {e}")
@@ -504,7 +525,7 @@ def _draw_sizes(rng: random.Random, table: Mapping[str, Sequence[Any]], kind: st
 
 
 def _draw_perturbation(rng: random.Random, operand: str, rank: int, *, large: bool) -> Perturbation:
-    if large and rng.random() < 0.02:
+    if large and rng.random() > 0.98:  # comparisons are written so that random() -> 0 means 'simpler'
         return Perturbation(operand, "large_offset")
     kinds = (LAYOUT_KINDS if rank >= 2 else tuple(k for k in LAYOUT_KINDS if k != "perm")) if rank else _SCALAR_KINDS
     k = rng.choice(kinds)
@@ -540,11 +561,13 @@ _TENSOR_KINDS = ("fp8_edge", "subnormal", "outliers")
 def _draw_value(rng: random.Random, operand: str, axes: Sequence[str], *, allow_nonfinite: bool) -> ValuePick:
     """Three times in four a structured slice along one of the operand's axes, else a per-tensor recipe."""
     whole = _TENSOR_KINDS + (("nonfinite",) if allow_nonfinite else ())
-    k = rng.choice(_SLICE_KINDS if axes and rng.random() < 0.75 else whole if axes else whole[:2] + whole[3:])
+    if not axes:  # a scalar: no channel for outliers, no axis for a slice
+        whole = tuple(k for k in whole if k != "outliers")
+    k = rng.choice(_SLICE_KINDS if axes and rng.random() < 0.75 else whole)
     if not k.endswith("_slice"):
         return ValuePick(operand, k)
     axis = rng.choice(tuple(axes))
-    length = rng.choice((64, 128)) if axis == "token" and rng.random() < 0.3 else 1
+    length = rng.choice((64, 128)) if axis == "token" and rng.random() > 0.7 else 1
     return ValuePick(operand, k, axis, (("length", length), ("start", rng.randrange(0, 256))))
 
 
@@ -561,13 +584,13 @@ def draw_genome(rng: random.Random, target: Any, *, max_elements: int = 1 << 16,
     seed = rng.randrange(2**31)
     base = _base(target, sizes, seed)
     perts: list[Perturbation] = []
-    for name, axes in base.axes.items():
-        if rng.random() < p_operand:
+    for name in base.axes:
+        if rng.random() > 1 - p_operand:
             rank = base.case.layouts[name].ndim if name in base.case.layouts else 0
             for _ in range(1 if rng.random() < 0.7 else 2):
                 perts.append(_draw_perturbation(rng, name, rank, large=large))
     vals = [_draw_value(rng, name, axes, allow_nonfinite=allow_nonfinite)
-            for name, axes in base.axes.items() if rng.random() < p_values]
+            for name, axes in base.axes.items() if rng.random() > 1 - p_values]
     return Genome(tuple(sorted(sizes.items())), tuple(perts), tuple(vals), seed)
 
 
@@ -778,8 +801,8 @@ class ExploreResult:
 
     def summary(self) -> list[str]:
         """Lines a report can print: one per signature, then the worst drift."""
-        lines = [f"{self.op}: {self.cases} cases (+{self.minimize_runs} to minimize), {len(self.findings)} "
-                 f"signature(s), stopped: {self.stopped}"]
+        lines = [(f"{self.op}: {self.cases} cases (+{self.minimize_runs} to minimize), {len(self.findings)} "
+                  f"signature(s), stopped: {self.stopped}")]
         for f in self.findings:
             lines.append(f"  {f.verdict} x{f.count} [{f.operand}] {f.property}")
         if self.worst:
@@ -832,7 +855,7 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
         if budget_s is not None and i > 0 and time.monotonic() - t0 > budget_s:  # the plain control always runs
             res.stopped = "budget_s"
             break
-        kw = dict(max_elements=max_elements, large=large_offset, allow_nonfinite=allow_nonfinite)
+        kw = {"max_elements": max_elements, "large": large_offset, "allow_nonfinite": allow_nonfinite}
         if i == 0:
             g = Genome(tuple(sorted(defaults.items())), seed=rng.randrange(2**31))  # the plain control first
         elif corpus and rng.random() < 0.5:

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 from harness.cases import Case
 from harness.explore import (
@@ -28,6 +29,7 @@ from harness.explore import (
 from harness.layouts import LayoutSpec
 from harness.runner.execute import run_case
 from harness.runner.targets import get_target
+from harness.strategies import explored_cases
 from harness.verdicts import Result, Verdict
 
 ATT = get_target("attn.emu.naive")
@@ -173,7 +175,7 @@ def _fake(seen: list[float]):
 
 def test_the_search_finds_a_one_operand_property_and_reports_it_once() -> None:
     seen: list[float] = []
-    res = explore(ATT, _fake(seen), seed=0, budget_cases=150, max_elements=1 << 14)
+    res = explore(ATT, _fake(seen), seed=2, budget_cases=150, max_elements=1 << 14)
     assert res.cases == 150 and len(seen) == res.cases + res.minimize_runs
     assert res.signatures() == [(ATT.name, "drift", "k", "k: stride 0 on dim 2 (token)")], res.summary()
     f = res.findings[0]
@@ -198,7 +200,7 @@ def test_budgets_unavailable_and_benign_rejections() -> None:
     res = explore(ATT, lambda c: Result(Verdict.UNAVAILABLE, "no such kernel here"), budget_cases=50)
     assert res.stopped == "unavailable: no such kernel here" and res.cases == 1
     rejected = lambda c: Result(Verdict.REJECTED, "nope") if c.note != "explored: the plain case" else \
-        Result(Verdict.PASS, "")  # noqa: E731
+        Result(Verdict.PASS, "")
     assert explore(ATT, rejected, budget_cases=30).findings == []  # a raw kernel may refuse cleanly
     safe = get_target("safe_attn.emu.naive")
     assert safe.accepts_all_layouts and explore(safe, rejected, budget_cases=30).findings
@@ -219,3 +221,12 @@ def test_the_coverage_key_is_pluggable_and_the_gpu_hook_reads_kernel_names() -> 
     r = Result(Verdict.PASS, "", metrics={"kernels": ["flash_fwd_kernel", "flash_fwd_kernel", "cast"]})
     assert kernel_coverage(built, r) == ("kernels", "cast", "flash_fwd_kernel")
     assert kernel_coverage(built, Result(Verdict.PASS, "")) == ((), ())
+
+
+@settings(max_examples=15, deadline=None, database=None)
+@given(case=explored_cases(ATT, max_elements=1 << 12))
+def test_the_hypothesis_strategy_gives_cases_whose_genome_rebuilds_them(case: Case) -> None:
+    again = build_case(ATT, Genome.from_dict(case.params["explore"])).case
+    assert again.layouts == case.layouts and again.values == case.values  # what a case file needs to replay
+    inputs = ATT.make_inputs(case, "cpu")
+    assert {n: tuple(t.stride()) for n, t in inputs.items()} == {n: s.strides() for n, s in case.layouts.items()}
