@@ -31,7 +31,9 @@ Sizes sit around kernel tiles (:data:`LINEAR_SIZES`, :data:`ATTENTION_SIZES`: mu
 and one below/above, head dims the target declares plus 96 and unsupported ones, batch and heads of
 1 and more, in-features that are not multiples of 64).  Values: the recipes of :mod:`harness.values`,
 structured along one axis of one operand (an all-zero, constant or outlier token, channel, head,
-batch entry, or 64/128-token block), FP8 edges, subnormals; NaN/inf only with ``allow_nonfinite``.
+batch entry, or 64/128-token block), FP8 edges, subnormals; NaN/inf only with ``allow_nonfinite``.  A
+scalar operand (a linear's ``weight_scale`` / ``input_scale``) keeps the value its target gives it: as a
+0-d tensor it is perturbed in its pointer only (``align``, ``checkpoint``).
 
 The search (:func:`explore`): seeded, reproducible (``random.Random(f"explore|{op}|{seed}")``), it
 runs each drawn case through ``run(case) -> Result`` (``lambda c: run_case(c, "cpu")`` in-process,
@@ -269,16 +271,16 @@ class BuiltCase:
     skipped: list[str] = field(default_factory=list)
 
 
-def _linear_draw(sizes: Mapping[str, Any], seed: int) -> Any:
+def _linear_draw(sizes: Mapping[str, Any], seed: int, dtype: str) -> Any:
     from harness.targets.layout_classes import Draw
 
     rank, b, t, k, n = (int(sizes[x]) for x in ("rank", "batch", "tokens", "k", "n"))
     shape = (t, k) if rank == 2 else (b, t, k)
-    return Draw({"x": LayoutSpec.contiguous(shape, "bfloat16")}, {"x": ValueSpec("normal", seed)},
+    return Draw({"x": LayoutSpec.contiguous(shape, dtype)}, {"x": ValueSpec("normal", seed)},
                 {"in_features": k, "out_features": n})
 
 
-def _attention_draw(sizes: Mapping[str, Any], seed: int) -> Any:
+def _attention_draw(sizes: Mapping[str, Any], seed: int, dtype: str) -> Any:
     from harness.targets.layout_classes import Draw
 
     lay = str(sizes["layout"])
@@ -287,7 +289,7 @@ def _attention_draw(sizes: Mapping[str, Any], seed: int) -> Any:
     def shape(s: int) -> tuple[int, ...]:
         return (b, h, s, d) if lay == "HND" else (b, s, h, d)
 
-    layouts = {n: LayoutSpec.contiguous(shape(sq if n == "q" else sk), "bfloat16") for n in "qkv"}
+    layouts = {n: LayoutSpec.contiguous(shape(sq if n == "q" else sk), dtype) for n in "qkv"}
     values = {n: ValueSpec("normal", (seed + i) % 2**31) for i, n in enumerate("qkv")}
     return Draw(layouts, values, {"tensor_layout": lay, "is_causal": False, "batch": b, "heads": h, "seq_q": sq,
                                   "seq_k": sk, "head_dim": d})
@@ -377,10 +379,11 @@ def build_case(target: Any, genome: Genome, *, free_bytes: int | None = None) ->
     """
     kind = getattr(target, "kind", "")
     sizes = dict(genome.sizes)
+    dtype = str(getattr(target, "sweep_dtype", "bfloat16"))  # of the swept tensor (x, or q/k/v)
     if kind == "linear":
-        draw = _linear_draw(sizes, genome.seed)
+        draw = _linear_draw(sizes, genome.seed, dtype)
     elif kind == "attention":
-        draw = _attention_draw(sizes, genome.seed)
+        draw = _attention_draw(sizes, genome.seed, dtype)
     else:
         raise ValueError(f"target {getattr(target, 'name', target)!r} has kind {kind!r}; explore needs a 'linear' "
                          "or 'attention' target with case_from_draw (harness.targets.base.ClassTarget)")
@@ -559,11 +562,9 @@ _TENSOR_KINDS = ("fp8_edge", "subnormal", "outliers")
 
 
 def _draw_value(rng: random.Random, operand: str, axes: Sequence[str], *, allow_nonfinite: bool) -> ValuePick:
-    """Three times in four a structured slice along one of the operand's axes, else a per-tensor recipe."""
+    """Three times in four a structured slice along one of the operand's ``axes``, else a per-tensor recipe."""
     whole = _TENSOR_KINDS + (("nonfinite",) if allow_nonfinite else ())
-    if not axes:  # a scalar: no channel for outliers, no axis for a slice
-        whole = tuple(k for k in whole if k != "outliers")
-    k = rng.choice(_SLICE_KINDS if axes and rng.random() < 0.75 else whole)
+    k = rng.choice(_SLICE_KINDS if rng.random() < 0.75 else whole)
     if not k.endswith("_slice"):
         return ValuePick(operand, k)
     axis = rng.choice(tuple(axes))
@@ -589,8 +590,8 @@ def draw_genome(rng: random.Random, target: Any, *, max_elements: int = 1 << 16,
             rank = base.case.layouts[name].ndim if name in base.case.layouts else 0
             for _ in range(1 if rng.random() < 0.7 else 2):
                 perts.append(_draw_perturbation(rng, name, rank, large=large))
-    vals = [_draw_value(rng, name, axes, allow_nonfinite=allow_nonfinite)
-            for name, axes in base.axes.items() if rng.random() > 1 - p_values]
+    vals = [_draw_value(rng, name, axes, allow_nonfinite=allow_nonfinite)  # scalars (scales) keep their value
+            for name, axes in base.axes.items() if axes and rng.random() > 1 - p_values]
     return Genome(tuple(sorted(sizes.items())), tuple(perts), tuple(vals), seed)
 
 
@@ -617,8 +618,8 @@ def mutate(rng: random.Random, genome: Genome, target: Any, *, max_elements: int
             if _fits(dict(g.sizes), target.kind, max_elements):
                 return g
         return genome
-    if op < 0.9:
-        name = rng.choice(sorted(base.axes))
+    if op < 0.9 and any(base.axes.values()):
+        name = rng.choice(sorted(n for n, axes in base.axes.items() if axes))
         return dataclasses.replace(genome, values=(_draw_value(rng, name, base.axes[name],
                                                                allow_nonfinite=allow_nonfinite),))
     return dataclasses.replace(genome, seed=rng.randrange(2**31))
@@ -735,6 +736,9 @@ def minimize_genome(genome: Genome, verdict: Verdict, runner: Callable[[Genome],
     return cur
 
 
+_TILED = ("tokens", "k", "n", "seq_q", "seq_k", "head_dim")  # the sizes kernels tile
+
+
 def size_class(v: int) -> str:
     """Where a size sits against tiles: "1", "a multiple of 128", "a multiple of 32, not of 64", ..."""
     if v == 1:
@@ -753,7 +757,7 @@ def signature(op: str, verdict: Verdict, built: BuiltCase, defaults: Mapping[str
     sizes = [(k, v) for k, v in sorted(built.genome.sizes) if defaults.get(k) != v]
     if sizes:
         operands.append("shape")
-        props += [f"shape: {k} = {v}" + (f" ({size_class(v)})" if isinstance(v, int) else "") for k, v in sizes]
+        props += [f"shape: {k} = {v}" + (f" ({size_class(v)})" if k in _TILED else "") for k, v in sizes]
     return (op, verdict.value, "+".join(operands) or "-", "; ".join(props) or "the plain case")
 
 
