@@ -794,6 +794,9 @@ class ExploreResult:
     coverage: int = 0
     kept: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
+    #: perturbation kind -> {"count", "example"}: draws that did not fit and were dropped (a large-offset draw
+    #: that the device's free memory cannot hold says so here)
+    skipped: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def signatures(self) -> list[tuple[str, str, str, str]]:
         return [(f.op, f.verdict, f.operand, f.property) for f in self.findings]
@@ -821,6 +824,23 @@ def _covers(minimal: Genome, verdict: Verdict, raw: Genome, raw_verdict: Verdict
     return (raw_verdict is verdict and set(minimal.perturbations) <= set(raw.perturbations)
             and set(minimal.values) <= set(raw.values)
             and all(sizes.get(k) == v for k, v in minimal.sizes if defaults.get(k) != v))
+
+
+def _dropped(asked: Genome, built: BuiltCase) -> list[str]:
+    """The kinds of what ``build_case`` dropped, in the order of ``built.skipped``."""
+    kept_p, kept_v = list(built.genome.perturbations), list(built.genome.values)
+    out = []
+    for p in asked.perturbations:
+        if p in kept_p:
+            kept_p.remove(p)
+        else:
+            out.append(p.kind)
+    for v in asked.values:
+        if v in kept_v:
+            kept_v.remove(v)
+        else:
+            out.append(f"values:{v.kind}")
+    return out
 
 
 def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget_cases: int = 200,
@@ -870,6 +890,9 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
         built, r = runner(g)
         if not runner.fresh:
             continue
+        for p, why in zip(_dropped(g, built), built.skipped):
+            entry = res.skipped.setdefault(p, {"count": 0, "example": why})
+            entry["count"] += 1
         res.cases += 1
         res.verdicts[r.verdict.value] = res.verdicts.get(r.verdict.value, 0) + 1
         if r.verdict is Verdict.UNAVAILABLE and i == 0:

@@ -230,3 +230,11 @@ def test_the_hypothesis_strategy_gives_cases_whose_genome_rebuilds_them(case: Ca
     assert again.layouts == case.layouts and again.values == case.values  # what a case file needs to replay
     inputs = ATT.make_inputs(case, "cpu")
     assert {n: tuple(t.stride()) for n, t in inputs.items()} == {n: s.strides() for n, s in case.layouts.items()}
+
+
+def test_a_large_offset_draw_on_cpu_is_skipped_with_its_reason() -> None:
+    res = explore(ATT, _fake([]), seed=0, budget_cases=300, large_offset=True, max_elements=1 << 12)
+    entry = res.skipped["large_offset"]
+    assert entry["count"] >= 1 and "free memory is unknown" in entry["example"]
+    assert not any(p["kind"] == "large_offset" for f in res.findings for p in f.genome["perturbations"])
+    assert res.skipped["align"]["example"].endswith("1 B alignment is impossible for 2-byte elements")
