@@ -47,6 +47,7 @@ __all__ = [
     "attention_inputs",
     "AttentionInputs",
     "offset_for_alignment",
+    "explored_cases",
 ]
 
 #: Pointer alignment classes (bytes) a kernel can be handed: misaligned by 1, 2, 4, 8, or aligned at 16.
@@ -76,6 +77,9 @@ def max_elements() -> int:
     if value < 1:
         raise InvalidArgument(f"HARNESS_MAX_ELEMENTS={value} must be >= 1")
     return value
+
+
+_env_max_elements = max_elements  # explored_cases' keyword of the same name hides the function
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -394,3 +398,22 @@ def attention_inputs(
     values = draw(value_specs(kinds=kinds), label="values")
     return AttentionInputs(specs[0], specs[1], specs[2], layout, batch, heads, seq_q, seq_kv, head_dim, values,
                            bool(use_packed))
+
+
+def explored_cases(target: object, *, max_elements: int | None = None, allow_nonfinite: bool = False
+                   ) -> st.SearchStrategy:
+    """``Case``s of ``target`` (a linear or attention target) drawn as :func:`harness.explore.draw_genome`
+    draws them: every operand perturbed on its own, sizes at tile boundaries, structured values.
+
+    Each case carries its genome in ``case.params["explore"]``.  The draws come from
+    ``st.randoms(use_true_random=False)``, so a failing example shrinks toward the default sizes and
+    fewer perturbed operands.
+    """
+    from harness.explore import build_case, draw_genome
+
+    cap = max_elements if max_elements is not None else _env_max_elements()
+    _check_int("max_elements", cap, 1)
+    return st.randoms(use_true_random=False).map(
+        lambda rng: build_case(target, draw_genome(rng, target, max_elements=cap, allow_nonfinite=allow_nonfinite)
+                               ).case)
+

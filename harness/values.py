@@ -19,6 +19,19 @@ Kinds (the last dimension is the channel / reduction dimension):
 - ``subnormal``: FP8 E4M3 subnormals (multiples of 2^-9 below 2^-6) mixed with
   the target dtype's own subnormals and zeros.
 - ``nonfinite``: standard normal with +inf, -inf and NaN sprinkled in (only when a test asks).
+
+Structured kinds (:data:`STRUCTURED_KINDS`): standard normal except along one axis of the
+tensor, where the slice ``[start, start + length)`` of logical dim ``dim`` (a token, a channel,
+a head, a batch entry, or a 64/128-token block; ``start`` is taken modulo the dim's size and the
+slice is cut at its end) is
+
+- ``zero_slice``: all zero (amax = 0 for every scale group that slice is: what per-channel and
+  per-block quantizers divide by);
+- ``constant_slice``: one constant ``value`` (default 1.5: amax = |value|, zero variance);
+- ``outlier_slice``: multiplied by ``factor`` (default 1000).
+
+``constant`` fills the whole tensor with ``value`` (default 1.0): a scale operand passed as a
+tensor keeps the value its target chose.
 """
 
 from __future__ import annotations
@@ -30,10 +43,12 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["KINDS", "FINITE_KINDS", "ValueSpec", "ValueError_"]
+__all__ = ["KINDS", "FINITE_KINDS", "STRUCTURED_KINDS", "ValueSpec", "ValueError_"]
 
 FINITE_KINDS = ("normal", "outliers", "zero_blocks", "constant_rows", "fp8_edge", "subnormal")
-KINDS = FINITE_KINDS + ("nonfinite",)
+#: finite kinds whose special values sit along one axis (``*_slice``), or everywhere (``constant``)
+STRUCTURED_KINDS = ("zero_slice", "constant_slice", "outlier_slice", "constant")
+KINDS = FINITE_KINDS + STRUCTURED_KINDS + ("nonfinite",)
 
 _PARAMS: dict[str, dict[str, Any]] = {
     "normal": {"std": 1.0},
@@ -43,6 +58,10 @@ _PARAMS: dict[str, dict[str, Any]] = {
     "fp8_edge": {"beyond": True},
     "subnormal": {},
     "nonfinite": {"fraction": 0.01},
+    "zero_slice": {"dim": 0, "start": 0, "length": 1},
+    "constant_slice": {"dim": 0, "start": 0, "length": 1, "value": 1.5},
+    "outlier_slice": {"dim": 0, "start": 0, "length": 1, "factor": 1000.0},
+    "constant": {"value": 1.0},
 }
 
 
@@ -124,6 +143,16 @@ class ValueSpec:
             own_sub = torch.randint(-3, 4, shape, generator=g).float() * (tiny / 4)
             choice = torch.randint(0, 3, shape, generator=g)
             x = torch.where(choice == 0, fp8_sub, torch.where(choice == 1, own_sub, x * 2.0**-8))
+        elif k in ("zero_slice", "constant_slice", "outlier_slice"):
+            idx = self._slice(shape)
+            if k == "zero_slice":
+                x[idx] = 0.0
+            elif k == "constant_slice":
+                x[idx] = float(self.param("value"))
+            else:
+                x[idx] *= float(self.param("factor"))
+        elif k == "constant":
+            x.fill_(float(self.param("value")))
         elif k == "nonfinite":
             frac = float(self.param("fraction"))
             u = torch.rand(shape, generator=g)
@@ -134,6 +163,17 @@ class ValueSpec:
             lim = torch.finfo(dtype).max
             x = x.clamp(-lim, lim)
         return x.to(dtype=dtype, device=device)
+
+    def _slice(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The index of a structured kind's slice in a tensor of ``shape`` (see the module doc)."""
+        dim = int(self.param("dim"))
+        if dim >= len(shape):
+            raise ValueError_(f"value kind {self.kind!r} has dim={dim}, but the tensor has {len(shape)} dims "
+                              f"(shape {list(shape)}); use a dim in range({len(shape)})")
+        size = shape[dim]
+        start = int(self.param("start")) % size if size else 0
+        stop = min(size, start + int(self.param("length")))
+        return (slice(None),) * dim + (slice(start, stop),)
 
     # -------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,10 @@ case ``index`` of the cell deterministically (what the matrix uses).
 
 Each case records its layout class in ``case.params["layout_class"]``; the
 matrix groups results and the regression corpus matches failures by it.
+
+``ClassTarget.operands(case)`` declares every tensor operand of a case (:class:`Operand`: the
+input name, its role, the names of its logical dims), so :mod:`harness.explore` can perturb each
+one on its own axis -- the weights, scales and bias of a linear too, not only the swept tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from harness.runner.targets import BaseTarget, default_inputs
 from harness.targets.layout_classes import Context, Draw, LayoutClass, classes_for
 
 __all__ = ["CaseFactory", "ClassTarget", "LAYOUT_CLASS_PARAM", "size_preset", "need_cuda_capability",
-           "materialize_inputs"]
+           "materialize_inputs", "Operand", "operands_of"]
 
 #: The ``case.params`` key holding the layout class a case was drawn from.
 LAYOUT_CLASS_PARAM = "layout_class"
@@ -89,6 +93,54 @@ class CaseFactory:
         return f"<CaseFactory {self.target.name} x {self.lclass.name}>"
 
 
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """One tensor operand of a target's cases.
+
+    ``name``: the input's name in ``case.layouts`` (the linear activation is ``"x"``, role ``"input"``).
+    ``role``: what it is to the op (input, weight, weight_scale, input_scale, bias, q, k, v, out).
+    ``axes``: a name per logical dim (batch, frame, token, head, channel, out_channel), as many as the
+    operand has dims (``()`` for a scalar).
+    ``param``: the ``case.params`` key that holds the operand as a number when the target passes it
+    that way (the linears' scalar ``weight_scale`` / ``input_scale``); to give it a layout, set that key
+    to None and add the layout (the target then materializes it like any input).
+    """
+
+    name: str
+    role: str
+    axes: tuple[str, ...] = ()
+    param: str | None = None
+
+
+_ACT_AXES = {2: ("token", "channel"), 3: ("batch", "token", "channel"), 4: ("batch", "frame", "token", "channel")}
+_ATT_AXES = {"HND": ("batch", "head", "token", "channel"), "NHD": ("batch", "token", "head", "channel")}
+
+
+def operands_of(kind: str, case: Case) -> tuple[Operand, ...]:
+    """The operands a case of op ``kind`` ("linear", "attention") has; other kinds: every layout, axes by
+    position only (the last dim is the channel)."""
+    if kind == "linear":
+        out = []
+        if "x" in case.layouts:
+            out.append(Operand("x", "input", _ACT_AXES.get(case.layouts["x"].ndim, ())))
+        if "weight" in case.layouts:
+            out.append(Operand("weight", "weight", ("out_channel", "channel")))
+        for key in ("weight_scale", "input_scale"):
+            if key in case.layouts:
+                out.append(Operand(key, key, tuple(f"dim{i}" for i in range(case.layouts[key].ndim))))
+            elif case.params.get(key) is not None:
+                out.append(Operand(key, key, (), param=key))
+        if "bias" in case.layouts:
+            out.append(Operand("bias", "bias", ("out_channel",)))
+        return tuple(out)
+    if kind == "attention":
+        axes = _ATT_AXES.get(str(case.params.get("tensor_layout", "HND")), ())
+        return tuple(Operand(n, n, axes if case.layouts[n].ndim == 4 else ()) for n in ("q", "k", "v", "out")
+                     if n in case.layouts)
+    return tuple(Operand(n, "input", tuple(f"dim{i}" for i in range(s.ndim - 1)) + (("channel",) if s.ndim else ()))
+                 for n, s in case.layouts.items())
+
+
 class ClassTarget(BaseTarget):
     """A :class:`BaseTarget` whose layout classes come from ``layout_classes.classes_for(kind, ctx)``.
 
@@ -111,6 +163,11 @@ class ClassTarget(BaseTarget):
 
     def layout_classes(self) -> dict[str, Callable[[], Any]]:
         return {name: CaseFactory(self, lc) for name, lc in classes_for(self.kind, self.context()).items()}
+
+    def operands(self, case: Case) -> tuple[Operand, ...]:
+        """Every tensor operand of ``case`` (:func:`operands_of` for this target's kind).  No built-in
+        target takes an ``out`` tensor today; one that does adds an ``out`` layout and declares it here."""
+        return operands_of(self.kind, case)
 
     def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:  # pragma: no cover - abstract
         raise NotImplementedError
