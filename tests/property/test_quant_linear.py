@@ -276,6 +276,29 @@ def test_padding_k_and_n_gives_the_unpadded_result() -> None:
     assert j.passed, str(j)
 
 
+@pytest.mark.parametrize("rules", ["none", "cuda"])
+@pytest.mark.parametrize("view", ["stride0", "step2"])
+def test_a_strided_bias_gives_the_dense_bias_result(rules: str, view: str) -> None:
+    """CPU ``torch._scaled_mm`` reads its bias as packed whatever its strides (found by harness.explore on
+    torch 2.13): a stride-0 bias reads past its one element, a step-2 bias reads the poison between its
+    elements.  fp8_linear copies such a bias, so the result is bitwise that of the same values packed."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, K, generator=g).to(torch.bfloat16)
+    w8, sw = make_weight(N, K)
+    if view == "stride0":
+        spec = LayoutSpec(shape=(N,), dtype="bfloat16", broadcast=(0,))
+        values = torch.full((N,), 0.75)
+    else:
+        spec = LayoutSpec(shape=(N,), dtype="bfloat16", step=(2,))
+        values = torch.randn(N, generator=g)
+    bias = materialize(spec, values)
+    assert bias.stride() != (1,)
+    res = fp8_linear_with_plan(x, w8, sw, bias=bias, rules=rules)
+    dense = fp8_linear_with_plan(x, w8, sw, bias=bias.contiguous(), rules=rules)
+    assert any(r.code == "contiguity" for d in res.plan.decisions if d.role == "bias" for r in d.reasons)
+    assert torch.equal(res.out, dense.out) and poison_intact(bias, spec)
+
+
 # ---------------------------------------------------------------------------- saturation and mutation
 
 

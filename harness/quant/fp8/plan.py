@@ -82,7 +82,7 @@ def copy_reasons(
     ``"bias"`` (``(N,)``; ``out_dtype`` also checks its dtype), ``"out"`` (``(M, N)``).
     ``x``: a tensor (its real data pointer; ``meta`` tensors assume an aligned base) or a
     ``LayoutSpec``. ``rules="none"`` (CPU kernel, emulation) only keeps what any 2-D matmul
-    needs: leading dims that merge into rows. Pure: reads metadata only, never the values.
+    needs: leading dims that merge into rows, and a bias of stride 1. Pure: reads metadata only, never the values.
     """
     if role not in _ROLE_ALIASES:
         raise ValueError(f"role={role!r}; use one of {sorted(_ROLE_ALIASES)}")
@@ -149,10 +149,11 @@ def copy_reasons(
         return [CopyReason("shape", f"bias has shape {g.shape}; expected (N,)")]
     if out_dtype is not None and g.dtype != out_dtype:
         reasons.append(CopyReason("dtype", f"bias dtype {g.dtype} differs from the output dtype {out_dtype}"))
+    if g.shape[0] > 1 and g.strides[0] != 1:  # every kernel: CPU torch._scaled_mm reads bias as packed, whatever
+        # its strides (a stride-0 bias reads past its storage; found by harness.explore on torch 2.13 CPU)
+        reasons.append(CopyReason("contiguity", f"bias stride is {g.strides[0]}, the kernel needs 1"))
     if rules == "none":
         return reasons
-    if g.shape[0] > 1 and g.strides[0] != 1:
-        reasons.append(CopyReason("contiguity", f"bias stride is {g.strides[0]}, the kernel needs 1"))
     if g.ptr_align < al:
         reasons.append(CopyReason("ptr", f"bias data pointer is {g.ptr_align}-byte aligned, the kernel needs {al}"))
     if g.shape[0] % DIM_MULTIPLE:
