@@ -374,7 +374,7 @@ def _launch_blocking() -> bool:
 
 
 def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool) -> Result:
-    from harness.runner.targets import TargetError, resolve_target
+    from harness.targets import TargetError, resolve_target
 
     case, device = st.case, st.device
     try:

@@ -36,7 +36,7 @@ import torch
 from harness.cases import Case
 from harness.quant.plugins import ATTENTION_GROUP
 from harness.reference.metrics import Bound
-from harness.runner.targets import register_target
+from harness.targets.protocol import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 from harness.targets.plugin import PluginTarget, register_plugin_target

@@ -23,13 +23,10 @@ from harness.strategies import layouts
 from harness.values import ValueSpec
 from harness.verdicts import BENIGN, Result, Verdict
 
-PLAIN = LayoutSpec((4, 8), "float32")
+from helpers import PLAIN, case
+
 #: misaligned offset, padding on the last dim: the storage around the view holds poison
 ODD = LayoutSpec((4, 8), "float32", offset=3, pad=(0, 2))
-
-
-def case(op: str, spec: LayoutSpec = PLAIN, **params) -> Case:
-    return Case(op=op, layouts={"x": spec}, values={"x": ValueSpec("normal", seed=1)}, params=params)
 
 
 @pytest.mark.parametrize("spec", [PLAIN, ODD], ids=["plain", "offset+pad"])
