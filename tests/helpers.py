@@ -3,6 +3,7 @@
 - :func:`case`: a one-input case for the CPU / fault test doubles (``x`` in a given layout, normal values).
 - :func:`kernel_bound`: how far an FP8 ``_scaled_mm`` kernel may sit from the emulation on the same operands.
 - :func:`restored_registry`: undo the target registrations made inside it (every test runs in one).
+- :func:`hard_permutation_attention`: attention inputs whose exact answer is known without computing attention.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from harness.targets import load_targets
 from harness.targets.protocol import all_targets, register_target, unregister_target
 from harness.values import ValueSpec
 
-__all__ = ["PLAIN", "case", "kernel_bound", "restored_registry"]
+__all__ = ["ALLOCATOR_SLACK", "PLAIN", "case", "hard_permutation_attention", "kernel_bound", "restored_registry"]
 
 #: the plain (4, 8) float32 layout the runner's tests use by default
 PLAIN = LayoutSpec((4, 8), "float32")
+#: CUDA's caching allocator rounds every block up to a multiple of 512 bytes; at most a few dozen tensors
+#: are alive at once inside the reference attention()
+ALLOCATOR_SLACK = 64 * 512
 
 
 def case(op: str, spec: LayoutSpec = PLAIN, seed: int = 1, **params: Any) -> Case:
@@ -66,3 +70,27 @@ def kernel_bound(res: Any, emulated: torch.Tensor, *, tensor_core: bool = False)
            else "float32 accumulation in any order (2 x gamma_(K+2) x |A||B|)")
     return Bound(k=0.0, floor=floor, why=f"K={k} FP8 products: {how} + 1 ULP of {res.plan.out_dtype} "
                                          "for the final rounding")
+
+
+def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """bf16 q, k, v of shape (1, heads, seq, head_dim) (HND) whose attention is a permutation of v's rows,
+    and that permuted v: an oracle independent of any attention implementation (``seq <= head_dim``).
+
+    Query i and key ``perm[i]`` share the one-hot direction e_i scaled by 64: their score is
+    64 * 64 / sqrt(head_dim) >= 360 (head_dim <= 128) above every other score of the row, so softmax
+    is exactly one-hot in float32 (exp(-360) underflows) and in every narrower P format.  v's
+    entries are +-6: exact in bf16 and FP16, in E4M3 with a per-channel scale (amax 6 -> +-448) and in
+    NVFP4 (every block's amax is 6, an E2M1 value).  So any correct attention, quantized or not,
+    returns ``v[perm]`` exactly.
+    """
+    if not 0 < seq <= head_dim <= 128:
+        raise ValueError(f"need 0 < seq <= head_dim <= 128, got seq={seq}, head_dim={head_dim}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(seq, generator=g)
+    tokens = torch.arange(seq)
+    q = torch.zeros(1, heads, seq, head_dim)
+    q[:, :, tokens, tokens] = 64.0
+    k = torch.zeros(1, heads, seq, head_dim)
+    k[:, :, perm, tokens] = 64.0
+    v = 6.0 * (torch.randint(0, 2, (1, heads, seq, head_dim), generator=g) * 2 - 1).float()
+    return tuple(t.to(torch.bfloat16) for t in (q, k, v, v[:, :, perm]))
