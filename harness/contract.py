@@ -169,17 +169,17 @@ def _recipe(vs: Any) -> str:
     return kind + (f"({', '.join(f'{k}={v}' for k, v in params)})" if params else "")
 
 
-def written_inputs(verdict: str, message: str) -> list[str]:
+def written_inputs(verdict: str, message: str, mutated_inputs: Sequence[str] | None = None) -> list[str]:
     """Names of the inputs an ``input_mutation`` result says were written ([] otherwise).
 
-    The runner reports them only in its message (``INPUT_MUTATION_PREFIX`` + ``"name: what; ..."``).
+    ``mutated_inputs``: the result's ``Result.mutated_inputs`` (the worker's record); a result from before
+    that field (empty) is read from its message (``harness.verdicts.mutations_from_message``).
     """
-    from harness.verdicts import INPUT_MUTATION_PREFIX
+    from harness.verdicts import mutations_from_message
 
-    text = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
-    if verdict != "input_mutation" or not text.startswith(INPUT_MUTATION_PREFIX):
+    if verdict != "input_mutation":
         return []
-    return sorted({c.split(": ", 1)[0] for c in text[len(INPUT_MUTATION_PREFIX):].split("; ") if c})
+    return sorted(set(mutated_inputs or mutations_from_message(message or "")[0]))
 
 
 def record_of(case: Any, result: Any) -> dict[str, Any]:
@@ -191,8 +191,9 @@ def record_of(case: Any, result: Any) -> dict[str, Any]:
         operands[name] = operand_facts(spec, vs if vs is not None else "normal")
     params = {k: int(v) for k, v in (case.params or {}).items()
               if isinstance(v, int) and not isinstance(v, bool)}
+    written = written_inputs(verdict, result.message, getattr(result, "mutated_inputs", None))
     return {"op": case.op, "verdict": verdict, "class": str((case.params or {}).get("layout_class", "")),
-            "operands": operands, "params": params, "written": written_inputs(verdict, result.message)}
+            "operands": operands, "params": params, "written": written}
 
 
 # ------------------------------------------------------------------------------ inference

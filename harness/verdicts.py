@@ -14,10 +14,28 @@ import json
 import math
 from typing import Any, Mapping
 
-__all__ = ["Verdict", "Result", "BENIGN", "Unsupported", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED"]
+__all__ = ["Verdict", "Result", "BENIGN", "Unsupported", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED",
+           "mutations_from_message"]
 
 #: how an ``input_mutation`` message starts; then "name: what changed" entries joined by "; "
 INPUT_MUTATION_PREFIX = "the op wrote into its inputs: "
+
+
+def mutations_from_message(message: str) -> tuple[list[str], list[str]]:
+    """(inputs written, those of them whose poison was written) as an ``input_mutation`` message states them.
+
+    Only for results that predate ``Result.mutated_inputs`` / ``Result.poison_written`` (which say it as
+    data); ([], []) for a message that is not an input-mutation message.
+    """
+    text = message.strip().splitlines()[0] if message and message.strip() else ""
+    if not text.startswith(INPUT_MUTATION_PREFIX):
+        return [], []
+    entries = [e for e in text[len(INPUT_MUTATION_PREFIX):].split("; ") if e]
+    names = list(dict.fromkeys(e.split(": ", 1)[0] for e in entries))
+    poison = list(dict.fromkeys(e.split(": ", 1)[0] for e in entries if "(the poison)" in e))
+    return names, poison
+
+
 #: how the message of a case a closing pool answered without running it starts (verdict ``error``)
 POOL_CLOSED = "the pool was closed"
 
@@ -146,6 +164,9 @@ class Result:
     ``attribution``: who faulted (``op``, ``frame``, ``ops_tail``, ``launch_blocking``, ``sanitizer``).
     ``layouts``: input name -> ``LayoutSpec.describe()``.
     ``replay``: one-line command that reruns the case (set once the case is on disk).
+    ``mutated_inputs``: the inputs the op wrote (verdict ``input_mutation``), in input order;
+    ``poison_written``: those of them whose storage outside the view (the poison) changed. Results
+    written before these fields existed load with both empty (their message still says it).
     """
 
     verdict: Verdict
@@ -161,6 +182,8 @@ class Result:
     case_path: str | None = None
     replay: str | None = None
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mutated_inputs: list[str] = dataclasses.field(default_factory=list)
+    poison_written: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.verdict, Verdict):

@@ -1,6 +1,6 @@
 """The runner: worker pool, fault isolation, per-case execution and verdicts, replay and minimize.
 
-- ``targets``: the Target protocol, registry, CPU test targets and fault injectors.
+- ``targets``: backward-compatible names for :mod:`harness.targets` (the Target protocol and registry live there).
 - ``execute``: ``run_case`` -- build inputs, run, judge; what a worker does per case.
 - ``worker``: the worker process loop and the one-shot ``python -m harness.runner.worker``.
 - ``pool``: ``WorkerPool`` -- spawned workers per device, replaced after faults; attribution.

@@ -29,7 +29,7 @@ import os
 import platform
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -250,37 +250,51 @@ def _view_bytes(t: torch.Tensor) -> torch.Tensor:
     return c.reshape(-1).view(torch.uint8) if c.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
+class _Change(NamedTuple):
+    """One input the op wrote: ``name``, whether its storage outside the view (the poison) changed, what
+    changed in words."""
+
+    name: str
+    poison: bool
+    text: str
+
+
 class _Snapshot:
     def __init__(self, inputs: Mapping[str, torch.Tensor]) -> None:
         self.storage = {n: _storage_bytes(t).clone() for n, t in inputs.items()}
         self.view = {n: _view_bytes(t).clone() for n, t in inputs.items()}
 
-    def changes(self, inputs: Mapping[str, torch.Tensor], allowed: tuple[str, ...] = ()) -> list[str]:
-        """Human-readable list of what changed (empty: nothing)."""
-        found: list[str] = []
+    def _poison_changed(self, n: str, t: torch.Tensor, now_storage: torch.Tensor) -> bool:
+        if now_storage.numel() != self.storage[n].numel():
+            return True  # the storage itself was replaced or resized
+        mask = torch.ones(now_storage.numel(), dtype=torch.bool, device=t.device)
+        _view_mask_of(t, mask)
+        return not torch.equal(now_storage[mask], self.storage[n][mask])
+
+    def changes(self, inputs: Mapping[str, torch.Tensor], allowed: tuple[str, ...] = ()) -> list[_Change]:
+        """What changed, input by input (empty: nothing); ``allowed``: inputs whose values may change."""
+        found: list[_Change] = []
         for n, t in inputs.items():
             now_storage = _storage_bytes(t)
             if now_storage.numel() == self.storage[n].numel() and torch.equal(now_storage, self.storage[n]):
                 continue
             now_view = _view_bytes(t)
-            view_changed = not torch.equal(now_view, self.view[n])
-            if view_changed and n in allowed:
-                # the op may overwrite the values; does the poison still hold?
-                mask = torch.ones(now_storage.numel(), dtype=torch.bool, device=t.device)
-                _view_mask_of(t, mask)
-                if torch.equal(now_storage[mask], self.storage[n][mask]):
-                    continue
-                found.append(f"{n}: storage outside the view (the poison) was written")
-                continue
-            if view_changed:
-                elem = t.element_size()
-                diff = (now_view != self.view[n]).view(-1, elem).any(1).nonzero()
-                first = int(diff[0]) if diff.numel() else -1
-                idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), t.shape)) if first >= 0 else ()
-                found.append(f"{n}: {diff.numel()} of its {t.numel()} values changed (first at index {list(idx)})")
-            else:
+            if torch.equal(now_view, self.view[n]):
                 nbad = int((now_storage != self.storage[n]).sum())
-                found.append(f"{n}: {nbad} byte(s) of storage outside the view (the poison) were written")
+                found.append(_Change(n, True, f"{n}: {nbad} byte(s) of storage outside the view (the poison) "
+                                              "were written"))
+                continue
+            poison = self._poison_changed(n, t, now_storage)
+            if n in allowed:  # the op may overwrite the values; does the poison still hold?
+                if poison:
+                    found.append(_Change(n, True, f"{n}: storage outside the view (the poison) was written"))
+                continue
+            elem = t.element_size()
+            diff = (now_view != self.view[n]).view(-1, elem).any(1).nonzero()
+            first = int(diff[0]) if diff.numel() else -1
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), t.shape)) if first >= 0 else ()
+            found.append(_Change(n, poison, f"{n}: {diff.numel()} of its {t.numel()} values changed "
+                                            f"(first at index {list(idx)})"))
         return found
 
 
@@ -374,7 +388,7 @@ def _launch_blocking() -> bool:
 
 
 def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool) -> Result:
-    from harness.runner.targets import TargetError, resolve_target
+    from harness.targets import TargetError, resolve_target
 
     case, device = st.case, st.device
     try:
@@ -410,7 +424,8 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
                          f"{_first_line(e)}" + (f"\nhealth check: {why}" if why else ""))
     ref_changes = snap.changes(inputs)
     if ref_changes:
-        return st.result(Verdict.ERROR, "the reference mutated its inputs (harness bug): " + "; ".join(ref_changes))
+        return st.result(Verdict.ERROR, "the reference mutated its inputs (harness bug): "
+                         + "; ".join(c.text for c in ref_changes))
 
     # same values, packed at offset 0, copied before the op can touch them (for the layout check)
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
@@ -455,7 +470,8 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     # ---- input mutation
     changes = snap.changes(inputs, tuple(getattr(target, "mutates", ()) or ()))
     if changes:
-        return st.result(Verdict.INPUT_MUTATION, INPUT_MUTATION_PREFIX + "; ".join(changes))
+        return st.result(Verdict.INPUT_MUTATION, INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes),
+                         mutated_inputs=[c.name for c in changes], poison_written=[c.name for c in changes if c.poison])
 
     if tuple(out.shape) != tuple(exact.shape):
         return st.result(Verdict.DRIFT, f"output shape {tuple(out.shape)} differs from the reference's "

@@ -44,7 +44,7 @@ EXIT_PARENT_GONE = 19
 FAIL_STARTS_ENV = "HARNESS_FAIL_WORKER_STARTS"
 #: imported before a worker reports ready, so no case pays for them inside its timed window
 #: (``torch._dynamo`` alone is 1-4 s: torch imports it on the first dispatch-mode error or compile)
-WARM_IMPORTS = ("torch._dynamo", "harness.reference", "harness.reference.wan", "harness.runner.targets",
+WARM_IMPORTS = ("torch._dynamo", "harness.reference", "harness.reference.wan", "harness.targets.protocol",
                 "harness.runner.execute", "harness.cases")
 
 
@@ -156,9 +156,9 @@ def _warm_up(device: str) -> None:
 
     for mod in WARM_IMPORTS:
         importlib.import_module(mod)
-    from harness.runner.targets import all_targets
+    from harness.targets import load_targets
 
-    all_targets()  # imports the target modules (harness.targets and plug-ins)
+    load_targets(include_doubles=True)  # the real ops, env plug-ins, and the test doubles tests submit
     from harness.cases import Case
     from harness.layouts import LayoutSpec
     from harness.runner.execute import run_case
@@ -186,7 +186,7 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
         info = _setup_device(device)
         _warm_up(device)
         from harness.runner.execute import run_case
-        from harness.runner.targets import take_between_cases
+        from harness.targets.doubles import take_between_cases
         from harness.verdicts import Verdict
     except BaseException as e:  # noqa: BLE001 - report, then exit
         import traceback
@@ -245,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     from harness.cases import load_case
     from harness.runner.execute import run_case
+    from harness.targets import load_targets
     from harness.verdicts import Result, Verdict
 
     t0 = time.perf_counter()
+    load_targets(include_doubles=True)  # as a pool worker does: a case may name a test double
     try:
         case, tensors = load_case(args.case)
     except Exception as e:

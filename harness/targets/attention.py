@@ -36,14 +36,13 @@ import torch
 from harness.cases import Case
 from harness.quant.plugins import ATTENTION_GROUP
 from harness.reference.metrics import Bound
-from harness.runner.targets import register_target
+from harness.targets.protocol import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 from harness.targets.plugin import PluginTarget, register_plugin_target
-from harness.verdicts import INPUT_MUTATION_PREFIX
 
 __all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
-           "register_backend_targets", "register_attention_plugin"]
+           "register_backend_targets", "register_attention_plugin", "known_upstream_defect"]
 
 _K_BOUND = 2.0
 _DTYPE = "bfloat16"
@@ -147,12 +146,57 @@ class AttentionTarget(ClassTarget):
                              why="a layout may change the kernel's code path or tiling: the same slack as the drift "
                                  f"bound ({_K_BOUND:g} x emulated error + rounding floor)")
 
+    # ---- named kernel defects (not about layout)
+    def declared_writes(self) -> tuple[str, ...]:
+        """The inputs the backend declares it writes (``harness.quant.backends`` ``modifies_inputs``, with the
+        kwargs the targets pass, i.e. none); () when it declares none or is not in the registry."""
+        from harness.quant.backends import BACKENDS
+
+        b = BACKENDS.get(self.backend_name)
+        return tuple(b.requires.mutated_inputs({})) if b is not None else ()
+
+    def known_defect(self, case: Case, result: Any) -> str | None:
+        """A defect of the kernel itself (not of the layout) that explains ``result`` on ``case``, or None.
+
+        * ``drift`` -- SageAttention 1.0.6 (``sage1.*``) gives the padded keys of a short last key tile
+          (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax weight: the output drifts
+          beyond the emulation's bound and matches ``emu.sage1`` with ``tail_keys_score_zero=True``
+          (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's 32760-token self-attention
+          (32760 % 64 = 56) and 257-token CLIP context are affected.
+        * ``input_mutation`` -- the backend declares that it writes some inputs (:meth:`declared_writes`;
+          SageAttention 1 and 3 subtract the key mean in place, in every layout).  Explained only when the
+          inputs written (``result.mutated_inputs``) are all declared ones and no poison around a view
+          changed (``result.poison_written``): anything else is a different defect.
+        """
+        verdict = getattr(result.verdict, "value", result.verdict)
+        if verdict == "drift":
+            return self.short_key_tile(case)
+        written = self.declared_writes() if verdict == "input_mutation" else ()
+        names = set(getattr(result, "mutated_inputs", None) or ())
+        if written and names and names <= set(written) and not getattr(result, "poison_written", None):
+            return (f"{self.backend_name} writes its {', '.join(sorted(names))} input in place, as its backend "
+                    f"declares (modifies_inputs={list(written)}); safe_attn.{self.backend_name} copies it first")
+        return None
+
+    def short_key_tile(self, case: Case) -> str | None:
+        """SageAttention 1's short last key tile, when ``case`` has one (``s_k % 64 != 0``); else None."""
+        if not self.backend_name.startswith("sage1.") or "k" not in case.layouts:
+            return None
+        k = case.layouts["k"]
+        s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
+        if s_k % 64:
+            return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
+        return None
+
 
 class SafeAttentionTarget(AttentionTarget):
     """``safe_attn.<backend>``: the backend through ``harness.quant.attention.safe_attention``, the guard
     generated from the backend's measured contract (``harness/contracts``; hand-written rules where none)."""
 
     accepts_all_layouts = True
+
+    def declared_writes(self) -> tuple[str, ...]:
+        return ()  # the wrapper must copy an input its kernel writes: a write is never explained here
 
     def available(self, device):
         try:
@@ -240,49 +284,19 @@ except ImportError:  # pragma: no cover - the backend registry is part of the pa
     pass
 
 
-def declared_input_writes(target_name: str) -> tuple[str, ...]:
-    """The inputs a raw attention target's backend declares it writes (``harness.quant.backends``
-    ``modifies_inputs``, with the kwargs the targets pass, i.e. none); () for the layout-safe
-    ``safe_attn.*`` targets, which must copy such inputs first, and for unknown names."""
-    cls = ATTENTION_TARGETS.get(target_name)
-    if cls is None or issubclass(cls, SafeAttentionTarget):
-        return ()
-    from harness.quant.backends import BACKENDS
-
-    b = BACKENDS.get(cls.backend_name)
-    return tuple(b.requires.mutated_inputs({})) if b is not None else ()
-
-
 def known_upstream_defect(target_name: str, case: Case, verdict: str = "drift", message: str = "") -> str | None:
-    """A defect of the kernel itself (not of the layout) that explains ``verdict`` on this case, or None.
+    """Compatibility shim for callers holding only a verdict and its message: the registered target's
+    :meth:`~harness.targets.protocol.BaseTarget.known_defect` on a Result rebuilt from them (the inputs
+    written read from the message, as for results older than ``Result.mutated_inputs``).  New code calls
+    ``harness.targets.known_defect_of(case, result)`` with the worker's Result."""
+    from harness.targets.protocol import TargetError, get_target
+    from harness.verdicts import Result, mutations_from_message
 
-    ``message`` is the result's message (what the verdict saw).  Named defects:
-
-    * ``drift`` -- SageAttention 1.0.6 (``sageattn``/``sageattn_varlen``) gives the padded keys of a
-      short last key tile (``s_k % 64 != 0``) a score of 0 instead of -inf, so they take softmax
-      weight: the output drifts beyond the emulation's bound and matches ``emu.sage1`` with
-      ``tail_keys_score_zero=True`` (measured on an H200, torch 2.11, docs/gpu-findings.md).  Wan's
-      32760-token self-attention (32760 % 64 = 56) and 257-token CLIP context are affected.
-    * ``input_mutation`` -- a raw kernel whose backend declares that it writes some inputs
-      (:func:`declared_input_writes`; SageAttention 1 and 3 subtract the key mean in place, in
-      every layout).  Explained only when the values of declared inputs are all that changed: a
-      write to another input or to storage outside a view is a different defect.
-    """
-    if verdict == "drift":
-        if not target_name.startswith(("attn.sage1.", "safe_attn.sage1.")) or "k" not in case.layouts:
-            return None
-        k = case.layouts["k"]
-        s_k = k.shape[2] if case.params.get("tensor_layout") == "HND" else k.shape[1]
-        if s_k % 64:
-            return f"SageAttention 1.x short last key tile (s_k % 64 = {s_k % 64}): padded keys scored 0, not -inf"
+    try:
+        target = get_target(target_name)
+    except TargetError:
         return None
-    written = declared_input_writes(target_name) if verdict == "input_mutation" else ()
-    text = message.strip().splitlines()[0] if message.strip() else ""
-    if written and text.startswith(INPUT_MUTATION_PREFIX):
-        changes = text[len(INPUT_MUTATION_PREFIX):].split("; ")
-        names = {c.split(": ", 1)[0] for c in changes}
-        if names <= set(written) and all("values changed" in c for c in changes):
-            backend = ATTENTION_TARGETS[target_name].backend_name
-            return (f"{backend} writes its {', '.join(sorted(names))} input in place, as its backend declares "
-                    f"(modifies_inputs={list(written)}); safe_attn.{backend} copies it first")
-    return None
+    written, poison = mutations_from_message(message) if verdict == "input_mutation" else ([], [])
+    result = Result(verdict, message, op=target_name, mutated_inputs=written, poison_written=poison)
+    method = getattr(target, "known_defect", None)
+    return method(case, result) if method is not None else None

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from harness.cases import Case
-from harness.runner.targets import BaseTarget, default_inputs
+from harness.targets.protocol import BaseTarget, default_inputs
 from harness.targets.layout_classes import Context, Draw, LayoutClass, classes_for
 
 __all__ = ["CaseFactory", "ClassTarget", "LAYOUT_CLASS_PARAM", "size_preset", "need_cuda_capability",
@@ -187,7 +187,7 @@ class ClassTarget(BaseTarget):
 
 def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
                        ) -> dict[str, torch.Tensor]:
-    """``harness.runner.targets.default_inputs``, plus broadcast (stride-0) layouts of 1-byte float dtypes.
+    """``harness.targets.protocol.default_inputs``, plus broadcast (stride-0) layouts of 1-byte float dtypes.
 
     Local shim: ``harness.layouts.materialize`` checks that values are constant along broadcast
     dims with ``torch.equal``, which torch 2.13 does not implement for FP8 on the CPU.  Such

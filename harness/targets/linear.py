@@ -54,7 +54,7 @@ from harness.cases import Case
 from harness.layouts import LayoutSpec
 from harness.quant.plugins import LINEAR_GROUP
 from harness.reference.metrics import Bound
-from harness.runner.targets import register_target
+from harness.targets.protocol import register_target
 from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 from harness.targets.plugin import PluginTarget, register_plugin_target

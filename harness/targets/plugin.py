@@ -20,7 +20,7 @@ from harness.quant.plugins import (
     probe,
     resolve,
 )
-from harness.runner.targets import register_target
+from harness.targets.protocol import register_target
 
 __all__ = ["PluginTarget", "probe_plugin", "register_plugin_target"]
 

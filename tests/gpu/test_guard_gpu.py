@@ -21,8 +21,7 @@ import pytest
 from harness.contract import diff_contracts, infer_contract, record_of
 from harness.contracts import measured_contract, shipped_contracts
 from harness.quant.backends import get_backend
-from harness.runner.targets import get_target
-from harness.targets.attention import known_upstream_defect
+from harness.targets import get_target, known_defect_of
 
 pytestmark = pytest.mark.gpu
 
@@ -70,7 +69,7 @@ def test_guarded_backend_runs_every_layout_class_clean(pool, backend: str) -> No
     bad = []
     for case, r in results:
         v = r.verdict.value
-        if v in LAYOUT_FAILURES or (v == "drift" and not known_upstream_defect(f"safe_attn.{backend}", case, v)):
+        if v in LAYOUT_FAILURES or (v == "drift" and not known_defect_of(case, r)):
             bad.append(f"{case.params['layout_class']}: {r.summary()}")
     assert not bad, "\n".join(bad)
 

@@ -23,8 +23,10 @@ from harness.quant.legacy import legacy_op
 from harness.quant.linear import (LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
                                   scaled_mm_available)
 from harness.reference.formats import round_to_format, scaled_mm
-from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
+from harness.reference.metrics import judge
 from harness.strategies import layouts
+
+from helpers import kernel_bound
 
 pytestmark = pytest.mark.gpu
 
@@ -40,25 +42,12 @@ def dev() -> torch.device:
     return torch.device("cuda")
 
 
-def kernel_bound(res: LinearResult, emulated: torch.Tensor) -> Bound:
-    """Tensor-core accumulation (14-bit runs of 128, float32 across) + the emulation's float32
-    accumulation (gamma_(K+2) x |A||B|) + 1 output ULP."""
-    a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
-    b = (res.b.to(torch.float64) * res.scale_b.to(torch.float64))[:, : res.plan.n]
-    k = res.a.shape[1]
-    per_elem = scaled_mm_kernel_bound(a, b, emulated, res.plan.out_dtype, tensor_core=True)
-    return Bound(k=0.0, floor=float(per_elem.max()),
-                 why=f"K={k} FP8 products: tensor-core accumulator (14 bits per 128-product run, float32 "
-                     f"across runs) + the emulation's float32 sum (gamma_(K+2) x |A||B|) + 1 ULP of "
-                     f"{res.plan.out_dtype}")
-
-
 def check(res: LinearResult, bias: torch.Tensor | None = None) -> None:
     emu = scaled_mm(res.a, res.b, res.scale_a, res.scale_b, bias=res.bias, out_dtype=res.plan.out_dtype)
     emu = emu[:, : res.plan.n]
     if bias is not None and res.plan.out_dtype == torch.float32:
         emu = emu + bias.to(torch.float32)
-    j = judge(res.out.reshape(emu.shape).double(), emu.double(), None, kernel_bound(res, emu))
+    j = judge(res.out.reshape(emu.shape).double(), emu.double(), None, kernel_bound(res, emu, tensor_core=True))
     assert j.passed, f"{j}\n{res.plan.describe()}"
 
 

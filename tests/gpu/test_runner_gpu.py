@@ -26,8 +26,9 @@ import pytest
 from harness.cases import Case, load_case
 from harness.layouts import LayoutSpec
 from harness.runner.pool import WorkerPool, find_sanitizer, probe_cuda, probe_devices, run_in_fresh_process
-from harness.values import ValueSpec
 from harness.verdicts import Verdict
+
+import helpers
 
 pytestmark = pytest.mark.gpu
 
@@ -35,9 +36,12 @@ REPO = Path(__file__).resolve().parents[2]
 RECOVERY_LIMIT_S = 10.0  # the product promise: a fresh CUDA interpreter costs 5-7 s, a spare takes over at once
 
 
-def case(op: str, spec: LayoutSpec | None = None, seed: int = 1, **params) -> Case:
-    spec = spec or LayoutSpec((64, 128), "float32")
-    return Case(op=op, layouts={"x": spec}, values={"x": ValueSpec("normal", seed=seed)}, params=params)
+#: big enough for a GPU to launch real kernels
+GPU_X = LayoutSpec((64, 128), "float32")
+
+
+def case(op: str, spec: LayoutSpec = GPU_X, seed: int = 1, **params) -> Case:
+    return helpers.case(op, spec, seed, **params)
 
 
 @pytest.fixture(scope="module")

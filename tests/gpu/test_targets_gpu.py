@@ -20,8 +20,8 @@ import os
 import pytest
 
 from harness.matrix import is_failure
-from harness.runner.targets import all_targets
-from harness.targets.attention import declared_input_writes, known_upstream_defect
+from harness.targets import all_targets
+from harness.verdicts import Result, Verdict
 
 pytestmark = pytest.mark.gpu
 
@@ -59,7 +59,8 @@ def sweep(capability) -> dict[tuple[str, str], list]:
             out[key] = []
             for case, fut in pairs:
                 r = fut.result()
-                r.known_defect = known_upstream_defect(key[0], case)  # kernel defects, not layout ones
+                # the kernel defect (not a layout one) a drift on this case would be
+                r.known_defect = all_targets()[key[0]].known_defect(case, Result(Verdict.DRIFT, op=key[0]))
                 out[key].append(r)
         return out
 
@@ -98,7 +99,7 @@ def test_every_target_passes_its_control_classes(sweep) -> None:
         if cls not in CONTROL[t.kind] or not _available(sweep, name):
             continue
         # raw kernels whose backend declares it writes an input (Sage 1/3: k -= mean(k)) must show it
-        want = "input_mutation" if declared_input_writes(name) else "pass"
+        want = "input_mutation" if getattr(t, "declared_writes", tuple)() else "pass"
         wants = [want if want != "pass" else _expected(name, r, want) for r in rs]
         got = [r.verdict.value for r in rs]
         if got != wants:
@@ -118,40 +119,66 @@ def test_layout_safe_ops_accept_every_class(sweep) -> None:
     assert not problems, "\n\n".join(problems)
 
 
-#: (target, class) -> verdict, measured on an H200 (sm 9.0), torch 2.11+cu130 (docs/gpu-findings.md)
-H200_FACTS = {
-    ("raw.scaled_mm", "offset_1"): "rejected",  # CUBLAS_STATUS_NOT_SUPPORTED, context healthy
-    ("raw.scaled_mm", "offset_8"): "rejected",
-    ("raw.scaled_mm", "offset_16"): "pass",
-    ("raw.scaled_mm", "padded_rows"): "rejected",  # odd leading dimension
-    ("raw.scaled_mm", "transposed"): "rejected",  # torch: A must be row-major
-    ("attn.sdpa.flash", "misaligned_ptr_2"): "device_fault",  # sticky 'misaligned address'
-    ("attn.sdpa.flash", "misaligned_ptr_8"): "device_fault",
-    ("attn.sdpa.efficient", "misaligned_ptr_2"): "rejected",  # 'p.query_ptr is not correctly aligned'
-    ("attn.sdpa.efficient", "misaligned_ptr_8"): "device_fault",
+#: what the facts below were measured with (docs/gpu-findings.md: one H200, torch 2.11.0+cu130, cuDNN 9.19.0)
+MEASURED_WITH = {"capability": "9.0", "torch": "2.11", "cuda": "13.0", "cudnn": "9.19"}
+#: the parts of the stack a fact depends on
+CUBLAS = ("capability", "torch", "cuda")  # torch._scaled_mm -> cuBLASLt's FP8 heuristics
+TORCH_KERNEL = ("capability", "torch")  # a kernel torch ships (flash, memory-efficient, the FP8 cast)
+CUDNN = ("capability", "torch", "cudnn")
+EVERYWHERE = ()  # composite aten ops or Python: no kernel of this stack decides it
+
+#: (target, class) -> (verdict, what it depends on); checked wherever those parts match MEASURED_WITH
+LAYOUT_FACTS = {
+    ("raw.scaled_mm", "offset_1"): ("rejected", CUBLAS),  # CUBLAS_STATUS_NOT_SUPPORTED, context healthy
+    ("raw.scaled_mm", "offset_8"): ("rejected", CUBLAS),
+    ("raw.scaled_mm", "offset_16"): ("pass", CUBLAS),
+    ("raw.scaled_mm", "padded_rows"): ("rejected", CUBLAS),  # odd leading dimension
+    ("raw.scaled_mm", "transposed"): ("rejected", ("torch",)),  # torch's own check: A must be row-major
+    ("attn.sdpa.flash", "misaligned_ptr_2"): ("device_fault", TORCH_KERNEL),  # sticky 'misaligned address'
+    ("attn.sdpa.flash", "misaligned_ptr_8"): ("device_fault", TORCH_KERNEL),
+    ("attn.sdpa.efficient", "misaligned_ptr_2"): ("rejected", TORCH_KERNEL),  # 'p.query_ptr is not correctly aligned'
+    ("attn.sdpa.efficient", "misaligned_ptr_8"): ("device_fault", TORCH_KERNEL),
     # no error, but the kernel reads outside the view: the NaN poison around it reaches the output
-    ("attn.sdpa.cudnn", "misaligned_ptr_2"): "nonfinite",
-    ("attn.sdpa.cudnn", "misaligned_ptr_8"): "nonfinite",
-    ("attn.sdpa.math", "misaligned_ptr_8"): "pass",
-    ("legacy.wanvideo_late2025", "values_beyond_448"): "input_mutation",
+    ("attn.sdpa.cudnn", "misaligned_ptr_2"): ("nonfinite", CUDNN),
+    ("attn.sdpa.cudnn", "misaligned_ptr_8"): ("nonfinite", CUDNN),
+    ("attn.sdpa.math", "misaligned_ptr_8"): ("pass", EVERYWHERE),
+    ("legacy.wanvideo_late2025", "values_beyond_448"): ("input_mutation", EVERYWHERE),  # clamps x in place
     # x / scale_input cast to E4M3 unclamped: torch 2.11's CUDA cast gives NaN from 480 up
-    ("legacy.comfyui.scaled_input", "values_beyond_448"): "nonfinite",
-    ("legacy.user_fixed.scaled_input", "values_beyond_448"): "nonfinite",
+    ("legacy.comfyui.scaled_input", "values_beyond_448"): ("nonfinite", TORCH_KERNEL),
+    ("legacy.user_fixed.scaled_input", "values_beyond_448"): ("nonfinite", TORCH_KERNEL),
 }
 
 
-@pytest.mark.parametrize("cell", sorted(H200_FACTS), ids=lambda c: f"{c[0]}-{c[1]}")
-def test_raw_kernel_layout_facts(sweep, capability, cell) -> None:
-    if capability != (9, 0):
-        pytest.skip(f"facts measured on compute capability 9.0, found {capability[0]}.{capability[1]}")
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _stack_here(capability: tuple[int, int]) -> dict[str, str]:
+    """This machine's values of the keys of MEASURED_WITH."""
     import torch
 
-    if not torch.__version__.startswith("2.11"):
-        pytest.skip(f"facts measured with torch 2.11, found {torch.__version__}")
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if cudnn is None:
+        cudnn_v = "none"
+    elif cudnn >= 90000:  # cuDNN 9 encodes major * 10000 + minor * 100 + patch
+        cudnn_v = f"{cudnn // 10000}.{cudnn % 10000 // 100}"
+    else:  # cuDNN 8: major * 1000 + minor * 100 + patch
+        cudnn_v = f"{cudnn // 1000}.{cudnn % 1000 // 100}"
+    return {"capability": f"{capability[0]}.{capability[1]}", "torch": _major_minor(torch.__version__),
+            "cuda": _major_minor(torch.version.cuda or "none"), "cudnn": cudnn_v}
+
+
+@pytest.mark.parametrize("cell", sorted(LAYOUT_FACTS), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_raw_kernel_layout_facts(sweep, capability, cell) -> None:
+    want, depends = LAYOUT_FACTS[cell]
+    here = _stack_here(capability)
+    other = [f"{k} {MEASURED_WITH[k]} (here {here[k]})" for k in depends if here[k] != MEASURED_WITH[k]]
+    if other:
+        pytest.skip(f"{cell[0]} x {cell[1]} was measured with {', '.join(other)}: measure it here "
+                    "(scripts/gpu_probe.py, the matrix) and add the facts")
     rs = sweep[cell]
     if any(r.verdict.value == "unavailable" for r in rs):
         pytest.skip(f"{cell[0]} unavailable: {rs[0].message}")
-    want = H200_FACTS[cell]
     assert [r.verdict.value for r in rs] == [want] * len(rs), _show(rs)
     if want == "device_fault":
         assert all(r.attribution for r in rs), "device faults must come with an attribution"

@@ -92,6 +92,14 @@ def test_record_of_a_case_and_its_result() -> None:
     assert written_inputs("drift", msg) == []
 
 
+def test_the_written_inputs_come_from_the_results_record_when_it_has_one() -> None:
+    case = Case(op="attn.x", layouts={n: LayoutSpec(SHAPE) for n in "qkv"})
+    msg = INPUT_MUTATION_PREFIX + "k: 12 of its 8192 values changed (first at index [0, 0, 0, 0])"
+    r = Result(Verdict.INPUT_MUTATION, msg, op="attn.x", mutated_inputs=["v", "q"], poison_written=["q"])
+    assert record_of(case, r)["written"] == ["q", "v"]  # the record, not the (here inconsistent) message
+    assert written_inputs("input_mutation", msg, ["v"]) == ["v"] and written_inputs("input_mutation", msg) == ["k"]
+
+
 # ------------------------------------------------------------------------------ inference, known boundaries
 
 

@@ -16,18 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cases import Case, load_case
+from harness.cases import load_case
 from harness.layouts import LayoutSpec
 from harness.runner.pool import PoolClosed, WorkerPool, resolve_devices
-from harness.values import ValueSpec
 from harness.verdicts import Verdict
 
-PLAIN = LayoutSpec((4, 8), "float32")
+from helpers import PLAIN, case
+
 ODD = LayoutSpec((4, 8), "float32", offset=3, pad=(0, 2))
-
-
-def case(op: str, spec: LayoutSpec = PLAIN, seed: int = 1, **params) -> Case:
-    return Case(op=op, layouts={"x": spec}, values={"x": ValueSpec("normal", seed=seed)}, params=params)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +143,7 @@ def test_worker_crash_names_signal_and_python_frame(worker_pool):
     assert r.verdict is Verdict.WORKER_CRASH
     assert r.metrics["exitcode"] == -11
     # the worker's faulthandler dump points at the target's own line, not at ctypes
-    assert "targets.py" in r.attribution["frame"] and "in run" in r.attribution["frame"]
+    assert "doubles.py" in r.attribution["frame"] and "in run" in r.attribution["frame"]
 
 
 def test_fault_isolation_spare_takes_over_after_a_fault(tmp_path):

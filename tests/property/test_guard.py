@@ -132,7 +132,7 @@ def planted():
 
     yield register
     for n in made:
-        registry._REGISTRY.pop(n, None)
+        registry.unregister_target(n)
 
 
 def _sweep(target: Any) -> list[tuple[Any, Any]]:

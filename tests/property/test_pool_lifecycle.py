@@ -22,18 +22,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from harness.cases import Case, load_case
-from harness.layouts import LayoutSpec
+from harness.cases import load_case
 from harness.runner.pool import WorkerPool, remove_stale_tmp, save_failure
 from harness.runner.worker import FAIL_STARTS_ENV
-from harness.values import ValueSpec
 from harness.verdicts import Result, Verdict
 
-PLAIN = LayoutSpec((4, 8), "float32")
-
-
-def case(op: str, seed: int = 1, **params) -> Case:
-    return Case(op=op, layouts={"x": PLAIN}, values={"x": ValueSpec("normal", seed=seed)}, params=params)
+from helpers import case
 
 
 def wait_exited(pid: int, timeout: float) -> bool:

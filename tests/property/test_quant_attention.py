@@ -14,6 +14,8 @@ from harness.quant.attention import UnsupportedInput, aligned_copy, plan_attenti
 from harness.quant.backends import BACKENDS, AttentionBackend, Requirements, get_backend, register_backend
 from harness.strategies import attention_inputs
 
+from helpers import hard_permutation_attention
+
 B_, H_, S_, D_ = 1, 2, 24, 64
 
 
@@ -133,6 +135,10 @@ def test_real_cpu_backends_through_the_wrapper_match_plain_inputs(backend: str) 
     plain = [x.to(torch.bfloat16) for x in vals]
     ref, _ = safe_attention(backend, *plain, "NHD")
     assert torch.equal(out, ref)
+    # and the answer itself, from an oracle that computes no attention (the wrapper's copy could be wrong both ways)
+    *qkv, want = (t.transpose(1, 2) for t in hard_permutation_attention(heads=2, seq=40, head_dim=64, seed=5))
+    out, _ = safe_attention(backend, *(materialize(spec, x) for x in qkv), "NHD")
+    assert torch.equal(out.float(), want.float())
 
 
 def test_unsupported_inputs_raise_with_the_value() -> None:

@@ -24,31 +24,15 @@ from harness.quant import linear as L
 from harness.quant.linear import (Fp8LinearError, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
                                   plan_operands)
 from harness.reference.formats import quantize, round_to_format, scaled_mm
-from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
+from harness.reference.metrics import Bound, judge
 from harness.strategies import layouts, value_specs
+
+from helpers import kernel_bound
 
 E4M3 = torch.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def kernel_bound(res: L.LinearResult, emulated: torch.Tensor) -> Bound:
-    """How far a float32-accumulating kernel may sit from the emulation on the same operands.
-
-    Both sum K exact FP8 products in float32 (orders may differ) and apply two scale multiplies:
-    each is within gamma_(K+2) * sum|terms| of the exact value (Higham 3.1), so they are within
-    twice that of each other; both then round once to the output dtype, which can put them one
-    output ULP apart where the float32 values straddle a rounding boundary.
-    """
-    a = res.a.to(torch.float64) * res.scale_a.to(torch.float64)
-    b = (res.b.to(torch.float64) * res.scale_b.to(torch.float64))[:, : res.plan.n]
-    k = res.a.shape[1]
-    per_elem = scaled_mm_kernel_bound(a, b, emulated, res.plan.out_dtype)
-    floor = float(per_elem.max()) if per_elem.numel() else 0.0
-    return Bound(k=0.0, floor=floor,
-                 why=f"float32 accumulation of K={k} products in any order (2 x gamma_(K+2) x |A||B|) "
-                     f"+ 1 ULP of {res.plan.out_dtype} for the final rounding")
 
 
 def emulate(res: L.LinearResult, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ from harness.reference.attention import attention, naive_attention, plan_chunks
 from harness.reference.metrics import Bound, judge, summation_bound
 from harness.reference.wan.config import GRID_480P, TOKENS_480P, WAN_14B
 
+from helpers import ALLOCATOR_SLACK
+
 
 
 def _oracle(q, k, v, scale, mask=None):
@@ -157,7 +159,7 @@ def test_memory_plan_keeps_wan14b_float32_under_16gib() -> None:
     plan = plan_chunks(b, h, s, s, d, d, compute_dtype=torch.float32)
     tensor_bytes = b * h * s * d * 4
     peak = 3 * tensor_bytes + tensor_bytes + plan.workspace_bytes  # q, k, v, output, workspace
-    assert peak <= 16 * 2**30
+    assert peak + ALLOCATOR_SLACK <= 16 * 2**30  # what tests/gpu/test_ref_memory.py measures on CUDA
     tight = plan_chunks(b, h, s, s, d, d, compute_dtype=torch.float64, memory_budget=4 << 20)
     assert tight.head_chunk == 1 and tight.workspace_bytes <= 4 << 20
     with pytest.raises(ValueError, match="memory_budget=1000 bytes is below"):

@@ -15,6 +15,8 @@ from harness.reference.formats import FORMATS, dequantize, is_representable, qua
 from harness.reference.metrics import cosine, error_report
 from harness.reference.sage import group_ids, sage_v1, sage_v2, sage_v3
 
+from helpers import hard_permutation_attention
+
 VERSIONS = {
     "v1": sage_v1,
     "v2_sm89": lambda q, k, v, **kw: sage_v2(q, k, v, **kw),
@@ -110,6 +112,17 @@ def test_layouts_agree_and_inputs_are_untouched(name: str) -> None:
     nhd = VERSIONS[name](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD")
     assert torch.equal(nhd.transpose(1, 2), hnd)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+@pytest.mark.parametrize("name", list(VERSIONS))
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_every_version_gives_the_known_answer_of_a_hard_permutation(name: str, layout: str) -> None:
+    # the layouts agreeing (above) could mean both are wrong: here the answer comes from an oracle
+    q, k, v, want = hard_permutation_attention(heads=2, seq=128, head_dim=128, seed=3)
+    if layout == "NHD":
+        q, k, v, want = (t.transpose(1, 2) for t in (q, k, v, want))
+    out = VERSIONS[name](q, k, v, layout=layout)
+    assert torch.equal(out.float(), want.float()), f"{name}: max diff {(out.float() - want.float()).abs().max()}"
 
 
 # --- the quantizers, against loops over their groups ---------------------------------

@@ -23,13 +23,10 @@ from harness.strategies import layouts
 from harness.values import ValueSpec
 from harness.verdicts import BENIGN, Result, Verdict
 
-PLAIN = LayoutSpec((4, 8), "float32")
+from helpers import PLAIN, case
+
 #: misaligned offset, padding on the last dim: the storage around the view holds poison
 ODD = LayoutSpec((4, 8), "float32", offset=3, pad=(0, 2))
-
-
-def case(op: str, spec: LayoutSpec = PLAIN, **params) -> Case:
-    return Case(op=op, layouts={"x": spec}, values={"x": ValueSpec("normal", seed=1)}, params=params)
 
 
 @pytest.mark.parametrize("spec", [PLAIN, ODD], ids=["plain", "offset+pad"])
@@ -81,12 +78,14 @@ def test_writing_into_the_input_is_input_mutation(spec):
     r = run_case(case("fault.mutate", spec))
     assert r.verdict is Verdict.INPUT_MUTATION
     assert "x: 1 of its 32 values changed (first at index [0, 0])" in r.message
+    assert r.mutated_inputs == ["x"] and r.poison_written == []  # the record: a value inside the view only
 
 
 def test_writing_into_the_poison_is_input_mutation():
     r = run_case(case("fault.poison_write", ODD))
     assert r.verdict is Verdict.INPUT_MUTATION
     assert "outside the view" in r.message
+    assert r.mutated_inputs == ["x"] and r.poison_written == ["x"]
 
 
 def test_poison_write_without_poison_passes():
@@ -210,6 +209,33 @@ def test_allowed_mutation_still_protects_the_poison():
     assert run_case(case("test.inplace", ODD)).verdict is Verdict.PASS
 
 
+@pytest.mark.parametrize("allowed", [(), ("b",)], ids=["not allowed", "allowed"])
+def test_the_mutation_record_names_each_input_and_whether_its_poison_changed(allowed):
+    @register_target(replace=True)
+    class _Sloppy(BaseTarget):
+        """Scales b in place, then writes the element just before b's view (its poison)."""
+
+        name = "test.sloppy"
+        mutates = allowed
+
+        def run(self, inputs, params):
+            a, b = inputs["a"], inputs["b"]
+            b.mul_(2)
+            flat = b.new_empty(0).set_(b.untyped_storage(), 0, (b.untyped_storage().nbytes() // 4,), (1,))
+            flat[b.storage_offset() - 1] = 7.0
+            return a + b
+
+        def reference(self, inputs, params):
+            return inputs["a"].double() + 2 * inputs["b"].double(), None
+
+    c = Case(op="test.sloppy", layouts={"a": PLAIN, "b": LayoutSpec((4, 8), "float32", offset=2)})
+    r = run_case(c)
+    assert r.verdict is Verdict.INPUT_MUTATION, r.message
+    assert r.mutated_inputs == ["b"] and r.poison_written == ["b"]  # a untouched; b's values and its poison
+    back = Result.from_json(json.loads(json.dumps(r.to_json())))
+    assert (back.mutated_inputs, back.poison_written) == (["b"], ["b"])
+
+
 def test_registry_errors_name_the_problem():
     with pytest.raises(TargetError, match="unknown target 'nope'"):
         get_target("nope")
@@ -230,6 +256,13 @@ def test_result_json_round_trip_keeps_nonfinite_numbers():
     assert back.summary() == r.summary()
     with pytest.raises(ValueError, match="unknown Result fields"):
         Result.from_json({**r.to_json(), "bogus": 1})
+
+
+def test_a_result_written_before_the_mutation_record_still_loads():
+    old = {"verdict": "input_mutation", "message": "the op wrote into its inputs: k: 3 of its 8 values changed",
+           "op": "attn.x"}
+    r = Result.from_json(old)
+    assert r.verdict is Verdict.INPUT_MUTATION and r.mutated_inputs == [] and r.poison_written == []
 
 
 def test_verdict_parse_names_valid_choices():

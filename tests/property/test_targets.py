@@ -310,3 +310,57 @@ def test_factories_are_case_factories_for_every_matrix_target() -> None:
         assert all(isinstance(f, CaseFactory) for f in classes.values())
         case = next(iter(classes.values())).build(0)
         assert isinstance(case, Case) and case.op == name
+
+
+# ---------------------------------------------------------------------------- one targets package
+
+_IMPORTS = """
+import json, sys
+import harness.targets.protocol as protocol
+runner = lambda: sorted(m for m in sys.modules if m.startswith("harness.runner"))
+out = {"after_protocol": runner(), "registered_by_import": sorted(protocol.all_targets())}
+from harness.targets import load_targets
+out["loaded"] = sorted(load_targets())
+out["after_load"] = runner()
+out["with_doubles"] = sorted(load_targets(include_doubles=True))
+print(json.dumps(out))
+"""
+
+
+def test_the_protocol_and_the_real_ops_load_without_the_runner_and_without_the_doubles() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HARNESS_PLUGINS", "HARNESS_ATTN_PLUGINS")}
+    cp = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, env=env, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    out = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert out["after_protocol"] == [] and out["after_load"] == []  # no import edge back into the runner
+    assert out["registered_by_import"] == []  # importing registers nothing: loading is explicit
+    assert {"fp8_linear", "attn.sdpa", "safe_attn.sdpa", "raw.scaled_mm"} <= set(out["loaded"])
+    doubles = {n for n in out["with_doubles"] if n.startswith(("cpu.", "fault."))}
+    assert not [n for n in out["loaded"] if n.startswith(("cpu.", "fault."))]  # production registry: real ops only
+    assert {"cpu.scale", "cpu.matmul", "fault.segfault", "fault.sticky"} <= doubles
+    assert set(out["with_doubles"]) - doubles == set(out["loaded"])
+
+
+def test_targets_a_test_registers_are_removed_and_replaced_ones_restored() -> None:
+    from harness.runner.targets import BaseTarget, register_target
+
+    from helpers import restored_registry
+
+    class _Leaky(BaseTarget):
+        name = "test.leaky"
+
+    class _Scale(BaseTarget):
+        name = "cpu.scale"
+
+    original = get_target("cpu.scale")
+    with restored_registry():  # what the autouse fixture of tests/conftest.py wraps every test in
+        register_target(_Leaky, replace=True)
+        register_target(_Scale, replace=True)
+        assert type(get_target("cpu.scale")) is _Scale and get_target("test.leaky").name == "test.leaky"
+    assert "test.leaky" not in all_targets()
+    assert get_target("cpu.scale") is original
