@@ -387,7 +387,7 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
     ``save_examples``: first write every example case not written yet (:func:`save_example`, never
     over a file named in ``keep``; a failed write appends its warning to ``warnings``).
     """
-    from harness.targets.attention import known_upstream_defect
+    from harness.targets import known_defect_of
     from harness.targets.corpus import fingerprint
 
     rows = []
@@ -420,13 +420,13 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
             worst = dict(_worst_of(result), verdict=v, min_sqnr_db=c.min_sqnr_db,
                          case=examples.get(v) if c.examples.get(v, (None,))[0] is case else None)
         counts = {k: n for k, n in sorted(c.counts.items())}
-        # a kernel defect the harness already names (harness.targets.attention.known_upstream_defect) explains
+        # a kernel defect the target itself names (Target.known_defect, from the result's data) explains
         # its example case: reported with its description, not as a new failure
         defects = {}
         for v in failing:
             if v in c.examples:
                 ex_case, ex_result = c.examples[v]
-                why = known_upstream_defect(c.op, ex_case, v, ex_result.message or "")
+                why = known_defect_of(ex_case, ex_result)
                 if why:
                     defects[v] = why
         rows.append({

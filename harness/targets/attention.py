@@ -42,7 +42,7 @@ from harness.targets.layout_classes import Draw
 from harness.targets.plugin import PluginTarget, register_plugin_target
 
 __all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
-           "register_backend_targets", "register_attention_plugin", "known_upstream_defect"]
+           "register_backend_targets", "register_attention_plugin"]
 
 _K_BOUND = 2.0
 _DTYPE = "bfloat16"
@@ -283,20 +283,3 @@ try:
 except ImportError:  # pragma: no cover - the backend registry is part of the package; keep linear targets alive
     pass
 
-
-def known_upstream_defect(target_name: str, case: Case, verdict: str = "drift", message: str = "") -> str | None:
-    """Compatibility shim for callers holding only a verdict and its message: the registered target's
-    :meth:`~harness.targets.protocol.BaseTarget.known_defect` on a Result rebuilt from them (the inputs
-    written read from the message, as for results older than ``Result.mutated_inputs``).  New code calls
-    ``harness.targets.known_defect_of(case, result)`` with the worker's Result."""
-    from harness.targets.protocol import TargetError, get_target
-    from harness.verdicts import Result, mutations_from_message
-
-    try:
-        target = get_target(target_name)
-    except TargetError:
-        return None
-    written, poison = mutations_from_message(message) if verdict == "input_mutation" else ([], [])
-    result = Result(verdict, message, op=target_name, mutated_inputs=written, poison_written=poison)
-    method = getattr(target, "known_defect", None)
-    return method(case, result) if method is not None else None
