@@ -94,8 +94,12 @@ class VAlign2Attention(AttentionTarget):
         return get_backend("emu.naive").run(q, k, v, layout=layout)
 
 
-for _cls in (KTailLinear, ChannelAmaxLinear, PlainLinear, VAlign2Attention):
-    register_target(_cls, replace=True)
+@pytest.fixture(autouse=True)
+def _defect_targets() -> None:
+    """Registered for each test only (the shared registry fixture removes them afterwards): at import they
+    would leak into other modules' target lists, e.g. test_targets' "every CPU target passes plainly"."""
+    for cls in (KTailLinear, ChannelAmaxLinear, PlainLinear, VAlign2Attention):
+        register_target(cls, replace=True)
 
 
 def _run(case):
