@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from harness.reference.wan.config import TOKENS_480P, TOKENS_720P, WAN_14B, WAN_PRESETS, WanConfig
+
 __all__ = [
     "SCHEMA",
     "Timing",
@@ -86,26 +88,13 @@ SCHEMA = "harness.bench/1"
 
 
 # --------------------------------------------------------------------------- Wan shapes
-@dataclass(frozen=True)
-class WanConfig:
-    """Widths of one Wan2.1 model size (docs: wan-blocks.md §1)."""
-
-    name: str
-    dim: int
-    ffn_dim: int
-    heads: int
-    head_dim: int = 128
-
-
-WAN_CONFIGS: dict[str, WanConfig] = {
-    "1.3B": WanConfig("1.3B", dim=1536, ffn_dim=8960, heads=12),
-    "14B": WanConfig("14B", dim=5120, ffn_dim=13824, heads=40),
-}
+#: The model sizes benchmarked, by name (the one ``WanConfig``, from ``harness.reference.wan.config``).
+WAN_CONFIGS: Mapping[str, WanConfig] = WAN_PRESETS
 #: Video tokens of 81 frames at 480x832 (grid 21x30x52) and at 720x1280 (21x45x80).
-VIDEO_TOKENS: tuple[int, ...] = (32760, 75600)
+VIDEO_TOKENS: tuple[int, ...] = (TOKENS_480P, TOKENS_720P)
 #: T5 text tokens (cross-attention context) and CLIP image tokens (I2V).
-TEXT_TOKENS = 512
-IMAGE_TOKENS = 257
+TEXT_TOKENS = WAN_14B.text_len
+IMAGE_TOKENS = WAN_14B.image_tokens
 
 
 @dataclass(frozen=True)
