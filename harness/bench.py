@@ -37,7 +37,6 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from harness.capability import cuda_available, device_info, require_cuda
 from harness.reference.wan.config import TOKENS_480P, TOKENS_720P, WAN_14B, WAN_PRESETS, WanConfig
 
 __all__ = [
@@ -472,43 +472,23 @@ def env_info(device: torch.device | str) -> dict[str, Any]:
     env = collect_env(backends=False)
     keep = ("python", "torch", "cuda", "cudnn", "cublas", "driver", "triton", "sageattention", "flash_attn")
     info: dict[str, Any] = {k: env.get(k) for k in keep}
-    info["device_type"] = dev.type
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info["device"] = props.name
-        info["capability"] = f"{props.major}.{props.minor}"
-        info["l2_bytes"] = int(getattr(props, "L2_cache_size", 0))
-        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    d = device_info(dev)
+    info["device_type"] = d.type
+    info["device"] = d.name
+    info["capability"] = d.capability_text
+    if d.type == "cuda":
+        info["l2_bytes"] = d.l2_bytes or 0
+        info["memory_gib"] = round((d.memory_bytes or 0) / 2**30, 1)
     else:
-        info["device"] = _cpu_name()
-        info["capability"] = None
         info["threads"] = torch.get_num_threads()
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def gpu_skip_reason(min_capability: tuple[int, int] | None = None, *, what: str = "this benchmark") -> str | None:
     """Why a GPU benchmark cannot run here (None when it can); probed now, never at import."""
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA device"
-    if min_capability is not None:
-        cc = torch.cuda.get_device_capability()
-        if cc < tuple(min_capability):
-            return (
-                f"{what} needs compute capability >= {min_capability[0]}.{min_capability[1]}, "
-                f"found {cc[0]}.{cc[1]}"
-            )
-    return None
+    return require_cuda(min_capability, what)
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -614,7 +594,7 @@ def measure_ceilings(
     items["copy"] = Ceiling(
         "copy", "GB/s", 2 * numel * 2 / (tc.median * 1e-3) / 1e9, f"copy_ of {mib} MiB (read + write counted)"
     )
-    name = torch.cuda.get_device_properties(dev).name if cuda else _cpu_name()
+    name = device_info(dev).name
     return Ceilings(device=name, items=items)
 
 
