@@ -396,7 +396,7 @@ def l2_cache_bytes(device: torch.device | str) -> int:
     """The device's L2 size in bytes (``L2_cache_size``); 0 on the CPU, where inputs are not rotated."""
     if not _is_cuda(device):
         return 0
-    return int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
+    return device_info(device).l2_bytes or 0
 
 
 def rotation_count(bytes_per_set: int, device: torch.device | str, *, factor: float = 4.0, max_sets: int = 16) -> int:

@@ -43,6 +43,7 @@ class DeviceInfo:
     cudnn: int | None  # torch.backends.cudnn.version(), e.g. 91900
     memory_bytes: int | None = None
     l2_bytes: int | None = None
+    multiprocessors: int | None = None
 
     @property
     def capability_text(self) -> str | None:
@@ -118,7 +119,7 @@ def device_info(device: str | torch.device = "cuda") -> DeviceInfo:
         props = torch.cuda.get_device_properties(dev)
         return DeviceInfo(name=props.name, capability=(int(props.major), int(props.minor)),
                           memory_bytes=int(props.total_memory), l2_bytes=int(getattr(props, "L2_cache_size", 0)),
-                          **common)
+                          multiprocessors=int(props.multi_processor_count), **common)
     return DeviceInfo(name=_cpu_name() if dev.type == "cpu" else dev.type, capability=None, **common)
 
 
