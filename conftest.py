@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.capability import no_cuda_reason
 from harness.profiles import PROFILES, load_profile
 
 pytest_plugins = ["harness.pytest_plugin", "harness.pytest_fleet"]
@@ -42,15 +43,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"harness: hypothesis profile {getattr(config, '_harness_profile', '?')}; torch {torch.__version__}; "
         f"CUDA {'available' if cuda else 'not available'}"
     ]
-
-
-def no_cuda_reason() -> str | None:
-    """Why GPU tests cannot run here, or None when they can."""
-    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-        return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
-    if not torch.cuda.is_available():
-        return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
-    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -37,13 +37,15 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+
+from harness.capability import cuda_available, device_info, require_cuda
+from harness.reference.wan.config import TOKENS_480P, TOKENS_720P, WAN_14B, WAN_PRESETS, WanConfig
 
 __all__ = [
     "SCHEMA",
@@ -86,26 +88,13 @@ SCHEMA = "harness.bench/1"
 
 
 # --------------------------------------------------------------------------- Wan shapes
-@dataclass(frozen=True)
-class WanConfig:
-    """Widths of one Wan2.1 model size (docs: wan-blocks.md §1)."""
-
-    name: str
-    dim: int
-    ffn_dim: int
-    heads: int
-    head_dim: int = 128
-
-
-WAN_CONFIGS: dict[str, WanConfig] = {
-    "1.3B": WanConfig("1.3B", dim=1536, ffn_dim=8960, heads=12),
-    "14B": WanConfig("14B", dim=5120, ffn_dim=13824, heads=40),
-}
+#: The model sizes benchmarked, by name (the one ``WanConfig``, from ``harness.reference.wan.config``).
+WAN_CONFIGS: Mapping[str, WanConfig] = WAN_PRESETS
 #: Video tokens of 81 frames at 480x832 (grid 21x30x52) and at 720x1280 (21x45x80).
-VIDEO_TOKENS: tuple[int, ...] = (32760, 75600)
+VIDEO_TOKENS: tuple[int, ...] = (TOKENS_480P, TOKENS_720P)
 #: T5 text tokens (cross-attention context) and CLIP image tokens (I2V).
-TEXT_TOKENS = 512
-IMAGE_TOKENS = 257
+TEXT_TOKENS = WAN_14B.text_len
+IMAGE_TOKENS = WAN_14B.image_tokens
 
 
 @dataclass(frozen=True)
@@ -407,7 +396,7 @@ def l2_cache_bytes(device: torch.device | str) -> int:
     """The device's L2 size in bytes (``L2_cache_size``); 0 on the CPU, where inputs are not rotated."""
     if not _is_cuda(device):
         return 0
-    return int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
+    return device_info(device).l2_bytes or 0
 
 
 def rotation_count(bytes_per_set: int, device: torch.device | str, *, factor: float = 4.0, max_sets: int = 16) -> int:
@@ -483,43 +472,23 @@ def env_info(device: torch.device | str) -> dict[str, Any]:
     env = collect_env(backends=False)
     keep = ("python", "torch", "cuda", "cudnn", "cublas", "driver", "triton", "sageattention", "flash_attn")
     info: dict[str, Any] = {k: env.get(k) for k in keep}
-    info["device_type"] = dev.type
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info["device"] = props.name
-        info["capability"] = f"{props.major}.{props.minor}"
-        info["l2_bytes"] = int(getattr(props, "L2_cache_size", 0))
-        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    d = device_info(dev)
+    info["device_type"] = d.type
+    info["device"] = d.name
+    info["capability"] = d.capability_text
+    if d.type == "cuda":
+        info["l2_bytes"] = d.l2_bytes or 0
+        info["memory_gib"] = round((d.memory_bytes or 0) / 2**30, 1)
     else:
-        info["device"] = _cpu_name()
-        info["capability"] = None
         info["threads"] = torch.get_num_threads()
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def gpu_skip_reason(min_capability: tuple[int, int] | None = None, *, what: str = "this benchmark") -> str | None:
     """Why a GPU benchmark cannot run here (None when it can); probed now, never at import."""
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA device"
-    if min_capability is not None:
-        cc = torch.cuda.get_device_capability()
-        if cc < tuple(min_capability):
-            return (
-                f"{what} needs compute capability >= {min_capability[0]}.{min_capability[1]}, "
-                f"found {cc[0]}.{cc[1]}"
-            )
-    return None
+    return require_cuda(min_capability, what)
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -625,7 +594,7 @@ def measure_ceilings(
     items["copy"] = Ceiling(
         "copy", "GB/s", 2 * numel * 2 / (tc.median * 1e-3) / 1e9, f"copy_ of {mib} MiB (read + write counted)"
     )
-    name = torch.cuda.get_device_properties(dev).name if cuda else _cpu_name()
+    name = device_info(dev).name
     return Ceilings(device=name, items=items)
 
 

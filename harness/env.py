@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from harness.capability import device_info
+
 __all__ = ["collect_env", "collect_env_subprocess", "format_env", "add_parser"]
 
 
@@ -88,13 +90,13 @@ def collect_env(*, backends: bool = True) -> dict[str, Any]:
     if torch.cuda.is_available():
         env["cudnn"] = torch.backends.cudnn.version()
         for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
+            d = device_info(f"cuda:{i}")
             env["devices"].append({
                 "index": i,
-                "name": props.name,
-                "capability": f"{props.major}.{props.minor}",
-                "memory_gib": round(props.total_memory / 2**30, 1),
-                "multiprocessors": props.multi_processor_count,
+                "name": d.name,
+                "capability": d.capability_text,
+                "memory_gib": round((d.memory_bytes or 0) / 2**30, 1),
+                "multiprocessors": d.multiprocessors,
             })
         torch.zeros(1, device="cuda") @ torch.zeros(1, 1, device="cuda").squeeze(1)  # loads cuBLAS
         env["cublas"] = _cublas_version()

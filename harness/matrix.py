@@ -537,7 +537,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
     """
     from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
-    from harness.targets.corpus import load_corpus
+    from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
     from harness.verdicts import POOL_CLOSED, Result, Verdict
 
     t0 = time.monotonic() if started_at is None else started_at
@@ -568,7 +568,7 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
         cells, shard_record = _shard_record(shard, cells)
     devices = _resolve_device(device)
     n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
-    entries = load_corpus(corpus)
+    entries = load_corpus(DEFAULT_CORPUS if corpus is None else corpus)
     known = {e.fingerprint for e in entries}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,10 +40,12 @@ import importlib.metadata
 import importlib.util
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from harness.capability import cuda_available, cuda_capability, format_capability
 
 __all__ = [
     "SAGE3_CAPABILITIES",
@@ -78,11 +80,11 @@ class BackendUnavailable(RuntimeError):
 
 
 def _cuda_available() -> bool:
-    return torch.cuda.is_available()
+    return cuda_available()
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+    return cuda_capability(device)
 
 
 def _installed_version(dist: str) -> Optional[str]:
@@ -109,10 +111,6 @@ def parse_version(v: str) -> tuple[int, ...]:
     if not m:
         return ()
     return tuple(int(p) for p in m.group(1).split("."))
-
-
-def _fmt_cap(c: Sequence[int]) -> str:
-    return f"{c[0]}.{c[1]}"
 
 
 # ---------------------------------------------------------------------------
@@ -151,9 +149,9 @@ class Requirements:
         d = asdict(self)
         for key in ("min_capability", "max_capability"):
             if d[key] is not None:
-                d[key] = _fmt_cap(d[key])
+                d[key] = format_capability(d[key])
         if d["exact_capabilities"] is not None:
-            d["exact_capabilities"] = [_fmt_cap(c) for c in d["exact_capabilities"]]
+            d["exact_capabilities"] = [format_capability(c) for c in d["exact_capabilities"]]
         if d["modifies_unless"] is not None:
             d["modifies_unless"] = list(d["modifies_unless"])
         for key in ("extra_modules", "dtypes", "layouts", "modifies_inputs"):
@@ -215,12 +213,12 @@ class AttentionBackend:
         if dev.type == "cuda" and (req.min_capability or req.max_capability or req.exact_capabilities):
             cap = _capability(dev)
             if req.exact_capabilities is not None and tuple(cap) not in req.exact_capabilities:
-                want = " or ".join(_fmt_cap(c) for c in req.exact_capabilities)
-                return False, f"needs compute capability {want}, this GPU is {_fmt_cap(cap)}"
+                want = " or ".join(format_capability(c) for c in req.exact_capabilities)
+                return False, f"needs compute capability {want}, this GPU is {format_capability(cap)}"
             if req.min_capability is not None and tuple(cap) < req.min_capability:
-                return False, f"needs compute capability >= {_fmt_cap(req.min_capability)}, this GPU is {_fmt_cap(cap)}"
+                return False, f"needs compute capability >= {format_capability(req.min_capability)}, this GPU is {format_capability(cap)}"
             if req.max_capability is not None and tuple(cap) > req.max_capability:
-                return False, f"needs compute capability <= {_fmt_cap(req.max_capability)}, this GPU is {_fmt_cap(cap)}"
+                return False, f"needs compute capability <= {format_capability(req.max_capability)}, this GPU is {format_capability(cap)}"
         if req.torch_feature is not None and dev.type == "cuda":
             ok, why = _torch_feature(req.torch_feature)
             if not ok:
@@ -252,7 +250,7 @@ class AttentionBackend:
                 return False, f"{req.module}{ver} has no {req.attr}"
         if self.kind == "emulated":
             return True, "emulation (runs anywhere)"
-        where = f" on {dev.type}" + (f" (compute capability {_fmt_cap(_capability(dev))})" if dev.type == "cuda" else "")
+        where = f" on {dev.type}" + (f" (compute capability {format_capability(_capability(dev))})" if dev.type == "cuda" else "")
         return True, f"available{where}"
 
     # ---- input checks (layouts are the safe wrapper's business; these are hard limits)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness.capability import device_info as probe_device
 from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Unsupported, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -182,17 +183,16 @@ def device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     if _is_cuda(device):
         try:
-            idx = torch.device(device).index or 0
-            props = torch.cuda.get_device_properties(idx)
-            info["device_name"] = props.name
-            info["capability"] = f"{props.major}.{props.minor}"
-            info["cuda"] = torch.version.cuda
+            d = probe_device(f"cuda:{torch.device(device).index or 0}")
+            info["device_name"] = d.name
+            info["capability"] = d.capability_text
+            info["cuda"] = d.cuda
             info["device_type"] = "cuda"
         except Exception as e:  # pragma: no cover - reported, not fatal
             info["device_error"] = _first_line(e)
     else:
         info["device_type"] = "cpu"
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = probe_device("cpu").name
     return info
 
 

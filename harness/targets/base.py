@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from harness.capability import require_cuda
 from harness.cases import Case
 from harness.targets.protocol import BaseTarget, default_inputs
 from harness.targets.layout_classes import Context, Draw, LayoutClass, classes_for
@@ -216,11 +217,5 @@ def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tenso
 
 def need_cuda_capability(device: str, minimum: tuple[int, int], what: str) -> tuple[bool, str]:
     """(ok, reason) for a CUDA-only op needing compute capability ``minimum`` (probed now, in the worker)."""
-    if not str(device).startswith("cuda"):
-        return False, f"{what} needs a CUDA device, got {device!r}"
-    if not torch.cuda.is_available():
-        return False, f"{what} needs a CUDA device: no CUDA device"
-    cap = torch.cuda.get_device_capability(torch.device(device))
-    if tuple(cap) < tuple(minimum):
-        return False, f"{what} needs compute capability >= {minimum[0]}.{minimum[1]}, found {cap[0]}.{cap[1]}"
-    return True, ""
+    reason = require_cuda(minimum, what, device=device)
+    return reason is None, reason or ""

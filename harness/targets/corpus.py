@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 CORPUS_SCHEMA_VERSION = 1
-#: ``tests/cases`` of the repository this package sits in.
+#: ``tests/cases`` of the repository this package sits in: the default of the ``--corpus`` options
+#: (this module's CLI and ``python -m harness matrix``); the functions below take the folder as an argument.
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "tests" / "cases"
 _INDEX = "index.json"
 _README = "README.md"
@@ -150,9 +151,9 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group(1).split(".")) if m else ()
 
 
-def load_corpus(corpus: str | os.PathLike | None = None, *, check_files: bool = True) -> list[CorpusEntry]:
+def load_corpus(corpus: str | os.PathLike, *, check_files: bool = True) -> list[CorpusEntry]:
     """Entries of ``corpus/index.json`` (validated; ``check_files`` also loads every case and checks it agrees)."""
-    d = Path(corpus) if corpus is not None else DEFAULT_CORPUS
+    d = Path(corpus)
     idx = d / _INDEX
     if not idx.exists():
         return []
@@ -187,9 +188,9 @@ def _check_entry(d: Path, e: CorpusEntry) -> None:
         raise CorpusError(f"corpus entry {e.file}: index says layout class {e.layout_class!r}, the case says {cls!r}")
 
 
-def save_index(entries: Sequence[CorpusEntry], corpus: str | os.PathLike | None = None) -> Path:
+def save_index(entries: Sequence[CorpusEntry], corpus: str | os.PathLike) -> Path:
     """Write ``index.json`` and the generated ``README.md``; returns the index path."""
-    d = Path(corpus) if corpus is not None else DEFAULT_CORPUS
+    d = Path(corpus)
     d.mkdir(parents=True, exist_ok=True)
     data = {"schema_version": CORPUS_SCHEMA_VERSION,
             "cases": [asdict(e) for e in sorted(entries, key=lambda e: e.file)]}
@@ -230,7 +231,7 @@ def _safe_stem(text: str) -> str:
 
 
 def promote(case_path: str | os.PathLike, *, description: str, versions: str,
-            corpus: str | os.PathLike | None = None, device: str | None = None, min_capability: str | None = None,
+            corpus: str | os.PathLike, device: str | None = None, min_capability: str | None = None,
             torch_min: str | None = None, torch_below: str | None = None, verdict: str | None = None,
             name: str | None = None) -> CorpusEntry:
     """Copy a case file (and its .safetensors) into the corpus and list it in the index.
@@ -254,7 +255,7 @@ def promote(case_path: str | os.PathLike, *, description: str, versions: str,
         raise CorpusError(f"{case_path} has no params['layout_class'] (not a matrix case); add one to the case file")
     ran_on = str((case.env or {}).get("device_type") or (case.env or {}).get("device") or "cpu")
     dev = device or ("cuda" if ran_on.startswith("cuda") else "cpu")
-    d = Path(corpus) if corpus is not None else DEFAULT_CORPUS
+    d = Path(corpus)
     d.mkdir(parents=True, exist_ok=True)
     stem = _safe_stem(name or f"{case.op}-{cls}-{expected}")
     src_json, src_st = case_paths(case_path)
@@ -301,7 +302,7 @@ def applies_here(entry: CorpusEntry, *, torch_version: str, cuda_capability: tup
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m harness.targets.corpus {promote,list,check}``."""
     p = argparse.ArgumentParser(prog="python -m harness.targets.corpus", description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=None, help=f"corpus directory (default {DEFAULT_CORPUS})")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus directory (default {DEFAULT_CORPUS})")
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("promote", help="copy a case file into the corpus and index it")
     pr.add_argument("case", help="CASE.json from a matrix run (matrix-out/cases/...)")

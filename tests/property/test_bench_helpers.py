@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from harness.bench import (
     SCHEMA,
     SPEED_TARGET,
-    WAN_CONFIGS,
     Ceiling,
     Ceilings,
     Timing,
@@ -33,6 +32,7 @@ from harness.bench import (
     wan_attention_shapes,
     wan_linear_shapes,
 )
+from harness.reference.wan.config import WAN_PRESETS
 
 
 class FakeBenchmark:
@@ -73,7 +73,7 @@ def test_bench_wan_attention_shapes_cover_the_issue() -> None:
 def test_bench_flop_counts() -> None:
     # the issue's own figure: bf16 14B FFN up at 75600 tokens is ~10.7 TFLOP per call
     assert linear_flops(75600, 5120, 13824) / 1e12 == pytest.approx(10.70, abs=0.01)
-    cfg = WAN_CONFIGS["14B"]
+    cfg = WAN_PRESETS["14B"]
     assert attention_flops(1, cfg.heads, 32760, 32760, 128) == 4 * 40 * 32760 * 32760 * 128
 
 

@@ -35,7 +35,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "bench_runs"
 SLOWED = "test_bench_cpu_materialize[offset1]"
 WIDTH = 1300
 
-# Colours the dashboard draws data in (harness/dashboard.py) and how far anti-aliasing may move them.
+# Colours the dashboard draws data in (harness/dashboard/render.py) and how far anti-aliasing may move them.
 BAND, LINE, RED = (0xAE, 0xC7, 0xE8), (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)
 BAR_COLOURS = [(0x2C, 0xA0, 0x2C), (0x7F, 0x7F, 0x7F), (0xFF, 0x7F, 0x0E), (0x94, 0x67, 0xBD), LINE]
 EXACT, AA = 3, 40

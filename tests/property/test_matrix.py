@@ -170,7 +170,7 @@ def test_cli_usage_errors_exit_2(tmp_path) -> None:
 
 def test_default_corpus_is_the_repository_one() -> None:
     assert DEFAULT_CORPUS == REPO / "tests" / "cases"
-    assert load_corpus(check_files=False)
+    assert load_corpus(DEFAULT_CORPUS, check_files=False)
 
 
 class TwoDevicePool(InProcessPool):

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from harness.capability import cuda_capability, format_capability, require_cuda
 from harness.quant.fp8 import plan as _planning
 from harness.quant.fp8.cache import CacheInfo, PlanCache, plan_key
 from harness.quant.fp8.config import (
@@ -65,19 +66,6 @@ def clear_plan_cache() -> None:
 
 # ---------------------------------------------------------------------------
 # Backend selection (probed at call time)
-
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
-def _cuda_capability(dev: torch.device) -> tuple[int, int]:
-    """The compute capability of ``dev``, asked once per device index (it cannot change in a process)."""
-    if dev.index is None:
-        return tuple(torch.cuda.get_device_capability(dev))  # type: ignore[return-value]
-    cap = _CAPABILITY.get(dev.index)
-    if cap is None:
-        cap = _CAPABILITY[dev.index] = tuple(torch.cuda.get_device_capability(dev))  # type: ignore[assignment]
-    return cap
-
 
 @functools.lru_cache(maxsize=None)
 def _cpu_scaled_mm_supports(scaling: str) -> tuple[bool, str]:
@@ -126,13 +114,8 @@ def scaled_mm_available(device: Union[str, torch.device], *, mixed: bool = False
     dev = torch.device(device)
     what = "FP8 matmul (torch._scaled_mm)"
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, f"{what} needs a CUDA device: no CUDA device"
-        major, minor = torch.cuda.get_device_capability(dev)
-        if (major, minor) < MIN_CAPABILITY:
-            need = ".".join(map(str, MIN_CAPABILITY))
-            return False, f"{what} needs compute capability >= {need}, found {major}.{minor}"
-        return True, ""
+        reason = require_cuda(MIN_CAPABILITY, what, device=dev)
+        return reason is None, reason or ""
     if dev.type == "cpu":
         return _cpu_scaled_mm_mixed() if mixed else _cpu_scaled_mm_supports("tensorwise")
     return False, f"no torch._scaled_mm on device {str(device)!r}"
@@ -152,10 +135,11 @@ def select_backend(device: Union[str, torch.device], scaling: str, requested: st
     if dev.type == "cuda":
         if requested == "cpu":
             raise Fp8LinearError("backend='cpu' requested but the tensors are on CUDA; move them or use backend='auto'")
-        major, minor = _cuda_capability(dev)
-        if (major, minor) >= MIN_CAPABILITY:
-            return "cuda", f"torch._scaled_mm on compute capability {major}.{minor}"
-        why = f"FP8 matmul needs compute capability >= 8.9, found {major}.{minor}"
+        cap = cuda_capability(dev)
+        if cap >= MIN_CAPABILITY:
+            return "cuda", f"torch._scaled_mm on compute capability {format_capability(cap)}"
+        why = (f"FP8 matmul needs compute capability >= {format_capability(MIN_CAPABILITY)}, "
+               f"found {format_capability(cap)}")
         if requested == "cuda":
             raise Fp8LinearError(why + "; use backend='emulate'")
         return "emulate", why + ": emulated"

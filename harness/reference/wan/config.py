@@ -10,6 +10,7 @@ __all__ = [
     "WAN_1_3B",
     "WAN_14B",
     "TINY",
+    "WAN_PRESETS",
     "TOKENS_480P",
     "TOKENS_720P",
     "GRID_480P",
@@ -97,3 +98,5 @@ WAN_14B = WanConfig(dim=5120, ffn_dim=13824, heads=40, head_dim=128, layers=40)
 TINY = WanConfig(dim=256, ffn_dim=512, heads=2, head_dim=128, layers=2, text_len=16, text_dim=64,
                  image_tokens=9, clip_dim=64, freq_dim=256, humo_audio_dim=96, multitalk_audio_dim=48,
                  motion_dim=96)
+#: The released model sizes by their names (bench shape tables and CLI choices use these keys).
+WAN_PRESETS: dict[str, WanConfig] = {"1.3B": WAN_1_3B, "14B": WAN_14B}
