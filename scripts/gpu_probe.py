@@ -1,5 +1,8 @@
 """Quick facts about the GPU machine that the harness relies on (prints JSON lines)."""
-import json, sys, time
+import json
+import sys
+import time
+
 import torch
 
 ONLY = sys.argv[1:]
@@ -28,9 +31,9 @@ def mm(a_off=0, lda_pad=0, scale_rowwise=False, out_off=0):
     a = a_buf[a_off:].view(M, K + lda_pad)[:, :K]
     b = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn).t()
     if scale_rowwise:
-        sa = torch.ones(M, 1, device=dev); sb = torch.ones(1, N, device=dev)
+        sa, sb = torch.ones(M, 1, device=dev), torch.ones(1, N, device=dev)
     else:
-        sa = torch.ones((), device=dev); sb = torch.ones((), device=dev)
+        sa, sb = torch.ones((), device=dev), torch.ones((), device=dev)
     r = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
     return str(tuple(r.shape))
 rec("scaled_mm_ok", lambda: mm())

@@ -236,8 +236,8 @@ def sage_v1(
                                  tail_zero_scores=tail_keys_score_zero)
                 out[bi, hi] = _finish(acc, l).to(out.dtype)
                 if return_intermediates:
-                    rows["qv"].append(q_codes); rows["qs"].append(q_s)
-                    rows["kv"].append(k_codes); rows["ks"].append(k_s)
+                    for key, val in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s)):
+                        rows[key].append(val)
                     rows["vv"].append(v16)
                     if km is not None:
                         rows["km"].append(km.to(torch.float32))

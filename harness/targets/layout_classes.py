@@ -34,8 +34,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
-import torch
-
 from harness.layouts import LayoutSpec, ViewOp, dtype_from_name
 from harness.values import ValueSpec
 

@@ -199,8 +199,9 @@ def test_budgets_unavailable_and_benign_rejections() -> None:
     assert res.stopped == "budget_s" and res.cases == 1
     res = explore(ATT, lambda c: Result(Verdict.UNAVAILABLE, "no such kernel here"), budget_cases=50)
     assert res.stopped == "unavailable: no such kernel here" and res.cases == 1
-    rejected = lambda c: Result(Verdict.REJECTED, "nope") if c.note != "explored: the plain case" else \
-        Result(Verdict.PASS, "")
+    def rejected(c):
+        return Result(Verdict.REJECTED, "nope") if c.note != "explored: the plain case" else Result(Verdict.PASS, "")
+
     assert explore(ATT, rejected, budget_cases=30).findings == []  # a raw kernel may refuse cleanly
     safe = get_target("safe_attn.emu.naive")
     assert safe.accepts_all_layouts and explore(safe, rejected, budget_cases=30).findings
