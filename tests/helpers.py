@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -94,3 +96,33 @@ def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -
     k[:, :, perm, tokens] = 64.0
     v = 6.0 * (torch.randint(0, 2, (1, heads, seq, head_dim), generator=g) * 2 - 1).float()
     return tuple(t.to(torch.bfloat16) for t in (q, k, v, v[:, :, perm]))
+
+
+def empty_corpus(tmp_path: Path) -> Path:
+    """An empty regression corpus folder (every failure is new); the matrix needs ``--corpus`` to exist."""
+    d = tmp_path / "empty-corpus"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+class InProcessPool:
+    """Stands in for WorkerPool in fast matrix tests: runs each case in this process when submitted
+    (``fail_after``: ``submit`` raises after that many cases, an injected harness bug)."""
+
+    def __init__(self, devices, workers_per_device=1, fail_after=None, **kw):
+        self.devices = list(devices)
+        self.cases = []
+        self.fail_after = fail_after
+
+    def submit(self, case):
+        from harness.runner.execute import run_case
+
+        if self.fail_after is not None and len(self.cases) >= self.fail_after:
+            raise RuntimeError("injected harness bug in submit")
+        self.cases.append(case)
+        f: Future = Future()
+        f.set_result(run_case(case, self.devices[0]))
+        return f
+
+    def close(self, cancel_pending=False):
+        pass

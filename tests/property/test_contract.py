@@ -345,7 +345,7 @@ def test_records_past_the_size_limit_are_left_out_and_said(tmp_path, monkeypatch
 
 def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_matrix import InProcessPool
+    from helpers import InProcessPool
 
     from harness.matrix import run_matrix
 

@@ -13,35 +13,11 @@ import pytest
 from harness.cases import load_case
 from harness.matrix import Cell, MatrixError, _build_cells, find_new_failures, is_failure, run_matrix, select_targets
 from harness.report import load_summary
-from harness.runner.execute import run_case
 from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
 from harness.verdicts import POOL_CLOSED, Result, Verdict
+from helpers import InProcessPool, empty_corpus
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _empty(tmp_path: Path) -> Path:
-    """An empty regression corpus (a folder without index.json)."""
-    d = tmp_path / "empty-corpus"
-    d.mkdir(exist_ok=True)
-    return d
-
-
-class InProcessPool:
-    """Stands in for WorkerPool in fast tests: runs each case in this process when submitted."""
-
-    def __init__(self, devices, workers_per_device=1, **kw):
-        self.devices = list(devices)
-        self.cases = []
-
-    def submit(self, case):
-        self.cases.append(case)
-        f: Future = Future()
-        f.set_result(run_case(case, self.devices[0]))
-        return f
-
-    def close(self, cancel_pending=False):
-        pass
 
 
 @pytest.mark.parametrize("verdict,accepts_all,expected", [
@@ -95,7 +71,7 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
     out = tmp_path / "m"
     s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui", "attn.sdpa.flash"],
                    classes=["contiguous", "broadcast", "values_beyond_448", "hnd_contiguous"], out=out,
-                   cases_per_cell=2, corpus=_empty(tmp_path), progress=None, pool_factory=factory)
+                   cases_per_cell=2, corpus=empty_corpus(tmp_path), progress=None, pool_factory=factory)
     cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
     assert set(cells) == {("legacy.comfyui", "contiguous"), ("legacy.comfyui", "broadcast"),
                           ("legacy.comfyui", "values_beyond_448"), ("attn.sdpa.flash", "hnd_contiguous")}
@@ -190,7 +166,7 @@ class TwoDevicePool(InProcessPool):
 def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
     out = tmp_path / "m"
     s = run_matrix(device="cpu", cases_per_cell=1, ops=["fp8_linear"], classes=["contiguous", "offset_*"], out=out,
-                   corpus=_empty(tmp_path), progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
+                   corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
     assert s["cases_by_device"] == {"cuda:0": 2, "cuda:1": 3}
     assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())
     assert s["workers_replaced"] == 1
@@ -254,7 +230,7 @@ def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monk
     monkeypatch.setattr(harness.matrix, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
     pool = StallingPool(["cpu"], clock=clock)
     s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
-                   out=tmp_path / "m", corpus=_empty(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
+                   out=tmp_path / "m", corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
     assert pool.stalled, "the driver never submitted a second round"
     assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
     assert s["budget_exhausted"] is True and pool.closed_with_cancel is True

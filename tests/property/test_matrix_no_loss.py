@@ -21,43 +21,17 @@ import pytest
 from harness.cases import load_case
 from harness.matrix import WRAPUP_BOUND_S, MatrixError, run_matrix
 from harness.report import load_summary
-from harness.runner.execute import run_case
 from harness.verdicts import POOL_CLOSED, Result, Verdict
+from helpers import InProcessPool, empty_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_CASE = "legacy_comfyui-broadcast-layout_noninvariance"
 
 
-class InProcessPool:
-    """Runs each case in this process when submitted (``fail_after``: submit raises after that many cases)."""
-
-    def __init__(self, devices, workers_per_device=1, fail_after=None, **kw):
-        self.devices = list(devices)
-        self.cases = []
-        self.fail_after = fail_after
-
-    def submit(self, case):
-        if self.fail_after is not None and len(self.cases) >= self.fail_after:
-            raise RuntimeError("injected harness bug in submit")
-        self.cases.append(case)
-        f: Future = Future()
-        f.set_result(run_case(case, self.devices[0]))
-        return f
-
-    def close(self, cancel_pending=False):
-        pass
-
-
-def _empty(tmp_path: Path) -> Path:
-    d = tmp_path / "empty-corpus"
-    d.mkdir(exist_ok=True)
-    return d
-
-
 def _run(tmp_path: Path, out: Path, **kw):
     kw.setdefault("pool_factory", lambda *a, **k: InProcessPool(["cpu"]))
     return run_matrix(device="cpu", ops=["legacy.comfyui"], classes=["contiguous", "broadcast", "values_beyond_448"],
-                      out=out, corpus=_empty(tmp_path), progress=None, cases_per_cell=1, **kw)
+                      out=out, corpus=empty_corpus(tmp_path), progress=None, cases_per_cell=1, **kw)
 
 
 def test_a_case_that_cannot_be_written_is_a_one_line_warning_not_the_end_of_the_run(tmp_path, monkeypatch) -> None:
@@ -177,7 +151,7 @@ def test_the_budget_cuts_round_zero_short_and_the_report_lists_cells_not_reached
     pool = StallingPool(clock)
     out = tmp_path / "m"
     s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2", "offset_4"],
-                   out=out, corpus=_empty(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
+                   out=out, corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
     by = {c["layout_class"]: c for c in s["cells"]}
     assert by["contiguous"]["status"] == "pass"
     assert by["offset_2"]["status"] == by["offset_4"]["status"] == "not_run"  # not reached, not passing
@@ -213,7 +187,7 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
 def test_a_signalled_run_keeps_its_cases_and_says_it_was_interrupted(tmp_path, sig) -> None:
     out = tmp_path / "m"
     proc = _cli("--device", "cpu", "--ops", "legacy.comfyui", "--classes", "broadcast,contiguous,values_beyond_448",
-                "--time-budget", "600", "--workers", "1", "--corpus", str(_empty(tmp_path)), "--out", str(out))
+                "--time-budget", "600", "--workers", "1", "--corpus", str(empty_corpus(tmp_path)), "--out", str(out))
     cases = out / "cases"
     _wait_for(lambda: cases.is_dir() and any(cases.glob("*.json")), 300, proc)
     running = json.loads((out / "summary.json").read_text())  # rewritten atomically: always whole
@@ -238,7 +212,7 @@ def test_a_real_run_ends_within_its_budget_plus_the_wrapup_bound(tmp_path) -> No
     budget = 8.0
     out = tmp_path / "m"
     t = time.monotonic()
-    proc = _cli("--device", "cpu", "--time-budget", str(budget), "--corpus", str(_empty(tmp_path)), "--out",
+    proc = _cli("--device", "cpu", "--time-budget", str(budget), "--corpus", str(empty_corpus(tmp_path)), "--out",
                 str(out), "--quiet")
     stdout, stderr = proc.communicate(timeout=budget + 120)
     wall = time.monotonic() - t
