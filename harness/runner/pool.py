@@ -25,6 +25,11 @@ when asked) while an op recorder names the op that raised.
 
 Throughput: one message per case each way over a pipe, a small prefetch per
 worker, inputs built inside the worker; no re-imports per case.
+
+The process-level helpers live beside it and are re-exported here:
+:mod:`harness.runner.devices` (device probes), :mod:`harness.runner.casefiles`
+(failing-case files), :mod:`harness.runner.fresh` (fresh-process and sanitizer
+runs) and :mod:`harness.runner.procs` (child environment, temp folders, exit hooks).
 """
 
 import collections
