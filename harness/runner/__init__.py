@@ -3,7 +3,13 @@
 - ``targets``: backward-compatible names for :mod:`harness.targets` (the Target protocol and registry live there).
 - ``execute``: ``run_case`` -- build inputs, run, judge; what a worker does per case.
 - ``worker``: the worker process loop and the one-shot ``python -m harness.runner.worker``.
-- ``pool``: ``WorkerPool`` -- spawned workers per device, replaced after faults; attribution.
+- ``pool``: ``WorkerPool`` -- spawned workers per device, replaced after faults; attribution. It re-exports
+  the names of the modules below, so ``from harness.runner.pool import ...`` keeps working for all of them.
+- ``devices``: ``probe_cuda`` / ``probe_devices`` / ``resolve_devices`` (a subprocess looks; the parent never
+  touches CUDA).
+- ``casefiles``: ``save_failure`` / ``replay_command`` / ``case_values`` -- a failing case written to disk.
+- ``fresh``: ``run_in_fresh_process`` / ``attribution_rerun`` (``CUDA_LAUNCH_BLOCKING=1``, compute-sanitizer).
+- ``procs``: child processes' environment, temp folders, exit and SIGTERM hooks, ``remove_stale_tmp``.
 - ``replay`` / ``minimize``: the ``python -m harness replay|minimize`` commands.
 
 Names are imported lazily, so ``import harness.runner`` stays cheap and never touches CUDA.
@@ -28,8 +34,8 @@ __all__ = [
 
 _WHERE = {
     "WorkerPool": "harness.runner.pool",
-    "probe_cuda": "harness.runner.pool",
-    "probe_devices": "harness.runner.pool",
+    "probe_cuda": "harness.runner.devices",
+    "probe_devices": "harness.runner.devices",
     "run_case": "harness.runner.execute",
     "Target": "harness.runner.targets",
     "BaseTarget": "harness.runner.targets",

@@ -25,33 +25,54 @@ when asked) while an op recorder names the op that raised.
 
 Throughput: one message per case each way over a pipe, a small prefetch per
 worker, inputs built inside the worker; no re-imports per case.
+
+The process-level helpers live beside it and are re-exported here:
+:mod:`harness.runner.devices` (device probes), :mod:`harness.runner.casefiles`
+(failing-case files), :mod:`harness.runner.fresh` (fresh-process and sanitizer
+runs) and :mod:`harness.runner.procs` (child environment, temp folders, exit hooks).
 """
 
-from __future__ import annotations
-
-import atexit
 import collections
 import dataclasses
-import hashlib
 import itertools
-import json
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+# re-exported: ``harness.runner.pool`` stays the one import for the runner's process-level API
+from harness.runner.casefiles import (
+    MAX_SAVED_BYTES,  # noqa: F401 - re-exported
+    _saved_tensors,
+    case_values,
+    replay_command,
+    save_failure,
+)
+from harness.runner.devices import probe_cuda, probe_devices, resolve_devices
+from harness.runner.fresh import (
+    DEFAULT_CASE_TIMEOUT,
+    Cancelled,
+    _default_attribution_timeout,
+    _exit_text,
+    _faulthandler_frame,
+    attribution_rerun,
+    find_sanitizer,
+    run_in_fresh_process,
+)
+from harness.runner.procs import (
+    _LIVE_POOLS,
+    _child_env,  # noqa: F401 - re-exported (harness.quant.plugins uses it)
+    _drop_tmp,
+    _make_tmp,
+    remove_stale_tmp,
+)
 from harness.verdicts import POOL_CLOSED, Result, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +99,7 @@ __all__ = [
     "remove_stale_tmp",
 ]
 
-#: seconds a case may run before its worker is killed (override per pool or per submit)
-DEFAULT_CASE_TIMEOUT = 120.0
+
 #: seconds a worker may take to start (import torch, create the CUDA context, warm up)
 DEFAULT_START_TIMEOUT = 300.0
 #: seconds before the first retry of a failed worker start; doubled per consecutive failure ...
@@ -92,34 +112,6 @@ MAX_RESENDS = 3
 STOP_TIMEOUT = 10.0
 #: seconds a worker that reported a device fault may take to exit before it is killed
 RETIRE_TIMEOUT = 30.0
-#: stored input values larger than this are not written beside a failing case (recipes suffice)
-MAX_SAVED_BYTES = 64 * 2**20
-
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-
-_PROBE_SRC = r"""
-import json, sys
-out = {"count": 0, "devices": [], "error": None, "torch": None, "cuda": None}
-try:
-    import torch
-    out["torch"] = torch.__version__
-    out["cuda"] = torch.version.cuda
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    out["count"] = n
-    for i in range(n):
-        p = torch.cuda.get_device_properties(i)
-        out["devices"].append({"index": i, "name": p.name, "capability": [p.major, p.minor],
-                               "memory": p.total_memory})
-except Exception as e:
-    out["error"] = f"{type(e).__name__}: {e}"
-sys.stdout.write(json.dumps(out))
-"""
-
-#: temp folders of this process's pools and fresh runs (``harness-pool-<pid>-*``, ``harness-fresh-<pid>-*``)
-_TMP_PREFIXES = ("harness-pool-", "harness-fresh-")
-
-_PROBE_CACHE: dict[str, Any] | None = None
-_PROBE_LOCK = threading.Lock()
 
 
 #: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
@@ -129,105 +121,6 @@ ATTRIBUTION_SKIPPED = (f"{POOL_CLOSED} (cancel_pending) before the CUDA_LAUNCH_B
 
 class PoolClosed(RuntimeError):
     """``submit`` after ``close``."""
-
-
-def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    if extra:
-        env.update(extra)
-    return env
-
-
-# ------------------------------------------------------------------------------ temp folders and exit
-
-_LIVE_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
-_LIVE_TMP: set[str] = set()
-_HOOKS_LOCK = threading.Lock()
-_HOOKS_INSTALLED: set[str] = set()
-
-
-def _make_tmp(kind: str) -> str:
-    """A temp folder named after this process (``harness-{kind}-<pid>-XXXX``); removed by ``_drop_tmp``, at exit
-    and on SIGTERM, or by the next pool once this process is dead (``remove_stale_tmp``)."""
-    _install_exit_hooks()
-    path = tempfile.mkdtemp(prefix=f"harness-{kind}-{os.getpid()}-")
-    _LIVE_TMP.add(path)
-    return path
-
-
-def _drop_tmp(path: str) -> None:
-    _LIVE_TMP.discard(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def remove_stale_tmp(root: str | os.PathLike | None = None) -> list[str]:
-    """Remove the ``harness-pool-<pid>-*`` / ``harness-fresh-<pid>-*`` folders under ``root`` (the temp dir) that
-    belong to this user and whose process is gone (killed by SIGKILL, so it could not clean up); returns them."""
-    removed: list[str] = []
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    try:
-        entries = list(os.scandir(root or tempfile.gettempdir()))
-    except OSError:
-        return removed
-    for e in entries:
-        prefix = next((p for p in _TMP_PREFIXES if e.name.startswith(p)), None)
-        pid_text = e.name[len(prefix):].split("-", 1)[0] if prefix else ""
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not e.is_dir(follow_symlinks=False) or (uid is not None and st.st_uid != uid) or _pid_alive(int(pid_text)):
-            continue
-        shutil.rmtree(e.path, ignore_errors=True)
-        removed.append(e.path)
-    return removed
-
-
-def _install_exit_hooks() -> None:
-    """Once per process: close live pools at exit; on SIGTERM (when it would just kill this process) end their
-    workers and remove the temp folders first, then die of SIGTERM as before. A SIGTERM handler the program set
-    itself is left alone (it decides; the pools close when it unwinds)."""
-    with _HOOKS_LOCK:
-        if "atexit" not in _HOOKS_INSTALLED:
-            _HOOKS_INSTALLED.add("atexit")
-            atexit.register(_close_all_at_exit)
-        if "sigterm" not in _HOOKS_INSTALLED and threading.current_thread() is threading.main_thread():
-            _HOOKS_INSTALLED.add("sigterm")  # decided once: a handler set later by the program is its own
-            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _close_all_at_exit() -> None:
-    for pool in list(_LIVE_POOLS):
-        try:
-            pool.close(cancel_pending=True, timeout=5)
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    for path in list(_LIVE_TMP):
-        _drop_tmp(path)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    for pool in list(_LIVE_POOLS):
-        pool._end_workers_now()
-    for path in list(_LIVE_TMP):
-        _drop_tmp(path)
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
@@ -248,297 +141,6 @@ def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
             multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
         except (ValueError, OSError):
             pass
-
-
-def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
-    """CUDA devices as seen by a short-lived subprocess (this process never initialises CUDA).
-
-    Returns ``{"count", "devices": [{"index", "name", "capability", "memory"}], "error", "torch", "cuda"}``;
-    cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.
-    """
-    global _PROBE_CACHE
-    with _PROBE_LOCK:
-        if _PROBE_CACHE is None:
-            try:
-                cp = subprocess.run([sys.executable, "-c", _PROBE_SRC], capture_output=True, text=True,
-                                    timeout=timeout, env=_child_env())
-                data = json.loads(cp.stdout) if cp.stdout.strip() else {
-                    "count": 0, "devices": [], "error": f"probe exited {cp.returncode}: {cp.stderr[-500:]}"}
-            except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
-                data = {"count": 0, "devices": [], "error": f"probe failed: {type(e).__name__}: {e}"}
-            _PROBE_CACHE = data
-        return dict(_PROBE_CACHE)
-
-
-def probe_devices() -> list[str]:
-    """``["cuda:0", "cuda:1", ...]`` for the visible GPUs (empty without CUDA)."""
-    return [f"cuda:{d['index']}" for d in probe_cuda()["devices"]]
-
-
-def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
-    """Normalise a device request: None -> every GPU, else ["cpu"]; "cuda" -> every GPU (error if none)."""
-    if devices is None:
-        return probe_devices() or ["cpu"]
-    if isinstance(devices, str):
-        if devices == "cuda":
-            found = probe_devices()
-            if not found:
-                info = probe_cuda()
-                raise ValueError(f"devices='cuda' but no CUDA device is visible ({info.get('error') or 'count 0'}); "
-                                 "use devices='cpu' or check CUDA_VISIBLE_DEVICES")
-            return found
-        devices = [d.strip() for d in devices.split(",") if d.strip()]
-    out = []
-    for d in devices:
-        d = str(d)
-        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
-            raise ValueError(f"device {d!r} is not 'cpu' or 'cuda:N'; e.g. devices=['cuda:0', 'cuda:1']")
-        out.append(d)
-    if not out:
-        raise ValueError("devices is empty; pass None (probe), 'cpu', 'cuda' or a list like ['cuda:0']")
-    return out
-
-
-# ------------------------------------------------------------------------------ case files
-
-
-def case_values(case: "Case") -> dict[str, "torch.Tensor"]:
-    """The input values a worker generates for ``case`` (CPU, contiguous, logical shapes)."""
-    return {name: case.value_spec(name).generate(spec.shape, spec.torch_dtype) for name, spec in case.layouts.items()}
-
-
-def _case_digest(case: "Case") -> str:
-    d = case.to_dict()
-    d.pop("env", None)
-    d.pop("verdict", None)
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def replay_command(path: str | os.PathLike, device: str | None = None) -> str:
-    """One line that reruns a case file: ``python -m harness replay PATH [--device D]``."""
-    p = str(path)
-    q = p if all(c.isalnum() or c in "/._-+:=" for c in p) else "'" + p.replace("'", "'\\''") + "'"
-    return f"python -m harness replay {q}" + (f" --device {device}" if device and device != "cpu" else "")
-
-
-def _saved_tensors(case: "Case", values: Mapping[str, "torch.Tensor"] | None) -> dict[str, "torch.Tensor"]:
-    """The input values stored beside a failing case: ``values`` or the recipes', none beyond ``MAX_SAVED_BYTES``
-    (checked on the layouts, before anything is generated)."""
-    if sum(math.prod(s.shape) * s.itemsize for s in case.layouts.values()) > MAX_SAVED_BYTES:
-        return {}
-    return dict(values) if values else case_values(case)
-
-
-_RESERVED: set[Path] = set()
-_RESERVED_LOCK = threading.Lock()
-
-
-def _unique_case_path(cases_dir: Path, stem: str) -> Path:
-    """``cases_dir/stem.json``, or ``stem-2.json``, ``stem-3.json``...: the first that no file and no earlier
-    result of this process holds (two results never write the same case)."""
-    with _RESERVED_LOCK:
-        for n in itertools.count(1):
-            path = cases_dir / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
-            key = path.absolute()
-            if key not in _RESERVED and not path.exists() and not path.with_suffix(".safetensors").exists():
-                _RESERVED.add(key)
-                return path
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
-                 values: Mapping[str, "torch.Tensor"] | None = None, name: str | None = None) -> Path:
-    """Write ``case`` with its verdict and environment to ``cases_dir`` (JSON + safetensors).
-
-    ``name``: file stem (default ``{op}-{verdict}-{digest}``, with ``-2``, ``-3``... when a file or an
-    earlier result of this process has it, so every result gets its own file; a given ``name`` is
-    overwritten, which is how the pytest plugin keeps Hypothesis' final, shrunk example). Stored values are the
-    given ``values`` or the ones the recipes generate, unless they exceed ``MAX_SAVED_BYTES``.
-    Sets ``result.case_path`` and ``result.replay``; returns the JSON path.
-    """
-    from harness.cases import save_case
-
-    stem = name or f"{case.op}-{result.verdict.value}-{_case_digest(case)}"
-    # no dots: Path.with_suffix (used for the .safetensors sibling) would cut the name at one
-    stem = "".join(c if c.isalnum() or c in "-" else "_" for c in stem)[:180]
-    path = Path(cases_dir) / f"{stem}.json" if name else _unique_case_path(Path(cases_dir), stem)
-    tensors = _saved_tensors(case, values)
-    verdict = {k: v for k, v in result.to_json().items()
-               if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v}
-    env = dict(case.env)
-    env.update({k: v for k, v in result.env.items() if k not in env})
-    saved = dataclasses.replace(case, verdict=verdict, env=env)
-    json_path = save_case(saved, path, tensors=tensors or None)
-    result.case_path = str(json_path)
-    result.replay = replay_command(json_path, result.device if result.device.startswith("cuda") else None)
-    return json_path
-
-
-# ------------------------------------------------------------------------------ fresh processes
-
-
-def find_sanitizer() -> str | None:
-    """Path of ``compute-sanitizer`` ($PATH, $CUDA_HOME/bin, /usr/local/cuda/bin), or None."""
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and os.access(os.path.join(root, "bin", "compute-sanitizer"), os.X_OK):
-            return os.path.join(root, "bin", "compute-sanitizer")
-    return None
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = {"SIGKILL": " (killed: the kernel's OOM killer, a memory limit, or a timeout)",
-                "SIGSEGV": " (segmentation fault)", "SIGABRT": " (abort)", "SIGBUS": " (bus error)"}.get(name, "")
-        return f"killed by {name}{hint}"
-    return f"exited with status {code}"
-
-
-_LIB_DIRS = tuple(p for p in {sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib")} if p)
-
-
-def _faulthandler_frame(log: str) -> str:
-    """The innermost non-library Python frame of a faulthandler dump (``File "x.py", line 3 in f``), or ''.
-
-    faulthandler lists the most recent call first; frames in the standard library and in
-    torch are skipped (the interesting one is the target's code that made the call).
-    """
-    lines = log.splitlines()
-    for i, ln in enumerate(lines):
-        if ln.startswith("Fatal Python error") or ln.startswith("Current thread") or ln.startswith("Thread 0x"):
-            frames = [f.strip() for f in lines[i + 1:] if f.strip().startswith("File ")]
-            for f in frames:
-                path = f.split('"')[1] if f.count('"') >= 2 else ""
-                if path and not path.startswith(_LIB_DIRS) and f"{os.sep}torch{os.sep}" not in path:
-                    return _with_code(f, path)
-            return frames[0] if frames else ""
-    return ""
-
-
-def _with_code(frame_line: str, path: str) -> str:
-    """Append the source line to a faulthandler frame (``File "x.py", line 3 in f: code``)."""
-    import linecache
-
-    try:
-        lineno = int(frame_line.split(", line ")[1].split()[0])
-    except (IndexError, ValueError):
-        return frame_line
-    code = linecache.getline(path, lineno).strip()
-    return f"{frame_line}: {code}" if code else frame_line
-
-
-class Cancelled(RuntimeError):
-    """A fresh-process run was stopped through its ``cancel`` event (its pool is closing)."""
-
-
-def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, launch_blocking: bool = False,
-                         record_ops: bool = True, sanitizer: bool = False, timeout: float = DEFAULT_CASE_TIMEOUT,
-                         cancel: threading.Event | None = None) -> Result:
-    """Run a case file in a new interpreter (``python -m harness.runner.worker``) and return its Result.
-
-    ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
-    ``sanitizer`` runs it under ``compute-sanitizer --tool memcheck`` (its report goes into
-    ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
-    ``timeout``. ``cancel``: when it is set the process is killed and :class:`Cancelled` raised.
-    """
-    tmp = _make_tmp("fresh")
-    try:
-        return _run_fresh(tmp, case_path, device, launch_blocking, record_ops, sanitizer, timeout, cancel)
-    finally:
-        _drop_tmp(tmp)
-
-
-def _run_fresh(tmp: str, case_path: str | os.PathLike, device: str, launch_blocking: bool, record_ops: bool,
-               sanitizer: bool, timeout: float, cancel: threading.Event | None) -> Result:
-    out = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device,
-           "--result", out]
-    if record_ops:
-        cmd.append("--record-ops")
-    san_note = None
-    if sanitizer:
-        tool = find_sanitizer()
-        if tool is None:
-            san_note = "compute-sanitizer was asked for but is not installed ($PATH, $CUDA_HOME/bin)"
-        else:
-            cmd = [tool, "--tool", "memcheck", "--print-limit", "20", "--error-exitcode", "0"] + cmd
-    env = _child_env({"CUDA_LAUNCH_BLOCKING": "1"} if launch_blocking else None)
-    t0 = time.perf_counter()
-    try:
-        cp = _run_cancellable(cmd, env, timeout, cancel)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        return Result(Verdict.TIMEOUT, f"fresh process ran past {timeout:.0f} s", device=device,
-                      duration=time.perf_counter() - t0, worker="fresh",
-                      attribution={"log": tail[-2000:]} if tail else None)
-    if os.path.exists(out):
-        with open(out) as f:
-            r = Result.from_json(json.load(f))
-    else:
-        log = (cp.stderr or "")[-3000:]
-        code = cp.returncode if cp.returncode < 128 else -(cp.returncode - 128)  # a shell's 128+N
-        att: dict[str, Any] = {"frame": _faulthandler_frame(log), "log": log[-1500:]}
-        if code == 1 and "Traceback (most recent call last)" in log:
-            att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
-        r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(code)} before writing a result",
-                   device=device, duration=time.perf_counter() - t0, worker="fresh", attribution=att)
-    if sanitizer:
-        att = dict(r.attribution or {})
-        att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
-        r.attribution = att
-    return r
-
-
-def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
-    """Seconds an attribution rerun may take: twice the case's (at least 120 s: a fresh CUDA context), ten
-    times that under compute-sanitizer."""
-    return max(120.0, 2 * float(case_timeout)) * (10 if sanitizer else 1)
-
-
-def attribution_rerun(case_path: str | os.PathLike, device: str, *, sanitizer: bool = False,
-                      case_timeout: float = DEFAULT_CASE_TIMEOUT, timeout: float | None = None,
-                      cancel: threading.Event | None = None) -> Result:
-    """The case rerun in a fresh process with ``CUDA_LAUNCH_BLOCKING=1`` and op recording, to name the op
-    that faults (optionally under compute-sanitizer); ``timeout`` defaults to twice the case's (at least 120 s), ten times that under the sanitizer."""
-    return run_in_fresh_process(case_path, device, launch_blocking=True, record_ops=True, sanitizer=sanitizer,
-                                timeout=timeout or _default_attribution_timeout(case_timeout, sanitizer), cancel=cancel)
-
-
-def _run_cancellable(cmd: list[str], env: Mapping[str, str], timeout: float,
-                     cancel: threading.Event | None) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop."""
-    if cancel is None:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if cancel.is_set():
-        raise Cancelled("cancelled before it started")
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                out, err = proc.communicate(timeout=0.2)
-                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-            except subprocess.TimeoutExpired:
-                if cancel.is_set() or time.monotonic() >= deadline:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    if cancel.is_set():
-                        raise Cancelled("killed: cancelled while running") from None
-                    raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
-
-
-def _sanitizer_report(text: str) -> str:
-    keep = [ln for ln in text.splitlines() if ln.startswith("=========")]
-    return "\n".join(keep[-60:]) if keep else text[-3000:]
-
 
 # ------------------------------------------------------------------------------ the pool
 

@@ -253,17 +253,17 @@ def test_fresh_process_run_is_killed_by_its_cancel_event(tmp_path):
 
 
 def test_failure_over_the_size_cap_is_saved_without_generating_its_values(tmp_path, monkeypatch):
-    import harness.runner.pool as pool_mod
+    import harness.runner.casefiles as casefiles
     from harness.verdicts import Result
 
     def no_generation(case):
         raise AssertionError("values were generated for a case too large to store them")
 
-    monkeypatch.setattr(pool_mod, "MAX_SAVED_BYTES", PLAIN.span_bytes() - 1)
-    monkeypatch.setattr(pool_mod, "case_values", no_generation)
-    path = pool_mod.save_failure(case("fault.nan"), Result(Verdict.NONFINITE, "NaN"), tmp_path)
+    monkeypatch.setattr(casefiles, "MAX_SAVED_BYTES", PLAIN.span_bytes() - 1)
+    monkeypatch.setattr(casefiles, "case_values", no_generation)
+    path = casefiles.save_failure(case("fault.nan"), Result(Verdict.NONFINITE, "NaN"), tmp_path)
     saved, tensors = load_case(path)
     assert saved.verdict["verdict"] == "nonfinite" and tensors == {}
     monkeypatch.undo()  # under the cap: generated and stored
-    _, tensors = load_case(pool_mod.save_failure(case("fault.nan"), Result(Verdict.NONFINITE, "NaN"), tmp_path))
+    _, tensors = load_case(casefiles.save_failure(case("fault.nan"), Result(Verdict.NONFINITE, "NaN"), tmp_path))
     assert set(tensors) == {"x"}

@@ -1,0 +1,83 @@
+"""CUDA devices as a short-lived subprocess sees them (the parent never initialises CUDA), and device requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from typing import Any, Sequence
+
+from harness.runner.procs import _child_env
+
+__all__ = ["probe_cuda", "probe_devices", "resolve_devices"]
+
+_PROBE_SRC = r"""
+import json, sys
+out = {"count": 0, "devices": [], "error": None, "torch": None, "cuda": None}
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["cuda"] = torch.version.cuda
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    out["count"] = n
+    for i in range(n):
+        p = torch.cuda.get_device_properties(i)
+        out["devices"].append({"index": i, "name": p.name, "capability": [p.major, p.minor],
+                               "memory": p.total_memory})
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+sys.stdout.write(json.dumps(out))
+"""
+
+_PROBE_CACHE: dict[str, Any] | None = None
+_PROBE_LOCK = threading.Lock()
+
+
+def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
+    """CUDA devices as seen by a short-lived subprocess (this process never initialises CUDA).
+
+    Returns ``{"count", "devices": [{"index", "name", "capability", "memory"}], "error", "torch", "cuda"}``;
+    cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.
+    """
+    global _PROBE_CACHE
+    with _PROBE_LOCK:
+        if _PROBE_CACHE is None:
+            try:
+                cp = subprocess.run([sys.executable, "-c", _PROBE_SRC], capture_output=True, text=True,
+                                    timeout=timeout, env=_child_env())
+                data = json.loads(cp.stdout) if cp.stdout.strip() else {
+                    "count": 0, "devices": [], "error": f"probe exited {cp.returncode}: {cp.stderr[-500:]}"}
+            except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
+                data = {"count": 0, "devices": [], "error": f"probe failed: {type(e).__name__}: {e}"}
+            _PROBE_CACHE = data
+        return dict(_PROBE_CACHE)
+
+
+def probe_devices() -> list[str]:
+    """``["cuda:0", "cuda:1", ...]`` for the visible GPUs (empty without CUDA)."""
+    return [f"cuda:{d['index']}" for d in probe_cuda()["devices"]]
+
+
+def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
+    """Normalise a device request: None -> every GPU, else ["cpu"]; "cuda" -> every GPU (error if none)."""
+    if devices is None:
+        return probe_devices() or ["cpu"]
+    if isinstance(devices, str):
+        if devices == "cuda":
+            found = probe_devices()
+            if not found:
+                info = probe_cuda()
+                raise ValueError(f"devices='cuda' but no CUDA device is visible ({info.get('error') or 'count 0'}); "
+                                 "use devices='cpu' or check CUDA_VISIBLE_DEVICES")
+            return found
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    out = []
+    for d in devices:
+        d = str(d)
+        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"device {d!r} is not 'cpu' or 'cuda:N'; e.g. devices=['cuda:0', 'cuda:1']")
+        out.append(d)
+    if not out:
+        raise ValueError("devices is empty; pass None (probe), 'cpu', 'cuda' or a list like ['cuda:0']")
+    return out
