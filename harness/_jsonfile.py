@@ -45,8 +45,9 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def read_regular_file(path: str | os.PathLike, error: type[Exception], *, label: str, max_bytes: int,
-                      kind: str = "") -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, error: type[Exception], *, label: str, max_bytes: int, kind: str = ""
+) -> bytes:
     """The bytes of ``path``, which must be a regular file (symlinks are followed) of at most ``max_bytes``.
 
     Raises ``error`` with one line starting with ``label``: missing, unreadable, not a regular file
@@ -97,15 +98,23 @@ def json_depth_exceeds(obj: Any, limit: int) -> bool:
     return False
 
 
-def read_json(path: Path, error: type[Exception], *, label: str, kind: str = "",
-              max_bytes: int | None = None, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def read_json(
+    path: Path,
+    error: type[Exception],
+    *,
+    label: str,
+    kind: str = "",
+    max_bytes: int | None = None,
+    max_depth: int = MAX_JSON_DEPTH,
+) -> Any:
     """The decoded JSON of ``path``, raising ``error`` with one line that starts with ``label``.
 
     ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`) and ``max_depth`` bound what is read; the file
     must be a regular file (see :func:`read_regular_file`).
     """
-    raw = read_regular_file(path, error, label=label, kind=kind,
-                            max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    raw = read_regular_file(
+        path, error, label=label, kind=kind, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    )
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

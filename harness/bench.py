@@ -143,8 +143,13 @@ class AttentionShape:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "B": self.batch, "H": self.heads, "Lq": self.q_tokens, "Lk": self.kv_tokens, "d": self.head_dim,
-            "model": self.model, "kind": self.kind,
+            "B": self.batch,
+            "H": self.heads,
+            "Lq": self.q_tokens,
+            "Lk": self.kv_tokens,
+            "d": self.head_dim,
+            "model": self.model,
+            "kind": self.kind,
         }
 
 
@@ -184,7 +189,9 @@ def wan_linear_shapes(
     return out
 
 
-def wan_attention_shapes(models: Iterable[str] = ("1.3B", "14B"), tokens: int = VIDEO_TOKENS[0]) -> list[AttentionShape]:
+def wan_attention_shapes(
+    models: Iterable[str] = ("1.3B", "14B"), tokens: int = VIDEO_TOKENS[0]
+) -> list[AttentionShape]:
     """Self-attention over ``tokens`` video tokens and cross-attention from them over 512 text / 257 image tokens."""
     out: list[AttentionShape] = []
     for name in models:
@@ -260,8 +267,12 @@ class Timing:
 
     def as_dict(self) -> dict[str, Any]:
         d = {
-            "median": self.median, "min": self.min, "max": self.max,
-            "rounds": len(self.times_ms), "warmup": self.warmup, "timer": self.timer,
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "rounds": len(self.times_ms),
+            "warmup": self.warmup,
+            "timer": self.timer,
         }
         if self.sync_times_ms:
             d["sync_call_median"] = statistics.median(self.sync_times_ms)
@@ -428,7 +439,10 @@ def rotate(fn: Callable[..., Any], sets: Sequence[Sequence[Any]]) -> Callable[[]
 
 
 def bare_fp8_linear(
-    x2d: torch.Tensor, w8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+    x2d: torch.Tensor,
+    w8: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """The floor of any FP8 forward of a high-precision input: one cast, one ``_scaled_mm``.

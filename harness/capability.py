@@ -104,8 +104,10 @@ def require_cuda(
     if min_capability is not None:
         cap = cuda_capability(device)
         if cap < tuple(min_capability):
-            return (f"{subject}needs compute capability >= {format_capability(min_capability)}, "
-                    f"found {format_capability(cap)}")
+            return (
+                f"{subject}needs compute capability >= {format_capability(min_capability)}, "
+                f"found {format_capability(cap)}"
+            )
     return None
 
 
@@ -113,13 +115,23 @@ def device_info(device: str | torch.device = "cuda") -> DeviceInfo:
     """The :class:`DeviceInfo` of ``device``, probed now."""
     dev = torch.device(device)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    common = {"device": str(device), "type": dev.type, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "cudnn": cudnn}
+    common = {
+        "device": str(device),
+        "type": dev.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+    }
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        return DeviceInfo(name=props.name, capability=(int(props.major), int(props.minor)),
-                          memory_bytes=int(props.total_memory), l2_bytes=int(getattr(props, "L2_cache_size", 0)),
-                          multiprocessors=int(props.multi_processor_count), **common)
+        return DeviceInfo(
+            name=props.name,
+            capability=(int(props.major), int(props.minor)),
+            memory_bytes=int(props.total_memory),
+            l2_bytes=int(getattr(props, "L2_cache_size", 0)),
+            multiprocessors=int(props.multi_processor_count),
+            **common,
+        )
     return DeviceInfo(name=_cpu_name() if dev.type == "cpu" else dev.type, capability=None, **common)
 
 

@@ -55,10 +55,27 @@ from harness._jsonfile import read_json, read_regular_file
 from harness.layouts import LayoutError, LayoutSpec
 from harness.values import ValueError_, ValueSpec
 
-__all__ = ["SCHEMA_VERSION", "Case", "CaseError", "CaseTooNew", "save_case", "load_case", "case_paths",
-           "format_case", "add_parser", "printable", "case_elements", "max_case_elements", "check_budget",
-           "DEFAULT_MAX_CASE_ELEMENTS", "MAX_CASE_ELEMENTS_ENV", "STALE_TEMP_SECONDS", "print_problem",
-           "tolerant_stdout", "add_budget_argument"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Case",
+    "CaseError",
+    "CaseTooNew",
+    "save_case",
+    "load_case",
+    "case_paths",
+    "format_case",
+    "add_parser",
+    "printable",
+    "case_elements",
+    "max_case_elements",
+    "check_budget",
+    "DEFAULT_MAX_CASE_ELEMENTS",
+    "MAX_CASE_ELEMENTS_ENV",
+    "STALE_TEMP_SECONDS",
+    "print_problem",
+    "tolerant_stdout",
+    "add_budget_argument",
+]
 
 SCHEMA_VERSION = 1
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -101,8 +118,9 @@ def _short(x: Any, limit: int = 60) -> str:
 
 def _check_name(value: Any, what: str) -> None:
     if not isinstance(value, str) or not value or len(value) > _MAX_NAME or not value.isprintable():
-        raise CaseError(f"{what} must be a non-empty printable string of at most {_MAX_NAME} characters, "
-                        f"got {_short(value)}")
+        raise CaseError(
+            f"{what} must be a non-empty printable string of at most {_MAX_NAME} characters, got {_short(value)}"
+        )
 
 
 def _jsonable(x: Any, where: str) -> Any:
@@ -191,8 +209,10 @@ class Case:
         if type(version) is not int:  # true and 1.0 compare equal to 1
             raise CaseError(f"{source}: schema_version must be an integer, got {_short(version)}")
         if version > SCHEMA_VERSION:
-            raise CaseTooNew(f"{source}: schema_version {version} was written by a newer harness; this checkout "
-                             f"reads version {SCHEMA_VERSION}")
+            raise CaseTooNew(
+                f"{source}: schema_version {version} was written by a newer harness; this checkout "
+                f"reads version {SCHEMA_VERSION}"
+            )
         if version != SCHEMA_VERSION:
             raise CaseError(
                 f"{source}: schema_version {version} is not supported; this harness reads version {SCHEMA_VERSION}"
@@ -204,8 +224,16 @@ class Case:
             raise CaseError(f"{source}: unknown fields {shown}; allowed: {sorted(known)}")
         if "op" not in d:
             raise CaseError(f"{source}: missing 'op'")
-        for key, typ in (("params", dict), ("layouts", dict), ("values", dict), ("tolerances", dict), ("env", dict),
-                         ("verdict", dict), ("backend", str), ("note", str)):
+        for key, typ in (
+            ("params", dict),
+            ("layouts", dict),
+            ("values", dict),
+            ("tolerances", dict),
+            ("env", dict),
+            ("verdict", dict),
+            ("backend", str),
+            ("note", str),
+        ):
             if key in d and not isinstance(d[key], typ):
                 raise CaseError(f"{source}: field {key!r} must be a JSON {typ.__name__}, got {type(d[key]).__name__}")
         seed = d.get("seed", 0)
@@ -229,9 +257,17 @@ class Case:
                 raise CaseError(f"{source}: values[{_short(name, 40)}]: {e}") from None
         try:
             return cls(
-                op=d["op"], layouts=layouts, values=values, backend=d.get("backend", ""),
-                params=d.get("params", {}), tolerances=d.get("tolerances", {}), seed=seed, env=d.get("env", {}),
-                verdict=d.get("verdict", {}), note=d.get("note", ""), schema_version=version,
+                op=d["op"],
+                layouts=layouts,
+                values=values,
+                backend=d.get("backend", ""),
+                params=d.get("params", {}),
+                tolerances=d.get("tolerances", {}),
+                seed=seed,
+                env=d.get("env", {}),
+                verdict=d.get("verdict", {}),
+                note=d.get("note", ""),
+                schema_version=version,
             )
         except CaseError as e:
             raise CaseError(f"{source}: {e}") from None
@@ -274,9 +310,11 @@ def check_budget(case: Case, budget: int | None = None, *, source: str = "case")
     limit = max_case_elements(budget)
     need = case_elements(case)
     if need > limit:
-        raise CaseError(f"{source}: its inputs need {need:,} elements (storage + values), over the budget of "
-                        f"{limit:,}; if this machine has the memory, raise it with --max-elements N or "
-                        f"{MAX_CASE_ELEMENTS_ENV}=N")
+        raise CaseError(
+            f"{source}: its inputs need {need:,} elements (storage + values), over the budget of "
+            f"{limit:,}; if this machine has the memory, raise it with --max-elements N or "
+            f"{MAX_CASE_ELEMENTS_ENV}=N"
+        )
 
 
 # ------------------------------------------------------------------------------ files
@@ -408,13 +446,14 @@ def _directory_hint(p: Path) -> str:
     except OSError:
         example = None
     return f"{p} is a directory, not a case file; " + (
-        f"name a case file in it, e.g. {example}" if example else "it holds no case files (*.json)")
+        f"name a case file in it, e.g. {example}" if example else "it holds no case files (*.json)"
+    )
 
 
 def _header_metadata(blob: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob already parsed by safetensors (so the header is valid)."""
     n = int.from_bytes(blob[:8], "little")
-    meta = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+    meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
 
 
@@ -438,8 +477,13 @@ def load_case(path: str | os.PathLike, *, max_elements: int | None = None) -> tu
         from safetensors.torch import load as st_load
 
         cap = _HEADER_BYTES + sum(spec.numel * spec.itemsize for spec in case.layouts.values())
-        blob = read_regular_file(st_path, CaseError, label=f"tensor file {st_path}", max_bytes=cap,
-                                 kind="a safetensors file for these layouts")
+        blob = read_regular_file(
+            st_path,
+            CaseError,
+            label=f"tensor file {st_path}",
+            max_bytes=cap,
+            kind="a safetensors file for these layouts",
+        )
         try:
             tensors = st_load(blob)
             meta = _header_metadata(blob)
@@ -448,8 +492,10 @@ def load_case(path: str | os.PathLike, *, max_elements: int | None = None) -> tu
             raise CaseError(f"tensor file {st_path} is not a valid safetensors file: {msg}") from None
         digest = meta.get("case_digest")
         if digest is not None and digest != _pair_digest(data):
-            raise CaseError(f"tensor file {st_path} was not written with this {json_path.name} (an interrupted or "
-                            f"concurrent save, or a hand edit); delete it to use the value recipes, or save the case again")
+            raise CaseError(
+                f"tensor file {st_path} was not written with this {json_path.name} (an interrupted or "
+                f"concurrent save, or a hand edit); delete it to use the value recipes, or save the case again"
+            )
         for name, t in tensors.items():
             spec = case.layouts.get(name)
             if spec is None:
@@ -457,8 +503,9 @@ def load_case(path: str | os.PathLike, *, max_elements: int | None = None) -> tu
             if tuple(t.shape) != spec.shape:
                 raise CaseError(f"{st_path}: tensor {name!r} has shape {tuple(t.shape)}, its layout says {spec.shape}")
             if t.dtype != spec.torch_dtype:
-                raise CaseError(f"{st_path}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, its layout "
-                                f"says {spec.dtype}")
+                raise CaseError(
+                    f"{st_path}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, its layout says {spec.dtype}"
+                )
     missing = [n for n in case.layouts if n not in tensors and n not in case.values]
     if missing:
         raise CaseError(
@@ -481,7 +528,9 @@ def format_case(case: Case, tensors: Mapping[str, torch.Tensor] | None = None) -
         lines.append(f"params: {json.dumps(case.params, sort_keys=True)}")
     lines.append("inputs:")
     for name, spec in case.layouts.items():
-        src = "stored" if tensors and name in tensors else (case.values[name].describe() if name in case.values else "?")
+        src = (
+            "stored" if tensors and name in tensors else (case.values[name].describe() if name in case.values else "?")
+        )
         lines.append(f"  {name}: {spec.describe()}")
         lines.append(f"  {' ' * len(name)}  values: {src}")
     if case.tolerances:
@@ -508,9 +557,14 @@ def tolerant_stdout() -> None:
 
 def add_budget_argument(p: argparse.ArgumentParser) -> None:
     """``--max-elements N``: the element budget flag shared by show, replay and minimize."""
-    p.add_argument("--max-elements", type=int, default=None, metavar="N",
-                   help=f"refuse a case whose inputs need more than N elements (storage + values); default "
-                        f"${MAX_CASE_ELEMENTS_ENV} or {DEFAULT_MAX_CASE_ELEMENTS:,} (2**28)")
+    p.add_argument(
+        "--max-elements",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"refuse a case whose inputs need more than N elements (storage + values); default "
+        f"${MAX_CASE_ELEMENTS_ENV} or {DEFAULT_MAX_CASE_ELEMENTS:,} (2**28)",
+    )
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

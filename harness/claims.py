@@ -34,8 +34,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness._jsonfile import atomic_write_text
 
-__all__ = ["CONFIRMED", "REFUTED", "UNTESTABLE", "Claim", "ClaimResult", "ClaimContext", "CLAIMS",
-           "OVERHEAD_TARGET", "run_claim", "run_claims", "format_results", "add_parser"]
+__all__ = [
+    "CONFIRMED",
+    "REFUTED",
+    "UNTESTABLE",
+    "Claim",
+    "ClaimResult",
+    "ClaimContext",
+    "CLAIMS",
+    "OVERHEAD_TARGET",
+    "run_claim",
+    "run_claims",
+    "format_results",
+    "add_parser",
+]
 
 CONFIRMED, REFUTED, UNTESTABLE = "confirmed", "refuted", "not testable here"
 #: "almost free" / "no slowdown": the project's overhead target for guards (issue 13: within 2 % of the bare op).
@@ -44,8 +56,17 @@ _ANY_CUDA = "any CUDA GPU (python -m harness claims --device cuda)"
 _FP8_GPU = "a CUDA GPU with FP8 matmul (compute capability 8.9 or 9.0+, e.g. H100/H200)"
 _BLACKWELL = "a Blackwell GPU (compute capability 10.0 or 12.0) with sageattn3 installed"
 #: the layout classes of the linear sweep that carry a layout property (views model code hands over)
-_VIEW_CLASSES = ("transposed", "last_stride_2", "padded_rows", "offset_1", "offset_2", "offset_8",
-                 "packed_slice", "flatten_permuted", "broadcast")
+_VIEW_CLASSES = (
+    "transposed",
+    "last_stride_2",
+    "padded_rows",
+    "offset_1",
+    "offset_2",
+    "offset_8",
+    "packed_slice",
+    "flatten_permuted",
+    "broadcast",
+)
 
 Decision = tuple[str, str, str]  # (status, why, settle)
 
@@ -94,8 +115,16 @@ class ClaimResult:
     cases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "claim": self.claim, "status": self.status, "why": self.why, "settle": self.settle,
-                "device": self.device, "evidence": self.evidence, "cases": list(self.cases)}
+        return {
+            "id": self.id,
+            "claim": self.claim,
+            "status": self.status,
+            "why": self.why,
+            "settle": self.settle,
+            "device": self.device,
+            "evidence": self.evidence,
+            "cases": list(self.cases),
+        }
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -115,14 +144,21 @@ def _views(device: str) -> list[tuple[str, torch.Tensor]]:
     from harness.runner.targets import default_inputs, get_target
 
     factories = get_target("fp8_linear").layout_classes()
-    return [(name, default_inputs(factories[name].build(0), device)["x"]) for name in _VIEW_CLASSES
-            if name in factories]  # offset_1 exists only for 1-byte dtypes
+    return [
+        (name, default_inputs(factories[name].build(0), device)["x"]) for name in _VIEW_CLASSES if name in factories
+    ]  # offset_1 exists only for 1-byte dtypes
 
 
 def _metadata_reads(t: torch.Tensor) -> list[tuple[str, Callable[[], Any]]]:
-    return [("device", lambda: t.device), ("shape", lambda: t.shape), ("dtype", lambda: t.dtype),
-            ("stride", lambda: t.stride()), ("is_contiguous", lambda: t.is_contiguous()),
-            ("int(shape[0])", lambda: int(t.shape[0])), ("shape[0]", lambda: t.shape[0])]
+    return [
+        ("device", lambda: t.device),
+        ("shape", lambda: t.shape),
+        ("dtype", lambda: t.dtype),
+        ("stride", lambda: t.stride()),
+        ("is_contiguous", lambda: t.is_contiguous()),
+        ("int(shape[0])", lambda: int(t.shape[0])),
+        ("shape[0]", lambda: t.shape[0]),
+    ]
 
 
 def _read_all(views: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
@@ -141,8 +177,13 @@ def _read_all(views: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
                 errors.append(f"{name}.{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             reads += 1
             ops.extend(rec.ops)
-    return {"reads": reads, "errors": errors, "dispatched_ops": len(ops), "ops": sorted(set(ops)),
-            "shape0_types": dict(types)}
+    return {
+        "reads": reads,
+        "errors": errors,
+        "dispatched_ops": len(ops),
+        "ops": sorted(set(ops)),
+        "shape0_types": dict(types),
+    }
 
 
 _POISON_CHILD = r"""
@@ -194,8 +235,9 @@ print(json.dumps(rep))
 
 def _child(code: str, *args: str, timeout: float = 180.0) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter; its last stdout line is JSON."""
-    cp = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                        check=False)
+    cp = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
     lines = cp.stdout.strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -215,8 +257,12 @@ def _run_cases(ctx: ClaimContext, op: str) -> dict[str, Any]:
     if not ok:
         ctx._sweeps[op] = {"available": False, "reason": why}
         return ctx._sweeps[op]
-    cells = [(name, f.build(i)) for name, f in target.layout_classes().items()
-             if ctx.classes is None or name in ctx.classes for i in range(ctx.per_class)]
+    cells = [
+        (name, f.build(i))
+        for name, f in target.layout_classes().items()
+        if ctx.classes is None or name in ctx.classes
+        for i in range(ctx.per_class)
+    ]
     if ctx.cuda if ctx.pool is None else ctx.pool:
         from harness.runner.pool import WorkerPool
 
@@ -237,11 +283,15 @@ def _run_cases(ctx: ClaimContext, op: str) -> dict[str, Any]:
             failing[res.verdict.value].append(name)
             if ctx.out is not None:
                 cases.append(str(save_failure(case, res, ctx.out / "cases")))
-    ctx._sweeps[op] = {"available": True, "cases_run": len(cells),
-                       "verdicts": dict(sum(by_class.values(), Counter())),
-                       "failing": {v: sorted(set(n)) for v, n in failing.items()},
-                       "by_class": {n: dict(c) for n, c in by_class.items()}, "case_files": cases,
-                       "misaligned_messages": misaligned}
+    ctx._sweeps[op] = {
+        "available": True,
+        "cases_run": len(cells),
+        "verdicts": dict(sum(by_class.values(), Counter())),
+        "failing": {v: sorted(set(n)) for v, n in failing.items()},
+        "by_class": {n: dict(c) for n, c in by_class.items()},
+        "case_files": cases,
+        "misaligned_messages": misaligned,
+    }
     return ctx._sweeps[op]
 
 
@@ -271,21 +321,31 @@ def _d_metadata(ev: dict[str, Any]) -> Decision:
         e = ((p or {}).get(key) or {}).get("errors")
         if e:
             return CONFIRMED, f"after a device fault, {len(e)} metadata reads raised: {e[0]}", ""
-    base = (f"{h['reads']} reads of .device/.shape/.dtype/.stride()/.is_contiguous() on strided, misaligned and "
-            f"stride-0 views raised nothing and dispatched {h['dispatched_ops']} aten ops (metadata lives on the host)")
+    base = (
+        f"{h['reads']} reads of .device/.shape/.dtype/.stride()/.is_contiguous() on strided, misaligned and "
+        f"stride-0 views raised nothing and dispatched {h['dispatched_ops']} aten ops (metadata lives on the host)"
+    )
     if h["dispatched_ops"]:
         return UNTESTABLE, base + "; a read that dispatches an op could launch a kernel: rerun on CUDA", _ANY_CUDA
     if p is None:
         return UNTESTABLE, base + "; a misaligned-address error exists only on CUDA", _ANY_CUDA
     if p.get("child_failed") or not p.get("fault_triggered"):
-        return (UNTESTABLE, base + f"; but no device fault could be produced to poison the context "
-                f"({p.get('child_failed') or p.get('launch_error') or 'the fault did not surface'})", _ANY_CUDA)
+        return (
+            UNTESTABLE,
+            base + f"; but no device fault could be produced to poison the context "
+            f"({p.get('child_failed') or p.get('launch_error') or 'the fault did not surface'})",
+            _ANY_CUDA,
+        )
     n = p["metadata_after_fault"]["reads"] + (p.get("metadata_after_error") or {}).get("reads", 0)
     sticky = " (sticky: later launches fail too)" if p.get("sticky") else ""
-    return (REFUTED, base + f"; after a real fault ({p['fault']}) {n} more reads, before and after the error was "
-            f"reported, raised nothing; the error surfaced at {p['surfaced_at']}: {p['error']}{sticky} -- the line "
-            "that shows the error is the first synchronising or launching call after the faulty kernel, not the "
-            "metadata read", "")
+    return (
+        REFUTED,
+        base + f"; after a real fault ({p['fault']}) {n} more reads, before and after the error was "
+        f"reported, raised nothing; the error surfaced at {p['surfaced_at']}: {p['error']}{sticky} -- the line "
+        "that shows the error is the first synchronising or launching call after the faulty kernel, not the "
+        "metadata read",
+        "",
+    )
 
 
 # 2. .contiguous() makes fp8_linear_forward safe
@@ -299,8 +359,12 @@ def _m_contiguous_fp8(ctx: ClaimContext) -> dict[str, Any]:
     spec = LayoutSpec((4, 64), "bfloat16", offset=1)
     x = materialize(spec, torch.randn(spec.shape), device=ctx.device)
     y = x.contiguous()
-    misaligned = {"is_contiguous": x.is_contiguous(), "contiguous_returns_self": y is x,
-                  "alignment_before": data_ptr_alignment(x), "alignment_after": data_ptr_alignment(y)}
+    misaligned = {
+        "is_contiguous": x.is_contiguous(),
+        "contiguous_returns_self": y is x,
+        "alignment_before": data_ptr_alignment(x),
+        "alignment_after": data_ptr_alignment(y),
+    }
     sweeps = {op: _run_cases(ctx, op) for op in (*_FIXED_OPS, "legacy.wanvideo_late2025")}
     return {"misaligned_contiguous_view": misaligned, "sweeps": sweeps}
 
@@ -311,14 +375,17 @@ def _d_contiguous_fp8(ev: dict[str, Any]) -> Decision:
         why = "; ".join(f"{op}: {s.get('reason')}" for op, s in fixed.items())
         return UNTESTABLE, f"the forwards cannot run here ({why})", _FP8_GPU
     m = ev["misaligned_contiguous_view"]
-    note = (f" (and .contiguous() of a contiguous view whose pointer is {m['alignment_before']}-byte aligned returns "
-            f"{'the same tensor' if m['contiguous_returns_self'] else 'a copy'}, still {m['alignment_after']}-byte "
-            "aligned)")
+    note = (
+        f" (and .contiguous() of a contiguous view whose pointer is {m['alignment_before']}-byte aligned returns "
+        f"{'the same tensor' if m['contiguous_returns_self'] else 'a copy'}, still {m['alignment_after']}-byte "
+        "aligned)"
+    )
     bad = _failing(fixed)
     before = ev["sweeps"].get("legacy.wanvideo_late2025", {})
     if before.get("available"):
-        note += "; before the fix (wanvideo_late2025): " + ("; ".join(e.removeprefix(": ") for e in _failing({"": before}))
-                                                                 or "no failures")
+        note += "; before the fix (wanvideo_late2025): " + (
+            "; ".join(e.removeprefix(": ") for e in _failing({"": before})) or "no failures"
+        )
     if bad:
         return REFUTED, "with input.contiguous() first the forward still fails: " + "; ".join(bad) + note, ""
     n = sum(s.get("cases_run", 0) for s in fixed.values())
@@ -335,11 +402,14 @@ def _attn_output(kind: str, device: str, b: int = 2, s: int = 7, h: int = 2, d: 
     from harness.layouts import LayoutSpec, ViewOp, materialize
 
     vals = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(1))
-    spec = {"nhd_contiguous": LayoutSpec.contiguous((b, s, h, d), "bfloat16"),
-            "hnd_output_transposed_back": LayoutSpec((b, s, h, d), "bfloat16", base_shape=(b, h, s, d),
-                                                     views=(ViewOp.transpose(1, 2),)),
-            "sequence_major": LayoutSpec((b, s, h, d), "bfloat16", perm=(1, 0, 2, 3)),
-            "misaligned_2b": LayoutSpec((b, s, h, d), "bfloat16", offset=1)}[kind]
+    spec = {
+        "nhd_contiguous": LayoutSpec.contiguous((b, s, h, d), "bfloat16"),
+        "hnd_output_transposed_back": LayoutSpec(
+            (b, s, h, d), "bfloat16", base_shape=(b, h, s, d), views=(ViewOp.transpose(1, 2),)
+        ),
+        "sequence_major": LayoutSpec((b, s, h, d), "bfloat16", perm=(1, 0, 2, 3)),
+        "misaligned_2b": LayoutSpec((b, s, h, d), "bfloat16", offset=1),
+    }[kind]
     return materialize(spec, vals, device=device)
 
 
@@ -356,8 +426,11 @@ def _flatten_ops(device: str) -> dict[str, Any]:
 
 def _m_flatten(ctx: ClaimContext) -> dict[str, Any]:
     if ctx.cuda:
-        return _child("import json, sys; from harness.claims import _flatten_probe; "
-                      "print(json.dumps(_flatten_probe(sys.argv[1])))", ctx.device)
+        return _child(
+            "import json, sys; from harness.claims import _flatten_probe; "
+            "print(json.dumps(_flatten_probe(sys.argv[1])))",
+            ctx.device,
+        )
     return _flatten_probe(ctx.device)
 
 
@@ -372,8 +445,12 @@ def _flatten_probe(device: str) -> dict[str, Any]:
         for op_name, op in _flatten_ops(device).items():
             x = _attn_output(kind, device)
             f = x.flatten(2)
-            row = {"layout": kind, "op": op_name, "flatten_is_view": f.data_ptr() == x.data_ptr(),
-                   "flatten_contiguous": f.is_contiguous()}
+            row = {
+                "layout": kind,
+                "op": op_name,
+                "flatten_is_view": f.data_ptr() == x.data_ptr(),
+                "flatten_contiguous": f.is_contiguous(),
+            }
             outs = {}
             for label, inp in (("as_is", f), ("contiguous", f.contiguous())):
                 try:
@@ -383,8 +460,11 @@ def _flatten_probe(device: str) -> dict[str, Any]:
             a, c = outs["as_is"], outs["contiguous"]
             row["as_is_error"] = a if isinstance(a, str) else None
             row["contiguous_error"] = c if isinstance(c, str) else None
-            row["bitwise_equal"] = (isinstance(a, torch.Tensor) and isinstance(c, torch.Tensor)
-                                    and torch.equal(a.float().nan_to_num(7), c.float().nan_to_num(7)))
+            row["bitwise_equal"] = (
+                isinstance(a, torch.Tensor)
+                and isinstance(c, torch.Tensor)
+                and torch.equal(a.float().nan_to_num(7), c.float().nan_to_num(7))
+            )
             rows.append(row)
     return {"rows": rows}
 
@@ -402,17 +482,29 @@ def _d_flatten(ev: dict[str, Any]) -> Decision:
     ops = sorted({r["op"] for r in rows})
     if free:
         views = [r["layout"] for r in rows if r["flatten_is_view"] and not r["flatten_contiguous"]]
-        return (REFUTED, f"for {', '.join(free)} every output projection ({', '.join(ops)}) gave bitwise the same "
-                "result with and without .contiguous()" + (f"; needed only for {needed}" if needed else "")
-                + ("; flatten(2) is a non-contiguous view only for " + ", ".join(sorted(set(views)))
-                   + " and those still gave identical results" if views and not needed else ""), "")
+        return (
+            REFUTED,
+            f"for {', '.join(free)} every output projection ({', '.join(ops)}) gave bitwise the same "
+            "result with and without .contiguous()"
+            + (f"; needed only for {needed}" if needed else "")
+            + (
+                "; flatten(2) is a non-contiguous view only for "
+                + ", ".join(sorted(set(views)))
+                + " and those still gave identical results"
+                if views and not needed
+                else ""
+            ),
+            "",
+        )
     return CONFIRMED, f"every attention-output layout needed .contiguous() for some projection: {needed}", ""
 
 
 # 4. Sage 3 needs q.contiguous().transpose(1,2).contiguous()
 
-_SAGE3_UPSTREAM = ("upstream (thu-ml/SageAttention #357, fixed by PR #370) attributes sageattn3_blackwell's "
-                   "misaligned address on sm_120 to the kernel's TMA descriptors, not to the caller's layout")
+_SAGE3_UPSTREAM = (
+    "upstream (thu-ml/SageAttention #357, fixed by PR #370) attributes sageattn3_blackwell's "
+    "misaligned address on sm_120 to the kernel's TMA descriptors, not to the caller's layout"
+)
 
 
 def _m_sage3(ctx: ClaimContext) -> dict[str, Any]:
@@ -423,8 +515,11 @@ def _m_sage3(ctx: ClaimContext) -> dict[str, Any]:
     g = torch.Generator().manual_seed(3)
     vals = [torch.randn(b, h, s, d, generator=g) for _ in range(3)]
     nhd = LayoutSpec((b, h, s, d), "bfloat16", base_shape=(b, s, h, d), views=(ViewOp.transpose(1, 2),))
-    specs = {"hnd_contiguous": LayoutSpec.contiguous((b, h, s, d), "bfloat16"),
-             "nhd_transposed_view": nhd, "misaligned_2b": LayoutSpec((b, h, s, d), "bfloat16", offset=1)}
+    specs = {
+        "hnd_contiguous": LayoutSpec.contiguous((b, h, s, d), "bfloat16"),
+        "nhd_transposed_view": nhd,
+        "misaligned_2b": LayoutSpec((b, h, s, d), "bfloat16", offset=1),
+    }
     emu = get_backend("emu.sage3")
     outs = {}
     for name, spec in specs.items():
@@ -434,8 +529,10 @@ def _m_sage3(ctx: ClaimContext) -> dict[str, Any]:
             rq, rk, rv = (t.transpose(1, 2).contiguous().transpose(1, 2).contiguous() for t in (q, k, v))
             outs["writeup_recipe"] = emu.run(rq, rk, rv, "HND").float()
     ref = outs["hnd_contiguous"]
-    emulation = {n: {"bitwise_equal_to_contiguous": torch.equal(o, ref), "max_abs_diff": float((o - ref).abs().max())}
-                 for n, o in outs.items()}
+    emulation = {
+        n: {"bitwise_equal_to_contiguous": torch.equal(o, ref), "max_abs_diff": float((o - ref).abs().max())}
+        for n, o in outs.items()
+    }
     ok, why = get_backend("sage3").available(ctx.device)
     real: dict[str, Any] = {"available": ok, "reason": why}
     if ok:
@@ -450,10 +547,13 @@ _NOT_LAYOUT = ("pass", "input_mutation")
 def _d_sage3(ev: dict[str, Any]) -> Decision:
     emu = ev["emulation"]
     same = all(e["bitwise_equal_to_contiguous"] for e in emu.values())
-    emu_line = (f"the emulation of Sage 3's NVFP4 math gives bitwise the same output for all {len(emu)} layouts "
-                "(incl. the recipe): the format itself does not care about the layout" if same else
-                "the emulation differs between layouts: " + ", ".join(f"{n} {e['max_abs_diff']:.3g}"
-                                                                      for n, e in emu.items()))
+    emu_line = (
+        f"the emulation of Sage 3's NVFP4 math gives bitwise the same output for all {len(emu)} layouts "
+        "(incl. the recipe): the format itself does not care about the layout"
+        if same
+        else "the emulation differs between layouts: "
+        + ", ".join(f"{n} {e['max_abs_diff']:.3g}" for n, e in emu.items())
+    )
     real = ev["real"]
     if not real["available"]:
         return UNTESTABLE, f"the kernel cannot run here ({real['reason']}); {emu_line}; {_SAGE3_UPSTREAM}", _BLACKWELL
@@ -484,9 +584,11 @@ def _d_int_shape(ev: dict[str, Any]) -> Decision:
     if ev["reads"]["errors"]:
         return CONFIRMED, f"shape reads raised: {ev['reads']['errors'][0]}", ""
     n = sum(types.values())
-    why = (f"x.shape[0] already is a Python int (in {n} of {n} reads on {ev['views']} strided/misaligned views), "
-           f"int() returns the same value, and the reads dispatched {ev['reads']['dispatched_ops']} ops: nothing "
-           "for int() to make safe (see the metadata claim)")
+    why = (
+        f"x.shape[0] already is a Python int (in {n} of {n} reads on {ev['views']} strided/misaligned views), "
+        f"int() returns the same value, and the reads dispatched {ev['reads']['dispatched_ops']} ops: nothing "
+        "for int() to make safe (see the metadata claim)"
+    )
     return REFUTED, why, ""
 
 
@@ -507,8 +609,11 @@ def _scaled_mm_returns(device: str) -> Optional[str]:
 
 
 def _m_comfy(ctx: ClaimContext) -> dict[str, Any]:
-    return {"sweeps": {op: _run_cases(ctx, op) for op in (*_COMFY_OPS, "fp8_linear")},
-            "scaled_mm_returns": _scaled_mm_returns(ctx.device), "torch": torch.__version__}
+    return {
+        "sweeps": {op: _run_cases(ctx, op) for op in (*_COMFY_OPS, "fp8_linear")},
+        "scaled_mm_returns": _scaled_mm_returns(ctx.device),
+        "torch": torch.__version__,
+    }
 
 
 def _d_comfy(ev: dict[str, Any]) -> Decision:
@@ -517,7 +622,7 @@ def _d_comfy(ev: dict[str, Any]) -> Decision:
         return UNTESTABLE, "; ".join(f"{op}: {s.get('reason')}" for op, s in comfy.items()), _FP8_GPU
     bad = _failing(comfy)
     robust = ev["sweeps"].get("fp8_linear", {})
-    ref = (f"; the harness's fp8_linear: {robust.get('verdicts')}" if robust.get("available") else "")
+    ref = f"; the harness's fp8_linear: {robust.get('verdicts')}" if robust.get("available") else ""
     if ev.get("scaled_mm_returns") == "Tensor":
         ref += f"; its tuple unwrap is dead code on torch {ev.get('torch')} (_scaled_mm returns a Tensor)"
     if bad:
@@ -554,21 +659,38 @@ def _m_contiguous_free(ctx: ClaimContext) -> dict[str, Any]:
     copy = time_fn(lambda: xt.contiguous(), ctx.device, warmup=3, rounds=r)
     import statistics
 
-    return {"shape": [m, k], "returns_self": y is x, "same_data_ptr": y.data_ptr() == x.data_ptr(),
-            "dispatched_ops": rec.ops, "contiguous_ms": statistics.median(t_contig), "contiguous_timer": "perf_counter",
-            "forward_ms": fwd.median, "forward_timer": fwd.timer, "noncontiguous_copy_ms": copy.median,
-            "ratio": statistics.median(t_contig) / fwd.median, "target": OVERHEAD_TARGET}
+    return {
+        "shape": [m, k],
+        "returns_self": y is x,
+        "same_data_ptr": y.data_ptr() == x.data_ptr(),
+        "dispatched_ops": rec.ops,
+        "contiguous_ms": statistics.median(t_contig),
+        "contiguous_timer": "perf_counter",
+        "forward_ms": fwd.median,
+        "forward_timer": fwd.timer,
+        "noncontiguous_copy_ms": copy.median,
+        "ratio": statistics.median(t_contig) / fwd.median,
+        "target": OVERHEAD_TARGET,
+    }
 
 
 def _d_contiguous_free(ev: dict[str, Any]) -> Decision:
     if "unavailable" in ev:
         return UNTESTABLE, ev["unavailable"], _FP8_GPU
     if not ev["returns_self"] or ev["dispatched_ops"]:
-        return REFUTED, (f"on a contiguous tensor .contiguous() returned {'self' if ev['returns_self'] else 'a copy'} "
-                         f"and dispatched {ev['dispatched_ops']}"), ""
-    line = (f"returns self (no copy, no op dispatched); {ev['contiguous_ms'] * 1e3:.2f} us of host time a call = "
-            f"{ev['ratio']:.2%} of the FP8 linear it precedes ({ev['forward_ms']:.3f} ms, {ev['shape']}); a "
-            f"non-contiguous input is copied ({ev['noncontiguous_copy_ms']:.3f} ms)")
+        return (
+            REFUTED,
+            (
+                f"on a contiguous tensor .contiguous() returned {'self' if ev['returns_self'] else 'a copy'} "
+                f"and dispatched {ev['dispatched_ops']}"
+            ),
+            "",
+        )
+    line = (
+        f"returns self (no copy, no op dispatched); {ev['contiguous_ms'] * 1e3:.2f} us of host time a call = "
+        f"{ev['ratio']:.2%} of the FP8 linear it precedes ({ev['forward_ms']:.3f} ms, {ev['shape']}); a "
+        f"non-contiguous input is copied ({ev['noncontiguous_copy_ms']:.3f} ms)"
+    )
     if ev["ratio"] <= ev["target"]:
         return CONFIRMED, line + f", within the {ev['target']:.0%} overhead target", ""
     return REFUTED, line + f", above the {ev['target']:.0%} overhead target", ""
@@ -597,8 +719,11 @@ def _fwd_cost(device: str, rounds: int) -> dict[str, Any]:
         fn()
         torch.cuda.synchronize(device)
         peaks[name] = torch.cuda.max_memory_allocated(device) - base
-    return {"median_ms": {n: v.median for n, v in t.items()}, "peak_extra_bytes": peaks,
-            "input_bytes": x.numel() * x.element_size()}
+    return {
+        "median_ms": {n: v.median for n, v in t.items()},
+        "peak_extra_bytes": peaks,
+        "input_bytes": x.numel() * x.element_size(),
+    }
 
 
 def _m_after(ctx: ClaimContext) -> dict[str, Any]:
@@ -607,8 +732,12 @@ def _m_after(ctx: ClaimContext) -> dict[str, Any]:
 
     ev: dict[str, Any] = {"device": ctx.device}
     ev["alignment"] = _run_cases(ctx, "legacy.user_fixed") if ctx.cuda else None
-    cfg = QuantizedBlockConfig(name="fixed-forward-block", linear="legacy.user_fixed", attention="sdpa",
-                               description="3-D input block, every quantized linear through the user's fixed forward")
+    cfg = QuantizedBlockConfig(
+        name="fixed-forward-block",
+        linear="legacy.user_fixed",
+        attention="sdpa",
+        description="3-D input block, every quantized linear through the user's fixed forward",
+    )
     ev["video"] = run_scenario(cfg, ctx.device).to_dict()
     ev["cost"] = _fwd_cost(ctx.device, ctx.timing_rounds) if ctx.cuda else None
     return ev
@@ -626,8 +755,11 @@ def _d_after(ev: dict[str, Any]) -> Decision:
         mis = a.get("misaligned_messages", 0)
         parts["no CUDA alignment error"] = (
             REFUTED if faults or mis else CONFIRMED,
-            (f"{faults} device faults and {mis} 'misaligned' errors in {a['cases_run']} cases of the fixed forward "
-             "over every layout class"))
+            (
+                f"{faults} device faults and {mis} 'misaligned' errors in {a['cases_run']} cases of the fixed forward "
+                "over every layout class"
+            ),
+        )
     v = ev["video"]
     vs = {"pass": CONFIRMED, "fail": REFUTED}.get(v["status"], UNTESTABLE)
     parts["normal video"] = (vs, f"a Wan block with the fixed forward: {v['reason']}")
@@ -638,12 +770,18 @@ def _d_after(ev: dict[str, Any]) -> Decision:
     else:
         fx, un = c["median_ms"]["user_fixed"], c["median_ms"]["wanvideo_late2025"]
         slow = fx / un - 1
-        parts["no slowdown"] = (CONFIRMED if slow <= OVERHEAD_TARGET else REFUTED,
-                                f"fixed {fx:.3f} ms vs unfixed {un:.3f} ms ({slow:+.1%}; target {OVERHEAD_TARGET:.0%})")
+        parts["no slowdown"] = (
+            CONFIRMED if slow <= OVERHEAD_TARGET else REFUTED,
+            f"fixed {fx:.3f} ms vs unfixed {un:.3f} ms ({slow:+.1%}; target {OVERHEAD_TARGET:.0%})",
+        )
         extra = c["peak_extra_bytes"]["user_fixed"] - c["peak_extra_bytes"]["wanvideo_late2025"]
-        parts["normal memory"] = (CONFIRMED if extra <= c["input_bytes"] else REFUTED,
-                                  (f"peak {extra / 2**20:+.1f} MiB against the unfixed forward (allowed: one copy "
-                                   f"of the input, {c['input_bytes'] / 2**20:.0f} MiB)"))
+        parts["normal memory"] = (
+            CONFIRMED if extra <= c["input_bytes"] else REFUTED,
+            (
+                f"peak {extra / 2**20:+.1f} MiB against the unfixed forward (allowed: one copy "
+                f"of the input, {c['input_bytes'] / 2**20:.0f} MiB)"
+            ),
+        )
     why = "; ".join(f"{k}: {s} ({w})" for k, (s, w) in parts.items())
     statuses = {s for s, _ in parts.values()}
     if REFUTED in statuses:
@@ -654,21 +792,50 @@ def _d_after(ev: dict[str, Any]) -> Decision:
 
 
 CLAIMS: tuple[Claim, ...] = (
-    Claim("metadata-read", "reading input.device (or .shape, .dtype) of a non-contiguous CUDA tensor can raise a "
-          "misaligned-address error", _m_metadata, _d_metadata),
-    Claim("contiguous-first", "calling input.contiguous() first makes fp8_linear_forward safe",
-          _m_contiguous_fp8, _d_contiguous_fp8),
-    Claim("flatten-contiguous", "every x.flatten(2) before an output projection needs .contiguous()",
-          _m_flatten, _d_flatten),
-    Claim("sage3-transpose", "q.contiguous().transpose(1,2).contiguous() is what Sage3 FP4/FP8 attention needs",
-          _m_sage3, _d_sage3),
+    Claim(
+        "metadata-read",
+        "reading input.device (or .shape, .dtype) of a non-contiguous CUDA tensor can raise a misaligned-address error",
+        _m_metadata,
+        _d_metadata,
+    ),
+    Claim(
+        "contiguous-first",
+        "calling input.contiguous() first makes fp8_linear_forward safe",
+        _m_contiguous_fp8,
+        _d_contiguous_fp8,
+    ),
+    Claim(
+        "flatten-contiguous",
+        "every x.flatten(2) before an output projection needs .contiguous()",
+        _m_flatten,
+        _d_flatten,
+    ),
+    Claim(
+        "sage3-transpose",
+        "q.contiguous().transpose(1,2).contiguous() is what Sage3 FP4/FP8 attention needs",
+        _m_sage3,
+        _d_sage3,
+    ),
     Claim("int-shape", "int(x.shape[0]) makes shape access safe", _m_int_shape, _d_int_shape),
-    Claim("comfyui-reference", "the QwenImage/ComfyUI-style forward (clamp, scale_input, tuple output, 2-D "
-          "unsqueeze) is the safe reference implementation", _m_comfy, _d_comfy),
-    Claim("contiguous-free", ".contiguous() is almost free when the tensor is already contiguous",
-          _m_contiguous_free, _d_contiguous_free),
-    Claim("after-fixes", "after these fixes: no CUDA alignment error, normal video, no slowdown, normal memory",
-          _m_after, _d_after),
+    Claim(
+        "comfyui-reference",
+        "the QwenImage/ComfyUI-style forward (clamp, scale_input, tuple output, 2-D "
+        "unsqueeze) is the safe reference implementation",
+        _m_comfy,
+        _d_comfy,
+    ),
+    Claim(
+        "contiguous-free",
+        ".contiguous() is almost free when the tensor is already contiguous",
+        _m_contiguous_free,
+        _d_contiguous_free,
+    ),
+    Claim(
+        "after-fixes",
+        "after these fixes: no CUDA alignment error, normal video, no slowdown, normal memory",
+        _m_after,
+        _d_after,
+    ),
 )
 
 
@@ -710,26 +877,44 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def format_results(results: Sequence[ClaimResult], fmt: str = "text", *, env: Optional[dict[str, Any]] = None,
-                   scenarios: Optional[Sequence[Any]] = None) -> str:
+def format_results(
+    results: Sequence[ClaimResult],
+    fmt: str = "text",
+    *,
+    env: Optional[dict[str, Any]] = None,
+    scenarios: Optional[Sequence[Any]] = None,
+) -> str:
     """The claims (and scenarios) table as text, Markdown (for an issue thread), HTML or JSON."""
     env = env or {}
     scen = [s.to_dict() for s in scenarios or ()]
     if fmt == "json":
-        return json.dumps({"env": env, "claims": [r.to_dict() for r in results], "scenarios": scen},
-                          indent=2, default=_json_default)
-    where = ", ".join(f"{k} {env[k]}" for k in ("device", "capability", "torch", "cuda", "sageattention")
-                      if env.get(k))
-    rows = [(r.claim, r.status, r.why + (f". Settled by: {r.settle}." if r.settle else ""),
-             ", ".join(r.cases[:3]) + (f" (+{len(r.cases) - 3})" if len(r.cases) > 3 else "")) for r in results]
-    srows = [(s["name"], s["status"], s["reason"] + ("; " + "; ".join(s["substitutions"]) if s["substitutions"] else ""))
-             for s in scen]
+        return json.dumps(
+            {"env": env, "claims": [r.to_dict() for r in results], "scenarios": scen}, indent=2, default=_json_default
+        )
+    where = ", ".join(f"{k} {env[k]}" for k in ("device", "capability", "torch", "cuda", "sageattention") if env.get(k))
+    rows = [
+        (
+            r.claim,
+            r.status,
+            r.why + (f". Settled by: {r.settle}." if r.settle else ""),
+            ", ".join(r.cases[:3]) + (f" (+{len(r.cases) - 3})" if len(r.cases) > 3 else ""),
+        )
+        for r in results
+    ]
+    srows = [
+        (s["name"], s["status"], s["reason"] + ("; " + "; ".join(s["substitutions"]) if s["substitutions"] else ""))
+        for s in scen
+    ]
     if fmt == "html":
         esc = html.escape
-        out = [f"<h3>The write-up's claims, measured</h3><p>{esc(where)}</p>",
-               "<table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>case files</th></tr>"]
-        out += [f"<tr><td>{esc(a)}</td><td><b>{esc(b)}</b></td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
-                for a, b, c, d in rows]
+        out = [
+            f"<h3>The write-up's claims, measured</h3><p>{esc(where)}</p>",
+            "<table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>case files</th></tr>",
+        ]
+        out += [
+            f"<tr><td>{esc(a)}</td><td><b>{esc(b)}</b></td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
+            for a, b, c, d in rows
+        ]
         out.append("</table>")
         if srows:
             out.append("<h3>Scenarios</h3><table><tr><th>scenario</th><th>verdict</th><th>evidence</th></tr>")
@@ -737,15 +922,27 @@ def format_results(results: Sequence[ClaimResult], fmt: str = "text", *, env: Op
             out.append("</table>")
         return "\n".join(out)
     if fmt == "md":
+
         def cell(t: str) -> str:
             return t.replace("|", "\\|").replace("\n", " ")
 
-        out = ["### The write-up's claims, measured", "", f"Measured on: {where}", "",
-               "| claim | verdict | evidence | case files |", "|---|---|---|---|"]
+        out = [
+            "### The write-up's claims, measured",
+            "",
+            f"Measured on: {where}",
+            "",
+            "| claim | verdict | evidence | case files |",
+            "|---|---|---|---|",
+        ]
         out += [f"| {cell(a)} | **{b}** | {cell(c)} | {cell(d)} |" for a, b, c, d in rows]
         if srows:
-            out += ["", "### The write-up's scenarios (quantized Wan blocks vs the emulation of their formats)", "",
-                    "| scenario | verdict | evidence |", "|---|---|---|"]
+            out += [
+                "",
+                "### The write-up's scenarios (quantized Wan blocks vs the emulation of their formats)",
+                "",
+                "| scenario | verdict | evidence |",
+                "|---|---|---|",
+            ]
             out += [f"| {cell(a)} | **{b}** | {cell(c)} |" for a, b, c in srows]
         return "\n".join(out) + "\n"
     out = [f"claims measured on {where}"]
@@ -773,8 +970,13 @@ def _resolve_device(device: str) -> str:
     raise ValueError(f"--device {device!r}: use auto, cpu, cuda or one of {found or 'no GPUs here'}")
 
 
-def _write(out: Path, results: Sequence[ClaimResult], env: dict[str, Any], scen: Optional[Sequence[Any]],
-           fmts: Sequence[str] = ("json", "md", "html")) -> None:
+def _write(
+    out: Path,
+    results: Sequence[ClaimResult],
+    env: dict[str, Any],
+    scen: Optional[Sequence[Any]],
+    fmts: Sequence[str] = ("json", "md", "html"),
+) -> None:
     """Write the tables into ``out`` (each file replaced atomically, so a kill never leaves half a file)."""
     for fmt in fmts:
         atomic_write_text(out / f"claims.{fmt}", format_results(results, fmt, env=env, scenarios=scen))
@@ -783,8 +985,10 @@ def _write(out: Path, results: Sequence[ClaimResult], env: dict[str, Any], scen:
 def _cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"error: --out {out} exists and is not an empty directory; pick a new one (nothing was overwritten)",
-              file=sys.stderr)
+        print(
+            f"error: --out {out} exists and is not an empty directory; pick a new one (nothing was overwritten)",
+            file=sys.stderr,
+        )
         return 2
     if args.per_class < 1:
         print(f"error: --per-class {args.per_class}: pass an integer >= 1", file=sys.stderr)
@@ -822,13 +1026,20 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("claims", help="test the write-up's claims on this device: confirmed / refuted / "
-                              "not testable here", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = subparsers.add_parser(
+        "claims",
+        help="test the write-up's claims on this device: confirmed / refuted / not testable here",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="auto (the first GPU, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--out", help="write claims.{json,md,html} and the failing cases' files here (a new or empty dir)")
     p.add_argument("--format", choices=("text", "md", "html", "json"), default="text", help="what to print")
     p.add_argument("--only", help="comma-separated claim ids: " + ", ".join(c.id for c in CLAIMS))
     p.add_argument("--per-class", type=int, default=2, help="cases per layout class in the forwards' sweeps")
-    p.add_argument("--scenarios", action="store_true", help="also run the write-up's scenarios as quantized Wan "
-                   "blocks judged against the emulation of their formats")
+    p.add_argument(
+        "--scenarios",
+        action="store_true",
+        help="also run the write-up's scenarios as quantized Wan blocks judged against the emulation of their formats",
+    )
     p.set_defaults(func=_cmd)

@@ -42,7 +42,10 @@ INTERNAL_ERROR_EXIT = 128
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("harness.env", "device, capability, library versions and attention backends"),
     "show": ("harness.cases", "print a case file's layouts and verdict"),
-    "replay": ("harness.runner.replay", "rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side problem, 125 cannot run here)"),
+    "replay": (
+        "harness.runner.replay",
+        "rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side problem, 125 cannot run here)",
+    ),
     "minimize": ("harness.runner.minimize", "shrink a failing case one layout property at a time"),
     "matrix": ("harness.matrix", "drive every op and backend through every layout class; write a report"),
     "merge": ("harness.merge", "combine the outputs of `matrix --shard I/N` runs into one report"),
@@ -100,8 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"harness: {first}", file=sys.stderr)
             return 2
         where = _crash_report(e)
-        print(f"harness: internal error (a bug in the harness, not in your input): {type(e).__name__}: {first}; "
-              f"full traceback in {where}; exit {INTERNAL_ERROR_EXIT}", file=sys.stderr)
+        print(
+            f"harness: internal error (a bug in the harness, not in your input): {type(e).__name__}: {first}; "
+            f"full traceback in {where}; exit {INTERNAL_ERROR_EXIT}",
+            file=sys.stderr,
+        )
         return INTERNAL_ERROR_EXIT
 
 

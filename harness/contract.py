@@ -102,19 +102,22 @@ class Feature:
 
 
 #: per-operand features, in the order clauses are tried (ties go to the earlier one)
-FEATURES: dict[str, Feature] = {f.name: f for f in (
-    Feature("alignment", ("min",), "pointer alignment", " B"),
-    Feature("last_stride_one", ("min",), "last-dim stride is 1", boolean=True),
-    Feature("no_stride0", ("min",), "no stride-0 (broadcast) dim", boolean=True),
-    Feature("stride_alignment", ("min",), "every non-unit stride a multiple of", " B"),
-    Feature("ld_dense", ("min",), "leading dim not padded (row stride = row length)", boolean=True),
-    Feature("size1_canonical", ("min",), "size-1 dims have their contiguous stride", boolean=True),
-    Feature("contiguous", ("min",), "contiguous", boolean=True),
-    Feature("dtype", ("one_of",), "dtype"),
-    Feature("last_dim", ("one_of", "max", "min"), "last-dim size (head dim / in_features)"),
-    Feature("last_dim_multiple", ("min",), "last-dim size a multiple of"),
-    Feature("values", ("one_of",), "value recipe"),
-)}
+FEATURES: dict[str, Feature] = {
+    f.name: f
+    for f in (
+        Feature("alignment", ("min",), "pointer alignment", " B"),
+        Feature("last_stride_one", ("min",), "last-dim stride is 1", boolean=True),
+        Feature("no_stride0", ("min",), "no stride-0 (broadcast) dim", boolean=True),
+        Feature("stride_alignment", ("min",), "every non-unit stride a multiple of", " B"),
+        Feature("ld_dense", ("min",), "leading dim not padded (row stride = row length)", boolean=True),
+        Feature("size1_canonical", ("min",), "size-1 dims have their contiguous stride", boolean=True),
+        Feature("contiguous", ("min",), "contiguous", boolean=True),
+        Feature("dtype", ("one_of",), "dtype"),
+        Feature("last_dim", ("one_of", "max", "min"), "last-dim size (head dim / in_features)"),
+        Feature("last_dim_multiple", ("min",), "last-dim size a multiple of"),
+        Feature("values", ("one_of",), "value recipe"),
+    )
+}
 #: op-level features from each integer case parameter ``p``: ``p`` (min/max) and ``p_multiple`` (min)
 _PARAM_KINDS = {"": ("max", "min"), "_multiple": ("min",)}
 
@@ -189,11 +192,16 @@ def record_of(case: Any, result: Any) -> dict[str, Any]:
     for name, spec in case.layouts.items():
         vs = case.values.get(name) if getattr(case, "values", None) else None
         operands[name] = operand_facts(spec, vs if vs is not None else "normal")
-    params = {k: int(v) for k, v in (case.params or {}).items()
-              if isinstance(v, int) and not isinstance(v, bool)}
+    params = {k: int(v) for k, v in (case.params or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
     written = written_inputs(verdict, result.message, getattr(result, "mutated_inputs", None))
-    return {"op": case.op, "verdict": verdict, "class": str((case.params or {}).get("layout_class", "")),
-            "operands": operands, "params": params, "written": written}
+    return {
+        "op": case.op,
+        "verdict": verdict,
+        "class": str((case.params or {}).get("layout_class", "")),
+        "operands": operands,
+        "params": params,
+        "written": written,
+    }
 
 
 # ------------------------------------------------------------------------------ inference
@@ -205,8 +213,11 @@ def _feature_values(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str | No
     operands = sorted({n for r in records for n in r.get("operands", {})})
     for name in operands:
         for feat in FEATURES:
-            col = {i: r["operands"][name][feat] for i, r in enumerate(records)
-                   if name in r.get("operands", {}) and r["operands"][name].get(feat) is not None}
+            col = {
+                i: r["operands"][name][feat]
+                for i, r in enumerate(records)
+                if name in r.get("operands", {}) and r["operands"][name].get(feat) is not None
+            }
             if col:
                 table[(name, feat)] = col
     for p in sorted({p for r in records for p in r.get("params", {})}):
@@ -224,8 +235,11 @@ def _kinds(operand: str | None, feat: str) -> tuple[str, ...]:
 
 def _side(idx: Iterable[int], bad: set[int], verdicts: Sequence[str]) -> dict[str, Any]:
     idx = list(idx)
-    return {"cases": len(idx), "failed": sum(1 for i in idx if i in bad),
-            "by_verdict": dict(sorted(Counter(verdicts[i] for i in idx if i in bad).items()))}
+    return {
+        "cases": len(idx),
+        "failed": sum(1 for i in idx if i in bad),
+        "by_verdict": dict(sorted(Counter(verdicts[i] for i in idx if i in bad).items())),
+    }
 
 
 def _describe(operand: str | None, feat: str, kind: str, bound: Any) -> str:
@@ -233,8 +247,11 @@ def _describe(operand: str | None, feat: str, kind: str, bound: Any) -> str:
     who = f"{operand} " if operand else ""
     if f is not None and f.boolean:
         return f"{who}{f.what}"
-    what = f.what if f is not None else (f"{feat[:-len('_multiple')]} a multiple of" if feat.endswith("_multiple")
-                                          else feat)
+    what = (
+        f.what
+        if f is not None
+        else (f"{feat[: -len('_multiple')]} a multiple of" if feat.endswith("_multiple") else feat)
+    )
     unit = f.unit if f is not None else ""
     if kind == "one_of":
         return f"{who}{what} one of {', '.join(map(str, bound))}"
@@ -267,9 +284,19 @@ def _candidates(records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: S
                 continue
             if isinstance(bound, bool):
                 bound = bool(bound)
-            out.append({"key": f"{operand or '*'}:{feat}:{kind}", "operand": operand, "feature": feat, "kind": kind,
-                        "bound": bound, "nearest_failing": edge, "_violating": violating,
-                        "_satisfying": set(col) - violating, "text": _describe(operand, feat, kind, bound)})
+            out.append(
+                {
+                    "key": f"{operand or '*'}:{feat}:{kind}",
+                    "operand": operand,
+                    "feature": feat,
+                    "kind": kind,
+                    "bound": bound,
+                    "nearest_failing": edge,
+                    "_violating": violating,
+                    "_satisfying": set(col) - violating,
+                    "text": _describe(operand, feat, kind, bound),
+                }
+            )
     return out
 
 
@@ -291,8 +318,9 @@ def _select(cands: list[dict], bad: set[int]) -> list[dict]:
     return chosen
 
 
-def _infer(records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: Sequence[str],
-           env: Mapping[str, Any]) -> tuple[list[dict], set[int]]:
+def _infer(
+    records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: Sequence[str], env: Mapping[str, Any]
+) -> tuple[list[dict], set[int]]:
     chosen = _select(_candidates(records, bad, verdicts), bad)
     clauses, explained = [], set()
     for c in chosen:
@@ -302,13 +330,22 @@ def _infer(records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: Sequen
         others = set().union(*(o["_violating"] for o in chosen if o["_violating"] != c["_violating"]))
         satisfied = _side(sat, bad, verdicts)
         satisfied["explained_by_other_clauses"] = sum(1 for i in sat if i in bad and i in others)
-        clauses.append({
-            "key": c["key"], "operand": c["operand"], "feature": c["feature"], "kind": c["kind"],
-            "bound": c["bound"], "nearest_failing": c["nearest_failing"], "text": c["text"],
-            "satisfied": satisfied, "violated": _side(c["_violating"], bad, verdicts),
-            "classes_violating": sorted({records[i].get("class", "") for i in c["_violating"]}),
-            "confounded_with": c.get("confounded_with", []), "measured_on": dict(env),
-        })
+        clauses.append(
+            {
+                "key": c["key"],
+                "operand": c["operand"],
+                "feature": c["feature"],
+                "kind": c["kind"],
+                "bound": c["bound"],
+                "nearest_failing": c["nearest_failing"],
+                "text": c["text"],
+                "satisfied": satisfied,
+                "violated": _side(c["_violating"], bad, verdicts),
+                "classes_violating": sorted({records[i].get("class", "") for i in c["_violating"]}),
+                "confounded_with": c.get("confounded_with", []),
+                "measured_on": dict(env),
+            }
+        )
     return clauses, explained
 
 
@@ -319,12 +356,15 @@ def _observed(records: Sequence[Mapping[str, Any]], bad: set[int]) -> dict[str, 
         counts: dict[Any, list[int]] = {}
         for i, v in col.items():
             counts.setdefault(v, [0, 0])[1 if i in bad else 0] += 1
-        out[f"{operand or '*'}:{feat}"] = [[v, ok, no] for v, (ok, no) in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+        out[f"{operand or '*'}:{feat}"] = [
+            [v, ok, no] for v, (ok, no) in sorted(counts.items(), key=lambda kv: str(kv[0]))
+        ]
     return out
 
 
-def infer_contract(records: Sequence[Mapping[str, Any]], op: str | None = None,
-                   env: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def infer_contract(
+    records: Sequence[Mapping[str, Any]], op: str | None = None, env: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The contract of one op from its records (pure; see the module docstring for the rules).
 
     ``op``: keep only records of this op (None: all records, which must be of one op).
@@ -342,8 +382,11 @@ def infer_contract(records: Sequence[Mapping[str, Any]], op: str | None = None,
     bad = {i for i, v in enumerate(verdicts) if v not in WORKED}
     clauses, explained = _infer(counted, bad, verdicts, env)
     left = sorted(bad - explained)
-    unexplained = {"failures": len(left), "by_verdict": dict(sorted(Counter(verdicts[i] for i in left).items())),
-                   "classes": sorted({counted[i].get("class", "") for i in left})}
+    unexplained = {
+        "failures": len(left),
+        "by_verdict": dict(sorted(Counter(verdicts[i] for i in left).items())),
+        "classes": sorted({counted[i].get("class", "") for i in left}),
+    }
     return {
         "op": name,
         "records": len(recs),
@@ -369,25 +412,46 @@ def _writes(counted: Sequence[Mapping[str, Any]], env: Mapping[str, Any]) -> lis
         wrote = {i for i, r in enumerate(sub) if n in r.get("written", [])}
         if not wrote:
             continue
-        entry: dict[str, Any] = {"operand": n, "written": len(wrote), "checked": len(sub),
-                                 "always": len(wrote) == len(sub), "when": [], "measured_on": dict(env)}
+        entry: dict[str, Any] = {
+            "operand": n,
+            "written": len(wrote),
+            "checked": len(sub),
+            "always": len(wrote) == len(sub),
+            "when": [],
+            "measured_on": dict(env),
+        }
         if not entry["always"]:
             labels = ["written" if i in wrote else "untouched" for i in range(len(sub))]
             clauses, explained = _infer(sub, wrote, labels, env)
-            entry["when"] = [{"key": c["key"], "kind": c["kind"], "text": c["text"], "values": c["nearest_failing"],
-                              "violated": c["violated"], "satisfied": c["satisfied"]} for c in clauses]
+            entry["when"] = [
+                {
+                    "key": c["key"],
+                    "kind": c["kind"],
+                    "text": c["text"],
+                    "values": c["nearest_failing"],
+                    "violated": c["violated"],
+                    "satisfied": c["satisfied"],
+                }
+                for c in clauses
+            ]
             entry["unexplained"] = len(wrote - explained)
         out.append(entry)
     return out
 
 
-def infer_contracts(records: Sequence[Mapping[str, Any]], env: Mapping[str, Any] | None = None,
-                    source: str = "") -> dict[str, Any]:
+def infer_contracts(
+    records: Sequence[Mapping[str, Any]], env: Mapping[str, Any] | None = None, source: str = ""
+) -> dict[str, Any]:
     """The contracts document (``contracts.json``): one contract per op in ``records``, and the records."""
     ops = sorted({r.get("op", "") for r in records})
-    return {"schema_version": CONTRACTS_SCHEMA_VERSION, "kind": CONTRACTS_KIND, "source": source,
-            "measured_on": dict(env or {}), "contracts": {op: infer_contract(records, op, env) for op in ops},
-            "records": [dict(r) for r in records]}
+    return {
+        "schema_version": CONTRACTS_SCHEMA_VERSION,
+        "kind": CONTRACTS_KIND,
+        "source": source,
+        "measured_on": dict(env or {}),
+        "contracts": {op: infer_contract(records, op, env) for op in ops},
+        "records": [dict(r) for r in records],
+    }
 
 
 def measured_features(contract: Mapping[str, Any], operand: str) -> set[str]:
@@ -401,8 +465,20 @@ def measured_features(contract: Mapping[str, Any], operand: str) -> set[str]:
 
 def measured_on(env: Mapping[str, Any]) -> dict[str, Any]:
     """Device and versions worth citing, from a matrix summary's ``device`` / ``harness env`` dict."""
-    keys = ("used", "device", "name", "capability", "torch", "cuda", "cudnn", "cublas", "triton", "driver",
-            "sageattention", "flash_attn")
+    keys = (
+        "used",
+        "device",
+        "name",
+        "capability",
+        "torch",
+        "cuda",
+        "cudnn",
+        "cublas",
+        "triton",
+        "driver",
+        "sageattention",
+        "flash_attn",
+    )
     return {k: env[k] for k in keys if env.get(k) not in (None, "")}
 
 
@@ -414,8 +490,10 @@ def validate_contracts(doc: Any, where: str = "contracts") -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("kind") != CONTRACTS_KIND:
         raise ContractError(f"{where} is not a contracts document (kind {CONTRACTS_KIND!r} expected)")
     if doc.get("schema_version") != CONTRACTS_SCHEMA_VERSION:
-        raise ContractError(f"{where}: schema_version {doc.get('schema_version')!r} is not supported; "
-                            f"this harness reads {CONTRACTS_SCHEMA_VERSION}")
+        raise ContractError(
+            f"{where}: schema_version {doc.get('schema_version')!r} is not supported; "
+            f"this harness reads {CONTRACTS_SCHEMA_VERSION}"
+        )
     if not isinstance(doc.get("contracts"), dict):
         raise ContractError(f"{where}: field 'contracts' must map op -> contract")
     for op, c in doc["contracts"].items():
@@ -425,10 +503,12 @@ def validate_contracts(doc: Any, where: str = "contracts") -> dict[str, Any]:
             if not isinstance(c.get(key), typ):
                 raise ContractError(f"{where}: contract of {op!r}: field {key!r} must be {typ.__name__}")
         for i, cl in enumerate(c["preconditions"]):
-            if not isinstance(cl, dict) or not all(k in cl for k in ("key", "kind", "bound", "text", "satisfied",
-                                                                      "violated")):
-                raise ContractError(f"{where}: contract of {op!r}: preconditions[{i}] lacks key/kind/bound/text/"
-                                    "satisfied/violated")
+            if not isinstance(cl, dict) or not all(
+                k in cl for k in ("key", "kind", "bound", "text", "satisfied", "violated")
+            ):
+                raise ContractError(
+                    f"{where}: contract of {op!r}: preconditions[{i}] lacks key/kind/bound/text/satisfied/violated"
+                )
             if cl["kind"] not in ("min", "max", "one_of"):
                 raise ContractError(f"{where}: contract of {op!r}: preconditions[{i}] kind {cl['kind']!r} unknown")
     if "records" in doc:
@@ -456,8 +536,9 @@ def validate_records(records: Any, where: str = "contracts") -> list[dict[str, A
         elif not all(isinstance(r.get(k), str) for k in ("op", "verdict", "class")):
             bad = "needs string fields op, verdict, class"
         elif not isinstance(r.get("operands"), dict) or not all(
-                isinstance(n, str) and isinstance(f, dict) and all(_scalar(x) for x in f.values())
-                for n, f in r["operands"].items()):
+            isinstance(n, str) and isinstance(f, dict) and all(_scalar(x) for x in f.values())
+            for n, f in r["operands"].items()
+        ):
             bad = "field 'operands' must map operand -> {feature: number, string or bool}"
         elif not isinstance(r.get("params"), dict) or not all(_int(x) for x in r["params"].values()):
             bad = "field 'params' must map name -> integer"
@@ -476,8 +557,10 @@ def load_contracts(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         p = p / CONTRACTS_FILE
         if not p.is_file():
-            raise ContractError(f"{path}: no {CONTRACTS_FILE} in this folder; run `python -m harness matrix --out "
-                                f"{path}` first, or pass a contracts.json")
+            raise ContractError(
+                f"{path}: no {CONTRACTS_FILE} in this folder; run `python -m harness matrix --out "
+                f"{path}` first, or pass a contracts.json"
+            )
     elif not p.is_file():
         raise ContractError(f"{path}: no such file or folder; pass a matrix output folder or a contracts.json")
     try:
@@ -505,8 +588,10 @@ def write_contracts(out_dir: str | Path, doc: Mapping[str, Any]) -> Path:
     if len(text.encode("utf-8")) > MAX_FILE_BYTES and "records" in doc:
         n = len(doc["records"])
         doc = {k: v for k, v in doc.items() if k != "records"}
-        doc["records_omitted"] = (f"{n} case records left out: with them the file would exceed {MAX_FILE_BYTES} "
-                                  "bytes; `harness merge` cannot re-infer these contracts across shards")
+        doc["records_omitted"] = (
+            f"{n} case records left out: with them the file would exceed {MAX_FILE_BYTES} "
+            "bytes; `harness merge` cannot re-infer these contracts across shards"
+        )
         text = _encode(doc)
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -527,8 +612,9 @@ def clause_line(cl: Mapping[str, Any]) -> str:
     """One clause with its evidence on both sides of the boundary."""
     sat, vio = cl["satisfied"], cl["violated"]
     extra = sat.get("explained_by_other_clauses", 0)
-    line = (f"{cl['text']}: violated -> {_counts(vio)}; satisfied -> {_counts(sat)}"
-            + (f", {extra} of them violating another clause" if extra else ""))
+    line = f"{cl['text']}: violated -> {_counts(vio)}; satisfied -> {_counts(sat)}" + (
+        f", {extra} of them violating another clause" if extra else ""
+    )
     feat = FEATURES.get(cl.get("feature", ""))
     if cl.get("nearest_failing") not in (None, []) and cl["kind"] != "one_of" and not (feat and feat.boolean):
         line += f"; nearest failing value {cl['nearest_failing']}"
@@ -545,17 +631,21 @@ def env_line(env: Mapping[str, Any]) -> str:
 def format_contract(c: Mapping[str, Any]) -> list[str]:
     """A contract as readable lines (also the report's text)."""
     verdicts = ", ".join(f"{k} {n}" for k, n in c.get("by_verdict", {}).items())
-    lines = [f"{c['op']}: {c['counted']} cases ({verdicts or 'none'})"
-             + (f"; left out: {', '.join(f'{k} {n}' for k, n in c['excluded'].items())}" if c.get("excluded") else "")]
+    lines = [
+        f"{c['op']}: {c['counted']} cases ({verdicts or 'none'})"
+        + (f"; left out: {', '.join(f'{k} {n}' for k, n in c['excluded'].items())}" if c.get("excluded") else "")
+    ]
     for cl in c["preconditions"]:
         lines.append(f"  needs {clause_line(cl)}")
     if not c["preconditions"] and not c["unexplained"].get("failures"):
         lines.append("  no precondition found: no case failed")
     un = c["unexplained"]
     if un.get("failures"):
-        lines.append(f"  no separating boundary found for {un['failures']} failure(s) ("
-                     + ", ".join(f"{k} {n}" for k, n in un["by_verdict"].items())
-                     + f"; classes {', '.join(un['classes'])})")
+        lines.append(
+            f"  no separating boundary found for {un['failures']} failure(s) ("
+            + ", ".join(f"{k} {n}" for k, n in un["by_verdict"].items())
+            + f"; classes {', '.join(un['classes'])})"
+        )
     for w in c["writes"]:
         head = f"  writes {w['operand']}: in {w['written']} of {w['checked']} checked cases"
         if w["always"]:
@@ -564,11 +654,15 @@ def format_contract(c: Mapping[str, Any]) -> list[str]:
         if not w["when"]:
             lines.append(head + ": no separating boundary found")
         for x in w["when"]:
-            where = (f"{x['key'].split(':')[0]} {FEATURES[x['key'].split(':')[1]].what} in {x.get('values')}"
-                     if x.get("kind") == "one_of" and x["key"].split(":")[1] in FEATURES
-                     else f"not ({x['text']}), nearest {x.get('values')}")
-            lines.append(head + f": only where {where}: written in {x['violated']['failed']} of "
-                         f"{x['violated']['cases']}; elsewhere {x['satisfied']['failed']} of {x['satisfied']['cases']}")
+            where = (
+                f"{x['key'].split(':')[0]} {FEATURES[x['key'].split(':')[1]].what} in {x.get('values')}"
+                if x.get("kind") == "one_of" and x["key"].split(":")[1] in FEATURES
+                else f"not ({x['text']}), nearest {x.get('values')}"
+            )
+            lines.append(
+                head + f": only where {where}: written in {x['violated']['failed']} of "
+                f"{x['violated']['cases']}; elsewhere {x['satisfied']['failed']} of {x['satisfied']['cases']}"
+            )
     if c.get("measured_on"):
         lines.append(f"  measured on: {env_line(c['measured_on'])}")
     return lines
@@ -610,16 +704,39 @@ def diff_contracts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[
         for name in sorted(set(ow) | set(nw)):
             a, b = ow.get(name), nw.get(name)
             if a is None and b is not None:
-                out.append(_entry(op, f"{name}:writes", "narrowed", f"writes {name}", "not written",
-                                  f"written in {b['written']} of {b['checked']} cases"))
+                out.append(
+                    _entry(
+                        op,
+                        f"{name}:writes",
+                        "narrowed",
+                        f"writes {name}",
+                        "not written",
+                        f"written in {b['written']} of {b['checked']} cases",
+                    )
+                )
             elif b is None and a is not None:
-                out.append(_entry(op, f"{name}:writes", "widened", f"writes {name}",
-                                  f"written in {a['written']} of {a['checked']} cases", "not written"))
+                out.append(
+                    _entry(
+                        op,
+                        f"{name}:writes",
+                        "widened",
+                        f"writes {name}",
+                        f"written in {a['written']} of {a['checked']} cases",
+                        "not written",
+                    )
+                )
             elif a["always"] != b["always"]:
                 change = "narrowed" if b["always"] else "widened"
-                out.append(_entry(op, f"{name}:writes", change, f"writes {name}",
-                                  f"written in {a['written']} of {a['checked']} cases",
-                                  f"written in {b['written']} of {b['checked']} cases"))
+                out.append(
+                    _entry(
+                        op,
+                        f"{name}:writes",
+                        change,
+                        f"writes {name}",
+                        f"written in {a['written']} of {a['checked']} cases",
+                        f"written in {b['written']} of {b['checked']} cases",
+                    )
+                )
     return out
 
 
@@ -627,8 +744,7 @@ def _entry(op: str, key: str, change: str, what: str, old: str, new: str) -> dic
     return {"op": op, "key": key, "change": change, "what": what, "old": old, "new": new}
 
 
-def _evidence(c: Mapping[str, Any] | None, contract: Mapping[str, Any], feat_key: str, kind: str,
-              bound: Any) -> str:
+def _evidence(c: Mapping[str, Any] | None, contract: Mapping[str, Any], feat_key: str, kind: str, bound: Any) -> str:
     if c is not None:
         return f"{c['text']} (violated: {_counts(c['violated'])}; satisfied: {_counts(c['satisfied'])})"
     seen = contract.get("observed", {}).get(feat_key, [])
@@ -637,8 +753,14 @@ def _evidence(c: Mapping[str, Any] | None, contract: Mapping[str, Any], feat_key
     return f"no clause; values beyond that boundary: {ok} worked, {fail} failed"
 
 
-def _diff_clause(op: str, key: str, a: Mapping[str, Any] | None, b: Mapping[str, Any] | None,
-                 o: Mapping[str, Any], n: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _diff_clause(
+    op: str,
+    key: str,
+    a: Mapping[str, Any] | None,
+    b: Mapping[str, Any] | None,
+    o: Mapping[str, Any],
+    n: Mapping[str, Any],
+) -> list[dict[str, Any]]:
     feat_key, kind = key.rsplit(":", 1)
     if a is not None and b is not None:
         if kind == "one_of":
@@ -646,11 +768,27 @@ def _diff_clause(op: str, key: str, a: Mapping[str, Any] | None, b: Mapping[str,
             gained = [v for v in b["bound"] if v not in a["bound"] and _seen_failing(o, feat_key, v)]
             res = []
             if lost:
-                res.append(_entry(op, key, "narrowed", b["text"], _evidence(a, o, feat_key, kind, a["bound"]),
-                                  _evidence(b, n, feat_key, kind, b["bound"]) + f"; no longer accepted: {lost}"))
+                res.append(
+                    _entry(
+                        op,
+                        key,
+                        "narrowed",
+                        b["text"],
+                        _evidence(a, o, feat_key, kind, a["bound"]),
+                        _evidence(b, n, feat_key, kind, b["bound"]) + f"; no longer accepted: {lost}",
+                    )
+                )
             if gained:
-                res.append(_entry(op, key, "widened", b["text"], _evidence(a, o, feat_key, kind, a["bound"]),
-                                  _evidence(b, n, feat_key, kind, b["bound"]) + f"; now accepted: {gained}"))
+                res.append(
+                    _entry(
+                        op,
+                        key,
+                        "widened",
+                        b["text"],
+                        _evidence(a, o, feat_key, kind, a["bound"]),
+                        _evidence(b, n, feat_key, kind, b["bound"]) + f"; now accepted: {gained}",
+                    )
+                )
             return res
         # a change needs evidence: NEW failing at a value OLD saw working (narrowed), or NEW working at a
         # value OLD saw failing (widened); a bound that moved inside the unmeasured gap is no change
@@ -660,20 +798,45 @@ def _diff_clause(op: str, key: str, a: Mapping[str, Any] | None, b: Mapping[str,
             widened = an is not None and (b["bound"] <= an if kind == "min" else b["bound"] >= an)
         except TypeError:
             return []
-        return [_entry(op, key, change, b["text"], _evidence(a, o, feat_key, kind, a["bound"]),
-                       _evidence(b, n, feat_key, kind, b["bound"]))
-                for change, hit in (("narrowed", narrowed), ("widened", widened)) if hit]
+        return [
+            _entry(
+                op,
+                key,
+                change,
+                b["text"],
+                _evidence(a, o, feat_key, kind, a["bound"]),
+                _evidence(b, n, feat_key, kind, b["bound"]),
+            )
+            for change, hit in (("narrowed", narrowed), ("widened", widened))
+            if hit
+        ]
     c = b if b is not None else a
     other = o if b is not None else n
     seen = other.get("observed", {}).get(feat_key, [])
     beyond_worked = sum(w for v, w, _ in seen if _violates(kind, c["bound"], v))
     if b is not None:
         change = "narrowed" if beyond_worked else "new_evidence"
-        return [_entry(op, key, change, b["text"], _evidence(None, o, feat_key, kind, b["bound"]),
-                       _evidence(b, n, feat_key, kind, b["bound"]))]
+        return [
+            _entry(
+                op,
+                key,
+                change,
+                b["text"],
+                _evidence(None, o, feat_key, kind, b["bound"]),
+                _evidence(b, n, feat_key, kind, b["bound"]),
+            )
+        ]
     change = "widened" if beyond_worked else "no_evidence"
-    return [_entry(op, key, change, a["text"], _evidence(a, o, feat_key, kind, a["bound"]),
-                   _evidence(None, n, feat_key, kind, a["bound"]))]
+    return [
+        _entry(
+            op,
+            key,
+            change,
+            a["text"],
+            _evidence(a, o, feat_key, kind, a["bound"]),
+            _evidence(None, n, feat_key, kind, a["bound"]),
+        )
+    ]
 
 
 def _seen_failing(contract: Mapping[str, Any], feat_key: str, value: Any) -> bool:
@@ -691,12 +854,16 @@ def _cmd(args: argparse.Namespace) -> int:
             old, new = (load_contracts(p) for p in args.paths)
             changes = diff_contracts(old, new)
             for ch in changes:
-                print(f"{ch['change'].upper():<12} {ch['op']}  {ch['key']}: {ch['what']}  | OLD: {ch['old']}  "
-                      f"| NEW: {ch['new']}")
+                print(
+                    f"{ch['change'].upper():<12} {ch['op']}  {ch['key']}: {ch['what']}  | OLD: {ch['old']}  "
+                    f"| NEW: {ch['new']}"
+                )
             narrowed = sum(1 for ch in changes if ch["change"] == "narrowed")
             widened = sum(1 for ch in changes if ch["change"] == "widened")
-            print(f"contract diff: {narrowed} narrowed, {widened} widened, "
-                  f"{len(changes) - narrowed - widened} with evidence on one side only")
+            print(
+                f"contract diff: {narrowed} narrowed, {widened} widened, "
+                f"{len(changes) - narrowed - widened} with evidence on one side only"
+            )
             return 1 if narrowed else 0
         if len(args.paths) != 1:
             raise ContractError("give one matrix output folder or contracts.json (or --diff OLD NEW)")
@@ -708,8 +875,10 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.op and not ops:
         print(f"harness contract: no contract for {args.op}; known: {', '.join(doc['contracts'])}", file=sys.stderr)
         return 2
-    print(f"layout contracts ({doc.get('source') or 'unknown source'}; measured on "
-          f"{env_line(doc.get('measured_on', {}))})")
+    print(
+        f"layout contracts ({doc.get('source') or 'unknown source'}; measured on "
+        f"{env_line(doc.get('measured_on', {}))})"
+    )
     for op in ops:
         print("\n".join(format_contract(doc["contracts"][op])))
     return 0
@@ -717,11 +886,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``contract`` (print the contracts of a matrix run, or diff two)."""
-    p = subparsers.add_parser("contract", help="print each op's measured layout contract; --diff OLD NEW",
-                              description="Print the layout contracts a matrix run inferred (its contracts.json), "
-                                          "or name every clause that narrowed (exit 1) or widened between two.")
+    p = subparsers.add_parser(
+        "contract",
+        help="print each op's measured layout contract; --diff OLD NEW",
+        description="Print the layout contracts a matrix run inferred (its contracts.json), "
+        "or name every clause that narrowed (exit 1) or widened between two.",
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="matrix output folder or contracts.json (two with --diff)")
     p.add_argument("--diff", action="store_true", help="compare OLD NEW; exit 1 when a clause narrowed")
     p.add_argument("--op", action="append", metavar="NAME", help="only these ops (repeatable)")
     p.set_defaults(func=_cmd)
-

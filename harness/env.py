@@ -65,8 +65,9 @@ def _driver_version() -> str | None:
     if not smi:
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -91,13 +92,15 @@ def collect_env(*, backends: bool = True) -> dict[str, Any]:
         env["cudnn"] = torch.backends.cudnn.version()
         for i in range(torch.cuda.device_count()):
             d = device_info(f"cuda:{i}")
-            env["devices"].append({
-                "index": i,
-                "name": d.name,
-                "capability": d.capability_text,
-                "memory_gib": round((d.memory_bytes or 0) / 2**30, 1),
-                "multiprocessors": d.multiprocessors,
-            })
+            env["devices"].append(
+                {
+                    "index": i,
+                    "name": d.name,
+                    "capability": d.capability_text,
+                    "memory_gib": round((d.memory_bytes or 0) / 2**30, 1),
+                    "multiprocessors": d.multiprocessors,
+                }
+            )
         torch.zeros(1, device="cuda") @ torch.zeros(1, 1, device="cuda").squeeze(1)  # loads cuBLAS
         env["cublas"] = _cublas_version()
         env["driver"] = _driver_version()
@@ -122,10 +125,7 @@ def _describe_backends() -> dict[str, Any]:
 
 def collect_env_subprocess(timeout: float = 120.0, *, backends: bool = False) -> dict[str, Any]:
     """:func:`collect_env` run in a child interpreter, so this process never initialises CUDA."""
-    code = (
-        "import json, harness.env as e; "
-        f"print(json.dumps(e.collect_env(backends={backends!r}), default=str))"
-    )
+    code = f"import json, harness.env as e; print(json.dumps(e.collect_env(backends={backends!r}), default=str))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"environment probe failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
@@ -133,12 +133,25 @@ def collect_env_subprocess(timeout: float = 120.0, *, backends: bool = False) ->
 
 
 def format_env(env: dict[str, Any]) -> str:
-    keys = ["device", "capability", "driver", "torch", "cuda", "cudnn", "cublas", "triton", "sageattention",
-            "flash_attn", "python"]
+    keys = [
+        "device",
+        "capability",
+        "driver",
+        "torch",
+        "cuda",
+        "cudnn",
+        "cublas",
+        "triton",
+        "sageattention",
+        "flash_attn",
+        "python",
+    ]
     lines = [f"{k:>14}: {env.get(k)}" for k in keys]
     for d in env.get("devices", []):
-        lines.append(f"{'gpu ' + str(d['index']):>14}: {d['name']} (sm {d['capability']}, {d['memory_gib']} GiB, "
-                     f"{d['multiprocessors']} SMs)")
+        lines.append(
+            f"{'gpu ' + str(d['index']):>14}: {d['name']} (sm {d['capability']}, {d['memory_gib']} GiB, "
+            f"{d['multiprocessors']} SMs)"
+        )
     be = env.get("backends")
     if be:
         from harness.quant.backends import format_table
@@ -158,6 +171,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("env", help="device, capability, library versions and attention backends")
-    p.add_argument("--json", action="store_true", help="machine-readable output (the 'backends' key lists each "
-                                                       "attention backend with available/reason)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output (the 'backends' key lists each attention backend with available/reason)",
+    )
     p.set_defaults(func=_cmd_env)

@@ -208,8 +208,9 @@ class ValuePick:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ValuePick:
-        return cls(str(d["operand"]), str(d["kind"]), str(d.get("axis", "")),
-                   tuple(sorted(dict(d.get("params", {})).items())))
+        return cls(
+            str(d["operand"]), str(d["kind"]), str(d.get("axis", "")), tuple(sorted(dict(d.get("params", {})).items()))
+        )
 
     def prop(self) -> str:
         p = dict(self.params)
@@ -242,14 +243,21 @@ class Genome:
         return {p.operand for p in self.perturbations} | {v.operand for v in self.values}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sizes": dict(self.sizes), "perturbations": [p.to_dict() for p in self.perturbations],
-                "values": [v.to_dict() for v in self.values], "seed": self.seed}
+        return {
+            "sizes": dict(self.sizes),
+            "perturbations": [p.to_dict() for p in self.perturbations],
+            "values": [v.to_dict() for v in self.values],
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Genome:
-        return cls(tuple(sorted(dict(d["sizes"]).items())),
-                   tuple(Perturbation.from_dict(p) for p in d.get("perturbations", ())),
-                   tuple(ValuePick.from_dict(v) for v in d.get("values", ())), int(d.get("seed", 0)))
+        return cls(
+            tuple(sorted(dict(d["sizes"]).items())),
+            tuple(Perturbation.from_dict(p) for p in d.get("perturbations", ())),
+            tuple(ValuePick.from_dict(v) for v in d.get("values", ())),
+            int(d.get("seed", 0)),
+        )
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -276,8 +284,11 @@ def _linear_draw(sizes: Mapping[str, Any], seed: int, dtype: str) -> Any:
 
     rank, b, t, k, n = (int(sizes[x]) for x in ("rank", "batch", "tokens", "k", "n"))
     shape = (t, k) if rank == 2 else (b, t, k)
-    return Draw({"x": LayoutSpec.contiguous(shape, dtype)}, {"x": ValueSpec("normal", seed)},
-                {"in_features": k, "out_features": n})
+    return Draw(
+        {"x": LayoutSpec.contiguous(shape, dtype)},
+        {"x": ValueSpec("normal", seed)},
+        {"in_features": k, "out_features": n},
+    )
 
 
 def _attention_draw(sizes: Mapping[str, Any], seed: int, dtype: str) -> Any:
@@ -291,8 +302,11 @@ def _attention_draw(sizes: Mapping[str, Any], seed: int, dtype: str) -> Any:
 
     layouts = {n: LayoutSpec.contiguous(shape(sq if n == "q" else sk), dtype) for n in "qkv"}
     values = {n: ValueSpec("normal", (seed + i) % 2**31) for i, n in enumerate("qkv")}
-    return Draw(layouts, values, {"tensor_layout": lay, "is_causal": False, "batch": b, "heads": h, "seq_q": sq,
-                                  "seq_k": sk, "head_dim": d})
+    return Draw(
+        layouts,
+        values,
+        {"tensor_layout": lay, "is_causal": False, "batch": b, "heads": h, "seq_q": sq, "seq_k": sk, "head_dim": d},
+    )
 
 
 def _operands(target: Any, case: Case) -> tuple[Any, ...]:
@@ -304,16 +318,31 @@ def _operands(target: Any, case: Case) -> tuple[Any, ...]:
 
 def _fields(spec: LayoutSpec) -> dict[str, Any]:
     n = len(spec.base_shape if spec.base_shape is not None else spec.shape)
-    return {"shape": spec.shape, "dtype": spec.dtype, "base_shape": list(spec.base_shape or spec.shape),
-            "perm": spec.perm, "step": list(spec.step or (1,) * n), "pad": list(spec.pad or (0,) * n),
-            "offset": spec.offset, "broadcast": set(spec.broadcast), "views": list(spec.views)}
+    return {
+        "shape": spec.shape,
+        "dtype": spec.dtype,
+        "base_shape": list(spec.base_shape or spec.shape),
+        "perm": spec.perm,
+        "step": list(spec.step or (1,) * n),
+        "pad": list(spec.pad or (0,) * n),
+        "offset": spec.offset,
+        "broadcast": set(spec.broadcast),
+        "views": list(spec.views),
+    }
 
 
 def _spec(f: Mapping[str, Any]) -> LayoutSpec:
-    return LayoutSpec(tuple(f["shape"]), f["dtype"], base_shape=tuple(f["base_shape"]) if f["views"] else None,
-                      perm=f["perm"], step=tuple(f["step"]) if any(s != 1 for s in f["step"]) else None,
-                      pad=tuple(f["pad"]) if any(f["pad"]) else None, offset=f["offset"],
-                      broadcast=tuple(sorted(f["broadcast"])), views=tuple(f["views"]))
+    return LayoutSpec(
+        tuple(f["shape"]),
+        f["dtype"],
+        base_shape=tuple(f["base_shape"]) if f["views"] else None,
+        perm=f["perm"],
+        step=tuple(f["step"]) if any(s != 1 for s in f["step"]) else None,
+        pad=tuple(f["pad"]) if any(f["pad"]) else None,
+        offset=f["offset"],
+        broadcast=tuple(sorted(f["broadcast"])),
+        views=tuple(f["views"]),
+    )
 
 
 def _apply(spec: LayoutSpec, p: Perturbation, *, free_bytes: int | None) -> LayoutSpec:
@@ -385,8 +414,10 @@ def build_case(target: Any, genome: Genome, *, free_bytes: int | None = None) ->
     elif kind == "attention":
         draw = _attention_draw(sizes, genome.seed, dtype)
     else:
-        raise ValueError(f"target {getattr(target, 'name', target)!r} has kind {kind!r}; explore needs a 'linear' "
-                         "or 'attention' target with case_from_draw (harness.targets.base.ClassTarget)")
+        raise ValueError(
+            f"target {getattr(target, 'name', target)!r} has kind {kind!r}; explore needs a 'linear' "
+            "or 'attention' target with case_from_draw (harness.targets.base.ClassTarget)"
+        )
     case = target.case_from_draw(draw, EXPLORE_CLASS, genome.seed)
     ops = {o.name: o for o in _operands(target, case)}
     layouts, values, params = dict(case.layouts), dict(case.values), dict(case.params)
@@ -427,8 +458,12 @@ def build_case(target: Any, genome: Genome, *, free_bytes: int | None = None) ->
     applied_g = dataclasses.replace(genome, perturbations=tuple(applied), values=tuple(picks))
     params["explore"] = applied_g.to_dict()
     params["layout_class"] = EXPLORE_CLASS
-    built = BuiltCase(dataclasses.replace(case, layouts=layouts, values=values, params=params), applied_g,
-                      {n: o.axes for n, o in ops.items()}, skipped)
+    built = BuiltCase(
+        dataclasses.replace(case, layouts=layouts, values=values, params=params),
+        applied_g,
+        {n: o.axes for n, o in ops.items()},
+        skipped,
+    )
     built.case.note = "explored: " + ("; ".join(describe(applied_g, built)) or "the plain case")
     return built
 
@@ -454,8 +489,9 @@ def free_device_bytes(device: str) -> int | None:
     return None
 
 
-def large_offset_plan(spec: LayoutSpec, *, free_bytes: int | None, reach: int = LARGE_OFFSET
-                      ) -> tuple[LayoutSpec | None, str]:
+def large_offset_plan(
+    spec: LayoutSpec, *, free_bytes: int | None, reach: int = LARGE_OFFSET
+) -> tuple[LayoutSpec | None, str]:
     """``spec`` moved so its largest element offset is >= ``reach`` (2**31), or (None, why it cannot run).
 
     The base offset grows by whole 16-byte units, so the pointer alignment stays what it was.  The run
@@ -471,11 +507,15 @@ def large_offset_plan(spec: LayoutSpec, *, free_bytes: int | None, reach: int = 
     moved = spec.replace(offset=spec.offset + delta)
     need = 3 * moved.storage_numel() * moved.itemsize
     if free_bytes is None:
-        return None, (f"a largest element offset of {reach} needs {need / 2**30:.1f} GiB and the device's free "
-                      "memory is unknown (large-offset draws are for CUDA devices)")
+        return None, (
+            f"a largest element offset of {reach} needs {need / 2**30:.1f} GiB and the device's free "
+            "memory is unknown (large-offset draws are for CUDA devices)"
+        )
     if need > free_bytes:
-        return None, (f"a largest element offset of {reach} needs {need / 2**30:.1f} GiB, the device has "
-                      f"{free_bytes / 2**30:.1f} GiB free")
+        return None, (
+            f"a largest element offset of {reach} needs {need / 2**30:.1f} GiB, the device has "
+            f"{free_bytes / 2**30:.1f} GiB free"
+        )
     return moved, ""
 
 
@@ -516,8 +556,7 @@ def _default_sizes(table: Mapping[str, Sequence[Any]], kind: str, max_elements: 
     return s
 
 
-def _draw_sizes(rng: random.Random, table: Mapping[str, Sequence[Any]], kind: str, max_elements: int
-                ) -> dict[str, Any]:
+def _draw_sizes(rng: random.Random, table: Mapping[str, Sequence[Any]], kind: str, max_elements: int) -> dict[str, Any]:
     for _ in range(50):
         s = {k: (v[0] if rng.random() < 0.4 else rng.choice(v)) for k, v in table.items()}
         if kind == "attention" and rng.random() < 0.6:
@@ -576,8 +615,16 @@ def _base(target: Any, sizes: Mapping[str, Any], seed: int) -> BuiltCase:
     return build_case(target, Genome(tuple(sorted(sizes.items())), seed=seed))
 
 
-def draw_genome(rng: random.Random, target: Any, *, max_elements: int = 1 << 16, large: bool = False,
-                allow_nonfinite: bool = False, p_operand: float = 0.35, p_values: float = 0.25) -> Genome:
+def draw_genome(
+    rng: random.Random,
+    target: Any,
+    *,
+    max_elements: int = 1 << 16,
+    large: bool = False,
+    allow_nonfinite: bool = False,
+    p_operand: float = 0.35,
+    p_values: float = 0.25,
+) -> Genome:
     """A fresh draw: sizes around tiles, each operand perturbed on its own with probability ``p_operand``
     (one or two properties), and each operand's values, on their own, with probability ``p_values``."""
     table = _sizes_for(target, max_elements)
@@ -590,13 +637,23 @@ def draw_genome(rng: random.Random, target: Any, *, max_elements: int = 1 << 16,
             rank = base.case.layouts[name].ndim if name in base.case.layouts else 0
             for _ in range(1 if rng.random() < 0.7 else 2):
                 perts.append(_draw_perturbation(rng, name, rank, large=large))
-    vals = [_draw_value(rng, name, axes, allow_nonfinite=allow_nonfinite)  # scalars (scales) keep their value
-            for name, axes in base.axes.items() if axes and rng.random() > 1 - p_values]
+    vals = [
+        _draw_value(rng, name, axes, allow_nonfinite=allow_nonfinite)  # scalars (scales) keep their value
+        for name, axes in base.axes.items()
+        if axes and rng.random() > 1 - p_values
+    ]
     return Genome(tuple(sorted(sizes.items())), tuple(perts), tuple(vals), seed)
 
 
-def mutate(rng: random.Random, genome: Genome, target: Any, *, max_elements: int = 1 << 16, large: bool = False,
-           allow_nonfinite: bool = False) -> Genome:
+def mutate(
+    rng: random.Random,
+    genome: Genome,
+    target: Any,
+    *,
+    max_elements: int = 1 << 16,
+    large: bool = False,
+    allow_nonfinite: bool = False,
+) -> Genome:
     """``genome`` changed in one place: a perturbation added or removed, a size or value pick changed."""
     table = _sizes_for(target, max_elements)
     base = _base(target, dict(genome.sizes), genome.seed)
@@ -604,11 +661,12 @@ def mutate(rng: random.Random, genome: Genome, target: Any, *, max_elements: int
     if op < 0.35 or not genome.perturbations:
         name = rng.choice(sorted(base.axes))
         rank = base.case.layouts[name].ndim if name in base.case.layouts else 0
-        return dataclasses.replace(genome, perturbations=genome.perturbations
-                                   + (_draw_perturbation(rng, name, rank, large=large),))
+        return dataclasses.replace(
+            genome, perturbations=genome.perturbations + (_draw_perturbation(rng, name, rank, large=large),)
+        )
     if op < 0.5:
         i = rng.randrange(len(genome.perturbations))
-        return dataclasses.replace(genome, perturbations=genome.perturbations[:i] + genome.perturbations[i + 1:])
+        return dataclasses.replace(genome, perturbations=genome.perturbations[:i] + genome.perturbations[i + 1 :])
     if op < 0.75:
         for _ in range(20):
             key = rng.choice(sorted(table))
@@ -620,8 +678,9 @@ def mutate(rng: random.Random, genome: Genome, target: Any, *, max_elements: int
         return genome
     if op < 0.9 and any(base.axes.values()):
         name = rng.choice(sorted(n for n, axes in base.axes.items() if axes))
-        return dataclasses.replace(genome, values=(_draw_value(rng, name, base.axes[name],
-                                                               allow_nonfinite=allow_nonfinite),))
+        return dataclasses.replace(
+            genome, values=(_draw_value(rng, name, base.axes[name], allow_nonfinite=allow_nonfinite),)
+        )
     return dataclasses.replace(genome, seed=rng.randrange(2**31))
 
 
@@ -629,8 +688,10 @@ def mutate(rng: random.Random, genome: Genome, target: Any, *, max_elements: int
 def cpu_coverage(built: BuiltCase, result: Result) -> Hashable:
     """The CPU coverage key: which (operand, property kind) pairs and value kinds the case perturbed."""
     g = built.genome
-    return (tuple(sorted({(p.operand, p.kind) for p in g.perturbations})),
-            tuple(sorted({(v.operand, v.kind, v.axis) for v in g.values})))
+    return (
+        tuple(sorted({(p.operand, p.kind) for p in g.perturbations})),
+        tuple(sorted({(v.operand, v.kind, v.axis) for v in g.values})),
+    )
 
 
 def kernel_coverage(built: BuiltCase, result: Result) -> Hashable:
@@ -674,9 +735,17 @@ class _Runner:
         return hit
 
 
-def minimize_genome(genome: Genome, verdict: Verdict, runner: Callable[[Genome], tuple[BuiltCase, Result]], *,
-                    defaults: Mapping[str, Any], table: Mapping[str, Sequence[Any]], kind: str, max_elements: int,
-                    max_runs: int = 80) -> Genome:
+def minimize_genome(
+    genome: Genome,
+    verdict: Verdict,
+    runner: Callable[[Genome], tuple[BuiltCase, Result]],
+    *,
+    defaults: Mapping[str, Any],
+    table: Mapping[str, Sequence[Any]],
+    kind: str,
+    max_elements: int,
+    max_runs: int = 80,
+) -> Genome:
     """The fewest perturbed operands, properties and value picks, and the simplest sizes, keeping ``verdict``.
 
     Greedy, as :func:`harness.runner.minimize.minimize`: each candidate is kept only if its verdict is
@@ -696,13 +765,16 @@ def minimize_genome(genome: Genome, verdict: Verdict, runner: Callable[[Genome],
     while changed and tried < max_runs:
         changed = False
         for name in sorted(cur.operands()):  # 1. one operand's whole perturbation at a time
-            cand = dataclasses.replace(cur, perturbations=tuple(p for p in cur.perturbations if p.operand != name),
-                                       values=tuple(v for v in cur.values if v.operand != name))
+            cand = dataclasses.replace(
+                cur,
+                perturbations=tuple(p for p in cur.perturbations if p.operand != name),
+                values=tuple(v for v in cur.values if v.operand != name),
+            )
             if keeps(cand):
                 cur, changed = cand, True
         for i in range(len(cur.perturbations) - 1, -1, -1):  # 2. single properties and value picks
             if i < len(cur.perturbations):
-                cand = dataclasses.replace(cur, perturbations=cur.perturbations[:i] + cur.perturbations[i + 1:])
+                cand = dataclasses.replace(cur, perturbations=cur.perturbations[:i] + cur.perturbations[i + 1 :])
                 if keeps(cand):
                     cur, changed = cand, True
         for i, p in enumerate(cur.perturbations):  # a view that only misaligns the pointer -> that alignment
@@ -711,12 +783,13 @@ def minimize_genome(genome: Genome, verdict: Verdict, runner: Callable[[Genome],
                 spec = built.case.layouts.get(p.operand)
                 if spec is not None and spec.alignment() < 16:
                     simpler = Perturbation(p.operand, "align", (spec.alignment(),))
-                    cand = dataclasses.replace(cur, perturbations=cur.perturbations[:i] + (simpler,)
-                                               + cur.perturbations[i + 1:])
+                    cand = dataclasses.replace(
+                        cur, perturbations=cur.perturbations[:i] + (simpler,) + cur.perturbations[i + 1 :]
+                    )
                     if keeps(cand):
                         cur, changed = cand, True
         for i in range(len(cur.values) - 1, -1, -1):
-            cand = dataclasses.replace(cur, values=cur.values[:i] + cur.values[i + 1:])
+            cand = dataclasses.replace(cur, values=cur.values[:i] + cur.values[i + 1 :])
             if keeps(cand):
                 cur, changed = cand, True
         for key in sorted(defaults):  # 3. sizes: the default, else smaller tile-boundary sizes
@@ -808,8 +881,12 @@ class ExploreResult:
 
     def summary(self) -> list[str]:
         """Lines a report can print: one per signature, then the worst drift."""
-        lines = [(f"{self.op}: {self.cases} cases (+{self.minimize_runs} to minimize), {len(self.findings)} "
-                  f"signature(s), stopped: {self.stopped}")]
+        lines = [
+            (
+                f"{self.op}: {self.cases} cases (+{self.minimize_runs} to minimize), {len(self.findings)} "
+                f"signature(s), stopped: {self.stopped}"
+            )
+        ]
         for f in self.findings:
             lines.append(f"  {f.verdict} x{f.count} [{f.operand}] {f.property}")
         if self.worst:
@@ -817,13 +894,15 @@ class ExploreResult:
         return lines
 
 
-def _covers(minimal: Genome, verdict: Verdict, raw: Genome, raw_verdict: Verdict, defaults: Mapping[str, Any]
-            ) -> bool:
+def _covers(minimal: Genome, verdict: Verdict, raw: Genome, raw_verdict: Verdict, defaults: Mapping[str, Any]) -> bool:
     """``raw`` has every property of the minimal case (its perturbations, value picks, off-default sizes)."""
     sizes = dict(raw.sizes)
-    return (raw_verdict is verdict and set(minimal.perturbations) <= set(raw.perturbations)
-            and set(minimal.values) <= set(raw.values)
-            and all(sizes.get(k) == v for k, v in minimal.sizes if defaults.get(k) != v))
+    return (
+        raw_verdict is verdict
+        and set(minimal.perturbations) <= set(raw.perturbations)
+        and set(minimal.values) <= set(raw.values)
+        and all(sizes.get(k) == v for k, v in minimal.sizes if defaults.get(k) != v)
+    )
 
 
 def _dropped(asked: Genome, built: BuiltCase) -> list[str]:
@@ -843,10 +922,21 @@ def _dropped(asked: Genome, built: BuiltCase) -> list[str]:
     return out
 
 
-def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget_cases: int = 200,
-            budget_s: float | None = None, coverage: Callable[[BuiltCase, Result], Hashable] = cpu_coverage,
-            max_elements: int = 1 << 16, large_offset: bool = False, device: str = "cpu",
-            allow_nonfinite: bool = False, minimize: bool = True, max_minimize_runs: int = 80) -> ExploreResult:
+def explore(
+    target: Any,
+    run: Callable[[Case], Result],
+    *,
+    seed: int = 0,
+    budget_cases: int = 200,
+    budget_s: float | None = None,
+    coverage: Callable[[BuiltCase, Result], Hashable] = cpu_coverage,
+    max_elements: int = 1 << 16,
+    large_offset: bool = False,
+    device: str = "cpu",
+    allow_nonfinite: bool = False,
+    minimize: bool = True,
+    max_minimize_runs: int = 80,
+) -> ExploreResult:
     """Explore ``target`` with ``budget_cases`` drawn cases (and at most ``budget_s`` seconds); see the module doc.
 
     ``run(case) -> Result`` runs one case.  ``large_offset``: allow the rare >= 2**31-offset draw (sized from
@@ -905,8 +995,13 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
             corpus.append((score, built.genome))
         if score > best:
             best = score
-            res.worst = {"ratio": score, "verdict": r.verdict.value, "genome": built.genome.to_dict(),
-                         "case": built.case.to_dict(), "note": built.case.note}
+            res.worst = {
+                "ratio": score,
+                "verdict": r.verdict.value,
+                "genome": built.genome.to_dict(),
+                "case": built.case.to_dict(),
+                "note": built.case.note,
+            }
         if _is_find(target, r.verdict):
             raw.append((built.genome, r.verdict))
     res.coverage, res.kept = len(seen), len(corpus)
@@ -918,8 +1013,20 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
         if hit is not None:
             hit.count += 1
             continue
-        mg = minimize_genome(g, v, runner, defaults=defaults, table=table, kind=target.kind,
-                             max_elements=max_elements, max_runs=max_minimize_runs) if minimize else g
+        mg = (
+            minimize_genome(
+                g,
+                v,
+                runner,
+                defaults=defaults,
+                table=table,
+                kind=target.kind,
+                max_elements=max_elements,
+                max_runs=max_minimize_runs,
+            )
+            if minimize
+            else g
+        )
         built, r = runner(mg)
         if r.verdict is not v:  # the reduction could not keep the verdict (a flaky op): report the raw case
             built, r = runner(g)
@@ -927,13 +1034,16 @@ def explore(target: Any, run: Callable[[Case], Result], *, seed: int = 0, budget
         sig = signature(op, v, built, defaults)
         f = by_sig.get(sig)
         if f is None:
-            f = by_sig[sig] = Finding(*sig, count=0, minimal=built.case.to_dict(), genome=mg.to_dict(),
-                                      message=(r.message or "").splitlines()[0] if r.message else "")
+            f = by_sig[sig] = Finding(
+                *sig,
+                count=0,
+                minimal=built.case.to_dict(),
+                genome=mg.to_dict(),
+                message=(r.message or "").splitlines()[0] if r.message else "",
+            )
             res.findings.append(f)
         f.count += 1
         found.append((mg, v, f))
     res.minimize_runs = runner.runs - cases_runs
     res.elapsed_s = time.monotonic() - t0
     return res
-
-

@@ -40,12 +40,23 @@ from torch import Tensor
 from harness.contract import FEATURES, clause_line, operand_facts
 from harness.layouts import data_ptr_alignment, dtype_name, pow2_alignment
 
-__all__ = ["GuardError", "Repair", "Guarded", "guard", "contract_check", "aligned_empty", "aligned_copy", "layout_facts",
-           "COPY_FEATURES", "FATAL_FEATURES"]
+__all__ = [
+    "GuardError",
+    "Repair",
+    "Guarded",
+    "guard",
+    "contract_check",
+    "aligned_empty",
+    "aligned_copy",
+    "layout_facts",
+    "COPY_FEATURES",
+    "FATAL_FEATURES",
+]
 
 #: features a fresh dense, aligned copy satisfies
-COPY_FEATURES = frozenset({"alignment", "last_stride_one", "no_stride0", "stride_alignment", "ld_dense",
-                           "size1_canonical", "contiguous"})
+COPY_FEATURES = frozenset(
+    {"alignment", "last_stride_one", "no_stride0", "stride_alignment", "ld_dense", "size1_canonical", "contiguous"}
+)
 #: features no copy can change: the guard raises
 FATAL_FEATURES = frozenset({"dtype", "last_dim", "last_dim_multiple"})
 
@@ -98,8 +109,9 @@ def layout_facts(x: Any) -> dict[str, Any]:
     """:func:`harness.contract.operand_facts` of a tensor (its real data pointer; ``meta``: from the
     storage offset), a ``LayoutSpec`` or a ``harness.quant._geom.Geom``."""
     if isinstance(x, Tensor):
-        align = (pow2_alignment(x.storage_offset() * x.element_size()) if x.device.type == "meta"
-                 else data_ptr_alignment(x))
+        align = (
+            pow2_alignment(x.storage_offset() * x.element_size()) if x.device.type == "meta" else data_ptr_alignment(x)
+        )
         return operand_facts(_Layout(x.shape, x.stride(), x.element_size(), align, x.dtype))
     if hasattr(x, "ptr_align"):
         return operand_facts(_Layout(x.shape, x.strides, x.itemsize, x.ptr_align, x.dtype))
@@ -114,7 +126,7 @@ def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: Any, alignme
     item = t.element_size()
     buf = torch.empty(t.numel() + alignment // item, dtype=dtype, device=device)
     skip = (-buf.data_ptr()) % alignment // item
-    return buf[skip: skip + t.numel()].view(tuple(shape))
+    return buf[skip : skip + t.numel()].view(tuple(shape))
 
 
 def aligned_copy(t: Tensor, alignment: int = 16) -> Tensor:
@@ -139,11 +151,13 @@ def _evidence(clause: Mapping[str, Any]) -> str:
     where = clause.get("measured_on") or {}
     on = ", ".join(str(where[k]) for k in ("device", "name", "torch") if where.get(k))
     return f"measured: {v.get('failed', 0)} of {v.get('cases', 0)} violating cases failed ({by})" + (
-        f" on {on}" if on else "")
+        f" on {on}" if on else ""
+    )
 
 
-def contract_check(contract: Mapping[str, Any], name: str, x: Any, *, op_name: str = "op",
-                   writes: bool = True) -> list[str]:
+def contract_check(
+    contract: Mapping[str, Any], name: str, x: Any, *, op_name: str = "op", writes: bool = True
+) -> list[str]:
     """Why operand ``name`` (a tensor, meta tensor, ``LayoutSpec`` or ``Geom``) needs a copy under
     ``contract`` ([] when it complies; ``writes`` False: leave write protection out); raises
     :class:`GuardError` for a clause no copy can satisfy."""
@@ -156,22 +170,32 @@ def contract_check(contract: Mapping[str, Any], name: str, x: Any, *, op_name: s
         if value is None or not _violates(cl, value):
             continue
         if cl["feature"] in FATAL_FEATURES:
-            raise GuardError(f"{op_name}: {name} has {cl['feature']} {value!r}, outside its measured contract "
-                             f"'{cl['text']}' ({_evidence(cl)}); a copy cannot change that: "
-                             "convert the input or use another backend")
+            raise GuardError(
+                f"{op_name}: {name} has {cl['feature']} {value!r}, outside its measured contract "
+                f"'{cl['text']}' ({_evidence(cl)}); a copy cannot change that: "
+                "convert the input or use another backend"
+            )
         why.append(f"{cl['text']} violated ({cl['feature']} is {value!r}; {_evidence(cl)})")
     w = next((w for w in contract.get("writes", ()) if w.get("operand") == name), None)
     if w is not None and writes:
-        why.append(f"{op_name} writes to its {name} input (measured: written in {w['written']} of "
-                   f"{w['checked']} checked cases); copied to protect the caller's tensor")
+        why.append(
+            f"{op_name} writes to its {name} input (measured: written in {w['written']} of "
+            f"{w['checked']} checked cases); copied to protect the caller's tensor"
+        )
     return why
 
 
 class Guarded:
     """``op`` behind the checks and repairs of ``contract`` (see the module docstring)."""
 
-    def __init__(self, op: Callable[..., Any], contract: Mapping[str, Any], *, name: str | None = None,
-                 operands: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        op: Callable[..., Any],
+        contract: Mapping[str, Any],
+        *,
+        name: str | None = None,
+        operands: Sequence[str] | None = None,
+    ) -> None:
         self.op = op
         self.contract = contract
         self.name = name or str(contract.get("op") or getattr(op, "__name__", "op"))
@@ -186,8 +210,11 @@ class Guarded:
             self._sig = None
         named = set(self.clauses) | set(self.writes)
         order = list(self._sig.parameters) if self._sig is not None else []
-        self.operands = tuple(operands) if operands is not None else tuple(
-            [n for n in order if n in named] + sorted(named - set(order)))
+        self.operands = (
+            tuple(operands)
+            if operands is not None
+            else tuple([n for n in order if n in named] + sorted(named - set(order)))
+        )
         self._local = threading.local()
         functools.update_wrapper(self, op, updated=())
 
@@ -197,8 +224,11 @@ class Guarded:
         return contract_check(self.contract, name, x, op_name=self.name, writes=writes is None or writes)
 
     def _alignment_needed(self, name: str) -> int:
-        need = [int(cl["bound"]) for cl in self.clauses.get(name, ())
-                if cl["feature"] == "alignment" and cl["kind"] == "min"]
+        need = [
+            int(cl["bound"])
+            for cl in self.clauses.get(name, ())
+            if cl["feature"] == "alignment" and cl["kind"] == "min"
+        ]
         return max([16, *need])
 
     def _bind(self, args: tuple, kwargs: dict) -> Any:
@@ -209,8 +239,13 @@ class Guarded:
     def plan(self, *args: Any, **kwargs: Any) -> list[Repair]:
         """The repairs a call with these arguments would make (tensors, meta tensors or LayoutSpecs)."""
         bound = self._bind(args, kwargs)
-        return [Repair(n, "copy", "; ".join(why)) for n in self.operands if n in bound.arguments
-                for why in [self.check(n, bound.arguments[n])] if why]
+        return [
+            Repair(n, "copy", "; ".join(why))
+            for n in self.operands
+            if n in bound.arguments
+            for why in [self.check(n, bound.arguments[n])]
+            if why
+        ]
 
     # ---- calls
     def call(self, *args: Any, **kwargs: Any) -> tuple[Any, list[Repair]]:
@@ -226,8 +261,9 @@ class Guarded:
                 fixed = aligned_copy(x, self._alignment_needed(n))
                 still = self.check(n, fixed, writes=False)
                 if still:
-                    raise GuardError(f"{self.name}: {n} violates its contract even as a fresh dense copy: "
-                                     + "; ".join(still))
+                    raise GuardError(
+                        f"{self.name}: {n} violates its contract even as a fresh dense copy: " + "; ".join(still)
+                    )
                 bound.arguments[n] = fixed
                 repairs.append(Repair(n, "copy", "; ".join(why)))
         self._local.repairs = repairs
@@ -252,14 +288,21 @@ class Guarded:
         return lines
 
 
-def guard(op: Callable[..., Any], contract: Mapping[str, Any], *, name: str | None = None,
-          operands: Sequence[str] | None = None) -> Guarded:
+def guard(
+    op: Callable[..., Any],
+    contract: Mapping[str, Any],
+    *,
+    name: str | None = None,
+    operands: Sequence[str] | None = None,
+) -> Guarded:
     """``op`` wrapped by the checks and repairs of its measured ``contract`` (one op's contract dict).
 
     ``operands``: the parameter names to check (default: every operand the contract names);
     arguments are matched to them by ``op``'s signature.
     """
     if not isinstance(contract, Mapping) or "preconditions" not in contract or "writes" not in contract:
-        raise TypeError("contract must be one op's contract (an entry of contracts.json['contracts'], "
-                        "see harness.contract.infer_contract)")
+        raise TypeError(
+            "contract must be one op's contract (an entry of contracts.json['contracts'], "
+            "see harness.contract.infer_contract)"
+        )
     return Guarded(op, contract, name=name, operands=operands)

@@ -572,9 +572,14 @@ class LayoutSpec:
             raise LayoutError(f"layout has {len(views)} view ops; at most {MAX_VIEWS} are supported")
         ops = []
         for v in views:
-            if (not isinstance(v, dict) or set(v) != {"op", "args"} or not isinstance(v["op"], str)
-                    or not isinstance(v["args"], list) or not all(_is_int(a) for a in v["args"])
-                    or len(v["args"]) > MAX_NDIM + 1):
+            if (
+                not isinstance(v, dict)
+                or set(v) != {"op", "args"}
+                or not isinstance(v["op"], str)
+                or not isinstance(v["args"], list)
+                or not all(_is_int(a) for a in v["args"])
+                or len(v["args"]) > MAX_NDIM + 1
+            ):
                 raise LayoutError(f"each view must be {{'op': str, 'args': [int, ...]}}, got {_short(v)}")
             ops.append(ViewOp(v["op"], tuple(v["args"])))
         offset = d.get("offset", 0)

@@ -156,13 +156,28 @@ def _worst_of(result: Any) -> dict[str, Any]:
     m, b = result.metrics or {}, result.bound or {}
     if result.verdict.value == "layout_noninvariance":
         if "layout_ratio" in m:
-            return {"metric": f"layout {b.get('metric', 'max_abs')}", "err": m.get("layout_err"),
-                    "allowed": m.get("layout_allowed"), "ratio": _num(m.get("layout_ratio")), "why": b.get("why", "")}
+            return {
+                "metric": f"layout {b.get('metric', 'max_abs')}",
+                "err": m.get("layout_err"),
+                "allowed": m.get("layout_allowed"),
+                "ratio": _num(m.get("layout_ratio")),
+                "why": b.get("why", ""),
+            }
         err = _num(m.get("layout_max_abs"))
-        return {"metric": "layout max_abs", "err": err, "allowed": 0.0,
-                "ratio": math.inf if err is None or err > 0 else 0.0, "why": b.get("why", "bitwise equal expected")}
-    return {"metric": b.get("metric", "max_abs"), "err": m.get("err"), "allowed": m.get("allowed"),
-            "ratio": _num(m.get("ratio")), "why": b.get("why", "")}
+        return {
+            "metric": "layout max_abs",
+            "err": err,
+            "allowed": 0.0,
+            "ratio": math.inf if err is None or err > 0 else 0.0,
+            "why": b.get("why", "bitwise equal expected"),
+        }
+    return {
+        "metric": b.get("metric", "max_abs"),
+        "err": m.get("err"),
+        "allowed": m.get("allowed"),
+        "ratio": _num(m.get("ratio")),
+        "why": b.get("why", ""),
+    }
 
 
 def _num(x: Any) -> float | None:
@@ -195,8 +210,15 @@ def find_new_failures(cells: Iterable[Mapping[str, Any]], known: set[str]) -> li
         for verdict in sorted(c.get("failing", [])):
             fp = fingerprint(c["op"], c["layout_class"], verdict)
             if fp not in known and verdict not in c.get("kernel_defects", {}):
-                out.append({"op": c["op"], "layout_class": c["layout_class"], "verdict": verdict,
-                            "case": c.get("examples", {}).get(verdict, ""), "fingerprint": fp})
+                out.append(
+                    {
+                        "op": c["op"],
+                        "layout_class": c["layout_class"],
+                        "verdict": verdict,
+                        "case": c.get("examples", {}).get(verdict, ""),
+                        "fingerprint": fp,
+                    }
+                )
     return out
 
 
@@ -231,15 +253,17 @@ def _build_cells(targets: Sequence[Any], classes: Sequence[str] | None = None) -
         table = t.layout_classes()
         if classes:
             table = {n: f for n, f in table.items() if any(fnmatch.fnmatchcase(n, p) for p in classes)}
-        per_target.append([Cell(t.name, t.kind, name, f, bool(getattr(t, "accepts_all_layouts", False)))
-                           for name, f in table.items()])
+        per_target.append(
+            [Cell(t.name, t.kind, name, f, bool(getattr(t, "accepts_all_layouts", False))) for name, f in table.items()]
+        )
     if classes:
         have = {c.layout_class for p in per_target for c in p}
         for pat in classes:
             if not any(fnmatch.fnmatchcase(n, pat) for n in have):
                 known = sorted({n for t in targets for n in t.layout_classes()})
-                raise MatrixError(f"--classes pattern {pat!r} matches no layout class of the selected ops; "
-                                  f"known: {', '.join(known)}")
+                raise MatrixError(
+                    f"--classes pattern {pat!r} matches no layout class of the selected ops; known: {', '.join(known)}"
+                )
     cells = []
     for i in range(max((len(p) for p in per_target), default=0)):
         cells += [p[i] for p in per_target if i < len(p)]
@@ -260,8 +284,9 @@ class Progress:
         self.t0 = time.monotonic()
         self.last = -math.inf
 
-    def update(self, done: int, cells_done: int, n_cells: int, totals: Mapping[str, int], unavailable: int,
-               force: bool = False) -> None:
+    def update(
+        self, done: int, cells_done: int, n_cells: int, totals: Mapping[str, int], unavailable: int, force: bool = False
+    ) -> None:
         if self.stream is None:
             return
         now = time.monotonic()
@@ -272,9 +297,12 @@ class Progress:
         frac = min(1.0, el / self.budget) if self.budget > 0 else 1.0
         bar = "#" * int(frac * 20)
         fails = {k: v for k, v in totals.items() if k != "pass"}
-        line = (f"[{bar:<20}] {el:5.0f}/{self.budget:.0f}s  {done} cases  cells {cells_done}/{n_cells}  "
-                f"pass {totals.get('pass', 0)}" + "".join(f"  {k} {v}" for k, v in sorted(fails.items()))
-                + (f"  unavailable targets {unavailable}" if unavailable else ""))
+        line = (
+            f"[{bar:<20}] {el:5.0f}/{self.budget:.0f}s  {done} cases  cells {cells_done}/{n_cells}  "
+            f"pass {totals.get('pass', 0)}"
+            + "".join(f"  {k} {v}" for k, v in sorted(fails.items()))
+            + (f"  unavailable targets {unavailable}" if unavailable else "")
+        )
         if self.tty:
             self.stream.write("\r" + line[:160].ljust(160))
         else:
@@ -302,8 +330,12 @@ def _device_env(devices: Sequence[str], timeout: float = 120.0) -> dict[str, Any
     except Exception as e:  # noqa: BLE001 - the header is informative; the run must not die for it
         import torch
 
-        env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-               "probe_error": f"{type(e).__name__}: {e}"}
+        env = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "probe_error": f"{type(e).__name__}: {e}",
+        }
     used = "cuda" if any(d.startswith("cuda") for d in devices) else "cpu"
     env["used"] = used
     env["devices_used"] = list(devices)
@@ -327,8 +359,10 @@ def _resolve_device(device: str) -> list[str]:
     if device == "cuda":
         if not found:
             info = probe_cuda()
-            raise MatrixError(f"--device cuda but no CUDA device is visible ({info.get('error') or 'count 0'}); "
-                              "use --device cpu or auto")
+            raise MatrixError(
+                f"--device cuda but no CUDA device is visible ({info.get('error') or 'count 0'}); "
+                "use --device cpu or auto"
+            )
         return found
     if device.startswith("cuda:"):
         if device not in found:
@@ -380,8 +414,15 @@ def save_example(cell: Cell, verdict: str, out: Path, keep: Container[str] = ())
     return None
 
 
-def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_examples: bool = True,
-              warnings: list[str] | None = None, keep: Container[str] = ()) -> dict[str, Any]:
+def aggregate(
+    cells: Sequence[Cell],
+    out: Path,
+    known: set[str],
+    *,
+    save_examples: bool = True,
+    warnings: list[str] | None = None,
+    keep: Container[str] = (),
+) -> dict[str, Any]:
     """Summary ``cells`` list (see :mod:`harness.report`).
 
     ``save_examples``: first write every example case not written yet (:func:`save_example`, never
@@ -417,8 +458,12 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
         if c.worst is not None:
             ratio, case, result = c.worst
             v = result.verdict.value
-            worst = dict(_worst_of(result), verdict=v, min_sqnr_db=c.min_sqnr_db,
-                         case=examples.get(v) if c.examples.get(v, (None,))[0] is case else None)
+            worst = dict(
+                _worst_of(result),
+                verdict=v,
+                min_sqnr_db=c.min_sqnr_db,
+                case=examples.get(v) if c.examples.get(v, (None,))[0] is case else None,
+            )
         counts = {k: n for k, n in sorted(c.counts.items())}
         # a kernel defect the target itself names (Target.known_defect, from the result's data) explains
         # its example case: reported with its description, not as a new failure
@@ -429,14 +474,24 @@ def aggregate(cells: Sequence[Cell], out: Path, known: set[str], *, save_example
                 why = known_defect_of(ex_case, ex_result)
                 if why:
                     defects[v] = why
-        rows.append({
-            "op": c.op, "kind": c.kind, "layout_class": c.layout_class, "status": status, "cases": c.cases,
-            "counts": counts, "reason": c.unavailable or "", "worst": worst, "examples": examples,
-            "messages": messages, "failing": failing,
-            "new": [v for v in failing if fingerprint(c.op, c.layout_class, v) not in known and v not in defects],
-            "known": [v for v in failing if fingerprint(c.op, c.layout_class, v) in known or v in defects],
-            "kernel_defects": defects,
-        })
+        rows.append(
+            {
+                "op": c.op,
+                "kind": c.kind,
+                "layout_class": c.layout_class,
+                "status": status,
+                "cases": c.cases,
+                "counts": counts,
+                "reason": c.unavailable or "",
+                "worst": worst,
+                "examples": examples,
+                "messages": messages,
+                "failing": failing,
+                "new": [v for v in failing if fingerprint(c.op, c.layout_class, v) not in known and v not in defects],
+                "known": [v for v in failing if fingerprint(c.op, c.layout_class, v) in known or v in defects],
+                "kernel_defects": defects,
+            }
+        )
     return {"cells": rows}
 
 
@@ -448,8 +503,10 @@ def _register_plugins(plugins: Sequence[str], attn_plugins: Sequence[str]) -> li
     from harness.targets import ATTN_PLUGINS_ENV, PLUGINS_ENV, register_attention_plugin, register_plugin
 
     names = []
-    for specs, var, reg in ((plugins, PLUGINS_ENV, register_plugin),
-                            (attn_plugins, ATTN_PLUGINS_ENV, register_attention_plugin)):
+    for specs, var, reg in (
+        (plugins, PLUGINS_ENV, register_plugin),
+        (attn_plugins, ATTN_PLUGINS_ENV, register_attention_plugin),
+    ):
         if not specs:
             continue
         try:
@@ -461,14 +518,15 @@ def _register_plugins(plugins: Sequence[str], attn_plugins: Sequence[str]) -> li
     return names
 
 
-
 def _prepare_out(out: Path, force: bool) -> None:
     """Refuse an ``--out`` that is a file, or a non-empty folder without ``force`` (see the module docstring)."""
     if out.exists() and not out.is_dir():
         raise MatrixError(f"--out {out} is an existing file; pass a folder for the reports")
     if out.is_dir() and not force and any(out.iterdir()):
-        raise MatrixError(f"--out {out} is not empty (an earlier run?); pass a new folder, or --force to write "
-                          "alongside (replaces summary.json and the reports; deletes or overwrites no case file)")
+        raise MatrixError(
+            f"--out {out} is not empty (an earlier run?); pass a new folder, or --force to write "
+            "alongside (replaces summary.json and the reports; deletes or overwrites no case file)"
+        )
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -518,15 +576,29 @@ def _close_pool(pool: Any, wait_s: float) -> str | None:
     return None
 
 
-def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, ops: Sequence[str] | None = None,
-               out: str | os.PathLike = DEFAULT_OUT, workers: int | None = None, cases_per_cell: int | None = None,
-               classes: Sequence[str] | None = None,
-               size: str = "small", seed: int = 0, corpus: str | os.PathLike | None = None,
-               case_timeout: float = DEFAULT_CASE_TIMEOUT_S, plugins: Sequence[str] = (),
-               attn_plugins: Sequence[str] = (),
-               attribute: bool = True, progress: TextIO | None = sys.stderr, command: str = "",
-               pool_factory: Callable[..., Any] | None = None, force: bool = False,
-               started_at: float | None = None, shard: str | None = None) -> dict[str, Any]:
+def run_matrix(
+    *,
+    device: str = "auto",
+    time_budget: float = DEFAULT_BUDGET_S,
+    ops: Sequence[str] | None = None,
+    out: str | os.PathLike = DEFAULT_OUT,
+    workers: int | None = None,
+    cases_per_cell: int | None = None,
+    classes: Sequence[str] | None = None,
+    size: str = "small",
+    seed: int = 0,
+    corpus: str | os.PathLike | None = None,
+    case_timeout: float = DEFAULT_CASE_TIMEOUT_S,
+    plugins: Sequence[str] = (),
+    attn_plugins: Sequence[str] = (),
+    attribute: bool = True,
+    progress: TextIO | None = sys.stderr,
+    command: str = "",
+    pool_factory: Callable[..., Any] | None = None,
+    force: bool = False,
+    started_at: float | None = None,
+    shard: str | None = None,
+) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
     ``cases_per_cell`` caps the rounds (None: until the budget ends).  ``pool_factory`` (tests)
@@ -745,8 +817,14 @@ def run_matrix(*, device: str = "auto", time_budget: float = DEFAULT_BUDGET_S, o
             for f, (c, case) in list(inflight.items()):  # answered but not yet counted: kept (cancelled: skipped)
                 if f.done() and not f.cancelled() and f.exception() is None:
                     handle(c, case, f.result())
-            prog.update(done, sum(1 for c in cells if c.cases or c.unavailable), len(cells), totals,
-                        len(unavailable), force=True)
+            prog.update(
+                done,
+                sum(1 for c in cells if c.cases or c.unavailable),
+                len(cells),
+                totals,
+                len(unavailable),
+                force=True,
+            )
             prog.done()
 
         # a shard whose share is empty completed its (empty) work: merge needs its summary, and it is no failure
@@ -783,23 +861,38 @@ def _cmd(args: argparse.Namespace) -> int:
     classes = [p.strip() for s in (args.classes or []) for p in s.split(",") if p.strip()]
     command = "python -m harness matrix " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or [])
     try:
-        summary = run_matrix(device=args.device, time_budget=args.time_budget, ops=ops or None, out=args.out,
-                             workers=args.workers, cases_per_cell=args.cases_per_cell, classes=classes or None,
-                             size=args.size,
-                             seed=args.seed, corpus=args.corpus, case_timeout=args.case_timeout,
-                             plugins=args.plugin or (), attn_plugins=args.attn_plugin or (),
-                             attribute=not args.no_attribute,
-                             progress=None if args.quiet else sys.stderr, command=command.strip(),
-                             force=args.force, started_at=t0, shard=args.shard)
+        summary = run_matrix(
+            device=args.device,
+            time_budget=args.time_budget,
+            ops=ops or None,
+            out=args.out,
+            workers=args.workers,
+            cases_per_cell=args.cases_per_cell,
+            classes=classes or None,
+            size=args.size,
+            seed=args.seed,
+            corpus=args.corpus,
+            case_timeout=args.case_timeout,
+            plugins=args.plugin or (),
+            attn_plugins=args.attn_plugin or (),
+            attribute=not args.no_attribute,
+            progress=None if args.quiet else sys.stderr,
+            command=command.strip(),
+            force=args.force,
+            started_at=t0,
+            shard=args.shard,
+        )
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     new = summary["new_failures"]
     fails = sum(1 for c in summary["cells"] if c["status"] == "fail")
-    print(f"matrix: {sum(summary['totals'].values())} cases in {summary['duration_s']:.0f} s on "
-          f"{summary['device'].get('used')}; {fails} failing cells, {len(new)} new failure(s), "
-          f"{len(summary['unavailable'])} unavailable target(s)")
+    print(
+        f"matrix: {sum(summary['totals'].values())} cases in {summary['duration_s']:.0f} s on "
+        f"{summary['device'].get('used')}; {fails} failing cells, {len(new)} new failure(s), "
+        f"{len(summary['unavailable'])} unavailable target(s)"
+    )
     print(f"report: {out / 'report.html'}  ({out / 'report.md'}, {out / 'summary.json'})")
     for f in new:
         print(f"NEW  {f['fingerprint']}  {out / f['case'] if f['case'] else ''}")
@@ -822,40 +915,87 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``matrix`` and its options (see the module docstring)."""
-    p = subparsers.add_parser("matrix", help="drive every op and backend through every layout class; write a report",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "matrix",
+        help="drive every op and backend through every layout class; write a report",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
-                   help=f"wall time of the whole run, start-up included (default {DEFAULT_BUDGET_S:g}); "
-                        f"the wrap-up after it takes at most {WRAPUP_BOUND_S:g} s; cells not reached are listed")
-    p.add_argument("--ops", action="append", metavar="NAMES",
-                   help="comma-separated target names or fnmatch patterns (e.g. 'fp8_linear,legacy.*,attn.sdpa*')")
-    p.add_argument("--classes", action="append", metavar="NAMES",
-                   help="comma-separated layout class names or patterns to keep (e.g. 'contiguous,offset_*')")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        metavar="SECONDS",
+        help=f"wall time of the whole run, start-up included (default {DEFAULT_BUDGET_S:g}); "
+        f"the wrap-up after it takes at most {WRAPUP_BOUND_S:g} s; cells not reached are listed",
+    )
+    p.add_argument(
+        "--ops",
+        action="append",
+        metavar="NAMES",
+        help="comma-separated target names or fnmatch patterns (e.g. 'fp8_linear,legacy.*,attn.sdpa*')",
+    )
+    p.add_argument(
+        "--classes",
+        action="append",
+        metavar="NAMES",
+        help="comma-separated layout class names or patterns to keep (e.g. 'contiguous,offset_*')",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--force", action="store_true",
-                   help="write into a non-empty --out: summary.json and the reports are replaced, a taken case "
-                        "file name gets -2, -3, ...; nothing is deleted")
-    p.add_argument("--fail-on-new", action="store_true",
-                   help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="workers per device (default 1 per GPU; "
-                   "CPU: half the cores, at most 4)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out: summary.json and the reports are replaced, a taken case "
+        "file name gets -2, -3, ...; nothing is deleted",
+    )
+    p.add_argument(
+        "--fail-on-new",
+        action="store_true",
+        help="exit 1 when a failure's op|layout_class|verdict is not in the regression corpus",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers per device (default 1 per GPU; CPU: half the cores, at most 4)",
+    )
     p.add_argument("--cases-per-cell", type=int, default=None, metavar="N", help="at most N cases per cell")
     p.add_argument("--size", choices=("small", "wan"), default="small", help="tensor sizes: small, or Wan2.1's")
     p.add_argument("--seed", type=int, default=0, help="case set (0: the standard one; nightly: a date)")
     p.add_argument("--corpus", default=None, metavar="DIR", help="regression corpus (default tests/cases)")
-    p.add_argument("--case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
-                   help=f"per case (default {DEFAULT_CASE_TIMEOUT_S:g})")
-    p.add_argument("--plugin", action="append", metavar="PKG.MOD:ATTR",
-                   help="also drive this FP8 linear plug-in (or harness.fp8_linear entry point)")
-    p.add_argument("--attn-plugin", action="append", metavar="PKG.MOD:ATTR",
-                   help="also drive this attention plug-in (or harness.attention entry point)")
-    p.add_argument("--no-attribute", action="store_true",
-                   help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault")
+    p.add_argument(
+        "--case-timeout",
+        type=float,
+        default=DEFAULT_CASE_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"per case (default {DEFAULT_CASE_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="PKG.MOD:ATTR",
+        help="also drive this FP8 linear plug-in (or harness.fp8_linear entry point)",
+    )
+    p.add_argument(
+        "--attn-plugin",
+        action="append",
+        metavar="PKG.MOD:ATTR",
+        help="also drive this attention plug-in (or harness.attention entry point)",
+    )
+    p.add_argument(
+        "--no-attribute",
+        action="store_true",
+        help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only shard I of N (1 <= I <= N) of the cells, the same split on every machine; "
-                        "join the outputs with `python -m harness merge`")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only shard I of N (1 <= I <= N) of the cells, the same split on every machine; "
+        "join the outputs with `python -m harness merge`",
+    )
     p.set_defaults(func=_cmd, argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "matrix" else [])
 
 

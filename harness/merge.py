@@ -57,15 +57,46 @@ __all__ = [
 ]
 
 #: device fields that must agree between shards (library versions and the kind of device)
-SAME_DEVICE_FIELDS = ("torch", "cuda", "hip", "cudnn", "cublas", "triton", "sageattention", "flash_attn", "used",
-                      "capability")
+SAME_DEVICE_FIELDS = (
+    "torch",
+    "cuda",
+    "hip",
+    "cudnn",
+    "cublas",
+    "triton",
+    "sageattention",
+    "flash_attn",
+    "used",
+    "capability",
+)
 #: top-level summary fields that must agree between shards
 SAME_RUN_FIELDS = ("schema_version", "kind", "size", "seed")
 #: top-level fields the merge computes itself; any other field is kept when every shard agrees on it
-_COMPUTED = {"started_at", "duration_s", "wrapup_s", "budget_s", "budget_exhausted", "completed", "command",
-             "workers", "device", "totals", "cases_by_device", "workers_replaced", "cells", "unavailable",
-             "new_failures", "shard", "corpus", "known_failures", "layout_classes", "interrupted", "contracts",
-             "contracts_partial", "contracts_partial_reason"}
+_COMPUTED = {
+    "started_at",
+    "duration_s",
+    "wrapup_s",
+    "budget_s",
+    "budget_exhausted",
+    "completed",
+    "command",
+    "workers",
+    "device",
+    "totals",
+    "cases_by_device",
+    "workers_replaced",
+    "cells",
+    "unavailable",
+    "new_failures",
+    "shard",
+    "corpus",
+    "known_failures",
+    "layout_classes",
+    "interrupted",
+    "contracts",
+    "contracts_partial",
+    "contracts_partial_reason",
+}
 
 
 class MergeError(ValueError):
@@ -100,8 +131,13 @@ def load_shard_output(path: str | os.PathLike) -> ShardOutput:
     if not isinstance(rec, dict):
         raise MergeError(f"{p}/summary.json has no shard record; it was not written by `matrix --shard I/N`")
     idx, n, cells = rec.get("index"), rec.get("count"), rec.get("all_cells")
-    if not (isinstance(n, int) and isinstance(idx, int) and 1 <= idx <= n and isinstance(cells, list)
-            and all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in cells)):
+    if not (
+        isinstance(n, int)
+        and isinstance(idx, int)
+        and 1 <= idx <= n
+        and isinstance(cells, list)
+        and all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in cells)
+    ):
         raise MergeError(f"{p}/summary.json: malformed shard record (need index, count, all_cells)")
     contracts = None
     if (p / "contracts.json").exists():
@@ -121,23 +157,33 @@ def _check(outputs: Sequence[ShardOutput], allow_missing: bool) -> list[int]:
     for o in outputs[1:]:
         rec = o.summary["shard"]
         if o.count != first.count:
-            raise MergeError(f"{first.path} is shard {first.label} but {o.path} is shard {o.label}: "
-                             "merge the shards of one run (the same N)")
+            raise MergeError(
+                f"{first.path} is shard {first.label} but {o.path} is shard {o.label}: "
+                "merge the shards of one run (the same N)"
+            )
         if rec.get("harness") != rec0.get("harness"):
-            raise MergeError(f"{o.path} was written by harness {rec.get('harness')} and {first.path} by "
-                             f"{rec0.get('harness')}: rerun the shards with one version")
+            raise MergeError(
+                f"{o.path} was written by harness {rec.get('harness')} and {first.path} by "
+                f"{rec0.get('harness')}: rerun the shards with one version"
+            )
         for key in SAME_RUN_FIELDS:
             if o.summary.get(key) != first.summary.get(key):
-                raise MergeError(f"{o.path} has {key} {o.summary.get(key)!r} but {first.path} has "
-                                 f"{first.summary.get(key)!r}: shards of one run use the same {key}")
+                raise MergeError(
+                    f"{o.path} has {key} {o.summary.get(key)!r} but {first.path} has "
+                    f"{first.summary.get(key)!r}: shards of one run use the same {key}"
+                )
         for key in SAME_DEVICE_FIELDS:
             a, b = first.summary["device"].get(key), o.summary["device"].get(key)
             if a != b:
-                raise MergeError(f"{o.path} ran with {key} {b!r} but {first.path} with {a!r}: merge only shards "
-                                 f"run with the same {key} (one report per device kind and library versions)")
+                raise MergeError(
+                    f"{o.path} ran with {key} {b!r} but {first.path} with {a!r}: merge only shards "
+                    f"run with the same {key} (one report per device kind and library versions)"
+                )
         if rec["all_cells"] != rec0["all_cells"]:
-            raise MergeError(f"{o.path} and {first.path} come from different cell selections (--ops / --classes / "
-                             "plug-ins differ): shards of one run use the same selection")
+            raise MergeError(
+                f"{o.path} and {first.path} come from different cell selections (--ops / --classes / "
+                "plug-ins differ): shards of one run use the same selection"
+            )
     seen: dict[int, Path] = {}
     for o in outputs:
         if o.index in seen:
@@ -145,12 +191,16 @@ def _check(outputs: Sequence[ShardOutput], allow_missing: bool) -> list[int]:
         seen[o.index] = o.path
         for c in o.summary["cells"]:
             if shard_of(cell_key(c["op"], c["layout_class"]), o.count) != o.index:
-                raise MergeError(f"{o.path}: cell {c['op']} x {c['layout_class']} does not belong to shard "
-                                 f"{o.label}; the output was edited or written by another shard rule")
+                raise MergeError(
+                    f"{o.path}: cell {c['op']} x {c['layout_class']} does not belong to shard "
+                    f"{o.label}; the output was edited or written by another shard rule"
+                )
     missing = [i for i in range(1, first.count + 1) if i not in seen]
     if missing and not allow_missing:
-        raise MergeError(f"shard(s) {', '.join(f'{i}/{first.count}' for i in missing)} missing; give their "
-                         "outputs, or --allow-missing to merge without them")
+        raise MergeError(
+            f"shard(s) {', '.join(f'{i}/{first.count}' for i in missing)} missing; give their "
+            "outputs, or --allow-missing to merge without them"
+        )
     return missing
 
 
@@ -160,8 +210,9 @@ def _copy_cases(o: ShardOutput, dest: Path, taken: set[str]) -> dict[str, str]:
     renamed: dict[str, str] = {}
     if not src.is_dir():
         return renamed
-    files = sorted(p for p in src.iterdir() if p.is_file() and not p.is_symlink()
-                   and p.suffix in (".json", ".safetensors"))
+    files = sorted(
+        p for p in src.iterdir() if p.is_file() and not p.is_symlink() and p.suffix in (".json", ".safetensors")
+    )
     for stem in sorted({p.stem for p in files}):
         new = stem if stem not in taken else f"shard{o.index}of{o.count}-{stem}"
         taken.add(new)
@@ -208,8 +259,10 @@ def merge_contracts(outputs: Sequence[ShardOutput]) -> dict[str, Any] | None:
     all_cells = [tuple(c) for c in outs[0].summary["shard"]["all_cells"]]
     if not lacking:
         rank = {cell: i for i, cell in enumerate(all_cells)}
-        records = sorted((r for o in outs for r in o.contracts["records"]),  # type: ignore[index]
-                         key=lambda r: rank.get((r["op"], r["class"]), len(rank)))
+        records = sorted(
+            (r for o in outs for r in o.contracts["records"]),  # type: ignore[index]
+            key=lambda r: rank.get((r["op"], r["class"]), len(rank)),
+        )
         return infer_contracts(records, env, source)
     n = outs[0].count
     shards_of: dict[str, set[int]] = {}
@@ -223,11 +276,18 @@ def merge_contracts(outputs: Sequence[ShardOutput]) -> dict[str, Any] | None:
                 kept[op] = c
             else:
                 partial[op] = [f"{i}/{n}" for i in sorted(shards_of[op])]
-    why = (f"shard(s) {', '.join(str(o.path) for o in lacking)} kept no case records (written by an older harness, "
-           "or too many records); the contracts of ops whose cells ran on several shards cannot be inferred "
-           "from them: rerun those shards with this harness to get them")
-    doc: dict[str, Any] = {"schema_version": docs[0]["schema_version"], "kind": docs[0]["kind"], "source": source,
-                           "measured_on": env, "contracts": dict(sorted(kept.items()))}
+    why = (
+        f"shard(s) {', '.join(str(o.path) for o in lacking)} kept no case records (written by an older harness, "
+        "or too many records); the contracts of ops whose cells ran on several shards cannot be inferred "
+        "from them: rerun those shards with this harness to get them"
+    )
+    doc: dict[str, Any] = {
+        "schema_version": docs[0]["schema_version"],
+        "kind": docs[0]["kind"],
+        "source": source,
+        "measured_on": env,
+        "contracts": dict(sorted(kept.items())),
+    }
     if partial:
         doc["partial"] = dict(sorted(partial.items()))
         doc["partial_reason"] = why
@@ -239,9 +299,14 @@ def _device_name(outputs: Sequence[ShardOutput]) -> str:
     return "; ".join(f"{name} ({n} shard{'s' if n > 1 else ''})" for name, n in names.items())
 
 
-def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mapping[str, str]] | None = None, *,
-                    missing: Sequence[int] = (), command: str = "",
-                    contracts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def merge_summaries(
+    outputs: Sequence[ShardOutput],
+    renamed: Mapping[int, Mapping[str, str]] | None = None,
+    *,
+    missing: Sequence[int] = (),
+    command: str = "",
+    contracts: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The merged summary (cells in the unsharded run's order); ``renamed``: per shard, moved case paths;
     ``contracts``: the :func:`merge_contracts` document (None: computed here)."""
     renamed = renamed or {}
@@ -262,10 +327,25 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
             cells.append(by_key[(op, cls)])
         else:  # only with --allow-missing
             i = shard_of(cell_key(op, cls), n)
-            cells.append({"op": op, "kind": kinds.get(op, "?"), "layout_class": cls, "status": "not_run",
-                          "cases": 0, "counts": {}, "reason": f"shard {i}/{n} missing from the merge", "worst": None,
-                          "examples": {}, "messages": {}, "failing": [], "new": [], "known": [],
-                          "kernel_defects": {}, "shard": i})
+            cells.append(
+                {
+                    "op": op,
+                    "kind": kinds.get(op, "?"),
+                    "layout_class": cls,
+                    "status": "not_run",
+                    "cases": 0,
+                    "counts": {},
+                    "reason": f"shard {i}/{n} missing from the merge",
+                    "worst": None,
+                    "examples": {},
+                    "messages": {},
+                    "failing": [],
+                    "new": [],
+                    "known": [],
+                    "kernel_defects": {},
+                    "shard": i,
+                }
+            )
     totals: collections.Counter = collections.Counter()
     by_device: dict[str, int] = {}
     unavailable: dict[str, str] = {}
@@ -297,8 +377,9 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
         "budget_s": max(float(o.summary.get("budget_s") or 0.0) for o in outs),
         "budget_exhausted": any(bool(o.summary.get("budget_exhausted")) for o in outs),
         "completed": not missing and all(o.summary.get("completed", True) for o in outs),
-        "interrupted": "; ".join(f"shard {o.index}: {o.summary['interrupted']}" for o in outs
-                                 if o.summary.get("interrupted")),
+        "interrupted": "; ".join(
+            f"shard {o.index}: {o.summary['interrupted']}" for o in outs if o.summary.get("interrupted")
+        ),
         "command": command,
         "size": first.get("size"),
         "seed": first.get("seed"),
@@ -313,15 +394,28 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
         "cells": cells,
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new_failures,
-        "shards": {"count": n, "merged": [o.index for o in outs], "missing": list(missing),
-                   "harness": first["shard"].get("harness")},
-        "merged_from": [{"shard": o.label, "source": str(o.path), "device": o.summary["device"].get("name"),
-                         "capability": o.summary["device"].get("capability"),
-                         "driver": o.summary["device"].get("driver"),
-                         "devices_used": o.summary["device"].get("devices_used", []),
-                         "started_at": o.summary.get("started_at"), "duration_s": o.summary.get("duration_s"),
-                         "completed": o.summary.get("completed", True), "cells": len(o.summary["cells"]),
-                         "cases": sum(o.summary["totals"].values())} for o in outs],
+        "shards": {
+            "count": n,
+            "merged": [o.index for o in outs],
+            "missing": list(missing),
+            "harness": first["shard"].get("harness"),
+        },
+        "merged_from": [
+            {
+                "shard": o.label,
+                "source": str(o.path),
+                "device": o.summary["device"].get("name"),
+                "capability": o.summary["device"].get("capability"),
+                "driver": o.summary["device"].get("driver"),
+                "devices_used": o.summary["device"].get("devices_used", []),
+                "started_at": o.summary.get("started_at"),
+                "duration_s": o.summary.get("duration_s"),
+                "completed": o.summary.get("completed", True),
+                "cells": len(o.summary["cells"]),
+                "cases": sum(o.summary["totals"].values()),
+            }
+            for o in outs
+        ],
     }
     if contracts is not None:  # the report's "Layout contracts" section
         merged["contracts"] = contracts["contracts"]
@@ -336,9 +430,20 @@ def merge_summaries(outputs: Sequence[ShardOutput], renamed: Mapping[int, Mappin
 
 
 def _shard_rows(summary: Mapping[str, Any]) -> list[list[str]]:
-    return [[m["shard"], str(m["device"]), str(m.get("capability") or "-"), ", ".join(m.get("devices_used") or []),
-             str(m["cells"]), str(m["cases"]), f"{float(m.get('duration_s') or 0):.0f} s",
-             "yes" if m.get("completed", True) else "NO", m["source"]] for m in summary["merged_from"]]
+    return [
+        [
+            m["shard"],
+            str(m["device"]),
+            str(m.get("capability") or "-"),
+            ", ".join(m.get("devices_used") or []),
+            str(m["cells"]),
+            str(m["cases"]),
+            f"{float(m.get('duration_s') or 0):.0f} s",
+            "yes" if m.get("completed", True) else "NO",
+            m["source"],
+        ]
+        for m in summary["merged_from"]
+    ]
 
 
 _SHARD_HEAD = ["shard", "device", "capability", "devices", "cells", "cases", "duration", "completed", "from"]
@@ -349,36 +454,49 @@ def _add_shard_tables(summary: Mapping[str, Any], out: Path) -> None:
     rows = _shard_rows(summary)
     missing = summary["shards"]["missing"]
     n = summary["shards"]["count"]
-    md = ["", f"## Shards ({len(rows)} of {n} merged)", "", "| " + " | ".join(_SHARD_HEAD) + " |",
-          "|" + "---|" * len(_SHARD_HEAD)]
+    md = [
+        "",
+        f"## Shards ({len(rows)} of {n} merged)",
+        "",
+        "| " + " | ".join(_SHARD_HEAD) + " |",
+        "|" + "---|" * len(_SHARD_HEAD),
+    ]
     md += ["| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows]
     if missing:
         md += ["", "Missing shards: " + ", ".join(f"{i}/{n}" for i in missing)]
     partial = summary.get("contracts_partial") or {}
-    note = (f"Layout contracts left out for {', '.join(partial)}: {summary.get('contracts_partial_reason', '')}"
-            if partial else "")
+    note = (
+        f"Layout contracts left out for {', '.join(partial)}: {summary.get('contracts_partial_reason', '')}"
+        if partial
+        else ""
+    )
     if note:
         md += ["", note]
     md_path = out / "report.md"
     md_path.write_text(md_path.read_text() + "\n".join(md) + "\n")
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
-    table = (f"<h2>Shards ({len(rows)} of {n} merged)</h2><table class='hdr'><tr>"
-             + "".join(f"<th>{h}</th>" for h in _SHARD_HEAD) + f"</tr>{cells}</table>"
-             + (f"<p>Missing shards: {html.escape(', '.join(f'{i}/{n}' for i in missing))}</p>" if missing else "")
-             + (f"<p>{html.escape(note)}</p>" if note else ""))
+    table = (
+        f"<h2>Shards ({len(rows)} of {n} merged)</h2><table class='hdr'><tr>"
+        + "".join(f"<th>{h}</th>" for h in _SHARD_HEAD)
+        + f"</tr>{cells}</table>"
+        + (f"<p>Missing shards: {html.escape(', '.join(f'{i}/{n}' for i in missing))}</p>" if missing else "")
+        + (f"<p>{html.escape(note)}</p>" if note else "")
+    )
     html_path = out / "report.html"
     page = html_path.read_text()
     cut = page.rfind("</body>")
     html_path.write_text(page[:cut] + table + "\n" + page[cut:] if cut >= 0 else page + table)
 
 
-def merge(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_missing: bool = False,
-          command: str = "") -> dict[str, Any]:
+def merge(
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_missing: bool = False, command: str = ""
+) -> dict[str, Any]:
     """Check and merge the shard outputs ``inputs`` into the new directory ``out``; returns the merged summary."""
     dest = Path(out)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise MergeError(f"--out {dest} exists and is not an empty directory; a merge never overwrites: "
-                         "give a new directory")
+        raise MergeError(
+            f"--out {dest} exists and is not an empty directory; a merge never overwrites: give a new directory"
+        )
     resolved = [Path(p).resolve() for p in inputs]
     if dest.resolve() in resolved:
         raise MergeError(f"--out {dest} is one of the inputs; give a new directory")
@@ -415,16 +533,22 @@ def _cmd(args: argparse.Namespace) -> int:
         return 2
     sh = s["shards"]
     gone = ", ".join(f"{i}/{sh['count']}" for i in sh["missing"])
-    print(f"merged {len(sh['merged'])} of {sh['count']} shards: {len(s['cells'])} cells, "
-          f"{sum(s['totals'].values())} cases; {len(s['new_failures'])} new failure(s)"
-          + (f"; missing shards {gone}" if gone else ""))
+    print(
+        f"merged {len(sh['merged'])} of {sh['count']} shards: {len(s['cells'])} cells, "
+        f"{sum(s['totals'].values())} cases; {len(s['new_failures'])} new failure(s)"
+        + (f"; missing shards {gone}" if gone else "")
+    )
     for m in s["merged_from"]:
-        print(f"  shard {m['shard']}: {m['device']} ({m['cells']} cells, {m['cases']} cases"
-              f"{'' if m['completed'] else ', NOT completed'}) from {m['source']}")
+        print(
+            f"  shard {m['shard']}: {m['device']} ({m['cells']} cells, {m['cases']} cases"
+            f"{'' if m['completed'] else ', NOT completed'}) from {m['source']}"
+        )
     partial = s.get("contracts_partial") or {}
     if partial:
-        print(f"note: layout contracts left out for {len(partial)} op(s) ({', '.join(partial)}): "
-              f"{s.get('contracts_partial_reason', '')}")
+        print(
+            f"note: layout contracts left out for {len(partial)} op(s) ({', '.join(partial)}): "
+            f"{s.get('contracts_partial_reason', '')}"
+        )
     print(f"report: {Path(args.out) / 'report.html'}")
     if not s["completed"]:
         return 3
@@ -435,11 +559,17 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``merge`` and its options (see the module docstring)."""
-    p = subparsers.add_parser("merge", help="combine the outputs of `matrix --shard I/N` runs into one report",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "merge",
+        help="combine the outputs of `matrix --shard I/N` runs into one report",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("inputs", nargs="+", metavar="OUT", help="the --out directories of the shard runs")
     p.add_argument("--out", required=True, metavar="DIR", help="the merged report's directory (new or empty)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="merge even when shards are missing (their cells are not_run; exit 3)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="merge even when shards are missing (their cells are not_run; exit 3)",
+    )
     p.add_argument("--fail-on-new", action="store_true", help="exit 1 when the merged run has a new failure")
     p.set_defaults(func=_cmd, argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "merge" else [])

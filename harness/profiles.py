@@ -37,8 +37,15 @@ from hypothesis.database import (
     ReadOnlyDatabase,
 )
 
-__all__ = ["PROFILES", "DB_ENV", "DatabaseSpecError", "example_database", "register_profiles", "load_profile",
-           "default_profile"]
+__all__ = [
+    "PROFILES",
+    "DB_ENV",
+    "DatabaseSpecError",
+    "example_database",
+    "register_profiles",
+    "load_profile",
+    "default_profile",
+]
 
 PROFILES = ("dev", "ci", "nightly")
 DB_ENV = "HARNESS_HYPOTHESIS_DB"
@@ -58,22 +65,27 @@ def _redis(entry: str, clients: list[tuple[str, Any]]) -> ExampleDatabase:
         import redis
         from hypothesis.extra.redis import RedisExampleDatabase
     except ImportError:
-        raise DatabaseSpecError(f"{DB_ENV} entry {entry!r} needs the redis client: pip install 'harness[redis]' "
-                                "(or pip install redis)") from None
+        raise DatabaseSpecError(
+            f"{DB_ENV} entry {entry!r} needs the redis client: pip install 'harness[redis]' (or pip install redis)"
+        ) from None
     try:
         client = redis.Redis.from_url(entry, socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S)
     except ValueError as e:
-        raise DatabaseSpecError(f"{DB_ENV} entry {entry!r} is not a valid Redis URL ({e}); "
-                                "write redis://HOST:PORT/DB, e.g. redis://localhost:6379/0") from None
+        raise DatabaseSpecError(
+            f"{DB_ENV} entry {entry!r} is not a valid Redis URL ({e}); "
+            "write redis://HOST:PORT/DB, e.g. redis://localhost:6379/0"
+        ) from None
     clients.append((entry, client))
     return RedisExampleDatabase(client)
 
 
 def _github(entry: str) -> ExampleDatabase:
-    parts = entry[len("github://"):].strip("/").split("/")
+    parts = entry[len("github://") :].strip("/").split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise DatabaseSpecError(f"{DB_ENV} entry {entry!r} is not github://OWNER/REPO[/ARTIFACT], "
-                                "e.g. github://acme/kernels/hypothesis-example-db")
+        raise DatabaseSpecError(
+            f"{DB_ENV} entry {entry!r} is not github://OWNER/REPO[/ARTIFACT], "
+            "e.g. github://acme/kernels/hypothesis-example-db"
+        )
     kw = {"artifact_name": parts[2]} if len(parts) == 3 else {}
     return ReadOnlyDatabase(GitHubArtifactDatabase(parts[0], parts[1], **kw))
 
@@ -87,8 +99,10 @@ def example_database(spec: str, *, local: str, clients: list[tuple[str, Any]] | 
     clients = [] if clients is None else clients
     entries = [e.strip() for e in spec.split("+")]
     if not spec.strip() or not all(entries):
-        raise DatabaseSpecError(f"{DB_ENV}={spec!r} has an empty entry; join entries with a single '+', "
-                                "e.g. .hypothesis/examples+redis://localhost:6379/0")
+        raise DatabaseSpecError(
+            f"{DB_ENV}={spec!r} has an empty entry; join entries with a single '+', "
+            "e.g. .hypothesis/examples+redis://localhost:6379/0"
+        )
     dbs: list[ExampleDatabase] = []
     for entry in entries:
         scheme = entry.split("://", 1)[0].lower() if "://" in entry else ""
@@ -97,8 +111,10 @@ def example_database(spec: str, *, local: str, clients: list[tuple[str, Any]] | 
         elif scheme == "github":
             dbs.append(_github(entry))
         elif scheme:
-            raise DatabaseSpecError(f"{DB_ENV} entry {entry!r}: unknown scheme {scheme!r}; use a directory, "
-                                    "redis://HOST:PORT/DB, rediss://... or github://OWNER/REPO[/ARTIFACT]")
+            raise DatabaseSpecError(
+                f"{DB_ENV} entry {entry!r}: unknown scheme {scheme!r}; use a directory, "
+                "redis://HOST:PORT/DB, rediss://... or github://OWNER/REPO[/ARTIFACT]"
+            )
         else:
             dbs.append(DirectoryBasedExampleDatabase(entry))
     if all(isinstance(d, ReadOnlyDatabase) for d in dbs):
@@ -125,8 +141,11 @@ def register_profiles() -> None:
         suppress_health_check=_SUPPRESS,
     )
     _CLIENTS["nightly"] = []
-    nightly_db = (example_database(spec, local=_LOCAL["nightly"], clients=_CLIENTS["nightly"]) if spec
-                  else DirectoryBasedExampleDatabase(_LOCAL["nightly"]))
+    nightly_db = (
+        example_database(spec, local=_LOCAL["nightly"], clients=_CLIENTS["nightly"])
+        if spec
+        else DirectoryBasedExampleDatabase(_LOCAL["nightly"])
+    )
     settings.register_profile(
         "nightly",
         max_examples=2000,
@@ -150,13 +169,17 @@ def load_profile(name: str | None = None) -> str:
     """
     name = name or default_profile()
     if name not in PROFILES:
-        raise ValueError(f"Hypothesis profile {name!r} unknown; use one of {PROFILES} (HARNESS_PROFILE / --harness-profile)")
+        raise ValueError(
+            f"Hypothesis profile {name!r} unknown; use one of {PROFILES} (HARNESS_PROFILE / --harness-profile)"
+        )
     register_profiles()
     for entry, client in _CLIENTS.get(name, []):
         try:
             client.ping()
         except Exception as e:  # noqa: BLE001 - redis' ConnectionError / TimeoutError / AuthenticationError
-            raise DatabaseSpecError(f"{DB_ENV} entry {entry!r}: cannot reach the Redis server "
-                                    f"({type(e).__name__}: {e}); start it or fix {DB_ENV}") from None
+            raise DatabaseSpecError(
+                f"{DB_ENV} entry {entry!r}: cannot reach the Redis server "
+                f"({type(e).__name__}: {e}); start it or fix {DB_ENV}"
+            ) from None
     settings.load_profile(name)
     return name

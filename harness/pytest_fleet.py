@@ -75,8 +75,11 @@ def device_for_worker(worker_id: str | None, gpus: list[str]) -> str | None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("harness").addoption(
-        "--harness-shard", default=None, metavar="I/N",
-        help="run only shard I of N (1 <= I <= N) of the collected tests, by a stable hash of each node id")
+        "--harness-shard",
+        default=None,
+        metavar="I/N",
+        help="run only shard I of N (1 <= I <= N) of the collected tests, by a stable hash of each node id",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)

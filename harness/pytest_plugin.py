@@ -89,13 +89,20 @@ class _Session:
                     devs = self.gpu_devices()
                     if devs is None:
                         info = probe_cuda()
-                        pytest.skip(f"no CUDA device (probed in a subprocess: "
-                                    f"{info.get('error') or 'torch ' + str(info.get('torch')) + ' sees 0 GPUs'})")
+                        pytest.skip(
+                            f"no CUDA device (probed in a subprocess: "
+                            f"{info.get('error') or 'torch ' + str(info.get('torch')) + ' sees 0 GPUs'})"
+                        )
                 else:
                     devs = ["cpu"]
                 # attribution is done once per failing test, at report time (see the module doc)
-                self.pools[kind] = WorkerPool(devs, self.workers_per_device, case_timeout=self.case_timeout,
-                                              attribute=False, sanitizer=self.sanitizer)
+                self.pools[kind] = WorkerPool(
+                    devs,
+                    self.workers_per_device,
+                    case_timeout=self.case_timeout,
+                    attribute=False,
+                    sanitizer=self.sanitizer,
+                )
             return self.pools[kind]
 
     def close(self) -> None:
@@ -112,8 +119,9 @@ _OUTER: list[_Session | None] = []
 
 def _session() -> _Session:
     if _SESSION is None:
-        raise RuntimeError("the harness pytest plugin is not active: add "
-                           "pytest_plugins = ['harness.pytest_plugin'] to conftest.py")
+        raise RuntimeError(
+            "the harness pytest plugin is not active: add pytest_plugins = ['harness.pytest_plugin'] to conftest.py"
+        )
     return _SESSION
 
 
@@ -122,17 +130,35 @@ def _session() -> _Session:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("harness")
-    g.addoption("--harness-cases-dir", default="harness-cases",
-                help="directory for failing cases (JSON + safetensors); default: harness-cases")
-    g.addoption("--harness-case-timeout", type=float, default=120.0,
-                help="seconds per case before its worker is killed and the verdict is timeout (default 120)")
-    g.addoption("--harness-devices", default=None,
-                help='devices for the pool fixture: "cpu", "cuda", "cuda:0,cuda:1" (default: every visible GPU)')
+    g.addoption(
+        "--harness-cases-dir",
+        default="harness-cases",
+        help="directory for failing cases (JSON + safetensors); default: harness-cases",
+    )
+    g.addoption(
+        "--harness-case-timeout",
+        type=float,
+        default=120.0,
+        help="seconds per case before its worker is killed and the verdict is timeout (default 120)",
+    )
+    g.addoption(
+        "--harness-devices",
+        default=None,
+        help='devices for the pool fixture: "cpu", "cuda", "cuda:0,cuda:1" (default: every visible GPU)',
+    )
     g.addoption("--harness-workers-per-device", type=int, default=1, help="active workers per device (default 1)")
-    g.addoption("--harness-sanitizer", action="store_true", default=False,
-                help="attribute device faults under compute-sanitizer --tool memcheck as well")
-    g.addoption("--harness-no-attribute", action="store_true", default=False,
-                help="do not rerun device faults with CUDA_LAUNCH_BLOCKING=1 to name the faulting op")
+    g.addoption(
+        "--harness-sanitizer",
+        action="store_true",
+        default=False,
+        help="attribute device faults under compute-sanitizer --tool memcheck as well",
+    )
+    g.addoption(
+        "--harness-no-attribute",
+        action="store_true",
+        default=False,
+        help="do not rerun device faults with CUDA_LAUNCH_BLOCKING=1 to name the faulting op",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -205,8 +231,10 @@ def _attribute_case(path: str, device: str, sanitizer: bool, timeout: float) -> 
 
 @pytest.hookimpl(trylast=True)
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [f"harness runner: failing cases -> {config.getoption('--harness-cases-dir')}/, "
-            f"case timeout {config.getoption('--harness-case-timeout'):g} s"]
+    return [
+        f"harness runner: failing cases -> {config.getoption('--harness-cases-dir')}/, "
+        f"case timeout {config.getoption('--harness-case-timeout'):g} s"
+    ]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -251,8 +279,14 @@ class CaseRunner:
     def run(self, case: "Case", **submit_kw: Any) -> Result:
         return self.pool.submit(case, **submit_kw).result()
 
-    def assert_passes(self, case: "Case", *, allow: Iterable[Verdict | str] = (Verdict.PASS,),
-                      name: str | None = None, **submit_kw: Any) -> Result:
+    def assert_passes(
+        self,
+        case: "Case",
+        *,
+        allow: Iterable[Verdict | str] = (Verdict.PASS,),
+        name: str | None = None,
+        **submit_kw: Any,
+    ) -> Result:
         """Run ``case``; unless its verdict is in ``allow``, write it and raise AssertionError with the numbers."""
         __tracebackhide__ = True
         allowed = {Verdict.parse(v) if not isinstance(v, Verdict) else v for v in allow}
@@ -270,9 +304,15 @@ class CaseRunner:
         raise AssertionError(f"harness: expected {want}, got {result.verdict.value}\n{result.format()}")
 
 
-def assert_case_passes(case: "Case", *, device: str = "auto", pool: "WorkerPool | None" = None,
-                       allow: Iterable[Verdict | str] = (Verdict.PASS,), name: str | None = None,
-                       **submit_kw: Any) -> Result:
+def assert_case_passes(
+    case: "Case",
+    *,
+    device: str = "auto",
+    pool: "WorkerPool | None" = None,
+    allow: Iterable[Verdict | str] = (Verdict.PASS,),
+    name: str | None = None,
+    **submit_kw: Any,
+) -> Result:
     """Run ``case`` in the session pool; on a verdict outside ``allow`` write the case file (named after
     the current test, so Hypothesis' final shrunk example is what stays) and raise AssertionError whose
     message has the verdict, numbers, layouts, case path and replay command."""

@@ -122,7 +122,8 @@ def validate_summary(summary: Any) -> dict[str, Any]:
     _req(summary, "totals", dict, "summary")
     by_device = summary.get("cases_by_device", {})
     if not isinstance(by_device, dict) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in by_device.values()):
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in by_device.values()
+    ):
         raise SummaryError(f"summary: cases_by_device must map device -> non-negative int, got {by_device!r:.80}")
     cells = _req(summary, "cells", list, "summary")
     for i, cell in enumerate(cells):
@@ -263,8 +264,11 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("cuBLAS", _num(dev.get("cublas"))),
         ("driver", _num(dev.get("driver"))),
         ("started", _num(summary.get("started_at"))),
-        ("duration", f"{summary['duration_s']:.1f} s (budget {_num(summary.get('budget_s'))} s"
-                     f"{', exhausted' if summary.get('budget_exhausted') else ''})"),
+        (
+            "duration",
+            f"{summary['duration_s']:.1f} s (budget {_num(summary.get('budget_s'))} s"
+            f"{', exhausted' if summary.get('budget_exhausted') else ''})",
+        ),
         ("cases", ", ".join(f"{v} {n}" for v, n in sorted(summary["totals"].items(), key=lambda t: -t[1])) or "0"),
     ]
     if summary.get("cases_by_device"):
@@ -292,15 +296,20 @@ UNSUPPORTED_HEADING = "The harness could not run these"
 
 def _unsupported_cells(summary: Mapping[str, Any]) -> list[tuple[dict[str, Any], int, str]]:
     """(cell, unsupported cases, first message) for every cell with ``unsupported`` cases."""
-    return [(c, c["counts"]["unsupported"], c.get("messages", {}).get("unsupported", ""))
-            for c in summary["cells"] if c["counts"].get("unsupported")]
+    return [
+        (c, c["counts"]["unsupported"], c.get("messages", {}).get("unsupported", ""))
+        for c in summary["cells"]
+        if c["counts"].get("unsupported")
+    ]
 
 
 def _worst_text(worst: Mapping[str, Any] | None) -> str:
     if not worst:
         return "-"
-    return (f"{worst.get('metric', '?')} {_num(worst.get('err'))} vs allowed {_num(worst.get('allowed'))} "
-            f"(ratio {_num(worst.get('ratio'))})")
+    return (
+        f"{worst.get('metric', '?')} {_num(worst.get('err'))} vs allowed {_num(worst.get('allowed'))} "
+        f"(ratio {_num(worst.get('ratio'))})"
+    )
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -320,8 +329,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     unsupported = _unsupported_cells(summary)
     if unsupported:
         lines += [f"## {UNSUPPORTED_HEADING} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)", ""]
-        lines += [f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}"
-                  for c, n, msg in unsupported]
+        lines += [
+            f"- **{c['op']}** × `{c['layout_class']}`: {n} — {_md_escape(msg[:300])}" for c, n, msg in unsupported
+        ]
         lines.append("")
     if summary.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {_md_escape(w)}" for w in summary["warnings"]] + [""]
@@ -388,8 +398,10 @@ def contracts_section(summary: Mapping[str, Any], html_out: bool = False) -> lis
     if not isinstance(contracts, Mapping) or not contracts:
         return []
     first = next(iter(contracts.values()))
-    head = ("Layout contracts (what each op needed in this run; clauses only where the evidence separates; "
-            f"measured on {env_line(first.get('measured_on', {}))})")
+    head = (
+        "Layout contracts (what each op needed in this run; clauses only where the evidence separates; "
+        f"measured on {env_line(first.get('measured_on', {}))})"
+    )
     if not html_out:
         lines = [f"## {head}", ""]
         for op, c in contracts.items():
@@ -438,16 +450,24 @@ def _h(x: Any) -> str:
 def render_html(summary: Mapping[str, Any]) -> str:
     """The report as one self-contained static HTML page (inline CSS, no scripts, relative links)."""
     validate_summary(dict(summary))
-    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Layout matrix report</title>",
-           f"<style>{_CSS}</style></head><body>", "<h1>Layout matrix report</h1>", "<table class='hdr'>"]
+    out = [
+        "<!DOCTYPE html>",
+        "<html><head><meta charset='utf-8'><title>Layout matrix report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Layout matrix report</h1>",
+        "<table class='hdr'>",
+    ]
     out += [f"<tr><td>{_h(k)}</td><td>{_h(v)}</td></tr>" for k, v in _header_rows(summary)]
     out.append("</table>")
     unsupported = _unsupported_cells(summary)
     if unsupported:
-        out.append(f"<h2>{_h(UNSUPPORTED_HEADING)} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)"
-                   "</h2><ul>")
-        out += [f"<li><b>{_h(c['op'])}</b> &times; <code>{_h(c['layout_class'])}</code>: {n} &mdash; {_h(msg[:300])}"
-                "</li>" for c, n, msg in unsupported]
+        out.append(
+            f"<h2>{_h(UNSUPPORTED_HEADING)} ({sum(n for _, n, _ in unsupported)} cases, verdict unsupported)</h2><ul>"
+        )
+        out += [
+            f"<li><b>{_h(c['op'])}</b> &times; <code>{_h(c['layout_class'])}</code>: {n} &mdash; {_h(msg[:300])}</li>"
+            for c, n, msg in unsupported
+        ]
         out.append("</ul>")
     if summary.get("warnings"):
         out.append("<h2>Warnings</h2><ul>")
@@ -457,8 +477,10 @@ def render_html(summary: Mapping[str, Any]) -> str:
     if new:
         out.append(f"<h2>New failures ({len(new)}; not in the regression corpus)</h2><ul>")
         for f in new:
-            out.append(f"<li><b>{_h(f['op'])}</b> &times; <code>{_h(f['layout_class'])}</code>: {_h(f['verdict'])} "
-                       f"&mdash; <a href='{_h(f['case'])}'>{_h(f['case'])}</a></li>")
+            out.append(
+                f"<li><b>{_h(f['op'])}</b> &times; <code>{_h(f['layout_class'])}</code>: {_h(f['verdict'])} "
+                f"&mdash; <a href='{_h(f['case'])}'>{_h(f['case'])}</a></li>"
+            )
         out.append("</ul>")
     for kind, ops, classes, by in _grid(summary):
         out.append(f"<h2>{_h(kind)}</h2><table class='grid'><tr><th>op</th>")
@@ -480,8 +502,10 @@ def render_html(summary: Mapping[str, Any]) -> str:
                 text = _h(_cell_text(cell))
                 ex = _first_example(cell)
                 if ex and cell["status"] in ("fail", "nonpass"):
-                    text = (f"<a href='#{_h(_anchor(op, cls))}'>{text}</a> "
-                            f"<a class='small' href='{_h(ex)}' title='example case file'>case</a>")
+                    text = (
+                        f"<a href='#{_h(_anchor(op, cls))}'>{text}</a> "
+                        f"<a class='small' href='{_h(ex)}' title='example case file'>case</a>"
+                    )
                 out.append(f"<td class='{_h(klass)}' title='{_h(title)}'>{text}</td>")
             out.append("</tr>")
         out.append("</table>")
@@ -494,9 +518,11 @@ def render_html(summary: Mapping[str, Any]) -> str:
                 tags.append("<b style='color:#c00'>NEW: " + _h(", ".join(c["new"])) + "</b>")
             if c.get("known"):
                 tags.append("known: " + _h(", ".join(c["known"])))
-            out.append(f"<h3 id='{_h(_anchor(c['op'], c['layout_class']))}'>{_h(c['op'])} &times; "
-                       f"{_h(c['layout_class'])} <span class='small'>({_h(c['status'])}"
-                       f"{'; ' + '; '.join(tags) if tags else ''})</span></h3><ul>")
+            out.append(
+                f"<h3 id='{_h(_anchor(c['op'], c['layout_class']))}'>{_h(c['op'])} &times; "
+                f"{_h(c['layout_class'])} <span class='small'>({_h(c['status'])}"
+                f"{'; ' + '; '.join(tags) if tags else ''})</span></h3><ul>"
+            )
             for v, why in sorted(c.get("kernel_defects", {}).items()):
                 out.append(f"<li>kernel defect ({_h(v)}): {_h(why)}</li>")
             out.append("<li>verdicts: " + _h(", ".join(f"{v} {n}" for v, n in sorted(c["counts"].items()))) + "</li>")
@@ -506,8 +532,11 @@ def render_html(summary: Mapping[str, Any]) -> str:
                 out.append(f"<li>bound: <span class='small'>{_h(w['why'])}</span></li>")
             for verdict, path in sorted(c.get("examples", {}).items()):
                 msg = c.get("messages", {}).get(verdict, "")
-                out.append(f"<li>{_h(verdict)}: <a href='{_h(path)}'>{_h(path)}</a>"
-                           + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "") + "</li>")
+                out.append(
+                    f"<li>{_h(verdict)}: <a href='{_h(path)}'>{_h(path)}</a>"
+                    + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "")
+                    + "</li>"
+                )
             out.append("</ul>")
     out += contracts_section(summary, html_out=True)
     missed = _not_reached(summary)
@@ -561,5 +590,3 @@ def write_reports(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dic
     for key, path in paths.items():
         atomic_write_text(path, texts[key])
     return paths
-
-

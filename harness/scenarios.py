@@ -29,12 +29,27 @@ from harness.reference.metrics import Bound, Judgement, judge
 if TYPE_CHECKING:
     from harness.quant.blocks import QuantizedBlockConfig
 
-__all__ = ["SCENARIOS", "K_BOUND", "KNOWN_DEFECTS", "ScenarioResult", "judge_outputs", "scenario_inputs", "run_scenario",
-           "run_scenarios"]
+__all__ = [
+    "SCENARIOS",
+    "K_BOUND",
+    "KNOWN_DEFECTS",
+    "ScenarioResult",
+    "judge_outputs",
+    "scenario_inputs",
+    "run_scenario",
+    "run_scenarios",
+]
 
 #: The write-up's scenarios (preset names of ``harness.quant.blocks.PRESETS``).
-SCENARIOS: tuple[str, ...] = ("fp4+sage3-fp4", "fp8+sage3-fp8", "infinitetalk", "2d-input", "3d-input",
-                              "scaled-weights", "unscaled-weights")
+SCENARIOS: tuple[str, ...] = (
+    "fp4+sage3-fp4",
+    "fp8+sage3-fp8",
+    "infinitetalk",
+    "2d-input",
+    "3d-input",
+    "scaled-weights",
+    "unscaled-weights",
+)
 #: A block may be this many times as far from the exact one as the emulation of its formats.
 K_BOUND = 2.0
 _GRID = (2, 2, 2)
@@ -54,16 +69,27 @@ class ScenarioResult:
     known_defect: Optional[str] = None  # a failure the emulation of a known kernel defect explains
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "device": self.device, "status": self.status, "reason": self.reason,
-                "substitutions": list(self.substitutions), "operators": dict(self.operators),
-                "judgement": self.judgement, "known_defect": self.known_defect}
+        return {
+            "name": self.name,
+            "device": self.device,
+            "status": self.status,
+            "reason": self.reason,
+            "substitutions": list(self.substitutions),
+            "operators": dict(self.operators),
+            "judgement": self.judgement,
+            "known_defect": self.known_defect,
+        }
 
 
 def judge_outputs(out: Tensor, exact: Tensor, emulated: Tensor, act_dtype: torch.dtype, name: str) -> Judgement:
     """The scenario verdict: ``out`` against ``exact`` with a bound scaled by ``emulated``'s error."""
-    bound = Bound.derived(K_BOUND, exact, act_dtype,
-                          why=f"{name}: max_abs <= {K_BOUND:g} x the error of the block with every operator "
-                              "emulated in its formats, against the exact float32 block")
+    bound = Bound.derived(
+        K_BOUND,
+        exact,
+        act_dtype,
+        why=f"{name}: max_abs <= {K_BOUND:g} x the error of the block with every operator "
+        "emulated in its formats, against the exact float32 block",
+    )
     return judge(out, exact, emulated, bound)
 
 
@@ -90,8 +116,13 @@ def scenario_inputs(variant: str, device: str, seed: int = 0, tokens: int = 8) -
     return dict(x=x, e=e, params=params, kw=kw)
 
 
-def run_scenario(name: Union[str, "QuantizedBlockConfig"], device: str = "cpu", *,
-                 emulate_missing: Optional[bool] = None, seed: int = 0) -> ScenarioResult:
+def run_scenario(
+    name: Union[str, "QuantizedBlockConfig"],
+    device: str = "cpu",
+    *,
+    emulate_missing: Optional[bool] = None,
+    seed: int = 0,
+) -> ScenarioResult:
     """Run scenario ``name`` (a preset name, an alias or a config) on ``device`` and judge it.
 
     ``emulate_missing``: replace unavailable attention kernels by their emulations (default:
@@ -106,8 +137,9 @@ def run_scenario(name: Union[str, "QuantizedBlockConfig"], device: str = "cpu", 
     resolved = resolve_preset(cfg, device, emulate_missing=emulate_missing)
     ops = {"attention": dict(resolved.attention), "linear": dict(resolved.linear)}
     if not resolved.runnable:
-        return ScenarioResult(name, device, "skipped", f"cannot run on {device}: {resolved.reason}",
-                              list(resolved.substitutions), ops)
+        return ScenarioResult(
+            name, device, "skipped", f"cannot run on {device}: {resolved.reason}", list(resolved.substitutions), ops
+        )
     block = QuantizedBlock(resolved)
     inp = scenario_inputs(cfg.variant, device, seed)
     args = (inp["x"], inp["e"], inp["params"], 0)
@@ -125,19 +157,23 @@ def run_scenario(name: Union[str, "QuantizedBlockConfig"], device: str = "cpu", 
         known = _known_defect(block, ran, out, exact, args, inp["kw"], cfg)
         if known:
             reason += f"; {known}"
-    return ScenarioResult(name, device, "pass" if j.passed else "fail", reason, _compact(resolved.substitutions),
-                          ops, j.to_dict(), known)
+    return ScenarioResult(
+        name, device, "pass" if j.passed else "fail", reason, _compact(resolved.substitutions), ops, j.to_dict(), known
+    )
 
 
 #: Kernel defects (docs/gpu-findings.md) as switches of the emulation that models them.
 KNOWN_DEFECTS: dict[str, tuple[dict[str, Any], str]] = {
-    "emu.sage1": ({"tail_keys_score_zero": True},
-                  "SageAttention 1.0.6's short last key tile (padded keys scored 0, not -inf, when keys % 64 != 0)"),
+    "emu.sage1": (
+        {"tail_keys_score_zero": True},
+        "SageAttention 1.0.6's short last key tile (padded keys scored 0, not -inf, when keys % 64 != 0)",
+    ),
 }
 
 
-def _known_defect(block: Any, ran: dict[str, str], out: Tensor, exact: Tensor, args: tuple, kw: dict,
-                  cfg: Any) -> Optional[str]:
+def _known_defect(
+    block: Any, ran: dict[str, str], out: Tensor, exact: Tensor, args: tuple, kw: dict, cfg: Any
+) -> Optional[str]:
     """A known kernel defect that explains a failed bound: ``out`` passes against the emulation with the defect on."""
     from harness.quant.backends import emulation_for
 
@@ -164,8 +200,9 @@ def _compact(subs: tuple[str, ...]) -> list[str]:
     return [f"{'/'.join(ps)}: {rest}" if ps else rest for rest, ps in parts.items()]
 
 
-def run_scenarios(device: str = "cpu", names: tuple[str, ...] = SCENARIOS, *,
-                  emulate_missing: Optional[bool] = None) -> list[ScenarioResult]:
+def run_scenarios(
+    device: str = "cpu", names: tuple[str, ...] = SCENARIOS, *, emulate_missing: Optional[bool] = None
+) -> list[ScenarioResult]:
     """Every scenario in ``names`` on ``device``; a harness error in one becomes a "fail" naming it."""
     out = []
     for n in names:

@@ -93,6 +93,11 @@ def shard_record(spec: str | Shard, cells: Sequence[T]) -> tuple[list[T], dict[s
 
     shard = spec if isinstance(spec, Shard) else parse_shard(spec)
     mine = shard.select(cells, key=lambda c: cell_key(c.op, c.layout_class))  # type: ignore[attr-defined]
-    record = {"index": shard.index, "count": shard.count, "harness": __version__, "cells": len(mine),
-              "all_cells": [[c.op, c.layout_class] for c in cells]}  # type: ignore[attr-defined]
+    record = {
+        "index": shard.index,
+        "count": shard.count,
+        "harness": __version__,
+        "cells": len(mine),
+        "all_cells": [[c.op, c.layout_class] for c in cells],
+    }  # type: ignore[attr-defined]
     return mine, record

@@ -307,7 +307,14 @@ class AttentionInputs(NamedTuple):
 
 
 def _head_view(
-    batch: int, seq: int, heads: int, head_dim: int, dtype: str, tensor_layout: str, *, packed_index: int | None,
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    dtype: str,
+    tensor_layout: str,
+    *,
+    packed_index: int | None,
     offset: int,
 ) -> LayoutSpec:
     """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
@@ -392,16 +399,26 @@ def attention_inputs(
     for i, name in enumerate("qkv"):
         seq = seq_q if name == "q" else seq_kv
         specs.append(
-            _head_view(batch, seq, heads, head_dim, dt, layout, packed_index=i if use_packed else None,
-                       offset=off(f"offset_{name}"))
+            _head_view(
+                batch,
+                seq,
+                heads,
+                head_dim,
+                dt,
+                layout,
+                packed_index=i if use_packed else None,
+                offset=off(f"offset_{name}"),
+            )
         )
     values = draw(value_specs(kinds=kinds), label="values")
-    return AttentionInputs(specs[0], specs[1], specs[2], layout, batch, heads, seq_q, seq_kv, head_dim, values,
-                           bool(use_packed))
+    return AttentionInputs(
+        specs[0], specs[1], specs[2], layout, batch, heads, seq_q, seq_kv, head_dim, values, bool(use_packed)
+    )
 
 
-def explored_cases(target: object, *, max_elements: int | None = None, allow_nonfinite: bool = False
-                   ) -> st.SearchStrategy:
+def explored_cases(
+    target: object, *, max_elements: int | None = None, allow_nonfinite: bool = False
+) -> st.SearchStrategy:
     """``Case``s of ``target`` (a linear or attention target) drawn as :func:`harness.explore.draw_genome`
     draws them: every operand perturbed on its own, sizes at tile boundaries, structured values.
 
@@ -414,6 +431,5 @@ def explored_cases(target: object, *, max_elements: int | None = None, allow_non
     cap = max_elements if max_elements is not None else _env_max_elements()
     _check_int("max_elements", cap, 1)
     return st.randoms(use_true_random=False).map(
-        lambda rng: build_case(target, draw_genome(rng, target, max_elements=cap, allow_nonfinite=allow_nonfinite)
-                               ).case)
-
+        lambda rng: build_case(target, draw_genome(rng, target, max_elements=cap, allow_nonfinite=allow_nonfinite)).case
+    )

@@ -85,7 +85,9 @@ class ValueSpec:
         params = dict(self.params) if not isinstance(self.params, dict) else self.params
         unknown = set(params) - set(_PARAMS[self.kind])
         if unknown:
-            raise ValueError_(f"params {sorted(unknown)} unknown for kind {self.kind!r}; allowed: {sorted(_PARAMS[self.kind])}")
+            raise ValueError_(
+                f"params {sorted(unknown)} unknown for kind {self.kind!r}; allowed: {sorted(_PARAMS[self.kind])}"
+            )
         object.__setattr__(self, "params", tuple(sorted(params.items())))
 
     def param(self, name: str) -> Any:
@@ -168,8 +170,10 @@ class ValueSpec:
         """The index of a structured kind's slice in a tensor of ``shape`` (see the module doc)."""
         dim = int(self.param("dim"))
         if dim >= len(shape):
-            raise ValueError_(f"value kind {self.kind!r} has dim={dim}, but the tensor has {len(shape)} dims "
-                              f"(shape {list(shape)}); use a dim in range({len(shape)})")
+            raise ValueError_(
+                f"value kind {self.kind!r} has dim={dim}, but the tensor has {len(shape)} dims "
+                f"(shape {list(shape)}); use a dim in range({len(shape)})"
+            )
         size = shape[dim]
         start = int(self.param("start")) % size if size else 0
         stop = min(size, start + int(self.param("length")))
@@ -202,12 +206,21 @@ class ValueSpec:
             default = _PARAMS[kind].get(name)
             if default is None:
                 continue  # __post_init__ names the unknown parameter
-            ok = (isinstance(v, bool) if isinstance(default, bool)
-                  else isinstance(v, int) and not isinstance(v, bool) and v >= 0 if isinstance(default, int)
-                  else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            ok = (
+                isinstance(v, bool)
+                if isinstance(default, bool)
+                else isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                if isinstance(default, int)
+                else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            )
             if not ok:
-                want = ("true or false" if isinstance(default, bool) else "an integer >= 0"
-                        if isinstance(default, int) else "a finite number")
+                want = (
+                    "true or false"
+                    if isinstance(default, bool)
+                    else "an integer >= 0"
+                    if isinstance(default, int)
+                    else "a finite number"
+                )
                 raise ValueError_(f"value-spec param {name!r} of kind {kind!r} must be {want}, got {str(v)[:40]!r}")
         return cls(kind=kind, seed=d.get("seed", 0), params=tuple(params.items()))
 

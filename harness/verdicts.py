@@ -14,8 +14,16 @@ import json
 import math
 from typing import Any, Mapping
 
-__all__ = ["Verdict", "Result", "BENIGN", "Unsupported", "format_number", "INPUT_MUTATION_PREFIX", "POOL_CLOSED",
-           "mutations_from_message"]
+__all__ = [
+    "Verdict",
+    "Result",
+    "BENIGN",
+    "Unsupported",
+    "format_number",
+    "INPUT_MUTATION_PREFIX",
+    "POOL_CLOSED",
+    "mutations_from_message",
+]
 
 #: how an ``input_mutation`` message starts; then "name: what changed" entries joined by "; "
 INPUT_MUTATION_PREFIX = "the op wrote into its inputs: "
@@ -30,7 +38,7 @@ def mutations_from_message(message: str) -> tuple[list[str], list[str]]:
     text = message.strip().splitlines()[0] if message and message.strip() else ""
     if not text.startswith(INPUT_MUTATION_PREFIX):
         return [], []
-    entries = [e for e in text[len(INPUT_MUTATION_PREFIX):].split("; ") if e]
+    entries = [e for e in text[len(INPUT_MUTATION_PREFIX) :].split("; ") if e]
     names = list(dict.fromkeys(e.split(": ", 1)[0] for e in entries))
     poison = list(dict.fromkeys(e.split(": ", 1)[0] for e in entries if "(the poison)" in e))
     return names, poison
@@ -231,13 +239,21 @@ class Result:
 
     def format(self) -> str:
         """Multi-line report for failure messages: numbers, bound, layouts, attribution, replay."""
-        lines = [f"[{self.verdict.value}] {self.op}  on {self.device or '?'} ({self.worker or '?'}, "
-                 f"{self.duration * 1e3:.1f} ms)"]
+        lines = [
+            f"[{self.verdict.value}] {self.op}  on {self.device or '?'} ({self.worker or '?'}, "
+            f"{self.duration * 1e3:.1f} ms)"
+        ]
         if self.message:
             lines.extend("  " + ln for ln in self.message.splitlines())
         if self.metrics:
-            lines.append("  metrics: " + ", ".join(f"{k}={format_number(v)}" for k, v in sorted(self.metrics.items())
-                                                   if not isinstance(v, (dict, list))))
+            lines.append(
+                "  metrics: "
+                + ", ".join(
+                    f"{k}={format_number(v)}"
+                    for k, v in sorted(self.metrics.items())
+                    if not isinstance(v, (dict, list))
+                )
+            )
         if self.bound:
             why = self.bound.get("why")
             nums = ", ".join(f"{k}={format_number(v)}" for k, v in sorted(self.bound.items()) if k != "why")
@@ -247,7 +263,9 @@ class Result:
         if self.attribution:
             a = self.attribution
             if a.get("op"):
-                lines.append(f"  faulting op: {a['op']}" + (" (CUDA_LAUNCH_BLOCKING=1)" if a.get("launch_blocking") else ""))
+                lines.append(
+                    f"  faulting op: {a['op']}" + (" (CUDA_LAUNCH_BLOCKING=1)" if a.get("launch_blocking") else "")
+                )
             if a.get("frame"):
                 lines.append(f"  at: {a['frame']}")
             if a.get("surfaced_at"):

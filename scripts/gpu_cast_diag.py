@@ -4,6 +4,7 @@ bitwise the package kernel.
 
     python scripts/gpu_cast_diag.py
 """
+
 import statistics
 
 import torch
@@ -42,13 +43,15 @@ for m, k in ((32760, 5120), (32760, 13824)):
     s = torch.full((1,), 0.75, device="cuda")
     ref = scaled_cast(x, s, k)
     gb = x.numel() * 3 / 1e9
-    rows = {"torch x.to(fp8) (no scale)": lambda: x.to(torch.float8_e4m3fn),
-            "package scaled_cast (rows)": lambda: scaled_cast(x, s, k)}
+    rows = {
+        "torch x.to(fp8) (no scale)": lambda: x.to(torch.float8_e4m3fn),
+        "package scaled_cast (rows)": lambda: scaled_cast(x, s, k),
+    }
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16):
             if block // (32 * warps) < 1:
                 continue
-            rows[f"flat BLOCK={block} warps={warps}"] = (lambda b=block, w=warps: flat(x, s, b, w))
+            rows[f"flat BLOCK={block} warps={warps}"] = lambda b=block, w=warps: flat(x, s, b, w)
             same = torch.equal(flat(x, s, block, warps).view(torch.uint8), ref.view(torch.uint8))
             assert same, f"flat {block}/{warps} differs from the package kernel"
     print(f"--- {m} x {k} bf16 -> e4m3 ({gb:.3f} GB moved)")

@@ -41,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     with WorkerPool([args.device], workers_per_device=1, case_timeout=args.case_timeout, attribute=False) as pool:
         for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
             t0 = time.monotonic()
-            res = explore(get_target(op), lambda c: pool.submit(c).result(), seed=args.seed,
-                          budget_cases=args.cases, budget_s=args.seconds, device=args.device,
-                          max_minimize_runs=args.minimize_runs)
+            res = explore(
+                get_target(op),
+                lambda c: pool.submit(c).result(),
+                seed=args.seed,
+                budget_cases=args.cases,
+                budget_s=args.seconds,
+                device=args.device,
+                max_minimize_runs=args.minimize_runs,
+            )
             results[op] = res.to_dict()
-            print(f"{op}: {res.cases} cases + {res.minimize_runs} minimization runs in "
-                  f"{time.monotonic() - t0:.0f} s; verdicts {res.verdicts}")
+            print(
+                f"{op}: {res.cases} cases + {res.minimize_runs} minimization runs in "
+                f"{time.monotonic() - t0:.0f} s; verdicts {res.verdicts}"
+            )
             for line in res.summary():
                 print("   ", line)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")

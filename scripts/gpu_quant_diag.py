@@ -1,4 +1,5 @@
 """Where fp8_linear's time goes on Wan-14B q/k/v/o at 32760 tokens: quantizer and GEMM variants (CUDA events)."""
+
 import statistics
 import torch
 from harness.bench import cuda_time
@@ -25,8 +26,12 @@ rows = {
     "triton rowwise quant": lambda: rowwise_quantize(x, K),
     "mm tensorwise": lambda: torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
     "mm rowwise": lambda: torch._scaled_mm(xq, w8.t(), scale_a=sa_row, scale_b=sb_row, out_dtype=torch.bfloat16),
-    "mm tensorwise fast_accum": lambda: torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True),
-    "mm rowwise fast_accum": lambda: torch._scaled_mm(xq, w8.t(), scale_a=sa_row, scale_b=sb_row, out_dtype=torch.bfloat16, use_fast_accum=True),
+    "mm tensorwise fast_accum": lambda: torch._scaled_mm(
+        xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True
+    ),
+    "mm rowwise fast_accum": lambda: torch._scaled_mm(
+        xq, w8.t(), scale_a=sa_row, scale_b=sb_row, out_dtype=torch.bfloat16, use_fast_accum=True
+    ),
     "fp8_linear": lambda: fp8_linear_with_plan(x, w8, one),
     "bf16 F.linear": lambda: torch.nn.functional.linear(x, w_bf16),
 }

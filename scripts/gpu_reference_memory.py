@@ -82,14 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     limit = int(args.limit_gib * 2**30)
     finite = bool(torch.isfinite(out).all().item())
     ok = peak <= limit and finite and spot <= spot_bound
-    print(json.dumps({
-        "ok": ok, "shape": list(shape), "layout": args.layout, "compute_dtype": args.compute_dtype,
-        "peak_bytes": peak, "peak_gib": round(peak / 2**30, 3), "limit_gib": args.limit_gib,
-        "predicted_bytes": predicted, "peak_over_predicted": round(peak / predicted, 4),
-        "wall_s": round(wall, 3), "plan": plan.__dict__, "finite": finite,
-        "spot_max_abs": spot, "spot_bound": spot_bound,
-        "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "shape": list(shape),
+                "layout": args.layout,
+                "compute_dtype": args.compute_dtype,
+                "peak_bytes": peak,
+                "peak_gib": round(peak / 2**30, 3),
+                "limit_gib": args.limit_gib,
+                "predicted_bytes": predicted,
+                "peak_over_predicted": round(peak / predicted, 4),
+                "wall_s": round(wall, 3),
+                "plan": plan.__dict__,
+                "finite": finite,
+                "spot_max_abs": spot,
+                "spot_bound": spot_bound,
+                "device": torch.cuda.get_device_name(dev),
+                "torch": torch.__version__,
+            }
+        )
+    )
     return 0 if ok else 1
 
 

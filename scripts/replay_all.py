@@ -29,13 +29,23 @@ def replay(path: Path, timeout: float) -> dict:
         return {"case": path.name, "op": None, "expected": None, "rc": 2, "s": 0.0, "tail": [str(e)]}
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, "-m", "harness", "replay", str(path), "--expect", want, "--no-attribute"],
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-m", "harness", "replay", str(path), "--expect", want, "--no-attribute"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         rc, tail = p.returncode, (p.stdout + p.stderr).strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = -1, ["replay timed out"]
-    return {"case": path.name, "op": case.get("op"), "expected": want, "rc": rc, "s": round(time.time() - t0, 1),
-            "tail": tail}
+    return {
+        "case": path.name,
+        "op": case.get("op"),
+        "expected": want,
+        "rc": rc,
+        "s": round(time.time() - t0, 1),
+        "tail": tail,
+    }
 
 
 def main() -> int:
@@ -52,8 +62,10 @@ def main() -> int:
     cannot = [r for r in results if r["rc"] == 125]
     harness = [r for r in results if r["rc"] == 2]
     changed = [r for r in results if r["rc"] not in (0, 2, 125)]
-    print(f"replayed {len(results)} cases: {same} same verdict, {len(changed)} changed, {len(cannot)} cannot run here, "
-          f"{len(harness)} harness-side problems")
+    print(
+        f"replayed {len(results)} cases: {same} same verdict, {len(changed)} changed, {len(cannot)} cannot run here, "
+        f"{len(harness)} harness-side problems"
+    )
     for r in changed + harness + cannot:
         print(f"  rc={r['rc']} {r['case']} ({r['op']}, expected {r['expected']}): {' | '.join(r['tail'])[:300]}")
     if args.out:

@@ -35,7 +35,7 @@ from harness.shard import cell_key, shard_of  # noqa: E402
 
 
 def _cells(n: int) -> list[list[str]]:
-    ops = max(1, round(n ** 0.5 * 1.5))
+    ops = max(1, round(n**0.5 * 1.5))
     out: list[list[str]] = []
     i = 0
     while len(out) < n:
@@ -59,24 +59,62 @@ def _synthetic_shards(root: Path, n_shards: int, all_cells: list[list[str]], fai
                 (d / "cases" / f"{stem}.json").write_text(json.dumps({"op": op, "pad": "x" * 3000}))
                 (d / "cases" / f"{stem}.safetensors").write_bytes(blob)
                 ex = {"drift": f"cases/{stem}.json"}
-            rows.append({"op": op, "kind": "linear", "layout_class": cls, "status": "fail" if failing else "pass",
-                         "cases": 20, "counts": {"drift": 2, "pass": 18} if failing else {"pass": 20}, "reason": "",
-                         "worst": {"metric": "max_abs", "err": 0.1, "allowed": 0.05 if failing else 1.0,
-                                   "ratio": 2.0 if failing else hash_frac, "why": "derived bound", "verdict": "drift"
-                                   if failing else "pass", "case": ex.get("drift")},
-                         "examples": ex, "messages": {"drift": "err 0.1 > allowed 0.05"} if failing else {},
-                         "failing": ["drift"] if failing else [], "new": [], "known": ["drift"] if failing else [],
-                         "kernel_defects": {}})
-        s = {"schema_version": 1, "kind": "harness.matrix.summary", "started_at": "2026-12-01T02:17:00+00:00",
-             "duration_s": 600.0, "budget_s": 600.0, "budget_exhausted": True, "completed": True, "size": "small",
-             "seed": 20261201, "workers": 1,
-             "device": {"used": "cuda", "name": "NVIDIA H200", "capability": "9.0", "torch": "2.13.0",
-                        "cuda": "13.0", "cudnn": 91900, "devices_used": ["cuda:0"]},
-             "totals": {"pass": sum(r["counts"].get("pass", 0) for r in rows),
-                        "drift": sum(r["counts"].get("drift", 0) for r in rows)},
-             "cases_by_device": {"cuda:0": sum(r["cases"] for r in rows)}, "cells": rows, "unavailable": [],
-             "new_failures": [],
-             "shard": {"index": i, "count": n_shards, "harness": "0.1.0", "cells": len(rows), "all_cells": all_cells}}
+            rows.append(
+                {
+                    "op": op,
+                    "kind": "linear",
+                    "layout_class": cls,
+                    "status": "fail" if failing else "pass",
+                    "cases": 20,
+                    "counts": {"drift": 2, "pass": 18} if failing else {"pass": 20},
+                    "reason": "",
+                    "worst": {
+                        "metric": "max_abs",
+                        "err": 0.1,
+                        "allowed": 0.05 if failing else 1.0,
+                        "ratio": 2.0 if failing else hash_frac,
+                        "why": "derived bound",
+                        "verdict": "drift" if failing else "pass",
+                        "case": ex.get("drift"),
+                    },
+                    "examples": ex,
+                    "messages": {"drift": "err 0.1 > allowed 0.05"} if failing else {},
+                    "failing": ["drift"] if failing else [],
+                    "new": [],
+                    "known": ["drift"] if failing else [],
+                    "kernel_defects": {},
+                }
+            )
+        s = {
+            "schema_version": 1,
+            "kind": "harness.matrix.summary",
+            "started_at": "2026-12-01T02:17:00+00:00",
+            "duration_s": 600.0,
+            "budget_s": 600.0,
+            "budget_exhausted": True,
+            "completed": True,
+            "size": "small",
+            "seed": 20261201,
+            "workers": 1,
+            "device": {
+                "used": "cuda",
+                "name": "NVIDIA H200",
+                "capability": "9.0",
+                "torch": "2.13.0",
+                "cuda": "13.0",
+                "cudnn": 91900,
+                "devices_used": ["cuda:0"],
+            },
+            "totals": {
+                "pass": sum(r["counts"].get("pass", 0) for r in rows),
+                "drift": sum(r["counts"].get("drift", 0) for r in rows),
+            },
+            "cases_by_device": {"cuda:0": sum(r["cases"] for r in rows)},
+            "cells": rows,
+            "unavailable": [],
+            "new_failures": [],
+            "shard": {"index": i, "count": n_shards, "harness": "0.1.0", "cells": len(rows), "all_cells": all_cells},
+        }
         write_reports(s, d)
         dirs.append(d)
     return dirs
@@ -97,22 +135,33 @@ def bench_merge(shard_counts: list[int], cells: int, fail_frac: float) -> list[d
             gen_s = time.perf_counter() - t0
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "harness", "merge", *map(str, dirs), "--out", str(root / "m")],
-                               cwd=REPO, capture_output=True, text=True, check=False,
-                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+            p = subprocess.run(
+                [sys.executable, "-m", "harness", "merge", *map(str, dirs), "--out", str(root / "m")],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
             wall = time.perf_counter() - t0
             peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             if p.returncode != 0:
                 raise SystemExit(f"merge of {n} shards failed ({p.returncode}): {p.stderr.strip()}")
             summary = json.loads((root / "m" / "summary.json").read_text())
-            results.append({"shards": n, "cells": cells, "failing_cells": sum(c["status"] == "fail"
-                                                                           for c in summary["cells"]),
-                            "input_bytes": _du(root / "in"), "input_summary_bytes": sum(
-                                (d / "summary.json").stat().st_size for d in dirs),
-                            "merged_bytes": _du(root / "m"),
-                            "merged_summary_bytes": (root / "m" / "summary.json").stat().st_size,
-                            "merge_wall_s": round(wall, 2), "merge_peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
-                            "generate_s": round(gen_s, 1)})
+            results.append(
+                {
+                    "shards": n,
+                    "cells": cells,
+                    "failing_cells": sum(c["status"] == "fail" for c in summary["cells"]),
+                    "input_bytes": _du(root / "in"),
+                    "input_summary_bytes": sum((d / "summary.json").stat().st_size for d in dirs),
+                    "merged_bytes": _du(root / "m"),
+                    "merged_summary_bytes": (root / "m" / "summary.json").stat().st_size,
+                    "merge_wall_s": round(wall, 2),
+                    "merge_peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
+                    "generate_s": round(gen_s, 1),
+                }
+            )
     return results
 
 
@@ -132,8 +181,9 @@ def _start_redis():
     if exe is None:
         raise SystemExit("redis-server not installed (Debian: apt-get install -y redis-server)")
     port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
     client = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -150,7 +200,7 @@ def _start_redis():
     raise SystemExit("redis-server did not answer PING in 20 s")
 
 
-_PROPERTY = textwrap.dedent('''
+_PROPERTY = textwrap.dedent("""
     import sys
     from hypothesis import given, strategies as st
     from harness.profiles import load_profile
@@ -163,7 +213,7 @@ _PROPERTY = textwrap.dedent('''
         test_prop()
     except AssertionError:
         sys.exit(1)
-''')
+""")
 
 
 def _commands(client) -> int:
@@ -205,23 +255,43 @@ def bench_redis(saves: int) -> dict:
             for name, limit in (("failing_first_run", 10**9), ("failing_replay", 10**9), ("passing_after_fix", 10**12)):
                 c0 = _commands(client)
                 t0 = time.perf_counter()
-                r = subprocess.run([sys.executable, str(script), str(limit)], cwd=tmp, env=env, capture_output=True,
-                                   text=True, check=False)
+                r = subprocess.run(
+                    [sys.executable, str(script), str(limit)],
+                    cwd=tmp,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 wall = time.perf_counter() - t0
                 keys = client.keys("hypothesis-example:*")
                 cmds = _commands(client) - c0 - 1  # less the KEYS just above
-                runs[name] = {"exit": r.returncode, "wall_s": round(wall, 2), "redis_commands": cmds,
-                              "keys_after": len(keys),
-                              "values_after": sum(client.scard(k) for k in keys),
-                              "bytes_after": sum(client.memory_usage(k) or 0 for k in keys)}
+                runs[name] = {
+                    "exit": r.returncode,
+                    "wall_s": round(wall, 2),
+                    "redis_commands": cmds,
+                    "keys_after": len(keys),
+                    "values_after": sum(client.scard(k) for k in keys),
+                    "bytes_after": sum(client.memory_usage(k) or 0 for k in keys),
+                }
         mem = client.info("memory")["used_memory"]
-        return {"save_ms": {"p50": round(statistics.median(lat_save) * 1e3, 3),
-                            "p99": round(sorted(lat_save)[int(0.99 * len(lat_save))] * 1e3, 3)},
-                "fetch_ms": {"values": n, "p50": round(statistics.median(lat_fetch) * 1e3, 3),
-                             "p99": round(sorted(lat_fetch)[int(0.99 * len(lat_fetch))] * 1e3, 3)},
-                "fetch10_ms": {"p50": round(statistics.median(lat_fetch10) * 1e3, 3),
-                               "p99": round(sorted(lat_fetch10)[int(0.99 * len(lat_fetch10))] * 1e3, 3)},
-                "runs": runs, "server_used_memory_bytes": mem}
+        return {
+            "save_ms": {
+                "p50": round(statistics.median(lat_save) * 1e3, 3),
+                "p99": round(sorted(lat_save)[int(0.99 * len(lat_save))] * 1e3, 3),
+            },
+            "fetch_ms": {
+                "values": n,
+                "p50": round(statistics.median(lat_fetch) * 1e3, 3),
+                "p99": round(sorted(lat_fetch)[int(0.99 * len(lat_fetch))] * 1e3, 3),
+            },
+            "fetch10_ms": {
+                "p50": round(statistics.median(lat_fetch10) * 1e3, 3),
+                "p99": round(sorted(lat_fetch10)[int(0.99 * len(lat_fetch10))] * 1e3, 3),
+            },
+            "runs": runs,
+            "server_used_memory_bytes": mem,
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -67,11 +67,15 @@ def kernel_bound(res: Any, emulated: torch.Tensor, *, tensor_core: bool = False)
     k = res.a.shape[1]
     per_elem = scaled_mm_kernel_bound(a, b, emulated, res.plan.out_dtype, tensor_core=tensor_core)
     floor = float(per_elem.max()) if per_elem.numel() else 0.0
-    how = ("a tensor-core accumulator (14 bits per 128-product run, float32 across runs) + the emulation's "
-           "float32 sum (gamma_(K+2) x |A||B|)" if tensor_core
-           else "float32 accumulation in any order (2 x gamma_(K+2) x |A||B|)")
-    return Bound(k=0.0, floor=floor, why=f"K={k} FP8 products: {how} + 1 ULP of {res.plan.out_dtype} "
-                                         "for the final rounding")
+    how = (
+        "a tensor-core accumulator (14 bits per 128-product run, float32 across runs) + the emulation's "
+        "float32 sum (gamma_(K+2) x |A||B|)"
+        if tensor_core
+        else "float32 accumulation in any order (2 x gamma_(K+2) x |A||B|)"
+    )
+    return Bound(
+        k=0.0, floor=floor, why=f"K={k} FP8 products: {how} + 1 ULP of {res.plan.out_dtype} for the final rounding"
+    )
 
 
 def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -> tuple[torch.Tensor, ...]:

@@ -39,9 +39,20 @@ from typing import Any
 
 from harness.dashboard.load import Problem, Run, load_matrix_summary, load_run, load_runs
 from harness.dashboard.render import latest_table, render_html, render_page
-from harness.dashboard.stats import (SPEEDUP_BASE_OP, SPEEDUP_SKIP_FAMILIES, Point, RegressionCheck, Series,
-                                     SpeedupRow, analyse, build_series, check_regressions, speed_targets, speedups,
-                                     validate_rule)
+from harness.dashboard.stats import (
+    SPEEDUP_BASE_OP,
+    SPEEDUP_SKIP_FAMILIES,
+    Point,
+    RegressionCheck,
+    Series,
+    SpeedupRow,
+    analyse,
+    build_series,
+    check_regressions,
+    speed_targets,
+    speedups,
+    validate_rule,
+)
 
 __all__ = [
     "Problem",
@@ -105,18 +116,31 @@ def build_dashboard(
         raise DashboardError(
             f"--storage {storage}: no usable pytest-benchmark runs found; create some with `python3 -m pytest tests/bench "
             f"--benchmark-enable --benchmark-autosave --benchmark-storage {storage}`"
-            + (f" ({len(problems)} file(s) skipped: {problems[0]})" if problems else ""))
+            + (f" ({len(problems)} file(s) skipped: {problems[0]})" if problems else "")
+        )
     summary, note = load_matrix_summary(matrix)
     if require_runs and matrix is not None and summary is None:
         raise DashboardError(f"--matrix {matrix}: {note.removeprefix('no matrix report: ')}")
     series, checks = analyse(runs, threshold, window)
-    page = render_page(runs, problems, series, checks, storage=str(storage), threshold=threshold, window=window,
-                   matrix=summary, matrix_note=note)
+    page = render_page(
+        runs,
+        problems,
+        series,
+        checks,
+        storage=str(storage),
+        threshold=threshold,
+        window=window,
+        matrix=summary,
+        matrix_note=note,
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    regs = [(s.device, s.name, checks[s.key][-1].change) for s in series
-            if checks[s.key][-1] is not None and checks[s.key][-1].regressed]
+    regs = [
+        (s.device, s.name, checks[s.key][-1].change)
+        for s in series
+        if checks[s.key][-1] is not None and checks[s.key][-1].regressed
+    ]
     return DashboardResult(out, len(runs), len(series), tuple(problems), tuple(regs), tuple(runs))
 
 
@@ -143,8 +167,10 @@ def _positive_int(text: str) -> int:
 def _check_paths(args: argparse.Namespace) -> str | None:
     """One line naming the first wrong path argument, or None."""
     if not args.storage.exists():
-        return (f"--storage {args.storage} does not exist; pass the folder given to --benchmark-storage "
-                "(runs are saved there by `pytest tests/bench --benchmark-enable --benchmark-autosave`)")
+        return (
+            f"--storage {args.storage} does not exist; pass the folder given to --benchmark-storage "
+            "(runs are saved there by `pytest tests/bench --benchmark-enable --benchmark-autosave`)"
+        )
     if not args.storage.is_dir():
         return f"--storage {args.storage} is a file; pass the folder given to --benchmark-storage"
     if args.out.is_dir():
@@ -163,8 +189,9 @@ def _main(args: argparse.Namespace) -> int:
         print(f"dashboard: {bad}", file=sys.stderr)
         return 2
     try:
-        res = build_dashboard(args.storage, args.out, matrix=args.matrix, threshold=args.threshold, window=args.window,
-                              require_runs=True)
+        res = build_dashboard(
+            args.storage, args.out, matrix=args.matrix, threshold=args.threshold, window=args.window, require_runs=True
+        )
     except (DashboardError, OSError) as exc:
         print(f"dashboard: {exc}", file=sys.stderr)
         return 2
@@ -180,15 +207,21 @@ def _main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dashboard`` on the CLI's subparsers and set its ``func``."""
-    p = subparsers.add_parser("dashboard", help="build the static benchmark dashboard from saved runs",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "dashboard", help="build the static benchmark dashboard from saved runs", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--storage", required=True, type=Path, help="the --benchmark-storage DIR of the saved runs")
     p.add_argument("--out", required=True, type=Path, help="HTML file to write")
     p.add_argument("--matrix", type=Path, default=None, help="matrix report directory or its summary.json")
-    p.add_argument("--threshold", type=_positive_float, default=0.10,
-                   help="relative slow-down that flags a regression (default 0.10 = 10%%)")
-    p.add_argument("--window", type=_positive_int, default=5,
-                   help="previous runs whose median is the baseline (default 5)")
+    p.add_argument(
+        "--threshold",
+        type=_positive_float,
+        default=0.10,
+        help="relative slow-down that flags a regression (default 0.10 = 10%%)",
+    )
+    p.add_argument(
+        "--window", type=_positive_int, default=5, help="previous runs whose median is the baseline (default 5)"
+    )
     p.add_argument("--print-latest", action="store_true", help="also print a table of the latest run per device")
     p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when the latest run has a regression")
     p.set_defaults(func=_main)

@@ -124,7 +124,9 @@ def load_run(path: Path, storage: Path) -> tuple[Run | None, list[Problem]]:
                 entry = {**entry, "extra_info": {k: v for k, v in extra.items() if k != "device_ms"}}
         good.append(entry)
     if not good:
-        problems.append(Problem(rel, "no usable benchmark entries (was the run made with --benchmark-disable?); skipped"))
+        problems.append(
+            Problem(rel, "no usable benchmark entries (was the run made with --benchmark-disable?); skipped")
+        )
         return None, problems
     commit_info = obj.get("commit_info") if isinstance(obj.get("commit_info"), dict) else {}
     commit = str(commit_info.get("id") or "")

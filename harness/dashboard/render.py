@@ -9,8 +9,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from harness.dashboard.load import Problem, Run, finite
-from harness.dashboard.stats import (SPEEDUP_BASE_OP, SPEEDUP_SKIP_FAMILIES, RegressionCheck, Series, analyse,
-                                     build_series, device_of, speed_targets, speedups, validate_rule)
+from harness.dashboard.stats import (
+    SPEEDUP_BASE_OP,
+    SPEEDUP_SKIP_FAMILIES,
+    RegressionCheck,
+    Series,
+    analyse,
+    build_series,
+    device_of,
+    speed_targets,
+    speedups,
+    validate_rule,
+)
 
 __all__ = ["render_html", "render_page", "latest_table"]
 
@@ -98,9 +108,15 @@ def _trend_svg(s: Series, runs: Sequence[Run], checks: Sequence[RegressionCheck 
     band += [f"{X(i):.1f},{Y(p.min):.1f}" for i, p in reversed(list(enumerate(pts)))]
     if n == 1:  # a single run: a short vertical bar for its range
         x = X(0)
-        band = [f"{x - 4:.1f},{Y(pts[0].max):.1f}", f"{x + 4:.1f},{Y(pts[0].max):.1f}",
-                f"{x + 4:.1f},{Y(pts[0].min):.1f}", f"{x - 4:.1f},{Y(pts[0].min):.1f}"]
-    parts.append(f'<polygon class="band" points="{" ".join(band)}" fill="{_BAND}" stroke="{_BAND}" stroke-width="1.5"/>')
+        band = [
+            f"{x - 4:.1f},{Y(pts[0].max):.1f}",
+            f"{x + 4:.1f},{Y(pts[0].max):.1f}",
+            f"{x + 4:.1f},{Y(pts[0].min):.1f}",
+            f"{x - 4:.1f},{Y(pts[0].min):.1f}",
+        ]
+    parts.append(
+        f'<polygon class="band" points="{" ".join(band)}" fill="{_BAND}" stroke="{_BAND}" stroke-width="1.5"/>'
+    )
     line = " ".join(f"{X(i):.1f},{Y(p.median):.1f}" for i, p in enumerate(pts))
     parts.append(f'<polyline class="median" points="{line}" fill="none" stroke="{_BLUE}" stroke-width="2"/>')
     if last is not None:
@@ -108,7 +124,7 @@ def _trend_svg(s: Series, runs: Sequence[Run], checks: Sequence[RegressionCheck 
         parts.append(
             f'<line class="limit" x1="{L}" x2="{L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="{_RED}" '
             f'stroke-dasharray="5,4" stroke-width="1"><title>regression limit of the latest run: '
-            f'{_fmt(last.limit)} ms = median of previous {last.window_used} runs x (1 + {threshold:g})</title></line>'
+            f"{_fmt(last.limit)} ms = median of previous {last.window_used} runs x (1 + {threshold:g})</title></line>"
         )
     for i, (p, c) in enumerate(zip(pts, checks)):
         bad = c is not None and c.regressed
@@ -123,8 +139,9 @@ def _trend_svg(s: Series, runs: Sequence[Run], checks: Sequence[RegressionCheck 
     return "".join(parts)
 
 
-def _bar_svg(rows: Sequence[tuple[str, float, str]], *, unit: str, target: float | None = None,
-             target_label: str = "", css: str) -> str:
+def _bar_svg(
+    rows: Sequence[tuple[str, float, str]], *, unit: str, target: float | None = None, target_label: str = "", css: str
+) -> str:
     """Horizontal bars (label, value, colour); an optional dashed target line."""
     # the label column is as wide as the longest label (11 px sans-serif: ~6.5 px per character)
     L = int(min(640, max(120, 6.5 * max((len(label) for label, _, _ in rows), default=10) + 14)))
@@ -152,7 +169,7 @@ def _bar_svg(rows: Sequence[tuple[str, float, str]], *, unit: str, target: float
         parts.append(f'<text x="{L - 6}" y="{y + 12}" text-anchor="end" class="lbl">{html.escape(label)}</text>')
         parts.append(
             f'<rect class="bar" x="{L}" y="{y}" width="{max(w, 1):.1f}" height="{row_h - 6}" fill="{colour}">'
-            f'<title>{html.escape(label)}: {_fmt(v)} {html.escape(unit)}</title></rect>'
+            f"<title>{html.escape(label)}: {_fmt(v)} {html.escape(unit)}</title></rect>"
         )
         parts.append(f'<text x="{L + max(w, 1) + 4:.1f}" y="{y + 12}" class="val">{_fmt(v)}</text>')
     parts.append("</g>")
@@ -211,9 +228,15 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     out = [f'<p class="note" id="matrix">from <code>{_esc(note)}</code>{link}</p><table>']
     rows = [
         ("device", device_text(summary)),
-        ("capability / torch / CUDA", f"{dev.get('capability') or '–'} / {dev.get('torch') or '–'} / {dev.get('cuda') or '–'}"),
+        (
+            "capability / torch / CUDA",
+            f"{dev.get('capability') or '–'} / {dev.get('torch') or '–'} / {dev.get('cuda') or '–'}",
+        ),
         ("started", summary.get("started_at", "–")),
-        ("duration", f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else "")),
+        (
+            "duration",
+            f"{summary['duration_s']:.0f} s" + (" (time budget exhausted)" if summary.get("budget_exhausted") else ""),
+        ),
         ("command", summary.get("command", "–")),
     ]
     state = run_state_text(summary)
@@ -225,32 +248,44 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     statuses: dict[str, int] = {}
     for c in summary["cells"]:
         statuses[c["status"]] = statuses.get(c["status"], 0) + 1
-    out.append('<table class="matrix-totals"><tr><th>cases by verdict</th>' + "".join(
-        f"<td>{_esc(v)} <b>{n}</b></td>" for v, n in totals) + "</tr><tr><th>cells by status</th>" + "".join(
-        f"<td>{_esc(st)} <b>{n}</b></td>" for st, n in sorted(statuses.items())) + "</tr></table>")
+    out.append(
+        '<table class="matrix-totals"><tr><th>cases by verdict</th>'
+        + "".join(f"<td>{_esc(v)} <b>{n}</b></td>" for v, n in totals)
+        + "</tr><tr><th>cells by status</th>"
+        + "".join(f"<td>{_esc(st)} <b>{n}</b></td>" for st, n in sorted(statuses.items()))
+        + "</tr></table>"
+    )
     bad = _nonpass_cells(summary)
     if bad:
-        out.append('<table class="matrix-cells"><tr><th>op</th><th>layout class</th><th>status</th>'
-                   "<th>non-pass verdicts</th><th>new</th><th>worst error / allowed</th></tr>")
+        out.append(
+            '<table class="matrix-cells"><tr><th>op</th><th>layout class</th><th>status</th>'
+            "<th>non-pass verdicts</th><th>new</th><th>worst error / allowed</th></tr>"
+        )
         for c in bad[:100]:
             nonpass = ", ".join(f"{v} {n}" for v, n in _nonpass_counts(c))
             worst = c.get("worst") or {}
             ratio = worst.get("ratio")
-            out.append(f'<tr class="{"bad" if c["status"] == "fail" else ""}"><td>{_esc(c["op"])}</td>'
-                       f'<td>{_esc(c["layout_class"])}</td><td>{_esc(c["status"])}</td><td>{_esc(nonpass)}</td>'
-                       f'<td>{_esc(", ".join(c.get("new", [])) or "–")}</td>'
-                       f"<td class=num>{_fmt(ratio) if finite(ratio) else '–'}</td></tr>")
-        out.append("</table>" + (f'<p class="note">{len(bad) - 100} more non-passing cells</p>' if len(bad) > 100 else ""))
+            out.append(
+                f'<tr class="{"bad" if c["status"] == "fail" else ""}"><td>{_esc(c["op"])}</td>'
+                f"<td>{_esc(c['layout_class'])}</td><td>{_esc(c['status'])}</td><td>{_esc(nonpass)}</td>"
+                f"<td>{_esc(', '.join(c.get('new', [])) or '–')}</td>"
+                f"<td class=num>{_fmt(ratio) if finite(ratio) else '–'}</td></tr>"
+            )
+        out.append(
+            "</table>" + (f'<p class="note">{len(bad) - 100} more non-passing cells</p>' if len(bad) > 100 else "")
+        )
     else:
         out.append('<p class="ok">every cell that ran passed</p>')
     unavailable = summary.get("unavailable", [])
     if unavailable:
-        out.append("<p class=note>unavailable here: " + "; ".join(
-            f"{_esc(u.get('op'))} ({_esc(u.get('reason'))})" for u in unavailable if isinstance(u, dict)) + "</p>")
+        out.append(
+            "<p class=note>unavailable here: "
+            + "; ".join(f"{_esc(u.get('op'))} ({_esc(u.get('reason'))})" for u in unavailable if isinstance(u, dict))
+            + "</p>"
+        )
     new = summary.get("new_failures", [])
     out.append(f'<p class="{"bad" if new else "note"}">{len(new)} new failure(s) not in the regression corpus</p>')
     return "".join(out)
-
 
 
 def render_html(
@@ -266,19 +301,39 @@ def render_html(
     """The whole dashboard page as one self-contained HTML string."""
     validate_rule(threshold, window)
     series, checks = analyse(runs, threshold, window)
-    return render_page(runs, problems, series, checks, storage=storage, threshold=threshold, window=window,
-                   matrix=matrix, matrix_note=matrix_note)
+    return render_page(
+        runs,
+        problems,
+        series,
+        checks,
+        storage=storage,
+        threshold=threshold,
+        window=window,
+        matrix=matrix,
+        matrix_note=matrix_note,
+    )
 
 
-def render_page(runs: Sequence[Run], problems: Sequence[Problem], series: Sequence[Series], checks: Mapping[Any, list],
-            *, storage: str, threshold: float, window: int, matrix: dict[str, Any] | None,
-            matrix_note: str) -> str:
+def render_page(
+    runs: Sequence[Run],
+    problems: Sequence[Problem],
+    series: Sequence[Series],
+    checks: Mapping[Any, list],
+    *,
+    storage: str,
+    threshold: float,
+    window: int,
+    matrix: dict[str, Any] | None,
+    matrix_note: str,
+) -> str:
     from harness.bench import SPEED_TARGET  # noqa: PLC0415 - torch only when rendering
 
     flagged = [(s, checks[s.key][-1]) for s in series if checks[s.key][-1] is not None and checks[s.key][-1].regressed]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    rule = (f"a benchmark is flagged when its median is more than {threshold:.0%} slower than the median of "
-            f"its previous {window} run(s) on the same device")
+    rule = (
+        f"a benchmark is flagged when its median is more than {threshold:.0%} slower than the median of "
+        f"its previous {window} run(s) on the same device"
+    )
     o: list[str] = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         "<title>Wan FP8 / quantized attention benchmarks</title>",
@@ -296,12 +351,16 @@ def render_page(runs: Sequence[Run], problems: Sequence[Problem], series: Sequen
         o.append("</ul>")
     o.append("<h2>Regressions in the latest run</h2>")
     if flagged:
-        o.append('<table id="regressions"><tr><th>benchmark</th><th>device</th><th>median ms</th>'
-                 "<th>baseline ms</th><th>change</th><th>limit ms</th></tr>")
+        o.append(
+            '<table id="regressions"><tr><th>benchmark</th><th>device</th><th>median ms</th>'
+            "<th>baseline ms</th><th>change</th><th>limit ms</th></tr>"
+        )
         for s, c in flagged:
-            o.append(f'<tr class="bad"><td>{_esc(s.name)}</td><td>{_esc(s.device)}</td><td class=num>{_fmt(c.median)}</td>'
-                     f"<td class=num>{_fmt(c.baseline)}</td><td class=num>{c.change:+.1%}</td>"
-                     f"<td class=num>{_fmt(c.limit)}</td></tr>")
+            o.append(
+                f'<tr class="bad"><td>{_esc(s.name)}</td><td>{_esc(s.device)}</td><td class=num>{_fmt(c.median)}</td>'
+                f"<td class=num>{_fmt(c.baseline)}</td><td class=num>{c.change:+.1%}</td>"
+                f"<td class=num>{_fmt(c.limit)}</td></tr>"
+            )
         o.append("</table>")
     else:
         o.append(f'<p class="ok" id="no-regressions">No regressions (threshold {threshold:.0%}, window {window}).</p>')
@@ -313,23 +372,38 @@ def render_page(runs: Sequence[Run], problems: Sequence[Problem], series: Sequen
         latest_entry = next((e for e in runs[last_run].benchmarks if device_of(e) == device), None)
         env = (latest_entry or {}).get("extra_info", {}).get("env")
         if isinstance(env, dict):
-            o.append('<p class="note">latest run ' + _esc(runs[last_run].label) + ": " + ", ".join(
-                f"{_esc(k)} {_esc(v)}" for k, v in env.items() if v is not None) + "</p>")
+            o.append(
+                '<p class="note">latest run '
+                + _esc(runs[last_run].label)
+                + ": "
+                + ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in env.items() if v is not None)
+                + "</p>"
+            )
         ceilings = (latest_entry or {}).get("extra_info", {}).get("ceilings")
         if isinstance(ceilings, dict) and ceilings:
-            o.append("<h3>Ceilings measured in the latest run</h3><table><tr><th>ceiling</th><th>value</th><th>how</th></tr>")
+            o.append(
+                "<h3>Ceilings measured in the latest run</h3><table><tr><th>ceiling</th><th>value</th><th>how</th></tr>"
+            )
             for c in ceilings.values():
                 if isinstance(c, dict):
-                    val = f"{_fmt(c.get('value'))} {_esc(c.get('unit', ''))}" if finite(c.get("value")) else _esc(c.get("reason", "–"))
-                    o.append(f"<tr><td>{_esc(c.get('name'))}</td><td class=num>{val}</td><td>{_esc(c.get('how', ''))}</td></tr>")
+                    val = (
+                        f"{_fmt(c.get('value'))} {_esc(c.get('unit', ''))}"
+                        if finite(c.get("value"))
+                        else _esc(c.get("reason", "–"))
+                    )
+                    o.append(
+                        f"<tr><td>{_esc(c.get('name'))}</td><td class=num>{val}</td><td>{_esc(c.get('how', ''))}</td></tr>"
+                    )
             o.append("</table>")
 
-        o.append("<h3>Latest results</h3><table><tr><th>benchmark</th><th>median ms</th><th>min–max ms</th>"
-                 "<th>throughput</th><th>ratio to ceiling</th><th>baseline ms</th><th>change</th><th>status</th></tr>")
+        o.append(
+            "<h3>Latest results</h3><table><tr><th>benchmark</th><th>median ms</th><th>min–max ms</th>"
+            "<th>throughput</th><th>ratio to ceiling</th><th>baseline ms</th><th>change</th><th>status</th></tr>"
+        )
         for s in dev_series:
             p, c = s.points[-1], checks[s.key][-1]
             stale = p.run != last_run
-            status = ("REGRESSION" if c is not None and c.regressed else "ok" if c is not None else "first run")
+            status = "REGRESSION" if c is not None and c.regressed else "ok" if c is not None else "first run"
             status += " (not in latest run)" if stale else ""
             cls = "bad" if c is not None and c.regressed else ""
             o.append(
@@ -346,35 +420,61 @@ def render_page(runs: Sequence[Run], problems: Sequence[Problem], series: Sequen
         o.append("<h3>FP8 over bf16 speed-up per shape (latest run)</h3>")
         if rows:
             bars = [(f"{r.shape_key} {r.op}", r.speedup, _op_colour(r.op)) for r in rows]
-            o.append(_bar_svg(bars, unit=f"speed-up over {SPEEDUP_BASE_OP} (x)", target=SPEED_TARGET.min_speedup_vs_bf16,
-                              target_label=f"issue-4 target {SPEED_TARGET.min_speedup_vs_bf16}x (Wan-14B, 32760 tokens): "
-                              + SPEED_TARGET.why, css="speedup"))
-            o.append(f'<table class="speedups"><tr><th>shape</th><th>op</th><th>{SPEEDUP_BASE_OP} ms</th><th>op ms</th><th>speed-up</th></tr>')
-            o += [f"<tr><td>{_esc(r.shape_key)}</td><td>{_esc(r.op)}</td><td class=num>{_fmt(r.base_ms)}</td>"
-                  f"<td class=num>{_fmt(r.op_ms)}</td><td class=num>{_fmt(r.speedup)}x</td></tr>" for r in rows]
+            o.append(
+                _bar_svg(
+                    bars,
+                    unit=f"speed-up over {SPEEDUP_BASE_OP} (x)",
+                    target=SPEED_TARGET.min_speedup_vs_bf16,
+                    target_label=f"issue-4 target {SPEED_TARGET.min_speedup_vs_bf16}x (Wan-14B, 32760 tokens): "
+                    + SPEED_TARGET.why,
+                    css="speedup",
+                )
+            )
+            o.append(
+                f'<table class="speedups"><tr><th>shape</th><th>op</th><th>{SPEEDUP_BASE_OP} ms</th><th>op ms</th><th>speed-up</th></tr>'
+            )
+            o += [
+                f"<tr><td>{_esc(r.shape_key)}</td><td>{_esc(r.op)}</td><td class=num>{_fmt(r.base_ms)}</td>"
+                f"<td class=num>{_fmt(r.op_ms)}</td><td class=num>{_fmt(r.speedup)}x</td></tr>"
+                for r in rows
+            ]
             o.append("</table>")
         else:
             o.append('<p class="note">no shape has both a bf16 and an FP8 result in the latest run</p>')
 
         targets = [t for t in speed_targets(runs[last_run]) if t["device"] == device]
         if targets:
-            o.append("<h3>Issue-4 speed target (latest run, interleaved medians)</h3>"
-                     f'<p class="note">{_esc(targets[0].get("why", ""))}</p><table class="speed-target"><tr><th>shape</th>'
-                     "<th>fp8_linear / bf16 speed-up</th><th>target</th><th>overhead vs bare cast + _scaled_mm</th>"
-                     "<th>budget</th><th>verdict</th></tr>")
+            o.append(
+                "<h3>Issue-4 speed target (latest run, interleaved medians)</h3>"
+                f'<p class="note">{_esc(targets[0].get("why", ""))}</p><table class="speed-target"><tr><th>shape</th>'
+                "<th>fp8_linear / bf16 speed-up</th><th>target</th><th>overhead vs bare cast + _scaled_mm</th>"
+                "<th>budget</th><th>verdict</th></tr>"
+            )
             for t in targets:
-                o.append(f'<tr class="{"" if t["met"] else "bad"}"><td>{_esc(t["shape_key"])}</td>'
-                         f"<td class=num>{_fmt(t['speedup_vs_bf16'])}x</td><td class=num>>= {t['min_speedup_vs_bf16']:g}x</td>"
-                         f"<td class=num>{t['overhead_vs_bare']:+.1%}</td><td class=num><= {t['max_overhead_vs_bare']:.0%}</td>"
-                         f"<td>{'met' if t['met'] else 'MISSED'}</td></tr>")
+                o.append(
+                    f'<tr class="{"" if t["met"] else "bad"}"><td>{_esc(t["shape_key"])}</td>'
+                    f"<td class=num>{_fmt(t['speedup_vs_bf16'])}x</td><td class=num>>= {t['min_speedup_vs_bf16']:g}x</td>"
+                    f"<td class=num>{t['overhead_vs_bare']:+.1%}</td><td class=num><= {t['max_overhead_vs_bare']:.0%}</td>"
+                    f"<td>{'met' if t['met'] else 'MISSED'}</td></tr>"
+                )
             o.append("</table>")
 
-        ratio_rows = [(s.name, s.points[-1].ceiling_ratio, _BLUE) for s in dev_series
-                      if s.points[-1].run == last_run and s.points[-1].ceiling_ratio is not None]
+        ratio_rows = [
+            (s.name, s.points[-1].ceiling_ratio, _BLUE)
+            for s in dev_series
+            if s.points[-1].run == last_run and s.points[-1].ceiling_ratio is not None
+        ]
         o.append("<h3>Ratio to ceiling (latest run)</h3>")
         if ratio_rows:
-            o.append(_bar_svg(ratio_rows, unit="fraction of the ceiling measured in the same run", target=1.0,
-                              target_label="the ceiling", css="ceiling"))
+            o.append(
+                _bar_svg(
+                    ratio_rows,
+                    unit="fraction of the ceiling measured in the same run",
+                    target=1.0,
+                    target_label="the ceiling",
+                    css="ceiling",
+                )
+            )
         else:
             o.append('<p class="note">no result in the latest run records a ceiling ratio</p>')
 
@@ -386,8 +486,10 @@ def render_page(runs: Sequence[Run], problems: Sequence[Problem], series: Sequen
                     continue
                 c = checks[s.key][-1]
                 bad = c is not None and c.regressed
-                o.append(f'<div class="card{" regressed" if bad else ""}"><h3>{_esc(s.name)}'
-                         f'{" <span class=bad>REGRESSION " + format(c.change, "+.1%") + "</span>" if bad else ""}</h3>')
+                o.append(
+                    f'<div class="card{" regressed" if bad else ""}"><h3>{_esc(s.name)}'
+                    f"{' <span class=bad>REGRESSION ' + format(c.change, '+.1%') + '</span>' if bad else ''}</h3>"
+                )
                 o.append(_trend_svg(s, runs, checks[s.key], threshold))
                 o.append("</div>")
             o.append("</div>")
@@ -413,10 +515,15 @@ def latest_table(runs: Sequence[Run]) -> str:
             if p.run != last:
                 continue
             up = None if s.family in SPEEDUP_SKIP_FAMILIES else sp.get((s.shape_key, s.op))
-            rows.append((
-                s.name, _fmt(p.median), f"{_fmt(p.throughput)} {p.unit or ''}".strip(),
-                f"{_fmt(p.ceiling_ratio)} {p.ceiling_name or ''}".strip(), f"{_fmt(up)}x" if up else "",
-            ))
+            rows.append(
+                (
+                    s.name,
+                    _fmt(p.median),
+                    f"{_fmt(p.throughput)} {p.unit or ''}".strip(),
+                    f"{_fmt(p.ceiling_ratio)} {p.ceiling_name or ''}".strip(),
+                    f"{_fmt(up)}x" if up else "",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append(f"== {device} ({runs[last].label})")
         for r in rows:
@@ -426,5 +533,6 @@ def latest_table(runs: Sequence[Run]) -> str:
                 lines.append(
                     f"speed target {t['shape_key']}: fp8_linear {_fmt(t['speedup_vs_bf16'])}x bf16 "
                     f"(>= {t['min_speedup_vs_bf16']:g}x), {t['overhead_vs_bare']:+.1%} vs bare cast + _scaled_mm "
-                    f"(<= {t['max_overhead_vs_bare']:.0%}): {'met' if t['met'] else 'MISSED'}")
+                    f"(<= {t['max_overhead_vs_bare']:.0%}): {'met' if t['met'] else 'MISSED'}"
+                )
     return "\n".join(lines)

@@ -9,8 +9,21 @@ from typing import Any, Mapping, Sequence
 
 from harness.dashboard.load import BENCH_SCHEMA, Run, finite
 
-__all__ = ["Point", "Series", "RegressionCheck", "SpeedupRow", "build_series", "check_regressions", "validate_rule",
-           "speedups", "speed_targets", "analyse", "device_of", "SPEEDUP_BASE_OP", "SPEEDUP_SKIP_FAMILIES"]
+__all__ = [
+    "Point",
+    "Series",
+    "RegressionCheck",
+    "SpeedupRow",
+    "build_series",
+    "check_regressions",
+    "validate_rule",
+    "speedups",
+    "speed_targets",
+    "analyse",
+    "device_of",
+    "SPEEDUP_BASE_OP",
+    "SPEEDUP_SKIP_FAMILIES",
+]
 
 #: The op every speed-up is measured against: each other op with the same ``shape_key`` gets a row
 #: (fp8_linear, the bare cast + _scaled_mm, the legacy forwards, the misaligned-input run), except
@@ -77,7 +90,11 @@ def _point(entry: Mapping[str, Any], run_index: int) -> Point:
     ceil = extra.get("ceiling") if isinstance(extra.get("ceiling"), dict) else {}
     ratio = extra.get("ceiling_ratio")
     return Point(
-        run=run_index, median=med, min=lo, max=hi, source=src,
+        run=run_index,
+        median=med,
+        min=lo,
+        max=hi,
+        source=src,
         throughput=float(tp["value"]) if finite(tp.get("value")) else None,
         unit=tp.get("unit") if isinstance(tp.get("unit"), str) else None,
         ceiling_ratio=float(ratio) if finite(ratio) else None,
@@ -95,7 +112,10 @@ def build_series(runs: Sequence[Run]) -> list[Series]:
             s = by_key.get(key)
             if s is None:
                 s = by_key[key] = Series(
-                    machine=key[0], device=key[1], fullname=key[2], name=entry["name"],
+                    machine=key[0],
+                    device=key[1],
+                    fullname=key[2],
+                    name=entry["name"],
                     group=entry.get("group") if isinstance(entry.get("group"), str) else None,
                     op=extra.get("op") if isinstance(extra.get("op"), str) else None,
                     shape_key=extra.get("shape_key") if isinstance(extra.get("shape_key"), str) else None,
@@ -136,7 +156,9 @@ def validate_rule(threshold: float, window: int) -> None:
         raise ValueError(f"window={window!r}; pass how many previous runs form the baseline (an int >= 1)")
 
 
-def check_regressions(medians: Sequence[float], *, threshold: float = 0.10, window: int = 5) -> list[RegressionCheck | None]:
+def check_regressions(
+    medians: Sequence[float], *, threshold: float = 0.10, window: int = 5
+) -> list[RegressionCheck | None]:
     """For each point, compare it with the median of up to ``window`` points before it.
 
     The first point has no baseline (None).  A point is a regression when its
@@ -145,7 +167,7 @@ def check_regressions(medians: Sequence[float], *, threshold: float = 0.10, wind
     validate_rule(threshold, window)
     out: list[RegressionCheck | None] = []
     for i, m in enumerate(medians):
-        prev = list(medians[max(0, i - window):i])
+        prev = list(medians[max(0, i - window) : i])
         out.append(RegressionCheck(i, m, statistics.median(prev), len(prev), threshold) if prev else None)
     return out
 
@@ -197,11 +219,20 @@ def speed_targets(run: Run) -> list[dict[str, Any]]:
     for entry in run.benchmarks:
         extra = entry.get("extra_info", {})
         st = extra.get("speed_target")
-        if isinstance(st, dict) and all(finite(st.get(k)) for k in (
-                "speedup_vs_bf16", "overhead_vs_bare", "min_speedup_vs_bf16", "max_overhead_vs_bare")):
-            out.append({"name": entry["name"], "shape_key": extra.get("shape_key", "?"), "device": device_of(entry),
-                        **st, "met": st["speedup_vs_bf16"] >= st["min_speedup_vs_bf16"]
-                        and st["overhead_vs_bare"] <= st["max_overhead_vs_bare"]})
+        if isinstance(st, dict) and all(
+            finite(st.get(k))
+            for k in ("speedup_vs_bf16", "overhead_vs_bare", "min_speedup_vs_bf16", "max_overhead_vs_bare")
+        ):
+            out.append(
+                {
+                    "name": entry["name"],
+                    "shape_key": extra.get("shape_key", "?"),
+                    "device": device_of(entry),
+                    **st,
+                    "met": st["speedup_vs_bf16"] >= st["min_speedup_vs_bf16"]
+                    and st["overhead_vs_bare"] <= st["max_overhead_vs_bare"],
+                }
+            )
     return out
 
 

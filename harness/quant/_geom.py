@@ -39,8 +39,7 @@ class Geom:
                 align = data_ptr_alignment(x)
             return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.element_size(), align, x.storage_offset())
         if all(hasattr(x, a) for a in ("shape", "strides", "alignment", "torch_dtype", "itemsize")):
-            return cls(tuple(x.shape), tuple(x.strides()), x.torch_dtype, x.itemsize, x.alignment(),
-                       x.storage_offset())
+            return cls(tuple(x.shape), tuple(x.strides()), x.torch_dtype, x.itemsize, x.alignment(), x.storage_offset())
         raise TypeError(f"expected a torch.Tensor or a harness.layouts.LayoutSpec, got {type(x).__name__}")
 
     @property

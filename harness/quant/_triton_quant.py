@@ -23,8 +23,14 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["triton_available", "rowwise_quantize", "scaled_cast", "dynamic_tensorwise_quantize", "cast_is_flat",
-           "MAX_K"]
+__all__ = [
+    "triton_available",
+    "rowwise_quantize",
+    "scaled_cast",
+    "dynamic_tensorwise_quantize",
+    "cast_is_flat",
+    "MAX_K",
+]
 
 #: Longest row the one-block-per-row kernel handles (registers); longer rows use the eager path.
 MAX_K = 32768
@@ -69,8 +75,9 @@ def _kernel() -> Any:
     return _rowwise_quant
 
 
-def _fp8_rows(x2d: torch.Tensor, k_padded: Optional[int], out_shape: Optional[tuple[int, ...]],
-              who: str) -> tuple[int, int, int, torch.Tensor]:
+def _fp8_rows(
+    x2d: torch.Tensor, k_padded: Optional[int], out_shape: Optional[tuple[int, ...]], who: str
+) -> tuple[int, int, int, torch.Tensor]:
     """Validate ``x2d`` (M, K) with last-dim stride 1; allocate the FP8 output. -> (m, k, k_padded, q (M, k_padded))."""
     m, k = x2d.shape
     kp = k if k_padded is None else k_padded
@@ -86,8 +93,9 @@ def _fp8_rows(x2d: torch.Tensor, k_padded: Optional[int], out_shape: Optional[tu
 _INV_MAX = float(torch.tensor(1.0, dtype=torch.float32) / 448.0)
 
 
-def rowwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
-                     out_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rowwise_quantize(
+    x2d: torch.Tensor, k_padded: Optional[int] = None, out_shape: Optional[tuple[int, ...]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: q (M, k_padded) float8_e4m3fn row-major, scale (M,) float32, from ``x2d`` (M, K).
 
     ``x2d`` must be on CUDA, bf16/fp16/fp32, with last-dim stride 1 (any row stride); it is read
@@ -132,8 +140,20 @@ def _cast_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def _scaled_cast(x_ptr, s_ptr, amax_ptr, q_ptr, K, K_PAD, stride_xm, stride_qm, INV_MAX,
-                     BLOCK: tl.constexpr, DYNAMIC: tl.constexpr, FLAT: tl.constexpr):
+    def _scaled_cast(
+        x_ptr,
+        s_ptr,
+        amax_ptr,
+        q_ptr,
+        K,
+        K_PAD,
+        stride_xm,
+        stride_qm,
+        INV_MAX,
+        BLOCK: tl.constexpr,
+        DYNAMIC: tl.constexpr,
+        FLAT: tl.constexpr,
+    ):
         if FLAT:  # input and output are one dense run of K (= K_PAD) elements: 1-D blocks, no row tails
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             x_ptrs = x_ptr + offs
@@ -182,23 +202,46 @@ def cast_is_flat(x2d: torch.Tensor, q2: torch.Tensor, k_padded: Optional[int] = 
     return kp == k and (k <= 1 or x2d.stride(1) == 1) and dense
 
 
-def _launch_cast(x2d: torch.Tensor, s: torch.Tensor, amax: torch.Tensor, q2: torch.Tensor, m: int, k: int,
-                 kp: int, inv_max: float, dynamic: bool) -> None:
+def _launch_cast(
+    x2d: torch.Tensor,
+    s: torch.Tensor,
+    amax: torch.Tensor,
+    q2: torch.Tensor,
+    m: int,
+    k: int,
+    kp: int,
+    inv_max: float,
+    dynamic: bool,
+) -> None:
     """One pass of ``_scaled_cast`` over (m, k) rows into ``q2`` (m, kp); flat when both are one dense run."""
     import triton
 
     if cast_is_flat(x2d, q2, k_padded=kp):
         n = m * k
-        _cast_kernel()[(triton.cdiv(n, _FLAT_BLOCK),)](x2d, s, amax, q2, n, n, 0, 0, inv_max, BLOCK=_FLAT_BLOCK,
-                                                        DYNAMIC=dynamic, FLAT=True, num_warps=_FLAT_WARPS)
+        _cast_kernel()[(triton.cdiv(n, _FLAT_BLOCK),)](
+            x2d, s, amax, q2, n, n, 0, 0, inv_max, BLOCK=_FLAT_BLOCK, DYNAMIC=dynamic, FLAT=True, num_warps=_FLAT_WARPS
+        )
     else:
-        _cast_kernel()[(m, triton.cdiv(kp, _ROW_BLOCK))](x2d, s, amax, q2, k, kp, x2d.stride(0), q2.stride(0),
-                                                          inv_max, BLOCK=_ROW_BLOCK, DYNAMIC=dynamic, FLAT=False,
-                                                          num_warps=_ROW_WARPS)
+        _cast_kernel()[(m, triton.cdiv(kp, _ROW_BLOCK))](
+            x2d,
+            s,
+            amax,
+            q2,
+            k,
+            kp,
+            x2d.stride(0),
+            q2.stride(0),
+            inv_max,
+            BLOCK=_ROW_BLOCK,
+            DYNAMIC=dynamic,
+            FLAT=False,
+            num_warps=_ROW_WARPS,
+        )
 
 
-def scaled_cast(x2d: torch.Tensor, scale: torch.Tensor, k_padded: Optional[int] = None,
-                out_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+def scaled_cast(
+    x2d: torch.Tensor, scale: torch.Tensor, k_padded: Optional[int] = None, out_shape: Optional[tuple[int, ...]] = None
+) -> torch.Tensor:
     """E4M3 ``clamp(x / scale, -448, 448)`` of (M, K) rows in one pass: q (M, k_padded), zero-padded columns.
 
     ``scale``: a one-element float32 CUDA tensor (per-tensor; static or computed by the caller).
@@ -217,8 +260,9 @@ def _programs(device_index: int) -> int:
     return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def dynamic_tensorwise_quantize(x2d: torch.Tensor, k_padded: Optional[int] = None,
-                                out_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_tensorwise_quantize(
+    x2d: torch.Tensor, k_padded: Optional[int] = None, out_shape: Optional[tuple[int, ...]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with a dynamic per-tensor scale: one read-only amax pass, then one fused cast pass.
 
     ``scale`` is a (1,) float32 tensor, bitwise ``_dynamic_scale(amax(|x|))``; ``q`` bitwise the eager

@@ -100,14 +100,24 @@ def _hand_reasons(g: Geom, be: AttentionBackend) -> list[tuple[str, str]]:
     if req.last_dim_stride_one and g.shape and g.shape[-1] > 1 and g.strides[-1] != 1:
         why.append(("last_stride_one", f"last-dim stride is {g.strides[-1]}, {be.name} needs 1"))
     if req.alignment and g.ptr_align < req.alignment:
-        why.append(("alignment", f"data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset}), "
-                                 f"{be.name} needs {req.alignment}"))
+        why.append(
+            (
+                "alignment",
+                f"data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset}), "
+                f"{be.name} needs {req.alignment}",
+            )
+        )
     stride_al = req.alignment if req.stride_alignment is None else req.stride_alignment
     if stride_al:
         for dim, (size, stride) in enumerate(zip(g.shape, g.strides)):
             if size > 1 and stride not in (0, 1) and (stride * g.itemsize) % stride_al:
-                why.append(("stride_alignment", f"dim {dim} stride is {stride} elements = {stride * g.itemsize} "
-                                                f"bytes, not a multiple of {stride_al}"))
+                why.append(
+                    (
+                        "stride_alignment",
+                        f"dim {dim} stride is {stride} elements = {stride * g.itemsize} "
+                        f"bytes, not a multiple of {stride_al}",
+                    )
+                )
                 break
     return why
 
@@ -125,26 +135,36 @@ def _copy_reasons(name: str, g: Geom, be: AttentionBackend, writes: bool, writes
     if contract is None:
         why = [f"{text} (hand-written rule: no measured contract for {be.name})" for _, text in _hand_reasons(g, be)]
         if writes:
-            why.append(f"{be.name} writes to its {name} input (e.g. k -= mean(k)); copied to protect the caller's "
-                       "tensor (declared in harness.quant.backends)")
+            why.append(
+                f"{be.name} writes to its {name} input (e.g. k -= mean(k)); copied to protect the caller's "
+                "tensor (declared in harness.quant.backends)"
+            )
         return why
     try:
         why = contract_check(contract, name, g, op_name=be.name, writes=not writes_off)
     except GuardError as e:
         raise UnsupportedInput(str(e)) from None
     covered = measured_features(contract, name)
-    why += [f"{text} (hand-written rule: {feature} not measured for {be.name})"
-            for feature, text in _hand_reasons(g, be) if feature not in covered]
+    why += [
+        f"{text} (hand-written rule: {feature} not measured for {be.name})"
+        for feature, text in _hand_reasons(g, be)
+        if feature not in covered
+    ]
     if writes and not any(w.get("operand") == name for w in contract.get("writes", ())):
-        why.append(f"{be.name} writes to its {name} input (declared in harness.quant.backends, not measured); "
-                   "copied to protect the caller's tensor")
+        why.append(
+            f"{be.name} writes to its {name} input (declared in harness.quant.backends, not measured); "
+            "copied to protect the caller's tensor"
+        )
     return why
 
 
 def _copy_alignment(be: AttentionBackend, name: str) -> int:
     contract = measured_contract(be) or {}
-    bounds = [int(c["bound"]) for c in contract.get("preconditions", ())
-              if c.get("operand") == name and c["feature"] == "alignment" and c["kind"] == "min"]
+    bounds = [
+        int(c["bound"])
+        for c in contract.get("preconditions", ())
+        if c.get("operand") == name and c["feature"] == "alignment" and c["kind"] == "min"
+    ]
     return max([16, be.requires.alignment, *bounds])
 
 

@@ -216,9 +216,15 @@ class AttentionBackend:
                 want = " or ".join(format_capability(c) for c in req.exact_capabilities)
                 return False, f"needs compute capability {want}, this GPU is {format_capability(cap)}"
             if req.min_capability is not None and tuple(cap) < req.min_capability:
-                return False, f"needs compute capability >= {format_capability(req.min_capability)}, this GPU is {format_capability(cap)}"
+                return (
+                    False,
+                    f"needs compute capability >= {format_capability(req.min_capability)}, this GPU is {format_capability(cap)}",
+                )
             if req.max_capability is not None and tuple(cap) > req.max_capability:
-                return False, f"needs compute capability <= {format_capability(req.max_capability)}, this GPU is {format_capability(cap)}"
+                return (
+                    False,
+                    f"needs compute capability <= {format_capability(req.max_capability)}, this GPU is {format_capability(cap)}",
+                )
         if req.torch_feature is not None and dev.type == "cuda":
             ok, why = _torch_feature(req.torch_feature)
             if not ok:
@@ -230,8 +236,10 @@ class AttentionBackend:
             if req.min_version is not None and parse_version(ver) < parse_version(req.min_version):
                 return False, f"{req.package} {ver} installed, needs >= {req.min_version}"
             if req.below_version is not None and parse_version(ver) >= parse_version(req.below_version):
-                return False, (f"{req.package} {ver} installed, this backend is the "
-                               f"{parse_version(req.below_version)[0] - 1}.x kernel (needs < {req.below_version})")
+                return False, (
+                    f"{req.package} {ver} installed, this backend is the "
+                    f"{parse_version(req.below_version)[0] - 1}.x kernel (needs < {req.below_version})"
+                )
         elif req.module is not None and not _module_present(req.module):
             return False, f"module {req.module} not importable"
         for mod in req.extra_modules:
@@ -244,13 +252,18 @@ class AttentionBackend:
             try:
                 mod = _import(req.module)
             except Exception as e:  # noqa: BLE001 - an import failure is a reason, not a crash
-                return False, f"import {req.module} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return (
+                    False,
+                    f"import {req.module} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                )
             if not hasattr(mod, req.attr):
                 ver = f" {_installed_version(req.package)}" if req.package else ""
                 return False, f"{req.module}{ver} has no {req.attr}"
         if self.kind == "emulated":
             return True, "emulation (runs anywhere)"
-        where = f" on {dev.type}" + (f" (compute capability {format_capability(_capability(dev))})" if dev.type == "cuda" else "")
+        where = f" on {dev.type}" + (
+            f" (compute capability {format_capability(_capability(dev))})" if dev.type == "cuda" else ""
+        )
         return True, f"available{where}"
 
     # ---- input checks (layouts are the safe wrapper's business; these are hard limits)
@@ -284,16 +297,23 @@ class AttentionBackend:
     def run(self, q: Tensor, k: Tensor, v: Tensor, layout: str = "HND", **kw: Any) -> Tensor:
         """Call the kernel as is (no layout fixing: use ``safe_attention`` for that)."""
         if layout not in self.requires.layouts:
-            raise ValueError(f"{self.name} takes layouts {self.requires.layouts}, got {layout!r}; "
-                             "transpose dims 1 and 2 (a view) or use harness.quant.attention.safe_attention")
+            raise ValueError(
+                f"{self.name} takes layouts {self.requires.layouts}, got {layout!r}; "
+                "transpose dims 1 and 2 (a view) or use harness.quant.attention.safe_attention"
+            )
         if self.runner is None:
             raise BackendUnavailable(f"{self.name} has no runner")
         return self.runner(q, k, v, layout, **kw)
 
     def to_dict(self, device: Optional[Any] = None) -> dict[str, Any]:
         ok, why = self.available(device)
-        return {"available": ok, "reason": why, "kind": self.kind, "description": self.description,
-                "requires": self.requires.to_dict()}
+        return {
+            "available": ok,
+            "reason": why,
+            "kind": self.kind,
+            "description": self.description,
+            "requires": self.requires.to_dict(),
+        }
 
 
 def _torch_feature(feature: str) -> tuple[bool, str]:
@@ -400,94 +420,285 @@ def _emu_runner(kind: str, **fixed: Any) -> Runner:
 # The registry
 
 _HALF = ("float16", "bfloat16")
-_SAGE1 = dict(package="sageattention", module="sageattention", min_version="1.0.6", below_version="2.0.0",
-              extra_modules=("triton",), min_capability=(8, 0), device="cuda", last_dim_stride_one=True,
-              alignment=16, modifies_inputs=("k",), modifies_unless=("smooth_k", False))
-_SAGE2 = dict(package="sageattention", module="sageattention", min_version="2.0.0", device="cuda",
-              dtypes=_HALF, max_head_dim=128, last_dim_stride_one=True, alignment=16)
+_SAGE1 = dict(
+    package="sageattention",
+    module="sageattention",
+    min_version="1.0.6",
+    below_version="2.0.0",
+    extra_modules=("triton",),
+    min_capability=(8, 0),
+    device="cuda",
+    last_dim_stride_one=True,
+    alignment=16,
+    modifies_inputs=("k",),
+    modifies_unless=("smooth_k", False),
+)
+_SAGE2 = dict(
+    package="sageattention",
+    module="sageattention",
+    min_version="2.0.0",
+    device="cuda",
+    dtypes=_HALF,
+    max_head_dim=128,
+    last_dim_stride_one=True,
+    alignment=16,
+)
 
 
 def _b(name: str, description: str, runner: Runner, kind: str = "native", **req: Any) -> AttentionBackend:
     return AttentionBackend(name=name, description=description, requires=Requirements(**req), kind=kind, runner=runner)
 
 
-BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
-    _b("sdpa", "torch SDPA, kernel chosen by torch", _sdpa_runner(None), layouts=("HND",), alignment=16,
-       notes="NHD inputs are passed as transposed views; alignment 16 because torch may pick the flash or "
-             "efficient kernel, which fault on misaligned pointers (docs/gpu-findings.md)"),
-    _b("sdpa.flash", "torch SDPA forced to FLASH_ATTENTION", _sdpa_runner("FLASH_ATTENTION"),
-       device="cuda", min_capability=(8, 0), torch_feature="flash", dtypes=_HALF, max_head_dim=256,
-       layouts=("HND",), last_dim_stride_one=True, alignment=16,
-       notes="a 2- or 8-byte misaligned q/k/v is a sticky 'misaligned address' fault on H200 (docs/gpu-findings.md)"),
-    _b("sdpa.efficient", "torch SDPA forced to EFFICIENT_ATTENTION", _sdpa_runner("EFFICIENT_ATTENTION"),
-       device="cuda", min_capability=(5, 0), layouts=("HND",), last_dim_stride_one=True, alignment=16,
-       notes="8-byte misaligned inputs are a sticky fault on H200 (docs/gpu-findings.md)"),
-    _b("sdpa.cudnn", "torch SDPA forced to CUDNN_ATTENTION", _sdpa_runner("CUDNN_ATTENTION"),
-       device="cuda", min_capability=(8, 0), torch_feature="cudnn", dtypes=_HALF, max_head_dim=256,
-       layouts=("HND",), last_dim_stride_one=True, alignment=16,
-       notes="2- and 8-byte misaligned q/k/v run without error on H200 but read memory outside the view "
-             "(poison NaN reaches the output): silently wrong results (docs/gpu-findings.md)"),
-    _b("sdpa.math", "torch SDPA forced to MATH (reference kernel)", _sdpa_runner("MATH"),
-       dtypes=("float16", "bfloat16", "float32", "float64"), layouts=("HND",)),
-    _b("sage1.sageattn", "SageAttention 1.x sageattn (Triton): INT8 QK, FP16 PV", _sage_runner("sageattention", "sageattn"),
-       attr="sageattn", head_dims=(64, 96, 128), **_SAGE1),
-    _b("sage1.sageattn_varlen", "SageAttention 1.x sageattn_varlen (Triton), packed (tokens, heads, d)",
-       _sage_runner("sageattention", "sageattn_varlen", layout_kw=False), attr="sageattn_varlen",
-       head_dims=(64, 128), varlen=True, **_SAGE1),
-    _b("sage2.sageattn", "SageAttention 2.x sageattn (dispatches by architecture)",
-       _sage_runner("sageattention", "sageattn"), attr="sageattn",
-       exact_capabilities=((8, 0), (8, 6), (8, 9), (9, 0), (12, 0)), **_SAGE2),
-    _b("sage2.qk_int8_pv_fp16_triton", "SageAttention 2.x INT8 QK, FP16 PV (Triton)",
-       _sage_runner("sageattention", "sageattn_qk_int8_pv_fp16_triton"), attr="sageattn_qk_int8_pv_fp16_triton",
-       min_capability=(8, 0), extra_modules=("triton",), **_SAGE2),
-    _b("sage2.qk_int8_pv_fp16_cuda", "SageAttention 2.x INT8 QK, FP16 PV (CUDA, sm80 extension)",
-       _sage_runner("sageattention", "sageattn_qk_int8_pv_fp16_cuda"), attr="sageattn_qk_int8_pv_fp16_cuda",
-       min_capability=(8, 0), extra_modules=("sageattention._qattn_sm80",), **_SAGE2),
-    _b("sage2.qk_int8_pv_fp8_cuda", "SageAttention 2.x INT8 QK, FP8 PV (CUDA, sm89 extension)",
-       _sage_runner("sageattention", "sageattn_qk_int8_pv_fp8_cuda"), attr="sageattn_qk_int8_pv_fp8_cuda",
-       min_capability=(8, 9), extra_modules=("sageattention._qattn_sm89",), **_SAGE2),
-    _b("sage2.qk_int8_pv_fp8_cuda_sm90", "SageAttention 2.x INT8 QK, FP8 PV (CUDA, sm90 wgmma)",
-       _sage_runner("sageattention", "sageattn_qk_int8_pv_fp8_cuda_sm90"), attr="sageattn_qk_int8_pv_fp8_cuda_sm90",
-       exact_capabilities=((9, 0),), extra_modules=("sageattention._qattn_sm90",), **_SAGE2),
-    _b("sage2.sageattn_varlen", "SageAttention 2.x sageattn_varlen (Triton), packed (tokens, heads, d)",
-       _sage_runner("sageattention", "sageattn_varlen", layout_kw=False), attr="sageattn_varlen",
-       min_capability=(8, 0), extra_modules=("triton",), varlen=True, **_SAGE2),
-    _b("sage3", "SageAttention 3 sageattn3_blackwell (NVFP4), per_block_mean=True", _sage3_runner(True),
-       device="cuda", exact_capabilities=SAGE3_CAPABILITIES, package="sageattn3", module="sageattn3",
-       attr="sageattn3_blackwell", dtypes=_HALF, head_dims=(64, 128), layouts=("HND",), last_dim_stride_one=True,
-       alignment=16, modifies_inputs=("k",),
-       notes="sm_scale and attn_mask are ignored by the kernel; sequences are padded to 128 and copied"),
-    _b("sage3.no_block_mean", "SageAttention 3 sageattn3_blackwell (NVFP4), per_block_mean=False",
-       _sage3_runner(False), device="cuda", exact_capabilities=SAGE3_CAPABILITIES, package="sageattn3",
-       module="sageattn3", attr="sageattn3_blackwell", dtypes=_HALF, head_dims=(64, 128), layouts=("HND",),
-       last_dim_stride_one=True, alignment=16, modifies_inputs=("k",)),
-    _b("flash_attn", "FlashAttention 2 flash_attn_func", _flash_attn_runner, device="cuda", min_capability=(8, 0),
-       package="flash-attn", module="flash_attn", attr="flash_attn_func", dtypes=_HALF, max_head_dim=256,
-       layouts=("NHD",), last_dim_stride_one=True, alignment=16),
-    _b("emu.exact", "exact attention (float64, harness.reference.attention)", _emu_runner("exact"), kind="emulated",
-       module="harness.reference.attention", dtypes=("float16", "bfloat16", "float32", "float64")),
-    _b("emu.naive", "same-precision naive attention (harness.reference.naive_attention)", _emu_runner("naive"),
-       kind="emulated", module="harness.reference.attention", dtypes=("float16", "bfloat16", "float32", "float64")),
-    _b("emu.sage1", "SageAttention 1 emulation (harness.reference.sage.sage_v1)", _emu_runner("sage1"),
-       kind="emulated", module="harness.reference.sage", attr="sage_v1"),
-    _b("emu.sage2", "SageAttention 2 emulation, sm89 path (sage_v2 defaults)", _emu_runner("sage2"),
-       kind="emulated", module="harness.reference.sage", attr="sage_v2", dtypes=_HALF + ("float32",)),
-    _b("emu.sage2.sm90", "SageAttention 2 emulation, sm90 path (q_warp=16, k_block=128, fp32+fp32)",
-       _emu_runner("sage2", q_warp=16, k_block=128, pv_accum_dtype="fp32+fp32"), kind="emulated",
-       module="harness.reference.sage", attr="sage_v2", dtypes=_HALF + ("float32",)),
-    _b("emu.sage3", "SageAttention 3 emulation (harness.reference.sage.sage_v3)", _emu_runner("sage3"),
-       kind="emulated", module="harness.reference.sage", attr="sage_v3", head_dim_multiple=16),
-)}
+BACKENDS: dict[str, AttentionBackend] = {
+    b.name: b
+    for b in (
+        _b(
+            "sdpa",
+            "torch SDPA, kernel chosen by torch",
+            _sdpa_runner(None),
+            layouts=("HND",),
+            alignment=16,
+            notes="NHD inputs are passed as transposed views; alignment 16 because torch may pick the flash or "
+            "efficient kernel, which fault on misaligned pointers (docs/gpu-findings.md)",
+        ),
+        _b(
+            "sdpa.flash",
+            "torch SDPA forced to FLASH_ATTENTION",
+            _sdpa_runner("FLASH_ATTENTION"),
+            device="cuda",
+            min_capability=(8, 0),
+            torch_feature="flash",
+            dtypes=_HALF,
+            max_head_dim=256,
+            layouts=("HND",),
+            last_dim_stride_one=True,
+            alignment=16,
+            notes="a 2- or 8-byte misaligned q/k/v is a sticky 'misaligned address' fault on H200 (docs/gpu-findings.md)",
+        ),
+        _b(
+            "sdpa.efficient",
+            "torch SDPA forced to EFFICIENT_ATTENTION",
+            _sdpa_runner("EFFICIENT_ATTENTION"),
+            device="cuda",
+            min_capability=(5, 0),
+            layouts=("HND",),
+            last_dim_stride_one=True,
+            alignment=16,
+            notes="8-byte misaligned inputs are a sticky fault on H200 (docs/gpu-findings.md)",
+        ),
+        _b(
+            "sdpa.cudnn",
+            "torch SDPA forced to CUDNN_ATTENTION",
+            _sdpa_runner("CUDNN_ATTENTION"),
+            device="cuda",
+            min_capability=(8, 0),
+            torch_feature="cudnn",
+            dtypes=_HALF,
+            max_head_dim=256,
+            layouts=("HND",),
+            last_dim_stride_one=True,
+            alignment=16,
+            notes="2- and 8-byte misaligned q/k/v run without error on H200 but read memory outside the view "
+            "(poison NaN reaches the output): silently wrong results (docs/gpu-findings.md)",
+        ),
+        _b(
+            "sdpa.math",
+            "torch SDPA forced to MATH (reference kernel)",
+            _sdpa_runner("MATH"),
+            dtypes=("float16", "bfloat16", "float32", "float64"),
+            layouts=("HND",),
+        ),
+        _b(
+            "sage1.sageattn",
+            "SageAttention 1.x sageattn (Triton): INT8 QK, FP16 PV",
+            _sage_runner("sageattention", "sageattn"),
+            attr="sageattn",
+            head_dims=(64, 96, 128),
+            **_SAGE1,
+        ),
+        _b(
+            "sage1.sageattn_varlen",
+            "SageAttention 1.x sageattn_varlen (Triton), packed (tokens, heads, d)",
+            _sage_runner("sageattention", "sageattn_varlen", layout_kw=False),
+            attr="sageattn_varlen",
+            head_dims=(64, 128),
+            varlen=True,
+            **_SAGE1,
+        ),
+        _b(
+            "sage2.sageattn",
+            "SageAttention 2.x sageattn (dispatches by architecture)",
+            _sage_runner("sageattention", "sageattn"),
+            attr="sageattn",
+            exact_capabilities=((8, 0), (8, 6), (8, 9), (9, 0), (12, 0)),
+            **_SAGE2,
+        ),
+        _b(
+            "sage2.qk_int8_pv_fp16_triton",
+            "SageAttention 2.x INT8 QK, FP16 PV (Triton)",
+            _sage_runner("sageattention", "sageattn_qk_int8_pv_fp16_triton"),
+            attr="sageattn_qk_int8_pv_fp16_triton",
+            min_capability=(8, 0),
+            extra_modules=("triton",),
+            **_SAGE2,
+        ),
+        _b(
+            "sage2.qk_int8_pv_fp16_cuda",
+            "SageAttention 2.x INT8 QK, FP16 PV (CUDA, sm80 extension)",
+            _sage_runner("sageattention", "sageattn_qk_int8_pv_fp16_cuda"),
+            attr="sageattn_qk_int8_pv_fp16_cuda",
+            min_capability=(8, 0),
+            extra_modules=("sageattention._qattn_sm80",),
+            **_SAGE2,
+        ),
+        _b(
+            "sage2.qk_int8_pv_fp8_cuda",
+            "SageAttention 2.x INT8 QK, FP8 PV (CUDA, sm89 extension)",
+            _sage_runner("sageattention", "sageattn_qk_int8_pv_fp8_cuda"),
+            attr="sageattn_qk_int8_pv_fp8_cuda",
+            min_capability=(8, 9),
+            extra_modules=("sageattention._qattn_sm89",),
+            **_SAGE2,
+        ),
+        _b(
+            "sage2.qk_int8_pv_fp8_cuda_sm90",
+            "SageAttention 2.x INT8 QK, FP8 PV (CUDA, sm90 wgmma)",
+            _sage_runner("sageattention", "sageattn_qk_int8_pv_fp8_cuda_sm90"),
+            attr="sageattn_qk_int8_pv_fp8_cuda_sm90",
+            exact_capabilities=((9, 0),),
+            extra_modules=("sageattention._qattn_sm90",),
+            **_SAGE2,
+        ),
+        _b(
+            "sage2.sageattn_varlen",
+            "SageAttention 2.x sageattn_varlen (Triton), packed (tokens, heads, d)",
+            _sage_runner("sageattention", "sageattn_varlen", layout_kw=False),
+            attr="sageattn_varlen",
+            min_capability=(8, 0),
+            extra_modules=("triton",),
+            varlen=True,
+            **_SAGE2,
+        ),
+        _b(
+            "sage3",
+            "SageAttention 3 sageattn3_blackwell (NVFP4), per_block_mean=True",
+            _sage3_runner(True),
+            device="cuda",
+            exact_capabilities=SAGE3_CAPABILITIES,
+            package="sageattn3",
+            module="sageattn3",
+            attr="sageattn3_blackwell",
+            dtypes=_HALF,
+            head_dims=(64, 128),
+            layouts=("HND",),
+            last_dim_stride_one=True,
+            alignment=16,
+            modifies_inputs=("k",),
+            notes="sm_scale and attn_mask are ignored by the kernel; sequences are padded to 128 and copied",
+        ),
+        _b(
+            "sage3.no_block_mean",
+            "SageAttention 3 sageattn3_blackwell (NVFP4), per_block_mean=False",
+            _sage3_runner(False),
+            device="cuda",
+            exact_capabilities=SAGE3_CAPABILITIES,
+            package="sageattn3",
+            module="sageattn3",
+            attr="sageattn3_blackwell",
+            dtypes=_HALF,
+            head_dims=(64, 128),
+            layouts=("HND",),
+            last_dim_stride_one=True,
+            alignment=16,
+            modifies_inputs=("k",),
+        ),
+        _b(
+            "flash_attn",
+            "FlashAttention 2 flash_attn_func",
+            _flash_attn_runner,
+            device="cuda",
+            min_capability=(8, 0),
+            package="flash-attn",
+            module="flash_attn",
+            attr="flash_attn_func",
+            dtypes=_HALF,
+            max_head_dim=256,
+            layouts=("NHD",),
+            last_dim_stride_one=True,
+            alignment=16,
+        ),
+        _b(
+            "emu.exact",
+            "exact attention (float64, harness.reference.attention)",
+            _emu_runner("exact"),
+            kind="emulated",
+            module="harness.reference.attention",
+            dtypes=("float16", "bfloat16", "float32", "float64"),
+        ),
+        _b(
+            "emu.naive",
+            "same-precision naive attention (harness.reference.naive_attention)",
+            _emu_runner("naive"),
+            kind="emulated",
+            module="harness.reference.attention",
+            dtypes=("float16", "bfloat16", "float32", "float64"),
+        ),
+        _b(
+            "emu.sage1",
+            "SageAttention 1 emulation (harness.reference.sage.sage_v1)",
+            _emu_runner("sage1"),
+            kind="emulated",
+            module="harness.reference.sage",
+            attr="sage_v1",
+        ),
+        _b(
+            "emu.sage2",
+            "SageAttention 2 emulation, sm89 path (sage_v2 defaults)",
+            _emu_runner("sage2"),
+            kind="emulated",
+            module="harness.reference.sage",
+            attr="sage_v2",
+            dtypes=_HALF + ("float32",),
+        ),
+        _b(
+            "emu.sage2.sm90",
+            "SageAttention 2 emulation, sm90 path (q_warp=16, k_block=128, fp32+fp32)",
+            _emu_runner("sage2", q_warp=16, k_block=128, pv_accum_dtype="fp32+fp32"),
+            kind="emulated",
+            module="harness.reference.sage",
+            attr="sage_v2",
+            dtypes=_HALF + ("float32",),
+        ),
+        _b(
+            "emu.sage3",
+            "SageAttention 3 emulation (harness.reference.sage.sage_v3)",
+            _emu_runner("sage3"),
+            kind="emulated",
+            module="harness.reference.sage",
+            attr="sage_v3",
+            head_dim_multiple=16,
+        ),
+    )
+}
 
 #: Which emulation models each native backend's numerics (for drift bounds and for presets).
 EMULATION_OF: dict[str, str] = {
-    "sdpa": "emu.naive", "sdpa.flash": "emu.naive", "sdpa.efficient": "emu.naive", "sdpa.cudnn": "emu.naive",
-    "sdpa.math": "emu.naive", "flash_attn": "emu.naive",
-    "sage1.sageattn": "emu.sage1", "sage1.sageattn_varlen": "emu.sage1",
-    "sage2.sageattn": "emu.sage2", "sage2.qk_int8_pv_fp16_triton": "emu.sage1",
-    "sage2.qk_int8_pv_fp16_cuda": "emu.sage2", "sage2.qk_int8_pv_fp8_cuda": "emu.sage2",
-    "sage2.qk_int8_pv_fp8_cuda_sm90": "emu.sage2.sm90", "sage2.sageattn_varlen": "emu.sage2",
-    "sage3": "emu.sage3", "sage3.no_block_mean": "emu.sage3",
+    "sdpa": "emu.naive",
+    "sdpa.flash": "emu.naive",
+    "sdpa.efficient": "emu.naive",
+    "sdpa.cudnn": "emu.naive",
+    "sdpa.math": "emu.naive",
+    "flash_attn": "emu.naive",
+    "sage1.sageattn": "emu.sage1",
+    "sage1.sageattn_varlen": "emu.sage1",
+    "sage2.sageattn": "emu.sage2",
+    "sage2.qk_int8_pv_fp16_triton": "emu.sage1",
+    "sage2.qk_int8_pv_fp16_cuda": "emu.sage2",
+    "sage2.qk_int8_pv_fp8_cuda": "emu.sage2",
+    "sage2.qk_int8_pv_fp8_cuda_sm90": "emu.sage2.sm90",
+    "sage2.sageattn_varlen": "emu.sage2",
+    "sage3": "emu.sage3",
+    "sage3.no_block_mean": "emu.sage3",
 }
 __all__ += ["EMULATION_OF", "emulation_for"]
 
@@ -549,8 +760,13 @@ def describe_all(device: Optional[Any] = None) -> dict[str, dict[str, Any]]:
         try:
             out[name] = b.to_dict(device)
         except Exception as e:  # noqa: BLE001 - describe, never crash the env command
-            out[name] = {"available": False, "reason": f"probe failed: {type(e).__name__}: {e}",
-                         "kind": b.kind, "description": b.description, "requires": b.requires.to_dict()}
+            out[name] = {
+                "available": False,
+                "reason": f"probe failed: {type(e).__name__}: {e}",
+                "kind": b.kind,
+                "description": b.description,
+                "requires": b.requires.to_dict(),
+            }
     return out
 
 

@@ -131,12 +131,21 @@ class QuantizedBlockConfig:
         return self.attention_overrides.get(part, self.attention)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "linear": self.linear,
-                "linear_overrides": dict(self.linear_overrides), "weight_scaling": self.weight_scaling,
-                "input_rank": self.input_rank, "attention": self.attention,
-                "attention_overrides": dict(self.attention_overrides), "keep": list(self.keep),
-                "variant": self.variant, "config": self.config,
-                "act_dtype": str(self.act_dtype).replace("torch.", ""), "safe": self.safe}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "linear": self.linear,
+            "linear_overrides": dict(self.linear_overrides),
+            "weight_scaling": self.weight_scaling,
+            "input_rank": self.input_rank,
+            "attention": self.attention,
+            "attention_overrides": dict(self.attention_overrides),
+            "keep": list(self.keep),
+            "variant": self.variant,
+            "config": self.config,
+            "act_dtype": str(self.act_dtype).replace("torch.", ""),
+            "safe": self.safe,
+        }
 
 
 def _check_linear_kind(kind: str) -> None:
@@ -147,39 +156,68 @@ def _check_linear_kind(kind: str) -> None:
 
         get_legacy(kind)
         return
-    raise ValueError(f"unknown linear kind {kind!r}; use one of {_LINEAR_KINDS}, 'legacy.<name>' or "
-                     "'plugin:<package.module:attr>'")
+    raise ValueError(
+        f"unknown linear kind {kind!r}; use one of {_LINEAR_KINDS}, 'legacy.<name>' or 'plugin:<package.module:attr>'"
+    )
 
 
 # SageAttention 3 ships one inference kernel, FP4 (sageattn3_blackwell); its paper's 8-bit part is
 # for training. The FP8 attention that exists for inference is SageAttention 2's INT8-QK / FP8-PV
 # kernel, so "sage3-fp8" resolves to that (sm90 entry point on Hopper, the sm89 one elsewhere).
-PRESETS: dict[str, QuantizedBlockConfig] = {p.name: p for p in (
-    QuantizedBlockConfig(
-        name="fp8+sage3-fp8", linear="fp8",
-        attention="sage2.qk_int8_pv_fp8_cuda_sm90|sage2.qk_int8_pv_fp8_cuda",
-        description="FP8 linears + 8-bit attention (INT8 QK, FP8 PV: SageAttention 2's FP8 kernel; "
-                    "SageAttention 3's only inference kernel is FP4)"),
-    QuantizedBlockConfig(
-        name="fp4+sage3-fp4", linear="nvfp4", attention="sage3",
-        description="NVFP4 linears (emulated) + SageAttention 3 FP4 attention (Blackwell 10.0/12.0)"),
-    QuantizedBlockConfig(
-        name="infinitetalk", linear="fp8", attention="sage1.sageattn", variant="multitalk",
-        description="InfiniteTalk/MultiTalk path: I2V block with MultiTalk audio attention, FP8 linears, "
-                    "SageAttention 1 (audio attention gets non-contiguous packed K/V)"),
-    QuantizedBlockConfig(
-        name="2d-input", linear="fp8", input_rank=2, attention="sdpa",
-        description="FP8 linears fed 2-D (B*L, C) inputs"),
-    QuantizedBlockConfig(
-        name="3d-input", linear="fp8", input_rank=3, attention="sdpa",
-        description="FP8 linears fed the block's 3-D (B, L, C) inputs"),
-    QuantizedBlockConfig(
-        name="scaled-weights", linear="fp8", weight_scaling="tensor", attention="sdpa",
-        description="FP8 weights with a per-tensor scale (scaled checkpoints)"),
-    QuantizedBlockConfig(
-        name="unscaled-weights", linear="fp8", weight_scaling="none", attention="sdpa",
-        description="FP8 weights cast without a scale (unscaled checkpoints; |w| > 448 saturates)"),
-)}
+PRESETS: dict[str, QuantizedBlockConfig] = {
+    p.name: p
+    for p in (
+        QuantizedBlockConfig(
+            name="fp8+sage3-fp8",
+            linear="fp8",
+            attention="sage2.qk_int8_pv_fp8_cuda_sm90|sage2.qk_int8_pv_fp8_cuda",
+            description="FP8 linears + 8-bit attention (INT8 QK, FP8 PV: SageAttention 2's FP8 kernel; "
+            "SageAttention 3's only inference kernel is FP4)",
+        ),
+        QuantizedBlockConfig(
+            name="fp4+sage3-fp4",
+            linear="nvfp4",
+            attention="sage3",
+            description="NVFP4 linears (emulated) + SageAttention 3 FP4 attention (Blackwell 10.0/12.0)",
+        ),
+        QuantizedBlockConfig(
+            name="infinitetalk",
+            linear="fp8",
+            attention="sage1.sageattn",
+            variant="multitalk",
+            description="InfiniteTalk/MultiTalk path: I2V block with MultiTalk audio attention, FP8 linears, "
+            "SageAttention 1 (audio attention gets non-contiguous packed K/V)",
+        ),
+        QuantizedBlockConfig(
+            name="2d-input",
+            linear="fp8",
+            input_rank=2,
+            attention="sdpa",
+            description="FP8 linears fed 2-D (B*L, C) inputs",
+        ),
+        QuantizedBlockConfig(
+            name="3d-input",
+            linear="fp8",
+            input_rank=3,
+            attention="sdpa",
+            description="FP8 linears fed the block's 3-D (B, L, C) inputs",
+        ),
+        QuantizedBlockConfig(
+            name="scaled-weights",
+            linear="fp8",
+            weight_scaling="tensor",
+            attention="sdpa",
+            description="FP8 weights with a per-tensor scale (scaled checkpoints)",
+        ),
+        QuantizedBlockConfig(
+            name="unscaled-weights",
+            linear="fp8",
+            weight_scaling="none",
+            attention="sdpa",
+            description="FP8 weights cast without a scale (unscaled checkpoints; |w| > 448 saturates)",
+        ),
+    )
+}
 
 
 #: The write-up's attention mode names (WanVideoWrapper's ``attention_mode``) -> preset. Its plain
@@ -197,8 +235,7 @@ def preset_config(preset: Union[str, QuantizedBlockConfig]) -> QuantizedBlockCon
         return preset
     name = PRESET_ALIASES.get(preset, preset)
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)} "
-                       f"(aliases: {', '.join(PRESET_ALIASES)})")
+        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)} (aliases: {', '.join(PRESET_ALIASES)})")
     return PRESETS[name]
 
 
@@ -215,9 +252,15 @@ class ResolvedPreset:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "device": self.device, "attention": dict(self.attention),
-                "linear": dict(self.linear), "substitutions": list(self.substitutions),
-                "runnable": self.runnable, "reason": self.reason}
+        return {
+            "config": self.config.to_dict(),
+            "device": self.device,
+            "attention": dict(self.attention),
+            "linear": dict(self.linear),
+            "substitutions": list(self.substitutions),
+            "runnable": self.runnable,
+            "reason": self.reason,
+        }
 
 
 def _linear_available(kind: str, device: torch.device) -> tuple[bool, str]:
@@ -288,8 +331,15 @@ def resolve_preset(
     if cfg.linear == "nvfp4":
         subs.append("linears: nvfp4 -> emulated NVFP4 (no native FP4 GEMM is wired in harness.quant)")
     uniq = tuple(dict.fromkeys(problems))
-    return ResolvedPreset(config=cfg, device=str(dev), attention=attn, linear=lin, substitutions=tuple(subs),
-                          runnable=not uniq, reason="; ".join(uniq) if uniq else "runnable")
+    return ResolvedPreset(
+        config=cfg,
+        device=str(dev),
+        attention=attn,
+        linear=lin,
+        substitutions=tuple(subs),
+        runnable=not uniq,
+        reason="; ".join(uniq) if uniq else "runnable",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -399,9 +449,12 @@ def make_linear_op(cfg: QuantizedBlockConfig, route: Optional[_Route] = None, *,
     return linear
 
 
-def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
-                      route: Optional[_Route] = None,
-                      backend_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> AttentionFn:
+def make_attention_op(
+    backends: Mapping[str, str],
+    cfg: QuantizedBlockConfig,
+    route: Optional[_Route] = None,
+    backend_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> AttentionFn:
     """The block's attention operator: NHD q/k/v -> backend of the calling part (see module docstring).
 
     ``backend_kwargs``: backend name -> extra keywords for its calls (e.g. an emulation's defect switch).
@@ -424,8 +477,7 @@ def make_attention_op(backends: Mapping[str, str], cfg: QuantizedBlockConfig,
             if layout == "NHD":
                 out = be.run(qa, ka, va, "NHD", **kw)
             else:
-                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout,
-                             **kw).transpose(1, 2)
+                out = be.run(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), layout, **kw).transpose(1, 2)
             actions = []
         route.attention_calls.append((route.part, name, [str(a) for a in actions]))
         return out.to(q.dtype)
@@ -456,24 +508,36 @@ class QuantizedBlock:
     def trace(self) -> dict[str, Any]:
         return {"linear": list(self._route.linear_calls), "attention": list(self._route.attention_calls)}
 
-    def __call__(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None,
-                 **kwargs: Any) -> Tensor:
+    def __call__(
+        self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None, **kwargs: Any
+    ) -> Tensor:
         from harness.reference.wan.blocks import wan_block
 
         self._route.linear_calls.clear()
         self._route.attention_calls.clear()
         self._route.part = "self_attn"
-        return wan_block(x, e, params, index, cfg or self.wan_config, linear=self.linear,
-                         attention=self.attention, **kwargs)
+        return wan_block(
+            x, e, params, index, cfg or self.wan_config, linear=self.linear, attention=self.attention, **kwargs
+        )
 
-    def reference(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None,
-                  **kwargs: Any) -> Tensor:
+    def reference(
+        self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None, **kwargs: Any
+    ) -> Tensor:
         from harness.reference.wan.blocks import wan_block
 
         return wan_block(x, e, params, index, cfg or self.wan_config, **kwargs)
 
-    def emulated(self, x: Tensor, e: Tensor, params: Mapping[str, Tensor], index: int, cfg: Any = None, *,
-                 emulation_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None, **kwargs: Any) -> Tensor:
+    def emulated(
+        self,
+        x: Tensor,
+        e: Tensor,
+        params: Mapping[str, Tensor],
+        index: int,
+        cfg: Any = None,
+        *,
+        emulation_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        **kwargs: Any,
+    ) -> Tensor:
         """The block with every operator replaced by the emulation of its formats (same quantized weights).
 
         Linears: their scheme through ``harness.reference.formats``; attention: the emulation
@@ -508,6 +572,8 @@ def make_block(
         cfg = replace(cfg, **overrides)
     resolved = resolve_preset(cfg, device, emulate_missing=emulate_missing)
     if not resolved.runnable:
-        raise RuntimeError(f"preset {cfg.name!r} cannot run on {resolved.device}: {resolved.reason} "
-                           "(pass emulate_missing=True to use the emulations)")
+        raise RuntimeError(
+            f"preset {cfg.name!r} cannot run on {resolved.device}: {resolved.reason} "
+            "(pass emulate_missing=True to use the emulations)"
+        )
     return QuantizedBlock(resolved)

@@ -23,8 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from harness.quant.legacy import FP8_FORWARD_KEEP
-from harness.quant.linear import (E4M3_MAX, _amax, _dynamic_scale, fp8_linear, quantize_activation,
-                                  quantize_weight_rowwise)
+from harness.quant.linear import (
+    E4M3_MAX,
+    _amax,
+    _dynamic_scale,
+    fp8_linear,
+    quantize_activation,
+    quantize_weight_rowwise,
+)
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -72,13 +78,23 @@ class FP8Linear(nn.Module):
     out_dtype)``, or ``forward_fn(self, base_dtype, x)`` when a legacy / plug-in forward is set.
     """
 
-    def __init__(self, in_features: int, out_features: int, weight: Tensor, scale_weight: Optional[Tensor] = None,
-                 bias: Optional[Tensor] = None, scale_input: Optional[Tensor] = None,
-                 out_dtype: Optional[torch.dtype] = None, forward_fn: Optional[ForwardFn] = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight: Tensor,
+        scale_weight: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        scale_input: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None,
+        forward_fn: Optional[ForwardFn] = None,
+    ) -> None:
         super().__init__()
         if weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != (out_features, in_features):
-            raise ValueError(f"weight must be float8_e4m3fn of shape ({out_features}, {in_features}), "
-                             f"got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must be float8_e4m3fn of shape ({out_features}, {in_features}), "
+                f"got {weight.dtype} {tuple(weight.shape)}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -89,13 +105,22 @@ class FP8Linear(nn.Module):
         self.forward_fn = forward_fn
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, weight_scaling: str = "tensor",
-                    input_scale: Optional[float] = None, out_dtype: Optional[torch.dtype] = None,
-                    forward_fn: Optional[ForwardFn] = None) -> "FP8Linear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        weight_scaling: str = "tensor",
+        input_scale: Optional[float] = None,
+        out_dtype: Optional[torch.dtype] = None,
+        forward_fn: Optional[ForwardFn] = None,
+    ) -> "FP8Linear":
         """Quantize ``linear``'s weight (see :func:`quantize_weight`); ``linear`` is left untouched."""
         q, s = quantize_weight(linear.weight, weight_scaling)
-        si = None if input_scale is None else torch.tensor(float(input_scale), dtype=torch.float32,
-                                                            device=linear.weight.device)
+        si = (
+            None
+            if input_scale is None
+            else torch.tensor(float(input_scale), dtype=torch.float32, device=linear.weight.device)
+        )
         return cls(linear.in_features, linear.out_features, q, s, linear.bias, si, out_dtype, forward_fn)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,8 +131,10 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         s = "none" if self.scale_weight is None else ("tensor" if self.scale_weight.numel() == 1 else "row")
         fwd = "fp8_linear" if self.forward_fn is None else getattr(self.forward_fn, "__name__", "custom")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_scaling={s}, forward={fwd}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_scaling={s}, forward={fwd}"
+        )
 
 
 @dataclass
@@ -122,8 +149,9 @@ class ConversionReport:
         return {"converted": list(self.converted), "kept": dict(self.kept), "skipped": dict(self.skipped)}
 
     def __str__(self) -> str:
-        return (f"converted {len(self.converted)} linear(s), kept {len(self.kept)} in high precision"
-                + (f", skipped {len(self.skipped)}" if self.skipped else ""))
+        return f"converted {len(self.converted)} linear(s), kept {len(self.kept)} in high precision" + (
+            f", skipped {len(self.skipped)}" if self.skipped else ""
+        )
 
 
 def _set_child(root: nn.Module, qualname: str, new: nn.Module) -> None:
@@ -153,8 +181,10 @@ def convert_to_fp8(
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if isinstance(module, nn.Linear):
-        raise ValueError("convert_to_fp8 converts the linears *inside* a module; wrap a bare nn.Linear in a container "
-                         "(e.g. nn.Sequential(linear)) or use FP8Linear.from_linear")
+        raise ValueError(
+            "convert_to_fp8 converts the linears *inside* a module; wrap a bare nn.Linear in a container "
+            "(e.g. nn.Sequential(linear)) or use FP8Linear.from_linear"
+        )
     if isinstance(params_to_keep, str):
         raise TypeError(f"params_to_keep={params_to_keep!r} must be a sequence of keywords, not one string")
     if weight_scaling not in _SCALINGS:
@@ -174,8 +204,9 @@ def convert_to_fp8(
         if filter is not None and not filter(name, sub):
             report.skipped[name] = "excluded by filter"
             continue
-        new = FP8Linear.from_linear(sub, weight_scaling=weight_scaling, input_scale=input_scale,
-                                    out_dtype=out_dtype, forward_fn=forward_fn)
+        new = FP8Linear.from_linear(
+            sub, weight_scaling=weight_scaling, input_scale=input_scale, out_dtype=out_dtype, forward_fn=forward_fn
+        )
         _set_child(module, name, new)
         if keep_originals:
             originals[name] = sub
@@ -188,8 +219,9 @@ def revert_fp8(module: nn.Module) -> list[str]:
     originals: Optional[dict[str, nn.Linear]] = module.__dict__.get(_ORIGINALS)
     if not originals:
         if any(isinstance(m, FP8Linear) for m in module.modules()):
-            raise RuntimeError("this module has FP8Linear layers but no originals to restore "
-                               "(converted with keep_originals=False?)")
+            raise RuntimeError(
+                "this module has FP8Linear layers but no originals to restore (converted with keep_originals=False?)"
+            )
         return []
     restored = []
     for name, orig in list(originals.items()):

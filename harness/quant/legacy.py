@@ -66,8 +66,20 @@ _E5M2 = torch.float8_e5m2
 _FP8 = (_E4M3, _E5M2)
 
 #: Name keywords WanVideoWrapper's ``convert_fp8_linear`` keeps in high precision (late 2025).
-FP8_FORWARD_KEEP = ("norm", "bias", "time_in", "patch_embedding", "time_", "img_emb", "modulation",
-                    "text_embedding", "adapter", "add", "ref_conv", "audio_proj")
+FP8_FORWARD_KEEP = (
+    "norm",
+    "bias",
+    "time_in",
+    "patch_embedding",
+    "time_",
+    "img_emb",
+    "modulation",
+    "text_embedding",
+    "adapter",
+    "add",
+    "ref_conv",
+    "audio_proj",
+)
 
 _state = threading.local()
 
@@ -129,8 +141,11 @@ def wanvideo_late2025_forward(module: nn.Module, base_dtype: torch.dtype, input:
         input = torch.clamp(input, min=-448, max=448, out=input)  # the defect: writes the caller's tensor
         inn = input.reshape(-1, input.shape[2]).to(_E4M3).contiguous()
         bias = module.bias.to(base_dtype) if module.bias is not None else None
-        o = _unwrap(torch._scaled_mm(inn, weight.t(), out_dtype=base_dtype, bias=bias,
-                                     scale_a=scale_input, scale_b=scale_weight))
+        o = _unwrap(
+            torch._scaled_mm(
+                inn, weight.t(), out_dtype=base_dtype, bias=bias, scale_a=scale_input, scale_b=scale_weight
+            )
+        )
         _set_path("fp8")
         return o.reshape((-1, input.shape[1], weight.shape[0]))
     _set_path(f"original: {input.dim()}-D input" if weight.dtype in _FP8 else "original: weight not FP8")
@@ -215,19 +230,36 @@ class LegacyForward:
 
 
 LEGACY_FORWARDS: dict[str, LegacyForward] = {
-    f.name: f for f in (
-        LegacyForward("wanvideo_early2025", wanvideo_early2025_forward,
-                      "WanVideoWrapper early 2025: other-FP8-type input cast, ones scales, 3-D only",
-                      "never", "3-D"),
-        LegacyForward("wanvideo_late2025", wanvideo_late2025_forward,
-                      "WanVideoWrapper late 2025 before the fix: in-place clamp of the caller's tensor, 3-D only",
-                      "always on the FP8 path (any |x| > 448 is clamped in the caller's tensor)", "3-D"),
-        LegacyForward("user_fixed", user_fixed_forward,
-                      "user's fix: input.contiguous() first, ComfyUI-style, scale_input honoured, 2-D and 3-D",
-                      "when the input is already contiguous and no scale_input is stored", "2-D, 3-D"),
-        LegacyForward("comfyui", comfyui_forward,
-                      "ComfyUI fp8_linear with its caller's try/except fallback to a plain linear",
-                      "when no scale_input is stored (the clamp writes through the view)", "2-D, 3-D"),
+    f.name: f
+    for f in (
+        LegacyForward(
+            "wanvideo_early2025",
+            wanvideo_early2025_forward,
+            "WanVideoWrapper early 2025: other-FP8-type input cast, ones scales, 3-D only",
+            "never",
+            "3-D",
+        ),
+        LegacyForward(
+            "wanvideo_late2025",
+            wanvideo_late2025_forward,
+            "WanVideoWrapper late 2025 before the fix: in-place clamp of the caller's tensor, 3-D only",
+            "always on the FP8 path (any |x| > 448 is clamped in the caller's tensor)",
+            "3-D",
+        ),
+        LegacyForward(
+            "user_fixed",
+            user_fixed_forward,
+            "user's fix: input.contiguous() first, ComfyUI-style, scale_input honoured, 2-D and 3-D",
+            "when the input is already contiguous and no scale_input is stored",
+            "2-D, 3-D",
+        ),
+        LegacyForward(
+            "comfyui",
+            comfyui_forward,
+            "ComfyUI fp8_linear with its caller's try/except fallback to a plain linear",
+            "when no scale_input is stored (the clamp writes through the view)",
+            "2-D, 3-D",
+        ),
     )
 }
 
@@ -243,8 +275,9 @@ def get_legacy(name: str) -> LegacyForward:
 class _Fp8Holder(nn.Module):
     """Minimal module with the attributes the legacy forwards read."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], scale_weight: Optional[Tensor],
-                 scale_input: Optional[Tensor]) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Optional[Tensor], scale_weight: Optional[Tensor], scale_input: Optional[Tensor]
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -254,8 +287,14 @@ class _Fp8Holder(nn.Module):
         self.out_features = weight.shape[0]
 
 
-def make_fp8_module(weight: Tensor, weight_scale: Optional[Tensor] = None, input_scale: Optional[Tensor] = None,
-                    bias: Optional[Tensor] = None, *, copy: bool = True) -> nn.Module:
+def make_fp8_module(
+    weight: Tensor,
+    weight_scale: Optional[Tensor] = None,
+    input_scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    copy: bool = True,
+) -> nn.Module:
     """A module holding an FP8 E4M3 weight, as the converted checkpoints do.
 
     A high-precision ``weight`` is quantized tensorwise (``scale_weight = amax / 448``, the
@@ -295,9 +334,14 @@ def legacy_op(name: str) -> Callable[..., Tensor]:
     """
     lf = get_legacy(name)
 
-    def op(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor] = None,
-           input_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def op(
+        input: Tensor,
+        weight: Tensor,
+        weight_scale: Optional[Tensor] = None,
+        input_scale: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         module = make_fp8_module(weight, weight_scale, input_scale, bias, copy=False)
         return lf.forward(module, out_dtype or input.dtype, input)
 

@@ -129,11 +129,14 @@ def load_object(spec: str) -> Any:
         obj: Any = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if not e.name or e.name == mod_name or mod_name.startswith(f"{e.name}."):
-            raise PluginError(f"plug-in {spec!r}: no module named {mod_name!r} (run from the directory that holds "
-                              "it, or put that directory on PYTHONPATH)") from e
+            raise PluginError(
+                f"plug-in {spec!r}: no module named {mod_name!r} (run from the directory that holds "
+                "it, or put that directory on PYTHONPATH)"
+            ) from e
         if e.name.split(".")[0] != mod_name.split(".")[0]:  # another package, not installed here: cannot run here
-            raise PluginError(f"plug-in {spec!r}: module {mod_name!r} needs {e.name!r}, which is not installed here",
-                              missing=e.name) from e
+            raise PluginError(
+                f"plug-in {spec!r}: module {mod_name!r} needs {e.name!r}, which is not installed here", missing=e.name
+            ) from e
         raise PluginError(f"plug-in {spec!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
     except Exception as e:  # noqa: BLE001 - any import failure is reported with the plug-in name
         raise PluginError(f"plug-in {spec!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
@@ -187,8 +190,11 @@ def _positional_params(fn: Callable) -> Optional[list[inspect.Parameter]]:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
-    return [p for p in sig.parameters.values()
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 def detect_convention(obj: Any, group: str = LINEAR_GROUP) -> str:
@@ -202,7 +208,9 @@ def detect_convention(obj: Any, group: str = LINEAR_GROUP) -> str:
     if isinstance(obj, type):
         if issubclass(obj, nn.Module):
             return "module"
-        raise PluginError(f"plug-in class {obj.__name__} is not an nn.Module subclass; pass a function or a Linear class")
+        raise PluginError(
+            f"plug-in class {obj.__name__} is not an nn.Module subclass; pass a function or a Linear class"
+        )
     if not callable(obj):
         raise PluginError(f"plug-in {obj!r} is not callable")
     params = _positional_params(obj)
@@ -211,11 +219,13 @@ def detect_convention(obj: Any, group: str = LINEAR_GROUP) -> str:
     names = [p.name for p in params]
     if len(names) >= 3 and (names[1] in _FORWARD_SECOND or names[0] in _FORWARD_FIRST):
         return "forward"
-    if len(names) < 2 and not any(p.kind == inspect.Parameter.VAR_POSITIONAL
-                                  for p in inspect.signature(obj).parameters.values()):
+    if len(names) < 2 and not any(
+        p.kind == inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(obj).parameters.values()
+    ):
         raise PluginError(
             f"plug-in {getattr(obj, '__name__', obj)!s} takes {len(names)} positional argument(s) {names}; a linear "
-            "plug-in is op(input, weight, ...), a forward fn(module, base_dtype, input) or an nn.Linear")
+            "plug-in is op(input, weight, ...), a forward fn(module, base_dtype, input) or an nn.Linear"
+        )
     return "op"
 
 
@@ -275,13 +285,15 @@ def resolve(spec: Any, group: str = LINEAR_GROUP) -> Plugin:
             if not eps:
                 raise PluginError(
                     f"plug-in {spec!r} is neither 'package.module:attr' nor an entry point in group {group!r} "
-                    f"(installed: {entry_point_names(group) or 'none'})")
+                    f"(installed: {entry_point_names(group) or 'none'})"
+                )
             try:
                 _cwd_on_path()
                 obj = eps[0].load()
             except Exception as e:  # noqa: BLE001
-                raise PluginError(f"entry point {spec!r} ({eps[0].value}) in {group!r} failed to load: "
-                                  f"{type(e).__name__}: {e}") from e
+                raise PluginError(
+                    f"entry point {spec!r} ({eps[0].value}) in {group!r} failed to load: {type(e).__name__}: {e}"
+                ) from e
         name = spec
     else:
         obj, name = spec, getattr(spec, "__qualname__", type(spec).__name__)
@@ -290,8 +302,12 @@ def resolve(spec: Any, group: str = LINEAR_GROUP) -> Plugin:
 
 def describe_unresolved(spec: str, kind: str) -> dict[str, Any]:
     """:meth:`Plugin.describe` of a plug-in that does not resolve here: convention unknown, taking everything."""
-    return {"spec": spec, "kind": kind, "convention": "unknown",
-            "takes": list(_LINEAR_OPTIONAL) if kind == "linear" else []}
+    return {
+        "spec": spec,
+        "kind": kind,
+        "convention": "unknown",
+        "takes": list(_LINEAR_OPTIONAL) if kind == "linear" else [],
+    }
 
 
 def load_linear(spec: Any) -> Callable[..., Tensor]:
@@ -312,16 +328,23 @@ def _wrap_op(name: str, fn: Callable) -> Callable[..., Tensor]:
     sig = _signature(fn)
     takes = _linear_takes(sig)
 
-    def op(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor] = None, input_scale: Any = None,
-           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def op(
+        input: Tensor,
+        weight: Tensor,
+        weight_scale: Optional[Tensor] = None,
+        input_scale: Any = None,
+        bias: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         given = dict(weight_scale=weight_scale, input_scale=input_scale, bias=bias, out_dtype=out_dtype)
         kwargs = {}
         for key, value in given.items():
             if value is None or (key == "out_dtype" and key not in takes and value == input.dtype):
                 continue  # out_dtype = the input's dtype is what a function without the parameter returns anyway
             if key not in takes:
-                raise PluginCallError(f"plug-in {name!r} takes no {key!r} argument, but this case needs one "
-                                      f"(its signature: {sig})")
+                raise PluginCallError(
+                    f"plug-in {name!r} takes no {key!r} argument, but this case needs one (its signature: {sig})"
+                )
             kwargs[key] = value
         _bind(name, sig, "op(input, weight, ...)", (input, weight), kwargs)
         return fn(input, weight, **kwargs)
@@ -339,8 +362,14 @@ def _holder(weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any, bi
 def _wrap_forward(name: str, fn: Callable) -> Callable[..., Tensor]:
     sig = _signature(fn)
 
-    def op(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor] = None, input_scale: Any = None,
-           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def op(
+        input: Tensor,
+        weight: Tensor,
+        weight_scale: Optional[Tensor] = None,
+        input_scale: Any = None,
+        bias: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         module = _holder(weight, weight_scale, input_scale, bias)
         args = (module, out_dtype or input.dtype, input)
         _bind(name, sig, "fn(module, base_dtype, input)", args, {})
@@ -387,8 +416,14 @@ def _construct(name: str, cls: type, in_features: int, out_features: int, bias: 
 
 
 def _wrap_module(name: str, target: Any) -> Callable[..., Tensor]:
-    def op(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor] = None, input_scale: Any = None,
-           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def op(
+        input: Tensor,
+        weight: Tensor,
+        weight_scale: Optional[Tensor] = None,
+        input_scale: Any = None,
+        bias: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         src = _holder(weight, weight_scale, input_scale, bias)
         if isinstance(target, type):
             module = _construct(name, target, src.in_features, src.out_features, bias is not None)

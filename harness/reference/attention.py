@@ -53,8 +53,9 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"layout={layout!r}; use 'HND' (b, h, s, d) or 'NHD' (b, s, h, d)")
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, layout: str,
-              key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _validate(
+    q: Tensor, k: Tensor, v: Tensor, layout: str, key_padding_mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
     _check_layout(layout)
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, Tensor):
@@ -82,9 +83,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: str,
         if not isinstance(m, Tensor) or m.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (b, s_k), True = keep")
         if tuple(m.shape) != (b, kh.shape[2]):
-            raise ValueError(
-                f"key_padding_mask has shape {tuple(m.shape)}; expected (b, s_k) = {(b, kh.shape[2])}"
-            )
+            raise ValueError(f"key_padding_mask has shape {tuple(m.shape)}; expected (b, s_k) = {(b, kh.shape[2])}")
     return qh, kh, vh
 
 
@@ -137,10 +136,19 @@ def _workspace(hc: int, qc: int, kc: int, d: int, dv: int, e: int) -> int:
     return e * hc * (tiles + rows + keys)
 
 
-def plan_chunks(b: int, h: int, s_q: int, s_k: int, d: int, dv: int, *,
-                compute_dtype: torch.dtype = torch.float64,
-                memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                q_chunk: Optional[int] = None, k_chunk: Optional[int] = None) -> ChunkPlan:
+def plan_chunks(
+    b: int,
+    h: int,
+    s_q: int,
+    s_k: int,
+    d: int,
+    dv: int,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    q_chunk: Optional[int] = None,
+    k_chunk: Optional[int] = None,
+) -> ChunkPlan:
     """Pick (head_chunk, q_chunk, k_chunk) so the workspace stays within ``memory_budget`` bytes.
 
     Workspace per step, with ``e`` = bytes of ``compute_dtype``, ``hc`` heads, ``qc`` query
@@ -207,8 +215,18 @@ def attention(
     s_k, dv = kh.shape[2], vh.shape[3]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    plan = plan_chunks(b, h, s_q, s_k, d, dv, compute_dtype=compute_dtype,
-                       memory_budget=memory_budget, q_chunk=q_chunk, k_chunk=k_chunk)
+    plan = plan_chunks(
+        b,
+        h,
+        s_q,
+        s_k,
+        d,
+        dv,
+        compute_dtype=compute_dtype,
+        memory_budget=memory_budget,
+        q_chunk=q_chunk,
+        k_chunk=k_chunk,
+    )
     # allocate the result in the caller's layout and write through an HND view: no final copy
     if layout == "HND":
         result = torch.zeros((b, h, s_q, dv), dtype=compute_dtype, device=q.device)

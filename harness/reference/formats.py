@@ -77,7 +77,7 @@ class FormatInfo:
 
     @property
     def min_normal(self) -> float:
-        return 2.0 ** self.emin
+        return 2.0**self.emin
 
     @property
     def min_subnormal(self) -> float:
@@ -113,9 +113,7 @@ def format_info(fmt: str) -> FormatInfo:
     try:
         return FORMATS[fmt]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown number format {fmt!r}; use one of {sorted(FORMATS)}"
-        ) from None
+        raise ValueError(f"unknown number format {fmt!r}; use one of {sorted(FORMATS)}") from None
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -134,9 +132,7 @@ def _check_float(x: Tensor, what: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(
-            f"{what} has dtype {x.dtype}; pass a floating-point tensor (e.g. x.float())"
-        )
+        raise TypeError(f"{what} has dtype {x.dtype}; pass a floating-point tensor (e.g. x.float())")
 
 
 def round_to_format(x: Tensor, fmt: str) -> Tensor:
@@ -171,12 +167,12 @@ def representable_values(fmt: str, *, dtype: torch.dtype = torch.float64) -> Ten
     """
     info = format_info(fmt)
     vals = set()
-    for ecode in range(2 ** info.exp_bits):
-        for mcode in range(2 ** info.man_bits):
+    for ecode in range(2**info.exp_bits):
+        for mcode in range(2**info.man_bits):
             if ecode == 0:
                 v = mcode * 2.0 ** (info.emin - info.man_bits)
             else:
-                v = (1 + mcode / 2 ** info.man_bits) * 2.0 ** (ecode - info.bias)
+                v = (1 + mcode / 2**info.man_bits) * 2.0 ** (ecode - info.bias)
             if v <= info.max:
                 vals.add(v)
     pos = sorted(vals)
@@ -229,9 +225,7 @@ class QuantizedTensor:
         """The values as the native torch dtype (e.g. ``float8_e4m3fn``); exact, values are representable."""
         dt = FORMATS[self.fmt].torch_dtype
         if dt is None:
-            raise ValueError(
-                f"format {self.fmt!r} has no unpacked torch dtype; use .values (float32)"
-            )
+            raise ValueError(f"format {self.fmt!r} has no unpacked torch dtype; use .values (float32)")
         return self.values.to(dt)
 
 
@@ -268,7 +262,7 @@ def _block_view(x: Tensor, axis: int, block_size: int) -> Tensor:
     """View ``x`` with ``axis`` split into (n_blocks, block_size); block_size dim at axis+1."""
     shape = list(x.shape)
     n = shape[axis]
-    return x.reshape(shape[:axis] + [n // block_size, block_size] + shape[axis + 1:])
+    return x.reshape(shape[:axis] + [n // block_size, block_size] + shape[axis + 1 :])
 
 
 def _block_amax(x: Tensor, axis: int, block_size: int) -> Tensor:
@@ -339,8 +333,15 @@ def quantize(
         sd = torch.repeat_interleave(sd, block_size, dim=ax)
     values = round_to_format(xd / sd, fmt).to(torch.float32)
     return QuantizedTensor(
-        values=values, scale=s, fmt=fmt, granularity=granularity, axis=ax,
-        block_size=block_size, scale_fmt="fp32", global_scale=None, orig_dtype=x.dtype,
+        values=values,
+        scale=s,
+        fmt=fmt,
+        granularity=granularity,
+        axis=ax,
+        block_size=block_size,
+        scale_fmt="fp32",
+        global_scale=None,
+        orig_dtype=x.dtype,
     )
 
 
@@ -426,8 +427,15 @@ def quantize_nvfp4(
     values = round_to_format(xd / torch.where(nz, full, torch.ones_like(full)), "e2m1")
     values = torch.where(nz, values, torch.zeros_like(values)).to(torch.float32)
     return QuantizedTensor(
-        values=values, scale=bs, fmt="e2m1", granularity="block", axis=ax,
-        block_size=block_size, scale_fmt="e4m3", global_scale=g, orig_dtype=x.dtype,
+        values=values,
+        scale=bs,
+        fmt="e2m1",
+        granularity="block",
+        axis=ax,
+        block_size=block_size,
+        scale_fmt="e4m3",
+        global_scale=g,
+        orig_dtype=x.dtype,
     )
 
 
@@ -467,8 +475,15 @@ def quantize_mx(
     full = torch.repeat_interleave(scale, block_size, dim=ax)
     values = round_to_format(xd / full, fmt).to(torch.float32)
     return QuantizedTensor(
-        values=values, scale=scale.to(torch.float32), fmt=fmt, granularity="block", axis=ax,
-        block_size=block_size, scale_fmt="e8m0", global_scale=None, orig_dtype=x.dtype,
+        values=values,
+        scale=scale.to(torch.float32),
+        fmt=fmt,
+        granularity="block",
+        axis=ax,
+        block_size=block_size,
+        scale_fmt="e8m0",
+        global_scale=None,
+        orig_dtype=x.dtype,
     )
 
 
@@ -486,9 +501,7 @@ def _scale_tensor(s: ScaleLike, name: str, rows: int, cols: int, which: str) -> 
         return t.detach().to(torch.float32).reshape(1, 1)
     want = (rows, 1) if which == "a" else (1, cols)
     if tuple(t.shape) != want:
-        raise ValueError(
-            f"{name} has shape {tuple(t.shape)}; use a scalar (tensorwise) or shape {want} (rowwise)"
-        )
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; use a scalar (tensorwise) or shape {want} (rowwise)")
     return t.detach().to(torch.float32)
 
 
@@ -536,10 +549,10 @@ def scaled_mm(
     row_bytes = max(1, (K + N) * accum_dtype.itemsize)
     chunk = max(1, min(M, _SCALED_MM_CHUNK_BYTES // row_bytes)) if M else 1
     for i in range(0, M, chunk):
-        acc = a[i:i + chunk].detach().to(accum_dtype) @ bw
-        acc = acc * (sa[i:i + chunk] if sa.shape[0] > 1 else sa)
+        acc = a[i : i + chunk].detach().to(accum_dtype) @ bw
+        acc = acc * (sa[i : i + chunk] if sa.shape[0] > 1 else sa)
         acc = acc * sb
         if bias is not None:
             acc = acc + bias_acc
-        out[i:i + chunk] = acc.to(out_dtype)
+        out[i : i + chunk] = acc.to(out_dtype)
     return out

@@ -70,13 +70,24 @@ def _flat_chunks(out: Tensor, ref: Tensor):
     if r.device != o.device:
         r = r.to(o.device)
     for i in range(0, o.numel(), _CHUNK):
-        yield o[i:i + _CHUNK].to(torch.float64), r[i:i + _CHUNK].to(torch.float64)
+        yield o[i : i + _CHUNK].to(torch.float64), r[i : i + _CHUNK].to(torch.float64)
 
 
 def _sums(out: Tensor, ref: Tensor, finite_only: bool) -> dict[str, float]:
     """One chunked pass: the sums every metric is made of."""
-    s = dict(n=0, abs_d=0.0, sq_d=0.0, abs_r=0.0, sq_r=0.0, sq_o=0.0, dot=0.0, max_d=0.0,
-             nonfinite_out=0, nonfinite_ref=0, nonfinite_mismatch=0)
+    s = dict(
+        n=0,
+        abs_d=0.0,
+        sq_d=0.0,
+        abs_r=0.0,
+        sq_r=0.0,
+        sq_o=0.0,
+        dot=0.0,
+        max_d=0.0,
+        nonfinite_out=0,
+        nonfinite_ref=0,
+        nonfinite_mismatch=0,
+    )
     for o, r in _flat_chunks(out, ref):
         fo, fr = torch.isfinite(o), torch.isfinite(r)
         s["nonfinite_out"] += int((~fo).sum())
@@ -261,7 +272,7 @@ def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> fl
         # rounding each element perturbs it by a relative eps <= u, which moves the cosine by
         # at most u**2/2; add the float64 evaluation noise of the cosine itself (tree sums).
         u = 2.0 ** -(man + 1)
-        evaluation = 4 * math.log2(max(r.numel(), 2)) * 2.0 ** -53
+        evaluation = 4 * math.log2(max(r.numel(), 2)) * 2.0**-53
         return u * u / 2 + evaluation
     if metric == "max_abs":
         finite = r[torch.isfinite(r)] if r.numel() else r
@@ -275,7 +286,7 @@ def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> fl
     n = 0
     flat = r.reshape(-1)
     for i in range(0, flat.numel(), _CHUNK):
-        c = flat[i:i + _CHUNK].to(torch.float64)
+        c = flat[i : i + _CHUNK].to(torch.float64)
         c = c[torch.isfinite(c)]
         h = 0.5 * ulp(c, dtype)
         tot += float(h.sum())
@@ -319,9 +330,13 @@ TENSOR_CORE_FP8_ACCUM_BITS = 14
 TENSOR_CORE_FP8_PROMOTE_INTERVAL = 128
 
 
-def fp8_tensor_core_bound(abs_sum: Union[Tensor, float], k: int, *,
-                          accum_bits: int = TENSOR_CORE_FP8_ACCUM_BITS,
-                          promote_interval: int = TENSOR_CORE_FP8_PROMOTE_INTERVAL) -> Union[Tensor, float]:
+def fp8_tensor_core_bound(
+    abs_sum: Union[Tensor, float],
+    k: int,
+    *,
+    accum_bits: int = TENSOR_CORE_FP8_ACCUM_BITS,
+    promote_interval: int = TENSOR_CORE_FP8_PROMOTE_INTERVAL,
+) -> Union[Tensor, float]:
     """Worst-case accumulation error of a K-long FP8 dot product on Hopper tensor cores.
 
     Within each run of ``promote_interval`` products the accumulator keeps ``accum_bits``
@@ -334,13 +349,14 @@ def fp8_tensor_core_bound(abs_sum: Union[Tensor, float], k: int, *,
     if k < 0:
         raise ValueError(f"k={k} must be >= 0")
     m = max(1, min(k, promote_interval))
-    g_acc = _gamma(m, 2.0 ** -accum_bits, f"promote_interval {m} x 2**-{accum_bits}")
+    g_acc = _gamma(m, 2.0**-accum_bits, f"promote_interval {m} x 2**-{accum_bits}")
     runs = -(-k // m) + 1
-    return abs_sum * (g_acc + _gamma(runs, 2.0 ** -24, f"{runs} float32 partial sums"))
+    return abs_sum * (g_acc + _gamma(runs, 2.0**-24, f"{runs} float32 partial sums"))
 
 
-def scaled_mm_kernel_bound(a: Tensor, b: Tensor, emulated: Tensor, out_dtype: DTypeLike, *,
-                           tensor_core: bool = False) -> Tensor:
+def scaled_mm_kernel_bound(
+    a: Tensor, b: Tensor, emulated: Tensor, out_dtype: DTypeLike, *, tensor_core: bool = False
+) -> Tensor:
     """Per element, how far a ``_scaled_mm`` kernel may sit from its float32 emulation on the same operands.
 
     ``a`` (M, K), ``b`` (K, N): the dequantized operands (scales applied, float64). The emulation sums
@@ -408,12 +424,13 @@ class ErrorReport:
         return _jsonable(d)
 
     def __str__(self) -> str:
-        s = (f"max_abs={self.max_abs:.4g} mean_abs={self.mean_abs:.4g} rmse={self.rmse:.4g} "
-             f"rel_l1={self.rel_l1:.4g} cos={self.cosine:.6f} sqnr={self.sqnr_db:.2f}dB "
-             f"n={self.numel}")
+        s = (
+            f"max_abs={self.max_abs:.4g} mean_abs={self.mean_abs:.4g} rmse={self.rmse:.4g} "
+            f"rel_l1={self.rel_l1:.4g} cos={self.cosine:.6f} sqnr={self.sqnr_db:.2f}dB "
+            f"n={self.numel}"
+        )
         if self.nonfinite_out or self.nonfinite_ref:
-            s += (f" nonfinite(out={self.nonfinite_out}, ref={self.nonfinite_ref}, "
-                  f"mismatched={self.nonfinite_mismatch})")
+            s += f" nonfinite(out={self.nonfinite_out}, ref={self.nonfinite_ref}, mismatched={self.nonfinite_mismatch})"
         return s
 
 
@@ -422,10 +439,17 @@ def error_report(out: Tensor, ref: Tensor) -> ErrorReport:
     _check_pair(out, ref)
     s = _sums(out, ref, True)
     return ErrorReport(
-        max_abs=s["max_d"], mean_abs=(s["abs_d"] / s["n"] if s["n"] else 0.0), rmse=_rmse(s),
-        rel_l1=_rel_l1(s), cosine=_cosine(s), sqnr_db=_sqnr(s), numel=out.numel(),
-        nonfinite_out=s["nonfinite_out"], nonfinite_ref=s["nonfinite_ref"],
-        nonfinite_mismatch=s["nonfinite_mismatch"], shape=tuple(out.shape),
+        max_abs=s["max_d"],
+        mean_abs=(s["abs_d"] / s["n"] if s["n"] else 0.0),
+        rmse=_rmse(s),
+        rel_l1=_rel_l1(s),
+        cosine=_cosine(s),
+        sqnr_db=_sqnr(s),
+        numel=out.numel(),
+        nonfinite_out=s["nonfinite_out"],
+        nonfinite_ref=s["nonfinite_ref"],
+        nonfinite_mismatch=s["nonfinite_mismatch"],
+        shape=tuple(out.shape),
     )
 
 
@@ -445,8 +469,7 @@ class BoundCheck:
 
     def __str__(self) -> str:
         verdict = "ok" if self.passed else "EXCEEDED"
-        return (f"{self.metric}={self.err:.4g} allowed={self.allowed:.4g} "
-                f"ratio={self.ratio:.3g} {verdict} ({self.why})")
+        return f"{self.metric}={self.err:.4g} allowed={self.allowed:.4g} ratio={self.ratio:.3g} {verdict} ({self.why})"
 
 
 @dataclass(frozen=True)
@@ -490,8 +513,7 @@ class Bound:
         else:
             ratio = 0.0 if err == 0 else math.inf
         passed = math.isfinite(err) and err <= allowed
-        return BoundCheck(passed=passed, err=err, allowed=allowed, ratio=ratio, why=self.why,
-                          metric=self.metric)
+        return BoundCheck(passed=passed, err=err, allowed=allowed, ratio=ratio, why=self.why, metric=self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -502,12 +524,15 @@ class Bound:
         return cls(k=0.0, floor=0.0, why=why)
 
     @classmethod
-    def derived(cls, k: float, ref: Tensor, out_dtype: DTypeLike, why: str,
-                metric: str = "max_abs") -> "Bound":
+    def derived(cls, k: float, ref: Tensor, out_dtype: DTypeLike, why: str, metric: str = "max_abs") -> "Bound":
         """``k * ref_err`` plus the rounding floor of ``ref`` in ``out_dtype`` for ``metric``."""
         floor = rounding_floor(ref, out_dtype, metric)
-        return cls(k=k, floor=floor, metric=metric,
-                   why=f"{why}; floor = {metric} of rounding to {_dtype_name(out_dtype)} ({floor:.3g})")
+        return cls(
+            k=k,
+            floor=floor,
+            metric=metric,
+            why=f"{why}; floor = {metric} of rounding to {_dtype_name(out_dtype)} ({floor:.3g})",
+        )
 
 
 @dataclass(frozen=True)
@@ -530,9 +555,11 @@ class Judgement:
         }
 
     def __str__(self) -> str:
-        lines = [f"{'PASS' if self.passed else 'FAIL'}: {self.reason}",
-                 f"  bound : {self.check}",
-                 f"  out   : {self.report}"]
+        lines = [
+            f"{'PASS' if self.passed else 'FAIL'}: {self.reason}",
+            f"  bound : {self.check}",
+            f"  out   : {self.report}",
+        ]
         if self.ref_report is not None:
             lines.append(f"  refrun: {self.ref_report}")
         return "\n".join(lines)
@@ -553,13 +580,25 @@ def judge(out: Tensor, exact: Tensor, emulated_or_naive: Optional[Tensor], bound
     if ref_rep is not None and (ref_rep.nonfinite_mismatch or math.isnan(ref_err)):
         # a broken reference run must not widen the bound: judge on the floor alone and fail
         chk = bound.check(rep.metric(bound.metric), None)
-        return Judgement(False, "the emulated/naive reference run is broken against exact "
-                         f"({ref_rep.nonfinite_mismatch} non-finite mismatches, {bound.metric}="
-                         f"{ref_err}); fix the reference before judging", chk, rep, ref_rep)
+        return Judgement(
+            False,
+            "the emulated/naive reference run is broken against exact "
+            f"({ref_rep.nonfinite_mismatch} non-finite mismatches, {bound.metric}="
+            f"{ref_err}); fix the reference before judging",
+            chk,
+            rep,
+            ref_rep,
+        )
     chk = bound.check(rep.metric(bound.metric), ref_err)
     if rep.nonfinite_mismatch:
-        return Judgement(False, f"{rep.nonfinite_mismatch} position(s) where the output's "
-                         "finiteness differs from the reference's (NaN/inf)", chk, rep, ref_rep)
+        return Judgement(
+            False,
+            f"{rep.nonfinite_mismatch} position(s) where the output's "
+            "finiteness differs from the reference's (NaN/inf)",
+            chk,
+            rep,
+            ref_rep,
+        )
     if chk.passed:
         reason = f"{bound.metric} {chk.err:.4g} <= {chk.allowed:.4g}"
     else:

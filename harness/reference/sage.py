@@ -86,8 +86,9 @@ class SageIntermediates:
 # helpers
 
 
-def group_ids(n: int, kind: Literal["block", "thread_q", "thread_k"], size: int,
-              device: Optional[torch.device] = None) -> tuple[Tensor, int]:
+def group_ids(
+    n: int, kind: Literal["block", "thread_q", "thread_k"], size: int, device: Optional[torch.device] = None
+) -> tuple[Tensor, int]:
     """Token -> scale-group index for ``n`` tokens, and the number of groups.
 
     "block": ``t // size``. "thread_q": within each group of ``size`` tokens, tokens with
@@ -127,7 +128,11 @@ def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, 
 
 
 def _online(
-    s_q: int, s_k: int, dv: int, k_tile: int, device: torch.device,
+    s_q: int,
+    s_k: int,
+    dv: int,
+    k_tile: int,
+    device: torch.device,
     scores: Callable[[int, int], Tensor],
     pv: Callable[[Tensor, int, int], Tensor],
     tail_zero_scores: bool = False,
@@ -179,7 +184,9 @@ def _stack(rows: list[list[Tensor]]) -> Tensor:
 
 
 def sage_v1(
-    q: Tensor, k: Tensor, v: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     layout: Literal["HND", "NHD"] = "HND",
     sm_scale: Optional[float] = None,
     smooth_k: bool = True,
@@ -204,7 +211,7 @@ def sage_v1(
     qh, kh, vh = _validate(q, k, v, layout, None)
     b, h, s_q, d = qh.shape
     s_k, dv = kh.shape[2], vh.shape[3]
-    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    scale = (d**-0.5) if sm_scale is None else float(sm_scale)
     in_dt = q.dtype
     qid, nq = group_ids(s_q, "block", q_block, q.device)
     kid, nk = group_ids(s_k, "block", k_block, q.device)
@@ -232,8 +239,7 @@ def sage_v1(
                     p16 = p.to(torch.float16).to(torch.float32)
                     return (p16 @ v16[k0:k1]).to(torch.float16).to(torch.float32)
 
-                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv,
-                                 tail_zero_scores=tail_keys_score_zero)
+                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv, tail_zero_scores=tail_keys_score_zero)
                 out[bi, hi] = _finish(acc, l).to(out.dtype)
                 if return_intermediates:
                     for key, val in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s)):
@@ -247,11 +253,17 @@ def sage_v1(
     if not return_intermediates:
         return o
     inter = SageIntermediates(
-        version=1, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]), v_values=_stack(keep["vv"]),
-        v_scale=None, k_mean=_stack(keep["km"]) if smooth_k else None,
-        params=dict(sm_scale=scale, q_block=q_block, k_block=k_block, smooth_k=smooth_k,
-                    q_premultiplied=scale * LOG2E_SAGE),
+        version=1,
+        q_values=_stack(keep["qv"]),
+        q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]),
+        k_scale=_stack(keep["ks"]),
+        v_values=_stack(keep["vv"]),
+        v_scale=None,
+        k_mean=_stack(keep["km"]) if smooth_k else None,
+        params=dict(
+            sm_scale=scale, q_block=q_block, k_block=k_block, smooth_k=smooth_k, q_premultiplied=scale * LOG2E_SAGE
+        ),
     )
     return o, inter
 
@@ -263,7 +275,9 @@ _PV_ACCUM = ("fp32", "fp32+fp16", "fp32+fp32")
 
 
 def sage_v2(
-    q: Tensor, k: Tensor, v: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     layout: Literal["HND", "NHD"] = "HND",
     sm_scale: Optional[float] = None,
     smooth_k: bool = True,
@@ -296,7 +310,7 @@ def sage_v2(
     qh, kh, vh = _validate(q, k, v, layout, None)
     b, h, s_q, d = qh.shape
     s_k, dv = kh.shape[2], vh.shape[3]
-    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    scale = (d**-0.5) if sm_scale is None else float(sm_scale)
     if qk_quant_gran == "per_warp":
         qid, nq = group_ids(s_q, "block", q_warp, q.device)
         kid, nk = group_ids(s_k, "block", k_block, q.device)
@@ -343,8 +357,7 @@ def sage_v2(
                     o = o + vm
                 out[bi, hi] = o.to(out.dtype)
                 if return_intermediates:
-                    for n, t in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s),
-                                 ("vv", v_q), ("vs", v_s)):
+                    for n, t in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s), ("vv", v_q), ("vs", v_s)):
                         rows[n].append(t)
                     if km is not None:
                         rows["km"].append(km)
@@ -356,14 +369,26 @@ def sage_v2(
     if not return_intermediates:
         return o
     inter = SageIntermediates(
-        version=2, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]),
-        v_values=_stack(keep["vv"]), v_scale=_stack(keep["vs"]),
+        version=2,
+        q_values=_stack(keep["qv"]),
+        q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]),
+        k_scale=_stack(keep["ks"]),
+        v_values=_stack(keep["vv"]),
+        v_scale=_stack(keep["vs"]),
         k_mean=_stack(keep["km"]) if smooth_k else None,
         v_mean=_stack(keep["vm"]) if smooth_v else None,
-        params=dict(sm_scale=scale, qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
-                    q_warp=q_warp, k_block=k_block, v_scale_max=v_scale_max, smooth_k=smooth_k,
-                    smooth_v=smooth_v, p_scale=_P_FP8_SCALE),
+        params=dict(
+            sm_scale=scale,
+            qk_quant_gran=qk_quant_gran,
+            pv_accum_dtype=pv_accum_dtype,
+            q_warp=q_warp,
+            k_block=k_block,
+            v_scale_max=v_scale_max,
+            smooth_k=smooth_k,
+            smooth_v=smooth_v,
+            p_scale=_P_FP8_SCALE,
+        ),
     )
     return o, inter
 
@@ -390,7 +415,9 @@ def _quant_p_fp4(p: Tensor) -> Tensor:
 
 
 def sage_v3(
-    q: Tensor, k: Tensor, v: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     layout: Literal["HND", "NHD"] = "HND",
     sm_scale: Optional[float] = None,
     per_block_mean: bool = True,
@@ -414,7 +441,7 @@ def sage_v3(
         raise ValueError(f"sage_v3 needs head dims that are multiples of 16 (NVFP4 blocks), got d={d}, dv={dv}")
     if k_block % 16:
         raise ValueError(f"k_block={k_block} must be a multiple of 16 (P is quantized per 16 keys)")
-    scale = (d ** -0.5) if sm_scale is None else float(sm_scale)
+    scale = (d**-0.5) if sm_scale is None else float(sm_scale)
     in_dt = q.dtype
     sq_pad = -(-s_q // q_block) * q_block if per_block_mean else s_q
     sv_pad = -(-s_k // 16) * 16
@@ -456,9 +483,16 @@ def sage_v3(
                 acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv)
                 out[bi, hi] = _finish(acc, l).to(out.dtype)
                 if return_intermediates:
-                    for n, t in (("qv", q_vals), ("qs", q_sc), ("kv", k_vals), ("ks", k_sc),
-                                 ("vv", v_vals[:s_k]), ("vs", v_sc),
-                                 ("km", km.to(torch.float32)), ("qm", qm.to(torch.float32))):
+                    for n, t in (
+                        ("qv", q_vals),
+                        ("qs", q_sc),
+                        ("kv", k_vals),
+                        ("ks", k_sc),
+                        ("vv", v_vals[:s_k]),
+                        ("vs", v_sc),
+                        ("km", km.to(torch.float32)),
+                        ("qm", qm.to(torch.float32)),
+                    ):
                         rows[n].append(t)
             for n in names:
                 keep[n].append(rows[n])
@@ -466,11 +500,17 @@ def sage_v3(
     if not return_intermediates:
         return o
     inter = SageIntermediates(
-        version=3, q_values=_stack(keep["qv"]), q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]), k_scale=_stack(keep["ks"]),
-        v_values=_stack(keep["vv"]), v_scale=_stack(keep["vs"]),
-        k_mean=_stack(keep["km"]), q_mean=_stack(keep["qm"]),
-        params=dict(sm_scale=scale, per_block_mean=per_block_mean, q_block=q_block,
-                    k_block=k_block, p_scale=_P_FP4_SCALE),
+        version=3,
+        q_values=_stack(keep["qv"]),
+        q_scale=_stack(keep["qs"]),
+        k_values=_stack(keep["kv"]),
+        k_scale=_stack(keep["ks"]),
+        v_values=_stack(keep["vv"]),
+        v_scale=_stack(keep["vs"]),
+        k_mean=_stack(keep["km"]),
+        q_mean=_stack(keep["qm"]),
+        params=dict(
+            sm_scale=scale, per_block_mean=per_block_mean, q_block=q_block, k_block=k_block, p_scale=_P_FP4_SCALE
+        ),
     )
     return o, inter

@@ -69,8 +69,14 @@ def _unique_case_path(cases_dir: Path, stem: str) -> Path:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
-                 values: Mapping[str, "torch.Tensor"] | None = None, name: str | None = None) -> Path:
+def save_failure(
+    case: "Case",
+    result: Result,
+    cases_dir: str | os.PathLike,
+    *,
+    values: Mapping[str, "torch.Tensor"] | None = None,
+    name: str | None = None,
+) -> Path:
     """Write ``case`` with its verdict and environment to ``cases_dir`` (JSON + safetensors).
 
     ``name``: file stem (default ``{op}-{verdict}-{digest}``, with ``-2``, ``-3``... when a file or an
@@ -86,8 +92,11 @@ def save_failure(case: "Case", result: Result, cases_dir: str | os.PathLike, *,
     stem = "".join(c if c.isalnum() or c in "-" else "_" for c in stem)[:180]
     path = Path(cases_dir) / f"{stem}.json" if name else _unique_case_path(Path(cases_dir), stem)
     tensors = _saved_tensors(case, values)
-    verdict = {k: v for k, v in result.to_json().items()
-               if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v}
+    verdict = {
+        k: v
+        for k, v in result.to_json().items()
+        if k in ("verdict", "message", "metrics", "bound", "attribution", "layouts") and v
+    }
     env = dict(case.env)
     env.update({k: v for k, v in result.env.items() if k not in env})
     saved = dataclasses.replace(case, verdict=verdict, env=env)

@@ -44,10 +44,18 @@ def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
     with _PROBE_LOCK:
         if _PROBE_CACHE is None:
             try:
-                cp = subprocess.run([sys.executable, "-c", _PROBE_SRC], capture_output=True, text=True,
-                                    timeout=timeout, env=_child_env())
-                data = json.loads(cp.stdout) if cp.stdout.strip() else {
-                    "count": 0, "devices": [], "error": f"probe exited {cp.returncode}: {cp.stderr[-500:]}"}
+                cp = subprocess.run(
+                    [sys.executable, "-c", _PROBE_SRC],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    env=_child_env(),
+                )
+                data = (
+                    json.loads(cp.stdout)
+                    if cp.stdout.strip()
+                    else {"count": 0, "devices": [], "error": f"probe exited {cp.returncode}: {cp.stderr[-500:]}"}
+                )
             except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
                 data = {"count": 0, "devices": [], "error": f"probe failed: {type(e).__name__}: {e}"}
             _PROBE_CACHE = data
@@ -68,8 +76,10 @@ def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
             found = probe_devices()
             if not found:
                 info = probe_cuda()
-                raise ValueError(f"devices='cuda' but no CUDA device is visible ({info.get('error') or 'count 0'}); "
-                                 "use devices='cpu' or check CUDA_VISIBLE_DEVICES")
+                raise ValueError(
+                    f"devices='cuda' but no CUDA device is visible ({info.get('error') or 'count 0'}); "
+                    "use devices='cpu' or check CUDA_VISIBLE_DEVICES"
+                )
             return found
         devices = [d.strip() for d in devices.split(",") if d.strip()]
     out = []

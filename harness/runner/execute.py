@@ -106,8 +106,10 @@ class OpRecorder(TorchDispatchMode):
             return (last, "raised outside torch's dispatcher; last launch named") if last else ("", "")
         tail = list(self.tail)
         if self.failed.startswith("aten::") and len(tail) >= 2 and tail[-2].startswith("triton::"):
-            return self.failed, (f"{tail[-2]} ran just before and Triton does not check its launches for errors: "
-                                 "it is the likely culprit")
+            return self.failed, (
+                f"{tail[-2]} ran just before and Triton does not check its launches for errors: "
+                "it is the likely culprit"
+            )
         return self.failed, ""
 
 
@@ -206,8 +208,12 @@ def _frame_of(exc: BaseException) -> str:
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         last = (frame, lineno)
         path = os.path.abspath(frame.f_code.co_filename)
-        if (path == _THIS or path.startswith(_TORCH_DIR) or frame.f_code.co_name == "__torch_dispatch__"
-                or frame.f_locals.get("__tracebackhide__")):
+        if (
+            path == _THIS
+            or path.startswith(_TORCH_DIR)
+            or frame.f_code.co_name == "__torch_dispatch__"
+            or frame.f_locals.get("__tracebackhide__")
+        ):
             continue
         chosen = (frame, lineno)
     chosen = chosen or last
@@ -281,8 +287,9 @@ class _Snapshot:
             now_view = _view_bytes(t)
             if torch.equal(now_view, self.view[n]):
                 nbad = int((now_storage != self.storage[n]).sum())
-                found.append(_Change(n, True, f"{n}: {nbad} byte(s) of storage outside the view (the poison) "
-                                              "were written"))
+                found.append(
+                    _Change(n, True, f"{n}: {nbad} byte(s) of storage outside the view (the poison) were written")
+                )
                 continue
             poison = self._poison_changed(n, t, now_storage)
             if n in allowed:  # the op may overwrite the values; does the poison still hold?
@@ -293,8 +300,11 @@ class _Snapshot:
             diff = (now_view != self.view[n]).view(-1, elem).any(1).nonzero()
             first = int(diff[0]) if diff.numel() else -1
             idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), t.shape)) if first >= 0 else ()
-            found.append(_Change(n, poison, f"{n}: {diff.numel()} of its {t.numel()} values changed "
-                                            f"(first at index {list(idx)})"))
+            found.append(
+                _Change(
+                    n, poison, f"{n}: {diff.numel()} of its {t.numel()} values changed (first at index {list(idx)})"
+                )
+            )
         return found
 
 
@@ -313,7 +323,11 @@ def _view_mask_of(t: torch.Tensor, mask_bytes: torch.Tensor) -> None:
 
 def _needs_layout_check(inputs: Mapping[str, torch.Tensor]) -> bool:
     for t in inputs.values():
-        if not t.is_contiguous() or t.storage_offset() != 0 or _storage_bytes(t).numel() != t.numel() * t.element_size():
+        if (
+            not t.is_contiguous()
+            or t.storage_offset() != 0
+            or _storage_bytes(t).numel() != t.numel() * t.element_size()
+        ):
             return True
     return False
 
@@ -357,12 +371,27 @@ class _Case:
             env = dict(device_info(self.device))
         except Exception:  # pragma: no cover
             pass
-        return Result(verdict=verdict, message=message, op=self.op, duration=time.perf_counter() - self.t0,
-                      worker=self.worker, device=self.device, layouts=self.layouts, env=env, **kw)
+        return Result(
+            verdict=verdict,
+            message=message,
+            op=self.op,
+            duration=time.perf_counter() - self.t0,
+            worker=self.worker,
+            device=self.device,
+            layouts=self.layouts,
+            env=env,
+            **kw,
+        )
 
 
-def run_case(case: "Case", device: str = "cpu", *, values: Mapping[str, torch.Tensor] | None = None,
-             record_ops: bool = False, worker: str = "") -> Result:
+def run_case(
+    case: "Case",
+    device: str = "cpu",
+    *,
+    values: Mapping[str, torch.Tensor] | None = None,
+    record_ops: bool = False,
+    worker: str = "",
+) -> Result:
     """Run ``case`` on ``device`` in this process and return its judged :class:`Result`.
 
     ``values``: stored input values (contiguous, logical shapes) overriding the case's recipes.
@@ -377,8 +406,11 @@ def run_case(case: "Case", device: str = "cpu", *, values: Mapping[str, torch.Te
             raise
         healthy, why = device_healthy(device)
         if not healthy:
-            return st.result(Verdict.DEVICE_FAULT, f"{type(e).__name__}: {_first_line(e)}\nhealth check: {why}",
-                             attribution={"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()})
+            return st.result(
+                Verdict.DEVICE_FAULT,
+                f"{type(e).__name__}: {_first_line(e)}\nhealth check: {why}",
+                attribution={"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()},
+            )
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
         return st.result(Verdict.ERROR, f"harness error while judging: {type(e).__name__}: {e}\n{tb}")
 
@@ -410,8 +442,11 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
         verdict, why = classify_exception(e, device)
         if verdict is Verdict.REJECTED:
             verdict = Verdict.ERROR
-        return st.result(verdict, f"building the inputs failed: {type(e).__name__}: {_first_line(e)}"
-                         + (f"\nhealth check: {why}" if why else ""))
+        return st.result(
+            verdict,
+            f"building the inputs failed: {type(e).__name__}: {_first_line(e)}"
+            + (f"\nhealth check: {why}" if why else ""),
+        )
     snap = _Snapshot(inputs)
 
     try:
@@ -420,12 +455,16 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
         verdict, why = classify_exception(e, device)
         if verdict is Verdict.REJECTED:
             verdict = Verdict.ERROR
-        return st.result(verdict, f"the reference failed (not the op under test): {type(e).__name__}: "
-                         f"{_first_line(e)}" + (f"\nhealth check: {why}" if why else ""))
+        return st.result(
+            verdict,
+            f"the reference failed (not the op under test): {type(e).__name__}: "
+            f"{_first_line(e)}" + (f"\nhealth check: {why}" if why else ""),
+        )
     ref_changes = snap.changes(inputs)
     if ref_changes:
-        return st.result(Verdict.ERROR, "the reference mutated its inputs (harness bug): "
-                         + "; ".join(c.text for c in ref_changes))
+        return st.result(
+            Verdict.ERROR, "the reference mutated its inputs (harness bug): " + "; ".join(c.text for c in ref_changes)
+        )
 
     # same values, packed at offset 0, copied before the op can touch them (for the layout check)
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
@@ -456,13 +495,19 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
 
     healthy, why = device_healthy(device)
     if not healthy:
-        attribution = {"surfaced_at": "health check after the op returned (asynchronous fault)",
-                       "launch_blocking": _launch_blocking()}
+        attribution = {
+            "surfaced_at": "health check after the op returned (asynchronous fault)",
+            "launch_blocking": _launch_blocking(),
+        }
         if recorder is not None:
-            attribution.update(op=recorder.tail[-1] if recorder.tail else "", ops_tail=list(recorder.tail),
-                               note="the op returned normally; the last op it launched is named")
-        return st.result(Verdict.DEVICE_FAULT, f"the op returned, then the device failed: {why}",
-                         attribution=attribution)
+            attribution.update(
+                op=recorder.tail[-1] if recorder.tail else "",
+                ops_tail=list(recorder.tail),
+                note="the op returned normally; the last op it launched is named",
+            )
+        return st.result(
+            Verdict.DEVICE_FAULT, f"the op returned, then the device failed: {why}", attribution=attribution
+        )
 
     if not isinstance(out, torch.Tensor):
         return st.result(Verdict.ERROR, f"{target.name}.run returned {type(out).__name__}, expected a Tensor")
@@ -470,18 +515,26 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     # ---- input mutation
     changes = snap.changes(inputs, tuple(getattr(target, "mutates", ()) or ()))
     if changes:
-        return st.result(Verdict.INPUT_MUTATION, INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes),
-                         mutated_inputs=[c.name for c in changes], poison_written=[c.name for c in changes if c.poison])
+        return st.result(
+            Verdict.INPUT_MUTATION,
+            INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes),
+            mutated_inputs=[c.name for c in changes],
+            poison_written=[c.name for c in changes if c.poison],
+        )
 
     if tuple(out.shape) != tuple(exact.shape):
-        return st.result(Verdict.DRIFT, f"output shape {tuple(out.shape)} differs from the reference's "
-                         f"{tuple(exact.shape)}")
+        return st.result(
+            Verdict.DRIFT, f"output shape {tuple(out.shape)} differs from the reference's {tuple(exact.shape)}"
+        )
 
     # ---- nonfinite where the reference is finite
     n_bad, first = _nonfinite_where_ref_finite(out, exact)
     if n_bad:
-        return st.result(Verdict.NONFINITE, f"{n_bad} NaN/inf output value(s) where the exact reference is "
-                         f"finite (first at index {first})", metrics={"nonfinite": n_bad, "numel": out.numel()})
+        return st.result(
+            Verdict.NONFINITE,
+            f"{n_bad} NaN/inf output value(s) where the exact reference is finite (first at index {first})",
+            metrics={"nonfinite": n_bad, "numel": out.numel()},
+        )
 
     # ---- drift (computed now, reported after the layout check)
     from harness.reference.metrics import error_report, judge
@@ -490,15 +543,21 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     j = judge(out, exact, emulated, bound)
     rep = j.report
     metrics: dict[str, Any] = {
-        "max_abs": rep.max_abs, "mean_abs": rep.mean_abs, "rmse": rep.rmse, "rel_l1": rep.rel_l1,
-        "cosine": rep.cosine, "sqnr_db": rep.sqnr_db, "numel": rep.numel,
-        "err": j.check.err, "allowed": j.check.allowed, "ratio": j.check.ratio,
+        "max_abs": rep.max_abs,
+        "mean_abs": rep.mean_abs,
+        "rmse": rep.rmse,
+        "rel_l1": rep.rel_l1,
+        "cosine": rep.cosine,
+        "sqnr_db": rep.sqnr_db,
+        "numel": rep.numel,
+        "err": j.check.err,
+        "allowed": j.check.allowed,
+        "ratio": j.check.ratio,
     }
     if j.ref_report is not None:
         metrics["ref_err"] = j.ref_report.metric(bound.metric)
         metrics["ref_sqnr_db"] = j.ref_report.sqnr_db
-    bound_d = {"k": bound.k, "floor": bound.floor, "metric": bound.metric, "why": bound.why,
-               "allowed": j.check.allowed}
+    bound_d = {"k": bound.k, "floor": bound.floor, "metric": bound.metric, "why": bound.why, "allowed": j.check.allowed}
 
     # ---- layout invariance: the same values, packed and at offset 0
     if contig is not None:
@@ -508,8 +567,12 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
             verdict, why = classify_exception(e, device)
             if verdict is Verdict.DEVICE_FAULT:
                 return st.result(verdict, f"the contiguous rerun faulted: {type(e).__name__}: {_first_line(e)}")
-            return st.result(Verdict.LAYOUT_NONINVARIANCE, f"the op accepted the strided layout but rejected the "
-                             f"same values packed: {type(e).__name__}: {_first_line(e)}", metrics=metrics)
+            return st.result(
+                Verdict.LAYOUT_NONINVARIANCE,
+                f"the op accepted the strided layout but rejected the "
+                f"same values packed: {type(e).__name__}: {_first_line(e)}",
+                metrics=metrics,
+            )
         healthy, why = device_healthy(device)
         if not healthy:
             return st.result(Verdict.DEVICE_FAULT, f"the contiguous rerun left the device broken: {why}")
@@ -519,23 +582,31 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
                 d = error_report(out, out_c) if out.shape == out_c.shape else None
                 if d is not None:
                     metrics.update(layout_max_abs=d.max_abs, layout_mean_abs=d.mean_abs)
-                return st.result(Verdict.LAYOUT_NONINVARIANCE,
-                                 "the same values in the contiguous layout give a different result (bitwise "
-                                 "equality expected)" + (f": max_abs {d.max_abs:.4g}, mean_abs {d.mean_abs:.4g}"
-                                                         if d is not None else ""),
-                                 metrics=metrics, bound={"k": 0.0, "floor": 0.0, "why": "bitwise equal expected"})
+                return st.result(
+                    Verdict.LAYOUT_NONINVARIANCE,
+                    "the same values in the contiguous layout give a different result (bitwise "
+                    "equality expected)"
+                    + (f": max_abs {d.max_abs:.4g}, mean_abs {d.mean_abs:.4g}" if d is not None else ""),
+                    metrics=metrics,
+                    bound={"k": 0.0, "floor": 0.0, "why": "bitwise equal expected"},
+                )
         else:
             d = error_report(out, out_c)
-            ref_err = metrics.get("ref_err") if lb.metric == bound.metric else (
-                j.ref_report.metric(lb.metric) if j.ref_report is not None else None)
+            ref_err = (
+                metrics.get("ref_err")
+                if lb.metric == bound.metric
+                else (j.ref_report.metric(lb.metric) if j.ref_report is not None else None)
+            )
             chk = lb.check(d.metric(lb.metric), ref_err)
             metrics.update(layout_err=chk.err, layout_allowed=chk.allowed, layout_ratio=chk.ratio)
             if not chk.passed or d.nonfinite_mismatch:
-                return st.result(Verdict.LAYOUT_NONINVARIANCE,
-                                 f"the same values in the contiguous layout differ by {lb.metric} {chk.err:.4g} > "
-                                 f"allowed {chk.allowed:.4g} (x{chk.ratio:.3g})",
-                                 metrics=metrics, bound={"k": lb.k, "floor": lb.floor, "metric": lb.metric,
-                                                         "why": lb.why, "allowed": chk.allowed})
+                return st.result(
+                    Verdict.LAYOUT_NONINVARIANCE,
+                    f"the same values in the contiguous layout differ by {lb.metric} {chk.err:.4g} > "
+                    f"allowed {chk.allowed:.4g} (x{chk.ratio:.3g})",
+                    metrics=metrics,
+                    bound={"k": lb.k, "floor": lb.floor, "metric": lb.metric, "why": lb.why, "allowed": chk.allowed},
+                )
 
     if not j.passed:
         return st.result(Verdict.DRIFT, j.reason, metrics=metrics, bound=bound_d)

@@ -43,8 +43,12 @@ def _exit_text(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = {"SIGKILL": " (killed: the kernel's OOM killer, a memory limit, or a timeout)",
-                "SIGSEGV": " (segmentation fault)", "SIGABRT": " (abort)", "SIGBUS": " (bus error)"}.get(name, "")
+        hint = {
+            "SIGKILL": " (killed: the kernel's OOM killer, a memory limit, or a timeout)",
+            "SIGSEGV": " (segmentation fault)",
+            "SIGABRT": " (abort)",
+            "SIGBUS": " (bus error)",
+        }.get(name, "")
         return f"killed by {name}{hint}"
     return f"exited with status {code}"
 
@@ -61,7 +65,7 @@ def _faulthandler_frame(log: str) -> str:
     lines = log.splitlines()
     for i, ln in enumerate(lines):
         if ln.startswith("Fatal Python error") or ln.startswith("Current thread") or ln.startswith("Thread 0x"):
-            frames = [f.strip() for f in lines[i + 1:] if f.strip().startswith("File ")]
+            frames = [f.strip() for f in lines[i + 1 :] if f.strip().startswith("File ")]
             for f in frames:
                 path = f.split('"')[1] if f.count('"') >= 2 else ""
                 if path and not path.startswith(_LIB_DIRS) and f"{os.sep}torch{os.sep}" not in path:
@@ -86,9 +90,16 @@ class Cancelled(RuntimeError):
     """A fresh-process run was stopped through its ``cancel`` event (its pool is closing)."""
 
 
-def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, launch_blocking: bool = False,
-                         record_ops: bool = True, sanitizer: bool = False, timeout: float = DEFAULT_CASE_TIMEOUT,
-                         cancel: threading.Event | None = None) -> Result:
+def run_in_fresh_process(
+    case_path: str | os.PathLike,
+    device: str = "cpu",
+    *,
+    launch_blocking: bool = False,
+    record_ops: bool = True,
+    sanitizer: bool = False,
+    timeout: float = DEFAULT_CASE_TIMEOUT,
+    cancel: threading.Event | None = None,
+) -> Result:
     """Run a case file in a new interpreter (``python -m harness.runner.worker``) and return its Result.
 
     ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
@@ -103,11 +114,18 @@ def run_in_fresh_process(case_path: str | os.PathLike, device: str = "cpu", *, l
         _drop_tmp(tmp)
 
 
-def _run_fresh(tmp: str, case_path: str | os.PathLike, device: str, launch_blocking: bool, record_ops: bool,
-               sanitizer: bool, timeout: float, cancel: threading.Event | None) -> Result:
+def _run_fresh(
+    tmp: str,
+    case_path: str | os.PathLike,
+    device: str,
+    launch_blocking: bool,
+    record_ops: bool,
+    sanitizer: bool,
+    timeout: float,
+    cancel: threading.Event | None,
+) -> Result:
     out = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device,
-           "--result", out]
+    cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device, "--result", out]
     if record_ops:
         cmd.append("--record-ops")
     san_note = None
@@ -122,11 +140,16 @@ def _run_fresh(tmp: str, case_path: str | os.PathLike, device: str, launch_block
     try:
         cp = _run_cancellable(cmd, env, timeout, cancel)
     except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")
+        tail = e.stderr or b""
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        return Result(Verdict.TIMEOUT, f"fresh process ran past {timeout:.0f} s", device=device,
-                      duration=time.perf_counter() - t0, worker="fresh",
-                      attribution={"log": tail[-2000:]} if tail else None)
+        return Result(
+            Verdict.TIMEOUT,
+            f"fresh process ran past {timeout:.0f} s",
+            device=device,
+            duration=time.perf_counter() - t0,
+            worker="fresh",
+            attribution={"log": tail[-2000:]} if tail else None,
+        )
     if os.path.exists(out):
         with open(out) as f:
             r = Result.from_json(json.load(f))
@@ -136,8 +159,14 @@ def _run_fresh(tmp: str, case_path: str | os.PathLike, device: str, launch_block
         att: dict[str, Any] = {"frame": _faulthandler_frame(log), "log": log[-1500:]}
         if code == 1 and "Traceback (most recent call last)" in log:
             att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
-        r = Result(Verdict.WORKER_CRASH, f"fresh process {_exit_text(code)} before writing a result",
-                   device=device, duration=time.perf_counter() - t0, worker="fresh", attribution=att)
+        r = Result(
+            Verdict.WORKER_CRASH,
+            f"fresh process {_exit_text(code)} before writing a result",
+            device=device,
+            duration=time.perf_counter() - t0,
+            worker="fresh",
+            attribution=att,
+        )
     if sanitizer:
         att = dict(r.attribution or {})
         att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
@@ -151,17 +180,31 @@ def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
     return max(120.0, 2 * float(case_timeout)) * (10 if sanitizer else 1)
 
 
-def attribution_rerun(case_path: str | os.PathLike, device: str, *, sanitizer: bool = False,
-                      case_timeout: float = DEFAULT_CASE_TIMEOUT, timeout: float | None = None,
-                      cancel: threading.Event | None = None) -> Result:
+def attribution_rerun(
+    case_path: str | os.PathLike,
+    device: str,
+    *,
+    sanitizer: bool = False,
+    case_timeout: float = DEFAULT_CASE_TIMEOUT,
+    timeout: float | None = None,
+    cancel: threading.Event | None = None,
+) -> Result:
     """The case rerun in a fresh process with ``CUDA_LAUNCH_BLOCKING=1`` and op recording, to name the op
     that faults (optionally under compute-sanitizer); ``timeout`` defaults to twice the case's (at least 120 s), ten times that under the sanitizer."""
-    return run_in_fresh_process(case_path, device, launch_blocking=True, record_ops=True, sanitizer=sanitizer,
-                                timeout=timeout or _default_attribution_timeout(case_timeout, sanitizer), cancel=cancel)
+    return run_in_fresh_process(
+        case_path,
+        device,
+        launch_blocking=True,
+        record_ops=True,
+        sanitizer=sanitizer,
+        timeout=timeout or _default_attribution_timeout(case_timeout, sanitizer),
+        cancel=cancel,
+    )
 
 
-def _run_cancellable(cmd: list[str], env: Mapping[str, str], timeout: float,
-                     cancel: threading.Event | None) -> subprocess.CompletedProcess:
+def _run_cancellable(
+    cmd: list[str], env: Mapping[str, str], timeout: float, cancel: threading.Event | None
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop."""
     if cancel is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

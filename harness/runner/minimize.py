@@ -66,8 +66,6 @@ class MinimizeResult:
     result: Result
 
 
-
-
 def _slice_to(t: "torch.Tensor", shape: tuple[int, ...]) -> "torch.Tensor":
     return t[tuple(slice(0, s) for s in shape)].clone()
 
@@ -111,7 +109,7 @@ def candidates(case: "Case", values: Mapping[str, "torch.Tensor"]) -> Iterator[t
             for new in sorted({1, d // 2}, reverse=True):
                 if new >= d or new < 1:
                     continue
-                shape = spec.shape[:i] + (new,) + spec.shape[i + 1:]
+                shape = spec.shape[:i] + (new,) + spec.shape[i + 1 :]
                 try:
                     new_spec = spec.replace(shape=shape)
                 except LayoutError:
@@ -130,13 +128,22 @@ def candidates(case: "Case", values: Mapping[str, "torch.Tensor"]) -> Iterator[t
         new_vals = {k: v for k, v in vals.items() if k != name}
         values_ = dict(case.values)
         values_.setdefault(name, ValueSpec("normal", seed=int(case.seed)))
-        yield (f"{name}: stored values -> recipe {values_[name].kind}", dataclasses.replace(case, values=values_),
-               new_vals)
+        yield (
+            f"{name}: stored values -> recipe {values_[name].kind}",
+            dataclasses.replace(case, values=values_),
+            new_vals,
+        )
 
 
-def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Callable[["Case", dict], Result], *,
-             max_steps: int = 300, log: Callable[[str], None] | None = None,
-             max_elements: int | None = None) -> MinimizeResult:
+def minimize(
+    case: "Case",
+    values: Mapping[str, "torch.Tensor"] | None,
+    run: Callable[["Case", dict], Result],
+    *,
+    max_steps: int = 300,
+    log: Callable[[str], None] | None = None,
+    max_elements: int | None = None,
+) -> MinimizeResult:
     """Greedy shrink of ``case`` keeping the verdict ``run(case, values)`` gives it.
 
     ``run`` executes one candidate (a pool in practice, a stub in tests). Raises
@@ -153,7 +160,7 @@ def minimize(case: "Case", values: Mapping[str, "torch.Tensor"] | None, run: Cal
     target = first.verdict
     why = first.message.splitlines()[0] if first.message else ""
     if not target.failed or harness_side(target):
-        what = ("the harness cannot run it as it needs" if harness_side(target) else "the case does not fail here")
+        what = "the harness cannot run it as it needs" if harness_side(target) else "the case does not fail here"
         raise NothingToMinimize(f"{what} (verdict {target.value}: {why}); nothing to minimize", target)
     cur_case, cur_vals, cur_result = case, dict(values or {}), first
     removed: list[str] = []
@@ -219,12 +226,19 @@ def _cmd(args: argparse.Namespace) -> int:
         print_problem("minimize", f"cannot run here: {why}")
         return EXIT_CANNOT_RUN
     with WorkerPool([device], 1, case_timeout=args.timeout, attribute=False, spares=1) as pool:
+
         def run(c: "Case", v: dict) -> Result:
             return pool.submit(c, values=v or None).result()
 
         try:
-            res = minimize(case, tensors, run, max_steps=args.max_steps, log=lambda s: print(f"  {s}", flush=True),
-                           max_elements=args.max_elements)
+            res = minimize(
+                case,
+                tensors,
+                run,
+                max_steps=args.max_steps,
+                log=lambda s: print(f"  {s}", flush=True),
+                max_elements=args.max_elements,
+            )
         except NothingToMinimize as e:
             print_problem("minimize", e)
             if e.verdict is Verdict.UNAVAILABLE:
@@ -248,12 +262,19 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``minimize``."""
-    p = subparsers.add_parser("minimize", help="shrink a failing case one layout property at a time",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "minimize",
+        help="shrink a failing case one layout property at a time",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("case", help="CASE.json of a failing case")
-    p.add_argument("--out", default=None,
-                   help="file to write the minimal case to, or a directory to put CASE-min.json in "
-                        "(default: CASE-min.json beside the case); an existing file needs --force")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="file to write the minimal case to, or a directory to put CASE-min.json in "
+        "(default: CASE-min.json beside the case); an existing file needs --force",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: where the case was recorded)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per candidate before it counts as a timeout")

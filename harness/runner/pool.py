@@ -115,8 +115,9 @@ RETIRE_TIMEOUT = 30.0
 
 
 #: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
-ATTRIBUTION_SKIPPED = (f"{POOL_CLOSED} (cancel_pending) before the CUDA_LAUNCH_BLOCKING rerun finished; "
-                       "replay the case to attribute it")
+ATTRIBUTION_SKIPPED = (
+    f"{POOL_CLOSED} (cancel_pending) before the CUDA_LAUNCH_BLOCKING rerun finished; replay the case to attribute it"
+)
 
 
 class PoolClosed(RuntimeError):
@@ -125,6 +126,7 @@ class PoolClosed(RuntimeError):
 
 def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
     """Wait until every process in ``procs`` has exited or ``timeout`` passed; returns those still alive."""
+
     def running(p: Any) -> bool:
         try:
             return p.is_alive()
@@ -141,6 +143,7 @@ def _wait_exit(procs: Sequence[Any], timeout: float) -> list[Any]:
             multiprocessing.connection.wait([p.sentinel for p in alive], timeout=left)
         except (ValueError, OSError):
             pass
+
 
 # ------------------------------------------------------------------------------ the pool
 
@@ -198,11 +201,21 @@ class WorkerPool:
     ``close()`` asks the workers to exit and waits ``STOP_TIMEOUT`` s before ending them.
     """
 
-    def __init__(self, devices: str | Sequence[str] | None = None, workers_per_device: int = 1, *,
-                 case_timeout: float = DEFAULT_CASE_TIMEOUT, spares: int | None = None,
-                 cases_dir: str | os.PathLike | None = None, attribute: bool = True, sanitizer: bool = False,
-                 prefetch: int = 2, start_timeout: float = DEFAULT_START_TIMEOUT,
-                 attribution_timeout: float | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        devices: str | Sequence[str] | None = None,
+        workers_per_device: int = 1,
+        *,
+        case_timeout: float = DEFAULT_CASE_TIMEOUT,
+        spares: int | None = None,
+        cases_dir: str | os.PathLike | None = None,
+        attribute: bool = True,
+        sanitizer: bool = False,
+        prefetch: int = 2,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        attribution_timeout: float | None = None,
+        threads: int | None = None,
+    ) -> None:
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device={workers_per_device!r} must be an integer >= 1")
         if not case_timeout or case_timeout <= 0:
@@ -271,8 +284,14 @@ class WorkerPool:
         _LIVE_POOLS.add(self)
 
     # ---------------------------------------------------------------- public API
-    def submit(self, case: "Case", *, values: Mapping[str, "torch.Tensor"] | None = None,
-               timeout: float | None = None, record_ops: bool = False) -> "Future[Result]":
+    def submit(
+        self,
+        case: "Case",
+        *,
+        values: Mapping[str, "torch.Tensor"] | None = None,
+        timeout: float | None = None,
+        record_ops: bool = False,
+    ) -> "Future[Result]":
         """Queue ``case``; the Future resolves to its Result. ``values`` override the recipes (not modified)."""
         from harness.cases import Case
 
@@ -283,8 +302,16 @@ class WorkerPool:
         from harness.runner.worker import encode_values
 
         fut: Future = Future()
-        item = _Item(next(self._ids), case, encode_values(values), values, fut,
-                     float(timeout or self.case_timeout), record_ops, queued_at=time.monotonic())
+        item = _Item(
+            next(self._ids),
+            case,
+            encode_values(values),
+            values,
+            fut,
+            float(timeout or self.case_timeout),
+            record_ops,
+            queued_at=time.monotonic(),
+        )
         with self._lock:
             if self._closing:
                 raise PoolClosed("the pool is closed; create a new WorkerPool")
@@ -331,8 +358,18 @@ class WorkerPool:
     def workers(self) -> list[dict[str, Any]]:
         """One dict per live worker: name, device, pid, state, spare, cases done."""
         with self._lock:
-            return [{"name": w.name, "device": w.device, "pid": w.proc.pid, "state": w.state, "spare": w.spare,
-                     "cases": w.cases_done, "info": dict(w.info)} for w in self._workers]
+            return [
+                {
+                    "name": w.name,
+                    "device": w.device,
+                    "pid": w.proc.pid,
+                    "state": w.state,
+                    "spare": w.spare,
+                    "cases": w.cases_done,
+                    "info": dict(w.info),
+                }
+                for w in self._workers
+            ]
 
     def close(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
         """Finish every submitted case, then stop the workers: each is asked to exit (status 0), and ended
@@ -351,14 +388,22 @@ class WorkerPool:
                 self._cancel_attribution.set()
                 while self._pending:
                     item = self._pending.popleft()
-                    self._resolve_locked(item, Result(Verdict.ERROR, f"{POOL_CLOSED} before this case ran",
-                                                      op=item.case.op))
+                    self._resolve_locked(
+                        item, Result(Verdict.ERROR, f"{POOL_CLOSED} before this case ran", op=item.case.op)
+                    )
                 for w in self._workers:
                     if w.outstanding:
                         for item in w.outstanding:
-                            self._resolve_locked(item, Result(Verdict.ERROR, f"{POOL_CLOSED} while this case "
-                                                              "was queued or running", op=item.case.op,
-                                                              worker=w.name, device=w.device))
+                            self._resolve_locked(
+                                item,
+                                Result(
+                                    Verdict.ERROR,
+                                    f"{POOL_CLOSED} while this case was queued or running",
+                                    op=item.case.op,
+                                    worker=w.name,
+                                    device=w.device,
+                                ),
+                            )
                         w.outstanding.clear()
                         w.proc.kill()
         self._wake()
@@ -406,8 +451,12 @@ class WorkerPool:
         name = f"{device}#{next(self._names)}"
         log_path = os.path.join(self._tmp, f"{name.replace(':', '_').replace('#', '_')}.log")
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, args=(child_conn, device, name, log_path, self._threads),
-                                 name=f"harness-worker-{name}", daemon=True)
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(child_conn, device, name, log_path, self._threads),
+            name=f"harness-worker-{name}",
+            daemon=True,
+        )
         proc.start()
         child_conn.close()
         w = _Worker(name, device, proc, parent_conn, log_path, spare, time.monotonic())
@@ -421,8 +470,9 @@ class WorkerPool:
         now = time.monotonic()
         for dev in self.devices:
             live = [w for w in self._workers if w.device == dev and w.state in ("starting", "ready")]
-            if self._start_failures[dev] and (now < self._next_start[dev] or not self._pending
-                                              or any(w.state == "starting" for w in live)):
+            if self._start_failures[dev] and (
+                now < self._next_start[dev] or not self._pending or any(w.state == "starting" for w in live)
+            ):
                 continue  # starts fail here: one at a time, after the back-off, while cases wait
             active = [w for w in live if not w.spare]
             spares = [w for w in live if w.spare]
@@ -553,8 +603,11 @@ class WorkerPool:
         self._first_failure.setdefault(dev, now)
         self._start_errors[dev] = why
         self._next_start[dev] = now + min(MAX_START_BACKOFF, START_BACKOFF * 2 ** (self._start_failures[dev] - 1))
-        if self._down_since is None and all(self._start_failures[d] for d in self.devices) and not any(
-                x.state == "ready" and not x.spare for x in self._workers):
+        if (
+            self._down_since is None
+            and all(self._start_failures[d] for d in self.devices)
+            and not any(x.state == "ready" and not x.spare for x in self._workers)
+        ):
             self._down_since = now
         self._lose(w, reason, 0)
 
@@ -607,14 +660,20 @@ class WorkerPool:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
                 path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=values)
             try:
-                rerun = attribution_rerun(path, result.device or "cpu", sanitizer=self.sanitizer,
-                                          timeout=self.attribution_timeout, cancel=self._cancel_attribution)
+                rerun = attribution_rerun(
+                    path,
+                    result.device or "cpu",
+                    sanitizer=self.sanitizer,
+                    timeout=self.attribution_timeout,
+                    cancel=self._cancel_attribution,
+                )
                 result.attribution = merge_attribution(result.attribution, rerun)
             except Cancelled:
                 result.attribution = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
             if self.cases_dir is not None:
-                save_failure(item.case, result, self.cases_dir, values=values,
-                             name=Path(path).stem)  # rewrite with the attribution
+                save_failure(
+                    item.case, result, self.cases_dir, values=values, name=Path(path).stem
+                )  # rewrite with the attribution
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -747,8 +806,10 @@ class WorkerPool:
             elif kind in ("started", "result"):
                 case_id = msg[1]
                 if not w.outstanding or w.outstanding[0].id != case_id:  # pragma: no cover - protocol bug
-                    raise RuntimeError(f"worker {w.name} sent {kind!r} for case {case_id}, expected "
-                                       f"{w.outstanding[0].id if w.outstanding else None}")
+                    raise RuntimeError(
+                        f"worker {w.name} sent {kind!r} for case {case_id}, expected "
+                        f"{w.outstanding[0].id if w.outstanding else None}"
+                    )
                 if kind == "started":
                     self._case_started(w, w.outstanding[0])
                     continue
@@ -765,10 +826,17 @@ class WorkerPool:
     def _crash_result(self, w: _Worker, item: _Item, what: str, code: int | None) -> Result:
         log = self._log_tail(w)
         att = {"frame": _faulthandler_frame(log), "log": log[-1500:]} if log.strip() else None
-        result = Result(Verdict.WORKER_CRASH, f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} {what}",
-                        op=item.case.op, device=w.device, worker=w.name, attribution=att, env=dict(w.info),
-                        duration=time.monotonic() - (item.started_at or item.sent_at),
-                        layouts=item.case.describe_layouts())
+        result = Result(
+            Verdict.WORKER_CRASH,
+            f"worker {w.name} (pid {w.proc.pid}) {_exit_text(code)} {what}",
+            op=item.case.op,
+            device=w.device,
+            worker=w.name,
+            attribution=att,
+            env=dict(w.info),
+            duration=time.monotonic() - (item.started_at or item.sent_at),
+            layouts=item.case.describe_layouts(),
+        )
         result.metrics["exitcode"] = code
         return result
 
@@ -779,9 +847,13 @@ class WorkerPool:
         if item is not None:
             item.resends += 1
         if item is not None and item.resends >= MAX_RESENDS:
-            result = self._crash_result(w, item, f"after this case was sent and before it started it; "
-                                        f"{item.resends} workers in a row did so (it may kill them as it arrives)",
-                                        w.proc.exitcode)
+            result = self._crash_result(
+                w,
+                item,
+                f"after this case was sent and before it started it; "
+                f"{item.resends} workers in a row did so (it may kill them as it arrives)",
+                w.proc.exitcode,
+            )
             self._lose(w, reason, 1, op=item.case.op)
             self._finish(item, result)
         else:
@@ -821,10 +893,16 @@ class WorkerPool:
                 elif item.started_at is None:
                     self._not_started(w, f"did not take the case it was sent within {item.timeout:g} s")
                 else:
-                    result = Result(Verdict.TIMEOUT, f"ran past the {item.timeout:g} s case timeout; worker {w.name} "
-                                    f"was killed and replaced", op=item.case.op, device=w.device, worker=w.name,
-                                    duration=now - item.started_at, env=dict(w.info),
-                                    layouts=item.case.describe_layouts())
+                    result = Result(
+                        Verdict.TIMEOUT,
+                        f"ran past the {item.timeout:g} s case timeout; worker {w.name} was killed and replaced",
+                        op=item.case.op,
+                        device=w.device,
+                        worker=w.name,
+                        duration=now - item.started_at,
+                        env=dict(w.info),
+                        layouts=item.case.describe_layouts(),
+                    )
                     self._lose(w, "timeout", 1, op=item.case.op)
                     self._finish(item, result)
             elif w.state == "starting":
@@ -847,10 +925,18 @@ class WorkerPool:
             first = "; ".join(f"{d}: {self._start_errors.get(d, '?').strip().splitlines()[0]}" for d in self.devices)
             detail = "\n".join(
                 f"{d}: {self._start_failures[d]} failed start(s) in {now - self._first_failure.get(d, now):.1f} s, "
-                f"retrying with back-off; last error:\n{self._start_errors.get(d, '?')[-1500:]}" for d in self.devices)
-            self._resolve_locked(item, Result(
-                Verdict.ERROR, f"worker start failed: {first}\n(this case waited {waited:.1f} s, its timeout, for "
-                f"a worker; the harness could not run it)\n{detail}", op=item.case.op))
+                f"retrying with back-off; last error:\n{self._start_errors.get(d, '?')[-1500:]}"
+                for d in self.devices
+            )
+            self._resolve_locked(
+                item,
+                Result(
+                    Verdict.ERROR,
+                    f"worker start failed: {first}\n(this case waited {waited:.1f} s, its timeout, for "
+                    f"a worker; the harness could not run it)\n{detail}",
+                    op=item.case.op,
+                ),
+            )
         self._pending = keep
 
 
@@ -865,7 +951,9 @@ def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[st
         if ra.get(key):
             att[key] = ra[key]
     if not att["reproduced"]:
-        att["note"] = (f"the rerun with CUDA_LAUNCH_BLOCKING=1 in a fresh process gave {rerun.verdict.value}"
-                       f" ({rerun.message.splitlines()[0] if rerun.message else ''}); the fault may depend on "
-                       "earlier cases or on timing")
+        att["note"] = (
+            f"the rerun with CUDA_LAUNCH_BLOCKING=1 in a fresh process gave {rerun.verdict.value}"
+            f" ({rerun.message.splitlines()[0] if rerun.message else ''}); the fault may depend on "
+            "earlier cases or on timing"
+        )
     return att

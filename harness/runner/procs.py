@@ -73,7 +73,7 @@ def remove_stale_tmp(root: str | os.PathLike | None = None) -> list[str]:
         return removed
     for e in entries:
         prefix = next((p for p in _TMP_PREFIXES if e.name.startswith(p)), None)
-        pid_text = e.name[len(prefix):].split("-", 1)[0] if prefix else ""
+        pid_text = e.name[len(prefix) :].split("-", 1)[0] if prefix else ""
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         try:

@@ -31,8 +31,18 @@ from typing import Any
 
 from harness.verdicts import Result, Verdict
 
-__all__ = ["add_parser", "replay", "choose_device", "exit_code", "harness_side", "EXIT_PASS", "EXIT_FAIL",
-           "EXIT_HARNESS", "EXIT_BISECT_ABORT", "EXIT_CANNOT_RUN"]
+__all__ = [
+    "add_parser",
+    "replay",
+    "choose_device",
+    "exit_code",
+    "harness_side",
+    "EXIT_PASS",
+    "EXIT_FAIL",
+    "EXIT_HARNESS",
+    "EXIT_BISECT_ABORT",
+    "EXIT_CANNOT_RUN",
+]
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -69,8 +79,10 @@ def choose_device(case_env: dict[str, Any], requested: str | None) -> tuple[str 
     if recorded.startswith("cuda"):
         if not gpus:
             name = case_env.get("device_name", "")
-            return None, (f"the case was recorded on CUDA ({name or recorded}) and no CUDA device is visible here; "
-                          "pass --device cpu to run it on the CPU anyway")
+            return None, (
+                f"the case was recorded on CUDA ({name or recorded}) and no CUDA device is visible here; "
+                "pass --device cpu to run it on the CPU anyway"
+            )
         return gpus[0], ""
     if recorded == "cpu":
         return "cpu", ""
@@ -92,8 +104,15 @@ def exit_code(result: Result, expect: Verdict | None, *, bisect: bool = False) -
     return EXIT_PASS if result.verdict is Verdict.PASS else EXIT_FAIL
 
 
-def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = False, attribute: bool = True,
-           timeout: float | None = None, max_elements: int | None = None) -> tuple[Result | None, str]:
+def replay(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    sanitizer: bool = False,
+    attribute: bool = True,
+    timeout: float | None = None,
+    max_elements: int | None = None,
+) -> tuple[Result | None, str]:
     """Replay a case file in fresh processes; returns (Result, "") or (None, why it cannot run here).
 
     Raises ``harness.cases.CaseError`` for a file that is missing, malformed or over the element
@@ -105,8 +124,9 @@ def replay(path: str | Path, *, device: str | None = None, sanitizer: bool = Fal
     return _run(path, case, device=device, sanitizer=sanitizer, attribute=attribute, timeout=timeout)
 
 
-def _run(path: str | Path, case: Any, *, device: str | None, sanitizer: bool, attribute: bool,
-         timeout: float | None) -> tuple[Result | None, str]:
+def _run(
+    path: str | Path, case: Any, *, device: str | None, sanitizer: bool, attribute: bool, timeout: float | None
+) -> tuple[Result | None, str]:
     from harness.runner.pool import DEFAULT_CASE_TIMEOUT, attribution_rerun, merge_attribution, run_in_fresh_process
 
     dev, why = choose_device(case.env, device)
@@ -132,8 +152,15 @@ def _run(path: str | Path, case: Any, *, device: str | None, sanitizer: bool, at
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from harness.cases import (MAX_CASE_ELEMENTS_ENV, CaseError, CaseTooNew, load_case, print_problem, printable,
-                               tolerant_stdout)
+    from harness.cases import (
+        MAX_CASE_ELEMENTS_ENV,
+        CaseError,
+        CaseTooNew,
+        load_case,
+        print_problem,
+        printable,
+        tolerant_stdout,
+    )
 
     tolerant_stdout()
     harness_exit = _harness_exit(args.bisect)
@@ -155,8 +182,14 @@ def _cmd(args: argparse.Namespace) -> int:
         return harness_exit
     if args.max_elements is not None:
         os.environ[MAX_CASE_ELEMENTS_ENV] = str(args.max_elements)  # the fresh worker loads the case too
-    result, why = _run(args.case, case, device=args.device, sanitizer=args.sanitizer, attribute=not args.no_attribute,
-                       timeout=args.timeout)
+    result, why = _run(
+        args.case,
+        case,
+        device=args.device,
+        sanitizer=args.sanitizer,
+        attribute=not args.no_attribute,
+        timeout=args.timeout,
+    )
     if result is None:
         print_problem("replay", f"cannot run here: {why}")
         return EXIT_CANNOT_RUN
@@ -171,27 +204,43 @@ def _cmd(args: argparse.Namespace) -> int:
     if code == EXIT_CANNOT_RUN and result.verdict is not Verdict.UNAVAILABLE:
         print_problem("replay", "the harness itself failed to start here; exit 125 (cannot run)")
     elif harness_side(result.verdict) and code != EXIT_PASS:
-        print_problem("replay", f"verdict {result.verdict.value} is the harness's, not the op's: "
-                                f"{(result.message or '').splitlines()[0] if result.message else ''}{abort}")
+        print_problem(
+            "replay",
+            f"verdict {result.verdict.value} is the harness's, not the op's: "
+            f"{(result.message or '').splitlines()[0] if result.message else ''}{abort}",
+        )
     return code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``replay`` (see the module docstring for exit codes)."""
-    p = subparsers.add_parser("replay", help="rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side "
-                                             "problem, 125 cannot run)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "replay",
+        help="rerun a case in a fresh worker (exit 0 pass, 1 fail, 2 harness-side problem, 125 cannot run)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("case", help="CASE.json (its .safetensors sibling is used when present)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: where the case was recorded; cuda:0 if unknown and present)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: where the case was recorded; cuda:0 if unknown and present)",
+    )
     p.add_argument("--sanitizer", action="store_true", help="also run it under compute-sanitizer --tool memcheck")
-    p.add_argument("--expect", default=None, metavar="VERDICT",
-                   help="exit 0 iff the verdict is VERDICT (e.g. device_fault, rejected); for regression corpora")
+    p.add_argument(
+        "--expect",
+        default=None,
+        metavar="VERDICT",
+        help="exit 0 iff the verdict is VERDICT (e.g. device_fault, rejected); for regression corpora",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds before the case counts as a timeout")
     p.add_argument("--no-attribute", action="store_true", help="skip the CUDA_LAUNCH_BLOCKING=1 rerun of a fault")
     p.add_argument("--json", action="store_true", help="print the Result as JSON")
-    p.add_argument("--bisect", action="store_true",
-                   help="for git bisect run: exit 128 (abort the bisect) instead of 2 on a harness-side problem")
+    p.add_argument(
+        "--bisect",
+        action="store_true",
+        help="for git bisect run: exit 128 (abort the bisect) instead of 2 on a harness-side problem",
+    )
     from harness.cases import add_budget_argument
 
     add_budget_argument(p)

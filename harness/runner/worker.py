@@ -31,8 +31,17 @@ import sys
 import time
 from typing import Any, Mapping
 
-__all__ = ["worker_main", "encode_values", "decode_values", "main", "EXIT_DEVICE_FAULT", "EXIT_INIT_FAILED",
-           "EXIT_PARENT_GONE", "FAIL_STARTS_ENV", "WARM_IMPORTS"]
+__all__ = [
+    "worker_main",
+    "encode_values",
+    "decode_values",
+    "main",
+    "EXIT_DEVICE_FAULT",
+    "EXIT_INIT_FAILED",
+    "EXIT_PARENT_GONE",
+    "FAIL_STARTS_ENV",
+    "WARM_IMPORTS",
+]
 
 #: exit code of a worker that retired itself after a sticky device error
 EXIT_DEVICE_FAULT = 17
@@ -44,8 +53,14 @@ EXIT_PARENT_GONE = 19
 FAIL_STARTS_ENV = "HARNESS_FAIL_WORKER_STARTS"
 #: imported before a worker reports ready, so no case pays for them inside its timed window
 #: (``torch._dynamo`` alone is 1-4 s: torch imports it on the first dispatch-mode error or compile)
-WARM_IMPORTS = ("torch._dynamo", "harness.reference", "harness.reference.wan", "harness.targets.protocol",
-                "harness.runner.execute", "harness.cases")
+WARM_IMPORTS = (
+    "torch._dynamo",
+    "harness.reference",
+    "harness.reference.wan",
+    "harness.targets.protocol",
+    "harness.runner.execute",
+    "harness.cases",
+)
 
 
 def encode_values(values: Mapping[str, Any] | None) -> bytes | None:
@@ -260,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if torch.cuda.is_available():
                 torch.cuda.set_device(torch.device(args.device).index or 0)
-        r = run_case(case, args.device, values=tensors or None, record_ops=args.record_ops,
-                     worker=f"fresh pid {os.getpid()}")
+        r = run_case(
+            case, args.device, values=tensors or None, record_ops=args.record_ops, worker=f"fresh pid {os.getpid()}"
+        )
     r.duration = time.perf_counter() - t0 if r.duration == 0 else r.duration
     tmp = args.result + ".tmp"
     with open(tmp, "w") as f:

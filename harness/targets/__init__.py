@@ -124,7 +124,7 @@ def plugin_target_on_demand(name: str) -> str | None:
     for prefix, register in _plugin_prefixes().items():
         if name.startswith(prefix):
             try:
-                return register(name[len(prefix):])
+                return register(name[len(prefix) :])
             except ValueError:
                 return None
     return None
@@ -138,8 +138,9 @@ def register_env_plugins() -> list[str]:
     def specs(var: str) -> list[str]:
         return [s.strip() for s in os.environ.get(var, "").split(",") if s.strip()]
 
-    return [register_plugin(s) for s in specs(PLUGINS_ENV)] + [register_attention_plugin(s)
-                                                                 for s in specs(ATTN_PLUGINS_ENV)]
+    return [register_plugin(s) for s in specs(PLUGINS_ENV)] + [
+        register_attention_plugin(s) for s in specs(ATTN_PLUGINS_ENV)
+    ]
 
 
 def load_targets(*, include_doubles: bool = False) -> dict[str, Target]:

@@ -41,8 +41,14 @@ from harness.targets.base import ClassTarget, materialize_inputs
 from harness.targets.layout_classes import Draw
 from harness.targets.plugin import PluginTarget, register_plugin_target
 
-__all__ = ["AttentionTarget", "SafeAttentionTarget", "PluginAttentionTarget", "ATTENTION_TARGETS",
-           "register_backend_targets", "register_attention_plugin"]
+__all__ = [
+    "AttentionTarget",
+    "SafeAttentionTarget",
+    "PluginAttentionTarget",
+    "ATTENTION_TARGETS",
+    "register_backend_targets",
+    "register_attention_plugin",
+]
 
 _K_BOUND = 2.0
 _DTYPE = "bfloat16"
@@ -72,8 +78,9 @@ class AttentionTarget(ClassTarget):
     def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:
         return self._case(draw, class_name, seed, params={"backend": self.backend_name}, backend=self.backend_name)
 
-    def make_inputs(self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         return materialize_inputs(case, device, values)
 
     def available(self, device: str) -> tuple[bool, str]:
@@ -135,16 +142,27 @@ class AttentionTarget(ClassTarget):
     def bound(self, inputs, params, exact):
         from harness.quant.backends import EMULATION_OF
 
-        emu = self.backend_name if self.backend_name.startswith("emu.") else EMULATION_OF.get(self.backend_name,
-                                                                                              "emu.naive")
-        return Bound.derived(_K_BOUND, exact, inputs["q"].dtype,
-                             why=f"{self.name}: max_abs <= {_K_BOUND:g} x the error of {emu} on the same inputs "
-                                 "against exact float64 attention (FlashAttention's rule)")
+        emu = (
+            self.backend_name
+            if self.backend_name.startswith("emu.")
+            else EMULATION_OF.get(self.backend_name, "emu.naive")
+        )
+        return Bound.derived(
+            _K_BOUND,
+            exact,
+            inputs["q"].dtype,
+            why=f"{self.name}: max_abs <= {_K_BOUND:g} x the error of {emu} on the same inputs "
+            "against exact float64 attention (FlashAttention's rule)",
+        )
 
     def layout_bound(self, inputs, params, exact):
-        return Bound.derived(_K_BOUND, exact, inputs["q"].dtype,
-                             why="a layout may change the kernel's code path or tiling: the same slack as the drift "
-                                 f"bound ({_K_BOUND:g} x emulated error + rounding floor)")
+        return Bound.derived(
+            _K_BOUND,
+            exact,
+            inputs["q"].dtype,
+            why="a layout may change the kernel's code path or tiling: the same slack as the drift "
+            f"bound ({_K_BOUND:g} x emulated error + rounding floor)",
+        )
 
     # ---- named kernel defects (not about layout)
     def declared_writes(self) -> tuple[str, ...]:
@@ -174,8 +192,10 @@ class AttentionTarget(ClassTarget):
         written = self.declared_writes() if verdict == "input_mutation" else ()
         names = set(getattr(result, "mutated_inputs", None) or ())
         if written and names and names <= set(written) and not getattr(result, "poison_written", None):
-            return (f"{self.backend_name} writes its {', '.join(sorted(names))} input in place, as its backend "
-                    f"declares (modifies_inputs={list(written)}); safe_attn.{self.backend_name} copies it first")
+            return (
+                f"{self.backend_name} writes its {', '.join(sorted(names))} input in place, as its backend "
+                f"declares (modifies_inputs={list(written)}); safe_attn.{self.backend_name} copies it first"
+            )
         return None
 
     def short_key_tile(self, case: Case) -> str | None:
@@ -247,8 +267,15 @@ def register_attention_plugin(spec: str, info: Mapping[str, Any] | None = None, 
     """
     if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
         raise ValueError(f"attention plug-in {spec!r} must be 'package.module:attr' or an entry-point name")
-    return register_plugin_target(PluginAttentionTarget, f"plugin_attn.{spec}", spec, info, probe,
-                                  f"user attention {spec}", backend_name=f"plugin:{spec}")
+    return register_plugin_target(
+        PluginAttentionTarget,
+        f"plugin_attn.{spec}",
+        spec,
+        info,
+        probe,
+        f"user attention {spec}",
+        backend_name=f"plugin:{spec}",
+    )
 
 
 ATTENTION_TARGETS: dict[str, type[AttentionTarget]] = {}
@@ -261,17 +288,31 @@ def register_backend_targets() -> list[str]:
     new = []
     for bname, b in BACKENDS.items():
         req = b.requires
-        dims = tuple(d for d in (64, 128) if (req.head_dims is None or d in req.head_dims)
-                     and (req.max_head_dim is None or d <= req.max_head_dim)
-                     and (not req.head_dim_multiple or d % req.head_dim_multiple == 0)) or (64,)
+        dims = tuple(
+            d
+            for d in (64, 128)
+            if (req.head_dims is None or d in req.head_dims)
+            and (req.max_head_dim is None or d <= req.max_head_dim)
+            and (not req.head_dim_multiple or d % req.head_dim_multiple == 0)
+        ) or (64,)
         for prefix, base in (("attn", AttentionTarget), ("safe_attn", SafeAttentionTarget)):
             name = f"{prefix}.{bname}"
             if name in ATTENTION_TARGETS:
                 continue
             doc = f"{b.description} ({'through safe_attention' if prefix == 'safe_attn' else 'called as is'})"
-            cls = type(f"{prefix}_{bname}".replace(".", "_"), (base,), {
-                "name": name, "backend_name": bname, "head_dims": dims, "varlen": bool(req.varlen),
-                "backend_layouts": tuple(req.layouts), "description": doc, "__doc__": doc})
+            cls = type(
+                f"{prefix}_{bname}".replace(".", "_"),
+                (base,),
+                {
+                    "name": name,
+                    "backend_name": bname,
+                    "head_dims": dims,
+                    "varlen": bool(req.varlen),
+                    "backend_layouts": tuple(req.layouts),
+                    "description": doc,
+                    "__doc__": doc,
+                },
+            )
             register_target(cls)
             ATTENTION_TARGETS[name] = cls
             new.append(name)
@@ -282,4 +323,3 @@ try:
     register_backend_targets()
 except ImportError:  # pragma: no cover - the backend registry is part of the package; keep linear targets alive
     pass
-

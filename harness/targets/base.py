@@ -30,8 +30,16 @@ from harness.cases import Case
 from harness.targets.protocol import BaseTarget, default_inputs
 from harness.targets.layout_classes import Context, Draw, LayoutClass, classes_for
 
-__all__ = ["CaseFactory", "ClassTarget", "LAYOUT_CLASS_PARAM", "size_preset", "need_cuda_capability",
-           "materialize_inputs", "Operand", "operands_of"]
+__all__ = [
+    "CaseFactory",
+    "ClassTarget",
+    "LAYOUT_CLASS_PARAM",
+    "size_preset",
+    "need_cuda_capability",
+    "materialize_inputs",
+    "Operand",
+    "operands_of",
+]
 
 #: The ``case.params`` key holding the layout class a case was drawn from.
 LAYOUT_CLASS_PARAM = "layout_class"
@@ -136,10 +144,15 @@ def operands_of(kind: str, case: Case) -> tuple[Operand, ...]:
         return tuple(out)
     if kind == "attention":
         axes = _ATT_AXES.get(str(case.params.get("tensor_layout", "HND")), ())
-        return tuple(Operand(n, n, axes if case.layouts[n].ndim == 4 else ()) for n in ("q", "k", "v", "out")
-                     if n in case.layouts)
-    return tuple(Operand(n, "input", tuple(f"dim{i}" for i in range(s.ndim - 1)) + (("channel",) if s.ndim else ()))
-                 for n, s in case.layouts.items())
+        return tuple(
+            Operand(n, n, axes if case.layouts[n].ndim == 4 else ())
+            for n in ("q", "k", "v", "out")
+            if n in case.layouts
+        )
+    return tuple(
+        Operand(n, "input", tuple(f"dim{i}" for i in range(s.ndim - 1)) + (("channel",) if s.ndim else ()))
+        for n, s in case.layouts.items()
+    )
 
 
 class ClassTarget(BaseTarget):
@@ -159,8 +172,13 @@ class ClassTarget(BaseTarget):
     accepts_all_layouts: bool = False
 
     def context(self, size: str = "small") -> Context:
-        return Context(dtype=self.sweep_dtype, size=size, ranks=self.ranks, head_dims=self.head_dims,
-                       max_elements=_max_elements(size))
+        return Context(
+            dtype=self.sweep_dtype,
+            size=size,
+            ranks=self.ranks,
+            head_dims=self.head_dims,
+            max_elements=_max_elements(size),
+        )
 
     def layout_classes(self) -> dict[str, Callable[[], Any]]:
         return {name: CaseFactory(self, lc) for name, lc in classes_for(self.kind, self.context()).items()}
@@ -173,8 +191,17 @@ class ClassTarget(BaseTarget):
     def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _case(self, draw: Draw, class_name: str, seed: int, *, layouts: Mapping[str, Any] = (),
-              values: Mapping[str, Any] = (), params: Mapping[str, Any] = (), backend: str = "") -> Case:
+    def _case(
+        self,
+        draw: Draw,
+        class_name: str,
+        seed: int,
+        *,
+        layouts: Mapping[str, Any] = (),
+        values: Mapping[str, Any] = (),
+        params: Mapping[str, Any] = (),
+        backend: str = "",
+    ) -> Case:
         p = dict(draw.params)
         p.update(params)
         p[LAYOUT_CLASS_PARAM] = class_name
@@ -182,12 +209,20 @@ class ClassTarget(BaseTarget):
         lay.update(layouts)
         val = dict(draw.values)
         val.update(values)
-        return Case(op=self.name, layouts=lay, values=val, backend=backend, params=p, seed=seed,
-                    note=f"layout class {class_name}")
+        return Case(
+            op=self.name,
+            layouts=lay,
+            values=val,
+            backend=backend,
+            params=p,
+            seed=seed,
+            note=f"layout class {class_name}",
+        )
 
 
-def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
-                       ) -> dict[str, torch.Tensor]:
+def materialize_inputs(
+    case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """``harness.targets.protocol.default_inputs``, plus broadcast (stride-0) layouts of 1-byte float dtypes.
 
     Local shim: ``harness.layouts.materialize`` checks that values are constant along broadcast
@@ -195,8 +230,7 @@ def materialize_inputs(case: Case, device: str, values: Mapping[str, torch.Tenso
     inputs are materialized as ``uint8`` with the same bytes (same strides and offset; the poison
     around the view is 0xA5 bytes instead of the FP8 NaN) and viewed back as FP8.
     """
-    shim = {n for n, s in case.layouts.items()
-            if s.broadcast and s.torch_dtype.is_floating_point and s.itemsize == 1}
+    shim = {n for n, s in case.layouts.items() if s.broadcast and s.torch_dtype.is_floating_point and s.itemsize == 1}
     if not shim:
         return default_inputs(case, device, values)
 

@@ -90,12 +90,15 @@ class CorpusEntry:
         for f in ("file", "op", "layout_class", "verdict", "description", "versions", "device"):
             v = getattr(self, f)
             if not isinstance(v, str) or not v.strip():
-                raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} must be a non-empty string, "
-                                  f"got {_short(v)}")
+                raise CorpusError(
+                    f"corpus entry {_short(self.file)}: field {f!r} must be a non-empty string, got {_short(v)}"
+                )
             if "\n" in v:
                 raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} must be one line")
             if not v.isprintable():
-                raise CorpusError(f"corpus entry {_short(self.file)}: field {f!r} holds control characters: {_short(v)}")
+                raise CorpusError(
+                    f"corpus entry {_short(self.file)}: field {f!r} holds control characters: {_short(v)}"
+                )
         for f in ("min_capability", "torch_min", "torch_below"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, str):
@@ -111,7 +114,9 @@ class CorpusEntry:
         except ValueError as e:
             raise CorpusError(f"corpus entry {self.file!r}: {e}") from None
         if self.min_capability is not None and not re.fullmatch(r"\d+\.\d+", str(self.min_capability)):
-            raise CorpusError(f"corpus entry {self.file!r}: min_capability {self.min_capability!r} must look like '8.9'")
+            raise CorpusError(
+                f"corpus entry {self.file!r}: min_capability {self.min_capability!r} must look like '8.9'"
+            )
         for f in ("torch_min", "torch_below"):
             v = getattr(self, f)
             if v is not None and not re.fullmatch(r"\d+(\.\d+)*", str(v)):
@@ -124,8 +129,10 @@ class CorpusEntry:
     def one_line(self) -> str:
         """``file: op x class -> verdict -- description (versions)``, the README line."""
         where = self.device + (f", compute capability >= {self.min_capability}" if self.min_capability else "")
-        return (f"- `{self.file}`: **{self.op}** × `{self.layout_class}` → `{self.verdict}` — {self.description} "
-                f"(seen on: {self.versions}; replayed on {where})")
+        return (
+            f"- `{self.file}`: **{self.op}** × `{self.layout_class}` → `{self.verdict}` — {self.description} "
+            f"(seen on: {self.versions}; replayed on {where})"
+        )
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "CorpusEntry":
@@ -192,8 +199,10 @@ def save_index(entries: Sequence[CorpusEntry], corpus: str | os.PathLike) -> Pat
     """Write ``index.json`` and the generated ``README.md``; returns the index path."""
     d = Path(corpus)
     d.mkdir(parents=True, exist_ok=True)
-    data = {"schema_version": CORPUS_SCHEMA_VERSION,
-            "cases": [asdict(e) for e in sorted(entries, key=lambda e: e.file)]}
+    data = {
+        "schema_version": CORPUS_SCHEMA_VERSION,
+        "cases": [asdict(e) for e in sorted(entries, key=lambda e: e.file)],
+    }
     idx = d / _INDEX
     tmp = idx.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -215,8 +224,8 @@ def render_readme(entries: Iterable[CorpusEntry]) -> str:
         "Add a case from a matrix run:",
         "",
         "```bash",
-        "python -m harness.targets.corpus promote matrix-out/cases/NAME.json --why \"what fails\" \\",
-        "    --versions \"torch 2.11+cu130, H200\" [--device cuda --min-capability 9.0]",
+        'python -m harness.targets.corpus promote matrix-out/cases/NAME.json --why "what fails" \\',
+        '    --versions "torch 2.11+cu130, H200" [--device cuda --min-capability 9.0]',
         "```",
         "",
         "## Cases",
@@ -230,10 +239,19 @@ def _safe_stem(text: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "_" for c in text)[:150]
 
 
-def promote(case_path: str | os.PathLike, *, description: str, versions: str,
-            corpus: str | os.PathLike, device: str | None = None, min_capability: str | None = None,
-            torch_min: str | None = None, torch_below: str | None = None, verdict: str | None = None,
-            name: str | None = None) -> CorpusEntry:
+def promote(
+    case_path: str | os.PathLike,
+    *,
+    description: str,
+    versions: str,
+    corpus: str | os.PathLike,
+    device: str | None = None,
+    min_capability: str | None = None,
+    torch_min: str | None = None,
+    torch_below: str | None = None,
+    verdict: str | None = None,
+    name: str | None = None,
+) -> CorpusEntry:
     """Copy a case file (and its .safetensors) into the corpus and list it in the index.
 
     The expected verdict is the one recorded in the case file (``verdict`` overrides it); the
@@ -266,16 +284,26 @@ def promote(case_path: str | os.PathLike, *, description: str, versions: str,
             shutil.copyfile(src_st, dst_st)
         elif dst_st.exists():
             dst_st.unlink()
-    entry = CorpusEntry(file=dst_json.name, op=case.op, layout_class=str(cls), verdict=str(expected),
-                        description=description, versions=versions, device=dev, min_capability=min_capability,
-                        torch_min=torch_min, torch_below=torch_below)
+    entry = CorpusEntry(
+        file=dst_json.name,
+        op=case.op,
+        layout_class=str(cls),
+        verdict=str(expected),
+        description=description,
+        versions=versions,
+        device=dev,
+        min_capability=min_capability,
+        torch_min=torch_min,
+        torch_below=torch_below,
+    )
     entries = [e for e in load_corpus(d, check_files=False) if e.file != entry.file] + [entry]
     save_index(entries, d)
     return entry
 
 
-def applies_here(entry: CorpusEntry, *, torch_version: str, cuda_capability: tuple[int, int] | None
-                 ) -> tuple[bool, str]:
+def applies_here(
+    entry: CorpusEntry, *, torch_version: str, cuda_capability: tuple[int, int] | None
+) -> tuple[bool, str]:
     """Does the entry's expectation hold on this machine? (ok, reason naming what is missing).
 
     ``cuda_capability``: of the first visible GPU, None without one (probe it in a subprocess).
@@ -286,8 +314,10 @@ def applies_here(entry: CorpusEntry, *, torch_version: str, cuda_capability: tup
         if entry.min_capability is not None:
             need = _version(entry.min_capability)
             if tuple(cuda_capability) < need:
-                return False, (f"{entry.file} needs compute capability >= {entry.min_capability}, "
-                               f"found {cuda_capability[0]}.{cuda_capability[1]}")
+                return False, (
+                    f"{entry.file} needs compute capability >= {entry.min_capability}, "
+                    f"found {cuda_capability[0]}.{cuda_capability[1]}"
+                )
     tv = _version(torch_version)
     if entry.torch_min is not None and tv < _version(entry.torch_min):
         return False, f"{entry.file}: expectation recorded for torch >= {entry.torch_min}, found {torch_version}"
@@ -319,9 +349,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "promote":
-            e = promote(args.case, description=args.why, versions=args.versions, corpus=args.corpus,
-                        device=args.device, min_capability=args.min_capability, torch_min=args.torch_min,
-                        torch_below=args.torch_below, verdict=args.verdict, name=args.name)
+            e = promote(
+                args.case,
+                description=args.why,
+                versions=args.versions,
+                corpus=args.corpus,
+                device=args.device,
+                min_capability=args.min_capability,
+                torch_min=args.torch_min,
+                torch_below=args.torch_below,
+                verdict=args.verdict,
+                name=args.name,
+            )
             print(f"added {e.file} ({e.fingerprint})")
             return 0
         entries = load_corpus(args.corpus, check_files=args.cmd == "check")

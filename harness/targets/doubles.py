@@ -22,8 +22,14 @@ import torch
 from harness.reference.metrics import Bound
 from harness.targets.protocol import BaseTarget, all_targets, register_target
 
-__all__ = ["DOUBLES", "DOUBLE_PREFIXES", "register_doubles", "doubles_on_demand", "simulated_fault_active",
-           "take_between_cases"]
+__all__ = [
+    "DOUBLES",
+    "DOUBLE_PREFIXES",
+    "register_doubles",
+    "doubles_on_demand",
+    "simulated_fault_active",
+    "take_between_cases",
+]
 
 #: target-name prefixes of the doubles
 DOUBLE_PREFIXES = ("cpu.", "fault.")
@@ -56,14 +62,19 @@ class MatmulTarget(BaseTarget):
         return exact, naive
 
     def bound(self, inputs, params, exact):
-        return Bound.derived(2.0, exact, inputs["a"].dtype,
-                             why="matmul error <= 2 x same-precision naive matmul error (FlashAttention rule)")
+        return Bound.derived(
+            2.0,
+            exact,
+            inputs["a"].dtype,
+            why="matmul error <= 2 x same-precision naive matmul error (FlashAttention rule)",
+        )
 
     def layout_bound(self, inputs, params, exact):
         # A different layout may change the blocking, hence the summation order: allow what the
         # naive run's reordering costs, plus the rounding floor.
-        return Bound.derived(2.0, exact, inputs["a"].dtype,
-                             why="layouts may change summation order; same slack as a reordered naive run")
+        return Bound.derived(
+            2.0, exact, inputs["a"].dtype, why="layouts may change summation order; same slack as a reordered naive run"
+        )
 
 
 class ScaleTarget(BaseTarget):
@@ -155,7 +166,8 @@ class OomTarget(_FaultTarget):
             torch.empty(int(params.get("bytes", 2**50)), dtype=torch.uint8, device=x.device)
             return self.clean(x)  # pragma: no cover - the allocation above never succeeds
         raise torch.OutOfMemoryError(
-            "Tried to allocate 1024.00 GiB (simulated by fault.oom: the allocator refused the request)")
+            "Tried to allocate 1024.00 GiB (simulated by fault.oom: the allocator refused the request)"
+        )
 
 
 class OomKillTarget(_FaultTarget):
@@ -266,10 +278,12 @@ def _arm_simulated_fault(message: str) -> None:
             _SIM_STATE["message"] = message
 
 
-_STICKY_MESSAGE = ("CUDA error: an illegal memory access was encountered (simulated by fault.sticky in "
-                   "harness_fault::bad_kernel)\nCUDA kernel errors might be asynchronously reported at some "
-                   "other API call, so the stacktrace below might be incorrect.\nFor debugging consider "
-                   "passing CUDA_LAUNCH_BLOCKING=1")
+_STICKY_MESSAGE = (
+    "CUDA error: an illegal memory access was encountered (simulated by fault.sticky in "
+    "harness_fault::bad_kernel)\nCUDA kernel errors might be asynchronously reported at some "
+    "other API call, so the stacktrace below might be incorrect.\nFor debugging consider "
+    "passing CUDA_LAUNCH_BLOCKING=1"
+)
 
 
 def _bad_kernel_impl(x: torch.Tensor) -> torch.Tensor:
@@ -388,8 +402,9 @@ class RejectTarget(_FaultTarget):
     def run(self, inputs, params):
         x = inputs["x"]
         if not x.is_contiguous():
-            raise ValueError(f"fault.reject: x must be contiguous, got strides {tuple(x.stride())}; "
-                             "call .contiguous() first")
+            raise ValueError(
+                f"fault.reject: x must be contiguous, got strides {tuple(x.stride())}; call .contiguous() first"
+            )
         return self.clean(x)
 
 
@@ -478,9 +493,27 @@ def _oob_kernel() -> Any:
 
 #: every double, in registration order
 DOUBLES: tuple[type[BaseTarget], ...] = (
-    MatmulTarget, ScaleTarget, SegfaultTarget, HangTarget, ExitTarget, OomTarget, OomKillTarget, KilledTarget,
-    ExitBetweenCasesTarget, StallBetweenCasesTarget, StickyTarget, MutateTarget, PoisonWriteTarget, NanTarget,
-    DriftTarget, LayoutTarget, RejectTarget, ReferenceErrorTarget, DeviceAssertTarget, IllegalAddressTarget)
+    MatmulTarget,
+    ScaleTarget,
+    SegfaultTarget,
+    HangTarget,
+    ExitTarget,
+    OomTarget,
+    OomKillTarget,
+    KilledTarget,
+    ExitBetweenCasesTarget,
+    StallBetweenCasesTarget,
+    StickyTarget,
+    MutateTarget,
+    PoisonWriteTarget,
+    NanTarget,
+    DriftTarget,
+    LayoutTarget,
+    RejectTarget,
+    ReferenceErrorTarget,
+    DeviceAssertTarget,
+    IllegalAddressTarget,
+)
 
 
 def register_doubles() -> list[str]:

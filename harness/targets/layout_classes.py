@@ -158,8 +158,15 @@ class _Act(NamedTuple):
     n: int
 
 
-def _act_shape(rng: random.Random, ctx: Context, rank: int | None = None, *, min_batch: int = 1,
-               min_tokens: int = 1, k_options: Sequence[int] | None = None) -> _Act:
+def _act_shape(
+    rng: random.Random,
+    ctx: Context,
+    rank: int | None = None,
+    *,
+    min_batch: int = 1,
+    min_tokens: int = 1,
+    k_options: Sequence[int] | None = None,
+) -> _Act:
     """Draw (shape, K, N) of an activation of ``rank`` (default: the largest rank the op accepts, <= 3)."""
     p = ctx.preset
     if rank is None:
@@ -169,8 +176,9 @@ def _act_shape(rng: random.Random, ctx: Context, rank: int | None = None, *, min
     per_token = k
     batch = _pick(rng, tuple(b for b in p["batch"] if b >= min_batch) or (max(p["batch"]),)) if rank >= 3 else 1
     frames = _pick(rng, p["frames"]) if rank == 4 else 1
-    tokens = _pick(rng, _fit(tuple(t for t in p["tokens"] if t >= min_tokens),
-                             ctx.max_elements / (per_token * batch * frames)))
+    tokens = _pick(
+        rng, _fit(tuple(t for t in p["tokens"] if t >= min_tokens), ctx.max_elements / (per_token * batch * frames))
+    )
     shape = {2: (tokens, k), 3: (batch, tokens, k), 4: (batch, frames, tokens, k)}[rank]
     return _Act(shape, k, n)
 
@@ -242,8 +250,7 @@ def _lin_flatten_permuted(rng, ctx):
     heads = k // d
     base = (b, s, heads, d) if rank == 3 else (b, a.shape[1], s, heads, d)
     perm = (1, 0, 2, 3) if rank == 3 else (1, 2, 0, 3, 4)
-    spec = LayoutSpec(a.shape, ctx.dtype, base_shape=base, perm=perm,
-                      views=(ViewOp.flatten(rank - 1, rank),))
+    spec = LayoutSpec(a.shape, ctx.dtype, base_shape=base, perm=perm, views=(ViewOp.flatten(rank - 1, rank),))
     return _linear_draw(spec, a, _normal(rng))
 
 
@@ -265,7 +272,9 @@ def _lin_rank(rank: int) -> Callable[[random.Random, Context], Draw]:
 def _lin_values(kind: str, params: dict[str, Any]) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _act_shape(rng, ctx)
-        return _linear_draw(LayoutSpec.contiguous(a.shape, ctx.dtype), a, ValueSpec(kind, _seed(rng), tuple(params.items())))
+        return _linear_draw(
+            LayoutSpec.contiguous(a.shape, ctx.dtype), a, ValueSpec(kind, _seed(rng), tuple(params.items()))
+        )
 
     return draw
 
@@ -282,32 +291,72 @@ def _high_rank(ctx: Context) -> bool:
     return any(r >= 3 for r in ctx.ranks)
 
 
-LINEAR_CLASSES: dict[str, LayoutClass] = {c.name: c for c in [
-    LayoutClass("contiguous", "linear", "packed row-major activation, offset 0 (the control)", _lin_contiguous),
-    LayoutClass("transposed", "linear", "last two dims swapped in memory: column-major activation, last stride != 1",
-                _lin_transposed),
-    LayoutClass("last_stride_2", "linear", "every other element of the channel dim (step 2): last stride 2",
-                _lin_last_stride_2),
-    LayoutClass("padded_rows", "linear", "rows padded by an odd count: odd leading dimension K + 1/3/7",
-                _lin_padded_rows),
-    *[LayoutClass(f"offset_{b}", "linear",
-                  (f"storage offset so the data pointer is exactly {b}-byte aligned" if b < 16 else
-                   "non-zero storage offset keeping 16-byte alignment (the aligned control)"),
-                  _lin_offset(b), _offset_ok(b)) for b in (1, 2, 4, 8, 16)],
-    LayoutClass("packed_slice", "linear", "chunk i of a packed (..., 2K or 3K) kv/qkv projection: row stride 2K/3K, "
-                "offset i*K", _lin_packed_slice),
-    LayoutClass("flatten_permuted", "linear", "flatten(2) of (B, S, H, d) heads stored sequence-major (S, B, H, d): "
-                "batch stride C, token stride B*C", _lin_flatten_permuted, _high_rank),
-    LayoutClass("broadcast", "linear", "stride-0 batch or token dim (an expanded modulation / embedding)",
-                _lin_broadcast),
-    LayoutClass("2d", "linear", "contiguous (tokens, K)", _lin_rank(2), _rank_ok(2)),
-    LayoutClass("3d", "linear", "contiguous (B, S, K), B = 2", _lin_rank(3), _rank_ok(3)),
-    LayoutClass("4d", "linear", "contiguous (B, F, S, K), B = 2", _lin_rank(4), _rank_ok(4)),
-    LayoutClass("values_beyond_448", "linear", "contiguous; a quarter of the values at 448, 464, 480 and 1e4 "
-                "(beyond FP8 E4M3's max)", _lin_values("fp8_edge", {"beyond": True})),
-    LayoutClass("outliers", "linear", "contiguous; two channels scaled by 100-1000 (DiT activation outliers)",
-                _lin_values("outliers", {})),
-]}
+LINEAR_CLASSES: dict[str, LayoutClass] = {
+    c.name: c
+    for c in [
+        LayoutClass("contiguous", "linear", "packed row-major activation, offset 0 (the control)", _lin_contiguous),
+        LayoutClass(
+            "transposed",
+            "linear",
+            "last two dims swapped in memory: column-major activation, last stride != 1",
+            _lin_transposed,
+        ),
+        LayoutClass(
+            "last_stride_2",
+            "linear",
+            "every other element of the channel dim (step 2): last stride 2",
+            _lin_last_stride_2,
+        ),
+        LayoutClass(
+            "padded_rows", "linear", "rows padded by an odd count: odd leading dimension K + 1/3/7", _lin_padded_rows
+        ),
+        *[
+            LayoutClass(
+                f"offset_{b}",
+                "linear",
+                (
+                    f"storage offset so the data pointer is exactly {b}-byte aligned"
+                    if b < 16
+                    else "non-zero storage offset keeping 16-byte alignment (the aligned control)"
+                ),
+                _lin_offset(b),
+                _offset_ok(b),
+            )
+            for b in (1, 2, 4, 8, 16)
+        ],
+        LayoutClass(
+            "packed_slice",
+            "linear",
+            "chunk i of a packed (..., 2K or 3K) kv/qkv projection: row stride 2K/3K, offset i*K",
+            _lin_packed_slice,
+        ),
+        LayoutClass(
+            "flatten_permuted",
+            "linear",
+            "flatten(2) of (B, S, H, d) heads stored sequence-major (S, B, H, d): batch stride C, token stride B*C",
+            _lin_flatten_permuted,
+            _high_rank,
+        ),
+        LayoutClass(
+            "broadcast", "linear", "stride-0 batch or token dim (an expanded modulation / embedding)", _lin_broadcast
+        ),
+        LayoutClass("2d", "linear", "contiguous (tokens, K)", _lin_rank(2), _rank_ok(2)),
+        LayoutClass("3d", "linear", "contiguous (B, S, K), B = 2", _lin_rank(3), _rank_ok(3)),
+        LayoutClass("4d", "linear", "contiguous (B, F, S, K), B = 2", _lin_rank(4), _rank_ok(4)),
+        LayoutClass(
+            "values_beyond_448",
+            "linear",
+            "contiguous; a quarter of the values at 448, 464, 480 and 1e4 (beyond FP8 E4M3's max)",
+            _lin_values("fp8_edge", {"beyond": True}),
+        ),
+        LayoutClass(
+            "outliers",
+            "linear",
+            "contiguous; two channels scaled by 100-1000 (DiT activation outliers)",
+            _lin_values("outliers", {}),
+        ),
+    ]
+}
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -322,8 +371,15 @@ class _Att(NamedTuple):
     layout: str
 
 
-def _att_sizes(rng: random.Random, ctx: Context, *, layout: str | None = None, seq: int | None = None,
-               min_batch: int = 1, min_heads: int = 1) -> _Att:
+def _att_sizes(
+    rng: random.Random,
+    ctx: Context,
+    *,
+    layout: str | None = None,
+    seq: int | None = None,
+    min_batch: int = 1,
+    min_heads: int = 1,
+) -> _Att:
     p = ctx.preset
     lay = layout or _pick(rng, ("HND", "NHD"))
     d = _pick(rng, tuple(sorted(ctx.head_dims)))
@@ -341,15 +397,27 @@ def _logical(a: _Att, seq: int) -> tuple[int, ...]:
 
 def _att_draw(a: _Att, specs: dict[str, LayoutSpec], rng: random.Random) -> Draw:
     values = {n: ValueSpec("normal", _seed(rng)) for n in "qkv"}
-    return Draw(specs, values, {"tensor_layout": a.layout, "is_causal": False, "batch": a.batch, "heads": a.heads,
-                                "seq_q": a.seq_q, "seq_k": a.seq_k, "head_dim": a.head_dim})
+    return Draw(
+        specs,
+        values,
+        {
+            "tensor_layout": a.layout,
+            "is_causal": False,
+            "batch": a.batch,
+            "heads": a.heads,
+            "seq_q": a.seq_q,
+            "seq_k": a.seq_k,
+            "head_dim": a.head_dim,
+        },
+    )
 
 
 def _att_contiguous(layout: str) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _att_sizes(rng, ctx, layout=layout)
-        return _att_draw(a, {n: LayoutSpec.contiguous(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype)
-                             for n in "qkv"}, rng)
+        return _att_draw(
+            a, {n: LayoutSpec.contiguous(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype) for n in "qkv"}, rng
+        )
 
     return draw
 
@@ -360,8 +428,12 @@ def _att_transposed_view(rng, ctx):
     specs = {}
     for n in "qkv":
         s = a.seq_q if n == "q" else a.seq_k
-        specs[n] = LayoutSpec((a.batch, a.heads, s, a.head_dim), ctx.dtype, base_shape=(a.batch, s, a.heads, a.head_dim),
-                              views=(ViewOp.transpose(1, 2),))
+        specs[n] = LayoutSpec(
+            (a.batch, a.heads, s, a.head_dim),
+            ctx.dtype,
+            base_shape=(a.batch, s, a.heads, a.head_dim),
+            views=(ViewOp.transpose(1, 2),),
+        )
     return _att_draw(a, specs, rng)
 
 
@@ -381,8 +453,14 @@ def _att_packed_qkv(rng, ctx):
 def _att_misaligned(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _att_sizes(rng, ctx)
-        specs = {n: LayoutSpec(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype,
-                               offset=_offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2))) for n in "qkv"}
+        specs = {
+            n: LayoutSpec(
+                _logical(a, a.seq_q if n == "q" else a.seq_k),
+                ctx.dtype,
+                offset=_offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2)),
+            )
+            for n in "qkv"
+        }
         return _att_draw(a, specs, rng)
 
     return draw
@@ -409,8 +487,9 @@ def _att_mtv(rng, ctx):
     shape = (a.batch, a.seq_q, a.heads, a.head_dim)
     specs = {
         "q": LayoutSpec.contiguous(shape, ctx.dtype),
-        "k": LayoutSpec(shape, ctx.dtype, base_shape=(a.batch, a.heads, a.seq_q, a.head_dim),
-                        views=(ViewOp.transpose(1, 2),)),
+        "k": LayoutSpec(
+            shape, ctx.dtype, base_shape=(a.batch, a.heads, a.seq_q, a.head_dim), views=(ViewOp.transpose(1, 2),)
+        ),
         "v": LayoutSpec.contiguous(shape, ctx.dtype),
     }
     return _att_draw(a, specs, rng)
@@ -420,24 +499,61 @@ def _att_seq_ok(seq: int) -> Callable[[Context], bool]:
     return lambda ctx: seq * min(ctx.head_dims) <= ctx.max_elements * 4
 
 
-ATTENTION_CLASSES: dict[str, LayoutClass] = {c.name: c for c in [
-    LayoutClass("hnd_contiguous", "attention", "separate contiguous (B, H, S, d) tensors (the control)",
-                _att_contiguous("HND")),
-    LayoutClass("nhd_contiguous", "attention", "separate contiguous (B, S, H, d) tensors", _att_contiguous("NHD")),
-    LayoutClass("transposed_view", "attention", "(B, S, H, d) projections viewed as HND with transpose(1, 2), as "
-                "before SDPA", _att_transposed_view),
-    LayoutClass("packed_qkv", "attention", "q, k, v = slices of one packed (B, S, 3C) projection (token stride 3C)",
-                _att_packed_qkv),
-    *[LayoutClass(f"misaligned_ptr_{b}", "attention", f"q, k, v data pointers exactly {b}-byte aligned",
-                  _att_misaligned(b), _offset_ok(b)) for b in (2, 4, 8)],
-    LayoutClass("last_stride_ne_1", "attention", "every other element of head_dim: last stride 2",
-                _att_last_stride),
-    *[LayoutClass(f"seq_{s}", "attention", f"{s} tokens for q and k/v (misses 64/128-token tiles)"
-                  if s % 64 else f"{s} tokens for q and k/v (T5 text length; whole tiles)",
-                  _att_seq(s), _att_seq_ok(s)) for s in (77, 113, 257, 512)],
-    LayoutClass("mtv_scrambled_k", "attention", "MTV-Crafter K: (B, S, C) memory reinterpreted as (B, H, S, d) and "
-                "axis-swapped to NHD (non-contiguous)", _att_mtv),
-]}
+ATTENTION_CLASSES: dict[str, LayoutClass] = {
+    c.name: c
+    for c in [
+        LayoutClass(
+            "hnd_contiguous",
+            "attention",
+            "separate contiguous (B, H, S, d) tensors (the control)",
+            _att_contiguous("HND"),
+        ),
+        LayoutClass("nhd_contiguous", "attention", "separate contiguous (B, S, H, d) tensors", _att_contiguous("NHD")),
+        LayoutClass(
+            "transposed_view",
+            "attention",
+            "(B, S, H, d) projections viewed as HND with transpose(1, 2), as before SDPA",
+            _att_transposed_view,
+        ),
+        LayoutClass(
+            "packed_qkv",
+            "attention",
+            "q, k, v = slices of one packed (B, S, 3C) projection (token stride 3C)",
+            _att_packed_qkv,
+        ),
+        *[
+            LayoutClass(
+                f"misaligned_ptr_{b}",
+                "attention",
+                f"q, k, v data pointers exactly {b}-byte aligned",
+                _att_misaligned(b),
+                _offset_ok(b),
+            )
+            for b in (2, 4, 8)
+        ],
+        LayoutClass(
+            "last_stride_ne_1", "attention", "every other element of head_dim: last stride 2", _att_last_stride
+        ),
+        *[
+            LayoutClass(
+                f"seq_{s}",
+                "attention",
+                f"{s} tokens for q and k/v (misses 64/128-token tiles)"
+                if s % 64
+                else f"{s} tokens for q and k/v (T5 text length; whole tiles)",
+                _att_seq(s),
+                _att_seq_ok(s),
+            )
+            for s in (77, 113, 257, 512)
+        ],
+        LayoutClass(
+            "mtv_scrambled_k",
+            "attention",
+            "MTV-Crafter K: (B, S, C) memory reinterpreted as (B, H, S, d) and axis-swapped to NHD (non-contiguous)",
+            _att_mtv,
+        ),
+    ]
+}
 
 
 def classes_for(kind: str, ctx: Context) -> dict[str, LayoutClass]:

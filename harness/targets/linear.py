@@ -95,16 +95,19 @@ class LinearTarget(ClassTarget):
     # ---- cases
     def case_from_draw(self, draw: Draw, class_name: str, seed: int) -> Case:
         k, n = draw.params["in_features"], draw.params["out_features"]
-        layouts = {"weight": LayoutSpec.contiguous((n, k), "float8_e4m3fn"),
-                   "bias": LayoutSpec.contiguous((n,), "bfloat16")}
+        layouts = {
+            "weight": LayoutSpec.contiguous((n, k), "float8_e4m3fn"),
+            "bias": LayoutSpec.contiguous((n,), "bfloat16"),
+        }
         values = {"weight": ValueSpec("normal", seed), "bias": ValueSpec("normal", seed + 1)}
         params = {"weight_scale": self.weight_scale, "out_dtype": "bfloat16"}
         if self.input_scale is not None:
             params["input_scale"] = self.input_scale
         return self._case(draw, class_name, seed, layouts=layouts, values=values, params=params)
 
-    def make_inputs(self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self, case: Case, device: str, values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         inputs = materialize_inputs(case, device, values)
         for key in ("weight_scale", "input_scale"):
             v = case.params.get(key)
@@ -140,18 +143,27 @@ class LinearTarget(ClassTarget):
         qx = quantize(x.to(torch.float32).reshape(-1, k), self.input_format, granularity="tensor", scale=scale)
         ws = inputs.get("weight_scale")
         w = inputs["weight"]
-        out = scaled_mm(qx.values, w.to(torch.float32).t(), qx.scale,
-                        ws if ws is not None else torch.ones((), dtype=torch.float32, device=w.device),
-                        bias=inputs.get("bias"), out_dtype=self.out_dtype)
+        out = scaled_mm(
+            qx.values,
+            w.to(torch.float32).t(),
+            qx.scale,
+            ws if ws is not None else torch.ones((), dtype=torch.float32, device=w.device),
+            bias=inputs.get("bias"),
+            out_dtype=self.out_dtype,
+        )
         return out.reshape(tuple(x.shape[:-1]) + (w.shape[0],))
 
     def reference(self, inputs, params):
         return self.exact(inputs), self.emulated(inputs)
 
     def bound(self, inputs, params, exact):
-        return Bound.derived(_K_BOUND, exact, self.out_dtype,
-                             why=f"{self.name}: max_abs <= {_K_BOUND:g} x the emulated scheme's error ({self.scheme}) "
-                                 "against the exact float64 linear")
+        return Bound.derived(
+            _K_BOUND,
+            exact,
+            self.out_dtype,
+            why=f"{self.name}: max_abs <= {_K_BOUND:g} x the emulated scheme's error ({self.scheme}) "
+            "against the exact float64 linear",
+        )
 
     def layout_bound(self, inputs, params, exact):
         return None  # bitwise: the activation is cast into a fresh row-major FP8 tensor for every layout
@@ -182,8 +194,14 @@ class Fp8LinearTarget(LinearTarget):
     def call(self, x, inputs):
         from harness.quant.linear import fp8_linear
 
-        return fp8_linear(x, inputs["weight"], weight_scale=inputs.get("weight_scale"),
-                          input_scale=inputs.get("input_scale"), bias=inputs.get("bias"), out_dtype=self.out_dtype)
+        return fp8_linear(
+            x,
+            inputs["weight"],
+            weight_scale=inputs.get("weight_scale"),
+            input_scale=inputs.get("input_scale"),
+            bias=inputs.get("bias"),
+            out_dtype=self.out_dtype,
+        )
 
 
 @register_target
@@ -192,7 +210,9 @@ class Fp8LinearStaticTarget(Fp8LinearTarget):
 
     name = "fp8_linear.static_scale"
     input_scale = 1.0
-    scheme = "E4M3 input x / input_scale (static), saturating at +-448 x FP8 E4M3 weight, FP32 accumulation, bf16 output"
+    scheme = (
+        "E4M3 input x / input_scale (static), saturating at +-448 x FP8 E4M3 weight, FP32 accumulation, bf16 output"
+    )
     description = "robust FP8 linear with a stored static input scale (clamps on a temporary copy)"
 
 
@@ -216,50 +236,101 @@ class LegacyTarget(LinearTarget):
     def call(self, x, inputs):
         from harness.quant.legacy import legacy_op
 
-        return legacy_op(self.legacy_name)(x, inputs["weight"], weight_scale=inputs.get("weight_scale"),
-                                           input_scale=inputs.get("input_scale"), bias=inputs.get("bias"),
-                                           out_dtype=self.out_dtype)
+        return legacy_op(self.legacy_name)(
+            x,
+            inputs["weight"],
+            weight_scale=inputs.get("weight_scale"),
+            input_scale=inputs.get("input_scale"),
+            bias=inputs.get("bias"),
+            out_dtype=self.out_dtype,
+        )
 
 
-def _legacy(name: str, fmt: str, scale: float | None, scheme: str, doc: str, *, input_scale: float | None = None,
-            suffix: str = "") -> type[LegacyTarget]:
-    cls = type(f"Legacy_{name}{suffix.replace('.', '_')}", (LegacyTarget,), {
-        "name": f"legacy.{name}{suffix}", "legacy_name": name, "input_format": fmt, "weight_scale": scale,
-        "input_scale": input_scale, "scheme": scheme, "description": doc, "__doc__": doc})
+def _legacy(
+    name: str,
+    fmt: str,
+    scale: float | None,
+    scheme: str,
+    doc: str,
+    *,
+    input_scale: float | None = None,
+    suffix: str = "",
+) -> type[LegacyTarget]:
+    cls = type(
+        f"Legacy_{name}{suffix.replace('.', '_')}",
+        (LegacyTarget,),
+        {
+            "name": f"legacy.{name}{suffix}",
+            "legacy_name": name,
+            "input_format": fmt,
+            "weight_scale": scale,
+            "input_scale": input_scale,
+            "scheme": scheme,
+            "description": doc,
+            "__doc__": doc,
+        },
+    )
     return register_target(cls)
 
 
 _LEGACY_SCHEME = "E4M3 input with scale 1, clamped to +-448 x FP8 E4M3 weight, FP32 accumulation, bf16 output"
-_STATIC_SCHEME = ("E4M3 input x / scale_input (stored static scale), saturating at +-448 x FP8 E4M3 weight, "
-                  "FP32 accumulation, bf16 output")
+_STATIC_SCHEME = (
+    "E4M3 input x / scale_input (stored static scale), saturating at +-448 x FP8 E4M3 weight, "
+    "FP32 accumulation, bf16 output"
+)
 
 LEGACY_TARGETS: dict[str, type[LegacyTarget]] = {
     # early 2025 ignores any stored scale (ones scales), as the unscaled checkpoints of its time needed:
     # the target models such a checkpoint (weight_scale None), so only the E5M2 input cast is judged.
     "legacy.wanvideo_early2025": _legacy(
-        "wanvideo_early2025", "e5m2", None,
+        "wanvideo_early2025",
+        "e5m2",
+        None,
         "E5M2 input cast with scale 1 x FP8 E4M3 weight (ones scales), FP32 accumulation, bf16 output",
-        "WanVideoWrapper early 2025: E5M2 input cast, ones scales, 3-D only (unscaled checkpoint)"),
+        "WanVideoWrapper early 2025: E5M2 input cast, ones scales, 3-D only (unscaled checkpoint)",
+    ),
     "legacy.wanvideo_late2025": _legacy(
-        "wanvideo_late2025", "e4m3", DEFAULT_WEIGHT_SCALE, _LEGACY_SCHEME,
-        "WanVideoWrapper late 2025 before the fix: clamps the caller's tensor in place, ones input scale"),
+        "wanvideo_late2025",
+        "e4m3",
+        DEFAULT_WEIGHT_SCALE,
+        _LEGACY_SCHEME,
+        "WanVideoWrapper late 2025 before the fix: clamps the caller's tensor in place, ones input scale",
+    ),
     "legacy.user_fixed": _legacy(
-        "user_fixed", "e4m3", DEFAULT_WEIGHT_SCALE, _LEGACY_SCHEME,
-        "the user's fixed WanVideoWrapper forward: contiguous() first, ComfyUI-style"),
+        "user_fixed",
+        "e4m3",
+        DEFAULT_WEIGHT_SCALE,
+        _LEGACY_SCHEME,
+        "the user's fixed WanVideoWrapper forward: contiguous() first, ComfyUI-style",
+    ),
     "legacy.comfyui": _legacy(
-        "comfyui", "e4m3", DEFAULT_WEIGHT_SCALE, _LEGACY_SCHEME,
-        "ComfyUI fp8_linear with its caller's fallback to a plain linear"),
+        "comfyui",
+        "e4m3",
+        DEFAULT_WEIGHT_SCALE,
+        _LEGACY_SCHEME,
+        "ComfyUI fp8_linear with its caller's fallback to a plain linear",
+    ),
     # With a stored scale_input (scaled checkpoints) ComfyUI-style forwards skip the clamp and cast
     # x / scale_input straight to E4M3: values beyond 448 saturate on torch 2.13's CPU cast but turn
     # to NaN on torch 2.11 (CPU and CUDA) -- a version-dependent defect (quant-numerics.md section 1).
     "legacy.comfyui.scaled_input": _legacy(
-        "comfyui", "e4m3", DEFAULT_WEIGHT_SCALE, _STATIC_SCHEME,
+        "comfyui",
+        "e4m3",
+        DEFAULT_WEIGHT_SCALE,
+        _STATIC_SCHEME,
         "ComfyUI fp8_linear with a stored scale_input: unclamped cast of x / scale_input",
-        input_scale=1.0, suffix=".scaled_input"),
+        input_scale=1.0,
+        suffix=".scaled_input",
+    ),
     "legacy.user_fixed.scaled_input": _legacy(
-        "user_fixed", "e4m3", DEFAULT_WEIGHT_SCALE, _STATIC_SCHEME,
+        "user_fixed",
+        "e4m3",
+        DEFAULT_WEIGHT_SCALE,
+        _STATIC_SCHEME,
         "the user's fixed forward with a stored scale_input: unclamped cast of x / scale_input",
-        input_scale=1.0, suffix=".scaled_input"),
+        input_scale=1.0,
+        suffix=".scaled_input",
+    ),
 }
 
 
@@ -293,17 +364,33 @@ class RawScaledMmTarget(LinearTarget):
     def emulated(self, inputs):
         from harness.reference.formats import scaled_mm
 
-        return scaled_mm(inputs["x"], inputs["weight"].t(), inputs["input_scale"], inputs["weight_scale"],
-                         bias=inputs["bias"], out_dtype=self.out_dtype)
+        return scaled_mm(
+            inputs["x"],
+            inputs["weight"].t(),
+            inputs["input_scale"],
+            inputs["weight_scale"],
+            bias=inputs["bias"],
+            out_dtype=self.out_dtype,
+        )
 
     def layout_bound(self, inputs, params, exact):
-        return Bound.derived(_K_BOUND, exact, self.out_dtype,
-                             why="the kernel reads the strided A as given and may block K differently per layout: "
-                                 f"{_K_BOUND:g} x the emulated run's error + rounding floor")
+        return Bound.derived(
+            _K_BOUND,
+            exact,
+            self.out_dtype,
+            why="the kernel reads the strided A as given and may block K differently per layout: "
+            f"{_K_BOUND:g} x the emulated run's error + rounding floor",
+        )
 
     def run(self, inputs, params):
-        r = torch._scaled_mm(inputs["x"], inputs["weight"].t(), scale_a=inputs["input_scale"],
-                             scale_b=inputs["weight_scale"], bias=inputs["bias"], out_dtype=self.out_dtype)
+        r = torch._scaled_mm(
+            inputs["x"],
+            inputs["weight"].t(),
+            scale_a=inputs["input_scale"],
+            scale_b=inputs["weight_scale"],
+            bias=inputs["bias"],
+            out_dtype=self.out_dtype,
+        )
         return r[0] if isinstance(r, tuple) else r
 
 
@@ -339,8 +426,13 @@ class PluginLinearTarget(PluginTarget, LinearTarget):
         return dataclasses.replace(case, layouts=layouts, values=values, params=params)
 
     def call(self, x, inputs):
-        return self._resolve()(x, inputs["weight"], weight_scale=inputs.get("weight_scale"), bias=inputs.get("bias"),
-                               out_dtype=self.out_dtype)
+        return self._resolve()(
+            x,
+            inputs["weight"],
+            weight_scale=inputs.get("weight_scale"),
+            bias=inputs.get("bias"),
+            out_dtype=self.out_dtype,
+        )
 
 
 def register_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: bool = False) -> str:
@@ -351,7 +443,14 @@ def register_plugin(spec: str, info: Mapping[str, Any] | None = None, *, probe: 
     :func:`harness.quant.plugins.probe` (a subprocess) and raises ValueError, one line, when the
     plug-in does not load.
     """
-    if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1 or (":" in spec and not all(spec.split(":"))):
-        raise ValueError(f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
-                         "or be a harness.fp8_linear entry-point name")
+    if (
+        not isinstance(spec, str)
+        or not spec.strip()
+        or spec.count(":") > 1
+        or (":" in spec and not all(spec.split(":")))
+    ):
+        raise ValueError(
+            f"plug-in {spec!r} must be named 'package.module:attr' (e.g. 'mypkg.fp8:linear') "
+            "or be a harness.fp8_linear entry-point name"
+        )
     return register_plugin_target(PluginLinearTarget, f"plugin.{spec}", spec, info, probe, f"user FP8 linear {spec}")

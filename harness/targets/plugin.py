@@ -70,8 +70,9 @@ def probe_plugin(spec: str, group: str) -> dict[str, Any]:
         raise ValueError(msg if repr(spec) in msg else f"plug-in {spec!r} cannot be loaded: {msg}") from None
 
 
-def register_plugin_target(base: type, name: str, spec: str, info: Mapping[str, Any] | None, probe: bool,
-                           doc: str, **attrs: Any) -> str:
+def register_plugin_target(
+    base: type, name: str, spec: str, info: Mapping[str, Any] | None, probe: bool, doc: str, **attrs: Any
+) -> str:
     """Register a subclass of ``base`` (a :class:`PluginTarget`) as ``name`` for ``spec``; returns ``name``.
 
     ``info``: the plug-in's ``describe()`` when known; ``probe=True`` gets it from :func:`probe_plugin`
@@ -80,8 +81,17 @@ def register_plugin_target(base: type, name: str, spec: str, info: Mapping[str, 
     if probe and info is None:
         info = probe_plugin(spec, base.plugin_group)
     safe = spec.replace(".", "_").replace(":", "__")
-    cls = type(f"{base.__name__}_{safe}", (base,), {
-        "name": name, "spec": spec, "description": doc, "__doc__": doc,
-        "plugin_info": dict(info) if info is not None else None, **attrs})
+    cls = type(
+        f"{base.__name__}_{safe}",
+        (base,),
+        {
+            "name": name,
+            "spec": spec,
+            "description": doc,
+            "__doc__": doc,
+            "plugin_info": dict(info) if info is not None else None,
+            **attrs,
+        },
+    )
     register_target(cls, replace=True)
     return name

@@ -66,8 +66,9 @@ class Target(Protocol):
         """(can run on ``device``, reason naming what is missing). Probed in the worker."""
         ...
 
-    def make_inputs(self, case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self, case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Input tensors laid out as ``case.layouts``; ``values`` (contiguous, logical shape) override recipes."""
         ...
 
@@ -75,8 +76,9 @@ class Target(Protocol):
         """The op under test."""
         ...
 
-    def reference(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def reference(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(exact, emulated-or-naive) on the same (already quantized) inputs; never mutates them."""
         ...
 
@@ -84,8 +86,9 @@ class Target(Protocol):
         """Allowed error of ``run`` against ``exact``: ``k * err(emulated) + floor`` (metric and why inside)."""
         ...
 
-    def layout_bound(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], exact: torch.Tensor
-                     ) -> Bound | None:
+    def layout_bound(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], exact: torch.Tensor
+    ) -> Bound | None:
         """Allowed difference between two layouts of the same values, as ``k * err(emulated) + floor``
         (the same ``ref_err`` as the drift bound); None: bitwise equal expected."""
         ...
@@ -99,8 +102,9 @@ def _broadcast_dims(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[in
     return [i for i, (sz, st) in enumerate(zip(shape, strides)) if st == 0 and sz > 1]
 
 
-def default_inputs(case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
-                   ) -> dict[str, torch.Tensor]:
+def default_inputs(
+    case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Materialize every layout of ``case`` on ``device``.
 
     Values come from ``values[name]`` when given (stored tensors of a case file), else from
@@ -135,22 +139,25 @@ class BaseTarget:
     def available(self, device: str) -> tuple[bool, str]:
         return True, ""
 
-    def make_inputs(self, case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self, case: "Case", device: str, values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         return default_inputs(case, device, values)
 
     def run(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError(f"target {self.name!r} does not implement run()")
 
-    def reference(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def reference(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(f"target {self.name!r} does not implement reference()")
 
     def bound(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], exact: torch.Tensor) -> Bound:
         return Bound.exact(f"{self.name}: no bound declared, bitwise equality expected")
 
-    def layout_bound(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], exact: torch.Tensor
-                     ) -> Bound | None:
+    def layout_bound(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], exact: torch.Tensor
+    ) -> Bound | None:
         return None
 
     def layout_classes(self) -> dict[str, Callable[[], Any]]:
@@ -197,8 +204,21 @@ def register_target(target: Any = None, *, replace: bool = False) -> Any:
     if target is None:
         return lambda t: register_target(t, replace=replace)
     inst = target() if isinstance(target, type) else target
-    missing = [a for a in ("name", "kind", "run", "reference", "available", "make_inputs", "bound",
-                           "layout_bound", "layout_classes") if not hasattr(inst, a)]
+    missing = [
+        a
+        for a in (
+            "name",
+            "kind",
+            "run",
+            "reference",
+            "available",
+            "make_inputs",
+            "bound",
+            "layout_bound",
+            "layout_classes",
+        )
+        if not hasattr(inst, a)
+    ]
     if missing:
         raise TargetError(f"{inst!r} is not a Target: missing {missing} (subclass harness.targets.protocol.BaseTarget)")
     if not isinstance(inst.name, str) or not inst.name:
@@ -207,8 +227,10 @@ def register_target(target: Any = None, *, replace: bool = False) -> Any:
         inst.mutates = ()
     with _LOCK:
         if inst.name in _REGISTRY and not replace and type(_REGISTRY[inst.name]) is not type(inst):
-            raise TargetError(f"target {inst.name!r} is already registered ({_REGISTRY[inst.name]!r}); "
-                              "pick another name or pass replace=True")
+            raise TargetError(
+                f"target {inst.name!r} is already registered ({_REGISTRY[inst.name]!r}); "
+                "pick another name or pass replace=True"
+            )
         _REGISTRY[inst.name] = inst
     return target
 

@@ -51,9 +51,12 @@ def _make_inputs(backend, shape: AttentionShape, device: torch.device, seed: int
         q = random_tensor((lq, h, d), torch.bfloat16, device, seed)
         k = random_tensor((lk, h, d), torch.bfloat16, device, seed + 1)
         v = random_tensor((lk, h, d), torch.bfloat16, device, seed + 2)
-        kw = {"cu_seqlens_q": torch.tensor([0, lq], dtype=torch.int32, device=device),
-              "cu_seqlens_k": torch.tensor([0, lk], dtype=torch.int32, device=device),
-              "max_seqlen_q": lq, "max_seqlen_k": lk}
+        kw = {
+            "cu_seqlens_q": torch.tensor([0, lq], dtype=torch.int32, device=device),
+            "cu_seqlens_k": torch.tensor([0, lk], dtype=torch.int32, device=device),
+            "max_seqlen_q": lq,
+            "max_seqlen_k": lk,
+        }
         return (q, k, v), kw
     layout = backend.requires.layouts[0]
     dims = (lambda n: (b, h, n, d)) if layout == "HND" else (lambda n: (b, n, h, d))
@@ -67,8 +70,10 @@ def _math_too_big(shape: AttentionShape, device: torch.device) -> str | None:
     need = shape.batch * shape.heads * shape.q_tokens * shape.kv_tokens * MATH_BYTES_PER_SCORE
     free, _ = torch.cuda.mem_get_info(device)
     if need > 0.8 * free:
-        return (f"sdpa.math materialises the ({shape.batch}, {shape.heads}, {shape.q_tokens}, {shape.kv_tokens}) "
-                f"score matrix: ~{need / 2**30:.0f} GiB, only {free / 2**30:.0f} GiB free")
+        return (
+            f"sdpa.math materialises the ({shape.batch}, {shape.heads}, {shape.q_tokens}, {shape.kv_tokens}) "
+            f"score matrix: ~{need / 2**30:.0f} GiB, only {free / 2**30:.0f} GiB free"
+        )
     return None
 
 
@@ -86,13 +91,26 @@ def test_bench_attention(benchmark, backend_name, shape, cuda_device, gpu_ceilin
     first, kw = _make_inputs(backend, shape, cuda_device, seed=100)
     if problems := backend.check_inputs(*first, layout):
         pytest.skip(f"{backend_name} cannot take the Wan shape: {'; '.join(problems)}")
-    sets = [first] + [_make_inputs(backend, shape, cuda_device, seed=100 + 10 * i)[0]
-                      for i in range(1, rotation_count(tensor_bytes(first), cuda_device))]
+    sets = [first] + [
+        _make_inputs(backend, shape, cuda_device, seed=100 + 10 * i)[0]
+        for i in range(1, rotation_count(tensor_bytes(first), cuda_device))
+    ]
     for i, s in enumerate(sets):
         assert_not_all_zero({f"set{i}.{n}": t for n, t in zip("qkv", s)})
     fn = rotate(lambda q, k, v: backend.run(q, k, v, layout, **kw), sets)
     warmup, rounds = rounds_policy.for_device(cuda_device)
     timing = run_benchmark(benchmark, fn, cuda_device, warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op=f"attn.{backend_name}", family="attention", shape_key=shape.key,
-           shape={**shape.as_dict(), "layout": layout}, ceilings=gpu_ceilings, ceiling="bf16_matmul",
-           env=gpu_env, flops=shape.flops, backend=backend_name, input_sets=len(sets))
+    record(
+        benchmark,
+        timing,
+        op=f"attn.{backend_name}",
+        family="attention",
+        shape_key=shape.key,
+        shape={**shape.as_dict(), "layout": layout},
+        ceilings=gpu_ceilings,
+        ceiling="bf16_matmul",
+        env=gpu_env,
+        flops=shape.flops,
+        backend=backend_name,
+        input_sets=len(sets),
+    )

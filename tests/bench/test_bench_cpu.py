@@ -56,9 +56,18 @@ def test_bench_cpu_materialize(benchmark, layout, rounds_policy, cpu_ceilings, c
     assert out.stride() == spec.strides() and out.storage_offset() == spec.storage_offset()
     # poison fill of the whole storage + read of the values + write of the view
     nbytes = spec.storage_numel() * spec.itemsize + 2 * values.numel() * values.element_size()
-    record(benchmark, timing, op=f"materialize.{layout}", family="layout", shape_key=f"cpu.materialize.{layout}",
-           shape={"shape": list(spec.shape), "layout": spec.describe()}, ceilings=cpu_ceilings, ceiling="copy",
-           env=cpu_env, nbytes=nbytes)
+    record(
+        benchmark,
+        timing,
+        op=f"materialize.{layout}",
+        family="layout",
+        shape_key=f"cpu.materialize.{layout}",
+        shape={"shape": list(spec.shape), "layout": spec.describe()},
+        ceilings=cpu_ceilings,
+        ceiling="copy",
+        env=cpu_env,
+        nbytes=nbytes,
+    )
 
 
 def test_bench_cpu_quantize_emulation(benchmark, rounds_policy, cpu_ceilings, cpu_env) -> None:
@@ -66,10 +75,21 @@ def test_bench_cpu_quantize_emulation(benchmark, rounds_policy, cpu_ceilings, cp
     x = random_tensor((SHAPE.tokens, SHAPE.in_features), torch.bfloat16, DEVICE, seed=12)
     assert_not_all_zero({"x": x})
     warmup, rounds = rounds_policy.for_device(DEVICE)
-    timing = run_benchmark(benchmark, lambda: formats.quantize(x, "e4m3", granularity="row"), DEVICE,
-                           warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op="emulate.quantize_e4m3_row", family="emulation", shape_key=f"cpu.quantize.{SHAPE.key}",
-           shape=SHAPE.as_dict(), ceilings=cpu_ceilings, ceiling="copy", env=cpu_env, nbytes=x.numel() * (2 + 1))
+    timing = run_benchmark(
+        benchmark, lambda: formats.quantize(x, "e4m3", granularity="row"), DEVICE, warmup=warmup, rounds=rounds
+    )
+    record(
+        benchmark,
+        timing,
+        op="emulate.quantize_e4m3_row",
+        family="emulation",
+        shape_key=f"cpu.quantize.{SHAPE.key}",
+        shape=SHAPE.as_dict(),
+        ceilings=cpu_ceilings,
+        ceiling="copy",
+        env=cpu_env,
+        nbytes=x.numel() * (2 + 1),
+    )
 
 
 def _fp8_operands(shape: LinearShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,10 +107,21 @@ def test_bench_cpu_scaled_mm_emulation(benchmark, rounds_policy, cpu_ceilings, c
     assert_not_all_zero({"x8": x8, "w8": w8})
     one = torch.ones((), dtype=torch.float32)
     warmup, rounds = rounds_policy.for_device(DEVICE)
-    timing = run_benchmark(benchmark, lambda: formats.scaled_mm(x8, w8.t(), one, w_scale), DEVICE,
-                           warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op="emulate.scaled_mm", family="emulation", shape_key=SHAPE.key, shape=SHAPE.as_dict(),
-           ceilings=cpu_ceilings, ceiling="bf16_matmul", env=cpu_env, flops=SHAPE.flops)
+    timing = run_benchmark(
+        benchmark, lambda: formats.scaled_mm(x8, w8.t(), one, w_scale), DEVICE, warmup=warmup, rounds=rounds
+    )
+    record(
+        benchmark,
+        timing,
+        op="emulate.scaled_mm",
+        family="emulation",
+        shape_key=SHAPE.key,
+        shape=SHAPE.as_dict(),
+        ceilings=cpu_ceilings,
+        ceiling="bf16_matmul",
+        env=cpu_env,
+        flops=SHAPE.flops,
+    )
 
 
 def _bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -112,8 +143,18 @@ def test_bench_cpu_linear(benchmark, op, rounds_policy, cpu_ceilings, cpu_env) -
     assert_not_all_zero(inputs)
     warmup, rounds = rounds_policy.for_device(DEVICE)
     timing = run_benchmark(benchmark, fn, DEVICE, warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op=op, family="linear", shape_key=SHAPE.key, shape=SHAPE.as_dict(),
-           ceilings=cpu_ceilings, ceiling=ceiling, env=cpu_env, flops=SHAPE.flops)
+    record(
+        benchmark,
+        timing,
+        op=op,
+        family="linear",
+        shape_key=SHAPE.key,
+        shape=SHAPE.as_dict(),
+        ceilings=cpu_ceilings,
+        ceiling=ceiling,
+        env=cpu_env,
+        flops=SHAPE.flops,
+    )
 
 
 ATTN = AttentionShape("1.3B", "self", 1, 2, 256, 256, 128)
@@ -126,10 +167,23 @@ def test_bench_cpu_attention_emulation(benchmark, backend_name, rounds_policy, c
     ok, why = backend.available("cpu")
     if not ok:
         pytest.skip(f"{backend_name}: {why}")
-    q, k, v = (random_tensor((ATTN.batch, ATTN.heads, ATTN.q_tokens, ATTN.head_dim), torch.bfloat16, DEVICE, seed)
-               for seed in (21, 22, 23))
+    q, k, v = (
+        random_tensor((ATTN.batch, ATTN.heads, ATTN.q_tokens, ATTN.head_dim), torch.bfloat16, DEVICE, seed)
+        for seed in (21, 22, 23)
+    )
     assert_not_all_zero({"q": q, "k": k, "v": v})
     warmup, rounds = rounds_policy.for_device(DEVICE)
     timing = run_benchmark(benchmark, lambda: backend.run(q, k, v, "HND"), DEVICE, warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op=f"attn.{backend_name}", family="emulation", shape_key=ATTN.key, shape=ATTN.as_dict(),
-           ceilings=cpu_ceilings, ceiling="bf16_matmul", env=cpu_env, flops=ATTN.flops, backend=backend_name)
+    record(
+        benchmark,
+        timing,
+        op=f"attn.{backend_name}",
+        family="emulation",
+        shape_key=ATTN.key,
+        shape=ATTN.as_dict(),
+        ceilings=cpu_ceilings,
+        ceiling="bf16_matmul",
+        env=cpu_env,
+        flops=ATTN.flops,
+        backend=backend_name,
+    )

@@ -72,15 +72,31 @@ def test_bench_guard_overhead(benchmark, backend_name, cuda_device, gpu_ceilings
     t = interleaved_time(fns, cuda_device, warmup=warmup, rounds=max(3 * rounds, 15))
     med = {n: t[n].median for n in fns}
     ratio = med["guarded"] / med["bare"]
-    info = {"medians_ms": med, "guarded_over_bare": ratio, "target": 1 + GUARD_TARGET,
-            "repaired_over_bare": {n: med[n] / med["bare"] for n in repaired}, "repairs": repaired,
-            "contract": f"attn.{backend_name}" if measured_contract(f"attn.{backend_name}") else "hand-written rules"}
-    record(benchmark, timing, op=f"safe_attn.{backend_name}", family="guard", shape_key=SHAPE.key,
-           shape={**SHAPE.as_dict(), "layout": "HND"}, ceilings=gpu_ceilings, ceiling="bf16_matmul", env=gpu_env,
-           flops=SHAPE.flops, guard=info)
+    info = {
+        "medians_ms": med,
+        "guarded_over_bare": ratio,
+        "target": 1 + GUARD_TARGET,
+        "repaired_over_bare": {n: med[n] / med["bare"] for n in repaired},
+        "repairs": repaired,
+        "contract": f"attn.{backend_name}" if measured_contract(f"attn.{backend_name}") else "hand-written rules",
+    }
+    record(
+        benchmark,
+        timing,
+        op=f"safe_attn.{backend_name}",
+        family="guard",
+        shape_key=SHAPE.key,
+        shape={**SHAPE.as_dict(), "layout": "HND"},
+        ceilings=gpu_ceilings,
+        ceiling="bf16_matmul",
+        env=gpu_env,
+        flops=SHAPE.flops,
+        guard=info,
+    )
     assert ratio <= 1 + GUARD_TARGET, (
         f"guarded {backend_name} is {ratio:.4f}x the bare kernel on compliant Wan-14B inputs, over the "
-        f"{GUARD_TARGET:.0%} budget (medians {med})")
+        f"{GUARD_TARGET:.0%} budget (medians {med})"
+    )
 
 
 def test_bench_guard_check_cpu(benchmark, rounds_policy, cpu_env) -> None:
@@ -94,5 +110,13 @@ def test_bench_guard_check_cpu(benchmark, rounds_policy, cpu_env) -> None:
     assert g.plan(q, k, v, "HND") == [] and [r.operand for r in g.plan(mis, k, v, "HND")] == ["q"]
     warmup, rounds = rounds_policy.for_device("cpu")
     timing = run_benchmark(benchmark, lambda: g.plan(q, k, v, "HND"), "cpu", warmup=warmup, rounds=rounds)
-    benchmark.extra_info.update({"op": "guard.plan", "family": "guard", "shape_key": SHAPE.key,
-                                 "shape": SHAPE.as_dict(), "device_ms": timing.as_dict(), "env": dict(cpu_env)})
+    benchmark.extra_info.update(
+        {
+            "op": "guard.plan",
+            "family": "guard",
+            "shape_key": SHAPE.key,
+            "shape": SHAPE.as_dict(),
+            "device_ms": timing.as_dict(),
+            "env": dict(cpu_env),
+        }
+    )

@@ -68,8 +68,24 @@ def test_bench_legacy(benchmark, legacy, shape, fp8_device, gpu_ceilings, gpu_en
     warmup, rounds = rounds_policy.for_device(device)
     timing = run_benchmark(benchmark, fns[legacy], device, warmup=warmup, rounds=rounds)
     t = interleaved_time(fns, device, warmup=warmup, rounds=max(2 * rounds, 10))
-    vs = {"legacy_ms": t[legacy].median, "fp8_linear_ms": t["fp8_linear"].median,
-          "ratio": t[legacy].median / t["fp8_linear"].median, "path": path}
-    record(benchmark, timing, op=f"legacy.{legacy}", family="legacy", shape_key=shape.key, shape=shape.as_dict(),
-           ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops,
-           vs_fp8_linear=vs, description=lf.description, input_sets=len(sets))
+    vs = {
+        "legacy_ms": t[legacy].median,
+        "fp8_linear_ms": t["fp8_linear"].median,
+        "ratio": t[legacy].median / t["fp8_linear"].median,
+        "path": path,
+    }
+    record(
+        benchmark,
+        timing,
+        op=f"legacy.{legacy}",
+        family="legacy",
+        shape_key=shape.key,
+        shape=shape.as_dict(),
+        ceilings=gpu_ceilings,
+        ceiling="fp8_matmul",
+        env=gpu_env,
+        flops=shape.flops,
+        vs_fp8_linear=vs,
+        description=lf.description,
+        input_sets=len(sets),
+    )

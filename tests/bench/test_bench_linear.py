@@ -66,12 +66,16 @@ def _weights(shape: LinearShape, device: torch.device, seed: int) -> dict[str, t
 
 def _input_sets(shape: LinearShape, device: torch.device, op_bytes) -> list[dict[str, torch.Tensor]]:
     """Enough independent (activation, weight) sets that one rotation spans 4x L2."""
-    first = {"x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000),
-             **_weights(shape, device, 2000)}
+    first = {
+        "x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000),
+        **_weights(shape, device, 2000),
+    }
     n = rotation_count(op_bytes(first), device)
     sets = [first] + [
-        {"x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000 + i),
-         **_weights(shape, device, 2000 + i)}
+        {
+            "x": random_tensor((1, shape.tokens, shape.in_features), torch.bfloat16, device, 1000 + i),
+            **_weights(shape, device, 2000 + i),
+        }
         for i in range(1, n)
     ]
     for i, s in enumerate(sets):
@@ -110,9 +114,20 @@ def test_bench_linear(benchmark, shape, op, request, cuda_device, gpu_ceilings, 
     fn = _fn(op, one)
     warmup, rounds = rounds_policy.for_device(device)
     timing = run_benchmark(benchmark, rotate(fn, [(s,) for s in sets]), device, warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op=op, family="linear", shape_key=shape.key, shape=shape.as_dict(),
-           ceilings=gpu_ceilings, ceiling="bf16_matmul" if op == "bf16_linear" else "fp8_matmul",
-           env=gpu_env, flops=shape.flops, input_sets=len(sets), set_bytes=_op_bytes(op)(sets[0]))
+    record(
+        benchmark,
+        timing,
+        op=op,
+        family="linear",
+        shape_key=shape.key,
+        shape=shape.as_dict(),
+        ceilings=gpu_ceilings,
+        ceiling="bf16_matmul" if op == "bf16_linear" else "fp8_matmul",
+        env=gpu_env,
+        flops=shape.flops,
+        input_sets=len(sets),
+        set_bytes=_op_bytes(op)(sets[0]),
+    )
 
 
 @pytest.mark.parametrize("shape", TARGET_SHAPES, ids=lambda s: s.key)
@@ -142,17 +157,34 @@ def test_bench_speed_target(benchmark, shape, fp8_device, gpu_ceilings, gpu_env,
     dyn_speedup = med["bf16_linear"] / med["fp8_linear"]
     dyn_overhead = med["fp8_linear"] / med["scaled_mm_bare"] - 1.0
     verdict = {
-        "medians_ms": med, "speedup_vs_bf16": speedup, "overhead_vs_bare": overhead,
-        "dynamic_speedup_vs_bf16": dyn_speedup, "dynamic_overhead_vs_bare": dyn_overhead,
+        "medians_ms": med,
+        "speedup_vs_bf16": speedup,
+        "overhead_vs_bare": overhead,
+        "dynamic_speedup_vs_bf16": dyn_speedup,
+        "dynamic_overhead_vs_bare": dyn_overhead,
         "min_speedup_vs_bf16": SPEED_TARGET.min_speedup_vs_bf16,
-        "max_overhead_vs_bare": SPEED_TARGET.max_overhead_vs_bare, "why": SPEED_TARGET.why,
+        "max_overhead_vs_bare": SPEED_TARGET.max_overhead_vs_bare,
+        "why": SPEED_TARGET.why,
         "rounds": len(t["fp8_linear"].times_ms),
     }
-    record(benchmark, timing, op="fp8_linear", family="speed_target", shape_key=shape.key, shape=shape.as_dict(),
-           ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops, speed_target=verdict)
-    detail = (f"{shape.key} on {gpu_env['device']}: bf16 {med['bf16_linear']:.3f} ms, fp8_linear static scale "
-              f"{med['fp8_linear_static']:.3f} ms, dynamic {med['fp8_linear']:.3f} ms, bare cast+_scaled_mm "
-              f"{med['scaled_mm_bare']:.3f} ms")
+    record(
+        benchmark,
+        timing,
+        op="fp8_linear",
+        family="speed_target",
+        shape_key=shape.key,
+        shape=shape.as_dict(),
+        ceilings=gpu_ceilings,
+        ceiling="fp8_matmul",
+        env=gpu_env,
+        flops=shape.flops,
+        speed_target=verdict,
+    )
+    detail = (
+        f"{shape.key} on {gpu_env['device']}: bf16 {med['bf16_linear']:.3f} ms, fp8_linear static scale "
+        f"{med['fp8_linear_static']:.3f} ms, dynamic {med['fp8_linear']:.3f} ms, bare cast+_scaled_mm "
+        f"{med['scaled_mm_bare']:.3f} ms"
+    )
     assert speedup >= SPEED_TARGET.min_speedup_vs_bf16, (
         f"fp8_linear is {speedup:.3f}x bf16, below the {SPEED_TARGET.min_speedup_vs_bf16}x target ({detail}); "
         f"why the target: {SPEED_TARGET.why}"
@@ -181,7 +213,9 @@ def test_bench_realign(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, roun
     misaligned_sets = []
     for s in aligned_sets:
         xm = materialize(spec, s["x"])
-        assert data_ptr_alignment(xm) == 2, f"the offset-by-one view should be 2-byte aligned, got {data_ptr_alignment(xm)}"
+        assert data_ptr_alignment(xm) == 2, (
+            f"the offset-by-one view should be 2-byte aligned, got {data_ptr_alignment(xm)}"
+        )
         misaligned_sets.append({**s, "x": xm})
     fn = _fn("fp8_linear", torch.ones(1, dtype=torch.float32, device=device))
     fns = {"aligned": rotate(fn, [(s,) for s in aligned_sets]), "offset1": rotate(fn, [(s,) for s in misaligned_sets])}
@@ -189,13 +223,25 @@ def test_bench_realign(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, roun
     timing = run_benchmark(benchmark, fns["offset1"], device, warmup=warmup, rounds=rounds)
     t = interleaved_time(fns, device, warmup=warmup, rounds=max(2 * rounds, 10))
     realign = {
-        "aligned_ms": t["aligned"].median, "offset1_ms": t["offset1"].median,
+        "aligned_ms": t["aligned"].median,
+        "offset1_ms": t["offset1"].median,
         "overhead": t["offset1"].median / t["aligned"].median - 1.0,
         "layout": spec.describe(),
     }
-    record(benchmark, timing, op="fp8_linear.offset1", family="realign", shape_key=shape.key, shape=shape.as_dict(),
-           ceilings=gpu_ceilings, ceiling="fp8_matmul", env=gpu_env, flops=shape.flops, realign=realign,
-           input_sets=len(aligned_sets))
+    record(
+        benchmark,
+        timing,
+        op="fp8_linear.offset1",
+        family="realign",
+        shape_key=shape.key,
+        shape=shape.as_dict(),
+        ceilings=gpu_ceilings,
+        ceiling="fp8_matmul",
+        env=gpu_env,
+        flops=shape.flops,
+        realign=realign,
+        input_sets=len(aligned_sets),
+    )
 
 
 @pytest.mark.parametrize("op", sorted(QUANT_OPS))
@@ -211,8 +257,10 @@ def test_bench_quantize(benchmark, act, op, fp8_device, gpu_ceilings, gpu_env, r
     device = fp8_device
     x = random_tensor((1, tokens, width), torch.bfloat16, device, 4000)
     scale = (x.abs().amax().float() / E4M3_MAX).reshape(1)
-    sets = [(x,)] + [(random_tensor((1, tokens, width), torch.bfloat16, device, 4000 + i),)
-                     for i in range(1, rotation_count(tensor_bytes([x]), device))]
+    sets = [(x,)] + [
+        (random_tensor((1, tokens, width), torch.bfloat16, device, 4000 + i),)
+        for i in range(1, rotation_count(tensor_bytes([x]), device))
+    ]
     for i, (t,) in enumerate(sets):  # every timed set, not just the first
         assert_not_all_zero({f"set{i}.x": t})
     step = {
@@ -222,6 +270,16 @@ def test_bench_quantize(benchmark, act, op, fp8_device, gpu_ceilings, gpu_env, r
     }[op]
     warmup, rounds = rounds_policy.for_device(device)
     timing = run_benchmark(benchmark, rotate(step, sets), device, warmup=warmup, rounds=rounds)
-    record(benchmark, timing, op=op, family="quantize", shape_key=f"wan{model}.act.L{tokens}.C{width}",
-           shape={"M": tokens, "K": width, "model": model}, ceilings=gpu_ceilings, ceiling="copy", env=gpu_env,
-           nbytes=QUANT_OPS[op] * x.numel(), input_sets=len(sets))
+    record(
+        benchmark,
+        timing,
+        op=op,
+        family="quantize",
+        shape_key=f"wan{model}.act.L{tokens}.C{width}",
+        shape={"M": tokens, "K": width, "model": model},
+        ceilings=gpu_ceilings,
+        ceiling="copy",
+        env=gpu_env,
+        nbytes=QUANT_OPS[op] * x.numel(),
+        input_sets=len(sets),
+    )

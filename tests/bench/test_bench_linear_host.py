@@ -68,9 +68,17 @@ def test_bench_linear_host_cpu(benchmark, op, rounds_policy, cpu_env) -> None:
         assert after.misses == before.misses and after.hits > before.hits, (before, after)  # timed the cached path
     elif op == "fp8_linear.uncached":
         assert after.hits == 0 and after.misses >= 1, after  # every timed call planned from scratch
-    benchmark.extra_info.update({
-        "op": op, "family": "host", "shape_key": f"cpu.host.{CPU_SHAPE.key}", "shape": CPU_SHAPE.as_dict(),
-        "host_us": _summary([t * 1e3 for t in timing.times_ms]), "timer": timing.timer, "env": dict(cpu_env)})
+    benchmark.extra_info.update(
+        {
+            "op": op,
+            "family": "host",
+            "shape_key": f"cpu.host.{CPU_SHAPE.key}",
+            "shape": CPU_SHAPE.as_dict(),
+            "host_us": _summary([t * 1e3 for t in timing.times_ms]),
+            "timer": timing.timer,
+            "env": dict(cpu_env),
+        }
+    )
 
 
 def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -129,8 +137,18 @@ def test_bench_linear_host_gpu(benchmark, op, scheme, fp8_device, rounds_policy,
         assert after.misses == before.misses, (before, after)  # timed the cached path only
     timed = host_us[-rounds:] if len(host_us) > rounds else host_us
     summary = _summary(timed)
-    benchmark.extra_info.update({
-        "op": op, "scheme": scheme, "family": "host", "shape_key": f"host.{GPU_SHAPE.key}",
-        "shape": GPU_SHAPE.as_dict(), "calls_per_round": GPU_CALLS, "host_us": summary,
-        "device_us": _summary(device_us[-len(timed):]), "host_target_us": HOST_TARGET_US,
-        "meets_host_target": summary["median"] <= HOST_TARGET_US, "env": dict(gpu_env)})
+    benchmark.extra_info.update(
+        {
+            "op": op,
+            "scheme": scheme,
+            "family": "host",
+            "shape_key": f"host.{GPU_SHAPE.key}",
+            "shape": GPU_SHAPE.as_dict(),
+            "calls_per_round": GPU_CALLS,
+            "host_us": summary,
+            "device_us": _summary(device_us[-len(timed) :]),
+            "host_target_us": HOST_TARGET_US,
+            "meets_host_target": summary["median"] <= HOST_TARGET_US,
+            "env": dict(gpu_env),
+        }
+    )

@@ -23,6 +23,7 @@ from harness.runner.pool import WorkerPool, probe_cuda, probe_devices
 from harness.values import ValueSpec
 from harness.verdicts import Verdict
 
+
 @functools.lru_cache(maxsize=4)
 def _runner_env(cuda: bool) -> dict:
     """Device and versions for ``extra_info["env"]`` (the dashboard groups by it); CUDA is probed in a child."""
@@ -75,13 +76,21 @@ def test_bench_runner_throughput(benchmark, bench_devices):
 
         benchmark.pedantic(round_, rounds=3, warmup_rounds=0, iterations=1)
         med = statistics.median(seconds)
-        benchmark.extra_info.update({
-            "op": "runner.throughput", "family": "runner", "devices": bench_devices, "env": _runner_env(cuda),
-            "workers_per_device": per_device, "cases": n, "seconds_median": med,
-            "cases_per_s": n / med, "cases_per_s_per_device": n / med / len(bench_devices),
-            "target_cases_per_s_per_gpu": 200,
-            "devices_used": sorted({r["device"] for r in pool.workers()}),
-        })
+        benchmark.extra_info.update(
+            {
+                "op": "runner.throughput",
+                "family": "runner",
+                "devices": bench_devices,
+                "env": _runner_env(cuda),
+                "workers_per_device": per_device,
+                "cases": n,
+                "seconds_median": med,
+                "cases_per_s": n / med,
+                "cases_per_s_per_device": n / med / len(bench_devices),
+                "target_cases_per_s_per_gpu": 200,
+                "devices_used": sorted({r["device"] for r in pool.workers()}),
+            }
+        )
 
 
 @pytest.mark.parametrize("spares", [0, 1], ids=["fresh-worker", "spare"])
@@ -104,9 +113,17 @@ def test_bench_runner_recovery(benchmark, bench_devices, spares):
             assert nxt.verdict is Verdict.PASS, nxt.format()
 
         benchmark.pedantic(round_, rounds=3 if cuda else 1, warmup_rounds=0, iterations=1)
-        benchmark.extra_info.update({
-            "op": f"runner.recovery.{'spare' if spares else 'fresh'}", "family": "runner", "device": bench_devices[0],
-            "env": _runner_env(cuda),
-            "fault": fault.op, "spares": spares, "recovery_s_median": statistics.median(recovery),
-            "recovery_s": recovery, "pool_recoveries_s": list(pool.recoveries), "target_recovery_s": 10.0,
-        })
+        benchmark.extra_info.update(
+            {
+                "op": f"runner.recovery.{'spare' if spares else 'fresh'}",
+                "family": "runner",
+                "device": bench_devices[0],
+                "env": _runner_env(cuda),
+                "fault": fault.op,
+                "spares": spares,
+                "recovery_s_median": statistics.median(recovery),
+                "recovery_s": recovery,
+                "pool_recoveries_s": list(pool.recoveries),
+                "target_recovery_s": 10.0,
+            }
+        )

@@ -71,8 +71,9 @@ def test_the_metadata_claim_is_settled_on_a_poisoned_context(claims_run) -> None
     assert r.status != C.UNTESTABLE, r.why
 
 
-@pytest.mark.parametrize("cid", ["contiguous-first", "flatten-contiguous", "comfyui-reference", "contiguous-free",
-                                 "after-fixes"])
+@pytest.mark.parametrize(
+    "cid", ["contiguous-first", "flatten-contiguous", "comfyui-reference", "contiguous-free", "after-fixes"]
+)
 def test_fp8_claims_are_settled_on_an_fp8_gpu(claims_run, cid: str) -> None:
     ok, why = _fp8_gpu()
     if not ok:

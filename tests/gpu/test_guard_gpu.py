@@ -25,11 +25,26 @@ from harness.targets import get_target, known_defect_of
 
 pytestmark = pytest.mark.gpu
 
-BACKENDS = ["sdpa", "sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "sdpa.math", "sage1.sageattn",
-            "sage1.sageattn_varlen"]
+BACKENDS = [
+    "sdpa",
+    "sdpa.flash",
+    "sdpa.efficient",
+    "sdpa.cudnn",
+    "sdpa.math",
+    "sage1.sageattn",
+    "sage1.sageattn_varlen",
+]
 CASES_PER_CLASS = 3
-LAYOUT_FAILURES = {"device_fault", "nonfinite", "input_mutation", "rejected", "worker_crash", "timeout", "error",
-                   "layout_noninvariance"}
+LAYOUT_FAILURES = {
+    "device_fault",
+    "nonfinite",
+    "input_mutation",
+    "rejected",
+    "worker_crash",
+    "timeout",
+    "error",
+    "layout_noninvariance",
+}
 
 
 def _available(backend: str) -> None:
@@ -56,8 +71,10 @@ def test_measured_contract_here_has_not_narrowed_from_the_shipped_one(pool, back
         pytest.skip(f"no shipped contract for attn.{backend}")
     results = _sweep(pool, f"attn.{backend}")
     live = infer_contract([record_of(c, r) for c, r in results], f"attn.{backend}", env={"device": "this GPU"})
-    changes = diff_contracts({**shipped_contracts(), "contracts": {f"attn.{backend}": shipped}},
-                             {**shipped_contracts(), "contracts": {f"attn.{backend}": live}})
+    changes = diff_contracts(
+        {**shipped_contracts(), "contracts": {f"attn.{backend}": shipped}},
+        {**shipped_contracts(), "contracts": {f"attn.{backend}": live}},
+    )
     narrowed = [c for c in changes if c["change"] == "narrowed"]
     assert not narrowed, "\n".join(f"{c['key']}: OLD {c['old']} | NEW {c['new']}" for c in narrowed)
 
@@ -83,6 +100,8 @@ def test_fresh_cuda_allocations_are_at_least_256_byte_aligned() -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    keep = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in (1, 3, 7, 100, 4097, 1 << 20) for _ in range(8)]
+    keep = [
+        torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in (1, 3, 7, 100, 4097, 1 << 20) for _ in range(8)
+    ]
     assert min(data_ptr_alignment(t) for t in keep) >= 256
     assert data_ptr_alignment(aligned_empty((5, 3), torch.bfloat16, "cuda", 256)) >= 256

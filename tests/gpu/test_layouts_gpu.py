@@ -21,8 +21,10 @@ def test_materialize_on_cuda_matches_spec_and_cpu(dtype: str, data) -> None:
     x = materialize(spec, values, device="cuda")
     y = materialize(spec, values, device="cpu")
     assert x.is_cuda and x.stride() == spec.strides() and x.storage_offset() == spec.storage_offset()
-    assert torch.equal(x.cpu().view(torch.uint8) if x.element_size() == 1 else x.cpu(), 
-                       y.view(torch.uint8) if y.element_size() == 1 else y)
+    assert torch.equal(
+        x.cpu().view(torch.uint8) if x.element_size() == 1 else x.cpu(),
+        y.view(torch.uint8) if y.element_size() == 1 else y,
+    )
     assert poison_intact(x, spec)
 
 

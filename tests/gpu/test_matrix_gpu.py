@@ -18,10 +18,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_matrix_on_cuda_writes_a_gpu_report(tmp_path) -> None:
     out = tmp_path / "m"
-    r = subprocess.run([sys.executable, "-m", "harness", "matrix", "--device", "cuda", "--time-budget", "600",
-                        "--cases-per-cell", "2",  # the budget bounds the whole run now: the cap ends this one
-                        "--ops", "fp8_linear,raw.scaled_mm,attn.sdpa*,safe_attn.sdpa*,legacy.comfyui",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "matrix",
+            "--device",
+            "cuda",
+            "--time-budget",
+            "600",
+            "--cases-per-cell",
+            "2",  # the budget bounds the whole run now: the cap ends this one
+            "--ops",
+            "fp8_linear,raw.scaled_mm,attn.sdpa*,safe_attn.sdpa*,legacy.comfyui",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     s = load_summary(out)
     dev = s["device"]

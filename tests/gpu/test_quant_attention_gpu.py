@@ -63,11 +63,13 @@ def _judge(backend: str, out: torch.Tensor, q, k, v, layout: str) -> None:
     exact = attention(q, k, v, layout)
     emu_name = emulation_for(backend, q.device)
     emu = get_backend(emu_name).run(q, k, v, layout)
-    bound = Bound.derived(2.0, exact, torch.bfloat16,
-                          why=f"{backend}: 2 x the error of {emu_name} on the same inputs vs exact float64")
+    bound = Bound.derived(
+        2.0, exact, torch.bfloat16, why=f"{backend}: 2 x the error of {emu_name} on the same inputs vs exact float64"
+    )
     j = judge(out.double(), exact, emu.double(), bound)
-    case = Case(op=f"attn.{backend}", layouts={"k": LayoutSpec(tuple(k.shape), "bfloat16")},
-                params={"tensor_layout": layout})
+    case = Case(
+        op=f"attn.{backend}", layouts={"k": LayoutSpec(tuple(k.shape), "bfloat16")}, params={"tensor_layout": layout}
+    )
     defect = get_target(case.op).known_defect(case, Result(Verdict.DRIFT, op=case.op)) if not j.passed else None
     if defect:
         # SageAttention 1.0.6 is suspected (from its source) of adding exp2(0 - m) per out-of-range key of a
@@ -75,10 +77,13 @@ def _judge(backend: str, out: torch.Tensor, q, k, v, layout: str) -> None:
         from harness.reference.sage import sage_v1
 
         tail = sage_v1(q, k, v, layout, tail_keys_score_zero=True)
-        if judge(out.double(), exact, tail.double(), bound).passed or \
-                judge(out.double(), tail.double(), None, bound).passed:
-            pytest.xfail(f"{backend}: {defect}; matches the tail_keys_score_zero emulation: upstream defect "
-                         f"reproduced\n{j}")
+        if (
+            judge(out.double(), exact, tail.double(), bound).passed
+            or judge(out.double(), tail.double(), None, bound).passed
+        ):
+            pytest.xfail(
+                f"{backend}: {defect}; matches the tail_keys_score_zero emulation: upstream defect reproduced\n{j}"
+            )
     assert j.passed, str(j)
 
 
@@ -151,8 +156,17 @@ def test_sage1_varlen_matches_per_sequence_attention() -> None:
     q, k, v = (torch.randn(sum(lens), h, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
     k0 = k.clone()
-    out, _ = safe_attention("sage1.sageattn_varlen", q, k, v, "NHD", cu_seqlens_q=cu, cu_seqlens_k=cu,
-                            max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    out, _ = safe_attention(
+        "sage1.sageattn_varlen",
+        q,
+        k,
+        v,
+        "NHD",
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max(lens),
+        max_seqlen_k=max(lens),
+    )
     assert torch.equal(k, k0)
     start = 0
     for n in lens:

@@ -20,8 +20,14 @@ from torch.utils._pytree import tree_flatten
 
 from harness.layouts import LayoutSpec, data_ptr_alignment, materialize, poison_intact
 from harness.quant.legacy import legacy_op
-from harness.quant.linear import (LinearResult, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
-                                  scaled_mm_available)
+from harness.quant.linear import (
+    LinearResult,
+    copy_reasons,
+    fp8_linear,
+    fp8_linear_with_plan,
+    last_plan,
+    scaled_mm_available,
+)
 from harness.reference.formats import round_to_format, scaled_mm
 from harness.reference.metrics import judge
 from harness.strategies import layouts
@@ -54,7 +60,7 @@ def check(res: LinearResult, bias: torch.Tensor | None = None) -> None:
 def weight(n: int, k: int, dev: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w = round_to_format(torch.randn(n, k, generator=g) * 4, "e4m3").to(E4M3).to(dev)
-    return w, torch.tensor(2.0 ** -4, device=dev)
+    return w, torch.tensor(2.0**-4, device=dev)
 
 
 M, K, N = 96, 256, 192
@@ -85,13 +91,16 @@ def test_fp8_linear_on_cuda_matches_emulation(dev: torch.device, name: str, spec
     w, sw = weight(N, K, dev)
     ws = sw if scaling == "tensor" else (torch.rand(N, generator=g) + 0.5).to(dev)
     bias = torch.randn(N, generator=g).to(dev, torch.bfloat16)
-    res = fp8_linear_with_plan(x, w, ws, input_scale=0.5 if spec.dtype == "float8_e4m3fn" else None, bias=bias,
-                               out_dtype=torch.bfloat16)
+    res = fp8_linear_with_plan(
+        x, w, ws, input_scale=0.5 if spec.dtype == "float8_e4m3fn" else None, bias=bias, out_dtype=torch.bfloat16
+    )
     assert res.backend_used == "cuda", res.plan.backend_reason
     for t in (res.a, res.b.t(), res.scale_a, res.scale_b):  # what the kernel got is aligned
         assert data_ptr_alignment(t) >= 16
-    assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
-                       before.view(torch.uint8) if before.element_size() == 1 else before)
+    assert torch.equal(
+        x.view(torch.uint8) if x.element_size() == 1 else x,
+        before.view(torch.uint8) if before.element_size() == 1 else before,
+    )
     assert poison_intact(x, spec)
     check(res)
 
@@ -252,8 +261,12 @@ def test_fp8_linear_takes_the_one_pass_quantizer_for_plain_bf16(dev) -> None:
 
 
 # the cast runs as 1-D blocks when input rows and output are one dense run, else per row: both must be the scheme
-CAST_PATHS = {"flat": (1000, None, 0), "padded_rows": (1000, 1008, 0), "strided_rows": (1000, None, 24),
-              "flat_tail": (997, None, 0)}
+CAST_PATHS = {
+    "flat": (1000, None, 0),
+    "padded_rows": (1000, 1008, 0),
+    "strided_rows": (1000, None, 24),
+    "flat_tail": (997, None, 0),
+}
 
 
 @pytest.mark.parametrize("path", sorted(CAST_PATHS))

@@ -45,7 +45,8 @@ def test_peak_memory_within_formula(layout: str, compute: torch.dtype) -> None:
     allowed = out_bytes + plan.workspace_bytes + ALLOCATOR_SLACK
     assert out_bytes <= extra <= allowed, (
         f"peak above inputs {extra} B, formula allows {allowed} B (output {out_bytes}, workspace "
-        f"{plan.workspace_bytes}, plan {plan})")
+        f"{plan.workspace_bytes}, plan {plan})"
+    )
     assert plan.workspace_bytes <= budget
 
 

@@ -54,8 +54,9 @@ def devices() -> list[str]:
 
 @pytest.fixture(scope="module")
 def gpu_pool(devices, tmp_path_factory):
-    with WorkerPool(devices[:1], 1, spares=1, case_timeout=120, attribute=True,
-                    cases_dir=tmp_path_factory.mktemp("cases")) as p:
+    with WorkerPool(
+        devices[:1], 1, spares=1, case_timeout=120, attribute=True, cases_dir=tmp_path_factory.mktemp("cases")
+    ) as p:
         assert p.wait_ready(300), "GPU workers did not start"
         yield p
 
@@ -64,8 +65,10 @@ def test_gpu_worker_runs_plain_targets(gpu_pool):
     odd = LayoutSpec((64, 128), "float32", offset=3, pad=(0, 5))
     results = gpu_pool.run([case("cpu.scale", odd, seed=s) for s in range(32)])
     assert {r.verdict for r in results} == {Verdict.PASS}
-    mm = Case(op="cpu.matmul", layouts={"a": LayoutSpec((33, 40), "float32", offset=1),
-                                        "b": LayoutSpec((40, 17), "float32", perm=(1, 0))})
+    mm = Case(
+        op="cpu.matmul",
+        layouts={"a": LayoutSpec((33, 40), "float32", offset=1), "b": LayoutSpec((40, 17), "float32", perm=(1, 0))},
+    )
     r = gpu_pool.run_one(mm)
     assert r.verdict is Verdict.PASS, r.format()
     assert r.env["device_type"] == "cuda" and r.env["capability"]
@@ -134,8 +137,13 @@ def test_gpu_worker_parent_never_initialises_cuda(devices, tmp_path):
     """)
     path = tmp_path / "parent.py"
     path.write_text(script)
-    cp = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    cp = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert cp.returncode == 0, cp.stderr[-3000:]
     out = json.loads(cp.stdout.strip().splitlines()[-1])
     assert out == {"verdicts": ["device_fault", "pass"], "initialized": False}

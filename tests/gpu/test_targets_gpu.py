@@ -80,8 +80,15 @@ def _show(rs) -> str:
 
 def test_the_sweep_covered_the_gpu_targets(sweep, capability) -> None:
     ran = {n for (n, _), rs in sweep.items() if all(r.verdict.value != "unavailable" for r in rs)}
-    must = {"fp8_linear", "raw.scaled_mm", "attn.sdpa", "attn.sdpa.math", "attn.sdpa.efficient",
-            "safe_attn.sdpa.efficient", "legacy.comfyui"}
+    must = {
+        "fp8_linear",
+        "raw.scaled_mm",
+        "attn.sdpa",
+        "attn.sdpa.math",
+        "attn.sdpa.efficient",
+        "safe_attn.sdpa.efficient",
+        "legacy.comfyui",
+    }
     if capability >= (8, 0):
         must |= {"attn.sdpa.flash", "safe_attn.sdpa.flash"}
     assert must <= ran, f"not run on this GPU: {sorted(must - ran)}"
@@ -164,8 +171,12 @@ def _stack_here(capability: tuple[int, int]) -> dict[str, str]:
         cudnn_v = f"{cudnn // 10000}.{cudnn % 10000 // 100}"
     else:  # cuDNN 8: major * 1000 + minor * 100 + patch
         cudnn_v = f"{cudnn // 1000}.{cudnn % 1000 // 100}"
-    return {"capability": f"{capability[0]}.{capability[1]}", "torch": _major_minor(torch.__version__),
-            "cuda": _major_minor(torch.version.cuda or "none"), "cudnn": cudnn_v}
+    return {
+        "capability": f"{capability[0]}.{capability[1]}",
+        "torch": _major_minor(torch.__version__),
+        "cuda": _major_minor(torch.version.cuda or "none"),
+        "cudnn": cudnn_v,
+    }
 
 
 @pytest.mark.parametrize("cell", sorted(LAYOUT_FACTS), ids=lambda c: f"{c[0]}-{c[1]}")
@@ -174,8 +185,10 @@ def test_raw_kernel_layout_facts(sweep, capability, cell) -> None:
     here = _stack_here(capability)
     other = [f"{k} {MEASURED_WITH[k]} (here {here[k]})" for k in depends if here[k] != MEASURED_WITH[k]]
     if other:
-        pytest.skip(f"{cell[0]} x {cell[1]} was measured with {', '.join(other)}: measure it here "
-                    "(scripts/gpu_probe.py, the matrix) and add the facts")
+        pytest.skip(
+            f"{cell[0]} x {cell[1]} was measured with {', '.join(other)}: measure it here "
+            "(scripts/gpu_probe.py, the matrix) and add the facts"
+        )
     rs = sweep[cell]
     if any(r.verdict.value == "unavailable" for r in rs):
         pytest.skip(f"{cell[0]} unavailable: {rs[0].message}")

@@ -66,8 +66,11 @@ def test_bench_wan_linear_shapes_cover_the_issue() -> None:
 
 def test_bench_wan_attention_shapes_cover_the_issue() -> None:
     got = {(s.kind, s.heads, s.q_tokens, s.kv_tokens, s.head_dim) for s in wan_attention_shapes()}
-    assert got == {(kind, h, 32760, lk, 128) for h in (12, 40)
-                   for kind, lk in (("self", 32760), ("cross_text", 512), ("cross_image", 257))}
+    assert got == {
+        (kind, h, 32760, lk, 128)
+        for h in (12, 40)
+        for kind, lk in (("self", 32760), ("cross_text", 512), ("cross_image", 257))
+    }
 
 
 def test_bench_flop_counts() -> None:
@@ -158,8 +161,9 @@ def test_bench_run_benchmark_cuda_path(monkeypatch: pytest.MonkeyPatch) -> None:
     t = hb.run_benchmark(FakeBenchmark(disabled=True), lambda: calls.append(1), "cuda", warmup=2, rounds=5)
     assert len(calls) == 1 and len(t.times_ms) == 1 and t.sync_times_ms == ()
     order: list[str] = []
-    res = hb.interleaved_time({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cuda",
-                              warmup=1, rounds=4, blocks=2)
+    res = hb.interleaved_time(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cuda", warmup=1, rounds=4, blocks=2
+    )
     assert {k: (v.timer, len(v.times_ms)) for k, v in res.items()} == {"a": ("cuda_event", 4), "b": ("cuda_event", 4)}
     assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 2
 
@@ -172,7 +176,7 @@ def test_bench_interleaved_time_counts(rounds, blocks, warmup) -> None:
     t = interleaved_time(fns, "cpu", warmup=warmup, rounds=rounds, blocks=blocks)
     assert {k: len(v.times_ms) for k, v in t.items()} == {"a": rounds, "b": rounds}
     assert order.count("a") == order.count("b") == warmup + 1 + rounds
-    timed = order[2 * (warmup + 1):]
+    timed = order[2 * (warmup + 1) :]
     # blocks alternate: the timed sequence switches callable at most 2*blocks - 1 times
     switches = sum(1 for x, y in zip(timed, timed[1:]) if x != y)
     assert switches <= 2 * min(blocks, rounds) - 1
@@ -235,46 +239,92 @@ def test_bench_random_tensor_is_seeded_and_nonzero() -> None:
 
 # --------------------------------------------------------------------------- record
 def _ceilings() -> Ceilings:
-    return Ceilings("dev", {
-        "bf16_matmul": Ceiling("bf16_matmul", "TFLOP/s", 100.0, "test"),
-        "fp8_matmul": Ceiling("fp8_matmul", "TFLOP/s", None, "test", "no FP8 here"),
-        "copy": Ceiling("copy", "GB/s", 1000.0, "test"),
-    })
+    return Ceilings(
+        "dev",
+        {
+            "bf16_matmul": Ceiling("bf16_matmul", "TFLOP/s", 100.0, "test"),
+            "fp8_matmul": Ceiling("fp8_matmul", "TFLOP/s", None, "test", "no FP8 here"),
+            "copy": Ceiling("copy", "GB/s", 1000.0, "test"),
+        },
+    )
 
 
 def test_bench_record_throughput_and_ratio() -> None:
     fb = FakeBenchmark()
     t = Timing((2.0, 1.0, 3.0), "cuda_event", 3)  # median 2 ms
-    info = record(fb, t, op="bf16_linear", family="linear", shape_key="k", shape={"M": 1}, ceilings=_ceilings(),
-                  ceiling="bf16_matmul", env={"device": "dev"}, flops=100 * 10**9, note="x")
+    info = record(
+        fb,
+        t,
+        op="bf16_linear",
+        family="linear",
+        shape_key="k",
+        shape={"M": 1},
+        ceilings=_ceilings(),
+        ceiling="bf16_matmul",
+        env={"device": "dev"},
+        flops=100 * 10**9,
+        note="x",
+    )
     assert info is not fb.extra_info and fb.extra_info == info
     assert info["schema"] == SCHEMA and info["note"] == "x"
     assert info["throughput"] == {"value": pytest.approx(50.0), "unit": "TFLOP/s"}  # 1e11 FLOP / 2 ms
     assert info["ceiling_ratio"] == pytest.approx(0.5)
     assert info["device_ms"]["median"] == 2.0 and info["device_ms"]["timer"] == "cuda_event"
-    g = record(FakeBenchmark(), t, op="q", family="quantize", shape_key="k", shape={}, ceilings=_ceilings(),
-               ceiling="copy", env={}, nbytes=4 * 10**9)
+    g = record(
+        FakeBenchmark(),
+        t,
+        op="q",
+        family="quantize",
+        shape_key="k",
+        shape={},
+        ceilings=_ceilings(),
+        ceiling="copy",
+        env={},
+        nbytes=4 * 10**9,
+    )
     assert g["throughput"] == {"value": pytest.approx(2000.0), "unit": "GB/s"}
     assert g["ceiling_ratio"] == pytest.approx(2.0)
 
 
 def test_bench_record_unmeasured_ceiling_gives_no_ratio() -> None:
-    info = record(FakeBenchmark(), Timing((1.0,), "cuda_event", 0), op="fp8_linear", family="linear", shape_key="k",
-                  shape={}, ceilings=_ceilings(), ceiling="fp8_matmul", env={}, flops=10**9)
+    info = record(
+        FakeBenchmark(),
+        Timing((1.0,), "cuda_event", 0),
+        op="fp8_linear",
+        family="linear",
+        shape_key="k",
+        shape={},
+        ceilings=_ceilings(),
+        ceiling="fp8_matmul",
+        env={},
+        flops=10**9,
+    )
     assert info["ceiling_ratio"] is None and info["ceiling"]["reason"] == "no FP8 here"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(flops=1, nbytes=1), "exactly one of flops"),
-    (dict(), "exactly one of flops"),
-    (dict(nbytes=10, ceiling="bf16_matmul"), "in TFLOP/s but this result is in GB/s"),
-    (dict(flops=10, ceiling="tensor_core_peak"), "no ceiling 'tensor_core_peak'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(flops=1, nbytes=1), "exactly one of flops"),
+        (dict(), "exactly one of flops"),
+        (dict(nbytes=10, ceiling="bf16_matmul"), "in TFLOP/s but this result is in GB/s"),
+        (dict(flops=10, ceiling="tensor_core_peak"), "no ceiling 'tensor_core_peak'"),
+    ],
+)
 def test_bench_record_rejects_mismatches(kwargs, match) -> None:
     kw = {"ceiling": "copy", **kwargs}
     with pytest.raises((ValueError, KeyError), match=match):
-        record(FakeBenchmark(), Timing((1.0,), "perf_counter", 0), op="o", family="f", shape_key="k", shape={},
-               ceilings=_ceilings(), env={}, **kw)
+        record(
+            FakeBenchmark(),
+            Timing((1.0,), "perf_counter", 0),
+            op="o",
+            family="f",
+            shape_key="k",
+            shape={},
+            ceilings=_ceilings(),
+            env={},
+            **kw,
+        )
 
 
 def test_bench_cpu_ceilings_are_measured() -> None:

@@ -53,10 +53,21 @@ def test_no_cuda_reason_names_the_build(monkeypatch: pytest.MonkeyPatch) -> None
 def test_cuda_device_info_reads_the_device_properties(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150 * 2**30,
-                                  L2_cache_size=60 * 2**20, multi_processor_count=132)
+    props = types.SimpleNamespace(
+        name="NVIDIA H200",
+        major=9,
+        minor=0,
+        total_memory=150 * 2**30,
+        L2_cache_size=60 * 2**20,
+        multi_processor_count=132,
+    )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
     info = C.device_info("cuda:1")
     assert (info.device, info.type, info.name, info.capability, info.capability_text) == (
-        "cuda:1", "cuda", "NVIDIA H200", (9, 0), "9.0")
+        "cuda:1",
+        "cuda",
+        "NVIDIA H200",
+        (9, 0),
+        "9.0",
+    )
     assert (info.memory_bytes, info.l2_bytes, info.multiprocessors) == (150 * 2**30, 60 * 2**20, 132)

@@ -14,8 +14,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.cases import (MAX_CASE_ELEMENTS_ENV, SCHEMA_VERSION, STALE_TEMP_SECONDS, Case, CaseError, CaseTooNew,
-                           case_paths, load_case, printable, save_case)
+from harness.cases import (
+    MAX_CASE_ELEMENTS_ENV,
+    SCHEMA_VERSION,
+    STALE_TEMP_SECONDS,
+    Case,
+    CaseError,
+    CaseTooNew,
+    case_paths,
+    load_case,
+    printable,
+    save_case,
+)
 from harness.layouts import DTYPES, LayoutSpec, materialize, poison_intact
 from harness.strategies import attention_inputs, layouts, value_specs
 from harness.values import ValueSpec
@@ -71,8 +81,12 @@ def _write(tmp_path, payload) -> str:
     return str(p)
 
 
-GOOD = {"schema_version": SCHEMA_VERSION, "op": "fp8_linear", "layouts": {"input": {"shape": [2, 16]}},
-        "values": {"input": {"kind": "normal", "seed": 1}}}
+GOOD = {
+    "schema_version": SCHEMA_VERSION,
+    "op": "fp8_linear",
+    "layouts": {"input": {"shape": [2, 16]}},
+    "values": {"input": {"kind": "normal", "seed": 1}},
+}
 
 MALFORMED = [
     ("not json {", "not valid JSON"),
@@ -130,16 +144,24 @@ def test_tensor_shape_must_match_layout(tmp_path) -> None:
 
 def test_show_prints_layouts_and_verdict(tmp_path) -> None:
     spec = LayoutSpec((2, 5, 8), "bfloat16", offset=3)
-    case = Case(op="attn.sdpa.flash", layouts={"q": spec}, values={"q": ValueSpec("outliers", 3)},
-                verdict={"verdict": "device_fault", "message": "CUDA error: misaligned address",
-                         "attribution": {"op": "aten::_scaled_dot_product_flash_attention"}})
+    case = Case(
+        op="attn.sdpa.flash",
+        layouts={"q": spec},
+        values={"q": ValueSpec("outliers", 3)},
+        verdict={
+            "verdict": "device_fault",
+            "message": "CUDA error: misaligned address",
+            "attribution": {"op": "aten::_scaled_dot_product_flash_attention"},
+        },
+    )
     path = save_case(case, tmp_path / "c")
     out = subprocess.run([sys.executable, "-m", "harness", "show", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "device_fault" in out.stdout and "misaligned address" in out.stdout
     assert spec.describe() in out.stdout and "_scaled_dot_product_flash_attention" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "harness", "show", str(tmp_path / "missing.json")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "harness", "show", str(tmp_path / "missing.json")], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and not bad.stdout
 
 
@@ -235,34 +257,46 @@ def test_every_allowed_dtype_materializes_and_round_trips(tmp_path, name) -> Non
     assert torch.equal(load_case(tmp_path / "c")[1]["x"].view(torch.uint8), values.view(torch.uint8))
 
 
-@pytest.mark.parametrize(("dtype", "match"), [
-    ("qint8", "'qint8' is not a supported dtype"), ("float4_e2m1fn_x2", "'float4_e2m1fn_x2' is not a supported"),
-    ("_dynamo", "'_dynamo' is not a supported"), (["bfloat16"], "must be a dtype name string"),
-])
+@pytest.mark.parametrize(
+    ("dtype", "match"),
+    [
+        ("qint8", "'qint8' is not a supported dtype"),
+        ("float4_e2m1fn_x2", "'float4_e2m1fn_x2' is not a supported"),
+        ("_dynamo", "'_dynamo' is not a supported"),
+        (["bfloat16"], "must be a dtype name string"),
+    ],
+)
 def test_dtype_names_come_from_the_allow_list(tmp_path, dtype, match) -> None:
     with pytest.raises(CaseError, match=match):
         load_case(_write(tmp_path, {**GOOD, "layouts": {"input": {"shape": [2, 16], "dtype": dtype}}}))
 
 
 def test_a_hostile_dtype_name_imports_nothing() -> None:
-    code = ("import sys; from harness.layouts import LayoutSpec, LayoutError\n"
-            "try:\n    LayoutSpec((2,), '_dynamo')\nexcept LayoutError:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    code = (
+        "import sys; from harness.layouts import LayoutSpec, LayoutError\n"
+        "try:\n    LayoutSpec((2,), '_dynamo')\nexcept LayoutError:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    )
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0 and cp.stdout.strip() == "[]", cp.stderr
 
 
-@pytest.mark.parametrize(("payload", "match"), [
-    ({**GOOD, "schema_version": True}, "schema_version must be an integer, got True"),
-    ({**GOOD, "schema_version": 1.0}, "schema_version must be an integer, got 1.0"),
-    ({**GOOD, "layouts": {"input": {"shape": [2, 16], "views": [{"op": "select", "args": [0, 1.5]}]}}},
-     "each view must be"),
-    ({**GOOD, "values": {"input": {"kind": "outliers", "params": {"n_channels": "many"}}}}, "integer >= 0"),
-    ({**GOOD, "op": "fp8\x1b[2J_linear"}, "printable string"),
-    ({**GOOD, "layouts": {"input": {"shape": [2] * 17}}}, "at most 16 are supported"),
-    ("[" * 100_000 + "]" * 100_000, "nests deeper than 64 levels"),
-    ('{"seed": ' + "9" * 5000 + "}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ({**GOOD, "schema_version": True}, "schema_version must be an integer, got True"),
+        ({**GOOD, "schema_version": 1.0}, "schema_version must be an integer, got 1.0"),
+        (
+            {**GOOD, "layouts": {"input": {"shape": [2, 16], "views": [{"op": "select", "args": [0, 1.5]}]}}},
+            "each view must be",
+        ),
+        ({**GOOD, "values": {"input": {"kind": "outliers", "params": {"n_channels": "many"}}}}, "integer >= 0"),
+        ({**GOOD, "op": "fp8\x1b[2J_linear"}, "printable string"),
+        ({**GOOD, "layouts": {"input": {"shape": [2] * 17}}}, "at most 16 are supported"),
+        ("[" * 100_000 + "]" * 100_000, "nests deeper than 64 levels"),
+        ('{"seed": ' + "9" * 5000 + "}", "not valid JSON"),
+    ],
+)
 def test_loose_fields_are_refused(tmp_path, payload, match) -> None:
     with pytest.raises(CaseError, match=match):
         load_case(_write(tmp_path, payload))
@@ -301,13 +335,21 @@ def test_only_regular_files_are_read(tmp_path) -> None:
 
 def test_a_directory_gets_a_file_suggested(tmp_path) -> None:
     save_case(CASE_A, tmp_path / "cases" / "one.json")
-    with pytest.raises(CaseError, match=r"cases is a directory, not a case file; name a case file in it, e\.g\. .*one\.json"):
+    with pytest.raises(
+        CaseError, match=r"cases is a directory, not a case file; name a case file in it, e\.g\. .*one\.json"
+    ):
         load_case(tmp_path / "cases")
 
 
 def test_show_escapes_untrusted_text(tmp_path) -> None:
-    case = Case(op="cpu.scale", layouts={"x": LayoutSpec((2,), "float32")}, values={"x": ValueSpec()}, backend="\ud800",
-                env={"device": "\x1b]0;pwned\x07"}, note="\x1b[2J\x1b[31mred\nsecond line \ud83d")
+    case = Case(
+        op="cpu.scale",
+        layouts={"x": LayoutSpec((2,), "float32")},
+        values={"x": ValueSpec()},
+        backend="\ud800",
+        env={"device": "\x1b]0;pwned\x07"},
+        note="\x1b[2J\x1b[31mred\nsecond line \ud83d",
+    )
     path = save_case(case, tmp_path / "c")
     out = subprocess.run([sys.executable, "-m", "harness", "show", str(path)], capture_output=True, timeout=120)
     assert out.returncode == 0 and out.stderr == b"", out.stderr

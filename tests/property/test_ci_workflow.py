@@ -53,7 +53,9 @@ def test_jobs_and_their_needs_form_the_nightly_pipeline(wf) -> None:
     jobs = wf["jobs"]
     assert {"plan", "cpu", "gpu", "merge", "example-db", "bench", "pages"} <= set(jobs)
     assert "schedule" in wf["on"] and "workflow_dispatch" in wf["on"]
-    needs = {name: ([j["needs"]] if isinstance(j.get("needs"), str) else j.get("needs", [])) for name, j in jobs.items()}
+    needs = {
+        name: ([j["needs"]] if isinstance(j.get("needs"), str) else j.get("needs", [])) for name, j in jobs.items()
+    }
     for name, deps in needs.items():
         assert set(deps) <= set(jobs), f"{name} needs an unknown job: {deps}"
     order: list[str] = []  # topological order exists: no cycle
@@ -87,11 +89,16 @@ def test_the_gpu_matrix_is_arch_by_torch_by_shard_and_the_shards_agree(wf) -> No
 def test_artifacts_flow_from_the_shards_to_the_merge_and_the_example_database(wf) -> None:
     jobs = wf["jobs"]
     m = jobs["gpu"]["strategy"]["matrix"]
-    uploads = [s["with"]["name"] for s in jobs["gpu"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    uploads = [
+        s["with"]["name"] for s in jobs["gpu"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")
+    ]
     shard_name = next(u for u in uploads if u.startswith("shard-"))
     db_name = next(u for u in uploads if u.startswith("hypothesis-db-"))
-    pattern = next(s["with"]["pattern"] for s in jobs["merge"]["steps"]
-                   if s.get("uses", "").startswith("actions/download-artifact"))
+    pattern = next(
+        s["with"]["pattern"]
+        for s in jobs["merge"]["steps"]
+        if s.get("uses", "").startswith("actions/download-artifact")
+    )
     for arch in m["arch"]:
         for torch_v in m["torch"]:
             mine = _render(pattern, {"matrix.arch": arch, "matrix.torch": torch_v})
@@ -145,8 +152,14 @@ def _options(args: list[str]) -> list[str]:
 
 @cache
 def _pytest_help() -> str:
-    return subprocess.run([sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
 
 
 def _harness_options(cmd: str) -> set[str]:
@@ -161,7 +174,7 @@ def test_every_command_the_workflow_calls_exists(wf) -> None:
         while cmd and re.fullmatch(r"[A-Z_]+=.*", cmd[0]):  # VAR=value prefixes
             cmd = cmd[1:]
         for i, tok in enumerate(cmd):
-            rest = cmd[i + 1:]
+            rest = cmd[i + 1 :]
             if tok in ("python", "python3") and rest[:2] == ["-m", "harness"]:
                 sub = rest[2]
                 assert sub in SUBCOMMANDS, f"python -m harness {sub}: no such subcommand"
@@ -179,8 +192,14 @@ def test_every_command_the_workflow_calls_exists(wf) -> None:
                 path = REPO / tok
                 assert path.is_file(), f"{tok} does not exist"
                 if path.suffix == ".py":
-                    helptext = subprocess.run([sys.executable, str(path), "--help"], cwd=REPO, capture_output=True,
-                                              text=True, timeout=60, check=True).stdout
+                    helptext = subprocess.run(
+                        [sys.executable, str(path), "--help"],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        check=True,
+                    ).stdout
                     for opt in _options(rest):
                         assert opt in helptext, f"{tok} has no option {opt}"
                     for arg in (a for a in rest if a.startswith("tests/")):

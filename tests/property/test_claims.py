@@ -27,8 +27,13 @@ def test_metadata_decision_has_all_three_outcomes() -> None:
     assert d({"healthy": _reads(["q.device: RuntimeError: misaligned address"]), "poisoned": None})[0] == C.CONFIRMED
     status, why, settle = d({"healthy": _reads(), "poisoned": None})
     assert status == C.UNTESTABLE and "CUDA" in settle and "0 aten ops" in why
-    poisoned = {"fault_triggered": True, "fault": "sdpa flash", "metadata_after_fault": _reads(),
-                "surfaced_at": "torch.cuda.synchronize()", "error": "AcceleratorError: CUDA error: misaligned address"}
+    poisoned = {
+        "fault_triggered": True,
+        "fault": "sdpa flash",
+        "metadata_after_fault": _reads(),
+        "surfaced_at": "torch.cuda.synchronize()",
+        "error": "AcceleratorError: CUDA error: misaligned address",
+    }
     status, why, _ = d({"healthy": _reads(), "poisoned": poisoned})
     assert status == C.REFUTED and "torch.cuda.synchronize()" in why
     after = dict(poisoned, metadata_after_fault=_reads(["x.shape: AcceleratorError: misaligned address"]))
@@ -41,8 +46,14 @@ def test_metadata_decision_has_all_three_outcomes() -> None:
 
 
 def _sweep(failing=None, n=4) -> dict:
-    return {"available": True, "cases_run": n, "verdicts": {}, "failing": failing or {}, "by_class": {},
-            "case_files": []}
+    return {
+        "available": True,
+        "cases_run": n,
+        "verdicts": {},
+        "failing": failing or {},
+        "by_class": {},
+        "case_files": [],
+    }
 
 
 _MIS = {"is_contiguous": True, "contiguous_returns_self": True, "alignment_before": 2, "alignment_after": 2}
@@ -60,8 +71,15 @@ def test_contiguous_first_decision() -> None:
 
 
 def _row(layout, op, as_is_error=None, equal=True) -> dict:
-    return {"layout": layout, "op": op, "flatten_is_view": True, "flatten_contiguous": True,
-            "as_is_error": as_is_error, "contiguous_error": None, "bitwise_equal": equal}
+    return {
+        "layout": layout,
+        "op": op,
+        "flatten_is_view": True,
+        "flatten_contiguous": True,
+        "as_is_error": as_is_error,
+        "contiguous_error": None,
+        "bitwise_equal": equal,
+    }
 
 
 def test_flatten_decision() -> None:
@@ -81,8 +99,10 @@ def test_sage3_decision() -> None:
     sweep_ok = {"cases_run": 2, "by_class": {"hnd_contiguous": {"pass": 1}, "transposed_view": {"pass": 1}}}
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_ok}})[0] == C.REFUTED
     # Sage 3's in-place key write shows in every layout: it is not a layout failure
-    sweep_mut = {"cases_run": 2, "by_class": {"hnd_contiguous": {"input_mutation": 1},
-                                              "transposed_view": {"input_mutation": 1}}}
+    sweep_mut = {
+        "cases_run": 2,
+        "by_class": {"hnd_contiguous": {"input_mutation": 1}, "transposed_view": {"input_mutation": 1}},
+    }
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_mut}})[0] == C.REFUTED
     sweep_bad = {"cases_run": 1, "by_class": {"hnd_contiguous": {"drift": 1}}}
     assert d({"emulation": emu, "real": {"available": True, "sweep": sweep_bad}})[0] == C.REFUTED
@@ -105,8 +125,16 @@ def test_comfyui_decision() -> None:
 
 
 def _free(ratio=0.001, returns_self=True, ops=()) -> dict:
-    return {"returns_self": returns_self, "dispatched_ops": list(ops), "contiguous_ms": 0.001, "forward_ms": 1.0,
-            "noncontiguous_copy_ms": 0.5, "ratio": ratio, "target": C.OVERHEAD_TARGET, "shape": [4, 4]}
+    return {
+        "returns_self": returns_self,
+        "dispatched_ops": list(ops),
+        "contiguous_ms": 0.001,
+        "forward_ms": 1.0,
+        "noncontiguous_copy_ms": 0.5,
+        "ratio": ratio,
+        "target": C.OVERHEAD_TARGET,
+        "shape": [4, 4],
+    }
 
 
 def test_contiguous_free_decision() -> None:
@@ -126,8 +154,11 @@ def test_after_fixes_decision() -> None:
     d = _claim("after-fixes").decide
     assert d(_after())[0] == C.UNTESTABLE  # CPU: three of four parts need CUDA
     assert d(_after(video="fail"))[0] == C.REFUTED
-    cost = {"median_ms": {"user_fixed": 1.0, "wanvideo_late2025": 1.0}, "input_bytes": 100,
-            "peak_extra_bytes": {"user_fixed": 150, "wanvideo_late2025": 100}}
+    cost = {
+        "median_ms": {"user_fixed": 1.0, "wanvideo_late2025": 1.0},
+        "input_bytes": 100,
+        "peak_extra_bytes": {"user_fixed": 150, "wanvideo_late2025": 100},
+    }
     aligned = {"available": True, "verdicts": {"pass": 10}, "cases_run": 10}
     assert d(_after(aligned, cost=cost))[0] == C.CONFIRMED
     faulty = dict(aligned, verdicts={"pass": 9, "device_fault": 1})
@@ -210,8 +241,9 @@ def test_child_failure_is_reported_not_raised() -> None:
 
 
 def _result(status=C.REFUTED) -> C.ClaimResult:
-    return C.ClaimResult("int-shape", "int(x.shape[0]) | safe", status, "already an int", "", "cpu", {"a": 1},
-                         ["out/cases/a.json"])
+    return C.ClaimResult(
+        "int-shape", "int(x.shape[0]) | safe", status, "already an int", "", "cpu", {"a": 1}, ["out/cases/a.json"]
+    )
 
 
 def test_formats() -> None:
@@ -239,8 +271,10 @@ def test_cli_bad_claim_id_is_one_line(capsys) -> None:
 
 def test_cli_markdown_and_files(tmp_path, capsys) -> None:
     out = tmp_path / "claims"
-    assert main(["claims", "--device", "cpu", "--only", "int-shape,metadata-read", "--format", "md",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["claims", "--device", "cpu", "--only", "int-shape,metadata-read", "--format", "md", "--out", str(out)])
+        == 0
+    )
     md = capsys.readouterr().out
     assert "| int(x.shape[0]) makes shape access safe | **refuted** |" in md
     assert "**not testable here**" in md
@@ -280,8 +314,11 @@ def test_cli_keeps_each_claim_as_it_is_measured(tmp_path, capsys, monkeypatch) -
 
 
 def test_comfyui_evidence_says_what_scaled_mm_returns_here() -> None:
-    ev = {"sweeps": {op: _sweep() for op in (*C._COMFY_OPS, "fp8_linear")}, "scaled_mm_returns": "Tensor",
-          "torch": "2.13"}
+    ev = {
+        "sweeps": {op: _sweep() for op in (*C._COMFY_OPS, "fp8_linear")},
+        "scaled_mm_returns": "Tensor",
+        "torch": "2.13",
+    }
     assert "tuple unwrap is dead code on torch 2.13" in _claim("comfyui-reference").decide(ev)[1]
     from harness.quant.linear import scaled_mm_available
 
@@ -295,5 +332,7 @@ def test_poison_probe_reports_no_fault_where_none_happens() -> None:
     rep = C._child(code, "cpu")
     assert "child_failed" not in rep, rep
     assert rep["fault_triggered"] is False and rep["metadata_after_fault"]["reads"] >= 49
-    assert rep["fault"] and rep["surfaced_at"] is None  # the attempt ran (CPU SDPA takes any pointer) and raised nothing
+    assert (
+        rep["fault"] and rep["surfaced_at"] is None
+    )  # the attempt ran (CPU SDPA takes any pointer) and raised nothing
     assert _claim("metadata-read").decide({"healthy": _reads(), "poisoned": rep})[0] == C.UNTESTABLE

@@ -21,19 +21,41 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _matrix(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.run([sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--ops", "fp8_linear",
-                           "--classes", "contiguous", "--quiet", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "matrix",
+            "--device",
+            "cpu",
+            "--ops",
+            "fp8_linear",
+            "--classes",
+            "contiguous",
+            "--quiet",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("setup, args, expected", [
-    ("file:taken", ("--out", "{t}/taken"), "--out {t}/taken is an existing file"),
-    ("run:old", ("--out", "{t}/old"), "--out {t}/old is not empty (an earlier run?)"),
-    ("file:f", ("--out", "{t}/f/sub"), "--out {t}/f/sub: {t}/f is a file, not a folder"),
-    (None, ("--out", "{t}/o", "--corpus", "{t}/no-corpus"), "--corpus {t}/no-corpus does not exist"),
-    (None, ("--out", "{t}/o", "--time-budget", "0"), "--time-budget 0.0 must be > 0 seconds"),
-    (None, ("--out", "{t}/o", "--time-budget", "-5"), "--time-budget -5.0 must be > 0 seconds"),
-])
+@pytest.mark.parametrize(
+    "setup, args, expected",
+    [
+        ("file:taken", ("--out", "{t}/taken"), "--out {t}/taken is an existing file"),
+        ("run:old", ("--out", "{t}/old"), "--out {t}/old is not empty (an earlier run?)"),
+        ("file:f", ("--out", "{t}/f/sub"), "--out {t}/f/sub: {t}/f is a file, not a folder"),
+        (None, ("--out", "{t}/o", "--corpus", "{t}/no-corpus"), "--corpus {t}/no-corpus does not exist"),
+        (None, ("--out", "{t}/o", "--time-budget", "0"), "--time-budget 0.0 must be > 0 seconds"),
+        (None, ("--out", "{t}/o", "--time-budget", "-5"), "--time-budget -5.0 must be > 0 seconds"),
+    ],
+)
 def test_wrong_matrix_arguments_are_one_line_exit_2(tmp_path, setup, args, expected) -> None:
     if setup:
         kind, name = setup.split(":")
@@ -82,9 +104,16 @@ def test_a_user_error_type_escaping_a_subcommand_is_one_line_exit_2(tmp_path, mo
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_bisect_run_stops_on_the_internal_error_exit_code(tmp_path) -> None:
     """The claim behind 128: `git bisect run` aborts on it instead of marking the commit bad (or skipping it)."""
+
     def git(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     git("init", "-q")
     for i in range(3):

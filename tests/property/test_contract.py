@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 SHAPE = (1, 2, 64, 64)
 
 
-def _facts(align: int = 256, last_stride: int = 1, dtype: str = "bfloat16", values: str = "normal",
-           d: int = 64) -> dict:
+def _facts(
+    align: int = 256, last_stride: int = 1, dtype: str = "bfloat16", values: str = "normal", d: int = 64
+) -> dict:
     step = (1, 1, 1, last_stride)
     spec = LayoutSpec((1, 2, 64, d), dtype, step=step, offset=align // 2 if align < 256 else 0)
     f = operand_facts(spec, ValueSpec(values))
@@ -41,11 +42,23 @@ def _facts(align: int = 256, last_stride: int = 1, dtype: str = "bfloat16", valu
     return f
 
 
-def _rec(verdict: str, op: str = "op", cls: str = "c", written: tuple[str, ...] = (), params: dict | None = None,
-         **per_operand: dict) -> dict:
+def _rec(
+    verdict: str,
+    op: str = "op",
+    cls: str = "c",
+    written: tuple[str, ...] = (),
+    params: dict | None = None,
+    **per_operand: dict,
+) -> dict:
     ops = {n: per_operand.get(n, _facts()) for n in "qkv"}
-    return {"op": op, "verdict": verdict, "class": cls, "operands": ops, "params": params or {},
-            "written": list(written)}
+    return {
+        "op": op,
+        "verdict": verdict,
+        "class": cls,
+        "operands": ops,
+        "params": params or {},
+        "written": list(written),
+    }
 
 
 def _clause(contract: dict, key: str) -> dict:
@@ -57,30 +70,36 @@ def _clause(contract: dict, key: str) -> dict:
 # ------------------------------------------------------------------------------ facts from specs
 
 
-@pytest.mark.parametrize("spec,fact,value", [
-    (LayoutSpec(SHAPE, offset=1), "alignment", 2),
-    (LayoutSpec(SHAPE, offset=8), "alignment", 16),
-    (LayoutSpec(SHAPE, step=(1, 1, 1, 2)), "last_stride_one", False),
-    (LayoutSpec(SHAPE), "last_stride_one", True),
-    (LayoutSpec((2, 3, 8), broadcast=(0,)), "no_stride0", False),
-    (LayoutSpec((4, 8), pad=(0, 1)), "ld_dense", False),
-    (LayoutSpec((4, 8), pad=(0, 1)), "stride_alignment", 2),  # row stride 9 elements = 18 bytes
-    (LayoutSpec((4, 8)), "stride_alignment", 16),
-    (LayoutSpec((2, 1, 16), base_shape=(2, 16, 1), views=(ViewOp.transpose(1, 2),)), "size1_canonical", False),
-    (LayoutSpec((2, 1, 16), base_shape=(2, 3, 16), views=(ViewOp.narrow(1, 1, 1),)), "size1_canonical", True),
-    (LayoutSpec((2, 8, 4), base_shape=(2, 4, 8), views=(ViewOp.transpose(1, 2),)), "contiguous", False),
-    (LayoutSpec((2, 8, 4), "float16"), "dtype", "float16"),
-    (LayoutSpec((2, 8, 96)), "last_dim_multiple", 32),
-])
+@pytest.mark.parametrize(
+    "spec,fact,value",
+    [
+        (LayoutSpec(SHAPE, offset=1), "alignment", 2),
+        (LayoutSpec(SHAPE, offset=8), "alignment", 16),
+        (LayoutSpec(SHAPE, step=(1, 1, 1, 2)), "last_stride_one", False),
+        (LayoutSpec(SHAPE), "last_stride_one", True),
+        (LayoutSpec((2, 3, 8), broadcast=(0,)), "no_stride0", False),
+        (LayoutSpec((4, 8), pad=(0, 1)), "ld_dense", False),
+        (LayoutSpec((4, 8), pad=(0, 1)), "stride_alignment", 2),  # row stride 9 elements = 18 bytes
+        (LayoutSpec((4, 8)), "stride_alignment", 16),
+        (LayoutSpec((2, 1, 16), base_shape=(2, 16, 1), views=(ViewOp.transpose(1, 2),)), "size1_canonical", False),
+        (LayoutSpec((2, 1, 16), base_shape=(2, 3, 16), views=(ViewOp.narrow(1, 1, 1),)), "size1_canonical", True),
+        (LayoutSpec((2, 8, 4), base_shape=(2, 4, 8), views=(ViewOp.transpose(1, 2),)), "contiguous", False),
+        (LayoutSpec((2, 8, 4), "float16"), "dtype", "float16"),
+        (LayoutSpec((2, 8, 96)), "last_dim_multiple", 32),
+    ],
+)
 def test_operand_facts_come_from_the_spec(spec: LayoutSpec, fact: str, value) -> None:
     assert operand_facts(spec)[fact] == value
 
 
 def test_record_of_a_case_and_its_result() -> None:
     spec = LayoutSpec(SHAPE, offset=1)
-    case = Case(op="attn.x", layouts={"q": spec, "k": LayoutSpec(SHAPE), "v": LayoutSpec(SHAPE)},
-                values={"q": ValueSpec("outliers", 3)}, params={"layout_class": "misaligned_ptr_2", "seq_k": 64,
-                                                                "is_causal": False})
+    case = Case(
+        op="attn.x",
+        layouts={"q": spec, "k": LayoutSpec(SHAPE), "v": LayoutSpec(SHAPE)},
+        values={"q": ValueSpec("outliers", 3)},
+        params={"layout_class": "misaligned_ptr_2", "seq_k": 64, "is_causal": False},
+    )
     msg = INPUT_MUTATION_PREFIX + "k: 12 of its 8192 values changed (first at index [0, 0, 0, 0]); v: 3 byte(s) x"
     r = record_of(case, Result(Verdict.INPUT_MUTATION, msg, op="attn.x"))
     assert r["verdict"] == "input_mutation" and r["class"] == "misaligned_ptr_2"
@@ -146,8 +165,12 @@ def test_everything_failing_has_no_boundary() -> None:
 
 
 def test_excluded_verdicts_are_counted_apart_and_input_writes_count_as_worked() -> None:
-    recs = [_rec("unavailable"), _rec("error"), _rec("input_mutation", written=("k",)),
-            _rec("rejected", q=_facts(last_stride=2))]
+    recs = [
+        _rec("unavailable"),
+        _rec("error"),
+        _rec("input_mutation", written=("k",)),
+        _rec("rejected", q=_facts(last_stride=2)),
+    ]
     c = infer_contract(recs)
     assert c["records"] == 4 and c["counted"] == 2 and c["excluded"] == {"error": 1, "unavailable": 1}
     assert _clause(c, "q:last_stride_one:min")["violated"]["cases"] == 1
@@ -162,8 +185,12 @@ def test_a_write_that_depends_on_the_values_names_them() -> None:
     assert not w["always"] and (w["written"], w["checked"]) == (3, 12)
     (when,) = w["when"]
     assert when["key"] == "q:values:one_of" and when["values"] == ["fp8_edge"]
-    assert when["violated"]["cases"] == 3 and when["satisfied"] == {"cases": 9, "failed": 0, "by_verdict": {},
-                                                                   "explained_by_other_clauses": 0}
+    assert when["violated"]["cases"] == 3 and when["satisfied"] == {
+        "cases": 9,
+        "failed": 0,
+        "by_verdict": {},
+        "explained_by_other_clauses": 0,
+    }
 
 
 def test_a_size_parameter_boundary_is_found() -> None:
@@ -222,8 +249,10 @@ def test_a_planted_alignment_boundary_is_recovered(p) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sets(st.sampled_from(["bfloat16", "float16", "float32"]), min_size=1, max_size=2),
-       st.lists(st.sampled_from(["bfloat16", "float16", "float32"]), min_size=2, max_size=30))
+@given(
+    st.sets(st.sampled_from(["bfloat16", "float16", "float32"]), min_size=1, max_size=2),
+    st.lists(st.sampled_from(["bfloat16", "float16", "float32"]), min_size=2, max_size=30),
+)
 def test_a_planted_dtype_set_is_recovered(accepted, dtypes) -> None:
     recs = [_rec("pass" if d in accepted else "rejected", q=_facts(dtype=d)) for d in dtypes]
     c = infer_contract(recs)
@@ -245,8 +274,15 @@ def _doc(recs: list[dict], env: dict | None = None) -> dict:
 
 def _shift(recs: list[dict], need: int) -> list[dict]:
     """The same cases, judged by a kernel that needs ``need``-byte alignment of every operand."""
-    return [dict(r, verdict="pass" if all(o["alignment"] >= need for o in r["operands"].values())
-                 and r["operands"]["q"]["last_stride_one"] else "device_fault") for r in recs]
+    return [
+        dict(
+            r,
+            verdict="pass"
+            if all(o["alignment"] >= need for o in r["operands"].values()) and r["operands"]["q"]["last_stride_one"]
+            else "device_fault",
+        )
+        for r in recs
+    ]
 
 
 def test_diff_names_a_narrowed_and_a_widened_clause(tmp_path) -> None:
@@ -271,8 +307,14 @@ def test_diff_names_a_new_input_write_as_narrowed() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "contract", *args], capture_output=True, text=True, check=False,
-                          cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", "contract", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_cli_prints_and_diffs_and_refuses_bad_input(tmp_path) -> None:
@@ -313,12 +355,15 @@ def test_the_file_keeps_the_records_it_was_inferred_from(tmp_path) -> None:
     assert infer_contracts(doc["records"], doc["measured_on"], "again")["contracts"] == doc["contracts"]
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda r: r.pop("verdict"), r"records\[3\] needs string fields op, verdict, class"),
-    (lambda r: r["operands"]["q"].update(alignment=[16]), r"records\[3\] field 'operands'"),
-    (lambda r: r.update(params={"seq_k": True}), r"records\[3\] field 'params'"),
-    (lambda r: r.update(written="k"), r"records\[3\] field 'written'"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda r: r.pop("verdict"), r"records\[3\] needs string fields op, verdict, class"),
+        (lambda r: r["operands"]["q"].update(alignment=[16]), r"records\[3\] field 'operands'"),
+        (lambda r: r.update(params={"seq_k": True}), r"records\[3\] field 'params'"),
+        (lambda r: r.update(written="k"), r"records\[3\] field 'written'"),
+    ],
+)
 def test_a_malformed_record_is_refused_on_load(tmp_path, change, match) -> None:
     doc = json.loads(json.dumps(_doc(_sdpa_like())))
     change(doc["records"][3])
@@ -351,9 +396,17 @@ def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
 
     out = tmp_path / "m"
     (tmp_path / "empty").mkdir()
-    s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui"], classes=["contiguous", "values_beyond_448"],
-                   out=out, cases_per_cell=3, corpus=tmp_path / "empty", progress=None,
-                   pool_factory=lambda *a, **k: InProcessPool(["cpu"]))
+    s = run_matrix(
+        device="cpu",
+        time_budget=60,
+        ops=["legacy.comfyui"],
+        classes=["contiguous", "values_beyond_448"],
+        out=out,
+        cases_per_cell=3,
+        corpus=tmp_path / "empty",
+        progress=None,
+        pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+    )
     doc = load_contracts(out)
     c = doc["contracts"]["legacy.comfyui"]
     assert c["counted"] == 6 and doc["measured_on"]["torch"]
@@ -362,7 +415,8 @@ def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     assert w["when"][0]["key"] == "x:values:one_of" and w["when"][0]["values"] == ["fp8_edge(beyond=True)"]
     assert s["contracts"]["legacy.comfyui"] == c
     assert len(doc["records"]) == 6 and infer_contracts(doc["records"], doc["measured_on"])["contracts"] == {
-        "legacy.comfyui": c}
+        "legacy.comfyui": c
+    }
     md = (out / "report.md").read_text()
     assert "## Layout contracts" in md and "writes x: in 3 of 6 checked cases" in md
     assert "Layout contracts" in (out / "report.html").read_text()

@@ -72,7 +72,8 @@ def test_known_defect_keeps_its_verdict(entry: CorpusEntry) -> None:
         pytest.skip(f"{entry.op} cannot run here: {result.message}")
     assert result.verdict.value == entry.verdict, (
         f"{entry.file}: expected {entry.verdict} ({entry.description}), got:\n{result.format()}\n"
-        "If the defect was fixed or fails differently now, update tests/cases/index.json on purpose.")
+        "If the defect was fixed or fails differently now, update tests/cases/index.json on purpose."
+    )
 
 
 # ------------------------------------------------------------------------------ the corpus tooling
@@ -107,14 +108,42 @@ def test_promote_and_load_reject_bad_input_naming_it(tmp_path) -> None:
         promote(tmp_path / "missing.json", description="d", versions="v", corpus=tmp_path)
     corpus = tmp_path / "c"
     corpus.mkdir()
-    (corpus / "index.json").write_text(json.dumps({"schema_version": 1, "cases": [
-        {"file": "../escape.json", "op": "x", "layout_class": "y", "verdict": "drift", "description": "d",
-         "versions": "v"}]}))
+    (corpus / "index.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "cases": [
+                    {
+                        "file": "../escape.json",
+                        "op": "x",
+                        "layout_class": "y",
+                        "verdict": "drift",
+                        "description": "d",
+                        "versions": "v",
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(CorpusError, match="relative NAME.json"):
         load_corpus(corpus)
-    (corpus / "index.json").write_text(json.dumps({"schema_version": 1, "cases": [
-        {"file": "a.json", "op": "x", "layout_class": "y", "verdict": "exploded", "description": "d",
-         "versions": "v"}]}))
+    (corpus / "index.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "cases": [
+                    {
+                        "file": "a.json",
+                        "op": "x",
+                        "layout_class": "y",
+                        "verdict": "exploded",
+                        "description": "d",
+                        "versions": "v",
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(CorpusError, match="unknown verdict 'exploded'"):
         load_corpus(corpus)
     (corpus / "index.json").write_text(json.dumps({"schema_version": 1, "cases": [{"file": "a.json"}]}))
@@ -122,26 +151,31 @@ def test_promote_and_load_reject_bad_input_naming_it(tmp_path) -> None:
         load_corpus(corpus)
 
 
-@pytest.mark.parametrize("entry_kw,cap,torch_v,ok,match", [
-    ({"device": "cuda"}, None, "2.11.0", False, "no CUDA device"),
-    ({"device": "cuda", "min_capability": "9.0"}, (8, 6), "2.11.0", False, ">= 9.0, found 8.6"),
-    ({"device": "cuda", "min_capability": "9.0"}, (9, 0), "2.11.0", True, ""),
-    ({"torch_min": "2.13"}, None, "2.11.0+cu130", False, "torch >= 2.13"),
-    ({"torch_below": "2.13"}, None, "2.13.0+cpu", False, "torch < 2.13"),
-    ({}, None, "2.13.0+cpu", True, ""),
-])
+@pytest.mark.parametrize(
+    "entry_kw,cap,torch_v,ok,match",
+    [
+        ({"device": "cuda"}, None, "2.11.0", False, "no CUDA device"),
+        ({"device": "cuda", "min_capability": "9.0"}, (8, 6), "2.11.0", False, ">= 9.0, found 8.6"),
+        ({"device": "cuda", "min_capability": "9.0"}, (9, 0), "2.11.0", True, ""),
+        ({"torch_min": "2.13"}, None, "2.11.0+cu130", False, "torch >= 2.13"),
+        ({"torch_below": "2.13"}, None, "2.13.0+cpu", False, "torch < 2.13"),
+        ({}, None, "2.13.0+cpu", True, ""),
+    ],
+)
 def test_applies_here(entry_kw, cap, torch_v, ok, match) -> None:
-    e = CorpusEntry(file="a.json", op="o", layout_class="c", verdict="drift", description="d", versions="v",
-                    **entry_kw)
+    e = CorpusEntry(file="a.json", op="o", layout_class="c", verdict="drift", description="d", versions="v", **entry_kw)
     got, why = applies_here(e, torch_version=torch_v, cuda_capability=cap)
     assert got is ok and match in why
 
 
-@pytest.mark.parametrize(("entry", "match"), [
-    ({"min_capability": 9.0}, "'min_capability' must be a string or null, got 9.0"),
-    ({"device": ["cpu"]}, "'device' must be a non-empty string"),
-    ({"description": "fine\x1b[2Jnot"}, "control characters"),
-])
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"min_capability": 9.0}, "'min_capability' must be a string or null, got 9.0"),
+        ({"device": ["cpu"]}, "'device' must be a non-empty string"),
+        ({"description": "fine\x1b[2Jnot"}, "control characters"),
+    ],
+)
 def test_index_fields_are_typed(tmp_path, entry, match) -> None:
     base = {"file": "a.json", "op": "x", "layout_class": "y", "verdict": "drift", "description": "d", "versions": "v"}
     (tmp_path / "index.json").write_text(json.dumps({"schema_version": 1, "cases": [{**base, **entry}]}))

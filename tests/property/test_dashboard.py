@@ -83,7 +83,9 @@ def test_dashboard_series_use_device_ms() -> None:
     names = {b["name"] for b in raw[0]["benchmarks"]}
     assert set(series) == names
     for name, s in series.items():
-        want = [next(b for b in doc["benchmarks"] if b["name"] == name)["extra_info"]["device_ms"]["median"] for doc in raw]
+        want = [
+            next(b for b in doc["benchmarks"] if b["name"] == name)["extra_info"]["device_ms"]["median"] for doc in raw
+        ]
         assert s.medians == want
         assert all(p.source == "device_ms" and p.min <= p.median <= p.max for p in s.points)
 
@@ -91,8 +93,11 @@ def test_dashboard_series_use_device_ms() -> None:
 # --------------------------------------------------------------------------- regression flag
 def test_dashboard_flags_the_slowed_benchmark_only() -> None:
     runs, _ = load_runs(FIXTURES)
-    flagged = {s.name for s in build_series(runs)
-               if (c := check_regressions(s.medians, threshold=0.10, window=5)[-1]) is not None and c.regressed}
+    flagged = {
+        s.name
+        for s in build_series(runs)
+        if (c := check_regressions(s.medians, threshold=0.10, window=5)[-1]) is not None and c.regressed
+    }
     assert flagged == {SLOWED}
 
 
@@ -119,17 +124,24 @@ REGRESSION_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("medians, threshold, window, expected, why", REGRESSION_TABLE,
-                         ids=[r[-1] for r in REGRESSION_TABLE])
+@pytest.mark.parametrize(
+    "medians, threshold, window, expected, why", REGRESSION_TABLE, ids=[r[-1] for r in REGRESSION_TABLE]
+)
 def test_dashboard_regression_table(medians, threshold, window, expected, why) -> None:
     last = check_regressions(medians, threshold=threshold, window=window)[-1]
     assert (None if last is None else last.regressed) is expected, why
 
 
-@pytest.mark.parametrize("threshold, window, match", [
-    (0.0, 5, "threshold=0.0"), (-0.1, 5, "threshold=-0.1"), (math.nan, 5, "threshold=nan"),
-    (0.1, 0, "window=0"), (0.1, 2.5, "window=2.5"),
-])
+@pytest.mark.parametrize(
+    "threshold, window, match",
+    [
+        (0.0, 5, "threshold=0.0"),
+        (-0.1, 5, "threshold=-0.1"),
+        (math.nan, 5, "threshold=nan"),
+        (0.1, 0, "window=0"),
+        (0.1, 2.5, "window=2.5"),
+    ],
+)
 def test_dashboard_rejects_bad_rule(threshold, window, match) -> None:
     with pytest.raises(ValueError, match=match):
         check_regressions([1.0, 2.0], threshold=threshold, window=window)
@@ -138,8 +150,12 @@ def test_dashboard_rejects_bad_rule(threshold, window, match) -> None:
 medians_st = st.lists(st.floats(min_value=1e-3, max_value=1e3, allow_nan=False), min_size=1, max_size=12)
 
 
-@given(medians=medians_st, factor=st.floats(min_value=1e-2, max_value=1e2),
-       threshold=st.floats(min_value=0.01, max_value=1.0), window=st.integers(1, 8))
+@given(
+    medians=medians_st,
+    factor=st.floats(min_value=1e-2, max_value=1e2),
+    threshold=st.floats(min_value=0.01, max_value=1.0),
+    window=st.integers(1, 8),
+)
 def test_dashboard_regression_is_scale_invariant(medians, factor, threshold, window) -> None:
     """Flags depend on ratios only: timing every run on a uniformly faster machine changes none of them
     (up to the rounding of the multiplication when a point sits on the limit)."""
@@ -151,14 +167,23 @@ def test_dashboard_regression_is_scale_invariant(medians, factor, threshold, win
             assert x.regressed == y.regressed
 
 
-@given(base=st.floats(min_value=1e-3, max_value=1e3), n=st.integers(1, 12), window=st.integers(1, 8),
-       threshold=st.floats(min_value=0.01, max_value=1.0))
+@given(
+    base=st.floats(min_value=1e-3, max_value=1e3),
+    n=st.integers(1, 12),
+    window=st.integers(1, 8),
+    threshold=st.floats(min_value=0.01, max_value=1.0),
+)
 def test_dashboard_constant_series_never_flags(base, n, window, threshold) -> None:
-    assert not any(c is not None and c.regressed for c in check_regressions([base] * n, threshold=threshold, window=window))
+    assert not any(
+        c is not None and c.regressed for c in check_regressions([base] * n, threshold=threshold, window=window)
+    )
 
 
-@given(medians=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=2, max_size=12),
-       bump=st.floats(min_value=0.0, max_value=10.0), window=st.integers(1, 8))
+@given(
+    medians=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=2, max_size=12),
+    bump=st.floats(min_value=0.0, max_value=10.0),
+    window=st.integers(1, 8),
+)
 def test_dashboard_slower_last_run_only_adds_flags(medians, bump, window) -> None:
     """Making the latest run slower can turn 'ok' into 'regression', never the reverse."""
     before = check_regressions(medians, threshold=0.1, window=window)[-1]
@@ -172,31 +197,53 @@ def _bench_entry(name: str, op: str, shape_key: str, median_ms: float, device: s
     """A minimal pytest-benchmark entry with harness.bench extra_info."""
     s = median_ms / 1e3
     return {
-        "group": None, "name": name, "fullname": f"tests/bench/test_x.py::{name}", "params": None, "param": None,
+        "group": None,
+        "name": name,
+        "fullname": f"tests/bench/test_x.py::{name}",
+        "params": None,
+        "param": None,
         "stats": {"min": s * 0.9, "max": s * 1.2, "median": s, "mean": s, "rounds": 5},
-        "extra_info": {"schema": "harness.bench/1", "op": op, "shape_key": shape_key,
-                       "device_ms": {"min": median_ms * 0.9, "median": median_ms, "max": median_ms * 1.2},
-                       "env": {"device": device}, **extra},
+        "extra_info": {
+            "schema": "harness.bench/1",
+            "op": op,
+            "shape_key": shape_key,
+            "device_ms": {"min": median_ms * 0.9, "median": median_ms, "max": median_ms * 1.2},
+            "env": {"device": device},
+            **extra,
+        },
     }
 
 
 def _write_run(path: Path, when: str, entries: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine_info": {}, "commit_info": {"id": "abc"}, "benchmarks": entries,
-                                "datetime": when, "version": "5.2.3"}))
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": {},
+                "commit_info": {"id": "abc"},
+                "benchmarks": entries,
+                "datetime": when,
+                "version": "5.2.3",
+            }
+        )
+    )
 
 
 def test_dashboard_speedup_pairs_by_shape(tmp_path: Path) -> None:
-    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [
-        _bench_entry("bf16[a]", SPEEDUP_BASE_OP, "shapeA", 10.0),
-        _bench_entry("fp8[a]", "fp8_linear", "shapeA", 6.0),
-        _bench_entry("bare[a]", "scaled_mm_bare", "shapeA", 5.0),
-        _bench_entry("legacy[a]", "legacy.comfyui", "shapeA", 8.0),
-        _bench_entry("target[a]", "fp8_linear", "shapeA", 99.0, family="speed_target"),  # has its own table
-        _bench_entry("fp8[b]", "fp8_linear", "shapeB", 3.0),  # no bf16 partner: no row
-        _bench_entry("bf16[c]", SPEEDUP_BASE_OP, "shapeC", 8.0, device="GPU Y"),
-        _bench_entry("fp8[c]", "fp8_linear", "shapeC", 4.0, device="GPU Y"),
-    ])
+    _write_run(
+        tmp_path / "m" / "0001.json",
+        "2026-01-01T00:00:00",
+        [
+            _bench_entry("bf16[a]", SPEEDUP_BASE_OP, "shapeA", 10.0),
+            _bench_entry("fp8[a]", "fp8_linear", "shapeA", 6.0),
+            _bench_entry("bare[a]", "scaled_mm_bare", "shapeA", 5.0),
+            _bench_entry("legacy[a]", "legacy.comfyui", "shapeA", 8.0),
+            _bench_entry("target[a]", "fp8_linear", "shapeA", 99.0, family="speed_target"),  # has its own table
+            _bench_entry("fp8[b]", "fp8_linear", "shapeB", 3.0),  # no bf16 partner: no row
+            _bench_entry("bf16[c]", SPEEDUP_BASE_OP, "shapeC", 8.0, device="GPU Y"),
+            _bench_entry("fp8[c]", "fp8_linear", "shapeC", 4.0, device="GPU Y"),
+        ],
+    )
     runs, problems = load_runs(tmp_path)
     assert problems == []
     rows = {(r.device, r.shape_key, r.op): r.speedup for r in speedups(build_series(runs))}
@@ -209,10 +256,16 @@ def test_dashboard_speedup_pairs_by_shape(tmp_path: Path) -> None:
 
 
 def test_dashboard_speedup_uses_latest_run(tmp_path: Path) -> None:
-    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00",
-               [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 10.0), _bench_entry("fp8", "fp8_linear", "s", 5.0)])
-    _write_run(tmp_path / "m" / "0002.json", "2026-01-02T00:00:00",
-               [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 9.0), _bench_entry("fp8", "fp8_linear", "s", 6.0)])
+    _write_run(
+        tmp_path / "m" / "0001.json",
+        "2026-01-01T00:00:00",
+        [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 10.0), _bench_entry("fp8", "fp8_linear", "s", 5.0)],
+    )
+    _write_run(
+        tmp_path / "m" / "0002.json",
+        "2026-01-02T00:00:00",
+        [_bench_entry("bf16", SPEEDUP_BASE_OP, "s", 9.0), _bench_entry("fp8", "fp8_linear", "s", 6.0)],
+    )
     runs, _ = load_runs(tmp_path)
     (row,) = speedups(build_series(runs))
     assert row.speedup == pytest.approx(9 / 6)
@@ -221,23 +274,50 @@ def test_dashboard_speedup_uses_latest_run(tmp_path: Path) -> None:
 def test_dashboard_speedup_on_fixtures_matches_raw_json() -> None:
     runs, _ = load_runs(FIXTURES)
     raw = _raw(_fixture_files()[-1])
-    by_op = {b["extra_info"]["op"]: b["extra_info"]["device_ms"]["median"] for b in raw["benchmarks"]
-             if b["extra_info"]["family"] == "linear"}
+    by_op = {
+        b["extra_info"]["op"]: b["extra_info"]["device_ms"]["median"]
+        for b in raw["benchmarks"]
+        if b["extra_info"]["family"] == "linear"
+    }
     rows = {r.op: r.speedup for r in speedups(build_series(runs))}
     assert rows == {op: pytest.approx(by_op[SPEEDUP_BASE_OP] / by_op[op]) for op in ("fp8_linear", "scaled_mm_bare")}
 
 
 def test_dashboard_speed_target_verdicts(tmp_path: Path) -> None:
     rule = {"min_speedup_vs_bf16": 1.5, "max_overhead_vs_bare": 0.05, "why": "because"}
-    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [
-        _bench_entry("t[met]", "fp8_linear", "s1", 1.0, family="speed_target",
-                     speed_target={**rule, "speedup_vs_bf16": 1.55, "overhead_vs_bare": 0.02}),
-        _bench_entry("t[slow]", "fp8_linear", "s2", 1.0, family="speed_target",
-                     speed_target={**rule, "speedup_vs_bf16": 1.45, "overhead_vs_bare": 0.02}),
-        _bench_entry("t[overhead]", "fp8_linear", "s3", 1.0, family="speed_target",
-                     speed_target={**rule, "speedup_vs_bf16": 1.6, "overhead_vs_bare": 0.08}),
-        _bench_entry("t[broken]", "fp8_linear", "s4", 1.0, family="speed_target", speed_target={"speedup_vs_bf16": "?"}),
-    ])
+    _write_run(
+        tmp_path / "m" / "0001.json",
+        "2026-01-01T00:00:00",
+        [
+            _bench_entry(
+                "t[met]",
+                "fp8_linear",
+                "s1",
+                1.0,
+                family="speed_target",
+                speed_target={**rule, "speedup_vs_bf16": 1.55, "overhead_vs_bare": 0.02},
+            ),
+            _bench_entry(
+                "t[slow]",
+                "fp8_linear",
+                "s2",
+                1.0,
+                family="speed_target",
+                speed_target={**rule, "speedup_vs_bf16": 1.45, "overhead_vs_bare": 0.02},
+            ),
+            _bench_entry(
+                "t[overhead]",
+                "fp8_linear",
+                "s3",
+                1.0,
+                family="speed_target",
+                speed_target={**rule, "speedup_vs_bf16": 1.6, "overhead_vs_bare": 0.08},
+            ),
+            _bench_entry(
+                "t[broken]", "fp8_linear", "s4", 1.0, family="speed_target", speed_target={"speedup_vs_bf16": "?"}
+            ),
+        ],
+    )
     runs, _ = load_runs(tmp_path)
     assert {t["shape_key"]: t["met"] for t in speed_targets(runs[0])} == {"s1": True, "s2": False, "s3": False}
     page = render_html(runs, [], storage="x", threshold=0.1, window=5)
@@ -298,7 +378,9 @@ def test_dashboard_bad_device_ms_falls_back_to_stats(tmp_path: Path) -> None:
     runs, problems = load_runs(tmp_path)
     (s,) = build_series(runs)
     assert s.points[0].source == "stats" and s.points[0].median == pytest.approx(2.0)
-    assert "device_ms.median = 'fast'" in problems[0].message and "using pytest-benchmark's stats" in problems[0].message
+    assert (
+        "device_ms.median = 'fast'" in problems[0].message and "using pytest-benchmark's stats" in problems[0].message
+    )
 
 
 def test_dashboard_missing_storage_names_the_dir(tmp_path: Path) -> None:
@@ -319,8 +401,11 @@ def test_dashboard_runs_on_different_devices_are_separate_series(tmp_path: Path)
 def test_dashboard_page_is_self_contained(tmp_path: Path) -> None:
     runs, problems = load_runs(FIXTURES)
     page = render_html(runs, problems, storage=str(FIXTURES), threshold=0.10, window=5)
-    assert "<script src" not in page and "<link" not in page and "http://" not in page.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert (
+        "<script src" not in page
+        and "<link" not in page
+        and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
     assert "https://" not in page
     n_series = len(build_series(runs))
     assert page.count('class="plot trend"') == n_series
@@ -347,10 +432,15 @@ def test_dashboard_page_shows_matrix_summary() -> None:
     assert data["device"]["torch"] in page
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "does not exist"), ("{oops", "is not valid JSON"), ("[1]", "must be a JSON object, got list"),
-    ('{"schema_version": 99}', "schema_version 99 is not supported"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "does not exist"),
+        ("{oops", "is not valid JSON"),
+        ("[1]", "must be a JSON object, got list"),
+        ('{"schema_version": 99}', "schema_version 99 is not supported"),
+    ],
+)
 def test_dashboard_bad_matrix_summary_says_why(tmp_path: Path, content, expected) -> None:
     p = tmp_path / "summary.json"
     if content is not None:
@@ -386,29 +476,48 @@ def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 def test_dashboard_cli_entry_point(tmp_path: Path) -> None:
     """The real command line, in a subprocess, as the nightly job runs it."""
     out = tmp_path / "d.html"
-    r = subprocess.run([sys.executable, "-m", "harness", "dashboard", "--storage", str(FIXTURES), "--out", str(out),
-                        "--print-latest"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "dashboard", "--storage", str(FIXTURES), "--out", str(out), "--print-latest"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert out.is_file() and "1 regressions" in r.stdout and "vs bf16" in r.stdout
 
 
 def test_dashboard_cli_writes_page_and_reports_regression(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d.html"
-    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.10",
-                              "--window", "5", "--fail-on-regression")
+    rc, stdout, stderr = _cli(
+        capsys,
+        "--storage",
+        str(FIXTURES),
+        "--out",
+        str(out),
+        "--threshold",
+        "0.10",
+        "--window",
+        "5",
+        "--fail-on-regression",
+    )
     assert rc == 1, stderr
     assert out.is_file() and f"REGRESSION {SLOWED}" in stdout
-    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.9",
-                              "--fail-on-regression")
+    rc, stdout, stderr = _cli(
+        capsys, "--storage", str(FIXTURES), "--out", str(out), "--threshold", "0.9", "--fail-on-regression"
+    )
     assert rc == 0, stderr
     assert "0 regressions" in stdout
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("--threshold", "-0.2"), "--threshold '-0.2' must be > 0"),
-    (("--threshold", "ten"), "--threshold 'ten' is not a number"),
-    (("--window", "0"), "--window '0' must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--threshold", "-0.2"), "--threshold '-0.2' must be > 0"),
+        (("--threshold", "ten"), "--threshold 'ten' is not a number"),
+        (("--window", "0"), "--window '0' must be >= 1"),
+    ],
+)
 def test_dashboard_cli_rejects_bad_arguments(tmp_path: Path, capsys, args, expected) -> None:
     rc, _, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"), *args)
     assert rc == 2 and expected in stderr
@@ -423,14 +532,17 @@ def test_dashboard_cli_empty_storage_is_one_error_and_writes_nothing(tmp_path: P
     assert f"--storage {store}: no usable pytest-benchmark runs found" in line and "--benchmark-autosave" in line
 
 
-@pytest.mark.parametrize("make, args, expected", [
-    (None, ("--storage", "{t}/missing", "--out", "{t}/d.html"), "--storage {t}/missing does not exist"),
-    ("file:x", ("--storage", "{t}/x", "--out", "{t}/d.html"), "--storage {t}/x is a file"),
-    ("dir:o", ("--storage", "FIX", "--out", "{t}/o"), "--out {t}/o is a directory"),
-    ("file:f", ("--storage", "FIX", "--out", "{t}/f/d.html"), "--out {t}/f/d.html: {t}/f is a file"),
-    (None, ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/nope"), "--matrix {t}/nope does not exist"),
-    ("file:s.json", ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/s.json"), "--matrix {t}/s.json: "),
-])
+@pytest.mark.parametrize(
+    "make, args, expected",
+    [
+        (None, ("--storage", "{t}/missing", "--out", "{t}/d.html"), "--storage {t}/missing does not exist"),
+        ("file:x", ("--storage", "{t}/x", "--out", "{t}/d.html"), "--storage {t}/x is a file"),
+        ("dir:o", ("--storage", "FIX", "--out", "{t}/o"), "--out {t}/o is a directory"),
+        ("file:f", ("--storage", "FIX", "--out", "{t}/f/d.html"), "--out {t}/f/d.html: {t}/f is a file"),
+        (None, ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/nope"), "--matrix {t}/nope does not exist"),
+        ("file:s.json", ("--storage", "FIX", "--out", "{t}/d.html", "--matrix", "{t}/s.json"), "--matrix {t}/s.json: "),
+    ],
+)
 def test_dashboard_cli_wrong_paths_are_one_line_exit_2(tmp_path: Path, capsys, make, args, expected) -> None:
     if make:
         kind, name = make.split(":")
@@ -443,8 +555,9 @@ def test_dashboard_cli_wrong_paths_are_one_line_exit_2(tmp_path: Path, capsys, m
 
 
 def test_dashboard_cli_success_says_how_many_runs(tmp_path: Path, capsys) -> None:
-    rc, stdout, stderr = _cli(capsys, "--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"),
-                              "--matrix", str(MATRIX.parent))
+    rc, stdout, stderr = _cli(
+        capsys, "--storage", str(FIXTURES), "--out", str(tmp_path / "d.html"), "--matrix", str(MATRIX.parent)
+    )
     assert rc == 0 and stderr == ""
     assert stdout.splitlines()[0].startswith(f"dashboard: wrote {tmp_path / 'd.html'} (3 runs, ")
 

@@ -43,7 +43,8 @@ EXACT, AA = 3, 40
 
 def _chromium() -> str:
     exe = os.environ.get("HARNESS_CHROMIUM") or next(
-        (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
+        (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None
+    )
     if exe is None:
         msg = "headless Chromium not found (install Debian's package: apt-get install -y chromium, or set HARNESS_CHROMIUM)"
         if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
@@ -53,9 +54,21 @@ def _chromium() -> str:
 
 
 def _run_chromium(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}", *args]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, timeout=120)
     assert r.returncode == 0, f"chromium exited {r.returncode}: {r.stderr.decode(errors='replace')[-2000:]}"
     return r
@@ -82,8 +95,8 @@ def _decode_png(data: bytes) -> tuple[int, int, list[bytes], int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, header = 8, [], None
     while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
         pos += 12 + n
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
@@ -100,7 +113,7 @@ def _decode_png(data: bytes) -> tuple[int, int, list[bytes], int]:
     prev = bytearray(stride)
     for y in range(h):
         i = y * (stride + 1)
-        ft, line = raw[i], bytearray(raw[i + 1:i + 1 + stride])
+        ft, line = raw[i], bytearray(raw[i + 1 : i + 1 + stride])
         if ft == 1:
             for x in range(bpp, stride):
                 line[x] = (line[x] + line[x - bpp]) & 255
@@ -130,7 +143,7 @@ def _count(rows: list[bytes], bpp: int, rect: tuple[int, int, int, int], colour:
     for y in range(max(0, y0), min(len(rows), y0 + h)):
         row = rows[y]
         for x in range(max(0, x0), x0 + w):
-            px = row[x * bpp:x * bpp + 3]
+            px = row[x * bpp : x * bpp + 3]
             if len(px) == 3 and all(abs(px[i] - colour[i]) <= tol for i in range(3)):
                 n += 1
     return n
@@ -156,8 +169,14 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     parsed = _Plots()
     parsed.feed(dom)
     runs, _ = load_runs(FIXTURES)
-    return {"plots": parsed.plots, "body": parsed.body, "png": _decode_png(shot.read_bytes()),
-            "source": page.read_text(), "series": build_series(runs), "runs": runs}
+    return {
+        "plots": parsed.plots,
+        "body": parsed.body,
+        "png": _decode_png(shot.read_bytes()),
+        "source": page.read_text(),
+        "series": build_series(runs),
+        "runs": runs,
+    }
 
 
 def _rect(plot: dict[str, str]) -> tuple[int, int, int, int]:

@@ -48,8 +48,11 @@ def redis_url() -> Iterator[str]:
 
     for _ in range(3):  # another process may take the free port between the probe and the bind
         port = _free_port()
-        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
         deadline = time.monotonic() + 20
         up = False
@@ -106,14 +109,17 @@ def test_a_plus_joined_setting_multiplexes_its_entries(tmp_path) -> None:
     assert clients[0][1].connection_pool.connection_kwargs["db"] == 3
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("ftp://x/y", "unknown scheme 'ftp'"),
-    ("github://acme", "not github://OWNER/REPO"),
-    ("github://a/b/c/d", "not github://OWNER/REPO"),
-    ("redis://localhost:notaport/0", "not a valid Redis URL"),
-    ("a++b", "empty entry"),
-    ("+", "empty entry"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("ftp://x/y", "unknown scheme 'ftp'"),
+        ("github://acme", "not github://OWNER/REPO"),
+        ("github://a/b/c/d", "not github://OWNER/REPO"),
+        ("redis://localhost:notaport/0", "not a valid Redis URL"),
+        ("a++b", "empty entry"),
+        ("+", "empty entry"),
+    ],
+)
 def test_bad_settings_name_the_entry_and_the_fix(spec: str, match: str) -> None:
     with pytest.raises(DatabaseSpecError, match=match):
         example_database(spec, local="unused")
@@ -126,13 +132,28 @@ def test_a_missing_redis_client_is_one_clear_error(monkeypatch) -> None:
         example_database("redis://localhost:6379/0", local="unused")
 
 
-@pytest.mark.parametrize("spec, match", [("redis://127.0.0.1:{port}/0", "cannot reach the Redis server"),
-                                         ("ftp://x", "unknown scheme")])
+@pytest.mark.parametrize(
+    "spec, match", [("redis://127.0.0.1:{port}/0", "cannot reach the Redis server"), ("ftp://x", "unknown scheme")]
+)
 def test_a_bad_setting_is_one_line_from_pytest(spec: str, match: str) -> None:
     env = dict(os.environ, **{DB_ENV: spec.format(port=_free_port())}, HARNESS_PROFILE="nightly")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/property/test_shard.py::test_cell_key_is_unambiguous"],
-                       cwd=REPO, capture_output=True, text=True, env=env, timeout=120, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/property/test_shard.py::test_cell_key_is_unambiguous",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 4  # pytest's usage error
     out = (r.stdout + r.stderr).strip()
     assert match in out and "Traceback" not in out and len(out.splitlines()) == 1, out[-2000:]
@@ -165,8 +186,15 @@ PROPERTY = textwrap.dedent('''
 def _run_property(script: Path, cwd: Path, log: Path, db: str) -> list[int]:
     cwd.mkdir()
     env = dict(os.environ, **{DB_ENV: db}, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(script), str(log)], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, str(script), str(log)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 1, r.stdout[-1000:] + r.stderr[-2000:]  # the property found its failure
     return [int(x) for x in log.read_text().split()]
 

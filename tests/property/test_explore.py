@@ -44,7 +44,9 @@ def _inputs(target, *perts: Perturbation, sizes=ATT_SIZES, values=()):
 
 
 def _plain(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
 
 
 def test_one_operand_is_perturbed_and_the_others_stay_plain() -> None:
@@ -65,16 +67,21 @@ def test_stride_zero_and_size_one_strides_on_any_dim() -> None:
 
 
 def test_transposes_padding_and_packed_views() -> None:
-    _, x = _inputs(ATT, Perturbation("q", "perm", (0, 1, 3, 2)), Perturbation("k", "pad", (-1, 8)),
-                   Perturbation("v", "packed", (-1, 3, 2)))
+    _, x = _inputs(
+        ATT,
+        Perturbation("q", "perm", (0, 1, 3, 2)),
+        Perturbation("k", "pad", (-1, 8)),
+        Perturbation("v", "packed", (-1, 3, 2)),
+    )
     assert x["q"].stride(-1) != 1
     assert x["k"].stride(2) == 64 + 8
     assert x["v"].stride(2) == 3 * 64 and x["v"].storage_offset() == 2 * 64  # chunk 2 of a (.., 3 x 64) buffer
 
 
 def test_linear_weight_as_a_checkpoint_view_and_a_k_slice_of_the_input() -> None:
-    _, x = _inputs(LIN, Perturbation("weight", "checkpoint", (1235,)), Perturbation("x", "slice", (-1, 3, 16)),
-                   sizes=LIN_SIZES)
+    _, x = _inputs(
+        LIN, Perturbation("weight", "checkpoint", (1235,)), Perturbation("x", "slice", (-1, 3, 16)), sizes=LIN_SIZES
+    )
     w = x["weight"]
     assert w.dtype == torch.float8_e4m3fn and w.storage_offset() == 1235 and w.data_ptr() % 2 == 1
     assert w.untyped_storage().nbytes() > 1235 + w.numel()  # a view into a larger buffer, slack after it
@@ -90,15 +97,19 @@ def test_a_scalar_scale_becomes_an_operand_with_its_value() -> None:
 
 
 def test_what_does_not_fit_is_dropped_and_said() -> None:
-    built, _ = _inputs(ATT, Perturbation("q", "align", (1,)), Perturbation("q", "perm", (1, 0)),
-                       Perturbation("nope", "align", (2,)))
+    built, _ = _inputs(
+        ATT, Perturbation("q", "align", (1,)), Perturbation("q", "perm", (1, 0)), Perturbation("nope", "align", (2,))
+    )
     assert built.genome.perturbations == ()
     assert len(built.skipped) == 3 and "1 B alignment is impossible for 2-byte elements" in built.skipped[0]
 
 
 def test_structured_values_follow_the_operands_axes() -> None:
-    _, x = _inputs(ATT, sizes=ATT_SIZES[:3] + (("layout", "NHD"),) + ATT_SIZES[4:],
-                   values=(ValuePick("k", "zero_slice", "channel", (("start", 5),)),))
+    _, x = _inputs(
+        ATT,
+        sizes=ATT_SIZES[:3] + (("layout", "NHD"),) + ATT_SIZES[4:],
+        values=(ValuePick("k", "zero_slice", "channel", (("start", 5),)),),
+    )
     k = x["k"]  # NHD: channel is dim 3
     assert (k[..., 5] == 0).all() and (k[..., 4] != 0).any()
 
@@ -117,12 +128,19 @@ def test_draws_are_seeded_and_perturb_each_operand_on_its_own() -> None:
     assert a == [draw_genome(random.Random(7), ATT) for _ in range(3)]
     rng = random.Random(1)
     draws = [draw_genome(rng, ATT) for _ in range(400)]
-    alone = {next(iter(g.operands())) for g in draws if len({p.operand for p in g.perturbations}) == 1
-             and not g.values}
+    alone = {next(iter(g.operands())) for g in draws if len({p.operand for p in g.perturbations}) == 1 and not g.values}
     assert alone == {"q", "k", "v"}
     kinds = {(p.operand, p.kind) for g in draws for p in g.perturbations}
-    assert {k for o, k in kinds if o == "v"} >= {"align", "checkpoint", "step", "broadcast", "perm", "pad", "packed",
-                                                 "slice"}
+    assert {k for o, k in kinds if o == "v"} >= {
+        "align",
+        "checkpoint",
+        "step",
+        "broadcast",
+        "perm",
+        "pad",
+        "packed",
+        "slice",
+    }
     assert {p.args[0] for g in draws for p in g.perturbations if p.kind == "align"} == {1, 2, 4, 8, 16}
 
 
@@ -189,8 +207,13 @@ def test_the_search_finds_a_one_operand_property_and_reports_it_once() -> None:
 
 def test_the_score_is_the_worst_drift_ratio_seen() -> None:
     seen: list[float] = []
-    res = explore(ATT, lambda c: _fake(seen)(c) if not _k_broadcast_on_tokens(c) else
-                  Result(Verdict.PASS, "", metrics={"ratio": 0.0}), seed=1, budget_cases=60, max_elements=1 << 14)
+    res = explore(
+        ATT,
+        lambda c: _fake(seen)(c) if not _k_broadcast_on_tokens(c) else Result(Verdict.PASS, "", metrics={"ratio": 0.0}),
+        seed=1,
+        budget_cases=60,
+        max_elements=1 << 14,
+    )
     assert res.findings == [] and res.worst["ratio"] == max(seen)
 
 
@@ -199,6 +222,7 @@ def test_budgets_unavailable_and_benign_rejections() -> None:
     assert res.stopped == "budget_s" and res.cases == 1
     res = explore(ATT, lambda c: Result(Verdict.UNAVAILABLE, "no such kernel here"), budget_cases=50)
     assert res.stopped == "unavailable: no such kernel here" and res.cases == 1
+
     def rejected(c):
         return Result(Verdict.REJECTED, "nope") if c.note != "explored: the plain case" else Result(Verdict.PASS, "")
 

@@ -53,7 +53,7 @@ class KTailLinear(_TestLinear):
         k = x.shape[-1]
         if k % 64:
             x = x.clone()
-            x[..., k // 64 * 64:] = 0
+            x[..., k // 64 * 64 :] = 0
         return x
 
 

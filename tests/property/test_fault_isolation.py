@@ -108,12 +108,19 @@ def test_fault_hang_times_out_and_the_worker_is_replaced(worker_pool):
 def test_no_result_is_lost_when_faults_kill_workers_mid_batch(worker_pool):
     # prefetch queues cases behind a killer: they must be re-queued, not lost or blamed
     ops = ["cpu.scale"] * 30
-    for i, fault in zip((3, 9, 10, 17, 25), ("fault.segfault", "fault.exit", "fault.sticky", "fault.segfault", "fault.nan")):
+    for i, fault in zip(
+        (3, 9, 10, 17, 25), ("fault.segfault", "fault.exit", "fault.sticky", "fault.segfault", "fault.nan")
+    ):
         ops[i] = fault
     futures = [worker_pool.submit(case(op, seed=i)) for i, op in enumerate(ops)]
     results = [f.result(timeout=120) for f in futures]
-    expected = {"cpu.scale": Verdict.PASS, "fault.segfault": Verdict.WORKER_CRASH, "fault.exit": Verdict.WORKER_CRASH,
-                "fault.sticky": Verdict.DEVICE_FAULT, "fault.nan": Verdict.NONFINITE}
+    expected = {
+        "cpu.scale": Verdict.PASS,
+        "fault.segfault": Verdict.WORKER_CRASH,
+        "fault.exit": Verdict.WORKER_CRASH,
+        "fault.sticky": Verdict.DEVICE_FAULT,
+        "fault.nan": Verdict.NONFINITE,
+    }
     assert [r.verdict for r in results] == [expected[op] for op in ops]
     assert [r.op for r in results] == ops
     assert wait_restored(worker_pool)
@@ -214,8 +221,16 @@ def test_fault_attribution_rerun_is_cancelled_not_drained_when_the_pool_closes(t
     from harness.runner.pool import ATTRIBUTION_SKIPPED
 
     marker = _slow_sanitizer(tmp_path, monkeypatch)
-    pool = WorkerPool("cpu", 1, case_timeout=30, spares=0, cases_dir=tmp_path / "cases", attribute=True,
-                      sanitizer=True, attribution_timeout=600)
+    pool = WorkerPool(
+        "cpu",
+        1,
+        case_timeout=30,
+        spares=0,
+        cases_dir=tmp_path / "cases",
+        attribute=True,
+        sanitizer=True,
+        attribution_timeout=600,
+    )
     try:
         fut = pool.submit(case("fault.sticky"))
         deadline = time.monotonic() + 120

@@ -52,25 +52,46 @@ def test_a_bad_gpu_count_names_the_fix() -> None:
 
 def _pytest(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full = dict(env, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "harness.pytest_fleet", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), "-o", "addopts=", *args], cwd=tmp_path, env=full,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "harness.pytest_fleet",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-o",
+            "addopts=",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("n, gpus", [("2", "2"), ("auto", "3")])
 def test_real_xdist_workers_each_see_their_own_gpu(tmp_path, n: str, gpus: str) -> None:
-    (tmp_path / "test_tiny.py").write_text(textwrap.dedent(f'''
+    (tmp_path / "test_tiny.py").write_text(
+        textwrap.dedent(f"""
         import os
         def test_record():
             wid = os.environ["PYTEST_XDIST_WORKER"]
             with open(os.path.join({str(tmp_path)!r}, "seen-" + wid), "w") as f:
                 f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-    '''))
+    """)
+    )
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env[GPU_COUNT_ENV] = gpus
     r = _pytest(tmp_path, "-n", n, "--dist", "each", "-q", "test_tiny.py", env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    seen = {p.name[len("seen-"):]: p.read_text() for p in tmp_path.glob("seen-*")}
+    seen = {p.name[len("seen-") :]: p.read_text() for p in tmp_path.glob("seen-*")}
     want = int(gpus)
     assert sorted(seen) == [f"gw{k}" for k in range(want)]  # -n auto: one worker per GPU
     assert {seen[f"gw{k}"] for k in range(want)} == {str(k) for k in range(want)}
@@ -78,18 +99,21 @@ def test_real_xdist_workers_each_see_their_own_gpu(tmp_path, n: str, gpus: str) 
 
 
 def test_harness_shard_splits_the_collected_tests(tmp_path) -> None:
-    (tmp_path / "test_many.py").write_text(textwrap.dedent('''
+    (tmp_path / "test_many.py").write_text(
+        textwrap.dedent("""
         import pytest
         @pytest.mark.parametrize("i", range(30))
         def test_p(i):
             pass
-    '''))
+    """)
+    )
     env = dict(os.environ)
     every = None
     shares = []
     for spec in (None, "1/3", "2/3", "3/3"):
-        r = _pytest(tmp_path, "--collect-only", "-q", "test_many.py", *(["--harness-shard", spec] if spec else []),
-                    env=env)
+        r = _pytest(
+            tmp_path, "--collect-only", "-q", "test_many.py", *(["--harness-shard", spec] if spec else []), env=env
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         ids = [line for line in r.stdout.splitlines() if "::" in line]
         if spec is None:

@@ -75,8 +75,13 @@ class PlantedLinear(ClassTarget):
 
     def case_from_draw(self, draw, class_name, seed):
         k, n = draw.params["in_features"], draw.params["out_features"]
-        return self._case(draw, class_name, seed, layouts={"weight": LayoutSpec.contiguous((n, k), "bfloat16")},
-                          values={"weight": ValueSpec("normal", seed)})
+        return self._case(
+            draw,
+            class_name,
+            seed,
+            layouts={"weight": LayoutSpec.contiguous((n, k), "bfloat16")},
+            values={"weight": ValueSpec("normal", seed)},
+        )
 
     def make_inputs(self, case, device, values=None):
         return materialize_inputs(case, device, values)
@@ -146,8 +151,9 @@ def _sweep(target: Any) -> list[tuple[Any, Any]]:
 
 def _contract_of(target: Any) -> tuple[dict, list]:
     results = _sweep(target)
-    return infer_contract([record_of(c, r) for c, r in results], target.name,
-                          env={"device": "cpu", "torch": torch.__version__}), results
+    return infer_contract(
+        [record_of(c, r) for c, r in results], target.name, env={"device": "cpu", "torch": torch.__version__}
+    ), results
 
 
 def _keys(contract: dict) -> set[str]:
@@ -165,8 +171,11 @@ def test_linear_guard_from_the_measured_contract_runs_every_layout_class_clean(p
     # the planted requirements were measured back: 16-byte alignment (offset_16 is the aligned control),
     # last-dim stride 1, no stride-0 dim; x written, only for values beyond 448
     al = next(c for c in contract["preconditions"] if c["key"] == "x:alignment:min")
-    assert al["bound"] == 16 and al["nearest_failing"] == 8 and al["violated"]["by_verdict"] == {
-        "nonfinite": al["violated"]["cases"]}
+    assert (
+        al["bound"] == 16
+        and al["nearest_failing"] == 8
+        and al["violated"]["by_verdict"] == {"nonfinite": al["violated"]["cases"]}
+    )
     assert {"x:last_stride_one:min", "x:no_stride0:min"} <= _keys(contract)
     assert contract["unexplained"]["failures"] == 0
     (w,) = contract["writes"]
@@ -196,15 +205,30 @@ def test_attention_guard_from_the_measured_contract_runs_every_layout_class_clea
 
 def _contract(**over: Any) -> dict:
     """A hand-built contract: q 16-byte alignment, q last-dim stride 1, k written, q head dim in {64}."""
+
     def clause(operand, feature, kind, bound):
-        return {"key": f"{operand}:{feature}:{kind}", "operand": operand, "feature": feature, "kind": kind,
-                "bound": bound, "nearest_failing": None, "text": f"{operand} {feature} {kind} {bound}",
-                "satisfied": {"cases": 10, "failed": 0, "by_verdict": {}},
-                "violated": {"cases": 4, "failed": 4, "by_verdict": {"device_fault": 4}},
-                "measured_on": {"device": "test"}}
-    c = {"op": "t", "preconditions": [clause("q", "alignment", "min", 16), clause("q", "last_stride_one", "min", True),
-                                      clause("q", "last_dim", "one_of", [64])],
-         "writes": [{"operand": "k", "written": 3, "checked": 3, "always": True}]}
+        return {
+            "key": f"{operand}:{feature}:{kind}",
+            "operand": operand,
+            "feature": feature,
+            "kind": kind,
+            "bound": bound,
+            "nearest_failing": None,
+            "text": f"{operand} {feature} {kind} {bound}",
+            "satisfied": {"cases": 10, "failed": 0, "by_verdict": {}},
+            "violated": {"cases": 4, "failed": 4, "by_verdict": {"device_fault": 4}},
+            "measured_on": {"device": "test"},
+        }
+
+    c = {
+        "op": "t",
+        "preconditions": [
+            clause("q", "alignment", "min", 16),
+            clause("q", "last_stride_one", "min", True),
+            clause("q", "last_dim", "one_of", [64]),
+        ],
+        "writes": [{"operand": "k", "written": 3, "checked": 3, "always": True}],
+    }
     c.update(over)
     return c
 
@@ -270,8 +294,11 @@ def test_contiguous_does_not_realign_but_the_guard_copy_does() -> None:
     assert x.contiguous().data_ptr() == x.data_ptr() and data_ptr_alignment(x.contiguous()) == 2
     for need in (16, 64, 256):
         y = aligned_copy(x, need)
-        assert data_ptr_alignment(y) >= need and torch.equal(y, x) and y.untyped_storage().data_ptr() != \
-            x.untyped_storage().data_ptr()
+        assert (
+            data_ptr_alignment(y) >= need
+            and torch.equal(y, x)
+            and y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        )
 
 
 def test_fresh_cpu_allocations_are_64_byte_aligned_and_aligned_empty_goes_further() -> None:

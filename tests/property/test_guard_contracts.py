@@ -22,7 +22,7 @@ def test_every_shipped_clause_carries_device_versions_counts_and_source() -> Non
     doc = validate_contracts(shipped_contracts())
     assert doc["contracts"]
     for op, c in doc["contracts"].items():
-        assert op.startswith("attn.") and op[len("attn."):] in BACKENDS
+        assert op.startswith("attn.") and op[len("attn.") :] in BACKENDS
         for cl in c["preconditions"]:
             assert cl["measured_on"]["device"] == "NVIDIA H200" and cl["measured_on"]["torch"].startswith("2.11")
             assert cl["violated"]["failed"] == cl["violated"]["cases"] > 0  # all failures on the violating side
@@ -41,9 +41,8 @@ def test_every_layout_failure_in_the_corpus_violates_its_ops_shipped_contract() 
         if contract is None or not entry.layout_class.startswith("misaligned"):
             continue
         case, _ = load_case(REPO / "tests" / "cases" / entry.file)
-        be = entry.op[len("attn."):]
-        acts = plan_attention(be, case.layouts["q"], case.layouts["k"], case.layouts["v"],
-                              case.params["tensor_layout"])
+        be = entry.op[len("attn.") :]
+        acts = plan_attention(be, case.layouts["q"], case.layouts["k"], case.layouts["v"], case.params["tensor_layout"])
         copies = {a.tensor for a in acts if a.is_copy}
         assert copies == {"q", "k", "v"}, (entry.file, [str(a) for a in acts])
         assert all("pointer alignment >= 16 B violated" in a.why for a in acts if a.is_copy)

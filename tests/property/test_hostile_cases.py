@@ -41,8 +41,13 @@ TOOLS = {"show": ["show"], "replay": ["replay"], "replay --bisect": ["replay", "
 HARNESS = {"show": 2, "replay": 2, "replay --bisect": 128, "minimize": 2}
 VALID = {"show": 0, "replay": 0, "replay --bisect": 0, "minimize": 1}  # a passing case: nothing to minimize
 
-GOOD = {"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4, 8], "dtype": "float32"}},
-        "values": {"x": {"kind": "normal", "seed": 1}}, "env": {"device_type": "cpu"}}
+GOOD = {
+    "schema_version": 1,
+    "op": "cpu.scale",
+    "layouts": {"x": {"shape": [4, 8], "dtype": "float32"}},
+    "values": {"x": {"kind": "normal", "seed": 1}},
+    "env": {"device_type": "cpu"},
+}
 
 
 @dataclass
@@ -61,6 +66,7 @@ def _json(payload: object) -> Callable[[Path], Path]:
         p = d / "c.json"
         p.write_text(payload if isinstance(payload, str) else json.dumps(payload))
         return p
+
     return build
 
 
@@ -79,6 +85,7 @@ def _with_tensors(tensors: Callable[[], dict] | bytes) -> Callable[[Path], Path]
         else:
             save_file(tensors(), str(st))
         return p
+
     return build
 
 
@@ -125,6 +132,7 @@ def _symlink(target: str) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         (d / "c.json").symlink_to(target)
         return d / "c.json"
+
     return build
 
 
@@ -173,35 +181,53 @@ def _hostile_classes() -> list[Hostile]:
         Hostile("deep JSON (100k levels)", _json("[" * 100_000 + "]" * 100_000), "nests deeper than 64 levels"),
         Hostile("huge offset (259-byte file, offset 5e8)", _json(_layout(offset=500_000_000)), "over the budget of"),
         Hostile("huge shape [10^12]", _json(_layout(shape=[10**12])), "over the budget of"),
-        Hostile("huge integer literal (5000 digits)", _json('{"schema_version": ' + "1" * 5000 + "}"),
-                "is not valid JSON: Exceeds the limit"),
+        Hostile(
+            "huge integer literal (5000 digits)",
+            _json('{"schema_version": ' + "1" * 5000 + "}"),
+            "is not valid JSON: Exceeds the limit",
+        ),
         Hostile("17 dims", _json(_layout(shape=[1] * 17)), "at most 16 are supported"),
         Hostile("FIFO as case file", _fifo, r"is a FIFO \(named pipe\), not a case file"),
         Hostile("symlink to /dev/zero", _symlink("/dev/zero"), "is a device, not a case file"),
         Hostile("tensor file -> /dev/zero", _dev_zero_tensors, "is a device, not a safetensors file"),
         Hostile("directory named x.json", _dir_named_json, "is a directory, not a case file"),
-        Hostile("directory of cases", _dir_of_cases, r"is a directory, not a case file; name a case file in it, e\.g\."),
+        Hostile(
+            "directory of cases", _dir_of_cases, r"is a directory, not a case file; name a case file in it, e\.g\."
+        ),
         Hostile("missing file (a typo)", lambda d: d / "typo.json", "does not exist"),
         Hostile("oversize JSON (17 MiB)", _oversize, "is larger than 16777216 bytes"),
         Hostile("oversize tensor file (3 MiB for 128 B)", _oversize_tensors, "tensor file .* is larger than"),
         Hostile("not UTF-8", _not_utf8, "not UTF-8"),
         Hostile("lone surrogate in op", _json({**GOOD, "op": "\ud800"}), r"case 'op' must be a non-empty printable"),
         Hostile("escape sequence in op", _json({**GOOD, "op": "cpu.scale\x1b[2J"}), "printable string"),
-        Hostile("escape sequences + surrogate in note (valid)",
-                _json({**GOOD, "note": "\x1b]0;owned\x07\x1b[2J\x1b[31mred\udcff", "backend": "\x1b[5m"}), "",
-                codes=dict(VALID)),
+        Hostile(
+            "escape sequences + surrogate in note (valid)",
+            _json({**GOOD, "note": "\x1b]0;owned\x07\x1b[2J\x1b[31mred\udcff", "backend": "\x1b[5m"}),
+            "",
+            codes=dict(VALID),
+        ),
         Hostile("dtype '_dynamo'", _json(_layout(dtype="_dynamo")), "'_dynamo' is not a supported dtype"),
         Hostile("dtype 'qint8'", _json(_layout(dtype="qint8")), "'qint8' is not a supported dtype"),
         Hostile("dtype 'float4_e2m1fn_x2'", _json(_layout(dtype="float4_e2m1fn_x2")), "'float4_e2m1fn_x2' is not"),
         Hostile("schema_version true", _json({**GOOD, "schema_version": True}), "schema_version must be an integer"),
         Hostile("schema_version 1.0", _json({**GOOD, "schema_version": 1.0}), "schema_version must be an integer"),
-        Hostile("schema_version 2 (newer harness)", _json({**GOOD, "schema_version": 2}), "written by a newer harness",
-                codes={"show": 2, "replay": 125, "replay --bisect": 125, "minimize": 125}),
+        Hostile(
+            "schema_version 2 (newer harness)",
+            _json({**GOOD, "schema_version": 2}),
+            "written by a newer harness",
+            codes={"show": 2, "replay": 125, "replay --bisect": 125, "minimize": 125},
+        ),
         Hostile("bool in shape", _json(_layout(shape=[True, 8])), "must be a list of integers"),
-        Hostile("stored dtype != layout dtype", _with_tensors(lambda: {"x": torch.zeros(4, 8, dtype=torch.float16)}),
-                "tensor 'x' is float16, its layout says float32"),
-        Hostile("stored shape != layout shape", _with_tensors(lambda: {"x": torch.zeros(8, 4)}),
-                r"tensor 'x' has shape \(8, 4\), its layout says \(4, 8\)"),
+        Hostile(
+            "stored dtype != layout dtype",
+            _with_tensors(lambda: {"x": torch.zeros(4, 8, dtype=torch.float16)}),
+            "tensor 'x' is float16, its layout says float32",
+        ),
+        Hostile(
+            "stored shape != layout shape",
+            _with_tensors(lambda: {"x": torch.zeros(8, 4)}),
+            r"tensor 'x' has shape \(8, 4\), its layout says \(4, 8\)",
+        ),
         Hostile("truncated safetensors", _truncated, "is not a valid safetensors file"),
         Hostile("pickle renamed .safetensors", _with_tensors(pickle.dumps(_Evil())), "is not a valid safetensors file"),
         Hostile("save killed between its renames", _interrupted_save, "was not written with this c.json"),
@@ -260,8 +286,10 @@ def _drive(jobs: list[dict]) -> dict:
                     code = 1
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os.write(files[2].fileno(), json.dumps(
-                    {"dynamo": any(m.startswith("torch._dynamo") for m in sys.modules)}).encode())
+                os.write(
+                    files[2].fileno(),
+                    json.dumps({"dynamo": any(m.startswith("torch._dynamo") for m in sys.modules)}).encode(),
+                )
             finally:
                 os._exit(code)
         pidfd = os.pidfd_open(pid)
@@ -278,12 +306,20 @@ def _drive(jobs: list[dict]) -> dict:
             f.seek(0)
             out.append(f.read())
             f.close()
-        results.append({"name": job["name"], "tool": job["tool"], "code": os.waitstatus_to_exitcode(status),
-                        "timed_out": timed_out, "seconds": round(seconds, 2), "maxrss_kb": usage.ru_maxrss,
-                        "stdout": out[0].decode("utf-8", "backslashreplace"),
-                        "stderr": out[1].decode("utf-8", "backslashreplace"),
-                        "raw_stdout_hex": out[0].hex(),
-                        "facts": json.loads(out[2] or b"{}")})
+        results.append(
+            {
+                "name": job["name"],
+                "tool": job["tool"],
+                "code": os.waitstatus_to_exitcode(status),
+                "timed_out": timed_out,
+                "seconds": round(seconds, 2),
+                "maxrss_kb": usage.ru_maxrss,
+                "stdout": out[0].decode("utf-8", "backslashreplace"),
+                "stderr": out[1].decode("utf-8", "backslashreplace"),
+                "raw_stdout_hex": out[0].hex(),
+                "facts": json.loads(out[2] or b"{}"),
+            }
+        )
     return {"import_vmpeak_kb": import_kb, "rlimit_as": limit, "results": results}
 
 
@@ -296,11 +332,24 @@ def run_all(root: Path) -> tuple[list[Hostile], dict]:
         d.mkdir(parents=True)
         target = h.build(d)
         for tool, argv in TOOLS.items():
-            jobs.append({"name": h.name, "tool": tool, "cwd": str(d), "timeout": JOB_TIMEOUT,
-                         "argv": [argv[0], str(target), *argv[1:], *(["--device", "cpu"] if argv[0] != "show" else [])]})
+            jobs.append(
+                {
+                    "name": h.name,
+                    "tool": tool,
+                    "cwd": str(d),
+                    "timeout": JOB_TIMEOUT,
+                    "argv": [argv[0], str(target), *argv[1:], *(["--device", "cpu"] if argv[0] != "show" else [])],
+                }
+            )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    cp = subprocess.run([sys.executable, __file__, "--drive"], input=json.dumps(jobs), capture_output=True, text=True,
-                        env=env, timeout=JOB_TIMEOUT * len(jobs))
+    cp = subprocess.run(
+        [sys.executable, __file__, "--drive"],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=JOB_TIMEOUT * len(jobs),
+    )
     assert cp.returncode == 0, cp.stderr[-3000:]
     return classes, json.loads(cp.stdout)
 
@@ -308,18 +357,22 @@ def run_all(root: Path) -> tuple[list[Hostile], dict]:
 def table(classes: list[Hostile], report: dict) -> str:
     """Markdown: class -> exit code of each tool -> the one line show / replay printed."""
     by = {(r["name"], r["tool"]): r for r in report["results"]}
-    lines = ["| hostile input | " + " | ".join(TOOLS) + " | message (replay's stderr line) |",
-             "|---" * (len(TOOLS) + 2) + "|"]
+    lines = [
+        "| hostile input | " + " | ".join(TOOLS) + " | message (replay's stderr line) |",
+        "|---" * (len(TOOLS) + 2) + "|",
+    ]
     for h in classes:
         codes = " | ".join(str(by[h.name, t]["code"]) for t in TOOLS)
-        msg = (by[h.name, "replay"]["stderr"].strip() or by[h.name, "minimize"]["stderr"].strip() or "-")
+        msg = by[h.name, "replay"]["stderr"].strip() or by[h.name, "minimize"]["stderr"].strip() or "-"
         msg = re.sub(r"/\S*/class\d+/", "", msg)
         lines.append(f"| {h.name} | {codes} | {msg[:150].replace('|', '/')} |")
     worst_s = max(r["seconds"] for r in report["results"])
     worst_mb = max(r["maxrss_kb"] for r in report["results"]) / 1024
-    lines.append(f"\n{len(classes)} classes x {len(TOOLS)} tools, under RLIMIT_AS = {report['rlimit_as'] / 2**30:.2f} GiB "
-                 f"(import footprint {report['import_vmpeak_kb'] / 2**20:.2f} GiB + 1 GiB); slowest call {worst_s:.1f} s, "
-                 f"largest peak RSS {worst_mb:.0f} MB")
+    lines.append(
+        f"\n{len(classes)} classes x {len(TOOLS)} tools, under RLIMIT_AS = {report['rlimit_as'] / 2**30:.2f} GiB "
+        f"(import footprint {report['import_vmpeak_kb'] / 2**20:.2f} GiB + 1 GiB); slowest call {worst_s:.1f} s, "
+        f"largest peak RSS {worst_mb:.0f} MB"
+    )
     return "\n".join(lines)
 
 

@@ -143,17 +143,37 @@ def test_contiguous_does_not_fix_a_misaligned_contiguous_view() -> None:
 
 VIEW_TABLE = [
     # (description, spec, expected strides, expected offset)
-    ("transpose of packed", LayoutSpec((3, 4), "float32", base_shape=(4, 3), views=(ViewOp.transpose(0, 1),)),
-     (1, 3), 0),
-    ("chunk 1 of packed qkv", LayoutSpec((2, 5, 8), "float32", base_shape=(2, 5, 24), views=(ViewOp.chunk(3, -1, 1),)),
-     (120, 24, 1), 8),
-    ("flatten(2) of heads from a packed qkv",
-     LayoutSpec((2, 5, 8), "float32", base_shape=(2, 5, 24),
-                views=(ViewOp.unflatten(-1, (3, 2, 4)), ViewOp.select(2, 2), ViewOp.flatten(2, 3))),
-     (120, 24, 1), 16),
-    ("HND transpose of a head split", LayoutSpec((1, 2, 5, 4), "float32", base_shape=(1, 5, 8),
-                                                 views=(ViewOp.unflatten(-1, (2, 4)), ViewOp.transpose(1, 2))),
-     (40, 4, 8, 1), 0),
+    (
+        "transpose of packed",
+        LayoutSpec((3, 4), "float32", base_shape=(4, 3), views=(ViewOp.transpose(0, 1),)),
+        (1, 3),
+        0,
+    ),
+    (
+        "chunk 1 of packed qkv",
+        LayoutSpec((2, 5, 8), "float32", base_shape=(2, 5, 24), views=(ViewOp.chunk(3, -1, 1),)),
+        (120, 24, 1),
+        8,
+    ),
+    (
+        "flatten(2) of heads from a packed qkv",
+        LayoutSpec(
+            (2, 5, 8),
+            "float32",
+            base_shape=(2, 5, 24),
+            views=(ViewOp.unflatten(-1, (3, 2, 4)), ViewOp.select(2, 2), ViewOp.flatten(2, 3)),
+        ),
+        (120, 24, 1),
+        16,
+    ),
+    (
+        "HND transpose of a head split",
+        LayoutSpec(
+            (1, 2, 5, 4), "float32", base_shape=(1, 5, 8), views=(ViewOp.unflatten(-1, (2, 4)), ViewOp.transpose(1, 2))
+        ),
+        (40, 4, 8, 1),
+        0,
+    ),
     ("narrow", LayoutSpec((4, 3), "float32", base_shape=(4, 10), views=(ViewOp.narrow(1, 5, 3),)), (10, 1), 5),
     ("column-major storage", LayoutSpec((3, 4), "float32", perm=(1, 0)), (1, 3), 0),
     ("stepped and padded", LayoutSpec((3, 4), "float32", step=(1, 2), pad=(0, 1), offset=2), (9, 2), 2),
@@ -171,8 +191,7 @@ def test_view_table(what: str, spec: LayoutSpec, strides: tuple, offset: int) ->
 
 def test_flatten_that_would_copy_is_rejected_with_the_reason() -> None:
     with pytest.raises(LayoutError, match="not a view"):
-        LayoutSpec((1, 5, 8), "float32", base_shape=(1, 2, 5, 4),
-                   views=(ViewOp.transpose(1, 2), ViewOp.flatten(2, 3)))
+        LayoutSpec((1, 5, 8), "float32", base_shape=(1, 2, 5, 4), views=(ViewOp.transpose(1, 2), ViewOp.flatten(2, 3)))
 
 
 BAD_SPECS = [

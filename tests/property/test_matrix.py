@@ -20,23 +20,48 @@ from helpers import InProcessPool, empty_corpus
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("verdict,accepts_all,expected", [
-    ("pass", False, False), ("unavailable", False, False), ("rejected", False, False),
-    ("rejected", True, True), ("drift", False, True), ("input_mutation", False, True),
-    ("layout_noninvariance", False, True), ("device_fault", False, True), ("error", False, True),
-    ("timeout", False, True), ("worker_crash", False, True), ("nonfinite", False, True), ("oom", False, True),
-])
+@pytest.mark.parametrize(
+    "verdict,accepts_all,expected",
+    [
+        ("pass", False, False),
+        ("unavailable", False, False),
+        ("rejected", False, False),
+        ("rejected", True, True),
+        ("drift", False, True),
+        ("input_mutation", False, True),
+        ("layout_noninvariance", False, True),
+        ("device_fault", False, True),
+        ("error", False, True),
+        ("timeout", False, True),
+        ("worker_crash", False, True),
+        ("nonfinite", False, True),
+        ("oom", False, True),
+    ],
+)
 def test_which_verdicts_are_failures(verdict: str, accepts_all: bool, expected: bool) -> None:
     assert is_failure(verdict, accepts_all) is expected
 
 
 def test_new_failures_are_matched_by_fingerprint() -> None:
-    cells = [{"op": "legacy.comfyui", "layout_class": "broadcast", "failing": ["layout_noninvariance", "drift"],
-              "examples": {"drift": "cases/d.json"}},
-             {"op": "fp8_linear", "layout_class": "offset_2", "failing": []}]
+    cells = [
+        {
+            "op": "legacy.comfyui",
+            "layout_class": "broadcast",
+            "failing": ["layout_noninvariance", "drift"],
+            "examples": {"drift": "cases/d.json"},
+        },
+        {"op": "fp8_linear", "layout_class": "offset_2", "failing": []},
+    ]
     new = find_new_failures(cells, {"legacy.comfyui|broadcast|layout_noninvariance"})
-    assert new == [{"op": "legacy.comfyui", "layout_class": "broadcast", "verdict": "drift",
-                    "case": "cases/d.json", "fingerprint": "legacy.comfyui|broadcast|drift"}]
+    assert new == [
+        {
+            "op": "legacy.comfyui",
+            "layout_class": "broadcast",
+            "verdict": "drift",
+            "case": "cases/d.json",
+            "fingerprint": "legacy.comfyui|broadcast|drift",
+        }
+    ]
 
 
 def test_cells_are_interleaved_round_robin_and_filtered() -> None:
@@ -55,8 +80,10 @@ def test_cells_are_interleaved_round_robin_and_filtered() -> None:
 def test_cell_keeps_the_worst_drift_as_its_example() -> None:
     c = Cell("fp8_linear", "linear", "offset_2")
     for ratio in (1.5, 3.0, 2.0):
-        c.add(f"case{ratio}", Result(Verdict.DRIFT, op="fp8_linear", metrics={"ratio": ratio, "err": ratio,
-                                                                              "allowed": 1.0}))
+        c.add(
+            f"case{ratio}",
+            Result(Verdict.DRIFT, op="fp8_linear", metrics={"ratio": ratio, "err": ratio, "allowed": 1.0}),
+        )
     c.add("case-pass", Result(Verdict.PASS, op="fp8_linear", metrics={"ratio": 0.5}))
     assert c.examples["drift"][0] == "case3.0" and c.worst[0] == 3.0 and c.counts == {"drift": 3, "pass": 1}
 
@@ -69,12 +96,24 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
         return pools[0]
 
     out = tmp_path / "m"
-    s = run_matrix(device="cpu", time_budget=60, ops=["legacy.comfyui", "attn.sdpa.flash"],
-                   classes=["contiguous", "broadcast", "values_beyond_448", "hnd_contiguous"], out=out,
-                   cases_per_cell=2, corpus=empty_corpus(tmp_path), progress=None, pool_factory=factory)
+    s = run_matrix(
+        device="cpu",
+        time_budget=60,
+        ops=["legacy.comfyui", "attn.sdpa.flash"],
+        classes=["contiguous", "broadcast", "values_beyond_448", "hnd_contiguous"],
+        out=out,
+        cases_per_cell=2,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=factory,
+    )
     cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
-    assert set(cells) == {("legacy.comfyui", "contiguous"), ("legacy.comfyui", "broadcast"),
-                          ("legacy.comfyui", "values_beyond_448"), ("attn.sdpa.flash", "hnd_contiguous")}
+    assert set(cells) == {
+        ("legacy.comfyui", "contiguous"),
+        ("legacy.comfyui", "broadcast"),
+        ("legacy.comfyui", "values_beyond_448"),
+        ("attn.sdpa.flash", "hnd_contiguous"),
+    }
     assert cells[("legacy.comfyui", "contiguous")]["status"] == "pass"
     assert cells[("legacy.comfyui", "contiguous")]["cases"] == 2  # the cap, not the budget, ended it
     assert cells[("legacy.comfyui", "broadcast")]["counts"] == {"layout_noninvariance": 2}
@@ -84,8 +123,10 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
     assert s["unavailable"][0]["op"] == "attn.sdpa.flash"
     # one submission told the driver the target cannot run; no round 2 for it
     assert sum(1 for c in pools[0].cases if c.op == "attn.sdpa.flash") == 1
-    assert {f["fingerprint"] for f in s["new_failures"]} == {"legacy.comfyui|broadcast|layout_noninvariance",
-                                                            "legacy.comfyui|values_beyond_448|input_mutation"}
+    assert {f["fingerprint"] for f in s["new_failures"]} == {
+        "legacy.comfyui|broadcast|layout_noninvariance",
+        "legacy.comfyui|values_beyond_448|input_mutation",
+    }
     # every example link resolves to a loadable case of that cell, holding the verdict
     for c in s["cells"]:
         for verdict, rel in c["examples"].items():
@@ -106,22 +147,41 @@ def test_run_matrix_rejects_bad_arguments(tmp_path) -> None:
 
 
 def test_the_corpus_makes_its_failures_known(tmp_path) -> None:
-    s = run_matrix(device="cpu", cases_per_cell=1, ops=["legacy.wanvideo_late2025"], classes=["values_beyond_448"],
-                   out=tmp_path / "m", progress=None, pool_factory=lambda *a, **k: InProcessPool(["cpu"]))
+    s = run_matrix(
+        device="cpu",
+        cases_per_cell=1,
+        ops=["legacy.wanvideo_late2025"],
+        classes=["values_beyond_448"],
+        out=tmp_path / "m",
+        progress=None,
+        pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+    )
     assert s["new_failures"] == []
     assert s["cells"][0]["known"] == ["input_mutation"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "matrix", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", "matrix", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_cli_end_to_end_with_worker_processes_and_fail_on_new(tmp_path) -> None:
     """The real thing: spawned workers, reports on disk, exit 1 only for failures the corpus lacks."""
     out = tmp_path / "out"
-    common = ["--device", "cpu", "--cases-per-cell", "1", "--ops", "legacy.wanvideo_late2025,attn.sdpa.flash",
-              "--classes", "contiguous,values_beyond_448,hnd_contiguous", "--out", str(out), "--fail-on-new"]
+    common = [
+        "--device",
+        "cpu",
+        "--cases-per-cell",
+        "1",
+        "--ops",
+        "legacy.wanvideo_late2025,attn.sdpa.flash",
+        "--classes",
+        "contiguous,values_beyond_448,hnd_contiguous",
+        "--out",
+        str(out),
+        "--fail-on-new",
+    ]
     (tmp_path / "empty").mkdir()
     r = _cli(*common, "--corpus", str(tmp_path / "empty"), cwd=REPO)
     assert r.returncode == 1, r.stderr[-2000:]
@@ -165,8 +225,16 @@ class TwoDevicePool(InProcessPool):
 
 def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
     out = tmp_path / "m"
-    s = run_matrix(device="cpu", cases_per_cell=1, ops=["fp8_linear"], classes=["contiguous", "offset_*"], out=out,
-                   corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]))
+    s = run_matrix(
+        device="cpu",
+        cases_per_cell=1,
+        ops=["fp8_linear"],
+        classes=["contiguous", "offset_*"],
+        out=out,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]),
+    )
     assert s["cases_by_device"] == {"cuda:0": 2, "cuda:1": 3}
     assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())
     assert s["workers_replaced"] == 1
@@ -229,8 +297,16 @@ def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monk
     clock = {"t": 0.0}  # the budget runs out when, and only when, a later-round case stalls
     monkeypatch.setattr(harness.matrix, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
     pool = StallingPool(["cpu"], clock=clock)
-    s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2"],
-                   out=tmp_path / "m", corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
+    s = run_matrix(
+        device="cpu",
+        time_budget=10.0,
+        ops=["fp8_linear"],
+        classes=["contiguous", "offset_2"],
+        out=tmp_path / "m",
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: pool,
+    )
     assert pool.stalled, "the driver never submitted a second round"
     assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
     assert s["budget_exhausted"] is True and pool.closed_with_cancel is True

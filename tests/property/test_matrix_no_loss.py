@@ -30,8 +30,16 @@ CORPUS_CASE = "legacy_comfyui-broadcast-layout_noninvariance"
 
 def _run(tmp_path: Path, out: Path, **kw):
     kw.setdefault("pool_factory", lambda *a, **k: InProcessPool(["cpu"]))
-    return run_matrix(device="cpu", ops=["legacy.comfyui"], classes=["contiguous", "broadcast", "values_beyond_448"],
-                      out=out, corpus=empty_corpus(tmp_path), progress=None, cases_per_cell=1, **kw)
+    return run_matrix(
+        device="cpu",
+        ops=["legacy.comfyui"],
+        classes=["contiguous", "broadcast", "values_beyond_448"],
+        out=out,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        cases_per_cell=1,
+        **kw,
+    )
 
 
 def test_a_case_that_cannot_be_written_is_a_one_line_warning_not_the_end_of_the_run(tmp_path, monkeypatch) -> None:
@@ -150,8 +158,16 @@ def test_the_budget_cuts_round_zero_short_and_the_report_lists_cells_not_reached
     monkeypatch.setattr(harness.matrix, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
     pool = StallingPool(clock)
     out = tmp_path / "m"
-    s = run_matrix(device="cpu", time_budget=10.0, ops=["fp8_linear"], classes=["contiguous", "offset_2", "offset_4"],
-                   out=out, corpus=empty_corpus(tmp_path), progress=None, pool_factory=lambda *a, **k: pool)
+    s = run_matrix(
+        device="cpu",
+        time_budget=10.0,
+        ops=["fp8_linear"],
+        classes=["contiguous", "offset_2", "offset_4"],
+        out=out,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: pool,
+    )
     by = {c["layout_class"]: c for c in s["cells"]}
     assert by["contiguous"]["status"] == "pass"
     assert by["offset_2"]["status"] == by["offset_4"]["status"] == "not_run"  # not reached, not passing
@@ -164,8 +180,15 @@ def test_the_budget_cuts_round_zero_short_and_the_report_lists_cells_not_reached
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.Popen([sys.executable, "-m", "harness", "matrix", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "matrix", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+        **kw,
+    )
 
 
 def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
@@ -186,8 +209,22 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_run_keeps_its_cases_and_says_it_was_interrupted(tmp_path, sig) -> None:
     out = tmp_path / "m"
-    proc = _cli("--device", "cpu", "--ops", "legacy.comfyui", "--classes", "broadcast,contiguous,values_beyond_448",
-                "--time-budget", "600", "--workers", "1", "--corpus", str(empty_corpus(tmp_path)), "--out", str(out))
+    proc = _cli(
+        "--device",
+        "cpu",
+        "--ops",
+        "legacy.comfyui",
+        "--classes",
+        "broadcast,contiguous,values_beyond_448",
+        "--time-budget",
+        "600",
+        "--workers",
+        "1",
+        "--corpus",
+        str(empty_corpus(tmp_path)),
+        "--out",
+        str(out),
+    )
     cases = out / "cases"
     _wait_for(lambda: cases.is_dir() and any(cases.glob("*.json")), 300, proc)
     running = json.loads((out / "summary.json").read_text())  # rewritten atomically: always whole
@@ -212,8 +249,17 @@ def test_a_real_run_ends_within_its_budget_plus_the_wrapup_bound(tmp_path) -> No
     budget = 8.0
     out = tmp_path / "m"
     t = time.monotonic()
-    proc = _cli("--device", "cpu", "--time-budget", str(budget), "--corpus", str(empty_corpus(tmp_path)), "--out",
-                str(out), "--quiet")
+    proc = _cli(
+        "--device",
+        "cpu",
+        "--time-budget",
+        str(budget),
+        "--corpus",
+        str(empty_corpus(tmp_path)),
+        "--out",
+        str(out),
+        "--quiet",
+    )
     stdout, stderr = proc.communicate(timeout=budget + 120)
     wall = time.monotonic() - t
     assert wall < budget + WRAPUP_BOUND_S, (wall, stderr[-2000:])

@@ -27,18 +27,46 @@ def _harness(*args: str) -> list[str]:
 
 
 def _matrix_args(out: Path, corpus: Path, *extra: str) -> list[str]:
-    return _harness("matrix", "--device", "cpu", "--time-budget", "300", "--cases-per-cell", "1", "--workers", "1",
-                    "--ops", OPS, "--classes", CLASSES, "--corpus", str(corpus), "--quiet", "--out", str(out), *extra)
+    return _harness(
+        "matrix",
+        "--device",
+        "cpu",
+        "--time-budget",
+        "300",
+        "--cases-per-cell",
+        "1",
+        "--workers",
+        "1",
+        "--ops",
+        OPS,
+        "--classes",
+        CLASSES,
+        "--corpus",
+        str(corpus),
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    )
 
 
 def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> None:
     corpus = tmp_path / "empty-corpus"  # every failure is new: new_failures and their case links get merged too
     corpus.mkdir()
     outs = {i: tmp_path / f"shard{i}" for i in (1, 2)}
-    procs = [subprocess.Popen(_matrix_args(outs[i], corpus, "--shard", f"{i}/2"), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (1, 2)]
-    whole = subprocess.run(_matrix_args(tmp_path / "whole", corpus), cwd=REPO, capture_output=True, text=True, check=False,
-                           timeout=600)
+    procs = [
+        subprocess.Popen(
+            _matrix_args(outs[i], corpus, "--shard", f"{i}/2"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 2)
+    ]
+    whole = subprocess.run(
+        _matrix_args(tmp_path / "whole", corpus), cwd=REPO, capture_output=True, text=True, check=False, timeout=600
+    )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
@@ -53,8 +81,14 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> No
     assert shards[1]["shard"]["all_cells"] == [list(k) for k in ref_keys]
 
     merged_dir = tmp_path / "merged"
-    r = subprocess.run(_harness("merge", str(outs[2]), str(outs[1]), "--out", str(merged_dir)), cwd=REPO,
-                       capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        _harness("merge", str(outs[2]), str(outs[1]), "--out", str(merged_dir)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "merged 2 of 2 shards" in r.stdout and "shard 1/2: cpu" in r.stdout
     m = load_summary(merged_dir)
@@ -85,8 +119,9 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> No
         for i in (1, 2):
             alone = json.loads((outs[i] / "contracts.json").read_text())["contracts"][op]
             assert alone["counted"] < want[op]["counted"]  # each shard saw only part of the op's cases
-    shown = subprocess.run(_harness("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True,
-                           timeout=120, check=False)
+    shown = subprocess.run(
+        _harness("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("layout contracts (python -m harness merge (2 of 2 shards")
     for op, c in want.items():
@@ -103,9 +138,22 @@ ALL = [["opA", "c1"], ["opB", "c1"], ["opA", "c2"], ["opB", "c2"], ["opA", "c3"]
 def _cell(op: str, cls: str, status: str = "pass") -> dict:
     counts = {"pass": 2} if status == "pass" else {"drift": 1, "pass": 1}
     ex = {} if status == "pass" else {"drift": f"cases/{op}-{cls}-drift.json"}
-    return {"op": op, "kind": "linear", "layout_class": cls, "status": status, "cases": 2, "counts": counts,
-            "reason": "", "worst": None, "examples": ex, "messages": {}, "failing": [] if status == "pass" else ["drift"],
-            "new": [], "known": [], "kernel_defects": {}}
+    return {
+        "op": op,
+        "kind": "linear",
+        "layout_class": cls,
+        "status": status,
+        "cases": 2,
+        "counts": counts,
+        "reason": "",
+        "worst": None,
+        "examples": ex,
+        "messages": {},
+        "failing": [] if status == "pass" else ["drift"],
+        "new": [],
+        "known": [],
+        "kernel_defects": {},
+    }
 
 
 def _shard(root: Path, i: int, n: int, *, all_cells=ALL, device=None, cells=None, extra=None, case_names=()) -> Path:
@@ -118,16 +166,38 @@ def _shard(root: Path, i: int, n: int, *, all_cells=ALL, device=None, cells=None
             (out / rel).write_text(json.dumps({"from": i}))
     for name in case_names:
         (out / "cases" / f"{name}.json").write_text(json.dumps({"from": i}))
-    s = {"schema_version": 1, "kind": "harness.matrix.summary", "started_at": f"2026-01-01T00:0{i}:00+00:00",
-         "duration_s": 10.0 * i, "budget_s": 60.0, "budget_exhausted": False, "completed": True, "size": "small",
-         "seed": 0, "workers": 1, "device": dict({"used": "cuda", "name": f"NVIDIA H200 #{i}", "capability": "9.0",
-                                                   "torch": "2.13.0", "cuda": "13.0", "devices_used": ["cuda:0"]},
-                                                  **(device or {})),
-         "totals": {"pass": sum(r["counts"].get("pass", 0) for r in rows),
-                    "drift": sum(r["counts"].get("drift", 0) for r in rows)},
-         "cases_by_device": {"cuda:0": sum(r["cases"] for r in rows)}, "cells": rows, "unavailable": [],
-         "new_failures": [], "shard": {"index": i, "count": n, "harness": "0.1.0", "cells": len(rows),
-                                       "all_cells": all_cells}}
+    s = {
+        "schema_version": 1,
+        "kind": "harness.matrix.summary",
+        "started_at": f"2026-01-01T00:0{i}:00+00:00",
+        "duration_s": 10.0 * i,
+        "budget_s": 60.0,
+        "budget_exhausted": False,
+        "completed": True,
+        "size": "small",
+        "seed": 0,
+        "workers": 1,
+        "device": dict(
+            {
+                "used": "cuda",
+                "name": f"NVIDIA H200 #{i}",
+                "capability": "9.0",
+                "torch": "2.13.0",
+                "cuda": "13.0",
+                "devices_used": ["cuda:0"],
+            },
+            **(device or {}),
+        ),
+        "totals": {
+            "pass": sum(r["counts"].get("pass", 0) for r in rows),
+            "drift": sum(r["counts"].get("drift", 0) for r in rows),
+        },
+        "cases_by_device": {"cuda:0": sum(r["cases"] for r in rows)},
+        "cells": rows,
+        "unavailable": [],
+        "new_failures": [],
+        "shard": {"index": i, "count": n, "harness": "0.1.0", "cells": len(rows), "all_cells": all_cells},
+    }
     s.update(extra or {})
     write_reports(s, out)
     return out
@@ -153,12 +223,15 @@ def test_synthetic_merge_orders_cells_sums_totals_and_names_devices(tmp_path) ->
             assert (tmp_path / "m" / rel).exists()
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"device": {"torch": "2.12.0"}}, "torch '2.12.0'"),
-    ({"device": {"capability": "8.9"}}, "capability '8.9'"),
-    ({"extra": {"seed": 7}}, "seed 7"),
-    ({"all_cells": ALL[:-1]}, "different cell selections"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"device": {"torch": "2.12.0"}}, "torch '2.12.0'"),
+        ({"device": {"capability": "8.9"}}, "capability '8.9'"),
+        ({"extra": {"seed": 7}}, "seed 7"),
+        ({"all_cells": ALL[:-1]}, "different cell selections"),
+    ],
+)
 def test_incompatible_shards_are_refused(tmp_path, change, match) -> None:
     a = _shard(tmp_path, 1, 3)
     b = _shard(tmp_path, 2, 3, **change)
@@ -200,16 +273,19 @@ def test_a_taken_case_name_is_prefixed_and_relinked(tmp_path) -> None:
     s2["cells"][0]["status"], s2["cells"][0]["counts"] = "fail", {"drift": 2}
     write_reports(s2, b)
     m = merge([a, b, c], tmp_path / "m")
-    moved = next(x for x in m["cells"] if x["op"] == s2["cells"][0]["op"]
-                 and x["layout_class"] == s2["cells"][0]["layout_class"])
+    moved = next(
+        x for x in m["cells"] if x["op"] == s2["cells"][0]["op"] and x["layout_class"] == s2["cells"][0]["layout_class"]
+    )
     assert moved["examples"]["drift"] == "cases/shard2of3-clash.json"
     assert json.loads((tmp_path / "m" / "cases" / "shard2of3-clash.json").read_text()) == {"from": 2}
     assert json.loads((tmp_path / "m" / "cases" / "clash.json").read_text()) == {"from": 1}
 
 
 def test_unknown_fields_are_tolerated_and_kept_when_the_shards_agree(tmp_path) -> None:
-    ins = [_shard(tmp_path, i, 3, extra={"future": {"x": 1}, "per_shard": i, "interrupted": "SIGTERM" if i == 2 else ""})
-           for i in (1, 2, 3)]
+    ins = [
+        _shard(tmp_path, i, 3, extra={"future": {"x": 1}, "per_shard": i, "interrupted": "SIGTERM" if i == 2 else ""})
+        for i in (1, 2, 3)
+    ]
     m = merge(ins, tmp_path / "m")
     assert m["future"] == {"x": 1} and "per_shard" not in m
     assert m["interrupted"] == "shard 2: SIGTERM"
@@ -231,8 +307,11 @@ def _records(cls: str, aligns: tuple[int, ...], verdict: Verdict) -> list[dict]:
     out = []
     for a in aligns:
         q = LayoutSpec((1, 2, 64, 64), offset=a // _BF16 if a < 256 else 0)
-        case = Case(op="opA", layouts={"q": q, "k": LayoutSpec((1, 2, 64, 64)), "v": LayoutSpec((1, 2, 64, 64))},
-                    params={"layout_class": cls, "seq_k": 64})
+        case = Case(
+            op="opA",
+            layouts={"q": q, "k": LayoutSpec((1, 2, 64, 64)), "v": LayoutSpec((1, 2, 64, 64))},
+            params={"layout_class": cls, "seq_k": 64},
+        )
         r = record_of(case, Result(verdict, "" if verdict is Verdict.PASS else "misaligned address", op="opA"))
         assert r["operands"]["q"]["alignment"] == a
         out.append(r)
@@ -242,14 +321,18 @@ def _records(cls: str, aligns: tuple[int, ...], verdict: Verdict) -> list[dict]:
 def _contract_shards(tmp_path: Path, *, with_records: bool = True) -> tuple[list[Path], list[dict], str]:
     bad, good = _split_classes()
     cells = [["opA", bad], ["opA", good], ["opB", "other"]]
-    recs = {bad: _records(bad, (2, 4, 8), Verdict.DEVICE_FAULT), good: _records(good, (16, 32, 256), Verdict.PASS),
-            "other": [dict(r, op="opB") for r in _records("other", (256,), Verdict.PASS)]}
+    recs = {
+        bad: _records(bad, (2, 4, 8), Verdict.DEVICE_FAULT),
+        good: _records(good, (16, 32, 256), Verdict.PASS),
+        "other": [dict(r, op="opB") for r in _records("other", (256,), Verdict.PASS)],
+    }
     env = {"used": "cuda", "capability": "9.0", "torch": "2.13.0"}
     outs = []
     for i in (1, 2):
         mine = [c for c in cells if shard_of(cell_key(*c), 2) == i]
-        doc = infer_contracts([r for _, cls in mine for r in recs[cls]], dict(env, name=f"NVIDIA H200 #{i}"),
-                              "python -m harness matrix")
+        doc = infer_contracts(
+            [r for _, cls in mine for r in recs[cls]], dict(env, name=f"NVIDIA H200 #{i}"), "python -m harness matrix"
+        )
         if not with_records:
             del doc["records"]
         out = _shard(tmp_path, i, 2, all_cells=cells, extra={"contracts": doc["contracts"]})
@@ -281,8 +364,14 @@ def test_contracts_are_inferred_again_from_the_union_of_the_shards_records(tmp_p
 def test_shards_without_records_keep_only_the_contracts_one_shard_saw_whole_and_say_so(tmp_path) -> None:
     (s1, s2), _, _ = _contract_shards(tmp_path, with_records=False)
     opb_shard = shard_of(cell_key("opB", "other"), 2)
-    r = subprocess.run(_harness("merge", str(s1), str(s2), "--out", str(tmp_path / "m")), cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        _harness("merge", str(s1), str(s2), "--out", str(tmp_path / "m")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "layout contracts left out for 1 op(s) (opA)" in r.stdout and "kept no case records" in r.stdout
     got = load_contracts(tmp_path / "m")
@@ -327,11 +416,14 @@ def test_a_non_empty_out_is_never_touched(tmp_path) -> None:
     assert merge(ins, empty)["shards"]["merged"] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("setup, match", [
-    ("not_a_dir", "is not a directory"),
-    ("unsharded", "no shard record"),
-    ("bad_json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        ("not_a_dir", "is not a directory"),
+        ("unsharded", "no shard record"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
     good = _shard(tmp_path, 1, 1)
     bad = tmp_path / "bad"
@@ -342,8 +434,14 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
     elif setup == "bad_json":
         bad.mkdir()
         (bad / "summary.json").write_text("{nope")
-    r = subprocess.run(_harness("merge", str(good), str(bad), "--out", str(tmp_path / "m")), cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        _harness("merge", str(good), str(bad), "--out", str(tmp_path / "m")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness merge: ") and match in lines[0], r.stderr
@@ -352,8 +450,14 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
 
 def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
     a = _shard(tmp_path, 1, 3)
-    r = subprocess.run(_harness("merge", str(a), "--out", str(tmp_path / "m"), "--allow-missing"), cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        _harness("merge", str(a), "--out", str(tmp_path / "m"), "--allow-missing"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 3, r.stderr
     assert "missing shards 2/3, 3/3" in r.stdout
 
@@ -361,20 +465,54 @@ def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
 def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
     empty = next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
     out = tmp_path / "empty"
-    r = subprocess.run(_harness("matrix", "--device", "cpu", "--time-budget", "300", "--cases-per-cell", "1", "--workers", "1", "--quiet",
-                                "--ops", "fp8_linear", "--classes", "contiguous", "--shard", f"{empty}/2",
-                                "--out", str(out)), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        _harness(
+            "matrix",
+            "--device",
+            "cpu",
+            "--time-budget",
+            "300",
+            "--cases-per-cell",
+            "1",
+            "--workers",
+            "1",
+            "--quiet",
+            "--ops",
+            "fp8_linear",
+            "--classes",
+            "contiguous",
+            "--shard",
+            f"{empty}/2",
+            "--out",
+            str(out),
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     s = load_summary(out)
-    assert s["cells"] == [] and s["shard"] == {"index": empty, "count": 2, "harness": s["shard"]["harness"],
-                                               "cells": 0, "all_cells": [["fp8_linear", "contiguous"]]}
+    assert s["cells"] == [] and s["shard"] == {
+        "index": empty,
+        "count": 2,
+        "harness": s["shard"]["harness"],
+        "cells": 0,
+        "all_cells": [["fp8_linear", "contiguous"]],
+    }
 
 
 @pytest.mark.parametrize("spec, match", [("0/2", "between 1 and 2"), ("x", "is not I/N")])
 def test_matrix_rejects_a_bad_shard_in_one_line(tmp_path, spec: str, match: str) -> None:
-    r = subprocess.run(_harness("matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec,
-                                "--out", str(tmp_path / "o")), cwd=REPO, capture_output=True, text=True, timeout=120,
-                       check=False)
+    r = subprocess.run(
+        _harness("matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec, "--out", str(tmp_path / "o")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness matrix: ") and match in lines[0], r.stderr

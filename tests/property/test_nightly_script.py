@@ -15,9 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_nightly.sh"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                 reason="needs bash and coreutils timeout")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout"
+    ),
+]
 
 
 def _decoy_path(tmp: Path) -> str:
@@ -25,21 +28,34 @@ def _decoy_path(tmp: Path) -> str:
     bin_dir = tmp / "decoy-bin"
     bin_dir.mkdir(exist_ok=True)
     decoy = bin_dir / "python3"
-    decoy.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'decoy-called'}\nexit 97\n")
+    decoy.write_text(f'#!/bin/sh\necho "$@" >> {tmp / "decoy-called"}\nexit 97\n')
     decoy.chmod(0o755)
     return os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
 
 
 def _env(tmp: Path, **kw: str) -> dict[str, str]:
-    return dict(os.environ, PYTHON=sys.executable, PATH=_decoy_path(tmp),
-                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), **kw)
+    return dict(
+        os.environ,
+        PYTHON=sys.executable,
+        PATH=_decoy_path(tmp),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        **kw,
+    )
 
 
 def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
-    env = _env(out.parent, OUT=str(out), MATRIX_DEVICE="cpu", MATRIX_BUDGET="300",
-               MATRIX_ARGS=f"--cases-per-cell 1 {matrix_args}", PYTEST_ARGS="-k known_defect_keeps_its_verdict",
-               STEP_TIMEOUT="600")
-    cp = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
+    env = _env(
+        out.parent,
+        OUT=str(out),
+        MATRIX_DEVICE="cpu",
+        MATRIX_BUDGET="300",
+        MATRIX_ARGS=f"--cases-per-cell 1 {matrix_args}",
+        PYTEST_ARGS="-k known_defect_keeps_its_verdict",
+        STEP_TIMEOUT="600",
+    )
+    cp = subprocess.run(
+        ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False
+    )
     assert not (out.parent / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
     return cp
 
@@ -70,8 +86,15 @@ def test_bench_script_uses_the_interpreter_it_is_given(tmp_path) -> None:
     """On the CPU every benchmark is a GPU one and skips, so no run is saved: the dashboard says so, exit 2. Every
     step ran under $PYTHON (the decoy python3 first on PATH was never called)."""
     env = _env(tmp_path, OUT=str(tmp_path / "out"))
-    cp = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"], capture_output=True,
-                        text=True, env=env, cwd=REPO, timeout=600, check=False)
+    cp = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
     assert not (tmp_path / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
     assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr[-2000:]
     assert "no usable pytest-benchmark runs found" in cp.stderr and "torch" in cp.stdout  # env ran, then dashboard

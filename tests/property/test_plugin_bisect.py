@@ -22,24 +22,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-GOOD = textwrap.dedent('''
+GOOD = textwrap.dedent("""
     def my_linear(x, w):
         return (x.float().contiguous() @ w.float().T).to(x.dtype)
-''')
+""")
 
-BAD = textwrap.dedent('''
+BAD = textwrap.dedent("""
     def my_linear(x, w):
         x.clamp_(-448.0, 448.0)  # "keep the activation in the FP8 range" -- on the caller's tensor
         return (x.float().contiguous() @ w.float().T).to(x.dtype)
-''')
+""")
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git on PATH")
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HARNESS_", "GIT_")) and k != "PYTEST_ADDOPTS"}
-    env.update(PYTHONPATH=str(REPO), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1")
+    env.update(
+        PYTHONPATH=str(REPO),
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        GIT_CONFIG_GLOBAL=os.devnull,
+        GIT_CONFIG_NOSYSTEM="1",
+    )
     return env
 
 
@@ -68,10 +75,34 @@ def test_git_bisect_run_replay_names_the_commit_that_made_the_kernel_clamp_its_i
 
     # the case file, produced by the harness at the bad commit, kept outside the bisected repository
     run = tmp_path / "run"
-    cp = subprocess.run([sys.executable, "-m", "harness", "matrix", "--device", "cpu",
-                         "--plugin", "bisect_kernel:my_linear", "--ops", "plugin.*", "--classes", "values_beyond_448",
-                         "--cases-per-cell", "1", "--workers", "1", "--quiet", "--out", str(run)],
-                        cwd=kernels, capture_output=True, text=True, env=_env(), timeout=300)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "matrix",
+            "--device",
+            "cpu",
+            "--plugin",
+            "bisect_kernel:my_linear",
+            "--ops",
+            "plugin.*",
+            "--classes",
+            "values_beyond_448",
+            "--cases-per-cell",
+            "1",
+            "--workers",
+            "1",
+            "--quiet",
+            "--out",
+            str(run),
+        ],
+        cwd=kernels,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert cp.returncode == 0, cp.stdout + cp.stderr
     cell = json.loads((run / "summary.json").read_text())["cells"][0]
     assert cell["counts"] == {"input_mutation": 1}, cell
@@ -79,8 +110,14 @@ def test_git_bisect_run_replay_names_the_commit_that_made_the_kernel_clamp_its_i
     assert not str(case).startswith(str(kernels))
 
     _git(kernels, "bisect", "start", "HEAD", good)
-    bisect = subprocess.run(["git", "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(case)],
-                            cwd=kernels, capture_output=True, text=True, env=_env(), timeout=600)
+    bisect = subprocess.run(
+        ["git", "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(case)],
+        cwd=kernels,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     _git(kernels, "bisect", "reset")
     out = bisect.stdout + bisect.stderr
     assert bisect.returncode == 0, out

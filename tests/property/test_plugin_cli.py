@@ -38,13 +38,31 @@ def _env() -> dict[str, str]:
 
 
 def _harness(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout
+    )
 
 
 def _matrix(cwd: Path, spec: str, out: Path, classes: str) -> subprocess.CompletedProcess:
-    return _harness(cwd, "matrix", "--device", "cpu", "--plugin", spec, "--ops", "plugin.*", "--classes", classes,
-                    "--cases-per-cell", "1", "--workers", "1", "--quiet", "--out", str(out))
+    return _harness(
+        cwd,
+        "matrix",
+        "--device",
+        "cpu",
+        "--plugin",
+        spec,
+        "--ops",
+        "plugin.*",
+        "--classes",
+        classes,
+        "--cases-per-cell",
+        "1",
+        "--workers",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    )
 
 
 @pytest.fixture
@@ -56,7 +74,8 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_file_is_enough(
-        repo: Path, tmp_path: Path) -> None:
+    repo: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     cp = _matrix(repo, "user_kernel_cli:my_linear", out, "contiguous,values_beyond_448")
     assert cp.returncode == 0, cp.stdout + cp.stderr
@@ -68,8 +87,12 @@ def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_fil
     case_path = out / cell["examples"]["input_mutation"]
     case = json.loads(case_path.read_text())
     assert case["op"] == "plugin.user_kernel_cli:my_linear"
-    assert case["params"]["plugin"] == {"spec": "user_kernel_cli:my_linear", "kind": "linear", "convention": "op",
-                                        "takes": []}
+    assert case["params"]["plugin"] == {
+        "spec": "user_kernel_cli:my_linear",
+        "kind": "linear",
+        "convention": "op",
+        "takes": [],
+    }
 
     show = _harness(repo, "show", str(case_path))
     assert show.returncode == 0 and '"spec": "user_kernel_cli:my_linear"' in show.stdout, show.stdout + show.stderr
@@ -94,7 +117,7 @@ def test_cases_the_harness_cannot_call_fail_the_run_and_head_the_report(repo: Pa
     report = (out / "report.md").read_text()
     head = report.index("## The harness could not run these (2 cases, verdict unsupported)")
     assert head < report.index("| op |") and head < report.index("## New failures")
-    assert "missing a required argument: 'scale'" in report[head:report.index("## New failures")]
+    assert "missing a required argument: 'scale'" in report[head : report.index("## New failures")]
     html = (out / "report.html").read_text()
     assert html.index("The harness could not run these") < html.index("<table class='grid'>")
 
@@ -104,9 +127,11 @@ def test_a_plugin_that_does_not_import_fails_fast_with_one_line(repo: Path, tmp_
     cp = _matrix(repo, "user_kernel_nowhere:my_linear", out, "contiguous")
     assert cp.returncode == 2, cp.stdout + cp.stderr
     lines = cp.stderr.strip().splitlines()
-    assert lines == ["harness matrix: plug-in 'user_kernel_nowhere:my_linear': no module named "
-                     "'user_kernel_nowhere' (run from the directory that holds it, or put that directory on "
-                     "PYTHONPATH)"], cp.stderr
+    assert lines == [
+        "harness matrix: plug-in 'user_kernel_nowhere:my_linear': no module named "
+        "'user_kernel_nowhere' (run from the directory that holds it, or put that directory on "
+        "PYTHONPATH)"
+    ], cp.stderr
     assert not (out / "summary.json").exists()
 
 
@@ -118,16 +143,36 @@ def test_the_readmes_pytest_route_finds_the_clamp_and_writes_the_shrunk_case(tmp
     (tmp_path / "test_my_linear.py").write_text(block.group(1))
     (tmp_path / "my_kernels").mkdir()
     (tmp_path / "my_kernels" / "__init__.py").write_text("")
-    (tmp_path / "my_kernels" / "fp8.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_kernels" / "fp8.py").write_text(
+        textwrap.dedent("""
         def my_linear(x, w):
             if x.abs().max() > 448:
                 x.clamp_(-448.0, 448.0)  # only when needed -- but on the caller's tensor
             return (x.float().contiguous() @ w.float().T).to(x.dtype)
-    '''))
+    """)
+    )
     env = {k: v for k, v in _env().items() if k != "PYTHONSAFEPATH"}
-    cp = subprocess.run([sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-                         "-q", "--hypothesis-seed=0", "--harness-cases-dir", "cases", "test_my_linear.py"],
-                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "harness.pytest_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--hypothesis-seed=0",
+            "--harness-cases-dir",
+            "cases",
+            "test_my_linear.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     out = cp.stdout + cp.stderr
     assert cp.returncode == 1 and "harness: expected pass, got input_mutation" in out, out
     (written,) = (tmp_path / "cases").glob("*.json")

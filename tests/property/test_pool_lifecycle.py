@@ -72,8 +72,9 @@ def test_worker_starts_that_keep_failing_answer_with_the_reason_then_recover(tmp
         r = p.run_one(case("cpu.scale"), timeout=3)
         waited = time.monotonic() - t0
         assert r.verdict is Verdict.ERROR, r.format()  # the harness could not run it: not the kernel's fault
-        assert r.message.startswith("worker start failed: cpu: RuntimeError: start failure injected by "
-                                    f"${FAIL_STARTS_ENV}"), r.message
+        assert r.message.startswith(
+            f"worker start failed: cpu: RuntimeError: start failure injected by ${FAIL_STARTS_ENV}"
+        ), r.message
         assert waited >= 3  # it waited its timeout for a worker instead of failing at once
         assert start_failures(p) >= 2  # retried
         counter.unlink()  # the cause goes away: the next case runs
@@ -170,8 +171,12 @@ _PARENT = textwrap.dedent("""
 def _parent_with_a_pool(tmp_path: Path) -> tuple[subprocess.Popen, dict]:
     script = tmp_path / "parent.py"
     script.write_text(_PARENT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
     line = proc.stdout.readline()
     assert line, f"the parent exited {proc.wait(60)} before starting its pool"
     return proc, json.loads(line)
@@ -199,9 +204,13 @@ def test_sigkill_of_the_parent_workers_exit_and_the_next_pool_removes_the_stale_
 def test_stale_temp_folders_are_removed_only_when_their_process_is_gone(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    names = {"gone": f"harness-pool-{dead.pid}-abc", "fresh_gone": f"harness-fresh-{dead.pid}-abc",
-             "mine": f"harness-pool-{os.getpid()}-abc", "alive": f"harness-pool-{os.getppid()}-abc",
-             "other": "harness-cases-123-abc"}
+    names = {
+        "gone": f"harness-pool-{dead.pid}-abc",
+        "fresh_gone": f"harness-fresh-{dead.pid}-abc",
+        "mine": f"harness-pool-{os.getpid()}-abc",
+        "alive": f"harness-pool-{os.getppid()}-abc",
+        "other": "harness-cases-123-abc",
+    }
     for n in names.values():
         (tmp_path / n).mkdir()
     removed = remove_stale_tmp(tmp_path)

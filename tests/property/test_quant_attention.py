@@ -36,10 +36,18 @@ def _strict_runner(q, k, v, layout, **kw):
 
 
 STRICT = AttentionBackend(
-    "test.strict", "strict CPU stand-in for a CUDA kernel",
-    Requirements(device="cpu", layouts=("HND",), last_dim_stride_one=True, alignment=16,
-                 modifies_inputs=("k",), modifies_unless=("smooth_k", False)),
-    runner=_strict_runner)
+    "test.strict",
+    "strict CPU stand-in for a CUDA kernel",
+    Requirements(
+        device="cpu",
+        layouts=("HND",),
+        last_dim_stride_one=True,
+        alignment=16,
+        modifies_inputs=("k",),
+        modifies_unless=("smooth_k", False),
+    ),
+    runner=_strict_runner,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from harness.quant import backends as B
-from harness.quant.backends import (BACKENDS, EMULATION_OF, AttentionBackend, Requirements, describe_all,
-                                    format_table, get_backend, parse_version, register_backend)
+from harness.quant.backends import (
+    BACKENDS,
+    EMULATION_OF,
+    AttentionBackend,
+    Requirements,
+    describe_all,
+    format_table,
+    get_backend,
+    parse_version,
+    register_backend,
+)
 
 from helpers import hard_permutation_attention
 
@@ -48,9 +57,13 @@ def test_capability_reasons_are_exact(fake_gpu) -> None:
     assert get_backend("sage3").available() == (False, "needs compute capability 10.0 or 12.0, this GPU is 9.0")
     fake_gpu["cap"] = (8, 6)
     assert get_backend("sage2.qk_int8_pv_fp8_cuda").available() == (
-        False, "needs compute capability >= 8.9, this GPU is 8.6")
+        False,
+        "needs compute capability >= 8.9, this GPU is 8.6",
+    )
     assert get_backend("sage2.qk_int8_pv_fp8_cuda_sm90").available() == (
-        False, "needs compute capability 9.0, this GPU is 8.6")
+        False,
+        "needs compute capability 9.0, this GPU is 8.6",
+    )
     fake_gpu["cap"] = (7, 5)
     assert get_backend("sage1.sageattn").available() == (False, "needs compute capability >= 8.0, this GPU is 7.5")
 
@@ -63,8 +76,10 @@ def test_package_and_version_reasons(fake_gpu) -> None:
     fake_gpu["modules"] |= {"sageattention", "triton"}
     assert sage1.available() == (False, "sageattention 1.0.4 installed, needs >= 1.0.6")
     fake_gpu["versions"]["sageattention"] = "2.2.0+cu128"
-    assert sage1.available() == (False, "sageattention 2.2.0+cu128 installed, this backend is the 1.x kernel "
-                                        "(needs < 2.0.0)")
+    assert sage1.available() == (
+        False,
+        "sageattention 2.2.0+cu128 installed, this backend is the 1.x kernel (needs < 2.0.0)",
+    )
     fake_gpu["versions"]["sageattention"] = "1.0.6"
     fake_gpu["modules"].discard("triton")
     assert sage1.available() == (False, "module triton not installed (needed by sageattention)")

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from harness.quant.backends import EMULATION_OF
-from harness.quant.blocks import (CONFIGS, PRESETS, QuantizedBlockConfig, make_block, nvfp4_linear_emulated,
-                                  part_of, resolve_preset)
+from harness.quant.blocks import (
+    CONFIGS,
+    PRESETS,
+    QuantizedBlockConfig,
+    make_block,
+    nvfp4_linear_emulated,
+    part_of,
+    resolve_preset,
+)
 from harness.reference.formats import dequantize, quantize_nvfp4
 from harness.reference.wan import TINY, init_params
 from harness.reference.wan.blocks import time_modulation
@@ -60,8 +67,11 @@ def test_attention_is_routed_per_part_and_inputs_untouched() -> None:
     block = make_block(cfg, "cpu")
     y = _run(block, inp)
     calls = block.trace["attention"]
-    assert [(p, b) for p, b, _ in calls] == [("self_attn", "sdpa.math"), ("cross_attn", "emu.naive"),
-                                              ("cross_attn", "emu.naive")]
+    assert [(p, b) for p, b, _ in calls] == [
+        ("self_attn", "sdpa.math"),
+        ("cross_attn", "emu.naive"),
+        ("cross_attn", "emu.naive"),
+    ]
     assert torch.equal(inp["x"], x0) and torch.isfinite(y).all()
     # the same block with every part on sdpa.math differs only in the cross-attention backend
     y_all = _run(make_block(QuantizedBlockConfig(name="all-math", attention="sdpa.math"), "cpu"), inp)
@@ -136,14 +146,17 @@ def test_nvfp4_linear_is_the_product_of_nvfp4_operands() -> None:
         nvfp4_linear_emulated(torch.randn(2, 40), torch.randn(3, 40), None)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(attention="nope"), KeyError, "unknown attention backend 'nope'"),
-    (dict(attention_overrides={"ffn": "sdpa"}), ValueError, "unknown block part 'ffn'"),
-    (dict(linear="int4"), ValueError, "unknown linear kind 'int4'"),
-    (dict(linear="legacy.nope"), KeyError, "unknown legacy forward"),
-    (dict(weight_scaling="block"), ValueError, "weight_scaling='block'"),
-    (dict(input_rank=4), ValueError, "input_rank=4"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(attention="nope"), KeyError, "unknown attention backend 'nope'"),
+        (dict(attention_overrides={"ffn": "sdpa"}), ValueError, "unknown block part 'ffn'"),
+        (dict(linear="int4"), ValueError, "unknown linear kind 'int4'"),
+        (dict(linear="legacy.nope"), KeyError, "unknown legacy forward"),
+        (dict(weight_scaling="block"), ValueError, "weight_scaling='block'"),
+        (dict(input_rank=4), ValueError, "input_rank=4"),
+    ],
+)
 def test_config_validation(kwargs: dict, err: type, match: str) -> None:
     with pytest.raises(err, match=match):
         QuantizedBlockConfig(**kwargs)

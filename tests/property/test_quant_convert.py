@@ -20,12 +20,18 @@ class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.blocks = nn.ModuleList([nn.ModuleDict({
-            "self_attn": nn.ModuleDict({"q": nn.Linear(32, 32), "norm_q": nn.LayerNorm(32)}),
-            "ffn": nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)),
-            "modulation_proj": nn.Linear(32, 32),
-            "audio_cross_attn": nn.ModuleDict({"kv_linear": nn.Linear(32, 64)}),
-        })])
+        self.blocks = nn.ModuleList(
+            [
+                nn.ModuleDict(
+                    {
+                        "self_attn": nn.ModuleDict({"q": nn.Linear(32, 32), "norm_q": nn.LayerNorm(32)}),
+                        "ffn": nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)),
+                        "modulation_proj": nn.Linear(32, 32),
+                        "audio_cross_attn": nn.ModuleDict({"kv_linear": nn.Linear(32, 64)}),
+                    }
+                )
+            ]
+        )
         self.patch_embedding = nn.Linear(16, 32)
         self.time_embedding = nn.Sequential(nn.Linear(32, 32))
         self.multitalk_audio_proj = nn.Linear(32, 32)
@@ -44,17 +50,39 @@ class Tiny(nn.Module):
 
 
 def test_keep_list_is_the_wrappers_plus_multitalk() -> None:
-    assert DEFAULT_KEEP == ("norm", "bias", "time_in", "patch_embedding", "time_", "img_emb", "modulation",
-                            "text_embedding", "adapter", "add", "ref_conv", "audio_proj", "multitalk_audio_proj")
+    assert DEFAULT_KEEP == (
+        "norm",
+        "bias",
+        "time_in",
+        "patch_embedding",
+        "time_",
+        "img_emb",
+        "modulation",
+        "text_embedding",
+        "adapter",
+        "add",
+        "ref_conv",
+        "audio_proj",
+        "multitalk_audio_proj",
+    )
 
 
 def test_report_names_converted_and_kept_with_the_keyword() -> None:
     m = Tiny()
     rep = convert_to_fp8(m)
-    assert rep.converted == ["blocks.0.self_attn.q", "blocks.0.ffn.0", "blocks.0.ffn.2",
-                             "blocks.0.audio_cross_attn.kv_linear", "head"]
-    assert rep.kept == {"blocks.0.modulation_proj": "modulation", "patch_embedding": "patch_embedding",
-                        "time_embedding.0": "time_", "multitalk_audio_proj": "audio_proj"}
+    assert rep.converted == [
+        "blocks.0.self_attn.q",
+        "blocks.0.ffn.0",
+        "blocks.0.ffn.2",
+        "blocks.0.audio_cross_attn.kv_linear",
+        "head",
+    ]
+    assert rep.kept == {
+        "blocks.0.modulation_proj": "modulation",
+        "patch_embedding": "patch_embedding",
+        "time_embedding.0": "time_",
+        "multitalk_audio_proj": "audio_proj",
+    }
     assert isinstance(m.blocks[0]["ffn"][0], FP8Linear) and type(m.patch_embedding) is nn.Linear
     assert isinstance(m.blocks[0]["self_attn"]["norm_q"], nn.LayerNorm)
     again = convert_to_fp8(m)  # idempotent: nothing left to convert
@@ -70,9 +98,12 @@ def test_revert_restores_the_same_objects_and_weights_exactly() -> None:
     convert_to_fp8(m)
     assert not torch.equal(m(x), y0)  # it really runs FP8
     restored = revert_fp8(m)
-    assert sorted(restored) == sorted(n for n in originals if n in {"blocks.0.self_attn.q", "blocks.0.ffn.0",
-                                                                    "blocks.0.ffn.2", "head",
-                                                                    "blocks.0.audio_cross_attn.kv_linear"})
+    assert sorted(restored) == sorted(
+        n
+        for n in originals
+        if n
+        in {"blocks.0.self_attn.q", "blocks.0.ffn.0", "blocks.0.ffn.2", "head", "blocks.0.audio_cross_attn.kv_linear"}
+    )
     for n, mod in m.named_modules():
         if n in originals:
             assert mod is originals[n]

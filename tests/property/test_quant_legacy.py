@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from harness.layouts import LayoutSpec, materialize
-from harness.quant.legacy import (LEGACY_FORWARDS, comfyui_fp8_linear, get_legacy, last_path, legacy_op,
-                                  make_fp8_module)
+from harness.quant.legacy import LEGACY_FORWARDS, comfyui_fp8_linear, get_legacy, last_path, legacy_op, make_fp8_module
 from harness.reference.formats import round_to_format, scaled_mm
 from harness.reference.metrics import Bound, judge, scaled_mm_kernel_bound
 
 K, N = 32, 16
 
 
-def _weight(scale: float = 2.0 ** -3) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight(scale: float = 2.0**-3) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     w = round_to_format(torch.randn(N, K, generator=g) * 8, "e4m3").to(torch.float8_e4m3fn)
     return w, torch.tensor(scale)
@@ -46,11 +45,14 @@ MUTATION_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("name,rank,contiguous,scaled_input,mutates", MUTATION_TABLE,
-                         ids=[f"{r[0]}-{r[1]}d-{'contig' if r[2] else 'strided'}-{'si' if r[3] else 'nosi'}"
-                              for r in MUTATION_TABLE])
-def test_who_writes_to_the_callers_tensor(name: str, rank: int, contiguous: bool, scaled_input: bool,
-                                          mutates: bool) -> None:
+@pytest.mark.parametrize(
+    "name,rank,contiguous,scaled_input,mutates",
+    MUTATION_TABLE,
+    ids=[f"{r[0]}-{r[1]}d-{'contig' if r[2] else 'strided'}-{'si' if r[3] else 'nosi'}" for r in MUTATION_TABLE],
+)
+def test_who_writes_to_the_callers_tensor(
+    name: str, rank: int, contiguous: bool, scaled_input: bool, mutates: bool
+) -> None:
     shape = (2, 4, K) if rank == 3 else (8, K)
     if contiguous:
         x = _input(shape)
@@ -82,15 +84,18 @@ def test_mutation_conditions_are_documented() -> None:
         assert LEGACY_FORWARDS[name].mutates_input != "never"
 
 
-@pytest.mark.parametrize("name,rank,path", [
-    ("wanvideo_early2025", 2, "original: 2-D input"),
-    ("wanvideo_late2025", 2, "original: 2-D input"),
-    ("wanvideo_late2025", 4, "original: 4-D input"),
-    ("comfyui", 2, "fp8"),
-    ("comfyui", 4, "fallback: fp8_linear returned None (4-D input or non-E4M3 weight)"),
-    ("user_fixed", 2, "fp8"),
-    ("wanvideo_late2025", 3, "fp8"),
-])
+@pytest.mark.parametrize(
+    "name,rank,path",
+    [
+        ("wanvideo_early2025", 2, "original: 2-D input"),
+        ("wanvideo_late2025", 2, "original: 2-D input"),
+        ("wanvideo_late2025", 4, "original: 4-D input"),
+        ("comfyui", 2, "fp8"),
+        ("comfyui", 4, "fallback: fp8_linear returned None (4-D input or non-E4M3 weight)"),
+        ("user_fixed", 2, "fp8"),
+        ("wanvideo_late2025", 3, "fp8"),
+    ],
+)
 def test_rank_handling(name: str, rank: int, path: str) -> None:
     shape = {2: (8, K), 3: (2, 4, K), 4: (2, 2, 2, K)}[rank]
     x = _input(shape, big=False)

@@ -21,8 +21,14 @@ from torch.utils._pytree import tree_flatten
 
 from harness.layouts import LayoutSpec, materialize, poison_intact
 from harness.quant import linear as L
-from harness.quant.linear import (Fp8LinearError, copy_reasons, fp8_linear, fp8_linear_with_plan, last_plan,
-                                  plan_operands)
+from harness.quant.linear import (
+    Fp8LinearError,
+    copy_reasons,
+    fp8_linear,
+    fp8_linear_with_plan,
+    last_plan,
+    plan_operands,
+)
 from harness.reference.formats import quantize, round_to_format, scaled_mm
 from harness.reference.metrics import Bound, judge
 from harness.strategies import layouts, value_specs
@@ -59,7 +65,7 @@ def make_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     """An FP8 weight with a power-of-two tensorwise scale (exact dequantization)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 4
-    return round_to_format(w, "e4m3").to(E4M3), torch.tensor(2.0 ** -4)
+    return round_to_format(w, "e4m3").to(E4M3), torch.tensor(2.0**-4)
 
 
 class BigAllocations(TorchDispatchMode):
@@ -74,8 +80,11 @@ class BigAllocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel \
-                    and t.untyped_storage().data_ptr() not in ins:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.numel() >= self.min_numel
+                and t.untyped_storage().data_ptr() not in ins
+            ):
                 self.seen.append((str(func), tuple(t.shape), t.dtype))
         return out
 
@@ -124,8 +133,11 @@ def test_copy_reasons_name_the_value() -> None:
     assert "65 elements" in r.message
 
 
-@pytest.mark.parametrize("name,spec,role,codes", [r for r in DECISION_TABLE if r[2] == "input"],
-                         ids=[r[0] for r in DECISION_TABLE if r[2] == "input"])
+@pytest.mark.parametrize(
+    "name,spec,role,codes",
+    [r for r in DECISION_TABLE if r[2] == "input"],
+    ids=[r[0] for r in DECISION_TABLE if r[2] == "input"],
+)
 def test_plan_copies_fp8_input_only_when_required(name: str, spec: LayoutSpec, role: str, codes: set[str]) -> None:
     k = spec.shape[-1]
     w = LayoutSpec((N, k), "float8_e4m3fn")
@@ -221,8 +233,9 @@ def test_any_layout_matches_emulation_and_is_not_mutated(data: Any) -> None:
     dtype = data.draw(st.sampled_from(["bfloat16", "float8_e4m3fn", "float32"]), label="dtype")
     shape = (5, k) if rank == 2 else (2, 3, k)
     spec = data.draw(layouts(shape, dtype, views=True), label="input layout")
-    vspec = data.draw(value_specs(kinds=["normal", "outliers", "zero_blocks", "constant_rows", "fp8_edge"]),
-                      label="values")
+    vspec = data.draw(
+        value_specs(kinds=["normal", "outliers", "zero_blocks", "constant_rows", "fp8_edge"]), label="values"
+    )
     vals = vspec.generate(shape, torch.float32)
     if dtype == "float8_e4m3fn":
         vals = round_to_format(vals.clamp(-448, 448), "e4m3")
@@ -234,8 +247,10 @@ def test_any_layout_matches_emulation_and_is_not_mutated(data: Any) -> None:
     rules = data.draw(st.sampled_from(["cuda", None]), label="rules")
     res = fp8_linear_with_plan(x, w, sw, input_scale=0.5 if dtype == "float8_e4m3fn" else None, rules=rules)
     # nothing the caller owns was written, inside or outside the views
-    assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
-                       before.view(torch.uint8) if before.element_size() == 1 else before)
+    assert torch.equal(
+        x.view(torch.uint8) if x.element_size() == 1 else x,
+        before.view(torch.uint8) if before.element_size() == 1 else before,
+    )
     assert poison_intact(x, spec) and poison_intact(w, wspec)
     # the plan copied the FP8 input iff the rules found a reason
     d = res.plan.decision("input")
@@ -326,20 +341,25 @@ def _count(fn) -> list:
     return mode.seen
 
 
-@pytest.mark.parametrize("spec,extra", [
-    (LayoutSpec((2, 32, KA), "bfloat16"), 0),
-    (LayoutSpec((2, 32, KA), "bfloat16", offset=1), 0),  # misaligned: absorbed by the quantizing cast
-    (LayoutSpec((2, 32, KA), "bfloat16", perm=(2, 0, 1)), 0),  # transposed: absorbed too
-    (LayoutSpec((2, 32, KA), "float8_e4m3fn"), 0),
-    (LayoutSpec((2, 32, KA), "float8_e4m3fn", offset=8), 1),  # FP8 input misaligned: one realigning copy
-    (LayoutSpec((2, 32, KA), "float8_e4m3fn", step=(1, 1, 2)), 1),
-], ids=["bf16-aligned", "bf16-offset1", "bf16-transposed", "fp8-aligned", "fp8-offset8", "fp8-stride2"])
+@pytest.mark.parametrize(
+    "spec,extra",
+    [
+        (LayoutSpec((2, 32, KA), "bfloat16"), 0),
+        (LayoutSpec((2, 32, KA), "bfloat16", offset=1), 0),  # misaligned: absorbed by the quantizing cast
+        (LayoutSpec((2, 32, KA), "bfloat16", perm=(2, 0, 1)), 0),  # transposed: absorbed too
+        (LayoutSpec((2, 32, KA), "float8_e4m3fn"), 0),
+        (LayoutSpec((2, 32, KA), "float8_e4m3fn", offset=8), 1),  # FP8 input misaligned: one realigning copy
+        (LayoutSpec((2, 32, KA), "float8_e4m3fn", step=(1, 1, 2)), 1),
+    ],
+    ids=["bf16-aligned", "bf16-offset1", "bf16-transposed", "fp8-aligned", "fp8-offset8", "fp8-stride2"],
+)
 def test_allocations_are_the_cast_and_the_output_plus_required_copies(spec: LayoutSpec, extra: int) -> None:
     vals = torch.randn(spec.shape).clamp(-400, 400)
     x = materialize(spec, round_to_format(vals, "e4m3") if spec.dtype == "float8_e4m3fn" else vals)
     w8, sw = make_weight(NA, KA)
-    seen = _count(lambda: fp8_linear(x, w8, sw, input_scale=1.0 if spec.dtype == "float8_e4m3fn" else None,
-                                     rules="cuda"))
+    seen = _count(
+        lambda: fp8_linear(x, w8, sw, input_scale=1.0 if spec.dtype == "float8_e4m3fn" else None, rules="cuda")
+    )
     plan = last_plan()
     base = (1 if spec.dtype != "float8_e4m3fn" else 0) + 1  # the FP8 cast (when quantizing) + the output
     assert plan.copies == extra
@@ -414,8 +434,10 @@ ERRORS = [
     (dict(input=torch.randn(4, 32), weight=_W8, bias=torch.ones(15)), r"bias has shape \(15,\); expected \(16,\)"),
     (dict(input=torch.randn(4, 32), weight=_W8, out_dtype=torch.int8), r"out_dtype=torch.int8"),
     (dict(input=torch.randn(4, 32), weight=_W8, input_scale=-1.0), r"input_scale=-1.0 must be positive"),
-    (dict(input=torch.randn(4, 32), weight=torch.randn(16, 32), weight_scale=torch.ones(())),
-     r"weight_scale was given for a torch.float32 weight"),
+    (
+        dict(input=torch.randn(4, 32), weight=torch.randn(16, 32), weight_scale=torch.ones(())),
+        r"weight_scale was given for a torch.float32 weight",
+    ),
     (dict(input=torch.tensor(1.0), weight=_W8), r"input is 0-d"),
 ]
 

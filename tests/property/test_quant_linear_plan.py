@@ -22,8 +22,18 @@ from harness.layouts import LayoutSpec, materialize
 from harness.quant.fp8 import dispatch as D
 from harness.quant.fp8 import plan as P
 from harness.quant.fp8.cache import PlanCache
-from harness.quant.linear import (Fp8LinearConfig, Fp8LinearError, clear_plan_cache, fp8_linear, fp8_linear_with_plan,
-                                  last_plan, plan_cache_info, plan_operands, resolve_config, select_backend)
+from harness.quant.linear import (
+    Fp8LinearConfig,
+    Fp8LinearError,
+    clear_plan_cache,
+    fp8_linear,
+    fp8_linear_with_plan,
+    last_plan,
+    plan_cache_info,
+    plan_operands,
+    resolve_config,
+    select_backend,
+)
 from harness.reference.formats import round_to_format, scaled_mm
 from harness.strategies import layouts
 
@@ -52,8 +62,9 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[P.LinearPlan]:
     clear_plan_cache()
 
 
-def fresh_plan(x: torch.Tensor, w: torch.Tensor, ws: Any = None, xs: Any = None, bias: Any = None,
-               **kwargs: Any) -> P.LinearPlan:
+def fresh_plan(
+    x: torch.Tensor, w: torch.Tensor, ws: Any = None, xs: Any = None, bias: Any = None, **kwargs: Any
+) -> P.LinearPlan:
     """The plan of one call built from scratch: resolve the config, select the backend, plan (no cache)."""
     cfg = resolve_config(x, w, ws, xs, bias, **kwargs)
     chosen, why = select_backend(x.device, cfg.weight_scaling, cfg.backend)
@@ -88,21 +99,42 @@ def test_config_is_frozen_and_hashable() -> None:
 X = torch.randn(4, 32)
 W8 = make_weight(16, 32)
 CONTRADICTIONS = [
-    (dict(weight=W8, weight_scale=torch.ones(16)), Fp8LinearConfig(weight_scaling="tensorwise"),
-     r"weight_scale has shape \(16,\), which means rowwise scaling, but config.weight_scaling='tensorwise'; "
-     r"pass a scalar weight_scale or use weight_scaling='rowwise'"),
-    (dict(weight=W8, weight_scale=torch.tensor(0.5)), Fp8LinearConfig(weight_scaling="rowwise"),
-     r"weight_scale has shape \(\), which means tensorwise .* pass a \(16,\) weight_scale"),
-    (dict(weight=torch.randn(16, 32)), Fp8LinearConfig(weight_scaling="tensorwise"),
-     r"the weight is torch.float32, which is quantized here rowwise; use weight_scaling='rowwise'"),
-    (dict(weight=W8), Fp8LinearConfig(input_scaling="static"),
-     r"no input_scale was given; pass input_scale= or use input_scaling='dynamic'"),
-    (dict(weight=W8, input_scale=0.5), Fp8LinearConfig(),
-     r"input_scale was given but config.input_scaling='dynamic'; drop input_scale or use input_scaling='static'"),
-    (dict(input=X.to(E4M3), weight=W8), Fp8LinearConfig(),
-     r"input is float8_e4m3fn, already quantized .* use input_scaling='static'"),
-    (dict(weight=W8, backend="cpu"), Fp8LinearConfig(),
-     r"backend='cpu' was passed together with config= \(config.backend='auto'\); set it in the config"),
+    (
+        dict(weight=W8, weight_scale=torch.ones(16)),
+        Fp8LinearConfig(weight_scaling="tensorwise"),
+        r"weight_scale has shape \(16,\), which means rowwise scaling, but config.weight_scaling='tensorwise'; "
+        r"pass a scalar weight_scale or use weight_scaling='rowwise'",
+    ),
+    (
+        dict(weight=W8, weight_scale=torch.tensor(0.5)),
+        Fp8LinearConfig(weight_scaling="rowwise"),
+        r"weight_scale has shape \(\), which means tensorwise .* pass a \(16,\) weight_scale",
+    ),
+    (
+        dict(weight=torch.randn(16, 32)),
+        Fp8LinearConfig(weight_scaling="tensorwise"),
+        r"the weight is torch.float32, which is quantized here rowwise; use weight_scaling='rowwise'",
+    ),
+    (
+        dict(weight=W8),
+        Fp8LinearConfig(input_scaling="static"),
+        r"no input_scale was given; pass input_scale= or use input_scaling='dynamic'",
+    ),
+    (
+        dict(weight=W8, input_scale=0.5),
+        Fp8LinearConfig(),
+        r"input_scale was given but config.input_scaling='dynamic'; drop input_scale or use input_scaling='static'",
+    ),
+    (
+        dict(input=X.to(E4M3), weight=W8),
+        Fp8LinearConfig(),
+        r"input is float8_e4m3fn, already quantized .* use input_scaling='static'",
+    ),
+    (
+        dict(weight=W8, backend="cpu"),
+        Fp8LinearConfig(),
+        r"backend='cpu' was passed together with config= \(config.backend='auto'\); set it in the config",
+    ),
     (dict(weight=W8), "rowwise", r"config must be an Fp8LinearConfig, got str"),
 ]
 
@@ -121,7 +153,8 @@ def test_derived_config_is_the_declared_one(weight_scale: Any, input_scale: Any)
     derived = fp8_linear_with_plan(X, W8, weight_scale, input_scale=input_scale)
     declared_cfg = Fp8LinearConfig(
         weight_scaling="rowwise" if weight_scale is not None and weight_scale.numel() > 1 else "tensorwise",
-        input_scaling="static" if input_scale is not None else "dynamic")
+        input_scaling="static" if input_scale is not None else "dynamic",
+    )
     declared = fp8_linear_with_plan(X, W8, weight_scale, input_scale=input_scale, config=declared_cfg)
     assert derived.plan.config == dataclasses.replace(declared_cfg, out_dtype=torch.float32)
     assert declared.plan == derived.plan and torch.equal(declared.out, derived.out)
@@ -256,8 +289,9 @@ def test_cached_plan_is_the_freshly_built_plan(data: Any) -> None:
     vals = torch.randn(shape).clamp(-448, 448)
     x = materialize(spec, round_to_format(vals, "e4m3") if dtype == "float8_e4m3fn" else vals)
     weight_kind = data.draw(st.sampled_from(["fp8", "bf16"]), label="weight")
-    wspec = data.draw(layouts((n, k), "float8_e4m3fn" if weight_kind == "fp8" else "bfloat16", max_offset=20),
-                      label="weight layout")
+    wspec = data.draw(
+        layouts((n, k), "float8_e4m3fn" if weight_kind == "fp8" else "bfloat16", max_offset=20), label="weight layout"
+    )
     w = materialize(wspec, make_weight(n, k).float())
     ws = None
     if weight_kind == "fp8":
@@ -270,8 +304,10 @@ def test_cached_plan_is_the_freshly_built_plan(data: Any) -> None:
     if data.draw(st.booleans(), label="bias"):
         bspec = data.draw(layouts((n,), "bfloat16", max_offset=9), label="bias layout")
         bias = materialize(bspec, torch.randn(n))
-    kwargs = dict(rules=data.draw(st.sampled_from([None, "cuda"]), label="rules"),
-                  out_dtype=data.draw(st.sampled_from([None, torch.bfloat16]), label="out dtype"))
+    kwargs = dict(
+        rules=data.draw(st.sampled_from([None, "cuda"]), label="rules"),
+        out_dtype=data.draw(st.sampled_from([None, torch.bfloat16]), label="out dtype"),
+    )
     res = fp8_linear_with_plan(x, w, ws, xs, bias, **kwargs)
     assert res.plan == fresh_plan(x, w, ws, xs, bias, **kwargs)
     assert fp8_linear_with_plan(x, w, ws, xs, bias, **kwargs).plan is res.plan  # and now it is cached

@@ -13,8 +13,7 @@ import torch
 
 from harness.quant import plugins
 from harness.quant.linear import fp8_linear
-from harness.quant.plugins import (PluginCallError, PluginError, detect_convention, load_attention, load_linear,
-                                   resolve)
+from harness.quant.plugins import PluginCallError, PluginError, detect_convention, load_attention, load_linear, resolve
 from harness.reference.formats import round_to_format
 from harness.verdicts import Unsupported
 
@@ -68,7 +67,8 @@ def plugin_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         f"my_op = {PKG}:op\nmy_forward = {PKG}:fp8_linear_forward\nmy_module = {PKG}:PatchedLinear\n"
         f"broken = {PKG}_missing:thing\n"
         "[harness.attention]\n"
-        f"my_attn = {PKG}:attention_layout\n")
+        f"my_attn = {PKG}:attention_layout\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     yield PKG
@@ -82,10 +82,17 @@ def _operands():
     return x, w, torch.tensor(0.125), torch.randn(16, generator=g).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("spec,convention", [
-    (f"{PKG}:op", "op"), (f"{PKG}:fp8_linear_forward", "forward"), (f"{PKG}:PatchedLinear", "module"),
-    ("my_op", "op"), ("my_forward", "forward"), ("my_module", "module"),
-])
+@pytest.mark.parametrize(
+    "spec,convention",
+    [
+        (f"{PKG}:op", "op"),
+        (f"{PKG}:fp8_linear_forward", "forward"),
+        (f"{PKG}:PatchedLinear", "module"),
+        ("my_op", "op"),
+        ("my_forward", "forward"),
+        ("my_module", "module"),
+    ],
+)
 def test_three_conventions_give_the_same_answer(plugin_pkg: str, spec: str, convention: str) -> None:
     p = resolve(spec)
     assert p.convention == convention
@@ -132,16 +139,22 @@ def test_entry_point_names(plugin_pkg: str) -> None:
     assert "my_attn" in plugins.entry_point_names("harness.attention")
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("nonexistent_pkg_xyz.mod:fn", r"plug-in 'nonexistent_pkg_xyz.mod:fn': no module named 'nonexistent_pkg_xyz.mod' "
-     r"\(run from the directory that holds it"),
-    (f"{PKG}:missing_fn", rf"plug-in '{PKG}:missing_fn': {PKG} has no attribute 'missing_fn'"),
-    ("no_such_entry_point", r"plug-in 'no_such_entry_point' is neither 'package.module:attr' nor an entry point"),
-    ("broken", r"entry point 'broken' .* failed to load"),
-    ("a:b:c", r"must be named 'package.module:attr'"),
-    (f"{PKG}:NOT_CALLABLE", r"is not callable"),
-    (f"{PKG}:one_arg", r"takes 1 positional argument\(s\) \['input'\]"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        (
+            "nonexistent_pkg_xyz.mod:fn",
+            r"plug-in 'nonexistent_pkg_xyz.mod:fn': no module named 'nonexistent_pkg_xyz.mod' "
+            r"\(run from the directory that holds it",
+        ),
+        (f"{PKG}:missing_fn", rf"plug-in '{PKG}:missing_fn': {PKG} has no attribute 'missing_fn'"),
+        ("no_such_entry_point", r"plug-in 'no_such_entry_point' is neither 'package.module:attr' nor an entry point"),
+        ("broken", r"entry point 'broken' .* failed to load"),
+        ("a:b:c", r"must be named 'package.module:attr'"),
+        (f"{PKG}:NOT_CALLABLE", r"is not callable"),
+        (f"{PKG}:one_arg", r"takes 1 positional argument\(s\) \['input'\]"),
+    ],
+)
 def test_unresolvable_names_are_named(plugin_pkg: str, spec: str, match: str) -> None:
     with pytest.raises(PluginError, match=match):
         load_linear(spec)
@@ -260,8 +273,7 @@ def test_cases_fit_a_two_argument_kernel_and_its_in_place_clamp_is_found(kernels
     t = _target(f"{kernels}:my_linear")
     classes = t.layout_classes()
     case = classes["values_beyond_448"].build(0)
-    assert case.params["plugin"] == {"spec": f"{kernels}:my_linear", "kind": "linear", "convention": "op",
-                                     "takes": []}
+    assert case.params["plugin"] == {"spec": f"{kernels}:my_linear", "kind": "linear", "convention": "op", "takes": []}
     assert case.params["weight_scale"] is None and "bias" not in case.layouts  # what my_linear(x, w) can take
     r = run_case(case, "cpu")
     assert r.verdict.value == "input_mutation" and "x:" in r.message, r.format()

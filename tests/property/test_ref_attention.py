@@ -21,7 +21,6 @@ from harness.reference.wan.config import GRID_480P, TOKENS_480P, WAN_14B
 from helpers import ALLOCATOR_SLACK
 
 
-
 def _oracle(q, k, v, scale, mask=None):
     """HND float64 attention, one (batch, head) at a time, written out."""
     b, h, s_q, _ = q.shape
@@ -50,8 +49,14 @@ def _same_math_bound(q, k, v, scale, why: str, dtype: torch.dtype = torch.float6
     return Bound(k=0.0, floor=floor, why=why)
 
 
-shapes = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 70), st.integers(1, 70),
-                   st.sampled_from([8, 40, 64]), st.sampled_from([8, 24]))
+shapes = st.tuples(
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.sampled_from([8, 40, 64]),
+    st.sampled_from([8, 24]),
+)
 
 
 @settings(max_examples=30)
@@ -105,8 +110,8 @@ def test_key_padding_mask_equals_slicing() -> None:
     bound = _same_math_bound(q, k, v, 0.25, "masked keys removed vs sliced away")
     for bi in range(2):
         keep = mask[bi]
-        sliced = attention(q[bi:bi + 1], k[bi:bi + 1, :, keep], v[bi:bi + 1, :, keep])
-        assert judge(out[bi:bi + 1], sliced, None, bound).passed
+        sliced = attention(q[bi : bi + 1], k[bi : bi + 1, :, keep], v[bi : bi + 1, :, keep])
+        assert judge(out[bi : bi + 1], sliced, None, bound).passed
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert judge(out, _oracle(q, k, v, 0.25, mask), None, bound).passed
 
@@ -166,12 +171,15 @@ def test_memory_plan_keeps_wan14b_float32_under_16gib() -> None:
         plan_chunks(b, h, s, s, d, d, memory_budget=1000)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(layout="BHSD"), ValueError, "layout='BHSD'"),
-    (dict(key_padding_mask=torch.ones(1, 5)), TypeError, "bool tensor"),
-    (dict(key_padding_mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, r"expected \(b, s_k\) = \(1, 5\)"),
-    (dict(compute_dtype=torch.float16), ValueError, "compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(layout="BHSD"), ValueError, "layout='BHSD'"),
+        (dict(key_padding_mask=torch.ones(1, 5)), TypeError, "bool tensor"),
+        (dict(key_padding_mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, r"expected \(b, s_k\) = \(1, 5\)"),
+        (dict(compute_dtype=torch.float16), ValueError, "compute_dtype"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, exc, match) -> None:
     q = torch.randn(1, 2, 3, 8)
     k = torch.randn(1, 2, 5, 8)

@@ -25,9 +25,8 @@ def _positive_table(fmt: str) -> torch.Tensor:
     info = fm.FORMATS[fmt]
     vals = []
     for code in range(2 ** (info.exp_bits + info.man_bits)):
-        e, m = divmod(code, 2 ** info.man_bits)
-        v = (m * 2.0 ** (info.emin - info.man_bits) if e == 0
-             else (1 + m / 2 ** info.man_bits) * 2.0 ** (e - info.bias))
+        e, m = divmod(code, 2**info.man_bits)
+        v = m * 2.0 ** (info.emin - info.man_bits) if e == 0 else (1 + m / 2**info.man_bits) * 2.0 ** (e - info.bias)
         if v > info.max:
             break
         vals.append(v)
@@ -64,7 +63,9 @@ def test_rounding_matches_torch_cast_on_every_neighbourhood(fmt: str, tdt: torch
     ours = fm.round_to_format(x, fmt)
     theirs = x.to(tdt).to(torch.float32)
     bad = ours != theirs
-    assert not bad.any(), f"{fmt}: {int(bad.sum())} mismatches, e.g. x={x[bad][:4].tolist()} ours={ours[bad][:4].tolist()} torch={theirs[bad][:4].tolist()}"
+    assert not bad.any(), (
+        f"{fmt}: {int(bad.sum())} mismatches, e.g. x={x[bad][:4].tolist()} ours={ours[bad][:4].tolist()} torch={theirs[bad][:4].tolist()}"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e2m1"])
@@ -77,8 +78,7 @@ def test_rounding_matches_table_oracle_in_float64(fmt: str) -> None:
 
 
 @settings(max_examples=50)
-@given(st.sampled_from(["e4m3", "e5m2", "e2m1"]), st.integers(0, 2**31 - 1),
-       st.floats(1e-6, 1e6))
+@given(st.sampled_from(["e4m3", "e5m2", "e2m1"]), st.integers(0, 2**31 - 1), st.floats(1e-6, 1e6))
 def test_rounding_matches_oracle_on_random_values(fmt: str, seed: int, spread: float) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(257, generator=g, dtype=torch.float64) * spread
@@ -87,10 +87,19 @@ def test_rounding_matches_oracle_on_random_values(fmt: str, seed: int, spread: f
 
 SATURATION = [
     # (format, input, expected)
-    ("e4m3", 449.0, 448.0), ("e4m3", 464.0, 448.0), ("e4m3", 480.0, 448.0), ("e4m3", 1e4, 448.0),
-    ("e4m3", math.inf, 448.0), ("e4m3", -math.inf, -448.0), ("e4m3", -500.0, -448.0),
-    ("e5m2", 61440.0, 57344.0), ("e5m2", 1e9, 57344.0), ("e5m2", math.inf, 57344.0),
-    ("e2m1", 7.0, 6.0), ("e2m1", 1e30, 6.0), ("e2m1", -math.inf, -6.0),
+    ("e4m3", 449.0, 448.0),
+    ("e4m3", 464.0, 448.0),
+    ("e4m3", 480.0, 448.0),
+    ("e4m3", 1e4, 448.0),
+    ("e4m3", math.inf, 448.0),
+    ("e4m3", -math.inf, -448.0),
+    ("e4m3", -500.0, -448.0),
+    ("e5m2", 61440.0, 57344.0),
+    ("e5m2", 1e9, 57344.0),
+    ("e5m2", math.inf, 57344.0),
+    ("e2m1", 7.0, 6.0),
+    ("e2m1", 1e30, 6.0),
+    ("e2m1", -math.inf, -6.0),
 ]
 
 
@@ -169,10 +178,14 @@ def _within_half_step(err: torch.Tensor, x: torch.Tensor, s: torch.Tensor, fmt: 
 
 
 @settings(max_examples=60)
-@given(st.sampled_from(["e4m3", "e5m2", "e2m1"]), st.sampled_from(["tensor", "row", "block"]),
-       st.sampled_from([0, 1]), st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
-def test_quantize_round_trip_is_within_half_a_step(fmt: str, gran: str, axis: int, seed: int,
-                                                   spread: float) -> None:
+@given(
+    st.sampled_from(["e4m3", "e5m2", "e2m1"]),
+    st.sampled_from(["tensor", "row", "block"]),
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**31 - 1),
+    st.floats(1e-3, 1e3),
+)
+def test_quantize_round_trip_is_within_half_a_step(fmt: str, gran: str, axis: int, seed: int, spread: float) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 32, generator=g) * spread
     x[0, :4] = 0.0
@@ -181,8 +194,11 @@ def test_quantize_round_trip_is_within_half_a_step(fmt: str, gran: str, axis: in
     assert fm.is_representable(qt.values, fmt).all()
     err = (fm.dequantize(qt, torch.float64) - x.double()).abs()
     assert _within_half_step(err, x, s, fmt)
-    expected_scale_shape = {"tensor": (), "row": (1, 32) if axis == 0 else (8, 1),
-                            "block": (1, 32) if axis == 0 else (8, 4)}[gran]
+    expected_scale_shape = {
+        "tensor": (),
+        "row": (1, 32) if axis == 0 else (8, 1),
+        "block": (1, 32) if axis == 0 else (8, 4),
+    }[gran]
     assert tuple(qt.scale.shape) == expected_scale_shape
 
 
@@ -242,7 +258,7 @@ def test_mx_scale_rule_and_round_trip(kind: str, fmt: str) -> None:
     emax = {"e2m1": 2, "e4m3": 8}[fmt]
     for r in range(4):
         for blk in range(3):
-            amax = x[r, 32 * blk:32 * (blk + 1)].abs().max().item()
+            amax = x[r, 32 * blk : 32 * (blk + 1)].abs().max().item()
             want = 1.0 if amax == 0 else 2.0 ** (math.frexp(amax)[1] - 1 - emax)
             assert qt.scale[r, blk].item() == want
     assert fm.is_representable(qt.values, fmt).all()
@@ -287,8 +303,14 @@ def test_scaled_mm_matches_torch_cpu_scaled_mm(M: int, K: int, N: int, with_bias
     a, b = _fp8_operands(M, K, N, seed=M * 1000 + K)
     sa, sb = torch.tensor(0.013), torch.tensor(0.021)
     bias = torch.randn(N).to(torch.bfloat16) if with_bias else None
-    theirs = torch._scaled_mm(a.to(torch.float8_e4m3fn), b.t().contiguous().to(torch.float8_e4m3fn).t(),
-                              sa, sb, bias=bias, out_dtype=torch.bfloat16)
+    theirs = torch._scaled_mm(
+        a.to(torch.float8_e4m3fn),
+        b.t().contiguous().to(torch.float8_e4m3fn).t(),
+        sa,
+        sb,
+        bias=bias,
+        out_dtype=torch.bfloat16,
+    )
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     ours = fm.scaled_mm(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16)
     diff = (ours.double() - theirs.double()).abs()

@@ -104,11 +104,11 @@ def ind_multitalk(x, audio, p, n_spk, amap, background, n_frames):
             qv = x[0, t] @ wq.T + bq
             merged = torch.empty(C, dtype=F64)
             for h in range(H):
-                qh = ind_rotate(qv[h * d:(h + 1) * d], pos_q[t])
-                ks = [ind_rotate(kk[a, h * d:(h + 1) * d], centres[a // (n_a // n_spk)]) for a in range(n_a)]
+                qh = ind_rotate(qv[h * d : (h + 1) * d], pos_q[t])
+                ks = [ind_rotate(kk[a, h * d : (h + 1) * d], centres[a // (n_a // n_spk)]) for a in range(n_a)]
                 sc = torch.tensor([float(qh @ kr) / math.sqrt(d) for kr in ks], dtype=F64)
                 w = torch.softmax(sc, 0)
-                merged[h * d:(h + 1) * d] = sum(w[a] * vv[a, h * d:(h + 1) * d] for a in range(n_a))
+                merged[h * d : (h + 1) * d] = sum(w[a] * vv[a, h * d : (h + 1) * d] for a in range(n_a))
             out[0, t] = merged @ wp.T + bp
     return out
 
@@ -158,9 +158,9 @@ def test_query_positions_ranges_and_background() -> None:
     assert wb.multitalk_rope_ranges(3) == [(0, 4), (4, 8), (8, 12)]
 
 
-@pytest.mark.parametrize("n_spk,background,extra", [(2, False, False), (2, True, False),
-                                                     (3, False, False), (3, True, True),
-                                                     (2, True, True)])
+@pytest.mark.parametrize(
+    "n_spk,background,extra", [(2, False, False), (2, True, False), (3, False, False), (3, True, True), (2, True, True)]
+)
 def test_multi_speaker_matches_loops(params, n_spk, background, extra) -> None:
     n_cls = n_spk + int(background)
     Lx = L + S if extra else L
@@ -171,16 +171,18 @@ def test_multi_speaker_matches_loops(params, n_spk, background, extra) -> None:
     amap = wb.multitalk_ref_attn_map(q, k, masks, S)
     if background:
         amap[-1, ::3] += 1.0  # make the background win somewhere
-    out = wb.multitalk_audio_attention(x, audio, params, PRE, CFG, GRID, n_speakers=n_spk,
-                                       ref_target_masks=masks, x_ref_attn_map=amap)
+    out = wb.multitalk_audio_attention(
+        x, audio, params, PRE, CFG, GRID, n_speakers=n_spk, ref_target_masks=masks, x_ref_attn_map=amap
+    )
     assert out.shape == x.shape
     ref = ind_multitalk(x, audio, params, n_spk, amap, background, GRID[0])
     _close(out[:, :L], ref[:, :L])
     if extra:
         assert torch.equal(out[:, L:], torch.zeros(1, S, CFG.dim, dtype=F64))
     # the RoPE positions matter: another map changes the output
-    out2 = wb.multitalk_audio_attention(x, audio, params, PRE, CFG, GRID, n_speakers=n_spk,
-                                        ref_target_masks=masks, x_ref_attn_map=amap.flip(-1))
+    out2 = wb.multitalk_audio_attention(
+        x, audio, params, PRE, CFG, GRID, n_speakers=n_spk, ref_target_masks=masks, x_ref_attn_map=amap.flip(-1)
+    )
     assert not torch.allclose(out2, out)
 
 
@@ -190,11 +192,12 @@ def test_extra_frame_detected_from_audio_rows(params) -> None:
     audio = _x(51, GRID[0] - 1, 2 * PER_SPK, CFG.multitalk_audio_dim)
     masks = _masks(2, 52)
     amap = _x(53, 2, L).abs()
-    out = wb.multitalk_audio_attention(x, audio, params, PRE, CFG, GRID, n_speakers=2,
-                                       ref_target_masks=masks, x_ref_attn_map=amap)
-    assert torch.equal(out[:, L - S:], torch.zeros(1, S, CFG.dim, dtype=F64))
+    out = wb.multitalk_audio_attention(
+        x, audio, params, PRE, CFG, GRID, n_speakers=2, ref_target_masks=masks, x_ref_attn_map=amap
+    )
+    assert torch.equal(out[:, L - S :], torch.zeros(1, S, CFG.dim, dtype=F64))
     ref = ind_multitalk(x, audio, params, 2, amap, False, GRID[0] - 1)
-    _close(out[:, :L - S], ref[:, :L - S])
+    _close(out[:, : L - S], ref[:, : L - S])
 
 
 def test_operators_are_used(params) -> None:
@@ -253,8 +256,13 @@ def test_errors(params) -> None:
 def _baseline_blocks():
     root = Path(__file__).resolve().parents[2]
     try:
-        src = subprocess.run(["git", "show", f"{BASE_COMMIT}:harness/reference/wan/blocks.py"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{BASE_COMMIT}:harness/reference/wan/blocks.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("baseline blocks.py not available from git")
     spec = importlib.util.spec_from_loader("_baseline_wan_blocks", loader=None)
@@ -269,8 +277,9 @@ def test_single_speaker_unchanged(params, extra) -> None:
     audio = _x(81, GRID[0], 32, CFG.multitalk_audio_dim)
     out = wb.multitalk_audio_attention(x, audio, params, PRE, CFG, GRID)
     # the multi-speaker inputs are ignored for one speaker (upstream falls through)
-    same = wb.multitalk_audio_attention(x, audio, params, PRE, CFG, GRID, n_speakers=1,
-                                        ref_target_masks=_masks(2, 82), x_ref_attn_map=_x(83, 2, L))
+    same = wb.multitalk_audio_attention(
+        x, audio, params, PRE, CFG, GRID, n_speakers=1, ref_target_masks=_masks(2, 82), x_ref_attn_map=_x(83, 2, L)
+    )
     assert torch.equal(out, same)
     old = _baseline_blocks().multitalk_audio_attention(x, audio, params, PRE, CFG, GRID)
     assert torch.equal(out, old)
@@ -289,9 +298,13 @@ def block_params() -> dict:
 
 
 def _block_inputs():
-    return dict(x=_x(90, 1, L, CFG.dim), e=_x(91, 1, 6, CFG.dim), context=_x(92, 1, CFG.text_len, CFG.dim),
-                context_img=_x(93, 1, CFG.image_tokens, CFG.dim),
-                multitalk_audio=_x(94, GRID[0], 2 * PER_SPK, CFG.multitalk_audio_dim))
+    return dict(
+        x=_x(90, 1, L, CFG.dim),
+        e=_x(91, 1, 6, CFG.dim),
+        context=_x(92, 1, CFG.text_len, CFG.dim),
+        context_img=_x(93, 1, CFG.image_tokens, CFG.dim),
+        multitalk_audio=_x(94, GRID[0], 2 * PER_SPK, CFG.multitalk_audio_dim),
+    )
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -312,8 +325,18 @@ def test_wan_block_feeds_the_map_of_its_own_self_attention(block_params, monkeyp
     monkeypatch.setattr(wb, "multitalk_audio_attention", spy)
     inp = _block_inputs()
     masks = _masks(2 + int(background), 95)
-    out = wb.wan_block(inp.pop("x"), inp.pop("e"), block_params, 0, CFG, grid=GRID, multitalk_speakers=2,
-                       ref_target_masks=masks, attention=attn, **inp)
+    out = wb.wan_block(
+        inp.pop("x"),
+        inp.pop("e"),
+        block_params,
+        0,
+        CFG,
+        grid=GRID,
+        multitalk_speakers=2,
+        ref_target_masks=masks,
+        attention=attn,
+        **inp,
+    )
     assert out.shape == (1, L, CFG.dim) and torch.isfinite(out).all()
     kw = seen["audio_kw"]
     assert kw["n_speakers"] == 2 and kw["ref_target_masks"] is masks
@@ -325,14 +348,23 @@ def test_wan_block_multi_speaker_changes_the_output_and_names_missing_masks(bloc
     inp = _block_inputs()
     x, e = inp.pop("x"), inp.pop("e")
     one = wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, **inp)
-    two = wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=2, ref_target_masks=_masks(2, 96),
-                       **inp)
+    two = wb.wan_block(
+        x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=2, ref_target_masks=_masks(2, 96), **inp
+    )
     assert not torch.allclose(one, two)  # RoPE1D by speaker: the audio term is not the single-speaker one
     with pytest.raises(wb.MultiTalkInputError, match="2 MultiTalk speakers need ref_target_masks"):
         wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=2, **inp)
     with pytest.raises(ValueError, match="multitalk_speakers=0"):
         wb.wan_block(x, e, block_params, 0, CFG, grid=GRID, multitalk_speakers=0, **inp)
     with pytest.raises(ValueError, match="batch 1"):
-        wb.wan_block(x.repeat(2, 1, 1), e.repeat(2, 1, 1), block_params, 0, CFG, grid=GRID, multitalk_speakers=2,
-                     ref_target_masks=_masks(2, 97), **{**inp, "context": inp["context"].repeat(2, 1, 1),
-                                                         "context_img": inp["context_img"].repeat(2, 1, 1)})
+        wb.wan_block(
+            x.repeat(2, 1, 1),
+            e.repeat(2, 1, 1),
+            block_params,
+            0,
+            CFG,
+            grid=GRID,
+            multitalk_speakers=2,
+            ref_target_masks=_masks(2, 97),
+            **{**inp, "context": inp["context"].repeat(2, 1, 1), "context_img": inp["context_img"].repeat(2, 1, 1)},
+        )

@@ -26,8 +26,7 @@ VERSIONS = {
 }
 
 
-def _qkv(seed: int, s_q: int = 200, s_k: int = 200, d: int = 128, h: int = 2,
-         dtype: torch.dtype = torch.bfloat16):
+def _qkv(seed: int, s_q: int = 200, s_k: int = 200, d: int = 128, h: int = 2, dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, h, s_q, d, generator=g).to(dtype)
     k = torch.randn(1, h, s_k, d, generator=g).to(dtype)
@@ -147,9 +146,13 @@ def test_v2_int8_groups_and_rounding(gran: str) -> None:
         k_groups = [list(range(a, min(a + 64, 150))) for a in range(0, 150, 64)]
     else:
         q_groups = [[t for t in range(w, min(w + 32, 100)) if t % 8 == r] for w in range(0, 100, 32) for r in range(8)]
-        k_groups = [[t for t in range(w, min(w + 64, 150)) if (t % 8) // 2 == r] for w in range(0, 150, 64) for r in range(4)]
-    for x, codes, scale, groups in ((qf, it.q_values[0, 0], it.q_scale[0, 0, :, 0], q_groups),
-                                    (kf, it.k_values[0, 0], it.k_scale[0, 0, :, 0], k_groups)):
+        k_groups = [
+            [t for t in range(w, min(w + 64, 150)) if (t % 8) // 2 == r] for w in range(0, 150, 64) for r in range(4)
+        ]
+    for x, codes, scale, groups in (
+        (qf, it.q_values[0, 0], it.q_scale[0, 0, :, 0], q_groups),
+        (kf, it.k_values[0, 0], it.k_scale[0, 0, :, 0], k_groups),
+    ):
         groups = [g for g in groups if g]
         want = _group_scales_by_loop(x, groups)
         assert torch.allclose(scale, want, rtol=2**-23, atol=0)
@@ -177,7 +180,8 @@ def test_v1_intermediates_premultiply_log2e() -> None:
     x = q[0, 0].float() * it.params["q_premultiplied"]
     s = it.q_scale[0, 0]
     assert torch.allclose(s[0], x[:128].abs().max() / 127, rtol=2**-23, atol=0) and torch.allclose(
-        s[-1], x[128:].abs().max() / 127, rtol=2**-23, atol=0)
+        s[-1], x[128:].abs().max() / 127, rtol=2**-23, atol=0
+    )
     err = (it.q_values[0, 0].double() * s.double() - x.double()).abs()
     assert (err <= s.double() * (0.5 + 127 * 2.0**-24)).all()
     assert torch.equal(it.v_values, v.to(torch.float16).float())

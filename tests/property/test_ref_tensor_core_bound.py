@@ -7,8 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.reference.formats import round_to_format
-from harness.reference.metrics import (TENSOR_CORE_FP8_ACCUM_BITS, TENSOR_CORE_FP8_PROMOTE_INTERVAL,
-                                       fp8_tensor_core_bound, summation_bound)
+from harness.reference.metrics import (
+    TENSOR_CORE_FP8_ACCUM_BITS,
+    TENSOR_CORE_FP8_PROMOTE_INTERVAL,
+    fp8_tensor_core_bound,
+    summation_bound,
+)
 
 
 def _round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -17,8 +17,16 @@ import torch
 from harness.reference.metrics import Bound, judge
 from harness.reference.wan import blocks as wb
 from harness.reference.wan import weights as ww
-from harness.reference.wan.config import (GRID_480P, GRID_720P, TINY, TOKENS_480P, TOKENS_720P,
-                                          WAN_1_3B, WAN_14B, WanConfig)
+from harness.reference.wan.config import (
+    GRID_480P,
+    GRID_720P,
+    TINY,
+    TOKENS_480P,
+    TOKENS_720P,
+    WAN_1_3B,
+    WAN_14B,
+    WanConfig,
+)
 
 F64 = torch.float64
 CFG = TINY
@@ -27,8 +35,12 @@ L = 24
 
 
 def _same_math(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    j = judge(out, ref, None, Bound.derived(0.0, ref, torch.float32,
-                                            why=f"{what}: float64 reformulation must agree below float32 rounding"))
+    j = judge(
+        out,
+        ref,
+        None,
+        Bound.derived(0.0, ref, torch.float32, why=f"{what}: float64 reformulation must agree below float32 rounding"),
+    )
     assert j.passed, str(j)
 
 
@@ -121,7 +133,7 @@ def ind_gelu_tanh(x):
 def ind_block(x, e, p, i, ctx, ang):
     pre = f"blocks.{i}"
     m = p[f"{pre}.modulation"] + e  # (B, 6, C)
-    sh1, sc1, g1, sh2, sc2, g2 = (m[:, j:j + 1] for j in range(6))
+    sh1, sc1, g1, sh2, sc2, g2 = (m[:, j : j + 1] for j in range(6))
     x = x + ind_self_attn(ind_ln(x) * (1 + sc1) + sh1, p, f"{pre}.self_attn", ang) * g1
     x = x + ind_cross(ind_ln(x, p[f"{pre}.norm3.weight"], p[f"{pre}.norm3.bias"]), ctx, p, f"{pre}.cross_attn")
     h = ind_ln(x) * (1 + sc2) + sh2
@@ -160,13 +172,18 @@ def test_norms_match_formulas() -> None:
 def test_ffn_and_time_embedding_formulas() -> None:
     p = _params()
     x = _x(5, 1, 6, CFG.dim)
-    _same_math(wb.ffn(x, p, "blocks.0.ffn"),
-               ind_linear(ind_gelu_tanh(ind_linear(x, p, "blocks.0.ffn.0")), p, "blocks.0.ffn.2"), "FFN")
+    _same_math(
+        wb.ffn(x, p, "blocks.0.ffn"),
+        ind_linear(ind_gelu_tanh(ind_linear(x, p, "blocks.0.ffn.0")), p, "blocks.0.ffn.2"),
+        "FFN",
+    )
     t = torch.tensor([0.0, 999.0])
     s = wb.sinusoidal_embedding(t, 256)
     i = torch.arange(128, dtype=F64)
-    want = torch.cat([torch.cos(t.double()[:, None] * 10000 ** (-i / 128)),
-                      torch.sin(t.double()[:, None] * 10000 ** (-i / 128))], dim=1)
+    want = torch.cat(
+        [torch.cos(t.double()[:, None] * 10000 ** (-i / 128)), torch.sin(t.double()[:, None] * 10000 ** (-i / 128))],
+        dim=1,
+    )
     assert torch.allclose(s.double(), want, atol=2.0**-24, rtol=0)
     _, e = wb.time_modulation(t, p, CFG)
     _, e_tok = wb.time_modulation(t[:, None].expand(2, L), p, CFG)
@@ -229,9 +246,21 @@ def test_operator_swap_is_one_argument_and_sees_module_names() -> None:
     base = wb.wan_block(x, e, p, 0, CFG, grid=GRID, context=ctx)
     swapped = wb.wan_block(x, e, p, 0, CFG, grid=GRID, context=ctx, linear=rec_linear, attention=rec_attention)
     assert torch.equal(base, swapped)
-    assert names == [f"blocks.0.{m}" for m in (
-        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")]
+    assert names == [
+        f"blocks.0.{m}"
+        for m in (
+            "self_attn.q",
+            "self_attn.k",
+            "self_attn.v",
+            "self_attn.o",
+            "cross_attn.q",
+            "cross_attn.k",
+            "cross_attn.v",
+            "cross_attn.o",
+            "ffn.0",
+            "ffn.2",
+        )
+    ]
     H, d = CFG.heads, CFG.head_dim
     assert shapes == [((1, L, H, d), (1, L, H, d)), ((1, L, H, d), (1, CFG.text_len, H, d))]
     zeroed = wb.wan_block(x, e, p, 0, CFG, grid=GRID, context=ctx, attention=lambda q, k, v: torch.zeros_like(q))
@@ -260,9 +289,11 @@ def test_mtv_keys_are_the_reinterpreted_projection() -> None:
     d = CFG.head_dim
     for b in range(B):
         for n in range(CFG.heads):
-            rows = kr[b].flatten()[n * S_m * d:(n + 1) * S_m * d].reshape(S_m, d)  # section 8.1 quirk
+            rows = kr[b].flatten()[n * S_m * d : (n + 1) * S_m * d].reshape(S_m, d)  # section 8.1 quirk
             a, c = rows[:, 0::2], rows[:, 1::2]
-            want = torch.stack((a * cos[:, 0::2] - c * sin[:, 0::2], c * cos[:, 1::2] + a * sin[:, 1::2]), -1).flatten(-2)
+            want = torch.stack((a * cos[:, 0::2] - c * sin[:, 0::2], c * cos[:, 1::2] + a * sin[:, 1::2]), -1).flatten(
+                -2
+            )
             _same_math(k[b, :, n], want, f"MTV key head {n}")
     _same_math(v, ind_linear(motion, p, f"{pre}.v").reshape(B, S_m, CFG.heads, d), "MTV values")
 
@@ -277,8 +308,8 @@ def test_humo_frames_attend_only_to_their_audio() -> None:
     bumped[:, 16:32] += 1.0  # frame 1's audio tokens
     out2 = wb.humo_audio_attention(x, bumped, p, pre, CFG, GRID)
     hw = GRID[1] * GRID[2]
-    assert torch.equal(out[:, :hw], out2[:, :hw]) and torch.equal(out[:, 2 * hw:], out2[:, 2 * hw:])
-    assert not torch.equal(out[:, hw:2 * hw], out2[:, hw:2 * hw])
+    assert torch.equal(out[:, :hw], out2[:, :hw]) and torch.equal(out[:, 2 * hw :], out2[:, 2 * hw :])
+    assert not torch.equal(out[:, hw : 2 * hw], out2[:, hw : 2 * hw])
     with pytest.raises(ValueError, match="B\\*F = 1\\*3 = 3"):
         wb.humo_audio_attention(x, audio[:, :32], p, pre, CFG, GRID)
 
@@ -294,13 +325,13 @@ def test_multitalk_single_speaker() -> None:
     bumped = audio.clone()
     bumped[2] += 1.0
     out2 = wb.multitalk_audio_attention(x, bumped, p, pre, CFG, GRID)
-    assert torch.equal(out[:, :2 * S], out2[:, :2 * S]) and not torch.equal(out[:, 2 * S:L], out2[:, 2 * S:L])
+    assert torch.equal(out[:, : 2 * S], out2[:, : 2 * S]) and not torch.equal(out[:, 2 * S : L], out2[:, 2 * S : L])
     # packed kv_linear: the last C outputs are V; with V zeroed only proj's bias is left
     pz = dict(p)
     w = p[f"{pre}.kv_linear.weight"].clone()
     bias = p[f"{pre}.kv_linear.bias"].clone()
-    w[CFG.dim:] = 0
-    bias[CFG.dim:] = 0
+    w[CFG.dim :] = 0
+    bias[CFG.dim :] = 0
     pz[f"{pre}.kv_linear.weight"], pz[f"{pre}.kv_linear.bias"] = w, bias
     outz = wb.multitalk_audio_attention(x[:, :L], audio, pz, pre, CFG, GRID)
     assert torch.allclose(outz, p[f"{pre}.proj.bias"].expand_as(outz), rtol=0, atol=0)
@@ -317,8 +348,10 @@ def test_variant_blocks_run_and_demand_their_inputs(variant: str) -> None:
     kw = {"context_img": _x(26, 1, CFG.image_tokens, CFG.dim)} if variant in ("i2v", "mtv", "multitalk") else {}
     full = dict(kw)
     if variant == "mtv":
-        full.update(motion=wb.pad_motion_tokens(_x(27, 1, 3 * 24, CFG.motion_dim), CFG.dim),
-                    motion_pe=wb.motion_rope_table(3, _x(28, 24, 3)))
+        full.update(
+            motion=wb.pad_motion_tokens(_x(27, 1, 3 * 24, CFG.motion_dim), CFG.dim),
+            motion_pe=wb.motion_rope_table(3, _x(28, 24, 3)),
+        )
     if variant == "humo":
         full["humo_audio"] = _x(29, 1, 48, CFG.humo_audio_dim)
     if variant == "multitalk":
@@ -377,7 +410,10 @@ def test_init_is_deterministic_per_key() -> None:
     shapes = ww.param_shapes(WAN_14B, "mtv")
     assert shapes["blocks.36.motion_attn.q.weight"] == (5120, 5120) and "blocks.37.norm4.weight" not in shapes
     assert ww.param_shapes(WAN_14B, "multitalk")["blocks.0.audio_cross_attn.kv_linear.weight"] == (10240, 768)
-    assert ww.param_shapes(WAN_14B, "humo")["blocks.0.audio_cross_attn_wrapper.audio_cross_attn.k.weight"] == (5120, 1536)
+    assert ww.param_shapes(WAN_14B, "humo")["blocks.0.audio_cross_attn_wrapper.audio_cross_attn.k.weight"] == (
+        5120,
+        1536,
+    )
 
 
 def test_config_presets_and_validation() -> None:

@@ -55,8 +55,9 @@ KINDS = {
 
 
 def _case(op: str, seed: int, **params) -> Case:
-    return Case(op=op, layouts={"x": LayoutSpec((4, 8), "float32")}, values={"x": ValueSpec("normal", seed=seed)},
-                params=params)
+    return Case(
+        op=op, layouts={"x": LayoutSpec((4, 8), "float32")}, values={"x": ValueSpec("normal", seed=seed)}, params=params
+    )
 
 
 def _kind_of(entry: dict) -> str | None:
@@ -111,8 +112,10 @@ def test_reliability_faults_are_answered_once_with_their_verdict_and_the_pool_re
     for kind, (op, params, timeout, verdict, text) in KINDS.items():
         for _ in range(N):
             block = [(kind, _case(op, next(seeds), **params), timeout, verdict, text)]
-            block += [("innocent", _case("cpu.scale", next(seeds)), INNOCENT_TIMEOUT, Verdict.PASS, "")
-                      for _ in range(INNOCENT_AFTER)]
+            block += [
+                ("innocent", _case("cpu.scale", next(seeds)), INNOCENT_TIMEOUT, Verdict.PASS, "")
+                for _ in range(INNOCENT_AFTER)
+            ]
             blocks.append(block)
     random.Random(11).shuffle(blocks)
     plan = [entry for block in blocks for entry in block]
@@ -148,14 +151,30 @@ def test_reliability_faults_are_answered_once_with_their_verdict_and_the_pool_re
         kind = _kind_of(entry)
         if kind is not None:
             recoveries.setdefault(kind, []).append(entry["seconds"])
-    table = {kind: dict(row, recovery_s=(
-        {"n": len(recoveries[kind]), "median": round(statistics.median(recoveries[kind]), 3),
-         "max": round(max(recoveries[kind]), 3)} if recoveries.get(kind) else None))
-        for kind, row in stats.items()}
+    table = {
+        kind: dict(
+            row,
+            recovery_s=(
+                {
+                    "n": len(recoveries[kind]),
+                    "median": round(statistics.median(recoveries[kind]), 3),
+                    "max": round(max(recoveries[kind]), 3),
+                }
+                if recoveries.get(kind)
+                else None
+            ),
+        )
+        for kind, row in stats.items()
+    }
     total = {key: sum(row[key] for row in stats.values()) for key in ("cases", "returned", "lost", "misattributed")}
     total["duplicated"] = anomalies["answered_twice"] + anomalies["started_twice"]
-    report = {"n_per_kind": N, "kinds": table, "total": total, "anomalies": anomalies,
-              "wall_s": round(time.monotonic() - t0, 1)}
+    report = {
+        "n_per_kind": N,
+        "kinds": table,
+        "total": total,
+        "anomalies": anomalies,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
     _print_table(report)
     if os.environ.get(JSON_ENV):
         with open(os.environ[JSON_ENV], "w") as f:
@@ -173,12 +192,24 @@ def _print_table(report: dict) -> None:
     rows = [("kind", "cases", "returned", "lost", "dup", "misattr", "recovery median s", "max s")]
     for kind, row in report["kinds"].items():
         rec = row["recovery_s"] or {}
-        rows.append((kind, row["cases"], row["returned"], row["lost"], "-", row["misattributed"],
-                     rec.get("median", "-"), rec.get("max", "-")))
+        rows.append(
+            (
+                kind,
+                row["cases"],
+                row["returned"],
+                row["lost"],
+                "-",
+                row["misattributed"],
+                rec.get("median", "-"),
+                rec.get("max", "-"),
+            )
+        )
     t = report["total"]
     rows.append(("total", t["cases"], t["returned"], t["lost"], t["duplicated"], t["misattributed"], "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    print(f"\npool reliability, N={report['n_per_kind']} per fault kind, {report['wall_s']} s "
-          "(dup: cases answered or started twice, counted pool-wide)")
+    print(
+        f"\npool reliability, N={report['n_per_kind']} per fault kind, {report['wall_s']} s "
+        "(dup: cases answered or started twice, counted pool-wide)"
+    )
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))

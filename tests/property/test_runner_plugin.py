@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-INNER = textwrap.dedent('''
+INNER = textwrap.dedent("""
     from hypothesis import given, settings, strategies as st
     from harness.cases import Case
     from harness.layouts import LayoutSpec
@@ -37,7 +37,7 @@ INNER = textwrap.dedent('''
                                                                                          offset=1, pad=(0, 1))}),
                                           allow=["pass", "rejected"])
         assert r.verdict.value == "rejected"
-''')
+""")
 
 
 def test_plugin_writes_the_shrunk_case_and_attributes_faults(tmp_path):
@@ -45,9 +45,28 @@ def test_plugin_writes_the_shrunk_case_and_attributes_faults(tmp_path):
     cases = tmp_path / "cases"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("PYTEST_ADDOPTS", None)
-    cp = subprocess.run([sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-                         "-q", "--harness-cases-dir", str(cases), "--harness-case-timeout", "60",
-                         "test_inner.py"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "harness.pytest_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--harness-cases-dir",
+            str(cases),
+            "--harness-case-timeout",
+            "60",
+            "test_inner.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     out = cp.stdout + cp.stderr
     assert cp.returncode == 1, out
     assert "2 failed, 1 passed" in out, out

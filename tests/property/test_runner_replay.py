@@ -33,13 +33,16 @@ def write(tmp_path: Path, op: str, name: str, spec: LayoutSpec = PLAIN, **env) -
     return save_case(c, tmp_path / f"{name}.json")
 
 
-@pytest.mark.parametrize(("op", "argv", "code"), [
-    ("cpu.scale", [], EXIT_PASS),
-    ("fault.nan", [], EXIT_FAIL),
-    ("fault.nan", ["--expect", "nonfinite"], EXIT_PASS),
-    ("fault.nan", ["--expect", "pass"], EXIT_FAIL),
-    ("no.such.target", [], EXIT_CANNOT_RUN),  # e.g. a commit from before the target existed
-])
+@pytest.mark.parametrize(
+    ("op", "argv", "code"),
+    [
+        ("cpu.scale", [], EXIT_PASS),
+        ("fault.nan", [], EXIT_FAIL),
+        ("fault.nan", ["--expect", "nonfinite"], EXIT_PASS),
+        ("fault.nan", ["--expect", "pass"], EXIT_FAIL),
+        ("no.such.target", [], EXIT_CANNOT_RUN),  # e.g. a commit from before the target existed
+    ],
+)
 def test_replay_exit_codes(tmp_path, capsys, op, argv, code):
     path = write(tmp_path, op, "c")
     assert cli_main(["replay", str(path), *argv]) == code
@@ -55,13 +58,19 @@ def test_replay_of_a_cuda_case_without_gpu_cannot_run(tmp_path, capsys):
     assert cli_main(["replay", str(path), "--device", "cpu"]) == EXIT_PASS
 
 
-@pytest.mark.parametrize(("payload", "match"), [
-    ('{"schema_version": 0, "op": "cpu.scale"}', "schema_version 0 is not supported"),
-    ('{"schema_version": true, "op": "cpu.scale"}', "schema_version must be an integer"),
-    ('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}}}', "'qint8'"),
-    ('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "offset": 500000000}}, '
-     '"values": {"x": {}}}', "over the budget"),
-])
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ('{"schema_version": 0, "op": "cpu.scale"}', "schema_version 0 is not supported"),
+        ('{"schema_version": true, "op": "cpu.scale"}', "schema_version must be an integer"),
+        ('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}}}', "'qint8'"),
+        (
+            '{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "offset": 500000000}}, '
+            '"values": {"x": {}}}',
+            "over the budget",
+        ),
+    ],
+)
 def test_replay_of_a_bad_case_file_is_harness_side_never_fail_or_skip(tmp_path, capsys, payload, match):
     bad = tmp_path / "bad.json"
     bad.write_text(payload)
@@ -116,8 +125,9 @@ def test_replay_works_as_git_bisect_run_command(tmp_path):
     # the real entry point, as `git bisect run python -m harness replay CASE` calls it
     path = write(tmp_path, "fault.drift", "drift")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cp = subprocess.run([sys.executable, "-m", "harness", "replay", str(path)], capture_output=True, text=True,
-                        env=env, timeout=300)
+    cp = subprocess.run(
+        [sys.executable, "-m", "harness", "replay", str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert cp.returncode == EXIT_FAIL, cp.stdout + cp.stderr
     assert "[drift] fault.drift" in cp.stdout and "recorded verdict" not in cp.stdout
 
@@ -131,8 +141,16 @@ def run_in_process(c: Case, v: dict) -> Result:
 
 def test_minimize_reaches_the_known_minimal_layout():
     # fault.layout fails iff the storage offset is non-zero: everything else must go
-    spec = LayoutSpec((10, 6), "float32", base_shape=(6, 10), views=(ViewOp.transpose(0, 1),), offset=3,
-                      pad=(0, 2), step=(1, 2), perm=(1, 0))
+    spec = LayoutSpec(
+        (10, 6),
+        "float32",
+        base_shape=(6, 10),
+        views=(ViewOp.transpose(0, 1),),
+        offset=3,
+        pad=(0, 2),
+        step=(1, 2),
+        perm=(1, 0),
+    )
     c = Case(op="fault.layout", layouts={"x": spec}, values={"x": ValueSpec("outliers", seed=3)})
     res = minimize(c, {}, run_in_process)
     assert res.verdict is Verdict.LAYOUT_NONINVARIANCE
@@ -247,8 +265,10 @@ def test_minimize_out_directory_and_existing_files(tmp_path, capsys):
 
 def test_minimize_bad_files_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "q.json"
-    bad.write_text('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}},'
-                   ' "values": {"x": {}}}')
+    bad.write_text(
+        '{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}},'
+        ' "values": {"x": {}}}'
+    )
     assert cli_main(["minimize", str(bad)]) == EXIT_HARNESS
     err = capsys.readouterr().err
     assert "'qint8' is not a supported dtype" in err and len(err.strip().splitlines()) == 1
@@ -270,8 +290,14 @@ def test_git_bisect_run_stops_on_a_harness_side_problem_with_the_message(tmp_pat
     bad.write_text('{"schema_version": 1, "op": "cpu.scale", "layouts": {"x": {"shape": [4], "dtype": "qint8"}}}')
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run([*git, "bisect", "start", "HEAD", "HEAD~2"], cwd=repo, check=True, capture_output=True)
-    cp = subprocess.run([*git, "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(bad)],
-                        cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    cp = subprocess.run(
+        [*git, "bisect", "run", sys.executable, "-m", "harness", "replay", "--bisect", str(bad)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     log = cp.stdout + cp.stderr
     assert cp.returncode != 0 and "'qint8' is not a supported dtype" in log and "git bisect run stops here" in log, log
     assert "is the first bad commit" not in log, log

@@ -240,8 +240,10 @@ def test_registry_errors_name_the_problem():
     with pytest.raises(TargetError, match="unknown target 'nope'"):
         get_target("nope")
     with pytest.raises(TargetError, match="already registered"):
+
         class _Dup(BaseTarget):
             name = "cpu.scale"
+
         register_target(_Dup)
     with pytest.raises(TargetError, match="missing"):
         register_target(object())
@@ -259,8 +261,11 @@ def test_result_json_round_trip_keeps_nonfinite_numbers():
 
 
 def test_a_result_written_before_the_mutation_record_still_loads():
-    old = {"verdict": "input_mutation", "message": "the op wrote into its inputs: k: 3 of its 8 values changed",
-           "op": "attn.x"}
+    old = {
+        "verdict": "input_mutation",
+        "message": "the op wrote into its inputs: k: 3 of its 8 values changed",
+        "op": "attn.x",
+    }
     r = Result.from_json(old)
     assert r.verdict is Verdict.INPUT_MUTATION and r.mutated_inputs == [] and r.poison_written == []
 

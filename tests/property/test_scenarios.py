@@ -22,8 +22,10 @@ from harness.scenarios import (
 )
 
 
-@pytest.mark.parametrize("alias,preset", [("sageattn_3", "fp4+sage3-fp4"), ("sageattn_3_fp4", "fp4+sage3-fp4"),
-                                          ("sageattn_3_fp8", "fp8+sage3-fp8")])
+@pytest.mark.parametrize(
+    "alias,preset",
+    [("sageattn_3", "fp4+sage3-fp4"), ("sageattn_3_fp4", "fp4+sage3-fp4"), ("sageattn_3_fp8", "fp8+sage3-fp8")],
+)
 def test_writeup_mode_names_are_preset_aliases(alias: str, preset: str) -> None:
     assert PRESET_ALIASES[alias] == preset and preset_config(alias) is PRESETS[preset]
     r = resolve_preset(alias, "cpu", emulate_missing=True)
@@ -65,10 +67,14 @@ def test_fp8_scenarios_pass_their_bound_on_cpu(name: str) -> None:
 def test_infinitetalk_runs_the_audio_attention_on_the_emulation_it_names() -> None:
     r = run_scenario("infinitetalk", "cpu")
     assert r.status == "pass", r.reason
-    assert r.operators["attention"] == {"self_attn": "emu.sage1", "cross_attn": "emu.sage1",
-                                        "audio_cross_attn": "emu.sage1"}
-    assert any(s.split(": ")[0].startswith("self_attn/") and "sage1.sageattn -> emu.sage1" in s
-               for s in r.substitutions)
+    assert r.operators["attention"] == {
+        "self_attn": "emu.sage1",
+        "cross_attn": "emu.sage1",
+        "audio_cross_attn": "emu.sage1",
+    }
+    assert any(
+        s.split(": ")[0].startswith("self_attn/") and "sage1.sageattn -> emu.sage1" in s for s in r.substitutions
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without CUDA")
@@ -119,8 +125,11 @@ def test_a_failure_the_known_sage1_defect_explains_is_named(monkeypatch: pytest.
 
     emu = B.BACKENDS["emu.sage1"]
     faulty = B.AttentionBackend(
-        name="test.sage1_short_tile", description="emu.sage1 with the short-tile defect", requires=B.Requirements(),
-        runner=lambda q, k, v, layout, **kw: emu.run(q, k, v, layout, tail_keys_score_zero=True, **kw))
+        name="test.sage1_short_tile",
+        description="emu.sage1 with the short-tile defect",
+        requires=B.Requirements(),
+        runner=lambda q, k, v, layout, **kw: emu.run(q, k, v, layout, tail_keys_score_zero=True, **kw),
+    )
     monkeypatch.setitem(B.BACKENDS, faulty.name, faulty)
     monkeypatch.setitem(B.EMULATION_OF, faulty.name, "emu.sage1")
     r = run_scenario(QuantizedBlockConfig(name="short-tile", linear="nvfp4", attention=faulty.name), "cpu")

@@ -47,11 +47,14 @@ def test_split_matches_select_and_lists_empty_shards() -> None:
 def test_the_split_is_the_same_in_another_process_with_another_hash_seed(seed: str) -> None:
     ks = [cell_key(op, c) for op in ("fp8_linear", "attn.sdpa", "legacy.comfyui") for c in ("contiguous", "t", "o_3")]
     here = [shard_of(k, 7) for k in ks]
-    code = ("import json, sys; from harness.shard import shard_of; "
-            "print(json.dumps([shard_of(k, 7) for k in json.loads(sys.argv[1])]))")
+    code = (
+        "import json, sys; from harness.shard import shard_of; "
+        "print(json.dumps([shard_of(k, 7) for k in json.loads(sys.argv[1])]))"
+    )
     env = dict(os.environ, PYTHONHASHSEED=seed)
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(ks)], capture_output=True, text=True, env=env,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(ks)], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
     assert json.loads(out.stdout) == here
     assert len(set(here)) > 1  # the keys do spread over shards
 
@@ -67,9 +70,17 @@ def test_parse_shard(text: str, want: tuple[int, int]) -> None:
     assert (s.index, s.count) == want and str(s) == f"{want[0]}/{want[1]}"
 
 
-@pytest.mark.parametrize("text, match", [("0/4", "between 1 and 4"), ("5/4", "between 1 and 4"),
-                                         ("1/0", ">= 1"), ("2", "is not I/N"), ("a/b", "is not I/N"),
-                                         ("-1/4", "is not I/N")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("0/4", "between 1 and 4"),
+        ("5/4", "between 1 and 4"),
+        ("1/0", ">= 1"),
+        ("2", "is not I/N"),
+        ("a/b", "is not I/N"),
+        ("-1/4", "is not I/N"),
+    ],
+)
 def test_parse_shard_rejects_with_the_fix(text: str, match: str) -> None:
     with pytest.raises(ShardError, match=match):
         parse_shard(text)

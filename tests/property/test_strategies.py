@@ -37,8 +37,13 @@ def test_layouts_shrink_to_the_plain_contiguous_layout() -> None:
     assert minimal(strategy, lambda s: not s.is_plain()) == LayoutSpec((4, 8, 16), "bfloat16", offset=1)
     # the simplest non-contiguous one adds exactly one property (which one depends on the shrink path)
     spec = minimal(strategy, lambda s: not s.is_contiguous())
-    extras = [spec.perm is not None, spec.step is not None, spec.pad is not None, spec.broadcast != (),
-              spec.views != ()]
+    extras = [
+        spec.perm is not None,
+        spec.step is not None,
+        spec.pad is not None,
+        spec.broadcast != (),
+        spec.views != (),
+    ]
     assert spec.offset == 0 and sum(extras) == 1, spec
 
 
@@ -104,7 +109,9 @@ def test_alignment_class_is_exact_on_the_real_pointer(alignment: int, dtype: str
 def test_attention_inputs_are_consistent_views(a) -> None:
     assert a.tensor_layout in ("HND", "NHD")
     for name, spec, seq in (("q", a.q, a.seq_q), ("k", a.k, a.seq_kv), ("v", a.v, a.seq_kv)):
-        expect = (a.batch, a.heads, seq, a.head_dim) if a.tensor_layout == "HND" else (a.batch, seq, a.heads, a.head_dim)
+        expect = (
+            (a.batch, a.heads, seq, a.head_dim) if a.tensor_layout == "HND" else (a.batch, seq, a.heads, a.head_dim)
+        )
         assert spec.shape == expect, name
         assert spec.last_stride() == 1
         token_dim = 2 if a.tensor_layout == "HND" else 1

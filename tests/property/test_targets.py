@@ -51,11 +51,19 @@ LINEAR_PROPERTIES = {
 }
 
 ATTENTION_PROPERTIES = {
-    "hnd_contiguous": lambda d: d.params["tensor_layout"] == "HND" and all(x.is_contiguous() for x in d.layouts.values()),
-    "nhd_contiguous": lambda d: d.params["tensor_layout"] == "NHD" and all(x.is_contiguous() for x in d.layouts.values()),
-    "transposed_view": lambda d: d.params["tensor_layout"] == "HND" and not any(x.is_contiguous() for x in d.layouts.values()),
-    "packed_qkv": lambda d: all(x.strides()[-3 if d.params["tensor_layout"] == "NHD" else -2]
-                                == 3 * d.params["heads"] * d.params["head_dim"] for x in d.layouts.values()),
+    "hnd_contiguous": lambda d: (
+        d.params["tensor_layout"] == "HND" and all(x.is_contiguous() for x in d.layouts.values())
+    ),
+    "nhd_contiguous": lambda d: (
+        d.params["tensor_layout"] == "NHD" and all(x.is_contiguous() for x in d.layouts.values())
+    ),
+    "transposed_view": lambda d: (
+        d.params["tensor_layout"] == "HND" and not any(x.is_contiguous() for x in d.layouts.values())
+    ),
+    "packed_qkv": lambda d: all(
+        x.strides()[-3 if d.params["tensor_layout"] == "NHD" else -2] == 3 * d.params["heads"] * d.params["head_dim"]
+        for x in d.layouts.values()
+    ),
     "misaligned_ptr_2": lambda d: all(x.alignment() == 2 for x in d.layouts.values()),
     "misaligned_ptr_4": lambda d: all(x.alignment() == 4 for x in d.layouts.values()),
     "misaligned_ptr_8": lambda d: all(x.alignment() == 8 for x in d.layouts.values()),
@@ -64,8 +72,9 @@ ATTENTION_PROPERTIES = {
     "seq_113": lambda d: d.params["seq_q"] == d.params["seq_k"] == 113,
     "seq_257": lambda d: d.params["seq_q"] == d.params["seq_k"] == 257,
     "seq_512": lambda d: d.params["seq_q"] == d.params["seq_k"] == 512,
-    "mtv_scrambled_k": lambda d: d.params["tensor_layout"] == "NHD" and not d.layouts["k"].is_contiguous()
-    and d.layouts["q"].is_contiguous(),
+    "mtv_scrambled_k": lambda d: (
+        d.params["tensor_layout"] == "NHD" and not d.layouts["k"].is_contiguous() and d.layouts["q"].is_contiguous()
+    ),
 }
 
 
@@ -100,8 +109,11 @@ def test_attention_class_draws_have_their_layout_property(name: str, rng: random
     p = d.params
     for n, spec in d.layouts.items():
         seq = p["seq_q"] if n == "q" else p["seq_k"]
-        want = ((p["batch"], p["heads"], seq, p["head_dim"]) if p["tensor_layout"] == "HND"
-                else (p["batch"], seq, p["heads"], p["head_dim"]))
+        want = (
+            (p["batch"], p["heads"], seq, p["head_dim"])
+            if p["tensor_layout"] == "HND"
+            else (p["batch"], seq, p["heads"], p["head_dim"])
+        )
         assert spec.shape == want, (n, spec.describe())
     assert ATTENTION_PROPERTIES[name](d), {n: s.describe() for n, s in d.layouts.items()}
 
@@ -179,8 +191,17 @@ def _cpu_targets() -> list[str]:
 
 def test_the_cpu_runnable_targets_are_the_expected_ones() -> None:
     names = set(_cpu_targets())
-    expected = {"fp8_linear", "raw.scaled_mm", "legacy.wanvideo_early2025", "legacy.wanvideo_late2025",
-                "legacy.user_fixed", "legacy.comfyui", "attn.sdpa", "attn.sdpa.math", "attn.emu.naive"}
+    expected = {
+        "fp8_linear",
+        "raw.scaled_mm",
+        "legacy.wanvideo_early2025",
+        "legacy.wanvideo_late2025",
+        "legacy.user_fixed",
+        "legacy.comfyui",
+        "attn.sdpa",
+        "attn.sdpa.math",
+        "attn.emu.naive",
+    }
     assert expected <= names, expected - names
     assert not any(n.startswith(("attn.sdpa.flash", "attn.sage1", "attn.flash_attn")) for n in names)
 
@@ -282,8 +303,10 @@ def test_plugin_target_runs_a_user_linear(monkeypatch) -> None:
     with pytest.raises(ValueError, match="package.module:attr"):
         register_plugin("a:b:c")
     # a plug-in that does not resolve is the harness's failure to call it (unsupported), not "unavailable"
-    for spec, named in (("no_such_entry_point", "no_such_entry_point"), ("harness.nonexistent_module:fn",
-                                                                       "nonexistent_module")):
+    for spec, named in (
+        ("no_such_entry_point", "no_such_entry_point"),
+        ("harness.nonexistent_module:fn", "nonexistent_module"),
+    ):
         bad = get_target(register_plugin(spec))
         r = run_case(dataclasses.replace(t.layout_classes()["contiguous"].build(0), op=bad.name), "cpu")
         assert r.verdict.value == "unsupported" and named in r.message, r.format()

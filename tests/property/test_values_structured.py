@@ -50,12 +50,15 @@ def test_structured_kinds_are_finite_and_listed() -> None:
         assert torch.isfinite(ValueSpec(kind, 3).generate((4, 8), torch.bfloat16).float()).all()
 
 
-@pytest.mark.parametrize("params,text", [
-    ({"dim": -1}, "'dim' of kind 'zero_slice' must be an integer >= 0"),
-    ({"length": 1.5}, "'length' of kind 'zero_slice' must be an integer >= 0"),
-    ({"start": True}, "'start' of kind 'zero_slice' must be an integer >= 0"),
-    ({"axis": 0}, "params ['axis'] unknown for kind 'zero_slice'"),
-])
+@pytest.mark.parametrize(
+    "params,text",
+    [
+        ({"dim": -1}, "'dim' of kind 'zero_slice' must be an integer >= 0"),
+        ({"length": 1.5}, "'length' of kind 'zero_slice' must be an integer >= 0"),
+        ({"start": True}, "'start' of kind 'zero_slice' must be an integer >= 0"),
+        ({"axis": 0}, "params ['axis'] unknown for kind 'zero_slice'"),
+    ],
+)
 def test_malformed_params_are_refused_with_the_field_named(params, text) -> None:
     with pytest.raises(ValueError_, match=text.replace("[", r"\[").replace("]", r"\]")):
         ValueSpec.from_dict({"kind": "zero_slice", "params": params})

@@ -27,15 +27,21 @@ def _sig(t: Tensor) -> tuple:
     return (t.dtype, t.shape, t.stride(), t.device, (low, t.storage_offset()) if low else 0)
 
 
-def plan_key(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any,
-             args: Hashable) -> Optional[tuple]:
+def plan_key(
+    input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any, args: Hashable
+) -> Optional[tuple]:
     """The layout signature of one call, or None when an operand is not a plain tensor (not cached)."""
     try:
-        return (args, _sig(input), _sig(weight),
-                None if weight_scale is None else _sig(weight_scale),
-                None if input_scale is None else (
-                    _sig(input_scale) if isinstance(input_scale, Tensor) else type(input_scale)),
-                None if bias is None else _sig(bias))
+        return (
+            args,
+            _sig(input),
+            _sig(weight),
+            None if weight_scale is None else _sig(weight_scale),
+            None
+            if input_scale is None
+            else (_sig(input_scale) if isinstance(input_scale, Tensor) else type(input_scale)),
+            None if bias is None else _sig(bias),
+        )
     except (AttributeError, TypeError, RuntimeError):  # not tensors, or tensors without storage
         return None
 

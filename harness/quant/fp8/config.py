@@ -76,7 +76,8 @@ class Fp8LinearConfig:
             raise Fp8LinearError(f"input_scaling={self.input_scaling!r}; use one of {INPUT_SCALINGS}")
         if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
             raise Fp8LinearError(
-                f"out_dtype={self.out_dtype}; use torch.bfloat16, torch.float16, torch.float32 or None (the input's)")
+                f"out_dtype={self.out_dtype}; use torch.bfloat16, torch.float16, torch.float32 or None (the input's)"
+            )
         if self.backend not in BACKENDS:
             raise Fp8LinearError(f"backend={self.backend!r}; use one of {BACKENDS}")
         if self.rules is not None and self.rules not in RULES:
@@ -86,6 +87,11 @@ class Fp8LinearConfig:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields (dtypes as their short names)."""
-        return {"weight_scaling": self.weight_scaling, "input_scaling": self.input_scaling,
-                "out_dtype": None if self.out_dtype is None else str(self.out_dtype).replace("torch.", ""),
-                "backend": self.backend, "rules": self.rules, "use_fast_accum": self.use_fast_accum}
+        return {
+            "weight_scaling": self.weight_scaling,
+            "input_scaling": self.input_scaling,
+            "out_dtype": None if self.out_dtype is None else str(self.out_dtype).replace("torch.", ""),
+            "backend": self.backend,
+            "rules": self.rules,
+            "use_fast_accum": self.use_fast_accum,
+        }

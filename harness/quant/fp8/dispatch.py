@@ -43,8 +43,18 @@ from harness.quant.fp8.quantize import (
     scaled_cast,
 )
 
-__all__ = ["scaled_mm_available", "select_backend", "call_scaled_mm", "LinearResult", "fp8_linear",
-           "fp8_linear_with_plan", "last_plan", "plan_cache_info", "clear_plan_cache", "PLAN_CACHE_SIZE"]
+__all__ = [
+    "scaled_mm_available",
+    "select_backend",
+    "call_scaled_mm",
+    "LinearResult",
+    "fp8_linear",
+    "fp8_linear_with_plan",
+    "last_plan",
+    "plan_cache_info",
+    "clear_plan_cache",
+    "PLAN_CACHE_SIZE",
+]
 
 #: the logger users (and tests) configure; one name for the whole FP8 linear
 logger = logging.getLogger("harness.quant.linear")
@@ -66,6 +76,7 @@ def clear_plan_cache() -> None:
 
 # ---------------------------------------------------------------------------
 # Backend selection (probed at call time)
+
 
 @functools.lru_cache(maxsize=None)
 def _cpu_scaled_mm_supports(scaling: str) -> tuple[bool, str]:
@@ -138,8 +149,10 @@ def select_backend(device: Union[str, torch.device], scaling: str, requested: st
         cap = cuda_capability(dev)
         if cap >= MIN_CAPABILITY:
             return "cuda", f"torch._scaled_mm on compute capability {format_capability(cap)}"
-        why = (f"FP8 matmul needs compute capability >= {format_capability(MIN_CAPABILITY)}, "
-               f"found {format_capability(cap)}")
+        why = (
+            f"FP8 matmul needs compute capability >= {format_capability(MIN_CAPABILITY)}, "
+            f"found {format_capability(cap)}"
+        )
         if requested == "cuda":
             raise Fp8LinearError(why + "; use backend='emulate'")
         return "emulate", why + ": emulated"
@@ -157,8 +170,15 @@ def select_backend(device: Union[str, torch.device], scaling: str, requested: st
     return "emulate", f"no native FP8 matmul on device type {dev.type!r}: emulated"
 
 
-def call_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor],
-                   out_dtype: torch.dtype, use_fast_accum: bool = False) -> Tensor:
+def call_scaled_mm(
+    a: Tensor,
+    b: Tensor,
+    scale_a: Tensor,
+    scale_b: Tensor,
+    bias: Optional[Tensor],
+    out_dtype: torch.dtype,
+    use_fast_accum: bool = False,
+) -> Tensor:
     """``torch._scaled_mm`` with keyword arguments, unwrapping the ``(out, amax)`` tuple of torch <= 2.4."""
     kwargs: dict[str, Any] = dict(scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     if bias is not None:
@@ -224,23 +244,54 @@ class _Recipe:
 
 def _recipe(plan: LinearPlan, input: Tensor) -> _Recipe:
     roles = {d.role: d.action for d in plan.decisions}
-    return _Recipe(plan=plan, lead=tuple(input.shape[:-1]), weight=roles["weight"], scale_b=roles["scale_b"],
-                   input=roles["input"], scale_a=roles["scale_a"], bias=roles.get("bias"),
-                   rowwise=plan.scaling == "rowwise", scales_in_epilogue="rowwise scales" in plan.epilogue,
-                   use_fast_accum=bool(plan.config and plan.config.use_fast_accum))
+    return _Recipe(
+        plan=plan,
+        lead=tuple(input.shape[:-1]),
+        weight=roles["weight"],
+        scale_b=roles["scale_b"],
+        input=roles["input"],
+        scale_a=roles["scale_a"],
+        bias=roles.get("bias"),
+        rowwise=plan.scaling == "rowwise",
+        scales_in_epilogue="rowwise scales" in plan.epilogue,
+        use_fast_accum=bool(plan.config and plan.config.use_fast_accum),
+    )
 
 
-def _prepare(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any,
-             config: Optional[Fp8LinearConfig], out_dtype: Optional[torch.dtype], backend: str,
-             rules: Optional[str], use_fast_accum: bool) -> _Recipe:
+def _prepare(
+    input: Any,
+    weight: Any,
+    weight_scale: Any,
+    input_scale: Any,
+    bias: Any,
+    config: Optional[Fp8LinearConfig],
+    out_dtype: Optional[torch.dtype],
+    backend: str,
+    rules: Optional[str],
+    use_fast_accum: bool,
+) -> _Recipe:
     """Validate the call, resolve its config, pick the backend and build the plan (the uncached path)."""
-    cfg = resolve_config(input, weight, weight_scale, input_scale, bias, config, out_dtype=out_dtype,
-                         backend=backend, rules=rules, use_fast_accum=use_fast_accum)
+    cfg = resolve_config(
+        input,
+        weight,
+        weight_scale,
+        input_scale,
+        bias,
+        config,
+        out_dtype=out_dtype,
+        backend=backend,
+        rules=rules,
+        use_fast_accum=use_fast_accum,
+    )
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise Fp8LinearError("fp8_linear needs tensors; plan_operands accepts layouts")
     dev = input.device
-    for name, t in (("weight", weight), ("weight_scale", weight_scale), ("bias", bias),
-                    ("input_scale", input_scale if isinstance(input_scale, Tensor) else None)):
+    for name, t in (
+        ("weight", weight),
+        ("weight_scale", weight_scale),
+        ("bias", bias),
+        ("input_scale", input_scale if isinstance(input_scale, Tensor) else None),
+    ):
         if t is not None and t.device != dev:
             raise Fp8LinearError(f"{name} is on {t.device} but input is on {dev}; put every operand on one device")
     chosen, why = select_backend(dev, cfg.weight_scaling, cfg.backend)
@@ -287,13 +338,23 @@ def fp8_linear_with_plan(
     Inference only: runs under ``torch.no_grad()`` (``_scaled_mm`` has no backward for this use).
     """
     with torch.no_grad():
-        return _fp8_linear_impl(input, weight, weight_scale, input_scale, bias, out_dtype, backend, rules,
-                                use_fast_accum, config)
+        return _fp8_linear_impl(
+            input, weight, weight_scale, input_scale, bias, out_dtype, backend, rules, use_fast_accum, config
+        )
 
 
-def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any,
-                     bias: Optional[Tensor], out_dtype: Optional[torch.dtype], backend: str, rules: Optional[str],
-                     use_fast_accum: bool, config: Optional[Fp8LinearConfig]) -> LinearResult:
+def _fp8_linear_impl(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Optional[Tensor],
+    input_scale: Any,
+    bias: Optional[Tensor],
+    out_dtype: Optional[torch.dtype],
+    backend: str,
+    rules: Optional[str],
+    use_fast_accum: bool,
+    config: Optional[Fp8LinearConfig],
+) -> LinearResult:
     key = plan_key(input, weight, weight_scale, input_scale, bias, (config, out_dtype, backend, rules, use_fast_accum))
     recipe = PLAN_CACHE.get(key) if key is not None else None
     if recipe is not None:
@@ -301,20 +362,25 @@ def _fp8_linear_impl(input: Tensor, weight: Tensor, weight_scale: Optional[Tenso
         if select_backend(input.device, plan.scaling, plan.config.backend) != (plan.backend, plan.backend_reason):
             recipe = None  # the probe's answer changed (e.g. a cleared probe cache): plan again
     if recipe is None:
-        recipe = _prepare(input, weight, weight_scale, input_scale, bias, config, out_dtype, backend, rules,
-                          use_fast_accum)
+        recipe = _prepare(
+            input, weight, weight_scale, input_scale, bias, config, out_dtype, backend, rules, use_fast_accum
+        )
         if key is not None:
             PLAN_CACHE.put(key, recipe)
-    elif input_scale is not None and not isinstance(input_scale, Tensor) and not (
-            math.isfinite(input_scale) and input_scale > 0):
+    elif (
+        input_scale is not None
+        and not isinstance(input_scale, Tensor)
+        and not (math.isfinite(input_scale) and input_scale > 0)
+    ):
         raise Fp8LinearError(f"input_scale={input_scale} must be positive and finite")
     _state.plan = recipe.plan
     _log_plan(recipe.plan)
     return _execute(recipe, input, weight, weight_scale, input_scale, bias)
 
 
-def _execute(r: _Recipe, input: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any,
-             bias: Optional[Tensor]) -> LinearResult:
+def _execute(
+    r: _Recipe, input: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any, bias: Optional[Tensor]
+) -> LinearResult:
     """Run a plan: quantize or copy what it says, call the kernel, apply the epilogue. Never writes an argument."""
     plan = r.plan
     dev = input.device
@@ -341,8 +407,11 @@ def _execute(r: _Recipe, input: Tensor, weight: Tensor, weight_scale: Optional[T
         if weight_scale is None:
             scale_b = torch.ones(1, dtype=f32, device=dev) if not rowwise else torch.ones(1, np_, dtype=f32, device=dev)
         elif not rowwise:
-            scale_b = weight_scale.reshape(1) if r.scale_b == "use" else \
-                weight_scale.detach().to(dtype=f32, device=dev).reshape(1).clone()
+            scale_b = (
+                weight_scale.reshape(1)
+                if r.scale_b == "use"
+                else weight_scale.detach().to(dtype=f32, device=dev).reshape(1).clone()
+            )
         elif r.scale_b == "use":
             scale_b = weight_scale.reshape(1, n)
         else:
@@ -381,8 +450,9 @@ def _execute(r: _Recipe, input: Tensor, weight: Tensor, weight_scale: Optional[T
             raise Fp8LinearError(f"input_scale={s_val} must be positive and finite")
         saturate = not (peak <= E4M3_MAX)
         if saturate:
-            logger.debug("input: values reach %.4g x input_scale beyond +-%g: clamped on a temporary copy",
-                         peak, E4M3_MAX)
+            logger.debug(
+                "input: values reach %.4g x input_scale beyond +-%g: clamped on a temporary copy", peak, E4M3_MAX
+            )
         scale_a = s_in.expand(m, 1).contiguous() if rowwise else s_in
         a_q = quantize_activation(input, s_in, k_padded=kp, saturate=saturate)
     elif plan.quantizer == "triton-rowwise":
@@ -462,5 +532,15 @@ def fp8_linear(
     (then out_dtype/backend/rules/use_fast_accum go in it). The plan of the call is available
     from :func:`last_plan`.
     """
-    return fp8_linear_with_plan(input, weight, weight_scale, input_scale, bias, out_dtype,
-                                backend=backend, rules=rules, use_fast_accum=use_fast_accum, config=config).out
+    return fp8_linear_with_plan(
+        input,
+        weight,
+        weight_scale,
+        input_scale,
+        bias,
+        out_dtype,
+        backend=backend,
+        rules=rules,
+        use_fast_accum=use_fast_accum,
+        config=config,
+    ).out

@@ -29,12 +29,27 @@ from harness.quant.fp8.config import (
     Fp8LinearError,
 )
 
-__all__ = ["CopyReason", "OperandDecision", "LinearPlan", "copy_reasons", "plan_operands", "resolve_config",
-           "build_plan"]
+__all__ = [
+    "CopyReason",
+    "OperandDecision",
+    "LinearPlan",
+    "copy_reasons",
+    "plan_operands",
+    "resolve_config",
+    "build_plan",
+]
 
 # Roles understood by copy_reasons (aliases map onto the kernel operand names).
-_ROLE_ALIASES = {"input": "a", "a": "a", "weight": "b", "b": "b", "scale_a": "scale_a",
-                 "scale_b": "scale_b", "bias": "bias", "out": "out"}
+_ROLE_ALIASES = {
+    "input": "a",
+    "a": "a",
+    "weight": "b",
+    "b": "b",
+    "scale_a": "scale_a",
+    "scale_b": "scale_b",
+    "bias": "bias",
+    "out": "out",
+}
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -98,15 +113,22 @@ def copy_reasons(
             return [CopyReason("shape", f"{role} has shape {g.shape}; expected {want}")]
         rv = _rows_view(g)
         if rv is None:
-            reasons.append(CopyReason(
-                "rows", f"{role} leading dims {g.shape[:-1]} with strides {g.strides[:-1]} cannot be "
-                        "merged into one row dimension without a copy"))
+            reasons.append(
+                CopyReason(
+                    "rows",
+                    f"{role} leading dims {g.shape[:-1]} with strides {g.strides[:-1]} cannot be "
+                    "merged into one row dimension without a copy",
+                )
+            )
         if rules == "none":
             return reasons
         last = g.strides[-1]
         if g.shape[-1] > 1 and last != 1:
-            major = {"a": "A must be row-major", "b": "B must be column-major (weight row-major)",
-                     "out": "out must be row-major"}[kind]
+            major = {
+                "a": "A must be row-major",
+                "b": "B must be column-major (weight row-major)",
+                "out": "out must be row-major",
+            }[kind]
             reasons.append(CopyReason("last_stride", f"{role} last-dim stride is {last}, the kernel needs 1 ({major})"))
         if rv is not None and rv[0] > 1 and (last == 1 or g.shape[-1] == 1):
             ld = rv[1]
@@ -114,21 +136,36 @@ def copy_reasons(
             if ld < k:
                 reasons.append(CopyReason("ld", f"{role} row stride {ld} is smaller than the row length {k}"))
             elif (ld * g.itemsize) % al:
-                reasons.append(CopyReason(
-                    "ld", f"{role} leading dimension is {ld} elements = {ld * g.itemsize} bytes, "
-                          f"not a multiple of {al}"))
+                reasons.append(
+                    CopyReason(
+                        "ld",
+                        f"{role} leading dimension is {ld} elements = {ld * g.itemsize} bytes, not a multiple of {al}",
+                    )
+                )
         if g.ptr_align < al:
-            reasons.append(CopyReason(
-                "ptr", f"{role} data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset} "
-                       f"elements of {g.itemsize} B), the kernel needs {al}"))
+            reasons.append(
+                CopyReason(
+                    "ptr",
+                    f"{role} data pointer is {g.ptr_align}-byte aligned (storage offset {g.offset} "
+                    f"elements of {g.itemsize} B), the kernel needs {al}",
+                )
+            )
         k = g.shape[-1]
         if kind in ("a", "b") and k % DIM_MULTIPLE:
-            reasons.append(CopyReason(
-                "k_multiple", f"K={k} is not a multiple of {DIM_MULTIPLE}: zero-padded to {_ceil_to(k, DIM_MULTIPLE)}"))
+            reasons.append(
+                CopyReason(
+                    "k_multiple",
+                    f"K={k} is not a multiple of {DIM_MULTIPLE}: zero-padded to {_ceil_to(k, DIM_MULTIPLE)}",
+                )
+            )
         if kind == "b" and g.shape[0] % DIM_MULTIPLE:
             n = g.shape[0]
-            reasons.append(CopyReason(
-                "n_multiple", f"N={n} is not a multiple of {DIM_MULTIPLE}: zero-padded to {_ceil_to(n, DIM_MULTIPLE)}"))
+            reasons.append(
+                CopyReason(
+                    "n_multiple",
+                    f"N={n} is not a multiple of {DIM_MULTIPLE}: zero-padded to {_ceil_to(n, DIM_MULTIPLE)}",
+                )
+            )
         return reasons
     if kind in ("scale_a", "scale_b"):
         if g.dtype != torch.float32:
@@ -138,11 +175,16 @@ def copy_reasons(
         if g.numel > 1:
             nontrivial = [(s, st) for s, st in zip(g.shape, g.strides) if s != 1]
             if len(nontrivial) != 1 or nontrivial[0][1] != 1:
-                reasons.append(CopyReason(
-                    "contiguity", f"{role} of shape {g.shape} has strides {g.strides}; rowwise scales must be contiguous"))
+                reasons.append(
+                    CopyReason(
+                        "contiguity",
+                        f"{role} of shape {g.shape} has strides {g.strides}; rowwise scales must be contiguous",
+                    )
+                )
         if g.ptr_align < al:
-            reasons.append(CopyReason(
-                "ptr", f"{role} data pointer is {g.ptr_align}-byte aligned, the kernel needs {al}"))
+            reasons.append(
+                CopyReason("ptr", f"{role} data pointer is {g.ptr_align}-byte aligned, the kernel needs {al}")
+            )
         return reasons
     # bias
     if len(g.shape) != 1:
@@ -157,7 +199,9 @@ def copy_reasons(
     if g.ptr_align < al:
         reasons.append(CopyReason("ptr", f"bias data pointer is {g.ptr_align}-byte aligned, the kernel needs {al}"))
     if g.shape[0] % DIM_MULTIPLE:
-        reasons.append(CopyReason("n_multiple", f"bias has N={g.shape[0]}, zero-padded to {_ceil_to(g.shape[0], DIM_MULTIPLE)}"))
+        reasons.append(
+            CopyReason("n_multiple", f"bias has N={g.shape[0]}, zero-padded to {_ceil_to(g.shape[0], DIM_MULTIPLE)}")
+        )
     return reasons
 
 
@@ -197,9 +241,12 @@ class OperandDecision:
         return s
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "action": self.action,
-                "reasons": [r._asdict() for r in self.reasons],
-                "absorbed": [r._asdict() for r in self.absorbed]}
+        return {
+            "role": self.role,
+            "action": self.action,
+            "reasons": [r._asdict() for r in self.reasons],
+            "absorbed": [r._asdict() for r in self.absorbed],
+        }
 
 
 @dataclass(frozen=True)
@@ -247,27 +294,40 @@ class LinearPlan:
         return tuple(d.role for d in self.decisions if d.copied)
 
     def describe(self) -> str:
-        head = (f"fp8_linear M={self.m} K={self.k} N={self.n} (padded K={self.k_padded}, N={self.n_padded}) "
-                f"{self.scaling} ({self.input_scaling} input) out={self.out_dtype} backend={self.backend} "
-                f"({self.backend_reason}); rules={self.rules}; quantizer={self.quantizer}")
+        head = (
+            f"fp8_linear M={self.m} K={self.k} N={self.n} (padded K={self.k_padded}, N={self.n_padded}) "
+            f"{self.scaling} ({self.input_scaling} input) out={self.out_dtype} backend={self.backend} "
+            f"({self.backend_reason}); rules={self.rules}; quantizer={self.quantizer}"
+        )
         lines = [head] + ["  " + d.describe() for d in self.decisions]
         if self.epilogue:
             lines.append("  epilogue: " + ", ".join(self.epilogue))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "backend_reason": self.backend_reason, "rules": self.rules,
-                "quantizer": self.quantizer,
-                "scaling": self.scaling, "input_scaling": self.input_scaling,
-                "weight_quantized": self.weight_quantized, "m": self.m, "k": self.k, "n": self.n,
-                "k_padded": self.k_padded, "n_padded": self.n_padded,
-                "out_dtype": str(self.out_dtype).replace("torch.", ""),
-                "decisions": [d.to_dict() for d in self.decisions], "epilogue": list(self.epilogue),
-                "copies": self.copies}
+        return {
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "rules": self.rules,
+            "quantizer": self.quantizer,
+            "scaling": self.scaling,
+            "input_scaling": self.input_scaling,
+            "weight_quantized": self.weight_quantized,
+            "m": self.m,
+            "k": self.k,
+            "n": self.n,
+            "k_padded": self.k_padded,
+            "n_padded": self.n_padded,
+            "out_dtype": str(self.out_dtype).replace("torch.", ""),
+            "decisions": [d.to_dict() for d in self.decisions],
+            "epilogue": list(self.epilogue),
+            "copies": self.copies,
+        }
 
 
 # ---------------------------------------------------------------------------
 # Building a plan
+
 
 def _dtype_of(x: Any) -> torch.dtype:
     if isinstance(x, Tensor):
@@ -281,8 +341,9 @@ def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _check_args(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any,
-                out_dtype: Optional[torch.dtype]) -> tuple[torch.dtype, str]:
+def _check_args(
+    input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any, out_dtype: Optional[torch.dtype]
+) -> tuple[torch.dtype, str]:
     """Validate dtypes and shapes; return (out_dtype, scaling)."""
     for name, v in (("input", input), ("weight", weight)):
         if not (isinstance(v, Tensor) or hasattr(v, "torch_dtype")):
@@ -292,7 +353,8 @@ def _check_args(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bi
     if in_dt not in HIGH_DTYPES + (FP8,):
         raise Fp8LinearError(
             f"input dtype {in_dt} is not supported; pass float16/bfloat16/float32 activations "
-            "(or float8_e4m3fn with input_scale as its dequantization scale)")
+            "(or float8_e4m3fn with input_scale as its dequantization scale)"
+        )
     if len(ishape) < 1:
         raise Fp8LinearError(f"input is 0-d (shape {ishape}); pass a tensor of shape (..., in_features)")
     if len(wshape) != 2:
@@ -300,23 +362,28 @@ def _check_args(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bi
     if w_dt == torch.float8_e5m2:
         raise Fp8LinearError(
             "weight dtype float8_e5m2 is not supported: fp8_linear multiplies E4M3 x E4M3; "
-            "pass the high-precision weight (it is quantized rowwise) or an E4M3 weight")
+            "pass the high-precision weight (it is quantized rowwise) or an E4M3 weight"
+        )
     if w_dt not in HIGH_DTYPES + (FP8,):
         raise Fp8LinearError(f"weight dtype {w_dt} is not supported; pass float8_e4m3fn or float16/bfloat16/float32")
     n, k = wshape
     if ishape[-1] != k:
         raise Fp8LinearError(
-            f"input has {ishape[-1]} features (shape {ishape}) but weight {wshape} expects in_features={k}")
+            f"input has {ishape[-1]} features (shape {ishape}) but weight {wshape} expects in_features={k}"
+        )
     if out_dtype is None:
         out_dtype = torch.bfloat16 if in_dt == FP8 else in_dt
     if out_dtype not in OUT_DTYPES:
-        raise Fp8LinearError(f"out_dtype={out_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+        raise Fp8LinearError(
+            f"out_dtype={out_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32"
+        )
     scaling = "tensorwise"
     if w_dt != FP8:
         if weight_scale is not None:
             raise Fp8LinearError(
                 f"weight_scale was given for a {w_dt} weight; it only applies to an FP8 weight "
-                "(a high-precision weight is quantized here with its own rowwise scale)")
+                "(a high-precision weight is quantized here with its own rowwise scale)"
+            )
         scaling = "rowwise"
     elif weight_scale is not None:
         if not isinstance(weight_scale, Tensor) and not hasattr(weight_scale, "torch_dtype"):
@@ -329,7 +396,8 @@ def _check_args(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bi
             scaling = "rowwise"
         else:
             raise Fp8LinearError(
-                f"weight_scale has shape {ws}; use a scalar (tensorwise) or ({n},) / ({n}, 1) (rowwise) for N={n}")
+                f"weight_scale has shape {ws}; use a scalar (tensorwise) or ({n},) / ({n}, 1) (rowwise) for N={n}"
+            )
         if not _dtype_of(weight_scale).is_floating_point:
             raise Fp8LinearError(f"weight_scale has dtype {_dtype_of(weight_scale)}; pass a float32 tensor")
     if input_scale is not None:
@@ -339,7 +407,8 @@ def _check_args(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bi
         elif isinstance(input_scale, Tensor) or hasattr(input_scale, "torch_dtype"):
             if math.prod(_shape_of(input_scale)) != 1:
                 raise Fp8LinearError(
-                    f"input_scale has shape {_shape_of(input_scale)}; pass a scalar (one scale for the whole input)")
+                    f"input_scale has shape {_shape_of(input_scale)}; pass a scalar (one scale for the whole input)"
+                )
             if not _dtype_of(input_scale).is_floating_point:
                 raise Fp8LinearError(f"input_scale has dtype {_dtype_of(input_scale)}; pass a float32 tensor")
         else:
@@ -388,12 +457,17 @@ def resolve_config(
     elif not isinstance(config, Fp8LinearConfig):
         raise Fp8LinearError(f"config must be an Fp8LinearConfig, got {type(config).__name__}")
     else:
-        for name, value, default in (("out_dtype", out_dtype, None), ("backend", backend, "auto"),
-                                     ("rules", rules, None), ("use_fast_accum", use_fast_accum, False)):
+        for name, value, default in (
+            ("out_dtype", out_dtype, None),
+            ("backend", backend, "auto"),
+            ("rules", rules, None),
+            ("use_fast_accum", use_fast_accum, False),
+        ):
             if value != default:
                 raise Fp8LinearError(
                     f"{name}={value!r} was passed together with config= (config.{name}={getattr(config, name)!r}); "
-                    f"set it in the config instead: dataclasses.replace(config, {name}=...)")
+                    f"set it in the config instead: dataclasses.replace(config, {name}=...)"
+                )
         cfg = config
     out, implied = _check_args(input, weight, weight_scale, input_scale, bias, cfg.out_dtype)
     input_fp8 = _dtype_of(input) == FP8
@@ -405,25 +479,30 @@ def resolve_config(
             if weight_scale is None:
                 raise Fp8LinearError(
                     f"config.weight_scaling={want!r} but the weight is {_dtype_of(weight)}, which is quantized here "
-                    "rowwise; use weight_scaling='rowwise' or pass an FP8 weight")
+                    "rowwise; use weight_scaling='rowwise' or pass an FP8 weight"
+                )
             ws = _shape_of(weight_scale)
             fix = "a scalar weight_scale" if want == "tensorwise" else f"a ({_shape_of(weight)[0]},) weight_scale"
             raise Fp8LinearError(
                 f"weight_scale has shape {ws}, which means {implied} scaling, but config.weight_scaling={want!r}; "
-                f"pass {fix} or use weight_scaling={implied!r}")
+                f"pass {fix} or use weight_scaling={implied!r}"
+            )
         scaling = want
         if config.input_scaling != input_scaling:
             if input_fp8:
                 raise Fp8LinearError(
                     "config.input_scaling='dynamic' but the input is float8_e4m3fn, already quantized with a static "
-                    "scale (input_scale, default 1); use input_scaling='static'")
+                    "scale (input_scale, default 1); use input_scaling='static'"
+                )
             if input_scale is None:
                 raise Fp8LinearError(
                     "config.input_scaling='static' but no input_scale was given; pass input_scale= "
-                    "or use input_scaling='dynamic'")
+                    "or use input_scaling='dynamic'"
+                )
             raise Fp8LinearError(
                 "input_scale was given but config.input_scaling='dynamic'; drop input_scale or use "
-                "input_scaling='static'")
+                "input_scaling='static'"
+            )
     return dataclasses.replace(cfg, out_dtype=out, weight_scaling=scaling, input_scaling=input_scaling)
 
 
@@ -456,8 +535,16 @@ def plan_operands(
     return _plan(input, weight, weight_scale, input_scale, bias, cfg, backend, backend_reason)
 
 
-def _plan(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: Any, cfg: Fp8LinearConfig,
-          backend: str, backend_reason: str) -> LinearPlan:
+def _plan(
+    input: Any,
+    weight: Any,
+    weight_scale: Any,
+    input_scale: Any,
+    bias: Any,
+    cfg: Fp8LinearConfig,
+    backend: str,
+    backend_reason: str,
+) -> LinearPlan:
     """The operand decisions under a resolved ``cfg`` (see :func:`resolve_config`)."""
     rules = cfg.rules if cfg.rules is not None else ("cuda" if backend == "cuda" else "none")
     out_dtype, scaling = cfg.out_dtype, cfg.weight_scaling
@@ -477,8 +564,9 @@ def _plan(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: An
         input_scaling = "static"
         decisions.append(OperandDecision("input", "copy" if a_reasons else "use", a_reasons))
     else:
-        input_scaling = "static" if input_scale is not None else (
-            "dynamic-row" if scaling == "rowwise" else "dynamic-tensor")
+        input_scaling = (
+            "static" if input_scale is not None else ("dynamic-row" if scaling == "rowwise" else "dynamic-tensor")
+        )
         decisions.append(OperandDecision("input", "quantize", (), a_reasons))
 
     # weight / B
@@ -493,8 +581,18 @@ def _plan(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: An
     # scale_a
     if isinstance(input_scale, Tensor) or hasattr(input_scale, "torch_dtype"):
         if scaling == "rowwise":
-            decisions.append(OperandDecision("scale_a", "derive", (CopyReason(
-                "shape", f"rowwise scaling needs scale_a of shape ({m}, 1): input_scale broadcast to every row"),)))
+            decisions.append(
+                OperandDecision(
+                    "scale_a",
+                    "derive",
+                    (
+                        CopyReason(
+                            "shape",
+                            f"rowwise scaling needs scale_a of shape ({m}, 1): input_scale broadcast to every row",
+                        ),
+                    ),
+                )
+            )
         else:
             r = tuple(copy_reasons(input_scale, "scale_a", rules=rules))
             decisions.append(OperandDecision("scale_a", "copy" if r else "use", r))
@@ -506,23 +604,38 @@ def _plan(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: An
         r = list(copy_reasons(weight_scale, "scale_b", rules=rules))
         if scaling == "rowwise" and np_ != n:
             r.append(CopyReason("n_multiple", f"rowwise scale_b padded from N={n} to {np_}"))
-        decisions.append(OperandDecision("scale_b", ("pad" if np_ != n and scaling == "rowwise" else "copy")
-                                         if r else "use", tuple(r)))
+        decisions.append(
+            OperandDecision(
+                "scale_b", ("pad" if np_ != n and scaling == "rowwise" else "copy") if r else "use", tuple(r)
+            )
+        )
     else:
         decisions.append(OperandDecision("scale_b", "derive"))
 
     # bias
     if bias is not None:
         if out_dtype == torch.float32:
-            decisions.append(OperandDecision("bias", "epilogue", (CopyReason(
-                "dtype", "_scaled_mm takes no bias with a float32 output: added to the float32 result"),)))
+            decisions.append(
+                OperandDecision(
+                    "bias",
+                    "epilogue",
+                    (
+                        CopyReason(
+                            "dtype", "_scaled_mm takes no bias with a float32 output: added to the float32 result"
+                        ),
+                    ),
+                )
+            )
             epilogue.append("bias")
         else:
             r = tuple(copy_reasons(bias, "bias", rules=rules, out_dtype=out_dtype))
             action = "use"
             if r:
-                action = "cast" if any(x.code == "dtype" for x in r) else (
-                    "pad" if all(x.code == "n_multiple" for x in r) else "copy")
+                action = (
+                    "cast"
+                    if any(x.code == "dtype" for x in r)
+                    else ("pad" if all(x.code == "n_multiple" for x in r) else "copy")
+                )
             decisions.append(OperandDecision("bias", action, r))
 
     # out
@@ -532,9 +645,21 @@ def _plan(input: Any, weight: Any, weight_scale: Any, input_scale: Any, bias: An
     if np_ != n:
         epilogue.append("compact output")
     return LinearPlan(
-        backend=backend, backend_reason=backend_reason, rules=rules, scaling=scaling,
-        input_scaling=input_scaling, weight_quantized=w_dt != FP8, m=m, k=k, n=n, k_padded=kp,
-        n_padded=np_, out_dtype=out_dtype, decisions=tuple(decisions), epilogue=tuple(epilogue), config=cfg,
+        backend=backend,
+        backend_reason=backend_reason,
+        rules=rules,
+        scaling=scaling,
+        input_scaling=input_scaling,
+        weight_quantized=w_dt != FP8,
+        m=m,
+        k=k,
+        n=n,
+        k_padded=kp,
+        n_padded=np_,
+        out_dtype=out_dtype,
+        decisions=tuple(decisions),
+        epilogue=tuple(epilogue),
+        config=cfg,
     )
 
 
@@ -565,8 +690,16 @@ def _quantizer(input: Tensor, plan: LinearPlan) -> tuple[str, str]:
     return "triton-tensorwise", ""  # a static scale, or an amax pass then one fused divide-clamp-cast pass
 
 
-def build_plan(input: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Any,
-               bias: Optional[Tensor], cfg: Fp8LinearConfig, backend: str, backend_reason: str) -> LinearPlan:
+def build_plan(
+    input: Tensor,
+    weight: Tensor,
+    weight_scale: Optional[Tensor],
+    input_scale: Any,
+    bias: Optional[Tensor],
+    cfg: Fp8LinearConfig,
+    backend: str,
+    backend_reason: str,
+) -> LinearPlan:
     """The complete plan of one ``fp8_linear`` call on real tensors: operand decisions and the quantizer."""
     plan = _plan(input, weight, weight_scale, input_scale, bias, cfg, backend, backend_reason)
     quantizer, why = _quantizer(input, plan)

@@ -21,8 +21,13 @@ from harness.quant._triton_quant import (
 )
 from harness.quant.fp8.config import E4M3_MAX, FP8, Fp8LinearError
 
-__all__ = ["quantize_activation", "quantize_weight_rowwise", "rowwise_quantize", "scaled_cast",
-           "dynamic_tensorwise_quantize"]
+__all__ = [
+    "quantize_activation",
+    "quantize_weight_rowwise",
+    "rowwise_quantize",
+    "scaled_cast",
+    "dynamic_tensorwise_quantize",
+]
 
 
 def _amax(x: Tensor, rowwise: bool) -> Tensor:
@@ -80,8 +85,9 @@ def quantize_activation(
     return q2
 
 
-def quantize_weight_rowwise(weight: Tensor, *, k_padded: Optional[int] = None,
-                            n_padded: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def quantize_weight_rowwise(
+    weight: Tensor, *, k_padded: Optional[int] = None, n_padded: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
     """Rowwise E4M3 quantization of a high-precision (N, K) weight: (q (Np, Kp), scale (Np,) float32).
 
     ``scale[n] = amax(|W[n, :]|) / 448`` (1.0 for zero rows and for padded rows); padded

@@ -103,8 +103,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(xf.dtype)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-6) -> Tensor:
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """LayerNorm over the last dim (affine when ``weight``/``bias`` are given)."""
     xf = x.to(_cdt(x))
     w = None if weight is None else weight.to(xf.dtype)
@@ -138,8 +137,7 @@ def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return head_dim // 2 - 2 * hw, hw, hw
 
 
-def rope_angles(grid: Grid, head_dim: int, theta: float = 10000.0,
-                device: Optional[torch.device] = None) -> Tensor:
+def rope_angles(grid: Grid, head_dim: int, theta: float = 10000.0, device: Optional[torch.device] = None) -> Tensor:
     """3D RoPE angles (L = f*h*w, head_dim/2) in float64 (section 2).
 
     Token (f, h, w) has index ``f*H*W + h*W + w``. Pair j of the frame axis (width 2*nf lanes)
@@ -149,13 +147,18 @@ def rope_angles(grid: Grid, head_dim: int, theta: float = 10000.0,
         raise ValueError(f"grid={tuple(grid)} must be three positive ints (frames, height, width)")
     nf, nh, nw = rope_axis_pairs(head_dim)
     Fr, H, W = grid
-    af, ah, aw = (rope_1d_angles(torch.arange(n, dtype=torch.float64), 2 * n_pairs, theta)
-                  for n_pairs, n in ((nf, Fr), (nh, H), (nw, W)))
-    ang = torch.cat([
-        af[:, None, None, :].expand(Fr, H, W, nf),
-        ah[None, :, None, :].expand(Fr, H, W, nh),
-        aw[None, None, :, :].expand(Fr, H, W, nw),
-    ], dim=-1).reshape(Fr * H * W, head_dim // 2)
+    af, ah, aw = (
+        rope_1d_angles(torch.arange(n, dtype=torch.float64), 2 * n_pairs, theta)
+        for n_pairs, n in ((nf, Fr), (nh, H), (nw, W))
+    )
+    ang = torch.cat(
+        [
+            af[:, None, None, :].expand(Fr, H, W, nf),
+            ah[None, :, None, :].expand(Fr, H, W, nh),
+            aw[None, None, :, :].expand(Fr, H, W, nw),
+        ],
+        dim=-1,
+    ).reshape(Fr * H * W, head_dim // 2)
     return ang.to(device) if device is not None else ang
 
 
@@ -193,8 +196,9 @@ def rope_1d_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> 
     return torch.outer(positions.to(torch.float64).reshape(-1), inv)
 
 
-def motion_rope_table(n_frames: int, joint_xyz: Tensor, head_dim: int = 128,
-                      theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+def motion_rope_table(
+    n_frames: int, joint_xyz: Tensor, head_dim: int = 128, theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
     """MTV-Crafter "4D" motion RoPE (cos, sin), each (n_frames * joints, head_dim), float32.
 
     Row ``s = f * joints + j``. Lanes 0..43: time, 22 pairs at ``theta**(-2k/44)``, position f;
@@ -237,9 +241,17 @@ def apply_motion_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # attention blocks
 
 
-def self_attention(x: Tensor, params: Mapping[str, Tensor], prefix: str, cfg: WanConfig,
-                   rope: Tensor, *, linear: LinearFn = exact_linear,
-                   attention: AttentionFn = exact_attention, return_qk: bool = False):
+def self_attention(
+    x: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    rope: Tensor,
+    *,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+    return_qk: bool = False,
+):
     """WanSelfAttention (section 3). x: (B, L, C); rope: ``rope_angles(grid, head_dim)``.
 
     ``return_qk``: return ``(out, q, k)`` with the (B, L, H, d) queries and keys after RMSNorm and
@@ -255,9 +267,16 @@ def self_attention(x: Tensor, params: Mapping[str, Tensor], prefix: str, cfg: Wa
     return (out, q, k) if return_qk else out
 
 
-def t2v_cross_attention(x: Tensor, context: Tensor, params: Mapping[str, Tensor], prefix: str,
-                        cfg: WanConfig, *, linear: LinearFn = exact_linear,
-                        attention: AttentionFn = exact_attention) -> Tensor:
+def t2v_cross_attention(
+    x: Tensor,
+    context: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    *,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+) -> Tensor:
     """WanT2VCrossAttention (section 4): queries from x (B, L, C), keys/values from context (B, Lc, C)."""
     q = rms_norm(_lin(x, params, f"{prefix}.q", linear), _p(params, f"{prefix}.norm_q.weight"), cfg.eps)
     k = rms_norm(_lin(context, params, f"{prefix}.k", linear), _p(params, f"{prefix}.norm_k.weight"), cfg.eps)
@@ -266,10 +285,17 @@ def t2v_cross_attention(x: Tensor, context: Tensor, params: Mapping[str, Tensor]
     return _lin(merge_heads(y), params, f"{prefix}.o", linear)
 
 
-def i2v_cross_attention(x: Tensor, context: Tensor, context_img: Tensor,
-                        params: Mapping[str, Tensor], prefix: str, cfg: WanConfig, *,
-                        linear: LinearFn = exact_linear,
-                        attention: AttentionFn = exact_attention) -> Tensor:
+def i2v_cross_attention(
+    x: Tensor,
+    context: Tensor,
+    context_img: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    *,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+) -> Tensor:
     """WanI2VCrossAttention (section 5, wrapper form): text context and image tokens given apart.
 
     ``o(Attn(Q, K_txt, V_txt) + Attn(Q, K_img, V_img))`` with one shared Q and one ``o``.
@@ -277,20 +303,19 @@ def i2v_cross_attention(x: Tensor, context: Tensor, context_img: Tensor,
     concatenated [image ; text] context.
     """
     H = cfg.heads
-    q = split_heads(rms_norm(_lin(x, params, f"{prefix}.q", linear),
-                             _p(params, f"{prefix}.norm_q.weight"), cfg.eps), H)
+    q = split_heads(rms_norm(_lin(x, params, f"{prefix}.q", linear), _p(params, f"{prefix}.norm_q.weight"), cfg.eps), H)
     kt = rms_norm(_lin(context, params, f"{prefix}.k", linear), _p(params, f"{prefix}.norm_k.weight"), cfg.eps)
     vt = _lin(context, params, f"{prefix}.v", linear)
-    ki = rms_norm(_lin(context_img, params, f"{prefix}.k_img", linear),
-                  _p(params, f"{prefix}.norm_k_img.weight"), cfg.eps)
+    ki = rms_norm(
+        _lin(context_img, params, f"{prefix}.k_img", linear), _p(params, f"{prefix}.norm_k_img.weight"), cfg.eps
+    )
     vi = _lin(context_img, params, f"{prefix}.v_img", linear)
     y_txt = merge_heads(attention(q, split_heads(kt, H), split_heads(vt, H)))
     y_img = merge_heads(attention(q, split_heads(ki, H), split_heads(vi, H)))
     return _lin(y_txt + y_img, params, f"{prefix}.o", linear)
 
 
-def ffn(x: Tensor, params: Mapping[str, Tensor], prefix: str, *,
-        linear: LinearFn = exact_linear) -> Tensor:
+def ffn(x: Tensor, params: Mapping[str, Tensor], prefix: str, *, linear: LinearFn = exact_linear) -> Tensor:
     """FFN (section 6): ``ffn.0`` -> GELU(tanh) -> ``ffn.2``."""
     h = _lin(x, params, f"{prefix}.0", linear)
     return _lin(F.gelu(h, approximate="tanh"), params, f"{prefix}.2", linear)
@@ -304,10 +329,18 @@ def pad_motion_tokens(motion: Tensor, width: int) -> Tensor:
     return F.pad(motion, (0, width - c)) if c < width else motion
 
 
-def mtv_motion_attention(x: Tensor, motion: Tensor, motion_pe: tuple[Tensor, Tensor],
-                         params: Mapping[str, Tensor], prefix: str, cfg: WanConfig, rope: Tensor,
-                         *, linear: LinearFn = exact_linear,
-                         attention: AttentionFn = exact_attention) -> Tensor:
+def mtv_motion_attention(
+    x: Tensor,
+    motion: Tensor,
+    motion_pe: tuple[Tensor, Tensor],
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    rope: Tensor,
+    *,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+) -> Tensor:
     """MTVCrafterMotionAttention (section 8.1), including upstream's key reinterpretation.
 
     x: (B, L, C) (already ``norm4``-ed); motion: (B, S_m, C) (see ``pad_motion_tokens``);
@@ -322,8 +355,9 @@ def mtv_motion_attention(x: Tensor, motion: Tensor, motion_pe: tuple[Tensor, Ten
         raise ValueError(f"motion_pe tables must be ({S_m}, {d}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     q = rms_norm(_lin(x, params, f"{prefix}.q", linear), _p(params, f"{prefix}.norm_q.weight"), cfg.eps)
     q = apply_rope(split_heads(q, H), rope)
-    kr = rms_norm(_lin(motion, params, f"{prefix}.k", linear),
-                  _p(params, f"{prefix}.norm_k.weight"), cfg.eps).contiguous()
+    kr = rms_norm(
+        _lin(motion, params, f"{prefix}.k", linear), _p(params, f"{prefix}.norm_k.weight"), cfg.eps
+    ).contiguous()
     kw = kr.view(B, H, S_m, d)  # raw memory reinterpretation, not a head split
     kw = apply_motion_rope(kw, cos, sin)
     k = kw.transpose(1, 2)
@@ -332,9 +366,17 @@ def mtv_motion_attention(x: Tensor, motion: Tensor, motion_pe: tuple[Tensor, Ten
     return _lin(merge_heads(y), params, f"{prefix}.o", linear)
 
 
-def humo_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str,
-                         cfg: WanConfig, grid: Grid, *, linear: LinearFn = exact_linear,
-                         attention: AttentionFn = exact_attention) -> Tensor:
+def humo_audio_attention(
+    x: Tensor,
+    audio: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    grid: Grid,
+    *,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+) -> Tensor:
     """HuMo audio cross-attention (section 8.2): frame f's tokens attend to its 16 audio tokens.
 
     x: (B, L, C) (already ``norm1_audio``-ed) with L = F * h * w for grid (F', h, w);
@@ -354,21 +396,29 @@ def humo_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Tensor],
             f"HuMo audio {tuple(audio.shape)} gives {n_groups} groups of {at} tokens but "
             f"x has B*F = {B}*{n_f} = {B * n_f} frames; pass {at} audio tokens per latent frame"
         )
-    q = split_heads(rms_norm(_lin(x, params, f"{prefix}.q", linear),
-                             _p(params, f"{prefix}.norm_q.weight"), cfg.eps), H)
-    k = split_heads(rms_norm(_lin(audio, params, f"{prefix}.k", linear),
-                             _p(params, f"{prefix}.norm_k.weight"), cfg.eps), H)
+    q = split_heads(rms_norm(_lin(x, params, f"{prefix}.q", linear), _p(params, f"{prefix}.norm_q.weight"), cfg.eps), H)
+    k = split_heads(
+        rms_norm(_lin(audio, params, f"{prefix}.k", linear), _p(params, f"{prefix}.norm_k.weight"), cfg.eps), H
+    )
     v = split_heads(_lin(audio, params, f"{prefix}.v", linear), H)
     y = attention(q.reshape(B * n_f, hw, H, d), k.reshape(-1, at, H, d), v.reshape(-1, at, H, d))
     return _lin(y.reshape(B, n_f * hw, C), params, f"{prefix}.o", linear)
 
 
-def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str,
-                              cfg: WanConfig, grid: Grid, *, n_speakers: int = 1,
-                              ref_target_masks: Optional[Tensor] = None,
-                              x_ref_attn_map: Optional[Tensor] = None,
-                              linear: LinearFn = exact_linear,
-                              attention: AttentionFn = exact_attention) -> Tensor:
+def multitalk_audio_attention(
+    x: Tensor,
+    audio: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    grid: Grid,
+    *,
+    n_speakers: int = 1,
+    ref_target_masks: Optional[Tensor] = None,
+    x_ref_attn_map: Optional[Tensor] = None,
+    linear: LinearFn = exact_linear,
+    attention: AttentionFn = exact_attention,
+) -> Tensor:
     """MultiTalk/InfiniteTalk audio cross-attention (section 8.3).
 
     x: (B, L, C) (already ``norm_x``-ed); grid (N_t, N_h, N_w), S = N_h*N_w. If L != N_t*S the
@@ -389,8 +439,9 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     zero-filled as for one speaker.
     """
     if n_speakers != 1:
-        return _multitalk_multi(x, audio, params, prefix, cfg, grid, n_speakers, ref_target_masks,
-                                x_ref_attn_map, linear, attention)
+        return _multitalk_multi(
+            x, audio, params, prefix, cfg, grid, n_speakers, ref_target_masks, x_ref_attn_map, linear, attention
+        )
     B, L, _ = x.shape
     n_t, n_h, n_w = (int(g) for g in grid)
     S = n_h * n_w
@@ -399,9 +450,21 @@ def multitalk_audio_attention(x: Tensor, audio: Tensor, params: Mapping[str, Ten
     return _multitalk_attend(x, audio, params, prefix, cfg, L_main, frames, S, extra, linear, attention)
 
 
-def _multitalk_attend(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str, cfg: WanConfig,
-                      L_main: int, frames: int, S: int, extra: bool, linear: LinearFn, attention: AttentionFn,
-                      pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None) -> Tensor:
+def _multitalk_attend(
+    x: Tensor,
+    audio: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    L_main: int,
+    frames: int,
+    S: int,
+    extra: bool,
+    linear: LinearFn,
+    attention: AttentionFn,
+    pos_q: Optional[Tensor] = None,
+    pos_k: Optional[Tensor] = None,
+) -> Tensor:
     """Per-frame audio attention of the first ``L_main`` tokens; zeros for an extra frame's S tokens.
 
     ``pos_q`` (L_main,) / ``pos_k`` (N_a,): RoPE1D positions of the multi-speaker path (None: no RoPE).
@@ -468,8 +531,7 @@ def _flat_masks(ref_target_masks: Tensor, S: int) -> Tensor:
     return m
 
 
-def multitalk_ref_attn_map(q: Tensor, k: Tensor, ref_target_masks: Tensor,
-                           first_frame_tokens: int) -> Tensor:
+def multitalk_ref_attn_map(q: Tensor, k: Tensor, ref_target_masks: Tensor, first_frame_tokens: int) -> Tensor:
     """MultiTalk ``x_ref_attn_map`` (n_classes, L) from the block's self-attention (section 8.3).
 
     q, k: (1, L, H, d) self-attention queries/keys after RMSNorm and 3D RoPE;
@@ -529,16 +591,26 @@ def multitalk_query_positions(x_ref_attn_map: Tensor, n_speakers: int, backgroun
     return table.gather(0, idx[None]).squeeze(0)
 
 
-def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], prefix: str,
-                     cfg: WanConfig, grid: Grid, n_speakers: int, ref_target_masks: Optional[Tensor],
-                     x_ref_attn_map: Optional[Tensor], linear: LinearFn,
-                     attention: AttentionFn) -> Tensor:
+def _multitalk_multi(
+    x: Tensor,
+    audio: Tensor,
+    params: Mapping[str, Tensor],
+    prefix: str,
+    cfg: WanConfig,
+    grid: Grid,
+    n_speakers: int,
+    ref_target_masks: Optional[Tensor],
+    x_ref_attn_map: Optional[Tensor],
+    linear: LinearFn,
+    attention: AttentionFn,
+) -> Tensor:
     """Several-speaker path of ``multitalk_audio_attention`` (section 8.3)."""
     if not isinstance(n_speakers, int) or n_speakers < 1:
         raise ValueError(f"n_speakers={n_speakers!r} must be a positive int")
     if ref_target_masks is None or x_ref_attn_map is None:
-        missing = [n for n, t in (("ref_target_masks", ref_target_masks),
-                                  ("x_ref_attn_map", x_ref_attn_map)) if t is None]
+        missing = [
+            n for n, t in (("ref_target_masks", ref_target_masks), ("x_ref_attn_map", x_ref_attn_map)) if t is None
+        ]
         raise MultiTalkInputError(
             f"n_speakers={n_speakers}: the multi-speaker MultiTalk path needs "
             f"{' and '.join(missing)} (see multitalk_ref_attn_map)"
@@ -565,11 +637,10 @@ def _multitalk_multi(x: Tensor, audio: Tensor, params: Mapping[str, Tensor], pre
             f"extra frame) to match ref_target_masks and x, got {tuple(x_ref_attn_map.shape)}"
         )
     pos_q = multitalk_query_positions(x_ref_attn_map, n_speakers, background)[:L_main]
-    centres = torch.tensor([(lo + hi) / 2 for lo, hi in multitalk_rope_ranges(n_speakers)],
-                           dtype=torch.float64)
+    centres = torch.tensor([(lo + hi) / 2 for lo, hi in multitalk_rope_ranges(n_speakers)], dtype=torch.float64)
     pos_k = centres.repeat_interleave(n_a // n_speakers)  # (N_a,), same in every frame
-    return _multitalk_attend(x, audio, params, prefix, cfg, L_main, frames, S, extra, linear, attention,
-                             pos_q, pos_k)
+    return _multitalk_attend(x, audio, params, prefix, cfg, L_main, frames, S, extra, linear, attention, pos_q, pos_k)
+
 
 def wan_block(
     x: Tensor,
@@ -627,12 +698,16 @@ def wan_block(
         raise ValueError(f"multitalk_speakers={multitalk_speakers!r} must be an integer >= 1")
     several = multitalk and multitalk_speakers > 1
     if several and ref_target_masks is None:
-        raise MultiTalkInputError(f"{pre}: {multitalk_speakers} MultiTalk speakers need ref_target_masks "
-                                  "(one first-frame token mask per speaker, optionally a background mask)")
-    y, q_rope, k_rope = self_attention(layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn",
-                                       cfg, rope, return_qk=True, **ops)
-    x_ref_attn_map = (multitalk_ref_attn_map(q_rope, k_rope, ref_target_masks, int(grid[1]) * int(grid[2]))
-                      if several else None)
+        raise MultiTalkInputError(
+            f"{pre}: {multitalk_speakers} MultiTalk speakers need ref_target_masks "
+            "(one first-frame token mask per speaker, optionally a background mask)"
+        )
+    y, q_rope, k_rope = self_attention(
+        layer_norm(xf, eps=eps) * (1 + sc1) + sh1, params, f"{pre}.self_attn", cfg, rope, return_qk=True, **ops
+    )
+    x_ref_attn_map = (
+        multitalk_ref_attn_map(q_rope, k_rope, ref_target_masks, int(grid[1]) * int(grid[2])) if several else None
+    )
     xf = xf + y * g1
 
     h = layer_norm(xf, params.get(f"{pre}.norm3.weight"), params.get(f"{pre}.norm3.bias"), eps)
@@ -648,21 +723,28 @@ def wan_block(
             raise ValueError(f"{pre} has MultiTalk audio attention: pass multitalk_audio")
         h = layer_norm(xf, _p(params, f"{pre}.norm_x.weight"), _p(params, f"{pre}.norm_x.bias"), eps)
         xf = xf + multitalk_scale * multitalk_audio_attention(
-            h, multitalk_audio, params, f"{pre}.audio_cross_attn", cfg, grid, n_speakers=multitalk_speakers,
-            ref_target_masks=ref_target_masks, x_ref_attn_map=x_ref_attn_map, **ops)
+            h,
+            multitalk_audio,
+            params,
+            f"{pre}.audio_cross_attn",
+            cfg,
+            grid,
+            n_speakers=multitalk_speakers,
+            ref_target_masks=ref_target_masks,
+            x_ref_attn_map=x_ref_attn_map,
+            **ops,
+        )
     if f"{pre}.motion_attn.q.weight" in params:
         if motion is None or motion_pe is None:
             raise ValueError(f"{pre} has MTV motion attention: pass motion and motion_pe")
         h = layer_norm(xf, _p(params, f"{pre}.norm4.weight"), _p(params, f"{pre}.norm4.bias"), eps)
-        xf = xf + mtv_scale * mtv_motion_attention(h, motion, motion_pe, params, f"{pre}.motion_attn",
-                                                   cfg, rope, **ops)
+        xf = xf + mtv_scale * mtv_motion_attention(h, motion, motion_pe, params, f"{pre}.motion_attn", cfg, rope, **ops)
     hw = f"{pre}.audio_cross_attn_wrapper"
     if f"{hw}.audio_cross_attn.q.weight" in params:
         if humo_audio is None:
             raise ValueError(f"{pre} has HuMo audio attention: pass humo_audio")
         h = layer_norm(xf, _p(params, f"{hw}.norm1_audio.weight"), _p(params, f"{hw}.norm1_audio.bias"), eps)
-        xf = xf + humo_scale * humo_audio_attention(h, humo_audio, params, f"{hw}.audio_cross_attn",
-                                                    cfg, grid, **ops)
+        xf = xf + humo_scale * humo_audio_attention(h, humo_audio, params, f"{hw}.audio_cross_attn", cfg, grid, **ops)
 
     y = ffn(layer_norm(xf, eps=eps) * (1 + sc2) + sh2, params, f"{pre}.ffn", linear=linear)
     return xf + y * g2
@@ -680,8 +762,9 @@ def sinusoidal_embedding(t: Tensor, dim: int = 256, dtype: torch.dtype = torch.f
     return torch.cat([torch.cos(a), torch.sin(a)], dim=-1).to(dtype)
 
 
-def time_modulation(t: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *,
-                    linear: LinearFn = exact_linear) -> tuple[Tensor, Tensor]:
+def time_modulation(
+    t: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *, linear: LinearFn = exact_linear
+) -> tuple[Tensor, Tensor]:
     """(temb, e) from timesteps t: (B,) -> e (B, 6, C); per-token t (B, L) -> e (B, 6, L, C).
 
     ``temb = time_embedding.2(SiLU(time_embedding.0(sincos(t))))``,
@@ -696,15 +779,15 @@ def time_modulation(t: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *,
     return temb, e
 
 
-def text_projection(text: Tensor, params: Mapping[str, Tensor], *,
-                    linear: LinearFn = exact_linear) -> Tensor:
+def text_projection(text: Tensor, params: Mapping[str, Tensor], *, linear: LinearFn = exact_linear) -> Tensor:
     """T5 features (B, Lt, text_dim) -> (B, Lt, C): ``text_embedding.0`` -> GELU(tanh) -> ``.2``."""
     h = _lin(text, params, "text_embedding.0", linear)
     return _lin(F.gelu(h, approximate="tanh"), params, "text_embedding.2", linear)
 
 
-def clip_projection(clip: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *,
-                    linear: LinearFn = exact_linear) -> Tensor:
+def clip_projection(
+    clip: Tensor, params: Mapping[str, Tensor], cfg: WanConfig, *, linear: LinearFn = exact_linear
+) -> Tensor:
     """CLIP features (B, n_img, clip_dim) -> (B, n_img, C) (section 5): LN, Lin, GELU, Lin, LN.
 
     Both LayerNorms use ``cfg.eps`` (wan-blocks.md: eps 1e-6 for all norms).

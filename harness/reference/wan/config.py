@@ -59,9 +59,24 @@ class WanConfig:
     motion_joints: int = 24
 
     def __post_init__(self) -> None:
-        for name in ("dim", "ffn_dim", "heads", "head_dim", "layers", "text_len", "text_dim",
-                     "image_tokens", "clip_dim", "freq_dim", "humo_audio_dim", "humo_audio_tokens",
-                     "multitalk_audio_dim", "multitalk_audio_tokens", "motion_dim", "motion_joints"):
+        for name in (
+            "dim",
+            "ffn_dim",
+            "heads",
+            "head_dim",
+            "layers",
+            "text_len",
+            "text_dim",
+            "image_tokens",
+            "clip_dim",
+            "freq_dim",
+            "humo_audio_dim",
+            "humo_audio_tokens",
+            "multitalk_audio_dim",
+            "multitalk_audio_tokens",
+            "motion_dim",
+            "motion_joints",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"WanConfig.{name}={v!r} must be a positive int")
@@ -95,8 +110,20 @@ class WanConfig:
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, heads=12, head_dim=128, layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, heads=40, head_dim=128, layers=40)
 # CPU-test size: head_dim stays 128 so RoPE splits and kernel head-dim limits are the real ones.
-TINY = WanConfig(dim=256, ffn_dim=512, heads=2, head_dim=128, layers=2, text_len=16, text_dim=64,
-                 image_tokens=9, clip_dim=64, freq_dim=256, humo_audio_dim=96, multitalk_audio_dim=48,
-                 motion_dim=96)
+TINY = WanConfig(
+    dim=256,
+    ffn_dim=512,
+    heads=2,
+    head_dim=128,
+    layers=2,
+    text_len=16,
+    text_dim=64,
+    image_tokens=9,
+    clip_dim=64,
+    freq_dim=256,
+    humo_audio_dim=96,
+    multitalk_audio_dim=48,
+    motion_dim=96,
+)
 #: The released model sizes by their names (bench shape tables and CLI choices use these keys).
 WAN_PRESETS: dict[str, WanConfig] = {"1.3B": WAN_1_3B, "14B": WAN_14B}

@@ -54,8 +54,9 @@ def _attn(prefix: str, C: int, kv_in: int, out: dict) -> None:
     out[f"{prefix}.norm_k.weight"] = (C,)
 
 
-def param_shapes(cfg: WanConfig, variant: str = "t2v", *, layers: Optional[int] = None,
-                 embeddings: bool = True) -> dict[str, tuple[int, ...]]:
+def param_shapes(
+    cfg: WanConfig, variant: str = "t2v", *, layers: Optional[int] = None, embeddings: bool = True
+) -> dict[str, tuple[int, ...]]:
     """Every expected key and its shape for ``variant`` ("t2v", "i2v", "mtv", "humo", "multitalk").
 
     ``layers`` overrides ``cfg.layers`` (a few blocks are enough for tests); ``embeddings``
@@ -143,12 +144,19 @@ def detect_variant(keys: Iterable[str]) -> str:
 
 
 def _key_seed(seed: int, key: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63 - 1)
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
 
 
-def init_params(cfg: WanConfig, seed: int, variant: str = "t2v", *, layers: Optional[int] = None,
-                embeddings: bool = True, dtype: torch.dtype = torch.float32,
-                device: Optional[Union[str, torch.device]] = None) -> dict[str, Tensor]:
+def init_params(
+    cfg: WanConfig,
+    seed: int,
+    variant: str = "t2v",
+    *,
+    layers: Optional[int] = None,
+    embeddings: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+) -> dict[str, Tensor]:
     """Deterministic random parameters: each key drawn from its own generator (seed, key).
 
     Linear weights ~ N(0, 1/fan_in); biases ~ N(0, 0.02^2); ``modulation`` ~ N(0, 1/C) (as
@@ -162,7 +170,7 @@ def init_params(cfg: WanConfig, seed: int, variant: str = "t2v", *, layers: Opti
         g = torch.Generator().manual_seed(_key_seed(seed, key))
         z = torch.randn(shape, generator=g, dtype=torch.float64)
         if key.endswith("modulation"):
-            t = z / cfg.dim ** 0.5
+            t = z / cfg.dim**0.5
         elif len(shape) == 2:
             t = z / shape[1] ** 0.5
         elif key.endswith(".bias"):
@@ -173,8 +181,14 @@ def init_params(cfg: WanConfig, seed: int, variant: str = "t2v", *, layers: Opti
     return out
 
 
-def validate_params(params: Mapping[str, Tensor], cfg: WanConfig, variant: Optional[str] = None, *,
-                    layers: Optional[int] = None, embeddings: Optional[bool] = None) -> str:
+def validate_params(
+    params: Mapping[str, Tensor],
+    cfg: WanConfig,
+    variant: Optional[str] = None,
+    *,
+    layers: Optional[int] = None,
+    embeddings: Optional[bool] = None,
+) -> str:
     """Check keys, shapes and dtypes against ``param_shapes``; returns the variant used.
 
     ``variant=None`` detects it from the keys; ``embeddings=None`` expects the embedding keys
@@ -192,10 +206,12 @@ def validate_params(params: Mapping[str, Tensor], cfg: WanConfig, variant: Optio
     want = param_shapes(cfg, v, layers=layers, embeddings=embeddings)
     missing = [k for k in want if k not in params]
     unexpected = [k for k in keys if k not in want]
-    bad_shape = [(k, want[k], tuple(params[k].shape)) for k in want
-                 if k in params and tuple(params[k].shape) != want[k]]
-    bad_type = [(k, params[k].dtype) for k in keys
-                if isinstance(params[k], Tensor) and not params[k].dtype.is_floating_point]
+    bad_shape = [
+        (k, want[k], tuple(params[k].shape)) for k in want if k in params and tuple(params[k].shape) != want[k]
+    ]
+    bad_type = [
+        (k, params[k].dtype) for k in keys if isinstance(params[k], Tensor) and not params[k].dtype.is_floating_point
+    ]
     not_tensor = [k for k in keys if not isinstance(params[k], Tensor)]
     problems = []
     if missing:
@@ -219,8 +235,9 @@ def validate_params(params: Mapping[str, Tensor], cfg: WanConfig, variant: Optio
     return v
 
 
-def save_params(params: Mapping[str, Tensor], path: PathLike, cfg: Optional[WanConfig] = None,
-                variant: Optional[str] = None) -> None:
+def save_params(
+    params: Mapping[str, Tensor], path: PathLike, cfg: Optional[WanConfig] = None, variant: Optional[str] = None
+) -> None:
     """Write ``params`` to a .safetensors file; config and variant go into its JSON metadata."""
     from safetensors.torch import save_file
 
@@ -234,10 +251,16 @@ def save_params(params: Mapping[str, Tensor], path: PathLike, cfg: Optional[WanC
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def load_params(source: Union[PathLike, Mapping[str, Tensor]], cfg: Optional[WanConfig] = None,
-                variant: Optional[str] = None, *, layers: Optional[int] = None,
-                embeddings: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
-                device: Optional[Union[str, torch.device]] = None) -> dict[str, Tensor]:
+def load_params(
+    source: Union[PathLike, Mapping[str, Tensor]],
+    cfg: Optional[WanConfig] = None,
+    variant: Optional[str] = None,
+    *,
+    layers: Optional[int] = None,
+    embeddings: Optional[bool] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> dict[str, Tensor]:
     """Load and validate Wan parameters from a .safetensors path or a state dict.
 
     ``cfg`` may be omitted for files written by ``save_params`` (read from the metadata, as
