@@ -17,6 +17,11 @@ Shrink targets (asserted in ``tests/property/test_strategies.py``):
 - :func:`attention_inputs` -> batch 1, 1 head, the smallest head dim and
   sequence, HND, separate contiguous q/k/v.
 
+The spec builders (:func:`offset_for_alignment`, :func:`packed_chunk`,
+:func:`swapped_view`, :func:`head_view`) build each layout family from drawn
+parameters; the matrix's layout classes (``harness.targets.layout_classes``)
+draw their parameters from a ``random.Random`` and call the same builders.
+
 Arguments are keyword-only and validated up front; errors name the value and
 how to fix it (as Hypothesis' own strategies do).
 """
@@ -24,6 +29,7 @@ how to fix it (as Hypothesis' own strategies do).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import torch
@@ -47,6 +53,9 @@ __all__ = [
     "attention_inputs",
     "AttentionInputs",
     "offset_for_alignment",
+    "packed_chunk",
+    "swapped_view",
+    "head_view",
     "explored_cases",
 ]
 
@@ -108,12 +117,13 @@ def _itemsize(dtype: str) -> int:
     return dtype_from_name(dtype).itemsize
 
 
-def offset_for_alignment(alignment: int, itemsize: int, k: int = 0) -> int:
+def offset_for_alignment(alignment: int, itemsize: int, k: int = 0, *, nonzero: bool = False) -> int:
     """The ``k``-th smallest element offset whose data pointer is aligned to exactly ``alignment`` bytes.
 
     ``alignment=16`` means "aligned to at least 16" (offsets that are multiples
-    of 16 bytes, starting with 0).  Raises when the alignment is impossible for
-    the element size (a 2-byte bf16 tensor cannot be 1-byte aligned).
+    of 16 bytes, starting with 0; ``nonzero=True`` skips 0).  Raises when the
+    alignment is impossible for the element size (a 2-byte bf16 tensor cannot
+    be 1-byte aligned).
     """
     if alignment not in ALIGNMENT_CLASSES:
         raise InvalidArgument(f"alignment={alignment!r} must be one of {ALIGNMENT_CLASSES}")
@@ -123,8 +133,54 @@ def offset_for_alignment(alignment: int, itemsize: int, k: int = 0) -> int:
             f"pointer in steps of {itemsize} bytes; use one of {[a for a in ALIGNMENT_CLASSES if a >= itemsize]}"
         )
     if alignment == 16:
-        return k * (16 // itemsize)
+        return (k + nonzero) * (16 // itemsize)
     return (alignment // itemsize) * (2 * k + 1)
+
+
+# Layout families as spec builders, shared with the matrix's layout classes (harness.targets.layout_classes):
+# a family is built here once; the strategies and the classes only draw its parameters.
+
+
+def packed_chunk(shape: Sequence[int], dtype: str, parts: int, index: int, **extras: object) -> LayoutSpec:
+    """Chunk ``index`` of ``parts`` of a packed (..., parts * C) projection: ``x.chunk(parts, -1)[index]``.
+
+    ``extras`` (perm, step, pad, offset, broadcast) apply to the packed base.
+    """
+    shape = tuple(shape)
+    return LayoutSpec(shape, dtype, base_shape=shape[:-1] + (shape[-1] * parts,),
+                      views=(ViewOp.chunk(parts, -1, index),), **extras)  # type: ignore[arg-type]
+
+
+def swapped_view(shape: Sequence[int], dtype: str, dim0: int, dim1: int, **extras: object) -> LayoutSpec:
+    """``base.transpose(dim0, dim1)`` of a contiguous base whose dims ``dim0`` and ``dim1`` are swapped."""
+    shape = tuple(shape)
+    base = list(shape)
+    base[dim0], base[dim1] = shape[dim1], shape[dim0]
+    return LayoutSpec(shape, dtype, base_shape=tuple(base), views=(ViewOp.transpose(dim0, dim1),),
+                      **extras)  # type: ignore[arg-type]
+
+
+def head_view(
+    batch: int, seq: int, heads: int, head_dim: int, dtype: str, tensor_layout: str, *, packed_index: int | None,
+    offset: int = 0,
+) -> LayoutSpec:
+    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
+
+    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
+    """
+    c = heads * head_dim
+    if packed_index is None:
+        base = (batch, seq, c)
+        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
+    else:
+        base = (batch, seq, 3 * c)
+        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
+    if tensor_layout == "HND":
+        ops = ops + (ViewOp.transpose(1, 2),)
+        shape = (batch, heads, seq, head_dim)
+    else:
+        shape = (batch, seq, heads, head_dim)
+    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
 
 
 @st.composite
@@ -167,21 +223,18 @@ def layouts(
         k = draw(st.integers(0, max(0, max_offset // max(1, 32 // isz))), label="alignment_k")
         offset = offset_for_alignment(alignment, isz, k)
 
-    base_shape, view_ops = shape, ()
+    make = LayoutSpec  # the family the extras apply to: plain, or a view recipe's base
     if views and n >= 1 and draw(st.booleans(), label="use_view"):
         recipe = draw(st.sampled_from(["packed_chunk", "transposed"] if n >= 2 else ["packed_chunk"]), label="recipe")
         if recipe == "packed_chunk":
             parts = draw(st.integers(2, 3), label="packed_parts")
             index = draw(st.integers(0, parts - 1), label="packed_index")
-            base_shape = shape[:-1] + (shape[-1] * parts,)
-            view_ops = (ViewOp.chunk(parts, -1, index),) if shape[-1] else ()
-            if not view_ops:
-                base_shape = shape
+            if shape[-1]:
+                make = partial(packed_chunk, parts=parts, index=index)
         else:
-            base_shape = shape[:-2] + (shape[-1], shape[-2])
-            view_ops = (ViewOp.transpose(-1, -2),)
+            make = partial(swapped_view, dim0=-1, dim1=-2)
 
-    nb = len(base_shape)
+    nb = n  # every view recipe keeps the rank: its base has as many dims as shape
     perm = None
     if permute and nb >= 2 and draw(st.booleans(), label="permuted"):
         p = tuple(draw(st.permutations(range(nb)), label="perm"))
@@ -197,17 +250,7 @@ def layouts(
     bdims: tuple[int, ...] = ()
     if broadcast and nb and draw(st.booleans(), label="broadcast"):
         bdims = tuple(sorted(draw(st.sets(st.integers(0, nb - 1), min_size=1, max_size=nb), label="broadcast_dims")))
-    return LayoutSpec(
-        shape=shape,
-        dtype=dt,
-        base_shape=base_shape if view_ops else None,
-        perm=perm,
-        step=step,
-        pad=pad,
-        offset=offset,
-        broadcast=bdims,
-        views=view_ops,
-    )
+    return make(shape, dt, perm=perm, step=step, pad=pad, offset=offset, broadcast=bdims)
 
 
 def value_specs(*, kinds: Sequence[str] | None = None, allow_nonfinite: bool = False) -> st.SearchStrategy[ValueSpec]:
@@ -306,29 +349,6 @@ class AttentionInputs(NamedTuple):
     packed: bool
 
 
-def _head_view(
-    batch: int, seq: int, heads: int, head_dim: int, dtype: str, tensor_layout: str, *, packed_index: int | None,
-    offset: int,
-) -> LayoutSpec:
-    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
-
-    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
-    """
-    c = heads * head_dim
-    if packed_index is None:
-        base = (batch, seq, c)
-        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
-    else:
-        base = (batch, seq, 3 * c)
-        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
-    if tensor_layout == "HND":
-        ops = ops + (ViewOp.transpose(1, 2),)
-        shape = (batch, heads, seq, head_dim)
-    else:
-        shape = (batch, seq, heads, head_dim)
-    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
-
-
 @st.composite
 def attention_inputs(
     draw: st.DrawFn,
@@ -392,7 +412,7 @@ def attention_inputs(
     for i, name in enumerate("qkv"):
         seq = seq_q if name == "q" else seq_kv
         specs.append(
-            _head_view(batch, seq, heads, head_dim, dt, layout, packed_index=i if use_packed else None,
+            head_view(batch, seq, heads, head_dim, dt, layout, packed_index=i if use_packed else None,
                        offset=off(f"offset_{name}"))
         )
     values = draw(value_specs(kinds=kinds), label="values")

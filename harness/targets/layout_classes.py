@@ -22,6 +22,11 @@ The same ``draw`` function serves both worlds:
   so a failing example shrinks toward the smallest tensor that still has the
   class's layout property.
 
+The layout families themselves (an alignment class's offset, a chunk of a
+packed projection, a transpose view, heads split from a (packed) projection)
+are built by the spec builders of :mod:`harness.strategies`, which the
+Hypothesis strategies use too; a class here only draws their parameters.
+
 Sizes: ``Context.size = "small"`` (default, CPU friendly, capped by
 ``HARNESS_MAX_ELEMENTS``) or ``"wan"`` (Wan2.1 widths and token counts, for
 GPU runs).  Linear widths are multiples of 16, as ``torch._scaled_mm`` needs K
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 from harness.layouts import LayoutSpec, ViewOp, dtype_from_name
+from harness.strategies import head_view, offset_for_alignment, packed_chunk, swapped_view
 from harness.values import ValueSpec
 
 __all__ = [
@@ -207,17 +213,10 @@ def _lin_padded_rows(rng, ctx):
     return _linear_draw(LayoutSpec(a.shape, ctx.dtype, pad=pad), a, _normal(rng))
 
 
-def _offset_elems(nbytes: int, itemsize: int, variant: int) -> int:
-    """An element offset whose pointer alignment is exactly ``nbytes`` (16: a non-zero multiple of 16 bytes)."""
-    if nbytes >= 16:
-        return (variant + 1) * (16 // itemsize)
-    return (nbytes // itemsize) * (2 * variant + 1)
-
-
 def _lin_offset(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _act_shape(rng, ctx)
-        off = _offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2))
+        off = offset_for_alignment(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True)
         return _linear_draw(LayoutSpec(a.shape, ctx.dtype, offset=off), a, _normal(rng))
 
     return draw
@@ -227,9 +226,7 @@ def _lin_packed_slice(rng, ctx):
     a = _act_shape(rng, ctx, min_tokens=2)  # the row stride shows only from the second row on
     parts = _pick(rng, (3, 2))  # qkv or kv projection
     index = rng.randint(0, parts - 1)
-    base = a.shape[:-1] + (a.k * parts,)
-    spec = LayoutSpec(a.shape, ctx.dtype, base_shape=base, views=(ViewOp.chunk(parts, -1, index),))
-    return _linear_draw(spec, a, _normal(rng))
+    return _linear_draw(packed_chunk(a.shape, ctx.dtype, parts, index), a, _normal(rng))
 
 
 def _lin_flatten_permuted(rng, ctx):
@@ -357,24 +354,15 @@ def _att_contiguous(layout: str) -> Callable[[random.Random, Context], Draw]:
 def _att_transposed_view(rng, ctx):
     # SDPA-style: (B, S, H, d) projections viewed as (B, H, S, d) with transpose(1, 2).
     a = _att_sizes(rng, ctx, layout="HND", min_heads=2)
-    specs = {}
-    for n in "qkv":
-        s = a.seq_q if n == "q" else a.seq_k
-        specs[n] = LayoutSpec((a.batch, a.heads, s, a.head_dim), ctx.dtype, base_shape=(a.batch, s, a.heads, a.head_dim),
-                              views=(ViewOp.transpose(1, 2),))
+    specs = {n: swapped_view(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype, 1, 2) for n in "qkv"}
     return _att_draw(a, specs, rng)
 
 
 def _att_packed_qkv(rng, ctx):
     # q, k, v = slices i = 0, 1, 2 of one (B, S, 3C) projection, split into heads (NHD; HND adds a transpose).
     a = _att_sizes(rng, ctx)
-    c = a.heads * a.head_dim
-    specs = {}
-    for i, n in enumerate("qkv"):
-        ops = [ViewOp.unflatten(-1, (3, a.heads, a.head_dim)), ViewOp.select(2, i)]
-        if a.layout == "HND":
-            ops.append(ViewOp.transpose(1, 2))
-        specs[n] = LayoutSpec(_logical(a, a.seq_q), ctx.dtype, base_shape=(a.batch, a.seq_q, 3 * c), views=tuple(ops))
+    specs = {n: head_view(a.batch, a.seq_q, a.heads, a.head_dim, ctx.dtype, a.layout, packed_index=i)
+             for i, n in enumerate("qkv")}
     return _att_draw(a, specs, rng)
 
 
@@ -382,7 +370,8 @@ def _att_misaligned(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _att_sizes(rng, ctx)
         specs = {n: LayoutSpec(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype,
-                               offset=_offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2))) for n in "qkv"}
+                               offset=offset_for_alignment(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True))
+                 for n in "qkv"}
         return _att_draw(a, specs, rng)
 
     return draw
@@ -409,8 +398,7 @@ def _att_mtv(rng, ctx):
     shape = (a.batch, a.seq_q, a.heads, a.head_dim)
     specs = {
         "q": LayoutSpec.contiguous(shape, ctx.dtype),
-        "k": LayoutSpec(shape, ctx.dtype, base_shape=(a.batch, a.heads, a.seq_q, a.head_dim),
-                        views=(ViewOp.transpose(1, 2),)),
+        "k": swapped_view(shape, ctx.dtype, 1, 2),
         "v": LayoutSpec.contiguous(shape, ctx.dtype),
     }
     return _att_draw(a, specs, rng)
