@@ -17,10 +17,11 @@ Shrink targets (asserted in ``tests/property/test_strategies.py``):
 - :func:`attention_inputs` -> batch 1, 1 head, the smallest head dim and
   sequence, HND, separate contiguous q/k/v.
 
-The spec builders (:func:`offset_for_alignment`, :func:`packed_chunk`,
-:func:`swapped_view`, :func:`head_view`) build each layout family from drawn
-parameters; the matrix's layout classes (``harness.targets.layout_classes``)
-draw their parameters from a ``random.Random`` and call the same builders.
+The layout families are built by the spec builders of
+:mod:`harness.targets.layout_classes` (``aligned_offset`` behind
+:func:`offset_for_alignment`, ``packed_chunk``, ``swapped_view``,
+``head_view``), the ones the matrix's layout classes use: a strategy here only
+draws their parameters, with Hypothesis.
 
 Arguments are keyword-only and validated up front; errors name the value and
 how to fix it (as Hypothesis' own strategies do).
@@ -36,7 +37,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from harness.layouts import LayoutSpec, ViewOp, dtype_from_name, dtype_name
+from harness.layouts import LayoutSpec, dtype_from_name, dtype_name
+from harness.targets.layout_classes import ALIGNMENT_CLASSES, aligned_offset, head_view, packed_chunk, swapped_view
 from harness.values import FINITE_KINDS, KINDS, ValueSpec
 
 __all__ = [
@@ -53,14 +55,8 @@ __all__ = [
     "attention_inputs",
     "AttentionInputs",
     "offset_for_alignment",
-    "packed_chunk",
-    "swapped_view",
-    "head_view",
     "explored_cases",
 ]
-
-#: Pointer alignment classes (bytes) a kernel can be handed: misaligned by 1, 2, 4, 8, or aligned at 16.
-ALIGNMENT_CLASSES = (1, 2, 4, 8, 16)
 
 #: Sequence lengths users meet: text contexts (77 CLIP-L, 512 T5), CLIP image tokens (257), tile-missing lengths.
 SPECIAL_SEQ_LENS = (1, 16, 64, 77, 113, 128, 239, 257, 512, 1560, 4093)
@@ -117,70 +113,17 @@ def _itemsize(dtype: str) -> int:
     return dtype_from_name(dtype).itemsize
 
 
-def offset_for_alignment(alignment: int, itemsize: int, k: int = 0, *, nonzero: bool = False) -> int:
+def offset_for_alignment(alignment: int, itemsize: int, k: int = 0) -> int:
     """The ``k``-th smallest element offset whose data pointer is aligned to exactly ``alignment`` bytes.
 
     ``alignment=16`` means "aligned to at least 16" (offsets that are multiples
-    of 16 bytes, starting with 0; ``nonzero=True`` skips 0).  Raises when the
-    alignment is impossible for the element size (a 2-byte bf16 tensor cannot
-    be 1-byte aligned).
+    of 16 bytes, starting with 0).  Raises when the alignment is impossible for
+    the element size (a 2-byte bf16 tensor cannot be 1-byte aligned).
     """
-    if alignment not in ALIGNMENT_CLASSES:
-        raise InvalidArgument(f"alignment={alignment!r} must be one of {ALIGNMENT_CLASSES}")
-    if alignment < itemsize:
-        raise InvalidArgument(
-            f"alignment={alignment} bytes is impossible for {itemsize}-byte elements: a storage offset moves the "
-            f"pointer in steps of {itemsize} bytes; use one of {[a for a in ALIGNMENT_CLASSES if a >= itemsize]}"
-        )
-    if alignment == 16:
-        return (k + nonzero) * (16 // itemsize)
-    return (alignment // itemsize) * (2 * k + 1)
-
-
-# Layout families as spec builders, shared with the matrix's layout classes (harness.targets.layout_classes):
-# a family is built here once; the strategies and the classes only draw its parameters.
-
-
-def packed_chunk(shape: Sequence[int], dtype: str, parts: int, index: int, **extras: object) -> LayoutSpec:
-    """Chunk ``index`` of ``parts`` of a packed (..., parts * C) projection: ``x.chunk(parts, -1)[index]``.
-
-    ``extras`` (perm, step, pad, offset, broadcast) apply to the packed base.
-    """
-    shape = tuple(shape)
-    return LayoutSpec(shape, dtype, base_shape=shape[:-1] + (shape[-1] * parts,),
-                      views=(ViewOp.chunk(parts, -1, index),), **extras)  # type: ignore[arg-type]
-
-
-def swapped_view(shape: Sequence[int], dtype: str, dim0: int, dim1: int, **extras: object) -> LayoutSpec:
-    """``base.transpose(dim0, dim1)`` of a contiguous base whose dims ``dim0`` and ``dim1`` are swapped."""
-    shape = tuple(shape)
-    base = list(shape)
-    base[dim0], base[dim1] = shape[dim1], shape[dim0]
-    return LayoutSpec(shape, dtype, base_shape=tuple(base), views=(ViewOp.transpose(dim0, dim1),),
-                      **extras)  # type: ignore[arg-type]
-
-
-def head_view(
-    batch: int, seq: int, heads: int, head_dim: int, dtype: str, tensor_layout: str, *, packed_index: int | None,
-    offset: int = 0,
-) -> LayoutSpec:
-    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
-
-    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
-    """
-    c = heads * head_dim
-    if packed_index is None:
-        base = (batch, seq, c)
-        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
-    else:
-        base = (batch, seq, 3 * c)
-        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
-    if tensor_layout == "HND":
-        ops = ops + (ViewOp.transpose(1, 2),)
-        shape = (batch, heads, seq, head_dim)
-    else:
-        shape = (batch, seq, heads, head_dim)
-    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
+    try:
+        return aligned_offset(alignment, itemsize, k)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 @st.composite

@@ -24,8 +24,11 @@ The same ``draw`` function serves both worlds:
 
 The layout families themselves (an alignment class's offset, a chunk of a
 packed projection, a transpose view, heads split from a (packed) projection)
-are built by the spec builders of :mod:`harness.strategies`, which the
-Hypothesis strategies use too; a class here only draws their parameters.
+are built once, by the spec builders below (:func:`aligned_offset`,
+:func:`packed_chunk`, :func:`swapped_view`, :func:`head_view`), from drawn
+parameters.  The Hypothesis strategies of :mod:`harness.strategies` call the
+same builders; a class here, like a strategy there, only draws parameters.
+This module does not import Hypothesis.
 
 Sizes: ``Context.size = "small"`` (default, CPU friendly, capped by
 ``HARNESS_MAX_ELEMENTS``) or ``"wan"`` (Wan2.1 widths and token counts, for
@@ -40,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 from harness.layouts import LayoutSpec, ViewOp, dtype_from_name
-from harness.strategies import head_view, offset_for_alignment, packed_chunk, swapped_view
 from harness.values import ValueSpec
 
 __all__ = [
@@ -51,6 +53,11 @@ __all__ = [
     "ATTENTION_CLASSES",
     "classes_for",
     "SIZE_PRESETS",
+    "ALIGNMENT_CLASSES",
+    "aligned_offset",
+    "packed_chunk",
+    "swapped_view",
+    "head_view",
 ]
 
 _SEED_RANGE = 2**31  # value-recipe seeds; shrink toward 0
@@ -155,6 +162,74 @@ def _fit(options: Sequence[int], budget: float) -> tuple[int, ...]:
     return fit or (min(options),)
 
 
+# ------------------------------------------------------------------------------------ layout families
+# Spec builders from already-drawn parameters, shared with harness.strategies: each family is written here once.
+
+#: Pointer alignment classes (bytes) a kernel can be handed: misaligned by 1, 2, 4, 8, or aligned at 16.
+ALIGNMENT_CLASSES = (1, 2, 4, 8, 16)
+
+
+def aligned_offset(alignment: int, itemsize: int, k: int = 0, *, nonzero: bool = False) -> int:
+    """The ``k``-th smallest element offset whose data pointer is aligned to exactly ``alignment`` bytes.
+
+    ``alignment=16`` means "aligned to at least 16" (multiples of 16 bytes,
+    from 0; ``nonzero=True`` skips 0).  ValueError when the alignment is not a
+    class or impossible for the element size (a 2-byte tensor cannot be 1-byte aligned).
+    """
+    if alignment not in ALIGNMENT_CLASSES:
+        raise ValueError(f"alignment={alignment!r} must be one of {ALIGNMENT_CLASSES}")
+    if alignment < itemsize:
+        raise ValueError(
+            f"alignment={alignment} bytes is impossible for {itemsize}-byte elements: a storage offset moves the "
+            f"pointer in steps of {itemsize} bytes; use one of {[a for a in ALIGNMENT_CLASSES if a >= itemsize]}"
+        )
+    if alignment == 16:
+        return (k + nonzero) * (16 // itemsize)
+    return (alignment // itemsize) * (2 * k + 1)
+
+
+def packed_chunk(shape: Sequence[int], dtype: str, parts: int, index: int, **extras: object) -> LayoutSpec:
+    """Chunk ``index`` of ``parts`` of a packed (..., parts * C) projection: ``x.chunk(parts, -1)[index]``.
+
+    ``extras`` (perm, step, pad, offset, broadcast) apply to the packed base.
+    """
+    shape = tuple(shape)
+    return LayoutSpec(shape, dtype, base_shape=shape[:-1] + (shape[-1] * parts,),
+                      views=(ViewOp.chunk(parts, -1, index),), **extras)  # type: ignore[arg-type]
+
+
+def swapped_view(shape: Sequence[int], dtype: str, dim0: int, dim1: int, **extras: object) -> LayoutSpec:
+    """``base.transpose(dim0, dim1)`` of a contiguous base whose dims ``dim0`` and ``dim1`` are swapped."""
+    shape = tuple(shape)
+    base = list(shape)
+    base[dim0], base[dim1] = shape[dim1], shape[dim0]
+    return LayoutSpec(shape, dtype, base_shape=tuple(base), views=(ViewOp.transpose(dim0, dim1),),
+                      **extras)  # type: ignore[arg-type]
+
+
+def head_view(
+    batch: int, seq: int, heads: int, head_dim: int, dtype: str, tensor_layout: str, *, packed_index: int | None,
+    offset: int = 0,
+) -> LayoutSpec:
+    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
+
+    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
+    """
+    c = heads * head_dim
+    if packed_index is None:
+        base = (batch, seq, c)
+        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
+    else:
+        base = (batch, seq, 3 * c)
+        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
+    if tensor_layout == "HND":
+        ops = ops + (ViewOp.transpose(1, 2),)
+        shape = (batch, heads, seq, head_dim)
+    else:
+        shape = (batch, seq, heads, head_dim)
+    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
+
+
 # ------------------------------------------------------------------------------------ linear
 
 
@@ -216,7 +291,7 @@ def _lin_padded_rows(rng, ctx):
 def _lin_offset(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _act_shape(rng, ctx)
-        off = offset_for_alignment(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True)
+        off = aligned_offset(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True)
         return _linear_draw(LayoutSpec(a.shape, ctx.dtype, offset=off), a, _normal(rng))
 
     return draw
@@ -370,7 +445,7 @@ def _att_misaligned(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _att_sizes(rng, ctx)
         specs = {n: LayoutSpec(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype,
-                               offset=offset_for_alignment(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True))
+                               offset=aligned_offset(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True))
                  for n in "qkv"}
         return _att_draw(a, specs, rng)
 
