@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from hypothesis import strategies as st
@@ -166,7 +166,8 @@ def layouts(
         k = draw(st.integers(0, max(0, max_offset // max(1, 32 // isz))), label="alignment_k")
         offset = offset_for_alignment(alignment, isz, k)
 
-    make = LayoutSpec  # the family the extras apply to: plain, or a view recipe's base
+    # the family the extras apply to: plain, or a view recipe (whose base keeps the rank)
+    make: Callable[..., LayoutSpec] = LayoutSpec
     if views and n >= 1 and draw(st.booleans(), label="use_view"):
         recipe = draw(st.sampled_from(["packed_chunk", "transposed"] if n >= 2 else ["packed_chunk"]), label="recipe")
         if recipe == "packed_chunk":
@@ -177,22 +178,21 @@ def layouts(
         else:
             make = partial(swapped_view, dim0=-1, dim1=-2)
 
-    nb = n  # every view recipe keeps the rank: its base has as many dims as shape
     perm = None
-    if permute and nb >= 2 and draw(st.booleans(), label="permuted"):
-        p = tuple(draw(st.permutations(range(nb)), label="perm"))
-        perm = None if p == tuple(range(nb)) else p
+    if permute and n >= 2 and draw(st.booleans(), label="permuted"):
+        p = tuple(draw(st.permutations(range(n)), label="perm"))
+        perm = None if p == tuple(range(n)) else p
     step = None
-    if max_step > 1 and nb and draw(st.booleans(), label="stepped"):
-        s = tuple(draw(st.lists(st.integers(1, max_step), min_size=nb, max_size=nb), label="step"))
+    if max_step > 1 and n and draw(st.booleans(), label="stepped"):
+        s = tuple(draw(st.lists(st.integers(1, max_step), min_size=n, max_size=n), label="step"))
         step = s if any(x != 1 for x in s) else None
     pad = None
-    if max_pad and nb and draw(st.booleans(), label="padded"):
-        p2 = tuple(draw(st.lists(st.integers(0, max_pad), min_size=nb, max_size=nb), label="pad"))
+    if max_pad and n and draw(st.booleans(), label="padded"):
+        p2 = tuple(draw(st.lists(st.integers(0, max_pad), min_size=n, max_size=n), label="pad"))
         pad = p2 if any(p2) else None
     bdims: tuple[int, ...] = ()
-    if broadcast and nb and draw(st.booleans(), label="broadcast"):
-        bdims = tuple(sorted(draw(st.sets(st.integers(0, nb - 1), min_size=1, max_size=nb), label="broadcast_dims")))
+    if broadcast and n and draw(st.booleans(), label="broadcast"):
+        bdims = tuple(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n), label="broadcast_dims")))
     return make(shape, dt, perm=perm, step=step, pad=pad, offset=offset, broadcast=bdims)
 
 
@@ -356,7 +356,7 @@ def attention_inputs(
         seq = seq_q if name == "q" else seq_kv
         specs.append(
             head_view(batch, seq, heads, head_dim, dt, layout, packed_index=i if use_packed else None,
-                       offset=off(f"offset_{name}"))
+                      offset=off(f"offset_{name}"))
         )
     values = draw(value_specs(kinds=kinds), label="values")
     return AttentionInputs(specs[0], specs[1], specs[2], layout, batch, heads, seq_q, seq_kv, head_dim, values,
