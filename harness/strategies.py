@@ -17,6 +17,12 @@ Shrink targets (asserted in ``tests/property/test_strategies.py``):
 - :func:`attention_inputs` -> batch 1, 1 head, the smallest head dim and
   sequence, HND, separate contiguous q/k/v.
 
+The layout families are built by the spec builders of
+:mod:`harness.targets.layout_classes` (``aligned_offset`` behind
+:func:`offset_for_alignment`, ``packed_chunk``, ``swapped_view``,
+``head_view``), the ones the matrix's layout classes use: a strategy here only
+draws their parameters, with Hypothesis.
+
 Arguments are keyword-only and validated up front; errors name the value and
 how to fix it (as Hypothesis' own strategies do).
 """
@@ -24,13 +30,15 @@ how to fix it (as Hypothesis' own strategies do).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from functools import partial
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from harness.layouts import LayoutSpec, ViewOp, dtype_from_name, dtype_name
+from harness.layouts import LayoutSpec, dtype_from_name, dtype_name
+from harness.targets.layout_classes import ALIGNMENT_CLASSES, aligned_offset, head_view, packed_chunk, swapped_view
 from harness.values import FINITE_KINDS, KINDS, ValueSpec
 
 __all__ = [
@@ -49,9 +57,6 @@ __all__ = [
     "offset_for_alignment",
     "explored_cases",
 ]
-
-#: Pointer alignment classes (bytes) a kernel can be handed: misaligned by 1, 2, 4, 8, or aligned at 16.
-ALIGNMENT_CLASSES = (1, 2, 4, 8, 16)
 
 #: Sequence lengths users meet: text contexts (77 CLIP-L, 512 T5), CLIP image tokens (257), tile-missing lengths.
 SPECIAL_SEQ_LENS = (1, 16, 64, 77, 113, 128, 239, 257, 512, 1560, 4093)
@@ -115,16 +120,10 @@ def offset_for_alignment(alignment: int, itemsize: int, k: int = 0) -> int:
     of 16 bytes, starting with 0).  Raises when the alignment is impossible for
     the element size (a 2-byte bf16 tensor cannot be 1-byte aligned).
     """
-    if alignment not in ALIGNMENT_CLASSES:
-        raise InvalidArgument(f"alignment={alignment!r} must be one of {ALIGNMENT_CLASSES}")
-    if alignment < itemsize:
-        raise InvalidArgument(
-            f"alignment={alignment} bytes is impossible for {itemsize}-byte elements: a storage offset moves the "
-            f"pointer in steps of {itemsize} bytes; use one of {[a for a in ALIGNMENT_CLASSES if a >= itemsize]}"
-        )
-    if alignment == 16:
-        return k * (16 // itemsize)
-    return (alignment // itemsize) * (2 * k + 1)
+    try:
+        return aligned_offset(alignment, itemsize, k)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 @st.composite
@@ -167,47 +166,34 @@ def layouts(
         k = draw(st.integers(0, max(0, max_offset // max(1, 32 // isz))), label="alignment_k")
         offset = offset_for_alignment(alignment, isz, k)
 
-    base_shape, view_ops = shape, ()
+    # the family the extras apply to: plain, or a view recipe (whose base keeps the rank)
+    make: Callable[..., LayoutSpec] = LayoutSpec
     if views and n >= 1 and draw(st.booleans(), label="use_view"):
         recipe = draw(st.sampled_from(["packed_chunk", "transposed"] if n >= 2 else ["packed_chunk"]), label="recipe")
         if recipe == "packed_chunk":
             parts = draw(st.integers(2, 3), label="packed_parts")
             index = draw(st.integers(0, parts - 1), label="packed_index")
-            base_shape = shape[:-1] + (shape[-1] * parts,)
-            view_ops = (ViewOp.chunk(parts, -1, index),) if shape[-1] else ()
-            if not view_ops:
-                base_shape = shape
+            if shape[-1]:
+                make = partial(packed_chunk, parts=parts, index=index)
         else:
-            base_shape = shape[:-2] + (shape[-1], shape[-2])
-            view_ops = (ViewOp.transpose(-1, -2),)
+            make = partial(swapped_view, dim0=-1, dim1=-2)
 
-    nb = len(base_shape)
     perm = None
-    if permute and nb >= 2 and draw(st.booleans(), label="permuted"):
-        p = tuple(draw(st.permutations(range(nb)), label="perm"))
-        perm = None if p == tuple(range(nb)) else p
+    if permute and n >= 2 and draw(st.booleans(), label="permuted"):
+        p = tuple(draw(st.permutations(range(n)), label="perm"))
+        perm = None if p == tuple(range(n)) else p
     step = None
-    if max_step > 1 and nb and draw(st.booleans(), label="stepped"):
-        s = tuple(draw(st.lists(st.integers(1, max_step), min_size=nb, max_size=nb), label="step"))
+    if max_step > 1 and n and draw(st.booleans(), label="stepped"):
+        s = tuple(draw(st.lists(st.integers(1, max_step), min_size=n, max_size=n), label="step"))
         step = s if any(x != 1 for x in s) else None
     pad = None
-    if max_pad and nb and draw(st.booleans(), label="padded"):
-        p2 = tuple(draw(st.lists(st.integers(0, max_pad), min_size=nb, max_size=nb), label="pad"))
+    if max_pad and n and draw(st.booleans(), label="padded"):
+        p2 = tuple(draw(st.lists(st.integers(0, max_pad), min_size=n, max_size=n), label="pad"))
         pad = p2 if any(p2) else None
     bdims: tuple[int, ...] = ()
-    if broadcast and nb and draw(st.booleans(), label="broadcast"):
-        bdims = tuple(sorted(draw(st.sets(st.integers(0, nb - 1), min_size=1, max_size=nb), label="broadcast_dims")))
-    return LayoutSpec(
-        shape=shape,
-        dtype=dt,
-        base_shape=base_shape if view_ops else None,
-        perm=perm,
-        step=step,
-        pad=pad,
-        offset=offset,
-        broadcast=bdims,
-        views=view_ops,
-    )
+    if broadcast and n and draw(st.booleans(), label="broadcast"):
+        bdims = tuple(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n), label="broadcast_dims")))
+    return make(shape, dt, perm=perm, step=step, pad=pad, offset=offset, broadcast=bdims)
 
 
 def value_specs(*, kinds: Sequence[str] | None = None, allow_nonfinite: bool = False) -> st.SearchStrategy[ValueSpec]:
@@ -306,36 +292,6 @@ class AttentionInputs(NamedTuple):
     packed: bool
 
 
-def _head_view(
-    batch: int,
-    seq: int,
-    heads: int,
-    head_dim: int,
-    dtype: str,
-    tensor_layout: str,
-    *,
-    packed_index: int | None,
-    offset: int,
-) -> LayoutSpec:
-    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
-
-    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
-    """
-    c = heads * head_dim
-    if packed_index is None:
-        base = (batch, seq, c)
-        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
-    else:
-        base = (batch, seq, 3 * c)
-        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
-    if tensor_layout == "HND":
-        ops = ops + (ViewOp.transpose(1, 2),)
-        shape = (batch, heads, seq, head_dim)
-    else:
-        shape = (batch, seq, heads, head_dim)
-    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
-
-
 @st.composite
 def attention_inputs(
     draw: st.DrawFn,
@@ -399,7 +355,7 @@ def attention_inputs(
     for i, name in enumerate("qkv"):
         seq = seq_q if name == "q" else seq_kv
         specs.append(
-            _head_view(
+            head_view(
                 batch,
                 seq,
                 heads,

@@ -22,6 +22,14 @@ The same ``draw`` function serves both worlds:
   so a failing example shrinks toward the smallest tensor that still has the
   class's layout property.
 
+The layout families themselves (an alignment class's offset, a chunk of a
+packed projection, a transpose view, heads split from a (packed) projection)
+are built once, by the spec builders below (:func:`aligned_offset`,
+:func:`packed_chunk`, :func:`swapped_view`, :func:`head_view`), from drawn
+parameters.  The Hypothesis strategies of :mod:`harness.strategies` call the
+same builders; a class here, like a strategy there, only draws parameters.
+This module does not import Hypothesis.
+
 Sizes: ``Context.size = "small"`` (default, CPU friendly, capped by
 ``HARNESS_MAX_ELEMENTS``) or ``"wan"`` (Wan2.1 widths and token counts, for
 GPU runs).  Linear widths are multiples of 16, as ``torch._scaled_mm`` needs K
@@ -45,6 +53,11 @@ __all__ = [
     "ATTENTION_CLASSES",
     "classes_for",
     "SIZE_PRESETS",
+    "ALIGNMENT_CLASSES",
+    "aligned_offset",
+    "packed_chunk",
+    "swapped_view",
+    "head_view",
 ]
 
 _SEED_RANGE = 2**31  # value-recipe seeds; shrink toward 0
@@ -149,6 +162,81 @@ def _fit(options: Sequence[int], budget: float) -> tuple[int, ...]:
     return fit or (min(options),)
 
 
+# ------------------------------------------------------------------------------------ layout families
+# Spec builders from already-drawn parameters, shared with harness.strategies: each family is written here once.
+
+#: Pointer alignment classes (bytes) a kernel can be handed: misaligned by 1, 2, 4, 8, or aligned at 16.
+ALIGNMENT_CLASSES = (1, 2, 4, 8, 16)
+
+
+def aligned_offset(alignment: int, itemsize: int, k: int = 0, *, nonzero: bool = False) -> int:
+    """The ``k``-th smallest element offset whose data pointer is aligned to exactly ``alignment`` bytes.
+
+    ``alignment=16`` means "aligned to at least 16" (multiples of 16 bytes,
+    from 0; ``nonzero=True`` skips 0).  ValueError when the alignment is not a
+    class or impossible for the element size (a 2-byte tensor cannot be 1-byte aligned).
+    """
+    if alignment not in ALIGNMENT_CLASSES:
+        raise ValueError(f"alignment={alignment!r} must be one of {ALIGNMENT_CLASSES}")
+    if alignment < itemsize:
+        raise ValueError(
+            f"alignment={alignment} bytes is impossible for {itemsize}-byte elements: a storage offset moves the "
+            f"pointer in steps of {itemsize} bytes; use one of {[a for a in ALIGNMENT_CLASSES if a >= itemsize]}"
+        )
+    if alignment == 16:
+        return (k + nonzero) * (16 // itemsize)
+    return (alignment // itemsize) * (2 * k + 1)
+
+
+def packed_chunk(shape: Sequence[int], dtype: str, parts: int, index: int, **extras: object) -> LayoutSpec:
+    """Chunk ``index`` of ``parts`` of a packed (..., parts * C) projection: ``x.chunk(parts, -1)[index]``.
+
+    ``extras`` (perm, step, pad, offset, broadcast) apply to the packed base.
+    """
+    shape = tuple(shape)
+    return LayoutSpec(
+        shape, dtype, base_shape=shape[:-1] + (shape[-1] * parts,), views=(ViewOp.chunk(parts, -1, index),), **extras
+    )  # type: ignore[arg-type]
+
+
+def swapped_view(shape: Sequence[int], dtype: str, dim0: int, dim1: int, **extras: object) -> LayoutSpec:
+    """``base.transpose(dim0, dim1)`` of a contiguous base whose dims ``dim0`` and ``dim1`` are swapped."""
+    shape = tuple(shape)
+    base = list(shape)
+    base[dim0], base[dim1] = shape[dim1], shape[dim0]
+    return LayoutSpec(shape, dtype, base_shape=tuple(base), views=(ViewOp.transpose(dim0, dim1),), **extras)  # type: ignore[arg-type]
+
+
+def head_view(
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    dtype: str,
+    tensor_layout: str,
+    *,
+    packed_index: int | None,
+    offset: int = 0,
+) -> LayoutSpec:
+    """q/k/v as model code makes them: a (b, s, C) projection split into heads, transposed for HND.
+
+    ``packed_index`` = i takes part i of one packed (b, s, 3C) qkv projection.
+    """
+    c = heads * head_dim
+    if packed_index is None:
+        base = (batch, seq, c)
+        ops: tuple[ViewOp, ...] = (ViewOp.unflatten(-1, (heads, head_dim)),)
+    else:
+        base = (batch, seq, 3 * c)
+        ops = (ViewOp.unflatten(-1, (3, heads, head_dim)), ViewOp.select(2, packed_index))
+    if tensor_layout == "HND":
+        ops = ops + (ViewOp.transpose(1, 2),)
+        shape = (batch, heads, seq, head_dim)
+    else:
+        shape = (batch, seq, heads, head_dim)
+    return LayoutSpec(shape, dtype, base_shape=base, views=ops, offset=offset)
+
+
 # ------------------------------------------------------------------------------------ linear
 
 
@@ -215,17 +303,10 @@ def _lin_padded_rows(rng, ctx):
     return _linear_draw(LayoutSpec(a.shape, ctx.dtype, pad=pad), a, _normal(rng))
 
 
-def _offset_elems(nbytes: int, itemsize: int, variant: int) -> int:
-    """An element offset whose pointer alignment is exactly ``nbytes`` (16: a non-zero multiple of 16 bytes)."""
-    if nbytes >= 16:
-        return (variant + 1) * (16 // itemsize)
-    return (nbytes // itemsize) * (2 * variant + 1)
-
-
 def _lin_offset(nbytes: int) -> Callable[[random.Random, Context], Draw]:
     def draw(rng, ctx):
         a = _act_shape(rng, ctx)
-        off = _offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2))
+        off = aligned_offset(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True)
         return _linear_draw(LayoutSpec(a.shape, ctx.dtype, offset=off), a, _normal(rng))
 
     return draw
@@ -235,9 +316,7 @@ def _lin_packed_slice(rng, ctx):
     a = _act_shape(rng, ctx, min_tokens=2)  # the row stride shows only from the second row on
     parts = _pick(rng, (3, 2))  # qkv or kv projection
     index = rng.randint(0, parts - 1)
-    base = a.shape[:-1] + (a.k * parts,)
-    spec = LayoutSpec(a.shape, ctx.dtype, base_shape=base, views=(ViewOp.chunk(parts, -1, index),))
-    return _linear_draw(spec, a, _normal(rng))
+    return _linear_draw(packed_chunk(a.shape, ctx.dtype, parts, index), a, _normal(rng))
 
 
 def _lin_flatten_permuted(rng, ctx):
@@ -425,28 +504,17 @@ def _att_contiguous(layout: str) -> Callable[[random.Random, Context], Draw]:
 def _att_transposed_view(rng, ctx):
     # SDPA-style: (B, S, H, d) projections viewed as (B, H, S, d) with transpose(1, 2).
     a = _att_sizes(rng, ctx, layout="HND", min_heads=2)
-    specs = {}
-    for n in "qkv":
-        s = a.seq_q if n == "q" else a.seq_k
-        specs[n] = LayoutSpec(
-            (a.batch, a.heads, s, a.head_dim),
-            ctx.dtype,
-            base_shape=(a.batch, s, a.heads, a.head_dim),
-            views=(ViewOp.transpose(1, 2),),
-        )
+    specs = {n: swapped_view(_logical(a, a.seq_q if n == "q" else a.seq_k), ctx.dtype, 1, 2) for n in "qkv"}
     return _att_draw(a, specs, rng)
 
 
 def _att_packed_qkv(rng, ctx):
     # q, k, v = slices i = 0, 1, 2 of one (B, S, 3C) projection, split into heads (NHD; HND adds a transpose).
     a = _att_sizes(rng, ctx)
-    c = a.heads * a.head_dim
-    specs = {}
-    for i, n in enumerate("qkv"):
-        ops = [ViewOp.unflatten(-1, (3, a.heads, a.head_dim)), ViewOp.select(2, i)]
-        if a.layout == "HND":
-            ops.append(ViewOp.transpose(1, 2))
-        specs[n] = LayoutSpec(_logical(a, a.seq_q), ctx.dtype, base_shape=(a.batch, a.seq_q, 3 * c), views=tuple(ops))
+    specs = {
+        n: head_view(a.batch, a.seq_q, a.heads, a.head_dim, ctx.dtype, a.layout, packed_index=i)
+        for i, n in enumerate("qkv")
+    }
     return _att_draw(a, specs, rng)
 
 
@@ -457,7 +525,7 @@ def _att_misaligned(nbytes: int) -> Callable[[random.Random, Context], Draw]:
             n: LayoutSpec(
                 _logical(a, a.seq_q if n == "q" else a.seq_k),
                 ctx.dtype,
-                offset=_offset_elems(nbytes, ctx.itemsize, rng.randint(0, 2)),
+                offset=aligned_offset(nbytes, ctx.itemsize, rng.randint(0, 2), nonzero=True),
             )
             for n in "qkv"
         }
@@ -487,9 +555,7 @@ def _att_mtv(rng, ctx):
     shape = (a.batch, a.seq_q, a.heads, a.head_dim)
     specs = {
         "q": LayoutSpec.contiguous(shape, ctx.dtype),
-        "k": LayoutSpec(
-            shape, ctx.dtype, base_shape=(a.batch, a.heads, a.seq_q, a.head_dim), views=(ViewOp.transpose(1, 2),)
-        ),
+        "k": swapped_view(shape, ctx.dtype, 1, 2),
         "v": LayoutSpec.contiguous(shape, ctx.dtype),
     }
     return _att_draw(a, specs, rng)
