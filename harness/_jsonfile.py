@@ -7,6 +7,7 @@ handle (a size from ``stat`` is never trusted: ``/dev/zero`` reports 0).  :func:
 bound on nesting depth (:data:`MAX_JSON_DEPTH`) so a deeply nested file is one clear error, not a
 ``RecursionError``.
 
+:func:`pid_alive` says whether the owner of a stale temp file may still run.
 :func:`atomic_write_text` is the one way the harness replaces a file it writes (reports, summaries,
 contracts, claims tables): a uniquely named temp file in the same folder, then ``os.replace``.
 
@@ -143,3 +144,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running (the owner of a temp file or folder named after it): another
+    user's process, or a number no pid can be, counts as alive -- not ours to clean up."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

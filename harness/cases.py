@@ -51,7 +51,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from harness._jsonfile import read_json, read_regular_file
+from harness._jsonfile import pid_alive, read_json, read_regular_file
 from harness.layouts import LayoutError, LayoutSpec
 from harness.values import ValueError_, ValueSpec
 
@@ -338,16 +338,6 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or a number no pid can be: not ours to judge
-    return True
-
-
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files of earlier saves of ``final`` whose process is gone and that are old enough."""
     try:
@@ -358,7 +348,7 @@ def _remove_stale_temps(final: Path) -> None:
     for n in names:
         m = _TMP_RE.match(n)
         legacy = n == f"{final.name}.tmp"  # the fixed temp name of harness versions before this one
-        if not legacy and (m is None or m["final"] != final.name or _pid_alive(int(m["pid"]))):
+        if not legacy and (m is None or m["final"] != final.name or pid_alive(int(m["pid"]))):
             continue
         p = final.parent / n
         with contextlib.suppress(OSError):

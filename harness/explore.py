@@ -347,7 +347,7 @@ def _spec(f: Mapping[str, Any]) -> LayoutSpec:
 
 def _apply(spec: LayoutSpec, p: Perturbation, *, free_bytes: int | None) -> LayoutSpec:
     """``spec`` with perturbation ``p`` applied; LayoutError (or ValueError) when it does not fit."""
-    from harness.strategies import offset_for_alignment
+    from harness.targets.layout_classes import aligned_offset
 
     f = _fields(spec)
     rank = len(f["base_shape"])
@@ -362,7 +362,7 @@ def _apply(spec: LayoutSpec, p: Perturbation, *, free_bytes: int | None) -> Layo
     if p.kind == "align":
         if a[0] < isz:
             raise LayoutError(f"{a[0]} B alignment is impossible for {isz}-byte elements")
-        f["offset"] = offset_for_alignment(a[0], isz, 1 if a[0] >= 16 else 0)
+        f["offset"] = aligned_offset(a[0], isz, nonzero=a[0] >= 16)
     elif p.kind == "checkpoint":
         f["offset"] = a[0] // isz
         if rank:

@@ -13,6 +13,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
+from harness._jsonfile import pid_alive
+
 __all__ = ["remove_stale_tmp"]
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -52,16 +54,6 @@ def _drop_tmp(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def remove_stale_tmp(root: str | os.PathLike | None = None) -> list[str]:
     """Remove the ``harness-pool-<pid>-*`` / ``harness-fresh-<pid>-*`` folders under ``root`` (the temp dir) that
     belong to this user and whose process is gone (killed by SIGKILL, so it could not clean up); returns them."""
@@ -80,7 +72,7 @@ def remove_stale_tmp(root: str | os.PathLike | None = None) -> list[str]:
             st = e.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not e.is_dir(follow_symlinks=False) or (uid is not None and st.st_uid != uid) or _pid_alive(int(pid_text)):
+        if not e.is_dir(follow_symlinks=False) or (uid is not None and st.st_uid != uid) or pid_alive(int(pid_text)):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         removed.append(e.path)

@@ -210,12 +210,13 @@ def test_stale_temp_folders_are_removed_only_when_their_process_is_gone(tmp_path
         "mine": f"harness-pool-{os.getpid()}-abc",
         "alive": f"harness-pool-{os.getppid()}-abc",
         "other": "harness-cases-123-abc",
+        "huge": f"harness-pool-{10**30}-abc",  # no pid can be this: left alone, and no OverflowError from os.kill
     }
     for n in names.values():
         (tmp_path / n).mkdir()
     removed = remove_stale_tmp(tmp_path)
     assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("gone", "fresh_gone"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("mine", "alive", "other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("mine", "alive", "other", "huge"))
 
 
 # ------------------------------------------------------------------------------ one case file per result
