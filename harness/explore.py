@@ -715,6 +715,10 @@ def _is_find(target: Any, verdict: Verdict) -> bool:
 
 
 # ------------------------------------------------------------------------------------ minimizing
+class _Stopped(Exception):
+    """``should_stop`` said stop: raised by :class:`_Runner` instead of running another case."""
+
+
 class _Runner:
     """Runs built genomes through ``run`` with a memo (minimization paths meet the same genomes again)."""
 
@@ -723,6 +727,8 @@ class _Runner:
         self.memo: dict[str, tuple[BuiltCase, Result]] = {}
         self.runs = 0
         self.fresh = False  # whether the last call ran its case (False: answered from the memo)
+        self.on_result: Callable[[BuiltCase, Result], None] | None = None
+        self.should_stop: Callable[[], str] | None = None
 
     def __call__(self, genome: Genome) -> tuple[BuiltCase, Result]:
         built = build_case(self.target, genome, free_bytes=self.free_bytes)
@@ -730,8 +736,12 @@ class _Runner:
         hit = self.memo.get(key)
         self.fresh = hit is None
         if hit is None:
+            if self.should_stop is not None and (why := self.should_stop()):
+                raise _Stopped(why)
             self.runs += 1
             hit = self.memo[key] = (built, self.run_fn(built.case))
+            if self.on_result is not None:
+                self.on_result(*hit)
         return hit
 
 
@@ -753,16 +763,21 @@ def minimize_genome(
     """
     cur = genome
     tried = 0
+    stopped = False  # the runner's should_stop said stop: the reduction so far is the answer
 
     def keeps(g: Genome) -> bool:
-        nonlocal tried
-        if tried >= max_runs or not _fits(dict(g.sizes), kind, max_elements):
+        nonlocal tried, stopped
+        if stopped or tried >= max_runs or not _fits(dict(g.sizes), kind, max_elements):
             return False
         tried += 1
-        return runner(g)[1].verdict is verdict
+        try:
+            return runner(g)[1].verdict is verdict
+        except _Stopped:
+            stopped = True
+            return False
 
     changed = True
-    while changed and tried < max_runs:
+    while changed and tried < max_runs and not stopped:
         changed = False
         for name in sorted(cur.operands()):  # 1. one operand's whole perturbation at a time
             cand = dataclasses.replace(
@@ -936,12 +951,17 @@ def explore(
     allow_nonfinite: bool = False,
     minimize: bool = True,
     max_minimize_runs: int = 80,
+    on_result: Callable[[BuiltCase, Result], None] | None = None,
+    should_stop: Callable[[], str] | None = None,
 ) -> ExploreResult:
     """Explore ``target`` with ``budget_cases`` drawn cases (and at most ``budget_s`` seconds); see the module doc.
 
     ``run(case) -> Result`` runs one case.  ``large_offset``: allow the rare >= 2**31-offset draw (sized from
     ``device``'s free memory; on CPU it is skipped with its reason).  Minimization runs come on top of the
-    case budget (``max_minimize_runs`` per signature).
+    case budget (``max_minimize_runs`` per signature).  ``on_result(built, result)`` sees every case that ran
+    (drawn and minimization runs alike; the matrix counts and keeps them).  ``should_stop()`` returns a reason
+    (non-empty) to stop at once -- the matrix's deadline or a signal; what ran so far is still minimized within
+    the same check (no new runs once it says stop) and reported.
     """
     if not isinstance(budget_cases, int) or budget_cases < 1:
         raise ValueError(f"budget_cases={budget_cases!r} must be an integer >= 1")
@@ -954,6 +974,7 @@ def explore(
     table = _sizes_for(target, max_elements)
     defaults = _default_sizes(table, target.kind, max_elements)
     runner = _Runner(target, run, free)
+    runner.on_result, runner.should_stop = on_result, should_stop
     t0 = time.monotonic()
     seen: set[tuple[Hashable, str]] = set()
     corpus: list[tuple[float, Genome]] = []
@@ -977,7 +998,11 @@ def explore(
             g = mutate(rng, parent, target, **kw)
         else:
             g = draw_genome(rng, target, **kw)
-        built, r = runner(g)
+        try:
+            built, r = runner(g)
+        except _Stopped as e:
+            res.stopped = str(e)
+            break
         if not runner.fresh:
             continue
         for p, why in zip(_dropped(g, built), built.skipped):
@@ -1027,7 +1052,7 @@ def explore(
             if minimize
             else g
         )
-        built, r = runner(mg)
+        built, r = runner(mg)  # ran already (a reduction step or the raw draw): from the memo
         if r.verdict is not v:  # the reduction could not keep the verdict (a flaky op): report the raw case
             built, r = runner(g)
             mg = built.genome

@@ -205,6 +205,40 @@ def test_the_search_finds_a_one_operand_property_and_reports_it_once() -> None:
     assert d["findings"][0]["property"] == "k: stride 0 on dim 2 (token)"
 
 
+def test_a_stop_request_ends_the_search_and_the_finds_so_far_are_still_reported() -> None:
+    seen: list[float] = []
+    results: list[tuple[str, str]] = []
+    ran = explore(ATT, _fake([]), seed=2, budget_cases=150, max_elements=1 << 14)
+    first_find = next(i for i, v in enumerate(_verdicts_in_order(ran)) if v == "drift")
+    n = first_find + 3  # stop a little after the first find: mid-way through what its minimization would run
+    res = explore(
+        ATT,
+        _fake(seen),
+        seed=2,
+        budget_cases=150,
+        max_elements=1 << 14,
+        on_result=lambda b, r: results.append((b.case.note, r.verdict.value)),
+        should_stop=lambda: "deadline" if len(seen) >= n else "",
+    )
+    assert res.stopped == "deadline" and len(seen) == n  # no case ran after the stop
+    assert len(results) == n and res.cases + res.minimize_runs == n  # the hook saw every case that ran
+    assert [s[1] for s in res.signatures()] == ["drift"] and res.findings[0].count >= 1
+    assert "k" in res.findings[0].operand.split("+")  # the raw draw: k and maybe more (not reduced: stopped)
+
+
+def _verdicts_in_order(res) -> list[str]:
+    out: list[str] = []
+    explore(
+        ATT,
+        lambda c: (lambda r: (out.append(r.verdict.value), r)[1])(_fake([])(c)),
+        seed=res.seed,
+        budget_cases=res.cases,
+        max_elements=1 << 14,
+        minimize=False,
+    )
+    return out
+
+
 def test_the_score_is_the_worst_drift_ratio_seen() -> None:
     seen: list[float] = []
     res = explore(
