@@ -96,7 +96,10 @@ __all__ = [
     "Genome",
     "Perturbation",
     "ValuePick",
+    "CLASS_FAMILIES",
     "build_case",
+    "family_of",
+    "reproduces",
     "cpu_coverage",
     "draw_genome",
     "explore",
@@ -847,6 +850,80 @@ def signature(op: str, verdict: Verdict, built: BuiltCase, defaults: Mapping[str
         operands.append("shape")
         props += [f"shape: {k} = {v}" + (f" ({size_class(v)})" if k in _TILED else "") for k, v in sizes]
     return (op, verdict.value, "+".join(operands) or "-", "; ".join(props) or "the plain case")
+
+
+# ------------------------------------------------------------------------------------ the corpus
+def _kinds(built: BuiltCase, *kinds: str, operand: str = "") -> bool:
+    return any(p.kind in kinds and (not operand or p.operand == operand) for p in built.genome.perturbations)
+
+
+def _misaligned(built: BuiltCase) -> bool:
+    """Some operand's data pointer is aligned to fewer than 16 bytes (whichever view made it so)."""
+    return any(
+        spec is not None and spec.alignment() < 16
+        for spec in (built.case.layouts.get(p.operand) for p in built.genome.perturbations)
+    )
+
+
+def _values(built: BuiltCase, *kinds: str) -> bool:
+    return any(v.kind in kinds for v in built.genome.values)
+
+
+def _short_tile(built: BuiltCase) -> bool:
+    sizes = dict(built.genome.sizes)
+    return any(isinstance(sizes.get(k), int) and sizes[k] % 64 for k in ("seq_q", "seq_k"))
+
+
+#: Per layout class of the grid (:mod:`harness.targets.layout_classes`): what an explored case must have to stand
+#: for a finding of that class -- the property family, not the exact view (an explored case perturbs one operand
+#: where the grid perturbed them all).  A class not listed (or listed as None) is matched on op and verdict alone.
+CLASS_FAMILIES: dict[str, tuple[str, Callable[[BuiltCase], bool]] | None] = {
+    "contiguous": None,
+    "hnd_contiguous": None,
+    "nhd_contiguous": None,
+    "2d": None,
+    "3d": None,
+    "4d": None,
+    "offset_16": None,
+    "seq_512": None,  # a multiple of every tile: the op and verdict decide
+    "transposed": ("a transposed / permuted operand", lambda b: _kinds(b, "perm")),
+    "transposed_view": ("a transposed / permuted operand", lambda b: _kinds(b, "perm")),
+    "flatten_permuted": ("a permuted or strided operand", lambda b: _kinds(b, "perm", "step", "pad")),
+    "last_stride_2": ("a last stride != 1", lambda b: _kinds(b, "step", "perm")),
+    "last_stride_ne_1": ("a last stride != 1", lambda b: _kinds(b, "step", "perm")),
+    "padded_rows": ("a padded or strided operand", lambda b: _kinds(b, "pad", "step")),
+    "broadcast": ("a stride-0 operand", lambda b: _kinds(b, "broadcast")),
+    "packed_slice": ("a view into a wider buffer", lambda b: _kinds(b, "packed", "slice", "checkpoint", "align")),
+    "packed_qkv": ("a view into a wider buffer", lambda b: _kinds(b, "packed", "slice", "checkpoint", "align")),
+    "mtv_scrambled_k": ("a non-packed k", lambda b: _kinds(b, *LAYOUT_KINDS, operand="k")),
+    "values_beyond_448": (
+        "values at or past the FP8 range",
+        lambda b: _values(b, "fp8_edge", "outliers", "outlier_slice"),
+    ),
+    "outliers": ("outlier values", lambda b: _values(b, "outliers", "outlier_slice", "fp8_edge")),
+    **{
+        f"{pre}_{n}": ("a pointer aligned to < 16 B", _misaligned)
+        for pre in ("offset", "misaligned_ptr")
+        for n in (1, 2, 4, 8)
+    },
+    **{f"seq_{n}": ("a sequence length off the 64-token tile", _short_tile) for n in (77, 113, 257)},
+}
+
+
+def reproduces(op: str, layout_class: str, verdict: str, built: BuiltCase, result: Result) -> bool:
+    """Whether an explored case (``built`` with its ``result``) stands for the corpus finding
+    ``op|layout_class|verdict``: the same op and verdict, and the property family of the class
+    (:data:`CLASS_FAMILIES`)."""
+    if built.case.op != op or result.verdict.value != verdict:
+        return False
+    fam = CLASS_FAMILIES.get(layout_class)
+    return fam is None or fam[1](built)
+
+
+def family_of(layout_class: str) -> str:
+    """What :func:`reproduces` asks of an explored case for ``layout_class``, in words."""
+    fam = CLASS_FAMILIES.get(layout_class)
+    return fam[0] if fam is not None else "the same op and verdict"
 
 
 # ------------------------------------------------------------------------------------ results

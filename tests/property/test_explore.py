@@ -297,3 +297,28 @@ def test_a_large_offset_draw_on_cpu_is_skipped_with_its_reason() -> None:
     assert entry["count"] >= 1 and "free memory is unknown" in entry["example"]
     assert not any(p["kind"] == "large_offset" for f in res.findings for p in f.genome["perturbations"])
     assert res.skipped["align"]["example"].endswith("1 B alignment is impossible for 2-byte elements")
+
+
+def test_an_explored_case_stands_for_a_corpus_finding_by_op_verdict_and_property_family() -> None:
+    from harness.explore import CLASS_FAMILIES, reproduces
+    from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
+    from harness.targets.layout_classes import ATTENTION_CLASSES, LINEAR_CLASSES
+
+    drift = Result(Verdict.DRIFT, "x")
+    k0, _ = _inputs(ATT, Perturbation("k", "broadcast", (-2,)))
+    v2, _ = _inputs(ATT, Perturbation("v", "align", (2,)))
+    v16, _ = _inputs(ATT, Perturbation("v", "align", (16,)))
+    plain, _ = _inputs(ATT, sizes=tuple((k, 64 if k.startswith("seq") else v) for k, v in ATT_SIZES))
+    short, _ = _inputs(ATT, sizes=tuple((k, {"seq_k": 77, "seq_q": 64}.get(k, v)) for k, v in ATT_SIZES))
+    op = ATT.name
+    assert reproduces(op, "broadcast", "drift", k0, drift) and not reproduces(op, "broadcast", "drift", v2, drift)
+    assert reproduces(op, "misaligned_ptr_2", "drift", v2, drift)
+    assert not reproduces(op, "misaligned_ptr_2", "drift", v16, drift)  # 16 B aligned: not the family
+    assert reproduces(op, "seq_77", "drift", short, drift) and not reproduces(op, "seq_77", "drift", plain, drift)
+    assert reproduces(op, "hnd_contiguous", "drift", plain, drift)
+    assert not reproduces(op, "hnd_contiguous", "nonfinite", plain, drift)  # another verdict
+    assert not reproduces("attn.other", "hnd_contiguous", "drift", plain, drift)  # another op
+    # every layout class of the grid and of the corpus has its family decided (a new class must choose)
+    grid = set(LINEAR_CLASSES) | set(ATTENTION_CLASSES)
+    corpus = {e.layout_class for e in load_corpus(DEFAULT_CORPUS)}
+    assert grid | corpus <= set(CLASS_FAMILIES), sorted((grid | corpus) - set(CLASS_FAMILIES))
