@@ -92,6 +92,7 @@ __all__ = [
     "LINEAR_SIZES",
     "BuiltCase",
     "ExploreResult",
+    "ExploreStopped",
     "Finding",
     "Genome",
     "Perturbation",
@@ -110,6 +111,7 @@ __all__ = [
     "mutate",
     "signature",
     "size_class",
+    "sweep_genomes",
 ]
 
 #: ``case.params["layout_class"]`` of every explored case; its genome is in ``case.params["explore"]``.
@@ -618,6 +620,79 @@ def _base(target: Any, sizes: Mapping[str, Any], seed: int) -> BuiltCase:
     return build_case(target, Genome(tuple(sorted(sizes.items())), seed=seed))
 
 
+def _round_robin(lists: Sequence[Sequence[Any]]) -> list[Any]:
+    out: list[Any] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
+
+
+def _operand_sweep(base: BuiltCase, name: str, rng: random.Random) -> tuple[list[Any], list[Any]]:
+    """(the common single properties of one operand -- layout variants and structured values --, the rest)."""
+    rank = base.case.layouts[name].ndim if name in base.case.layouts else 0
+    if rank == 0:  # a scalar scale: its pointer only
+        first = [Perturbation(name, "align", (4,)), Perturbation(name, "checkpoint", (rng.randrange(1, 64) * 4,))]
+        return first, [Perturbation(name, "align", (8,)), Perturbation(name, "align", (16,))]
+    axes = base.axes[name]
+    first: list[Any] = [Perturbation(name, "align", (2,)), Perturbation(name, "broadcast", (-2 if rank >= 2 else -1,))]
+    first += [ValuePick(name, "outliers"), Perturbation(name, "step", (-1, 2))]
+    first += [Perturbation(name, "perm", tuple(range(rank - 2)) + (rank - 1, rank - 2))] if rank >= 2 else []
+    first += [ValuePick(name, "fp8_edge"), Perturbation(name, "broadcast", (-1,)), Perturbation(name, "pad", (-1, 8))]
+    first += [ValuePick(name, "zero_slice", axes[-1], (("length", 1), ("start", rng.randrange(0, 256))))]
+    first += [
+        Perturbation(name, "packed", (-1, 3, 1)),
+        Perturbation(name, "slice", (-1, 1, 3)),
+        Perturbation(name, "checkpoint", (rng.randrange(1, 4096),)),
+        ValuePick(name, "subnormal"),
+    ]
+    later: list[Any] = [Perturbation(name, "align", (a,)) for a in (4, 8, 1, 16)]
+    for d in range(-rank, -1 if rank >= 2 else 0):
+        if d != -2:
+            later.append(Perturbation(name, "broadcast", (d,)))
+        later += [Perturbation(name, "step", (d, 2)), Perturbation(name, "pad", (d, 3))]
+        later += [Perturbation(name, "packed", (d, 2, 1)), Perturbation(name, "slice", (d, 1, 16))]
+    for kind in _SLICE_KINDS:
+        for axis in axes:
+            if not (kind == "zero_slice" and axis == axes[-1]):
+                later.append(ValuePick(name, kind, axis, (("length", 1), ("start", rng.randrange(0, 256)))))
+    return first, later
+
+
+#: Sizes the sweep is repeated at besides the defaults: the other rank of a linear, the other memory layout of
+#: attention (code paths differ there: a defect of the 3-d path never shows on 2-d inputs).
+_SWEEP_VARIANTS = {"linear": ("rank", 3), "attention": ("layout", "NHD")}
+
+
+def sweep_genomes(target: Any, sizes: Mapping[str, Any], seed: int, rng: random.Random) -> list[Genome]:
+    """One property of one operand at a time: every operand x every layout kind and structured value, on the
+    default sizes and on the other rank (linear) or memory layout (attention); the common variants of every
+    operand first, round-robin over the operands, then the other alignments, dims and value slices.
+
+    Random draws perturb several operands at once, so any single (operand, property) pair is rare among them
+    (one draw in a hundred or so); the sweep reaches each pair once, early, and each such find is already
+    minimal.  :func:`explore` interleaves it with the random draws and mutations.
+    """
+    variants = [dict(sizes)]
+    alt = _SWEEP_VARIANTS.get(getattr(target, "kind", ""))
+    if alt is not None and alt[0] in sizes and sizes[alt[0]] != alt[1]:
+        table = _sizes_for(target, 1 << 62)
+        if alt[1] in table.get(alt[0], ()):
+            variants.append(dict(sizes, **{alt[0]: alt[1]}))
+    per_variant = []
+    for sz in variants:
+        base = _base(target, sz, seed)
+        key = tuple(sorted(sz.items()))
+        firsts, laters = zip(*(_operand_sweep(base, name, rng) for name in base.axes)) if base.axes else ((), ())
+        items = _round_robin(firsts) + _round_robin(laters)
+        per_variant.append(
+            [
+                Genome(key, (it,), (), seed) if isinstance(it, Perturbation) else Genome(key, (), (it,), seed)
+                for it in items
+            ]
+        )
+    return _round_robin(per_variant)
+
+
 def draw_genome(
     rng: random.Random,
     target: Any,
@@ -718,8 +793,9 @@ def _is_find(target: Any, verdict: Verdict) -> bool:
 
 
 # ------------------------------------------------------------------------------------ minimizing
-class _Stopped(Exception):
-    """``should_stop`` said stop: raised by :class:`_Runner` instead of running another case."""
+class ExploreStopped(Exception):
+    """Stop the search now: raised by :class:`_Runner` when ``should_stop`` says so, and by a ``run`` function that
+    cannot run cases any more (its pool closed); what ran so far is still reported."""
 
 
 class _Runner:
@@ -740,7 +816,7 @@ class _Runner:
         self.fresh = hit is None
         if hit is None:
             if self.should_stop is not None and (why := self.should_stop()):
-                raise _Stopped(why)
+                raise ExploreStopped(why)
             self.runs += 1
             hit = self.memo[key] = (built, self.run_fn(built.case))
             if self.on_result is not None:
@@ -775,7 +851,7 @@ def minimize_genome(
         tried += 1
         try:
             return runner(g)[1].verdict is verdict
-        except _Stopped:
+        except ExploreStopped:
             stopped = True
             return False
 
@@ -853,20 +929,28 @@ def signature(op: str, verdict: Verdict, built: BuiltCase, defaults: Mapping[str
 
 
 # ------------------------------------------------------------------------------------ the corpus
-def _kinds(built: BuiltCase, *kinds: str, operand: str = "") -> bool:
-    return any(p.kind in kinds and (not operand or p.operand == operand) for p in built.genome.perturbations)
+_X = ("x",)  # what the linear grid sweeps: the activation only
+_QKV = ("q", "k", "v")  # what the attention grid sweeps: q, k and v together
 
 
-def _misaligned(built: BuiltCase) -> bool:
-    """Some operand's data pointer is aligned to fewer than 16 bytes (whichever view made it so)."""
-    return any(
-        spec is not None and spec.alignment() < 16
-        for spec in (built.case.layouts.get(p.operand) for p in built.genome.perturbations)
-    )
+def _kinds(built: BuiltCase, *kinds: str, on: Sequence[str]) -> bool:
+    return any(p.kind in kinds and p.operand in on for p in built.genome.perturbations)
 
 
-def _values(built: BuiltCase, *kinds: str) -> bool:
-    return any(v.kind in kinds for v in built.genome.values)
+def _misaligned(on: Sequence[str]) -> Callable[[BuiltCase], bool]:
+    """Some operand in ``on`` has its data pointer aligned to fewer than 16 bytes (whichever view made it so)."""
+
+    def check(built: BuiltCase) -> bool:
+        return any(
+            spec is not None and spec.alignment() < 16
+            for spec in (built.case.layouts.get(p.operand) for p in built.genome.perturbations if p.operand in on)
+        )
+
+    return check
+
+
+def _values(built: BuiltCase, *kinds: str, on: Sequence[str]) -> bool:
+    return any(v.kind in kinds and v.operand in on for v in built.genome.values)
 
 
 def _short_tile(built: BuiltCase) -> bool:
@@ -874,9 +958,13 @@ def _short_tile(built: BuiltCase) -> bool:
     return any(isinstance(sizes.get(k), int) and sizes[k] % 64 for k in ("seq_q", "seq_k"))
 
 
+_WIDER = ("packed", "slice", "checkpoint", "align")
+_EDGES = ("fp8_edge", "outliers", "outlier_slice")
+
 #: Per layout class of the grid (:mod:`harness.targets.layout_classes`): what an explored case must have to stand
-#: for a finding of that class -- the property family, not the exact view (an explored case perturbs one operand
-#: where the grid perturbed them all).  A class not listed (or listed as None) is matched on op and verdict alone.
+#: for a finding of that class -- the property family on an operand the grid's class sweeps (the activation ``x``
+#: of a linear, q/k/v of attention), not the exact view (an explored case perturbs one operand where the grid
+#: perturbed them all).  A class listed as None is matched on op and verdict alone.
 CLASS_FAMILIES: dict[str, tuple[str, Callable[[BuiltCase], bool]] | None] = {
     "contiguous": None,
     "hnd_contiguous": None,
@@ -886,26 +974,20 @@ CLASS_FAMILIES: dict[str, tuple[str, Callable[[BuiltCase], bool]] | None] = {
     "4d": None,
     "offset_16": None,
     "seq_512": None,  # a multiple of every tile: the op and verdict decide
-    "transposed": ("a transposed / permuted operand", lambda b: _kinds(b, "perm")),
-    "transposed_view": ("a transposed / permuted operand", lambda b: _kinds(b, "perm")),
-    "flatten_permuted": ("a permuted or strided operand", lambda b: _kinds(b, "perm", "step", "pad")),
-    "last_stride_2": ("a last stride != 1", lambda b: _kinds(b, "step", "perm")),
-    "last_stride_ne_1": ("a last stride != 1", lambda b: _kinds(b, "step", "perm")),
-    "padded_rows": ("a padded or strided operand", lambda b: _kinds(b, "pad", "step")),
-    "broadcast": ("a stride-0 operand", lambda b: _kinds(b, "broadcast")),
-    "packed_slice": ("a view into a wider buffer", lambda b: _kinds(b, "packed", "slice", "checkpoint", "align")),
-    "packed_qkv": ("a view into a wider buffer", lambda b: _kinds(b, "packed", "slice", "checkpoint", "align")),
-    "mtv_scrambled_k": ("a non-packed k", lambda b: _kinds(b, *LAYOUT_KINDS, operand="k")),
-    "values_beyond_448": (
-        "values at or past the FP8 range",
-        lambda b: _values(b, "fp8_edge", "outliers", "outlier_slice"),
-    ),
-    "outliers": ("outlier values", lambda b: _values(b, "outliers", "outlier_slice", "fp8_edge")),
-    **{
-        f"{pre}_{n}": ("a pointer aligned to < 16 B", _misaligned)
-        for pre in ("offset", "misaligned_ptr")
-        for n in (1, 2, 4, 8)
-    },
+    "transposed": ("a transposed x", lambda b: _kinds(b, "perm", on=_X)),
+    "transposed_view": ("a transposed / permuted q, k or v", lambda b: _kinds(b, "perm", on=_QKV)),
+    "flatten_permuted": ("a permuted or strided x", lambda b: _kinds(b, "perm", "step", "pad", on=_X)),
+    "last_stride_2": ("x with a last stride != 1", lambda b: _kinds(b, "step", "perm", on=_X)),
+    "last_stride_ne_1": ("q, k or v with a last stride != 1", lambda b: _kinds(b, "step", "perm", on=_QKV)),
+    "padded_rows": ("a padded or strided x", lambda b: _kinds(b, "pad", "step", on=_X)),
+    "broadcast": ("a stride-0 x", lambda b: _kinds(b, "broadcast", on=_X)),
+    "packed_slice": ("x as a view into a wider buffer", lambda b: _kinds(b, *_WIDER, on=_X)),
+    "packed_qkv": ("q, k or v as a view into a wider buffer", lambda b: _kinds(b, *_WIDER, on=_QKV)),
+    "mtv_scrambled_k": ("a non-packed k", lambda b: _kinds(b, *LAYOUT_KINDS, on=("k",))),
+    "values_beyond_448": ("x with values at or past the FP8 range", lambda b: _values(b, *_EDGES, on=_X)),
+    "outliers": ("x with outlier values", lambda b: _values(b, *_EDGES, on=_X)),
+    **{f"offset_{n}": ("an x pointer aligned to < 16 B", _misaligned(_X)) for n in (1, 2, 4, 8)},
+    **{f"misaligned_ptr_{n}": ("a q, k or v pointer aligned to < 16 B", _misaligned(_QKV)) for n in (2, 4, 8)},
     **{f"seq_{n}": ("a sequence length off the 64-token tile", _short_tile) for n in (77, 113, 257)},
 }
 
@@ -1030,6 +1112,7 @@ def explore(
     max_minimize_runs: int = 80,
     on_result: Callable[[BuiltCase, Result], None] | None = None,
     should_stop: Callable[[], str] | None = None,
+    sweep: bool = True,
 ) -> ExploreResult:
     """Explore ``target`` with ``budget_cases`` drawn cases (and at most ``budget_s`` seconds); see the module doc.
 
@@ -1040,6 +1123,8 @@ def explore(
     (non-empty) to stop at once -- the matrix's deadline or a signal; what ran so far is still minimized within
     the same check (no new runs once it says stop) and reported.
     """
+    do_sweep = sweep
+    sweep: list[Genome] = []
     if not isinstance(budget_cases, int) or budget_cases < 1:
         raise ValueError(f"budget_cases={budget_cases!r} must be an integer >= 1")
     if budget_s is not None and not budget_s > 0:
@@ -1070,6 +1155,9 @@ def explore(
         kw = {"max_elements": max_elements, "large": large_offset, "allow_nonfinite": allow_nonfinite}
         if i == 0:
             g = Genome(tuple(sorted(defaults.items())), seed=rng.randrange(2**31))  # the plain control first
+            sweep = sweep_genomes(target, defaults, g.seed, rng) if do_sweep else []
+        elif sweep and rng.random() < 0.75:  # one operand's one property at a time, interleaved with the search
+            g = sweep.pop(0)
         elif corpus and rng.random() < 0.5:
             parent = max(corpus, key=lambda e: e[0])[1] if rng.random() < 0.5 else rng.choice(corpus)[1]
             g = mutate(rng, parent, target, **kw)
@@ -1077,7 +1165,7 @@ def explore(
             g = draw_genome(rng, target, **kw)
         try:
             built, r = runner(g)
-        except _Stopped as e:
+        except ExploreStopped as e:
             res.stopped = str(e)
             break
         if not runner.fresh:
@@ -1087,8 +1175,8 @@ def explore(
             entry["count"] += 1
         res.cases += 1
         res.verdicts[r.verdict.value] = res.verdicts.get(r.verdict.value, 0) + 1
-        if r.verdict is Verdict.UNAVAILABLE and i == 0:
-            res.stopped = f"unavailable: {r.message.splitlines()[0] if r.message else ''}"
+        if r.verdict in (Verdict.UNAVAILABLE, Verdict.UNSUPPORTED) and i == 0:  # every case would say so
+            res.stopped = f"{r.verdict.value}: {r.message.splitlines()[0] if r.message else ''}"
             break
         score = _score(r)
         key = (coverage(built, r), r.verdict.value)

@@ -82,6 +82,10 @@ __all__ = [
 ]
 
 DEFAULT_BUDGET_S = 180.0
+#: The share of the budget the layout-class grid gets when the exploration follows it (the rest explores).
+DEFAULT_GRID_SHARE = 0.4
+#: A run bounded by ``cases_per_cell`` explores at most this many drawn cases per op per round.
+EXPLORE_CASES_PER_ROUND = 20
 DEFAULT_OUT = "matrix-out"
 DEFAULT_CASE_TIMEOUT_S = 120.0  # first calls may JIT-compile Triton kernels (SageAttention)
 MATRIX_KINDS = ("linear", "attention")
@@ -598,6 +602,9 @@ def run_matrix(
     force: bool = False,
     started_at: float | None = None,
     shard: str | None = None,
+    explore: bool = True,
+    grid_share: float = DEFAULT_GRID_SHARE,
+    explore_cases: int | None = None,
 ) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
@@ -606,6 +613,11 @@ def run_matrix(
     the budget counts from (default: now).  An exception in the harness is re-raised after the
     partial report is written.  ``shard`` (``"I/N"``) keeps this machine's share of the cells
     (:mod:`harness.shard`); ``python -m harness merge`` joins the shards' outputs.
+
+    ``explore``: after the grid, explore each op for the rest of the budget (:mod:`harness.matrix_explore`);
+    the grid then has ``grid_share`` of the budget (it ends sooner when ``cases_per_cell`` rounds are done).
+    ``explore_cases``: drawn cases per op at most (None: the time decides, or ``EXPLORE_CASES_PER_ROUND``
+    per round when ``cases_per_cell`` bounds the run).
     """
     from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
@@ -621,6 +633,12 @@ def run_matrix(
         raise MatrixError(f"--size {size!r}: use small or wan")
     if workers is not None and workers < 1:
         raise MatrixError(f"--workers {workers} must be >= 1")
+    if not (isinstance(grid_share, (int, float)) and 0 < grid_share <= 1):
+        raise MatrixError(f"--grid-share {grid_share!r} must be in (0, 1]: the share of the budget the grid gets")
+    if explore_cases is not None and explore_cases < 1:
+        raise MatrixError(f"--explore-cases {explore_cases} must be >= 1 (or use --no-explore)")
+    if explore_cases is None and cases_per_cell is not None:
+        explore_cases = EXPLORE_CASES_PER_ROUND * cases_per_cell
     out_dir = Path(out)
     _prepare_out(out_dir, force)
     if corpus is not None and not Path(corpus).is_dir():
@@ -677,6 +695,10 @@ def run_matrix(
         return c.op not in unavailable and (cases_per_cell is None or rnd < cases_per_cell)
 
     def handle(c: Cell, case: Any, r: Any) -> None:
+        with lock:
+            _handle(c, case, r)
+
+    def _handle(c: Cell, case: Any, r: Any) -> None:
         nonlocal done
         done += 1
         if r.verdict is Verdict.UNAVAILABLE:
@@ -698,8 +720,45 @@ def run_matrix(
             if why:
                 warn(why)
 
+    lock = threading.Lock()  # the exploration's threads count their results too
+    phase: Any = None
+    save_explored = None
+
+    def handle_explored(case: Any, r: Any) -> None:
+        nonlocal done
+        with lock:
+            if r.verdict is Verdict.UNAVAILABLE:
+                return  # the op's search ends on it; the op's row says so
+            if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
+                return
+            if stop.reason and r.verdict is Verdict.WORKER_CRASH:
+                return
+            done += 1
+            totals[r.verdict.value] += 1
+            by_device[r.device or "unknown"] += 1
+            contract_records.append(record_of(case, r))
+
+    def explore_section() -> dict[str, Any]:
+        nonlocal save_explored
+        if not explore:
+            return {"enabled": False}
+        if phase is None:
+            return {"enabled": True, "status": "not started (the grid runs first)", "ops": {}, "corpus": []}
+        if save_explored is None:
+            from harness.matrix_explore import save_into
+
+            save_explored = save_into(out_dir, keep, warn)
+        return {"enabled": True, "status": "running" if phase.running() else "done", **phase.summary(save_explored)}
+
     def summary(status: str, interrupted: str = "") -> dict[str, Any]:
+        with lock:  # the exploration's threads add results while the main thread writes the report
+            return _summary(status, interrupted)
+
+    def _summary(status: str, interrupted: str = "") -> dict[str, Any]:
+        from harness.matrix_explore import new_findings
+
         agg = aggregate(cells, out_dir, known, warnings=warnings, keep=keep)
+        ex = explore_section()
         now = time.monotonic()
         return {
             "schema_version": 1,
@@ -726,7 +785,8 @@ def run_matrix(
             "layout_classes": _class_order(targets),
             "cells": agg["cells"],
             "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
-            "new_failures": find_new_failures(agg["cells"], known),
+            "new_failures": find_new_failures(agg["cells"], known) + new_findings(ex),
+            "explore": ex,
             **({"shard": shard_record} if shard_record is not None else {}),
         }
 
@@ -770,13 +830,14 @@ def run_matrix(
                     rnd += 1
                 return True
 
+            grid_deadline = t0 + grid_share * float(time_budget) if explore else deadline
             while not stop.reason:
                 if time.monotonic() >= deadline:
                     # the budget is spent: whatever is queued or running is dropped, round 0 included (pool
                     # close cancels it and skips the attribution reruns of faults not yet attributed)
                     budget_exhausted = True
                     break
-                while len(inflight) < max_inflight and refill():
+                while len(inflight) < max_inflight and time.monotonic() < grid_deadline and refill():
                     c = queue.popleft()
                     if not cell_open(c, c.submitted):
                         continue
@@ -800,6 +861,38 @@ def run_matrix(
                 if time.monotonic() - last_write >= REPORT_EVERY_S:
                     write_reports(summary("running"), out_dir)
                     last_write = time.monotonic()
+            if explore and not stop.reason and not budget_exhausted:
+                from harness.matrix_explore import ExplorePhase, explore_key
+
+                mine = targets
+                if shard is not None:
+                    from harness.shard import parse_shard
+
+                    sh = parse_shard(shard)
+                    mine = [t for t in targets if sh.holds(explore_key(t.name))]
+                phase = ExplorePhase(
+                    mine,
+                    pool.submit,
+                    device=devices[0],
+                    seed=seed,
+                    deadline=deadline,
+                    on_result=handle_explored,
+                    stop_reason=lambda: stop.reason,
+                    corpus=entries,
+                    env=env,
+                    selected_ops=[t.name for t in targets],
+                    unavailable=unavailable,
+                    max_cases=explore_cases,
+                )
+                phase.start()
+                while phase.running() and not stop.reason and time.monotonic() < deadline:
+                    phase.wait(min(deadline, time.monotonic() + REPORT_EVERY_S), stopped=lambda: bool(stop.reason))
+                    prog.update(done, len(cells), len(cells), totals, len(unavailable))
+                    if time.monotonic() - last_write >= REPORT_EVERY_S:
+                        write_reports(summary("running"), out_dir)
+                        last_write = time.monotonic()
+                if phase.running() and not stop.reason:
+                    budget_exhausted = True
             interrupted = stop.reason
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still write what was found
             interrupted = "SIGINT"
@@ -814,6 +907,9 @@ def run_matrix(
                 why = _close_pool(pool, POOL_CLOSE_WAIT_S)
                 if why:
                     warn(why)
+            if phase is not None:  # the pool is closed: each search ends at its next case
+                if not phase.wait(time.monotonic() + POOL_CLOSE_WAIT_S):
+                    warn("an exploration thread did not end after the pool closed; its op is reported as running")
             for f, (c, case) in list(inflight.items()):  # answered but not yet counted: kept (cancelled: skipped)
                 if f.done() and not f.cancelled() and f.exception() is None:
                     handle(c, case, f.result())
@@ -881,6 +977,9 @@ def _cmd(args: argparse.Namespace) -> int:
             force=args.force,
             started_at=t0,
             shard=args.shard,
+            explore=not args.no_explore,
+            grid_share=args.grid_share,
+            explore_cases=args.explore_cases,
         )
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
@@ -896,6 +995,15 @@ def _cmd(args: argparse.Namespace) -> int:
     print(f"report: {out / 'report.html'}  ({out / 'report.md'}, {out / 'summary.json'})")
     for f in new:
         print(f"NEW  {f['fingerprint']}  {out / f['case'] if f['case'] else ''}")
+    ex = summary.get("explore") or {}
+    if ex.get("enabled") and ex.get("ops") is not None:
+        sigs = sum(len(o.get("findings", [])) for o in ex["ops"].values())
+        corpus = [c for c in ex.get("corpus", []) if not c.get("skipped")]
+        got = sum(1 for c in corpus if c["reproduced"])
+        print(
+            f"explore: {ex.get('cases', 0)} cases; {sigs} failure signature(s); "
+            f"corpus findings reproduced by the exploration: {got}/{len(corpus)}"
+        )
     not_reached = sum(1 for c in summary["cells"] if c["status"] == "not_run")
     if not_reached:
         print(f"matrix: {not_reached} cell(s) not reached (listed in the report)")
@@ -987,6 +1095,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-attribute",
         action="store_true",
         help="skip the CUDA_LAUNCH_BLOCKING rerun that names the op behind a device fault",
+    )
+    p.add_argument(
+        "--no-explore",
+        action="store_true",
+        help="run the layout-class grid only, for the whole budget (default: the grid, then explore each op)",
+    )
+    p.add_argument(
+        "--grid-share",
+        type=float,
+        default=DEFAULT_GRID_SHARE,
+        metavar="F",
+        help=f"share of the budget for the grid before the exploration (default {DEFAULT_GRID_SHARE:g})",
+    )
+    p.add_argument(
+        "--explore-cases",
+        type=int,
+        default=None,
+        metavar="N",
+        help="drawn cases per op at most (default: the budget decides; with --cases-per-cell N: "
+        f"{EXPLORE_CASES_PER_ROUND} x N)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument(

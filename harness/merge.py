@@ -232,6 +232,40 @@ def _relink(cell: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, An
     return c
 
 
+def merge_explore(outs: Sequence[ShardOutput], renamed: Mapping[int, Mapping[str, str]]) -> dict[str, Any]:
+    """The shards' ``explore`` sections as one: each op was explored by one shard (its case links follow the
+    copied files); a corpus entry is reproduced when any shard reproduced it."""
+    sections = [(o, o.summary.get("explore") or {}) for o in outs]
+    enabled = [s for _, s in sections if s.get("enabled")]
+    if not enabled:
+        return {"enabled": False}
+    ops: dict[str, Any] = {}
+    corpus: dict[str, dict[str, Any]] = {}
+    for o, s in sections:
+        ren = renamed.get(o.index, {})
+        for op, d in (s.get("ops") or {}).items():
+            d = dict(d, shard=o.index)
+            d["findings"] = [dict(f, case=ren.get(f.get("case") or "", f.get("case"))) for f in d.get("findings", [])]
+            if isinstance(d.get("worst"), dict):
+                d["worst"] = dict(d["worst"], case=ren.get(d["worst"].get("case") or "", d["worst"].get("case")))
+            ops[op] = d
+        for c in s.get("corpus") or []:
+            have = corpus.get(c["fingerprint"])
+            if have is None or (c.get("reproduced") and not have.get("reproduced")):
+                corpus[c["fingerprint"]] = dict(c)
+            elif not have.get("reproduced") and have.get("skipped") == "op not in this shard's share":
+                corpus[c["fingerprint"]] = dict(c)  # the shard that explored the op says why it was not found
+    return {
+        "enabled": True,
+        "status": "done" if all(s.get("status") == "done" for s in enabled) else "running",
+        "seed": enabled[0].get("seed"),
+        "cases": sum(int(s.get("cases") or 0) for s in enabled),
+        "seconds": max(float(s.get("seconds") or 0.0) for s in enabled),
+        "ops": dict(sorted(ops.items())),
+        "corpus": list(corpus.values()),
+    }
+
+
 def _merged_env(envs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The shards' ``measured_on`` as one: a value every shard shares, else the distinct values joined by ``; ``."""
     out: dict[str, Any] = {}
@@ -394,6 +428,7 @@ def merge_summaries(
         "cells": cells,
         "unavailable": [{"op": op, "reason": why} for op, why in sorted(unavailable.items())],
         "new_failures": new_failures,
+        "explore": merge_explore(outs, renamed),
         "shards": {
             "count": n,
             "merged": [o.index for o in outs],

@@ -158,7 +158,36 @@ def validate_summary(summary: Any) -> dict[str, Any]:
         raise SummaryError("summary: warnings must be a list of strings")
     if not isinstance(summary.get("interrupted", ""), str):
         raise SummaryError("summary: interrupted must be a string")
+    _validate_explore(summary.get("explore", {}))
     return summary
+
+
+def _validate_explore(ex: Any) -> None:
+    """The optional ``explore`` section: ops -> objects whose findings are objects with relative case paths."""
+    if not isinstance(ex, dict):
+        raise SummaryError("summary: explore must be an object")
+    ops = ex.get("ops", {})
+    if not isinstance(ops, dict) or not all(isinstance(d, dict) for d in ops.values()):
+        raise SummaryError("summary: explore.ops must map op -> object")
+    for op, d in ops.items():
+        findings = d.get("findings", [])
+        if not isinstance(findings, list) or not all(isinstance(f, dict) for f in findings):
+            raise SummaryError(f"summary: explore.ops[{op!r}].findings must be a list of objects")
+        paths = [f.get("case") for f in findings] + [(d.get("worst") or {}).get("case")]
+        for path in paths:
+            if path is not None and (not isinstance(path, str) or os.path.isabs(path) or ".." in Path(path).parts):
+                raise SummaryError(
+                    f"summary: explore.ops[{op!r}] case path {path!r} must be relative to the report dir"
+                )
+        for f in findings:
+            for key in ("verdict", "operand", "property"):
+                _req(f, key, str, f"explore.ops[{op!r}].findings")
+            _req(f, "count", int, f"explore.ops[{op!r}].findings")
+    corpus = ex.get("corpus", [])
+    if not isinstance(corpus, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("fingerprint"), str) for c in corpus
+    ):
+        raise SummaryError("summary: explore.corpus must be a list of objects with a fingerprint")
 
 
 def load_summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -339,7 +368,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     if new:
         lines += [f"## New failures ({len(new)}; not in the regression corpus)", ""]
         for f in new:
-            lines.append(f"- **{f['op']}** × `{f['layout_class']}`: {f['verdict']} — [{f['case']}]({f['case']})")
+            sig = f" ({_md_escape(f['signature'])}, {f.get('count', 0)} raw cases)" if f.get("signature") else ""
+            lines.append(f"- **{f['op']}** × `{f['layout_class']}`: {f['verdict']}{sig} — [{f['case']}]({f['case']})")
         lines.append("")
     for kind, ops, classes, by in _grid(summary):
         lines += [f"## {kind}", ""]
@@ -375,6 +405,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 msg = c.get("messages", {}).get(verdict, "")
                 lines.append(f"- {verdict}: [{path}]({path})" + (f" — {_md_escape(msg[:300])}" if msg else ""))
             lines.append("")
+    lines += explore_section(summary)
     lines += contracts_section(summary)
     missed = _not_reached(summary)
     if missed:
@@ -387,6 +418,82 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"- {u['op']}: {_md_escape(u.get('reason', ''))}" for u in unavailable]
         lines.append("")
     return "\n".join(lines)
+
+
+def _explore_rows(summary: Mapping[str, Any]) -> tuple[str, list[tuple[str, str, list[tuple[str, str | None]]]], list]:
+    """(heading, per op: (op, its line, [(finding text, case path)]), corpus rows) of the exploration."""
+    ex = summary.get("explore") or {}
+    ops = ex.get("ops") or {}
+    head = (
+        f"Exploration ({ex.get('cases', 0)} cases in {float(ex.get('seconds') or 0):.0f} s, seed {ex.get('seed')}; "
+        "each failure signature once, with its minimal case)"
+    )
+    rows = []
+    for op, d in ops.items():
+        if d.get("status") != "done":
+            rows.append((op, f"{d.get('status')}: {d.get('reason', '')}", []))
+            continue
+        verdicts = ", ".join(f"{v} {n}" for v, n in sorted((d.get("verdicts") or {}).items()))
+        line = (
+            f"{d.get('cases', 0)} cases (+{d.get('minimize_runs', 0)} to minimize; {verdicts}); "
+            f"{len(d.get('findings', []))} signature(s); coverage {d.get('coverage', 0)}; stopped: {d.get('stopped')}"
+        )
+        items: list[tuple[str, str | None]] = []
+        for f in sorted(d.get("findings", []), key=lambda f: -int(f.get("count") or 0)):
+            tag = (
+                f" [known: {f['known']}]" if f.get("known") else (" [kernel defect]" if f.get("kernel_defect") else "")
+            )
+            items.append((f"{f['verdict']} ×{f['count']} [{f['operand']}] {f['property']}{tag}", f.get("case")))
+        w = d.get("worst")
+        if w:
+            items.append(
+                (f"worst drift ratio {_num(w.get('ratio'))} ({w.get('verdict')}): {w.get('note', '')}", w.get("case"))
+            )
+        for kind, sk in sorted((d.get("skipped") or {}).items()):
+            items.append((f"skipped {sk.get('count')} {kind} draw(s): {sk.get('example')}", None))
+        rows.append((op, line, items))
+    return head, rows, list(ex.get("corpus") or [])
+
+
+def explore_section(summary: Mapping[str, Any], html_out: bool = False) -> list[str]:
+    """The "Exploration" section (``summary["explore"]``, see :mod:`harness.matrix_explore`); [] when it did not run."""
+    ex = summary.get("explore") or {}
+    if not ex.get("enabled") or not ex.get("ops"):
+        return []
+    head, rows, corpus = _explore_rows(summary)
+    here = [c for c in corpus if not c.get("skipped")]
+    got = sum(1 for c in here if c.get("reproduced"))
+    chead = f"Regression corpus reproduced by the exploration: {got}/{len(here)} that apply here"
+
+    def corpus_text(c: Mapping[str, Any]) -> str:
+        if c.get("reproduced"):
+            return (
+                f"{c['fingerprint']}: reproduced after {c.get('after_cases')} cases, {_num(c.get('after_s'))} s "
+                f"({c.get('note', '')})"
+            )
+        if c.get("skipped"):
+            return f"{c['fingerprint']}: not tried here: {c['skipped']}"
+        return f"{c['fingerprint']}: NOT reproduced ({c.get('family')}, verdict {c.get('verdict')})"
+
+    if not html_out:
+        lines = [f"## {head}", ""]
+        for op, line, items in rows:
+            lines.append(f"- **{_md_escape(op)}**: {_md_escape(line)}")
+            for text, path in items:
+                lines.append(f"  - {_md_escape(text)}" + (f" — [{path}]({path})" if path else ""))
+        lines += ["", f"### {chead}", ""]
+        lines += [f"- {_md_escape(corpus_text(c))}" for c in corpus]
+        return lines + [""]
+    out = [f"<h2>{_h(head)}</h2><ul>"]
+    for op, line, items in rows:
+        out.append(f"<li><b>{_h(op)}</b>: {_h(line)}<ul>")
+        for text, path in items:
+            out.append(f"<li>{_h(text)}" + (f" &mdash; <a href='{_h(path)}'>{_h(path)}</a>" if path else "") + "</li>")
+        out.append("</ul></li>")
+    out.append(f"</ul><h3>{_h(chead)}</h3><ul>")
+    out += [f"<li>{_h(corpus_text(c))}</li>" for c in corpus]
+    out.append("</ul>")
+    return out
 
 
 def contracts_section(summary: Mapping[str, Any], html_out: bool = False) -> list[str]:
@@ -479,7 +586,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
         for f in new:
             out.append(
                 f"<li><b>{_h(f['op'])}</b> &times; <code>{_h(f['layout_class'])}</code>: {_h(f['verdict'])} "
-                f"&mdash; <a href='{_h(f['case'])}'>{_h(f['case'])}</a></li>"
+                + (f"({_h(f['signature'])}, {_h(f.get('count', 0))} raw cases) " if f.get("signature") else "")
+                + f"&mdash; <a href='{_h(f['case'])}'>{_h(f['case'])}</a></li>"
             )
         out.append("</ul>")
     for kind, ops, classes, by in _grid(summary):
@@ -538,6 +646,7 @@ def render_html(summary: Mapping[str, Any]) -> str:
                     + "</li>"
                 )
             out.append("</ul>")
+    out += explore_section(summary, html_out=True)
     out += contracts_section(summary, html_out=True)
     missed = _not_reached(summary)
     if missed:

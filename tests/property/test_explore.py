@@ -311,7 +311,12 @@ def test_an_explored_case_stands_for_a_corpus_finding_by_op_verdict_and_property
     plain, _ = _inputs(ATT, sizes=tuple((k, 64 if k.startswith("seq") else v) for k, v in ATT_SIZES))
     short, _ = _inputs(ATT, sizes=tuple((k, {"seq_k": 77, "seq_q": 64}.get(k, v)) for k, v in ATT_SIZES))
     op = ATT.name
-    assert reproduces(op, "broadcast", "drift", k0, drift) and not reproduces(op, "broadcast", "drift", v2, drift)
+    assert not reproduces(op, "broadcast", "drift", k0, drift)  # the linear grid's class: x alone is swept
+    x0, _ = _inputs(LIN, Perturbation("x", "broadcast", (-2,)), sizes=LIN_SIZES)
+    b0, _ = _inputs(LIN, Perturbation("bias", "broadcast", (-1,)), sizes=LIN_SIZES)
+    assert reproduces(LIN.name, "broadcast", "drift", x0, drift)
+    assert b0.genome.perturbations and not reproduces(LIN.name, "broadcast", "drift", b0, drift)  # another defect
+    assert not reproduces(op, "misaligned_ptr_2", "drift", x0, drift)
     assert reproduces(op, "misaligned_ptr_2", "drift", v2, drift)
     assert not reproduces(op, "misaligned_ptr_2", "drift", v16, drift)  # 16 B aligned: not the family
     assert reproduces(op, "seq_77", "drift", short, drift) and not reproduces(op, "seq_77", "drift", plain, drift)

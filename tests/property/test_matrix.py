@@ -106,6 +106,7 @@ def test_run_matrix_covers_every_cell_and_stops_on_its_cap(tmp_path) -> None:
         corpus=empty_corpus(tmp_path),
         progress=None,
         pool_factory=factory,
+        explore=False,  # the grid's cells and their cap (test_matrix_explore covers the exploration)
     )
     cells = {(c["op"], c["layout_class"]): c for c in s["cells"]}
     assert set(cells) == {
@@ -155,6 +156,7 @@ def test_the_corpus_makes_its_failures_known(tmp_path) -> None:
         out=tmp_path / "m",
         progress=None,
         pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+        explore=False,
     )
     assert s["new_failures"] == []
     assert s["cells"][0]["known"] == ["input_mutation"]
@@ -181,6 +183,7 @@ def test_cli_end_to_end_with_worker_processes_and_fail_on_new(tmp_path) -> None:
         "--out",
         str(out),
         "--fail-on-new",
+        "--no-explore",  # the grid's known defect; what the exploration adds is new (test_matrix_explore)
     ]
     (tmp_path / "empty").mkdir()
     r = _cli(*common, "--corpus", str(tmp_path / "empty"), cwd=REPO)
@@ -234,6 +237,7 @@ def test_the_summary_and_report_show_where_cases_ran(tmp_path) -> None:
         corpus=empty_corpus(tmp_path),
         progress=None,
         pool_factory=lambda *a, **k: TwoDevicePool(["cpu"]),
+        explore=False,  # the grid's five cases, spread by the fake pool
     )
     assert s["cases_by_device"] == {"cuda:0": 2, "cuda:1": 3}
     assert sum(s["cases_by_device"].values()) == sum(s["totals"].values())

@@ -62,7 +62,7 @@ def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
 
 def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> None:
     out = tmp_path / "out"
-    cp = _run(out, "--ops fp8_linear --classes contiguous,offset_2 --quiet")
+    cp = _run(out, "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore")
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert json.loads((out / "env.json").read_text())["torch"]
     summary = json.loads((out / "matrix" / "summary.json").read_text())
@@ -74,7 +74,9 @@ def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_res
     out = tmp_path / "out"
     # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
     (tmp_path / "no-corpus").mkdir()
-    cp = _run(out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --corpus {tmp_path / 'no-corpus'}")
+    cp = _run(
+        out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {tmp_path / 'no-corpus'}"
+    )
     assert cp.returncode == 1, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert "matrix exit 1" in cp.stderr
     replays = json.loads((out / "replay.json").read_text())  # the case it wrote was still replayed

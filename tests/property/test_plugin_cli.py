@@ -55,6 +55,7 @@ def _matrix(cwd: Path, spec: str, out: Path, classes: str) -> subprocess.Complet
         "plugin.*",
         "--classes",
         classes,
+        "--no-explore",
         "--cases-per-cell",
         "1",
         "--workers",
