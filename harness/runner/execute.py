@@ -281,6 +281,14 @@ class _Snapshot:
         _view_mask_of(t, mask)
         return not torch.equal(now_storage[mask], self.storage[n][mask])
 
+    def restore(self, inputs: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+        """Put back the snapshotted storage of the inputs ``names`` (those the op may overwrite) where it changed."""
+        for n in names:
+            if n in inputs:
+                now = _storage_bytes(inputs[n])
+                if now.numel() == self.storage[n].numel() and not torch.equal(now, self.storage[n]):
+                    now.copy_(self.storage[n])
+
     def changes(self, inputs: Mapping[str, torch.Tensor], allowed: tuple[str, ...] = ()) -> list[_Change]:
         """What changed, input by input (empty: nothing); ``allowed``: inputs whose values may change."""
         found: list[_Change] = []
@@ -396,9 +404,10 @@ def _determinism_check(
     snap: "_Snapshot",
     recorder: "OpRecorder | None",
 ) -> Result | None:
-    """Call the op a second time on the same (just verified unmodified) inputs: a Result when the output is
-    not bitwise the first one (``nondeterministic``) or the call faults, raises or writes an input; None when
-    it is the same, or the target declares ``deterministic = False``.
+    """Call the op a second time on the same inputs (just verified unmodified; one it may overwrite, ``mutates``,
+    gets its values back first): a Result when the output is not bitwise the first one (``nondeterministic``)
+    or the call faults, raises or writes an input; None when it is the same, or the target declares
+    ``deterministic = False``.
 
     The first output is copied only when the second call could overwrite it (it is a view of an input); an op
     that hands back the same buffer both times is called once more against a copy of the second output.
@@ -406,8 +415,10 @@ def _determinism_check(
     if not getattr(target, "deterministic", True):
         return None
     device, second = st.device, "the second, identical call"
+    mutable = tuple(getattr(target, "mutates", ()) or ())
     first = out.clone() if _shares_storage(out, inputs.values()) else out
     for attempt in range(2):
+        snap.restore(inputs, mutable)  # an input the op may overwrite gets its values back: the same inputs
         try:
             if recorder is not None:
                 with recorder:
@@ -439,7 +450,7 @@ def _determinism_check(
             )
         if not isinstance(again, torch.Tensor):
             return st.result(Verdict.ERROR, f"{target.name}.run returned {type(again).__name__} on {second}")
-        changes = snap.changes(inputs, tuple(getattr(target, "mutates", ()) or ()))
+        changes = snap.changes(inputs, mutable)
         if changes:
             return st.result(
                 Verdict.INPUT_MUTATION,
