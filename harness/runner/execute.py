@@ -376,8 +376,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8).view(-1, size)  # complex128 and wider: one row of bytes per element
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite`` (widened first for the FP8 dtypes, which it does not take)."""
+    return torch.isfinite(t.float() if t.is_floating_point() and t.element_size() == 1 else t)
+
+
 def _nonfinite_count(t: torch.Tensor) -> int:
-    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() or t.is_complex() else 0
+    return int((~_finite(t)).sum()) if t.is_floating_point() or t.is_complex() else 0
 
 
 def _differing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -481,7 +486,7 @@ def _determinism_check(
         f"(first at index {at})"
     )
     if first.is_floating_point() or first.is_complex():
-        where = int((torch.isfinite(first) ^ torch.isfinite(again)).sum())
+        where = int((_finite(first) ^ _finite(again)).sum())
         if where:  # one run had NaN/inf where the other did not
             msg += f"; run 1: {counts[0]} NaN/inf, run 2: {counts[1]} NaN/inf ({where} place(s) finite in one only)"
     return st.result(

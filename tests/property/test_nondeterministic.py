@@ -294,3 +294,30 @@ def test_nan_in_the_same_place_with_other_payload_bits_is_the_same_output():
     r = run_case(case(_NanPayload.name))
     assert torch.isnan(torch.tensor([0x7FC00002], dtype=torch.int32).view(torch.float32)).all()
     assert r.verdict is Verdict.NONFINITE, r.format()  # judged on, not nondeterministic
+
+
+class _FlakyFp8(_Counting):
+    """An E4M3 output (which ``torch.isfinite`` does not take) with a NaN on every other call."""
+
+    name = "test.flaky_fp8"
+
+    def run(self, inputs, params):
+        out = super().run(inputs, params).to(torch.float8_e4m3fn)
+        if self.calls % 2:
+            out.view(-1)[:1].view(torch.uint8).fill_(0x7F)  # the E4M3 NaN
+        return out
+
+    def second(self, inputs):
+        return inputs["x"] * 2
+
+
+def test_an_fp8_output_is_compared_and_its_nan_counted():
+    register_target(_FlakyFp8)
+    r = run_case(case(_FlakyFp8.name))
+    assert r.verdict is Verdict.NONDETERMINISTIC, r.format()
+    assert r.metrics == {"differing": 1, "numel": 32, "nonfinite_runs": [1, 0]}
+
+
+def test_the_attribution_rerun_with_op_recording_checks_too():
+    assert run_case(case("fault.flaky_nan"), record_ops=True).verdict is Verdict.NONDETERMINISTIC
+    assert run_case(case("cpu.scale"), record_ops=True).verdict is Verdict.PASS
