@@ -81,7 +81,7 @@ WORKED = frozenset({"pass", "input_mutation"})
 #: verdicts left out of the inference: the op did not run here, or the harness failed
 EXCLUDED = frozenset({"unavailable", "error"})
 #: verdicts whose case had its inputs checked for writes (the op returned and the check ran)
-WRITES_CHECKED = frozenset({"pass", "input_mutation", "nonfinite", "drift", "layout_noninvariance"})
+WRITES_CHECKED = frozenset({"pass", "input_mutation", "nonfinite", "drift", "layout_noninvariance", "nondeterministic"})
 #: largest contracts.json read (and written: past it the records are left out)
 MAX_FILE_BYTES = 64 * 1024 * 1024
 

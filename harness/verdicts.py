@@ -68,6 +68,8 @@ class Verdict(str, enum.Enum):
     INPUT_MUTATION = "input_mutation"
     #: the same values in the contiguous layout give a different result
     LAYOUT_NONINVARIANCE = "layout_noninvariance"
+    #: a second, identical call on the same (unmodified) inputs in the same process gave a bitwise different output
+    NONDETERMINISTIC = "nondeterministic"
     #: the target cannot run on this device (missing capability or package)
     UNAVAILABLE = "unavailable"
     #: the worker process died (segfault, exit, OOM kill)

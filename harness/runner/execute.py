@@ -5,8 +5,12 @@ snapshots every input's whole storage, runs the target's references and the
 op, checks the device is still healthy, then judges in a fixed order:
 
     unavailable -> error (inputs/reference) -> rejected | oom | device_fault (op raised)
-    -> device_fault (health check) -> input_mutation -> nonfinite
-    -> layout_noninvariance -> drift -> pass
+    -> device_fault (health check) -> input_mutation -> nondeterministic
+    -> nonfinite -> layout_noninvariance -> drift -> pass
+
+*Nondeterministic*: the op is called a second time on the same, just verified
+unmodified inputs and the two outputs must be bitwise equal (NaN equal to NaN
+at the same place); targets with ``deterministic = False`` skip that call.
 
 A *device fault* is told apart from a clean rejection by the health check
 after the exception: a tiny op plus a synchronize. A sticky CUDA error (illegal
@@ -277,6 +281,14 @@ class _Snapshot:
         _view_mask_of(t, mask)
         return not torch.equal(now_storage[mask], self.storage[n][mask])
 
+    def restore(self, inputs: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+        """Put back the snapshotted storage of the inputs ``names`` (those the op may overwrite) where it changed."""
+        for n in names:
+            if n in inputs:
+                now = _storage_bytes(inputs[n])
+                if now.numel() == self.storage[n].numel() and not torch.equal(now, self.storage[n]):
+                    now.copy_(self.storage[n])
+
     def changes(self, inputs: Mapping[str, torch.Tensor], allowed: tuple[str, ...] = ()) -> list[_Change]:
         """What changed, input by input (empty: nothing); ``allowed``: inputs whose values may change."""
         found: list[_Change] = []
@@ -352,6 +364,134 @@ def _nonfinite_where_ref_finite(out: torch.Tensor, exact: torch.Tensor) -> tuple
         return 0, []
     first = int(bad.reshape(-1).nonzero()[0])
     return n, [int(i) for i in torch.unravel_index(torch.tensor(first), out.shape)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as integers of the same width (flat), for a bitwise comparison."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    flat = t.detach().contiguous().reshape(-1)
+    size = t.element_size()
+    if size in ints:
+        return flat.view(ints[size])
+    return flat.view(torch.uint8).view(-1, size)  # complex128 and wider: one row of bytes per element
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite`` (widened first for the FP8 dtypes, which it does not take)."""
+    return torch.isfinite(t.float() if t.is_floating_point() and t.element_size() == 1 else t)
+
+
+def _nonfinite_count(t: torch.Tensor) -> int:
+    return int((~_finite(t)).sum()) if t.is_floating_point() or t.is_complex() else 0
+
+
+def _differing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flat bool mask of the elements whose bits differ (NaN at the same place in both counts as equal)."""
+    ne = _bits(a) != _bits(b)
+    if ne.dim() == 2:
+        ne = ne.any(1)
+    if a.is_floating_point() or a.is_complex():
+        ne &= ~(torch.isnan(a.detach()).reshape(-1) & torch.isnan(b.detach()).reshape(-1))
+    return ne
+
+
+def _shares_storage(t: torch.Tensor, others: Any) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def _determinism_check(
+    st: "_Case",
+    target: Any,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
+    out: torch.Tensor,
+    snap: "_Snapshot",
+    recorder: "OpRecorder | None",
+) -> Result | None:
+    """Call the op a second time on the same inputs (just verified unmodified; one it may overwrite, ``mutates``,
+    gets its values back first): a Result when the output is not bitwise the first one (``nondeterministic``)
+    or the call faults, raises or writes an input; None when it is the same, or the target declares
+    ``deterministic = False``.
+
+    The first output is copied only when the second call could overwrite it (it is a view of an input); an op
+    that hands back the same buffer both times is called once more against a copy of the second output.
+    """
+    if not getattr(target, "deterministic", True):
+        return None
+    device, second = st.device, "the second, identical call"
+    mutable = tuple(getattr(target, "mutates", ()) or ())
+    first = out.clone() if _shares_storage(out, inputs.values()) else out
+    for attempt in range(2):
+        snap.restore(inputs, mutable)  # an input the op may overwrite gets its values back: the same inputs
+        try:
+            if recorder is not None:
+                with recorder:
+                    again = target.run(inputs, params)
+            else:
+                again = target.run(inputs, params)
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            verdict, why = classify_exception(e, device)
+            attribution: dict[str, Any] = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
+            if recorder is not None:
+                op, note = recorder.culprit()
+                attribution.update(op=op, frame=_frame_of(e), ops_tail=list(recorder.tail))
+                if note:
+                    attribution["note"] = note
+            msg = f"the first call returned; {second} on the same inputs raised {type(e).__name__}: {str(e).strip()}"
+            if verdict is Verdict.REJECTED:  # the op took these inputs once: refusing them now is not a refusal
+                return st.result(Verdict.NONDETERMINISTIC, msg, attribution=attribution)
+            if verdict is Verdict.DEVICE_FAULT:
+                msg += f"\nhealth check after the op: {why}"
+            return st.result(verdict, msg, attribution=attribution)
+        healthy, why = device_healthy(device)
+        if not healthy:
+            return st.result(
+                Verdict.DEVICE_FAULT,
+                f"the first call passed the health check; {second} returned, then the device failed: {why}",
+                attribution={"surfaced_at": f"health check after {second}", "launch_blocking": _launch_blocking()},
+            )
+        if not isinstance(again, torch.Tensor):
+            return st.result(Verdict.ERROR, f"{target.name}.run returned {type(again).__name__} on {second}")
+        changes = snap.changes(inputs, mutable)
+        if changes:
+            return st.result(
+                Verdict.INPUT_MUTATION,
+                INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes) + f"\n(written by {second}; "
+                "the first left the inputs intact)",
+                mutated_inputs=[c.name for c in changes],
+                poison_written=[c.name for c in changes if c.poison],
+            )
+        if attempt == 0 and first is out and again.numel() and _shares_storage(again, (out,)):
+            first = again.clone()  # the op reuses its output buffer: the first output is gone; compare 2 and 3
+            continue
+        break
+    counts = [_nonfinite_count(first), _nonfinite_count(again)]
+    if tuple(first.shape) != tuple(again.shape) or first.dtype != again.dtype:
+        return st.result(
+            Verdict.NONDETERMINISTIC,
+            f"{second} on the same inputs returned shape {tuple(again.shape)} {again.dtype}, "
+            f"the first {tuple(first.shape)} {first.dtype}",
+            metrics={"differing": max(first.numel(), again.numel()), "numel": first.numel(), "nonfinite_runs": counts},
+        )
+    ne = _differing(first, again)
+    n = int(ne.sum())
+    if not n:
+        return None
+    at = [int(i) for i in torch.unravel_index(ne.nonzero()[0, 0].cpu(), first.shape)] if first.dim() else []
+    msg = (
+        f"{second} on the same inputs gave a different output: {n} of {first.numel()} elements differ bitwise "
+        f"(first at index {at})"
+    )
+    if first.is_floating_point() or first.is_complex():
+        where = int((_finite(first) ^ _finite(again)).sum())
+        if where:  # one run had NaN/inf where the other did not
+            msg += f"; run 1: {counts[0]} NaN/inf, run 2: {counts[1]} NaN/inf ({where} place(s) finite in one only)"
+    return st.result(
+        Verdict.NONDETERMINISTIC, msg, metrics={"differing": n, "numel": first.numel(), "nonfinite_runs": counts}
+    )
 
 
 class _Case:
@@ -521,6 +661,11 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
             mutated_inputs=[c.name for c in changes],
             poison_written=[c.name for c in changes if c.poison],
         )
+
+    # ---- determinism: a second, identical call
+    again = _determinism_check(st, target, inputs, params, out, snap, recorder)
+    if again is not None:
+        return again
 
     if tuple(out.shape) != tuple(exact.shape):
         return st.result(

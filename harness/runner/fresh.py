@@ -18,7 +18,14 @@ from typing import Any, Mapping
 from harness.runner.procs import _child_env, _drop_tmp, _make_tmp
 from harness.verdicts import Result, Verdict
 
-__all__ = ["DEFAULT_CASE_TIMEOUT", "Cancelled", "attribution_rerun", "find_sanitizer", "run_in_fresh_process"]
+__all__ = [
+    "DEFAULT_CASE_TIMEOUT",
+    "Cancelled",
+    "attribution_rerun",
+    "find_sanitizer",
+    "run_in_fresh_process",
+    "repeat_in_fresh_process",
+]
 
 #: seconds a case may run before its worker is killed (override per pool or per submit)
 DEFAULT_CASE_TIMEOUT = 120.0
@@ -109,9 +116,38 @@ def run_in_fresh_process(
     """
     tmp = _make_tmp("fresh")
     try:
-        return _run_fresh(tmp, case_path, device, launch_blocking, record_ops, sanitizer, timeout, cancel)
+        return _run_fresh(tmp, case_path, device, launch_blocking, record_ops, sanitizer, timeout, cancel)[-1]
     finally:
         _drop_tmp(tmp)
+
+
+def repeat_in_fresh_process(
+    case_path: str | os.PathLike,
+    device: str,
+    repeat: int,
+    *,
+    timeout: float = DEFAULT_CASE_TIMEOUT,
+    cancel: threading.Event | None = None,
+) -> list[Result]:
+    """Run a case file ``repeat`` times in one new interpreter (each run judged by ``run_case``); one Result
+    per run, in order. A device fault ends the runs (the context is gone); a crash or timeout of the process
+    is the last Result, after those of the runs that finished. ``timeout``: per run."""
+    tmp = _make_tmp("fresh")
+    try:
+        return _run_fresh(tmp, case_path, device, False, False, False, timeout * repeat, cancel, repeat=repeat)
+    finally:
+        _drop_tmp(tmp)
+
+
+def _read_results(path: str) -> list[Result]:
+    """The Results a worker wrote to ``path``: one Result, or ``{"runs": [...]}`` (``--repeat``); [] if none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict) and isinstance(data.get("runs"), list):
+        return [Result.from_json(r) for r in data["runs"]]
+    return [Result.from_json(data)]
 
 
 def _run_fresh(
@@ -123,9 +159,12 @@ def _run_fresh(
     sanitizer: bool,
     timeout: float,
     cancel: threading.Event | None,
-) -> Result:
+    repeat: int | None = None,
+) -> list[Result]:
     out = os.path.join(tmp, "result.json")
     cmd = [sys.executable, "-m", "harness.runner.worker", "--case", str(case_path), "--device", device, "--result", out]
+    if repeat is not None:
+        cmd += ["--repeat", str(repeat)]
     if record_ops:
         cmd.append("--record-ops")
     san_note = None
@@ -142,17 +181,23 @@ def _run_fresh(
     except subprocess.TimeoutExpired as e:
         tail = e.stderr or b""
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        return Result(
-            Verdict.TIMEOUT,
-            f"fresh process ran past {timeout:.0f} s",
-            device=device,
-            duration=time.perf_counter() - t0,
-            worker="fresh",
-            attribution={"log": tail[-2000:]} if tail else None,
-        )
-    if os.path.exists(out):
-        with open(out) as f:
-            r = Result.from_json(json.load(f))
+        done = _read_results(out) if repeat is not None else []
+        return done + [
+            Result(
+                Verdict.TIMEOUT,
+                f"fresh process ran past {timeout:.0f} s" + (f" after {len(done)} of {repeat} runs" if repeat else ""),
+                device=device,
+                duration=time.perf_counter() - t0,
+                worker="fresh",
+                attribution={"log": tail[-2000:]} if tail else None,
+            )
+        ]
+    done = _read_results(out)
+    complete = bool(done) and (
+        repeat is None or len(done) >= repeat or done[-1].verdict is Verdict.DEVICE_FAULT or cp.returncode == 0
+    )
+    if complete:
+        r = done.pop()
     else:
         log = (cp.stderr or "")[-3000:]
         code = cp.returncode if cp.returncode < 128 else -(cp.returncode - 128)  # a shell's 128+N
@@ -161,7 +206,8 @@ def _run_fresh(
             att["harness_broken"] = True  # a Python error before the case ran: this checkout cannot run it
         r = Result(
             Verdict.WORKER_CRASH,
-            f"fresh process {_exit_text(code)} before writing a result",
+            f"fresh process {_exit_text(code)} before writing a result"
+            + (f" (after {len(done)} of {repeat} runs)" if repeat else ""),
             device=device,
             duration=time.perf_counter() - t0,
             worker="fresh",
@@ -171,7 +217,7 @@ def _run_fresh(
         att = dict(r.attribution or {})
         att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
         r.attribution = att
-    return r
+    return done + [r]
 
 
 def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:

@@ -14,7 +14,8 @@ Two ways in:
 - ``python -m harness.runner.worker --case CASE.json --device cuda:0 --result OUT.json``
   runs one case file in a fresh interpreter (attribution reruns with
   ``CUDA_LAUNCH_BLOCKING=1``, ``compute-sanitizer``, ``harness replay``) and writes
-  the Result as JSON.
+  the Result as JSON; with ``--repeat N`` it runs the case N times in that one process (``harness replay``
+  of a ``nondeterministic`` case) and writes ``{"runs": [Result, ...]}``.
 
 Messages travel over a ``multiprocessing`` pipe between our own processes;
 tensors inside them are safetensors bytes, never pickled tensors.
@@ -248,6 +249,13 @@ def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, 
 # ------------------------------------------------------------------------------ one-shot CLI
 
 
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one case file in this (fresh) interpreter; write the Result JSON to ``--result``."""
     p = argparse.ArgumentParser(prog="python -m harness.runner.worker", description=main.__doc__)
@@ -255,7 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--result", required=True, help="where to write the Result as JSON")
     p.add_argument("--record-ops", action="store_true", help="record aten ops to name the one that faults")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help='run the case N times in this process; --result then holds {"runs": [Result, ...]}, rewritten after '
+        "each run (a device fault ends the runs: the context is gone)",
+    )
     args = p.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: give a whole number of runs >= 1")
     faulthandler.enable()
     _die_with_parent()
     from harness.cases import load_case
@@ -275,14 +293,19 @@ def main(argv: list[str] | None = None) -> int:
 
             if torch.cuda.is_available():
                 torch.cuda.set_device(torch.device(args.device).index or 0)
-        r = run_case(
-            case, args.device, values=tensors or None, record_ops=args.record_ops, worker=f"fresh pid {os.getpid()}"
-        )
+        runs: list[Any] = []
+        for _ in range(args.repeat or 1):
+            r = run_case(
+                case, args.device, values=tensors or None, record_ops=args.record_ops, worker=f"fresh pid {os.getpid()}"
+            )
+            if args.repeat is not None:
+                runs.append(r.to_json())
+                _write_json(args.result, {"runs": runs})  # what ran is kept if a later run crashes
+            if r.verdict is Verdict.DEVICE_FAULT:
+                break
     r.duration = time.perf_counter() - t0 if r.duration == 0 else r.duration
-    tmp = args.result + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(r.to_json(), f)
-    os.replace(tmp, args.result)
+    if args.repeat is None:
+        _write_json(args.result, r.to_json())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_DEVICE_FAULT if r.verdict is Verdict.DEVICE_FAULT else 0)

@@ -370,6 +370,60 @@ class NanTarget(_FaultTarget):
         return out
 
 
+class FlakyNanTarget(_FaultTarget):
+    """Like ``fault.nan`` on one call in ``params["every"]`` (default 2: the 1st, 3rd, ...) of this instance,
+    ``x * 2`` on the others: a kernel whose NaN comes and goes between runs of the same inputs (verdict
+    ``nondeterministic``). The runner calls it twice per case, so with ``every=6`` two cases in six see the NaN."""
+
+    name = "fault.flaky_nan"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, inputs, params):
+        self.calls += 1
+        out = self.clean(inputs["x"])
+        if (self.calls - 1) % int(params.get("every", 2)) == 0 and out.numel():
+            out[(0,) * out.dim()] = float("nan")
+        return out
+
+
+def _flip_low_bit(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a fresh tensor) with the lowest bit of its first element flipped, in place; returned."""
+    if t.numel():
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        t.reshape(-1)[:1].view(ints).bitwise_xor_(1)
+    return t
+
+
+class FlipBitsTarget(_FaultTarget):
+    """``x * 2`` with the lowest bit of its first element flipped on every other call of this instance (the 2nd,
+    4th, ...), like a reduction whose order changes between runs; declares ``deterministic = False`` (the
+    opt-out), so the runner does not call it twice and judges it by its bound: one such flip, which its
+    emulated run (``x * 2`` with that bit flipped) also makes."""
+
+    name = "fault.flip_bits_opted_out"
+    deterministic = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, inputs, params):
+        self.calls += 1
+        out = self.clean(inputs["x"])
+        return _flip_low_bit(out) if self.calls % 2 == 0 else out
+
+    def reference(self, inputs, params):
+        exact, _ = super().reference(inputs, params)
+        return exact, _flip_low_bit(exact.clone())
+
+    def bound(self, inputs, params, exact):
+        return Bound.derived(1.0, exact, exact.dtype, why="at most the one bit flip its emulated run makes")
+
+    def layout_bound(self, inputs, params, exact):
+        return self.bound(inputs, params, exact)
+
+
 class DriftTarget(_FaultTarget):
     """Returns ``x * 2 * (1 + params["rel"])`` (default rel 1e-2): finite but beyond the exact bound."""
 
@@ -507,6 +561,8 @@ DOUBLES: tuple[type[BaseTarget], ...] = (
     MutateTarget,
     PoisonWriteTarget,
     NanTarget,
+    FlakyNanTarget,
+    FlipBitsTarget,
     DriftTarget,
     LayoutTarget,
     RejectTarget,

@@ -54,6 +54,9 @@ class Target(Protocol):
     ``kind``: "linear" | "attention" | "fault" | "cpu-test".
     ``mutates``: names of inputs whose *values* the op may legitimately overwrite (the poison
     around every view must still be intact).
+    ``deterministic``: the op gives bitwise the same output for the same inputs in the same process (default
+    True: the runner calls it a second time and a different output is verdict ``nondeterministic``); False
+    skips that second call (an op that is nondeterministic by design, e.g. atomics in its reduction).
 
     Optional: ``known_defect(case, result) -> str | None`` (see :meth:`BaseTarget.known_defect`).
     """
@@ -61,6 +64,7 @@ class Target(Protocol):
     name: str
     kind: str
     mutates: tuple[str, ...]
+    deterministic: bool
 
     def available(self, device: str) -> tuple[bool, str]:
         """(can run on ``device``, reason naming what is missing). Probed in the worker."""
@@ -134,6 +138,7 @@ class BaseTarget:
     name: str = ""
     kind: str = "cpu-test"
     mutates: tuple[str, ...] = ()
+    deterministic: bool = True
     description: str = ""
 
     def available(self, device: str) -> tuple[bool, str]:
@@ -225,6 +230,8 @@ def register_target(target: Any = None, *, replace: bool = False) -> Any:
         raise TargetError(f"{inst!r} needs a non-empty string 'name'")
     if not hasattr(inst, "mutates"):
         inst.mutates = ()
+    if not hasattr(inst, "deterministic"):
+        inst.deterministic = True
     with _LOCK:
         if inst.name in _REGISTRY and not replace and type(_REGISTRY[inst.name]) is not type(inst):
             raise TargetError(

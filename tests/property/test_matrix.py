@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
         ("drift", False, True),
         ("input_mutation", False, True),
         ("layout_noninvariance", False, True),
+        ("nondeterministic", False, True),
         ("device_fault", False, True),
         ("error", False, True),
         ("timeout", False, True),
