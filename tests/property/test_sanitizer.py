@@ -1,0 +1,202 @@
+"""compute-sanitizer memcheck reports -> structured attribution (harness.runner.sanitizer), and the fallback
+that names the faulting call by synchronising after every C-level call (harness.runner.execute).
+
+The sample reports are composed from the format in NVIDIA's Compute Sanitizer manual and in public reports
+of several tool versions (older ``at 0x.. in file:line:kernel``, newer ``at kernel+0x..``; host frames on
+one line or two)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.runner.sanitizer import (
+    HostFrame,
+    parse_memcheck,
+    sanitizer_unusable,
+    short_kernel_name,
+)
+
+SAGE = """\
+========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 16 bytes
+=========     at void TransposePadPermuteKernel<__nv_fp8_e4m3, 64>(const __half *, __nv_fp8_e4m3 *, int, int, int)+0x1c0
+=========     by thread (32,0,0) in block (0,3,1)
+=========     Address 0x7f2a4c000202 is misaligned
+=========     and is inside the nearest allocation at 0x7f2a4c000000 of size 2,097,152 bytes
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: [0x2f26f0] in libcuda.so.1
+=========         Host Frame: cudaLaunchKernel [0x75230] in libcudart.so.12
+=========         Host Frame: transpose_pad_permute_cuda(at::Tensor, at::Tensor, int) in fused.cu:210 [0x4a1b2] in /venv/lib/python3.11/site-packages/sageattention/_fused.cpython-311-x86_64-linux-gnu.so
+=========         Host Frame: pybind11::cpp_function::dispatcher(_object*, _object*, _object*) [0x2c0a1] in /venv/lib/python3.11/site-packages/sageattention/_fused.cpython-311-x86_64-linux-gnu.so
+=========         Host Frame: _PyEval_EvalFrameDefault [0x1afb7e] in python3
+=========
+========= ERROR SUMMARY: 1 error
+"""
+
+# an older layout: kernel and source in one ``at 0x.. in`` line, host frames over two lines
+OOB_OLD = """\
+========= COMPUTE-SANITIZER
+program output line
+========= Invalid __global__ read of size 4 bytes
+=========     at 0x490 in /src/box.cu:75:col_kernel(const unsigned int *, unsigned int *, int)
+=========     by thread (1,0,0) in block (7,0,0)
+=========     Access at 0x7f71b9e01360 is out of bounds
+=========     and is 4 bytes after the nearest allocation at 0x7f71b9e00a00 of size 2,400 bytes
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========     Host Frame: [0x2efadf]
+=========                in /usr/lib/libcuda.so.1
+=========     Host Frame:cudaLaunchKernel [0x75230]
+=========                in /opt/cuda/lib/libcudart.so.12
+=========     Host Frame:box_launch(at::Tensor) [0x1a5d62]
+=========                in /work/ext/box_ext.so
+=========
+========= ERROR SUMMARY: 1 error
+"""
+
+MANY = """\
+========= COMPUTE-SANITIZER
+========= Invalid __shared__ write of size 8 bytes
+=========     at first_kernel+0xec0 in attn.py:43
+=========     by thread (18,0,0) in block (0,0,0)
+=========     Access to 0x74505bcccca0 is out of bounds
+=========     and is 161 bytes before the nearest allocation at 0x74505bccc800 of size 1,024 bytes
+=========
+========= Invalid __global__ read of size 8 bytes
+=========     at second_kernel+0x10
+=========     by thread (0,0,0) in block (1,0,0)
+=========     Address 0x10 is out of bounds
+=========
+========= Program hit cudaErrorLaunchFailure (error 719) due to "unspecified launch failure" on CUDA API call to cudaStreamSynchronize.
+=========     Saved host backtrace up to driver entry point at error
+=========
+========= ERROR SUMMARY: 25 errors
+"""
+
+
+def test_misaligned_16_byte_read_in_a_sage_extension_kernel():
+    rep = parse_memcheck(SAGE)
+    assert rep is not None and rep.total == 1 and len(rep.errors) == 1
+    e = rep.first
+    assert (e.kind, e.space, e.size) == ("read", "global", 16)
+    assert e.kernel.startswith("void TransposePadPermuteKernel<__nv_fp8_e4m3, 64>(const __half *")
+    assert e.kernel_offset == "0x1c0"
+    assert short_kernel_name(e.kernel) == "TransposePadPermuteKernel"
+    assert (e.thread, e.block) == ((32, 0, 0), (0, 3, 1))
+    assert e.address == "0x7f2a4c000202" and e.problem == "misaligned"
+    assert e.misaligned_by == 2  # 0x...202 is 2 bytes past a 16-byte boundary
+    assert e.allocation == {"base": "0x7f2a4c000000", "size": 2097152, "where": "inside", "offset": 0x202}
+    ext = e.extension_frame
+    assert ext is not None and ext.symbol == "transpose_pad_permute_cuda(at::Tensor, at::Tensor, int)"
+    assert ext.source == "fused.cu:210" and ext.python_module == "sageattention._fused"
+    assert e.host_frames[0] == HostFrame("", "libcuda.so.1")
+    acc = e.access()
+    assert acc["kind"] == "read" and acc["size"] == 16 and acc["problem"] == "misaligned"
+    assert acc["relation"] == "inside the nearest allocation at 0x7f2a4c000000 of size 2,097,152 bytes"
+
+
+def test_out_of_bounds_read_n_bytes_after_an_allocation_older_layout():
+    rep = parse_memcheck(OOB_OLD)
+    e = rep.first
+    assert (e.kind, e.space, e.size) == ("read", "global", 4)
+    assert e.kernel == "col_kernel(const unsigned int *, unsigned int *, int)" and e.source == "/src/box.cu:75"
+    assert e.problem == "out of bounds" and e.address == "0x7f71b9e01360"
+    assert e.allocation == {"base": "0x7f71b9e00a00", "size": 2400, "where": "after", "bytes": 4}
+    assert e.misaligned_by is None
+    # the symbol line and its ``in`` line are one frame
+    assert [f.module for f in e.host_frames] == [
+        "/usr/lib/libcuda.so.1",
+        "/opt/cuda/lib/libcudart.so.12",
+        "/work/ext/box_ext.so",
+    ]
+    assert e.extension_frame.symbol == "box_launch(at::Tensor)"
+
+
+def test_several_errors_take_the_first_kernel_error_and_count_all():
+    rep = parse_memcheck(MANY)
+    assert rep.total == 25 and len(rep.errors) == 3
+    e = rep.first
+    assert e.kernel == "first_kernel" and e.source == "attn.py:43"
+    assert (e.kind, e.space, e.size) == ("write", "shared", 8)
+    assert e.allocation["where"] == "before" and e.allocation["bytes"] == 161
+    assert rep.errors[2].kernel is None and rep.errors[2].headline.startswith("Program hit cudaErrorLaunchFailure")
+
+
+def test_an_api_error_alone_is_still_the_first_error():
+    text = MANY.split("========= Program hit", 1)[1]
+    rep = parse_memcheck("========= COMPUTE-SANITIZER\n========= Program hit" + text)
+    assert rep.first is not None and rep.first.kernel is None and rep.total == 25
+
+
+def test_no_errors():
+    rep = parse_memcheck("========= COMPUTE-SANITIZER\nhello\n========= ERROR SUMMARY: 0 errors\n")
+    assert rep is not None and rep.errors == () and rep.total == 0 and rep.first is None
+    assert sanitizer_unusable("", rep) is None
+
+
+def test_cuda_memcheck_era_host_frames():
+    text = """\
+========= CUDA-MEMCHECK
+========= Invalid __global__ read of size 8
+=========     at 0x000000c8 in /home/u/src/my_helper.cuh:75:void vector_projection<double>(double*, int)
+=========     by thread (9,0,0) in block (0,0,0)
+=========     Address 0x000370e8 is out of bounds
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========     Host Frame:/lib64/libcuda.so.1 (cuLaunchKernel + 0x34e) [0x2d725e]
+=========     Host Frame:./qs [0x36feb]
+=========
+========= ERROR SUMMARY: 1 error
+"""
+    e = parse_memcheck(text).first
+    assert (e.kind, e.space, e.size) == ("read", "global", 8)
+    assert e.kernel == "void vector_projection<double>(double*, int)" and e.source == "/home/u/src/my_helper.cuh:75"
+    assert short_kernel_name(e.kernel) == "vector_projection"
+    assert e.host_frames == (HostFrame("cuLaunchKernel", "/lib64/libcuda.so.1"), HostFrame("", "./qs"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Traceback (most recent call last):\n  File x\nRuntimeError: boom", "=====", None, 12, "\x00\xff" * 50],
+)
+def test_garbage_is_no_report_and_never_raises(text):
+    assert parse_memcheck(text) is None
+
+
+def test_truncated_and_odd_lines_do_not_raise():
+    for cut in range(0, len(SAGE), 37):
+        rep = parse_memcheck(SAGE[:cut])
+        assert rep is None or rep.total >= 0
+    rep = parse_memcheck(
+        "========= Invalid __global__ read of size x\n=========     at \n=========     Address zz is\n"
+    )
+    assert rep is not None and rep.first.headline.startswith("Invalid __global__ read")
+
+
+@pytest.mark.parametrize(
+    ("text", "unusable"),
+    [
+        ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n", True),
+        ("========= Internal Sanitizer Error: The Sanitizer driver version is too old\n", True),
+        ("compute-sanitizer: command not found\n", True),
+        (
+            "========= COMPUTE-SANITIZER\n========= Error: process didn't terminate successfully\n"
+            "========= ERROR SUMMARY: 1 error\n",
+            False,
+        ),  # the program crashed: the tool worked
+        (SAGE, False),
+    ],
+)
+def test_sanitizer_unusable_tells_a_broken_tool_from_a_crashing_program(text, unusable):
+    assert (sanitizer_unusable(text, parse_memcheck(text)) is not None) is unusable
+
+
+def test_short_kernel_name():
+    assert short_kernel_name("void ns::K<int, 4>(const int *)") == "ns::K"
+    assert short_kernel_name("matmul_kernel") == "matmul_kernel"
+    assert short_kernel_name("cudaError cub::Dev<short>::Run(int) const") == "cub::Dev::Run"
+
+
+def test_python_extension_frames():
+    assert HostFrame("f", "/x/site-packages/pkg/sub/_ops.abi3.so").python_module == "pkg.sub._ops"
+    assert HostFrame("f", "/x/site-packages/pkg/_m.cpython-311-x86_64-linux-gnu.so").in_python_extension
+    assert not HostFrame("f", "/usr/lib/libcudart.so.12").in_python_extension
+    assert not HostFrame("f", "libtorch_cuda.so").in_python_extension
