@@ -7,14 +7,28 @@ one line or two)."""
 
 from __future__ import annotations
 
-import pytest
+import math
+import operator
+import sys
+import zlib
 
+import pytest
+import torch
+
+from harness.reference.metrics import Bound
+from harness.runner import execute
+from harness.runner.execute import GUESS_METHOD, SYNC_METHOD, LaunchChecker, OpRecorder, run_case
+from harness.runner.fresh import SANITIZER_METHOD, SanitizerPolicy, _with_sanitizer
 from harness.runner.sanitizer import (
     HostFrame,
     parse_memcheck,
     sanitizer_unusable,
     short_kernel_name,
 )
+from harness.runner.targets import BaseTarget, register_target
+from harness.verdicts import Result, Verdict
+
+from helpers import case as helper_case
 
 SAGE = """\
 ========= COMPUTE-SANITIZER
@@ -200,3 +214,181 @@ def test_python_extension_frames():
     assert HostFrame("f", "/x/site-packages/pkg/_m.cpython-311-x86_64-linux-gnu.so").in_python_extension
     assert not HostFrame("f", "/usr/lib/libcudart.so.12").in_python_extension
     assert not HostFrame("f", "libtorch_cuda.so").in_python_extension
+
+
+# ------------------------------------------------------------------------------ the fallback: sync after every call
+
+
+class _FakeDevice:
+    """Stands for a device context: ``fail()`` is the faulty launch that does not check its error; ``check``
+    is the synchronize that sees the sticky error from then on."""
+
+    def __init__(self) -> None:
+        self.state = {"broken": False}
+        self.checks = 0
+
+    def check(self) -> str | None:
+        self.checks += 1
+        return "CUDA error: misaligned address" if self.state["broken"] else None
+
+
+def _extension_op(dev: _FakeDevice) -> None:
+    # C-level calls from Python, like a pybind11 extension op: the second one "launches the bad kernel"
+    zlib.crc32(b"healthy launch")
+    operator.setitem(dev.state, "broken", True)  # the faulty launch
+    zlib.crc32(b"innocent, after the fault")
+
+
+def test_launch_checker_names_the_c_call_after_which_the_device_failed_and_its_line():
+    dev = _FakeDevice()
+    chk = LaunchChecker(dev.check)
+    with chk:
+        _extension_op(dev)
+        math.sqrt(2.0)  # after the first failure nothing more is checked
+    assert chk.call == "_operator.setitem"
+    assert chk.frame.startswith(f"{__file__}:") and "in _extension_op" in chk.frame
+    assert 'operator.setitem(dev.state, "broken", True)' in chk.frame
+    assert chk.error == "CUDA error: misaligned address"
+    assert dev.checks == 2  # zlib.crc32 (healthy), then operator.setitem (failed); builtins such as len skipped
+
+
+def test_launch_checker_is_off_outside_its_block_and_restores_the_profiler():
+    dev = _FakeDevice()
+    before = sys.getprofile()
+    chk = LaunchChecker(dev.check)
+    with chk:
+        zlib.crc32(b"x")
+    assert sys.getprofile() is before
+    zlib.crc32(b"y")
+    assert dev.checks == 1
+
+
+def test_launch_checker_does_not_check_builtins_module_calls():
+    dev = _FakeDevice()
+    with LaunchChecker(dev.check):
+        len([1, 2])
+        [].append(3)
+        isinstance(dev, object)
+    assert dev.checks == 0
+
+
+_DEV = _FakeDevice()
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """The in-process run_case sees the fake device: its launch check, and a health check that fails once the
+    fake context is broken (as a sticky CUDA error makes every later call fail)."""
+    _DEV.state["broken"] = False
+    _DEV.checks = 0
+    real = execute.device_healthy
+    monkeypatch.setattr(execute, "launch_check", lambda device: _DEV.check)
+    monkeypatch.setattr(
+        execute,
+        "device_healthy",
+        lambda device: (False, "CUDA error: misaligned address") if _DEV.state["broken"] else real(device),
+    )
+    return _DEV
+
+
+@register_target(replace=True)
+class _UncheckedExtension(BaseTarget):
+    """A pybind11-style op that launches a faulty kernel without checking it; the error surfaces at a later,
+    innocent aten op."""
+
+    name = "test.unchecked_extension"
+
+    def run(self, inputs, params):
+        x = inputs["x"]
+        y = x * 2
+        _extension_op(_DEV)
+        if _DEV.state["broken"]:
+            torch.zeros(1)  # an innocent op, then the sticky error surfaces
+            raise RuntimeError("CUDA error: misaligned address")
+        return y
+
+    def reference(self, inputs, params):
+        return inputs["x"].double() * 2, None
+
+    def bound(self, inputs, params, exact):
+        return Bound.exact("x * 2 is exact")
+
+
+def test_rerun_names_the_extension_call_not_the_op_where_the_fault_surfaced(fake_device):
+    r = run_case(helper_case("test.unchecked_extension"), "cpu", record_ops=True)
+    assert r.verdict is Verdict.DEVICE_FAULT, r.format()
+    att = r.attribution
+    assert att["op"] == "_operator.setitem" and att["method"] == SYNC_METHOD
+    assert "in _extension_op" in att["launch_frame"] and att["call_frame"] == att["launch_frame"]
+    assert att["ops_tail"][-1].startswith("aten::zeros")  # where it would have been charged before
+    assert "raise RuntimeError" in att["frame"]  # where it surfaced
+
+
+def test_no_recording_outside_attribution_reruns(fake_device):
+    r = run_case(helper_case("test.unchecked_extension"), "cpu")
+    assert r.verdict is Verdict.DEVICE_FAULT
+    assert fake_device.checks == 0 and "method" not in r.attribution and "op" not in r.attribution
+
+
+@register_target(replace=True)
+class _SilentFault(_UncheckedExtension):
+    """Breaks the context where no check can see it (inside the op's own Python, no C call after it)."""
+
+    name = "test.silent_fault"
+
+    def run(self, inputs, params):
+        inputs["x"] * 3
+        _DEV.state["broken"] = True
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+
+def test_where_no_check_catches_it_the_last_op_is_named_as_a_guess(fake_device):
+    r = run_case(helper_case("test.silent_fault"), "cpu", record_ops=True)
+    assert r.verdict is Verdict.DEVICE_FAULT, r.format()
+    assert r.attribution["method"] == GUESS_METHOD and r.attribution["op"].startswith("aten::mul")
+
+
+def test_an_aten_op_is_checked_after_it_returns(fake_device):
+    chk = LaunchChecker(fake_device.check)
+    rec = OpRecorder(checker=chk)
+    x = torch.ones(3)
+    with rec, chk:
+        y = x + 1
+        fake_device.state["broken"] = True
+        z = y * 2  # the check after aten::mul fails: it is named, with this line
+        del z
+    assert chk.call.startswith("aten::mul") and "z = y * 2" in chk.frame
+
+
+# ------------------------------------------------------------------------------ the sanitized rerun
+
+
+def test_sanitizer_record_goes_into_the_attribution_with_the_workers_python_frame():
+    worker = {"op": "_fused.transpose_pad_permute_cuda", "call_frame": "/sa/quant.py:123 in per_channel_fp8: x"}
+    att = _with_sanitizer(worker, None, "program output\n" + SAGE)
+    assert att["kernel"].startswith("void TransposePadPermuteKernel<") and att["method"] == SANITIZER_METHOD
+    assert att["access"]["kind"] == "read" and att["access"]["size"] == 16 and att["access"]["problem"] == "misaligned"
+    assert att["launch_frame"] == worker["call_frame"]
+    assert att["host_frame"].startswith("transpose_pad_permute_cuda(at::Tensor, at::Tensor, int) in fused.cu:210")
+    assert att["extension"] == "sageattention._fused" and att["sanitizer_errors"] == 1
+    assert "Invalid __global__ read of size 16 bytes" in att["sanitizer"]
+    # without the worker's frame, the extension's host frame stands for where it was launched
+    assert _with_sanitizer({}, None, SAGE)["launch_frame"] == att["host_frame"]
+
+
+def test_an_unusable_sanitizer_is_said_so_and_names_nothing():
+    att = _with_sanitizer({"op": "x"}, None, "========= COMPUTE-SANITIZER\n========= Error: Device not supported\n")
+    assert "Device not supported" in att["sanitizer_unusable"] and "kernel" not in att and "method" not in att
+
+
+def test_sanitizer_policy():
+    auto = SanitizerPolicy(None)
+    assert auto.use("cpu") is False  # auto: CUDA only
+    assert SanitizerPolicy(False).use("cuda:0") is False
+    on = SanitizerPolicy(True)
+    assert on.use("cpu") is True
+    assert on.note(Result(Verdict.DEVICE_FAULT, attribution={"kernel": "k"})) is None and on.worked
+    assert on.note(Result(Verdict.WORKER_CRASH, attribution={"sanitizer_unusable": "Device not supported"}))
+    assert on.use("cuda:0") is False and on.unusable == "Device not supported"  # remembered
+    with pytest.raises(ValueError, match="must be True, False or None"):
+        SanitizerPolicy("auto")
