@@ -262,6 +262,10 @@ class Result:
             lines.append(f"  layout {name}: {desc}")
         if self.attribution:
             a = self.attribution
+            if a.get("kernel") or a.get("method"):
+                from harness.report import attribution_text
+
+                lines.append(f"  attribution: {attribution_text(a)}")
             if a.get("op"):
                 lines.append(
                     f"  faulting op: {a['op']}" + (" (CUDA_LAUNCH_BLOCKING=1)" if a.get("launch_blocking") else "")

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import sys
 import zlib
 
 import pytest
 import torch
 
+from harness.cases import format_case, load_case
 from harness.reference.metrics import Bound
+from harness.report import attribution_text
 from harness.runner import execute
 from harness.runner.execute import GUESS_METHOD, SYNC_METHOD, LaunchChecker, OpRecorder, run_case
-from harness.runner.fresh import SANITIZER_METHOD, SanitizerPolicy, _with_sanitizer
+from harness.runner.fresh import SANITIZER_METHOD, SanitizerPolicy, _with_sanitizer, attribution_rerun
+from harness.runner.pool import merge_attribution, save_failure
 from harness.runner.sanitizer import (
     HostFrame,
     parse_memcheck,
@@ -392,3 +396,93 @@ def test_sanitizer_policy():
     assert on.use("cuda:0") is False and on.unusable == "Device not supported"  # remembered
     with pytest.raises(ValueError, match="must be True, False or None"):
         SanitizerPolicy("auto")
+
+
+# ------------------------------------------------------------------------------ showing it
+
+SAGE_FRAME = "/venv/lib/python3.11/site-packages/sageattention/core.py:123 in per_channel_fp8: q8 = _fused.f(q)"
+
+
+def test_attribution_line_names_kernel_access_method_and_launch_frame():
+    att = _with_sanitizer({"call_frame": SAGE_FRAME}, None, SAGE)
+    assert attribution_text(att) == (
+        "faulting kernel: TransposePadPermuteKernel (read of 16 B, address misaligned by 2 B) via "
+        "compute-sanitizer; launched from sageattention/core.py:123 per_channel_fp8"
+    )
+    oob = _with_sanitizer({}, None, OOB_OLD)
+    assert attribution_text(oob).startswith(
+        "faulting kernel: col_kernel (read of 4 B, address out of bounds, 4 B after a 2400 B allocation) via"
+    )
+    sync = {"op": "_operator.setitem", "method": SYNC_METHOD, "launch_frame": "/x/y/t.py:9 in run: f()"}
+    assert attribution_text(sync) == f"faulting op: _operator.setitem ({SYNC_METHOD}); launched from y/t.py:9 run"
+    assert attribution_text({"op": "aten::alias"}) == "faulting op: aten::alias"  # a case file from before
+    assert attribution_text(None) == "" and attribution_text({"surfaced_at": "x"}) == ""
+
+
+def test_report_shows_each_example_attribution(tmp_path):
+    from harness.report import SummaryError, render_html, render_markdown, validate_summary
+
+    line = attribution_text(_with_sanitizer({"call_frame": SAGE_FRAME}, None, SAGE))
+    cell = {
+        "op": "sage2",
+        "kind": "attention",
+        "layout_class": "misaligned_ptr_2",
+        "status": "fail",
+        "cases": 1,
+        "counts": {"device_fault": 1},
+        "examples": {"device_fault": "cases/a.json"},
+        "attribution": {"device_fault": line},
+    }
+    summary = {"schema_version": 1, "device": {}, "duration_s": 1.0, "totals": {"device_fault": 1}, "cells": [cell]}
+    assert f"- device_fault attribution: {line}" in render_markdown(summary)
+    assert "device_fault attribution: faulting kernel: TransposePadPermuteKernel" in render_html(summary)
+    cell["attribution"] = {"device_fault": {"kernel": "k"}}
+    with pytest.raises(SummaryError, match="attribution must map verdict -> one line"):
+        validate_summary(summary)
+
+
+def _fake_sanitizer(tmp_path, monkeypatch, report: str, run_program: bool):
+    """A stand-in ``compute-sanitizer`` on $PATH: prints its banner, runs the program (or not: a tool that
+    cannot start it), then prints ``report``."""
+    tool = tmp_path / "bin" / "compute-sanitizer"
+    tool.parent.mkdir(exist_ok=True)
+    (tmp_path / "report.txt").write_text(report)
+    run = 'shift 6\n"$@"\ncode=$?\n' if run_program else "code=1\n"
+    tool.write_text(
+        f"#!/bin/sh\necho '========= COMPUTE-SANITIZER'\n{run}cat '{tmp_path / 'report.txt'}'\nexit $code\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def test_sanitized_rerun_names_the_kernel_and_the_case_file_keeps_it(tmp_path, monkeypatch):
+    _fake_sanitizer(tmp_path, monkeypatch, SAGE.split("\n", 1)[1], run_program=True)
+    c = helper_case("fault.sticky")
+    first = Result(Verdict.DEVICE_FAULT, "surfaced later", op="fault.sticky", device="cpu")
+    path = save_failure(c, first, tmp_path / "cases")
+    policy = SanitizerPolicy(True)
+    rerun = attribution_rerun(path, "cpu", sanitizer=policy, timeout=120)
+    assert rerun.verdict is Verdict.DEVICE_FAULT, rerun.format()
+    assert policy.worked and policy.unusable is None
+    first.attribution = merge_attribution({"surfaced_at": "x"}, rerun)
+    att = first.attribution
+    assert att["method"] == SANITIZER_METHOD and att["kernel"].startswith("void TransposePadPermuteKernel")
+    assert att["access"]["size"] == 16 and att["op"] == "harness_fault::bad_kernel"
+    saved, _ = load_case(save_failure(c, first, tmp_path / "cases", name=path.stem))
+    for key in ("kernel", "access", "launch_frame", "method", "host_frame", "sanitizer_errors"):
+        assert saved.verdict["attribution"][key] == att[key], key
+    shown = format_case(saved)
+    assert "faulting kernel: TransposePadPermuteKernel (read of 16 B, address misaligned by 2 B) via" in shown
+    assert "attribution: faulting kernel: TransposePadPermuteKernel" in first.format()
+
+
+def test_a_sanitizer_that_cannot_run_here_is_remembered_and_the_case_rerun_without_it(tmp_path, monkeypatch):
+    _fake_sanitizer(tmp_path, monkeypatch, "========= Error: Device not supported\n", run_program=False)
+    path = save_failure(helper_case("fault.sticky"), Result(Verdict.DEVICE_FAULT, device="cpu"), tmp_path / "c")
+    policy = SanitizerPolicy(True)
+    rerun = attribution_rerun(path, "cpu", sanitizer=policy, timeout=120)
+    assert rerun.verdict is Verdict.DEVICE_FAULT, rerun.format()
+    att = rerun.attribution
+    assert "Device not supported" in att["sanitizer_unusable"] and "kernel" not in att
+    assert att["op"] == "harness_fault::bad_kernel" and att["method"] == SYNC_METHOD  # named without the tool
+    assert policy.use("cuda:0") is False  # the pool's next fault goes without it
