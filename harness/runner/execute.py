@@ -192,7 +192,7 @@ class LaunchChecker:
         name = _c_call_name(arg)
         if name is None:
             return
-        self.after(name, _frame_text(frame, frame.f_lineno))
+        self.after(name, lambda: _launch_frame(frame))
 
     def __enter__(self) -> "LaunchChecker":
         self._old = sys.getprofile()
@@ -234,6 +234,19 @@ def _frame_text(frame: Any, lineno: int) -> str:
     return f"{frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name}" + (f": {code}" if code else "")
 
 
+_TRITON_PART = f"{os.sep}triton{os.sep}"
+
+
+def _launch_frame(frame: Any) -> str:
+    """The line that launched it: ``frame`` or, when that is Triton's or the standard library's, the first
+    frame outside them (a Triton launcher's caller)."""
+    f = frame
+    while f is not None and (_TRITON_PART in f.f_code.co_filename or _in_stdlib(f.f_code.co_filename)):
+        f = f.f_back
+    f = f or frame
+    return _frame_text(f, f.f_lineno)
+
+
 def _caller_frame() -> str:
     """The innermost frame on the stack outside torch and this module: whoever called the aten op."""
     f: Any = sys._getframe(1)
@@ -265,6 +278,11 @@ class _Recording:
         if chk.call is not None:
             att.update(op=chk.call, call=chk.call, call_frame=chk.frame, launch_frame=chk.frame, method=SYNC_METHOD)
             att["note"] = f"the device check after this call failed: {chk.error}"
+            last = rec.tail[-1] if rec.tail else ""
+            if last.startswith("triton::") and "::" not in chk.call:
+                # the call was Triton's launcher: the kernel its launch hook recorded is the one it launched
+                att["op"] = last
+                att["note"] += f" ({last} was launched by it)"
             return att
         if exc is None:
             att.update(op=rec.tail[-1] if rec.tail else "", method=GUESS_METHOD)

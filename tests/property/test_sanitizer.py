@@ -486,3 +486,19 @@ def test_a_sanitizer_that_cannot_run_here_is_remembered_and_the_case_rerun_witho
     assert "Device not supported" in att["sanitizer_unusable"] and "kernel" not in att
     assert att["op"] == "harness_fault::bad_kernel" and att["method"] == SYNC_METHOD  # named without the tool
     assert policy.use("cuda:0") is False  # the pool's next fault goes without it
+
+
+def test_a_triton_launcher_call_is_charged_to_the_kernel_it_launched(fake_device):
+    from harness.runner.execute import _Recording
+
+    rec = _Recording("cpu")
+    rec.checker.check = fake_device.check
+
+    def launch():
+        rec.recorder._triton_launch({"name": "_oob_store_kernel"})  # Triton's launch-enter hook
+        operator.setitem(fake_device.state, "broken", True)  # the launcher's C call
+
+    rec.run(launch)
+    att = rec.attribution(None)
+    assert att["op"] == "triton::_oob_store_kernel" and att["call"] == "_operator.setitem"
+    assert att["method"] == SYNC_METHOD and "in launch" in att["launch_frame"]
