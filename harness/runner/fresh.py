@@ -121,7 +121,7 @@ def run_in_fresh_process(
 
     ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
     ``sanitizer`` runs it under ``compute-sanitizer --tool memcheck`` (its report goes into
-    ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
+    ``attribution["sanitizer"]``, parsed into ``kernel``, ``access``, ``launch_frame``, ``method``). A crash or timeout of that process becomes ``worker_crash`` /
     ``timeout``. ``cancel``: when it is set the process is killed and :class:`Cancelled` raised.
     """
     tmp = _make_tmp("fresh")
