@@ -511,6 +511,12 @@ def format_case(case: Case, tensors: Mapping[str, torch.Tensor] | None = None) -
     if v:
         head = v.get("verdict", "?")
         lines.append(f"verdict: {head}" + (f" - {v['message']}" if v.get("message") else ""))
+        if v.get("attribution"):
+            from harness.report import attribution_text
+
+            said = attribution_text(v["attribution"])
+            if said:
+                lines.append(f"  {said}")
         for key in ("metrics", "bound", "attribution"):
             if v.get(key):
                 lines.append(f"  {key}: {json.dumps(v[key], sort_keys=True)}")

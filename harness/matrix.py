@@ -494,9 +494,18 @@ def aggregate(
                 "new": [v for v in failing if fingerprint(c.op, c.layout_class, v) not in known and v not in defects],
                 "known": [v for v in failing if fingerprint(c.op, c.layout_class, v) in known or v in defects],
                 "kernel_defects": defects,
+                "attribution": _attributions(c),
             }
         )
     return {"cells": rows}
+
+
+def _attributions(cell: Cell) -> dict[str, str]:
+    """Who faulted in each example case, in one line (:func:`harness.report.attribution_text`)."""
+    from harness.report import attribution_text
+
+    texts = {v: attribution_text(r.attribution) for v, (_, r) in sorted(cell.examples.items())}
+    return {v: t for v, t in texts.items() if t}
 
 
 # ------------------------------------------------------------------------------ the run

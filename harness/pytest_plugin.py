@@ -7,7 +7,7 @@ Options (group "harness"):
   --harness-case-timeout S       seconds per case before its worker is killed (default 120)
   --harness-devices LIST         "cpu", "cuda", "cuda:0,cuda:1" (default: every visible GPU)
   --harness-workers-per-device N active workers per device (default 1)
-  --harness-sanitizer            attribute device faults under compute-sanitizer too
+  --harness-sanitizer            attribute every device fault under compute-sanitizer (default: auto)
   --harness-no-attribute         skip the CUDA_LAUNCH_BLOCKING=1 rerun of device faults
 
 Fixtures: ``pool`` (session; GPU workers; skips with the reason when there is no CUDA
@@ -63,7 +63,8 @@ class _Session:
         self.case_timeout = float(config.getoption("--harness-case-timeout"))
         self.devices = config.getoption("--harness-devices")
         self.workers_per_device = int(config.getoption("--harness-workers-per-device"))
-        self.sanitizer = bool(config.getoption("--harness-sanitizer"))
+        # attribution reruns under compute-sanitizer: always when asked, else wherever it is installed (auto)
+        self.sanitizer: bool | None = True if config.getoption("--harness-sanitizer") else None
         self.attribute = not config.getoption("--harness-no-attribute")
         self.pools: dict[str, "WorkerPool"] = {}
         self.lock = threading.Lock()
@@ -151,7 +152,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--harness-sanitizer",
         action="store_true",
         default=False,
-        help="attribute device faults under compute-sanitizer --tool memcheck as well",
+        help="attribute every device fault under compute-sanitizer --tool memcheck (default: on CUDA whenever it "
+        "is installed and works)",
     )
     g.addoption(
         "--harness-no-attribute",
@@ -204,7 +206,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report.sections.append(("harness attribution", text))
 
 
-def _attribute_case(path: str, device: str, sanitizer: bool, timeout: float) -> str:
+def _attribute_case(path: str, device: str, sanitizer: bool | None, timeout: float) -> str:
     """Rerun a written device-fault case with CUDA_LAUNCH_BLOCKING=1; rewrite it with the attribution."""
     import dataclasses
 
@@ -217,7 +219,11 @@ def _attribute_case(path: str, device: str, sanitizer: bool, timeout: float) -> 
     att = merge_attribution(verdict.get("attribution"), rerun)
     verdict["attribution"] = {k: v for k, v in att.items() if k != "log"}
     save_case(dataclasses.replace(case, verdict=verdict), path, tensors=tensors or None)
+    from harness.report import attribution_text
+
     lines = [f"faulting op: {att.get('op') or '?'} (rerun with CUDA_LAUNCH_BLOCKING=1: {rerun.verdict.value})"]
+    if att.get("method"):
+        lines.insert(0, attribution_text(att))
     for key in ("frame", "surfaced_at", "note"):
         if att.get(key):
             lines.append(f"{key}: {att[key]}")

@@ -34,6 +34,7 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
           "new": [verdict, ...],         # failing verdicts not in the corpus
           "known": [verdict, ...],       # failing verdicts the corpus lists or a named kernel defect explains
           "kernel_defects": {verdict: str},  # optional: the kernel defect that explains the example case
+          "attribution": {verdict: str},     # optional: who faulted, in one line (attribution_text)
           "messages": {verdict: str}     # first message seen per non-pass verdict
       }],
       "unavailable": [{"op", "reason"}],
@@ -81,6 +82,7 @@ __all__ = [
     "atomic_write_text",
     "run_state_text",
     "RUN_STATUSES",
+    "attribution_text",
 ]
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -148,6 +150,9 @@ def validate_summary(summary: Any) -> dict[str, Any]:
         worst = cell.get("worst")
         if worst is not None and not isinstance(worst, dict):
             raise SummaryError(f"{where}: worst must be null or an object")
+        att = cell.get("attribution", {})
+        if not isinstance(att, dict) or not all(isinstance(v, str) for v in att.values()):
+            raise SummaryError(f"{where}: attribution must map verdict -> one line of text")
     for key in ("unavailable", "new_failures"):
         if not isinstance(summary.get(key, []), list):
             raise SummaryError(f"summary: {key!r} must be a list")
@@ -341,6 +346,65 @@ def _worst_text(worst: Mapping[str, Any] | None) -> str:
     )
 
 
+# ---------------------------------------------------------------------------- attribution
+
+
+def _short_path(path: str) -> str:
+    p = str(path).replace("\\", "/")
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in p:
+            return p.split(marker, 1)[1]
+    return "/".join(p.split("/")[-2:])
+
+
+def _frame_short(frame: str) -> str:
+    """``/venv/.../site-packages/pkg/core.py:123 in f: code`` -> ``pkg/core.py:123 f``; other text as is."""
+    where, sep, rest = str(frame).partition(" in ")
+    if not sep or ":" not in where or not where.rsplit(":", 1)[1].isdigit():
+        return str(frame)
+    return f"{_short_path(where)} {rest.split(':', 1)[0].strip()}".strip()
+
+
+def _access_text(acc: Mapping[str, Any]) -> str:
+    """``read of 16 B, address misaligned by 2 B, inside a 2097152 B allocation``."""
+    bits = []
+    if acc.get("kind"):
+        bits.append(f"{acc['kind']}" + (f" of {acc['size']} B" if acc.get("size") else ""))
+    if acc.get("problem"):
+        by = f" by {acc['misaligned_by']} B" if acc.get("misaligned_by") else ""
+        bits.append(f"address {acc['problem']}{by}")
+    alloc = acc.get("allocation") or {}
+    if alloc.get("where") in ("after", "before"):
+        bits.append(f"{alloc.get('bytes')} B {alloc['where']} a {alloc.get('size')} B allocation")
+    return ", ".join(bits)
+
+
+def attribution_text(att: Mapping[str, Any] | None) -> str:
+    """A device fault's attribution in one line: the faulting kernel (compute-sanitizer) or call, how it was
+    named, and where it was launched from; '' when there is nothing to say.
+
+    ``faulting kernel: K (read of 16 B, address misaligned) via compute-sanitizer; launched from
+    pkg/core.py:123 per_channel_fp8``."""
+    if not isinstance(att, Mapping):
+        return ""
+    from harness.runner.sanitizer import short_kernel_name
+
+    method = str(att.get("method") or "")
+    if att.get("kernel"):
+        acc = _access_text(att.get("access") or {})
+        text = f"faulting kernel: {short_kernel_name(str(att['kernel']))}" + (f" ({acc})" if acc else "")
+        text += " via compute-sanitizer"
+    elif att.get("op"):
+        text = f"faulting op: {att['op']}" + (f" ({method})" if method else "")
+    else:
+        return str(att.get("skipped") or "")
+    if att.get("launch_frame"):
+        text += f"; launched from {_frame_short(str(att['launch_frame']))}"
+    if att.get("sanitizer_unusable"):
+        text += f" [{att['sanitizer_unusable']}]"
+    return text
+
+
 # ---------------------------------------------------------------------------- markdown
 
 
@@ -404,6 +468,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             for verdict, path in sorted(c.get("examples", {}).items()):
                 msg = c.get("messages", {}).get(verdict, "")
                 lines.append(f"- {verdict}: [{path}]({path})" + (f" — {_md_escape(msg[:300])}" if msg else ""))
+            for verdict, text in sorted(c.get("attribution", {}).items()):
+                lines.append(f"- {verdict} attribution: {_md_escape(text)}")
             lines.append("")
     lines += explore_section(summary)
     lines += contracts_section(summary)
@@ -645,6 +711,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
                     + (f" <span class='small'>{_h(msg[:400])}</span>" if msg else "")
                     + "</li>"
                 )
+            for verdict, text in sorted(c.get("attribution", {}).items()):
+                out.append(f"<li>{_h(verdict)} attribution: {_h(text)}</li>")
             out.append("</ul>")
     out += explore_section(summary, html_out=True)
     out += contracts_section(summary, html_out=True)

@@ -171,7 +171,8 @@ class Result:
 
     ``metrics``: measured numbers (``max_abs``, ``mean_abs``, ``sqnr_db``, ``ratio``, ...).
     ``bound``: the bound applied (``k``, ``floor``, ``allowed``, ``why``).
-    ``attribution``: who faulted (``op``, ``frame``, ``ops_tail``, ``launch_blocking``, ``sanitizer``).
+    ``attribution``: who faulted (``op``, ``frame``, ``ops_tail``, ``launch_blocking``; from the rerun
+    ``method``, ``launch_frame``, and under compute-sanitizer ``kernel``, ``access``, ``sanitizer``).
     ``layouts``: input name -> ``LayoutSpec.describe()``.
     ``replay``: one-line command that reruns the case (set once the case is on disk).
     ``mutated_inputs``: the inputs the op wrote (verdict ``input_mutation``), in input order;
@@ -264,6 +265,10 @@ class Result:
             lines.append(f"  layout {name}: {desc}")
         if self.attribution:
             a = self.attribution
+            if a.get("kernel") or a.get("method"):
+                from harness.report import attribution_text
+
+                lines.append(f"  attribution: {attribution_text(a)}")
             if a.get("op"):
                 lines.append(
                     f"  faulting op: {a['op']}" + (" (CUDA_LAUNCH_BLOCKING=1)" if a.get("launch_blocking") else "")

@@ -21,7 +21,11 @@ leak into the next case.
 
 With ``record_ops=True`` (used by attribution reruns under
 ``CUDA_LAUNCH_BLOCKING=1``) a ``TorchDispatchMode`` records the aten ops the
-target calls; the op that raised is named in ``Result.attribution``.
+target calls, and a :class:`LaunchChecker` synchronises and checks the device
+after every aten op and every C-level call made from Python (extension ops bound
+with pybind11 never pass the dispatcher); the first call after which the device
+fails is named in ``Result.attribution`` (``op``, ``call_frame``, ``method``).
+Without ``record_ops`` none of this is installed: it costs nothing.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import functools
 import linecache
 import os
 import platform
+import sys
+import sysconfig
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,6 +55,10 @@ __all__ = [
     "device_healthy",
     "device_info",
     "OpRecorder",
+    "LaunchChecker",
+    "launch_check",
+    "SYNC_METHOD",
+    "GUESS_METHOD",
     "classify_exception",
     "is_oom",
 ]
@@ -56,6 +66,10 @@ __all__ = [
 _THIS = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "CUDA_ERROR_OUT_OF_MEMORY")
+#: ``attribution["method"]`` when the rerun named the call after which the device first failed
+SYNC_METHOD = "synchronize after every launch (CUDA_LAUNCH_BLOCKING=1, no compute-sanitizer)"
+#: ``attribution["method"]`` when nothing caught the fault at a call: the last op launched is named
+GUESS_METHOD = "last op before the fault (guess)"
 
 
 class OpRecorder(TorchDispatchMode):
@@ -65,11 +79,12 @@ class OpRecorder(TorchDispatchMode):
     hook records them too, as ``triton::<kernel name>``.
     """
 
-    def __init__(self, keep: int = 12) -> None:
+    def __init__(self, keep: int = 12, checker: "LaunchChecker | None" = None) -> None:
         super().__init__()
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self.failed: str | None = None
         self.count = 0
+        self.checker = checker
         self._triton_restore: Any = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -77,11 +92,16 @@ class OpRecorder(TorchDispatchMode):
         self.tail.append(name)
         self.count += 1
         try:
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
         except BaseException:
             if self.failed is None:
                 self.failed = name
+            if self.checker is not None:
+                self.checker.after(name, _caller_frame)
             raise
+        if self.checker is not None:
+            self.checker.after(name, _caller_frame)
+        return out
 
     def _triton_launch(self, metadata: Any) -> None:
         try:
@@ -115,6 +135,168 @@ class OpRecorder(TorchDispatchMode):
                 "it is the likely culprit"
             )
         return self.failed, ""
+
+
+def launch_check(device: str) -> Callable[[], str | None]:
+    """The device check a :class:`LaunchChecker` runs after each call: a synchronize on CUDA (a sticky
+    error raises there), returning the error text or None; on CPU there is nothing to synchronize."""
+    if not _is_cuda(device):
+        return lambda: None
+
+    def check() -> str | None:
+        try:
+            torch.cuda.synchronize(device)
+            return None
+        except BaseException as e:  # noqa: BLE001 - any failure here is the answer
+            return f"{type(e).__name__}: {_first_line(e)}"
+
+    return check
+
+
+class LaunchChecker:
+    """Checks the device after every C-level call made from Python and every aten op (through
+    :class:`OpRecorder`); ``call`` is the first after which ``check`` reported an error, ``frame`` its
+    caller's line, ``error`` the check's text.
+
+    C-level calls are seen through ``sys.setprofile`` (``c_return``/``c_exception`` events): builtin and
+    pybind11 functions such as an extension's ``transpose_pad_permute_cuda``. Calls of the ``builtins``
+    module (``len``, ``list.append``) and calls made from torch's own Python code are not checked: they
+    launch nothing, or the dispatcher's op check sees what they launch.
+    """
+
+    def __init__(self, check: Callable[[], str | None]) -> None:
+        self.check = check
+        self.call: str | None = None
+        self.frame = ""
+        self.error = ""
+        self.checks = 0
+        self._busy = False
+        self._old: Any = None
+
+    def after(self, name: str, frame: str | Callable[[], str]) -> None:
+        """Run the check after ``name`` (called from ``frame``, or a function that finds it); the first
+        failure names it."""
+        if self.call is not None or self._busy:
+            return
+        self._busy = True  # the check's own calls (and finding the frame) are not checked
+        try:
+            self.checks += 1
+            err = self.check()
+            if err:
+                self.call, self.frame, self.error = name, frame() if callable(frame) else frame, err
+        finally:
+            self._busy = False
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if self.call is not None or self._busy or event not in ("c_return", "c_exception"):
+            return
+        path = frame.f_code.co_filename
+        if path == _THIS or path.startswith(_TORCH_DIR) or _in_stdlib(path):
+            return
+        name = _c_call_name(arg)
+        if name is None:
+            return
+        self.after(name, lambda: _launch_frame(frame))
+
+    def __enter__(self) -> "LaunchChecker":
+        self._old = sys.getprofile()
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.setprofile(self._old)
+
+
+def _c_call_name(fn: Any) -> str | None:
+    """``module.qualname`` of a C function the profiler saw called; None for the ``builtins`` module's."""
+    owner = getattr(fn, "__objclass__", None) or (
+        type(fn.__self__) if getattr(fn, "__self__", None) is not None and not _is_module(fn.__self__) else None
+    )
+    mod = getattr(fn, "__module__", None) or (getattr(owner, "__module__", None) if owner is not None else None)
+    if mod is None and _is_module(getattr(fn, "__self__", None)):
+        mod = fn.__self__.__name__
+    if mod == "builtins" or (owner is not None and getattr(owner, "__module__", None) == "builtins"):
+        return None
+    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return f"{mod}.{qual}" if mod else str(qual)
+
+
+_STDLIB = tuple({p for p in (sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib")) if p})
+
+
+def _in_stdlib(path: str) -> bool:
+    """Python's own library (not the site-packages that may lie inside it)."""
+    return path.startswith(_STDLIB) and "-packages" not in path
+
+
+def _is_module(x: Any) -> bool:
+    return type(x).__name__ == "module"
+
+
+def _frame_text(frame: Any, lineno: int) -> str:
+    code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+    return f"{frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name}" + (f": {code}" if code else "")
+
+
+_TRITON_PART = f"{os.sep}triton{os.sep}"
+
+
+def _launch_frame(frame: Any) -> str:
+    """The line that launched it: ``frame`` or, when that is Triton's or the standard library's, the first
+    frame outside them (a Triton launcher's caller)."""
+    f = frame
+    while f is not None and (_TRITON_PART in f.f_code.co_filename or _in_stdlib(f.f_code.co_filename)):
+        f = f.f_back
+    f = f or frame
+    return _frame_text(f, f.f_lineno)
+
+
+def _caller_frame() -> str:
+    """The innermost frame on the stack outside torch and this module: whoever called the aten op."""
+    f: Any = sys._getframe(1)
+    while f is not None:
+        path = os.path.abspath(f.f_code.co_filename)
+        if not (path == _THIS or path.startswith(_TORCH_DIR) or f.f_locals.get("__tracebackhide__")):
+            return _frame_text(f, f.f_lineno)
+        f = f.f_back
+    return ""
+
+
+class _Recording:
+    """What an attribution rerun installs around the op: the op recorder and the launch checker."""
+
+    def __init__(self, device: str) -> None:
+        self.checker = LaunchChecker(launch_check(device))
+        self.recorder = OpRecorder(checker=self.checker)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.recorder, self.checker:
+            return fn(*args)
+
+    def attribution(self, exc: BaseException | None) -> dict[str, Any]:
+        """``op`` (the call named), ``call_frame``/``launch_frame``, ``ops_tail``, ``method`` and ``note``."""
+        rec, chk = self.recorder, self.checker
+        att: dict[str, Any] = {"ops_tail": list(rec.tail)}
+        if exc is not None:
+            att["frame"] = _frame_of(exc)
+        if chk.call is not None:
+            att.update(op=chk.call, call=chk.call, call_frame=chk.frame, launch_frame=chk.frame, method=SYNC_METHOD)
+            att["note"] = f"the device check after this call failed: {chk.error}"
+            last = rec.tail[-1] if rec.tail else ""
+            if last.startswith("triton::") and "::" not in chk.call:
+                # the call was Triton's launcher: the kernel its launch hook recorded is the one it launched
+                att["op"] = last
+                att["note"] += f" ({last} was launched by it)"
+            return att
+        if exc is None:
+            att.update(op=rec.tail[-1] if rec.tail else "", method=GUESS_METHOD)
+            att["note"] = "the op returned normally; the last op it launched is named"
+            return att
+        op, note = rec.culprit()
+        att.update(op=op, method=SYNC_METHOD if rec.failed is not None else GUESS_METHOD)
+        if note:
+            att["note"] = note
+        return att
 
 
 def _install_triton_hook(hook: Any) -> Any:
@@ -407,7 +589,7 @@ def _determinism_check(
     params: Mapping[str, Any],
     out: torch.Tensor,
     snap: "_Snapshot",
-    recorder: "OpRecorder | None",
+    recording: "_Recording | None",
 ) -> Result | None:
     """Call the op a second time on the same inputs (just verified unmodified; one it may overwrite, ``mutates``,
     gets its values back first): a Result when the output is not bitwise the first one (``nondeterministic``)
@@ -425,21 +607,14 @@ def _determinism_check(
     for attempt in range(2):
         snap.restore(inputs, mutable)  # an input the op may overwrite gets its values back: the same inputs
         try:
-            if recorder is not None:
-                with recorder:
-                    again = target.run(inputs, params)
-            else:
-                again = target.run(inputs, params)
+            again = recording.run(target.run, inputs, params) if recording is not None else target.run(inputs, params)
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
             verdict, why = classify_exception(e, device)
             attribution: dict[str, Any] = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
-            if recorder is not None:
-                op, note = recorder.culprit()
-                attribution.update(op=op, frame=_frame_of(e), ops_tail=list(recorder.tail))
-                if note:
-                    attribution["note"] = note
+            if recording is not None:
+                attribution.update(recording.attribution(e))
             msg = f"the first call returned; {second} on the same inputs raised {type(e).__name__}: {str(e).strip()}"
             if verdict is Verdict.REJECTED:  # the op took these inputs once: refusing them now is not a refusal
                 return st.result(Verdict.NONDETERMINISTIC, msg, attribution=attribution)
@@ -610,24 +785,17 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
 
     # ---- the op under test
-    recorder = OpRecorder() if record_ops else None
+    recording = _Recording(device) if record_ops else None
     attribution: dict[str, Any] | None = None
     try:
-        if recorder is not None:
-            with recorder:
-                out = target.run(inputs, params)
-        else:
-            out = target.run(inputs, params)
+        out = recording.run(target.run, inputs, params) if recording is not None else target.run(inputs, params)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
         verdict, why = classify_exception(e, device)
         attribution = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
-        if recorder is not None:
-            op, note = recorder.culprit()
-            attribution.update(op=op, frame=_frame_of(e), ops_tail=list(recorder.tail))
-            if note:
-                attribution["note"] = note
+        if recording is not None:
+            attribution.update(recording.attribution(e))
         msg = f"{type(e).__name__}: {str(e).strip()}"
         if verdict is Verdict.DEVICE_FAULT:
             msg += f"\nhealth check after the op: {why}"
@@ -639,12 +807,8 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
             "surfaced_at": "health check after the op returned (asynchronous fault)",
             "launch_blocking": _launch_blocking(),
         }
-        if recorder is not None:
-            attribution.update(
-                op=recorder.tail[-1] if recorder.tail else "",
-                ops_tail=list(recorder.tail),
-                note="the op returned normally; the last op it launched is named",
-            )
+        if recording is not None:
+            attribution.update(recording.attribution(None))
         return st.result(
             Verdict.DEVICE_FAULT, f"the op returned, then the device failed: {why}", attribution=attribution
         )
@@ -663,7 +827,7 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
         )
 
     # ---- determinism: a second, identical call
-    again = _determinism_check(st, target, inputs, params, out, snap, recorder)
+    again = _determinism_check(st, target, inputs, params, out, snap, recording)
     if again is not None:
         return again
 

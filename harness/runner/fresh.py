@@ -1,6 +1,12 @@
 """Runs of a case file in a fresh interpreter (``python -m harness.runner.worker``): plain, with
 ``CUDA_LAUNCH_BLOCKING=1`` and op recording (the attribution rerun of a device fault), or under
-``compute-sanitizer``; cancellable; a crash is told by its exit code and its faulthandler frame."""
+``compute-sanitizer``; cancellable; a crash is told by its exit code and its faulthandler frame.
+
+An attribution rerun runs under ``compute-sanitizer --tool memcheck`` when a :class:`SanitizerPolicy` says
+so (by default: on CUDA, whenever the tool is installed and has not failed on this machine); its report is
+parsed (:mod:`harness.runner.sanitizer`) into the faulting kernel, the access and the frame that launched
+it. Where the tool is absent or cannot check the program, the rerun names the call after which the device
+first failed (the worker synchronises after every call, :func:`harness.runner.execute.run_case`)."""
 
 from __future__ import annotations
 
@@ -16,19 +22,24 @@ import time
 from typing import Any, Mapping
 
 from harness.runner.procs import _child_env, _drop_tmp, _make_tmp
+from harness.runner.sanitizer import parse_memcheck, sanitizer_unusable
 from harness.verdicts import Result, Verdict
 
 __all__ = [
     "DEFAULT_CASE_TIMEOUT",
     "Cancelled",
+    "SANITIZER_METHOD",
+    "SanitizerPolicy",
     "attribution_rerun",
     "find_sanitizer",
-    "run_in_fresh_process",
     "repeat_in_fresh_process",
+    "run_in_fresh_process",
 ]
 
 #: seconds a case may run before its worker is killed (override per pool or per submit)
 DEFAULT_CASE_TIMEOUT = 120.0
+#: ``attribution["method"]`` when compute-sanitizer named the faulting kernel
+SANITIZER_METHOD = "compute-sanitizer memcheck"
 
 
 def find_sanitizer() -> str | None:
@@ -111,7 +122,7 @@ def run_in_fresh_process(
 
     ``launch_blocking`` sets ``CUDA_LAUNCH_BLOCKING=1`` so a faulting kernel raises at its own launch;
     ``sanitizer`` runs it under ``compute-sanitizer --tool memcheck`` (its report goes into
-    ``attribution["sanitizer"]``). A crash or timeout of that process becomes ``worker_crash`` /
+    ``attribution["sanitizer"]``, parsed into ``kernel``, ``access``, ``launch_frame``, ``method``). A crash or timeout of that process becomes ``worker_crash`` /
     ``timeout``. ``cancel``: when it is set the process is killed and :class:`Cancelled` raised.
     """
     tmp = _make_tmp("fresh")
@@ -214,10 +225,40 @@ def _run_fresh(
             attribution=att,
         )
     if sanitizer:
-        att = dict(r.attribution or {})
-        att["sanitizer"] = san_note or _sanitizer_report(cp.stdout + "\n" + cp.stderr)
-        r.attribution = att
+        r.attribution = _with_sanitizer(r.attribution, san_note, cp.stdout + "\n" + cp.stderr)
     return done + [r]
+
+
+def _with_sanitizer(attribution: Mapping[str, Any] | None, note: str | None, text: str) -> dict[str, Any]:
+    """The attribution of a run under compute-sanitizer: its raw report (``sanitizer``) and, parsed, the
+    faulting ``kernel``, its ``access``, the ``host_frame`` and ``launch_frame`` that launched it,
+    ``sanitizer_errors``; or ``sanitizer_unusable``: why the tool could not check the program here."""
+    att = dict(attribution or {})
+    if note:  # asked for, not installed: the run went without it
+        att["sanitizer"] = note
+        return att
+    att["sanitizer"] = _sanitizer_report(text)
+    report = parse_memcheck(text)
+    why = sanitizer_unusable(text, report)
+    if why:
+        att["sanitizer_unusable"] = why
+        return att
+    first = report.first if report is not None else None
+    att["sanitizer_errors"] = report.total if report is not None else 0
+    if first is None or not first.kernel:
+        return att
+    ext = first.extension_frame
+    att["kernel"] = first.kernel
+    att["access"] = first.access()
+    if ext is not None:
+        att["host_frame"] = ext.text()
+        att["extension"] = ext.python_module
+    # the Python frame of the call the worker saw fail beats a host frame: it names the caller's line
+    launch = att.get("call_frame") or first.python_frame or (ext.text() if ext is not None else None)
+    if launch:
+        att["launch_frame"] = launch
+    att["method"] = SANITIZER_METHOD
+    return att
 
 
 def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
@@ -226,26 +267,70 @@ def _default_attribution_timeout(case_timeout: float, sanitizer: bool) -> float:
     return max(120.0, 2 * float(case_timeout)) * (10 if sanitizer else 1)
 
 
+class SanitizerPolicy:
+    """Whether attribution reruns run under compute-sanitizer: ``mode`` True (always, where installed),
+    False (never) or None (auto: on CUDA devices whenever the tool is found). Once a sanitized rerun shows
+    that the tool cannot check programs here (:func:`~harness.runner.sanitizer.sanitizer_unusable`), later
+    reruns go without it; ``unusable`` says why."""
+
+    def __init__(self, mode: bool | None = None) -> None:
+        if mode not in (True, False, None):
+            raise ValueError(f"sanitizer={mode!r} must be True, False or None (auto: use it when installed)")
+        self.mode = mode
+        self.unusable: str | None = None
+        self.worked = False
+
+    def use(self, device: str) -> bool:
+        """Run this device's next attribution rerun under compute-sanitizer?"""
+        if self.mode is False or self.unusable:
+            return False
+        if self.mode is True:
+            return True
+        return str(device).startswith("cuda") and find_sanitizer() is not None
+
+    def note(self, rerun: Result) -> str | None:
+        """Remember what a sanitized rerun showed; returns why the tool is unusable, or None."""
+        why = (rerun.attribution or {}).get("sanitizer_unusable")
+        if why:
+            self.unusable = str(why)
+        else:
+            self.worked = True
+        return why
+
+
 def attribution_rerun(
     case_path: str | os.PathLike,
     device: str,
     *,
-    sanitizer: bool = False,
+    sanitizer: bool | None | SanitizerPolicy = False,
     case_timeout: float = DEFAULT_CASE_TIMEOUT,
     timeout: float | None = None,
     cancel: threading.Event | None = None,
 ) -> Result:
-    """The case rerun in a fresh process with ``CUDA_LAUNCH_BLOCKING=1`` and op recording, to name the op
-    that faults (optionally under compute-sanitizer); ``timeout`` defaults to twice the case's (at least 120 s), ten times that under the sanitizer."""
-    return run_in_fresh_process(
-        case_path,
-        device,
-        launch_blocking=True,
-        record_ops=True,
-        sanitizer=sanitizer,
-        timeout=timeout or _default_attribution_timeout(case_timeout, sanitizer),
-        cancel=cancel,
+    """The case rerun in a fresh process with ``CUDA_LAUNCH_BLOCKING=1`` and op recording, to name what
+    faults: under compute-sanitizer as ``sanitizer`` decides (True, False, None = auto, or a pool's
+    :class:`SanitizerPolicy`, which remembers a tool that does not work here); when the tool turns out
+    unusable, the case is rerun without it (``attribution["sanitizer_unusable"]`` says why). ``timeout``
+    defaults to twice the case's (at least 120 s), ten times that under the sanitizer."""
+    policy = sanitizer if isinstance(sanitizer, SanitizerPolicy) else SanitizerPolicy(sanitizer)
+    use = policy.use(device)
+    kw = dict(launch_blocking=True, record_ops=True, cancel=cancel)
+    r = run_in_fresh_process(
+        case_path, device, sanitizer=use, timeout=timeout or _default_attribution_timeout(case_timeout, use), **kw
     )
+    if not use or find_sanitizer() is None:
+        return r
+    why = policy.note(r)
+    if not why:
+        return r
+    plain = run_in_fresh_process(
+        case_path, device, sanitizer=False, timeout=timeout or _default_attribution_timeout(case_timeout, False), **kw
+    )
+    att = dict(plain.attribution or {})
+    att["sanitizer_unusable"] = why
+    att["sanitizer"] = (r.attribution or {}).get("sanitizer", "")
+    plain.attribution = att
+    return plain
 
 
 def _run_cancellable(

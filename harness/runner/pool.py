@@ -20,8 +20,9 @@ workers (already started, CUDA context made) take over at once, so recovery does
 not wait for a fresh interpreter (5-7 s with CUDA).
 
 A device fault is then attributed: the case is written to disk and rerun in a
-fresh interpreter with ``CUDA_LAUNCH_BLOCKING=1`` (and under ``compute-sanitizer``
-when asked) while an op recorder names the op that raised.
+fresh interpreter with ``CUDA_LAUNCH_BLOCKING=1``, under ``compute-sanitizer`` wherever it
+is installed and works (its report names the faulting kernel), else synchronising after every
+call the op makes to name the one after which the device failed.
 
 Throughput: one message per case each way over a pipe, a small prefetch per
 worker, inputs built inside the worker; no re-imports per case.
@@ -59,6 +60,7 @@ from harness.runner.devices import probe_cuda, probe_devices, resolve_devices
 from harness.runner.fresh import (
     DEFAULT_CASE_TIMEOUT,
     Cancelled,
+    SanitizerPolicy,
     _default_attribution_timeout,
     _exit_text,
     _faulthandler_frame,
@@ -190,7 +192,9 @@ class WorkerPool:
     that take over at once when one is lost (default 1 on CUDA, 0 on CPU).
     ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
-    ``sanitizer``: also run that rerun under ``compute-sanitizer``. ``prefetch``: cases queued per worker.
+    ``sanitizer``: run that rerun under ``compute-sanitizer``: None (default) on CUDA whenever it is installed
+    and has not failed on this machine (decided once per pool), True always, False never.
+    ``prefetch``: cases queued per worker.
     ``threads``: torch intra-op threads per worker (default: the cores divided among the active workers).
 
     A case's timeout runs from the moment its worker acknowledges it (not while it waits in a queue or a
@@ -210,7 +214,7 @@ class WorkerPool:
         spares: int | None = None,
         cases_dir: str | os.PathLike | None = None,
         attribute: bool = True,
-        sanitizer: bool = False,
+        sanitizer: bool | None = None,
         prefetch: int = 2,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         attribution_timeout: float | None = None,
@@ -234,6 +238,8 @@ class WorkerPool:
         self.cases_dir = Path(cases_dir) if cases_dir is not None else None
         self.attribute = attribute
         self.sanitizer = sanitizer
+        #: whether attribution reruns run under compute-sanitizer (remembers a tool that fails here)
+        self.sanitizer_policy = SanitizerPolicy(sanitizer)
         self.prefetch = prefetch
         if threads is None:
             active = len(self.devices) * workers_per_device
@@ -241,7 +247,10 @@ class WorkerPool:
         if threads < 1:
             raise ValueError(f"threads={threads!r} must be >= 1 (torch intra-op threads per worker)")
         self._threads = threads
-        self.attribution_timeout = attribution_timeout or _default_attribution_timeout(self.case_timeout, sanitizer)
+        self._attribution_timeout = attribution_timeout  # None: per rerun, with or without the sanitizer
+        self.attribution_timeout = attribution_timeout or _default_attribution_timeout(
+            self.case_timeout, sanitizer is not False
+        )
         #: seconds from losing a worker until its device had its full count of ready workers again
         self.recoveries: list[float] = []
         #: (worker name, reason) for every worker replaced
@@ -663,8 +672,9 @@ class WorkerPool:
                 rerun = attribution_rerun(
                     path,
                     result.device or "cpu",
-                    sanitizer=self.sanitizer,
-                    timeout=self.attribution_timeout,
+                    sanitizer=self.sanitizer_policy,
+                    case_timeout=self.case_timeout,
+                    timeout=self._attribution_timeout,
                     cancel=self._cancel_attribution,
                 )
                 result.attribution = merge_attribution(result.attribution, rerun)
@@ -940,6 +950,26 @@ class WorkerPool:
         self._pending = keep
 
 
+#: what an attribution rerun adds: the op (and call) named, its frames, the sanitizer's record and the method
+_RERUN_KEYS = (
+    "op",
+    "frame",
+    "ops_tail",
+    "call",
+    "call_frame",
+    "kernel",
+    "access",
+    "host_frame",
+    "extension",
+    "launch_frame",
+    "method",
+    "sanitizer",
+    "sanitizer_errors",
+    "sanitizer_unusable",
+    "log",
+)
+
+
 def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[str, Any]:
     """Attribution of a device fault: where it surfaced first, plus what the blocking rerun named."""
     att = dict(first or {})
@@ -947,7 +977,7 @@ def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[st
     att["rerun_verdict"] = rerun.verdict.value
     att["reproduced"] = rerun.verdict is Verdict.DEVICE_FAULT
     att["launch_blocking"] = True
-    for key in ("op", "frame", "ops_tail", "sanitizer", "log"):
+    for key in _RERUN_KEYS:
         if ra.get(key):
             att[key] = ra[key]
     if not att["reproduced"]:

@@ -219,7 +219,7 @@ def _run(
         results = repeat_in_fresh_process(path, dev, repeat, timeout=t)
     result = next((r for r in results if r.verdict is Verdict.DEVICE_FAULT), _shown(results))
     if (result.verdict is Verdict.DEVICE_FAULT and attribute) or sanitizer:
-        rerun = attribution_rerun(path, dev, sanitizer=sanitizer, case_timeout=t)
+        rerun = attribution_rerun(path, dev, sanitizer=True if sanitizer else None, case_timeout=t)  # None: auto
         if result.verdict is Verdict.DEVICE_FAULT:
             result.attribution = merge_attribution(result.attribution, rerun)
         else:
@@ -329,7 +329,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="cpu, cuda or cuda:N (default: where the case was recorded; cuda:0 if unknown and present)",
     )
-    p.add_argument("--sanitizer", action="store_true", help="also run it under compute-sanitizer --tool memcheck")
+    p.add_argument(
+        "--sanitizer",
+        action="store_true",
+        help="also run it under compute-sanitizer --tool memcheck (a device fault's attribution uses it "
+        "whenever it is installed and works)",
+    )
     p.add_argument(
         "--expect",
         default=None,

@@ -171,3 +171,28 @@ def test_gpu_worker_fault_under_compute_sanitizer(devices, tmp_path):
     r = run_in_fresh_process(path, devices[0], launch_blocking=True, sanitizer=True, timeout=600)
     assert r.verdict in (Verdict.DEVICE_FAULT, Verdict.WORKER_CRASH), r.format()
     assert "=========" in r.attribution["sanitizer"], r.attribution
+
+
+@pytest.mark.slow
+def test_gpu_sanitized_attribution_names_the_triton_kernel_its_access_and_launch(devices, tmp_path):
+    """compute-sanitizer's report parsed into the attribution: an out-of-bounds 4-byte global write."""
+    if find_sanitizer() is None:
+        pytest.skip("compute-sanitizer not found ($PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    from harness.cases import save_case
+    from harness.runner.fresh import SANITIZER_METHOD, SanitizerPolicy, attribution_rerun
+
+    path = save_case(case("fault.illegal_address"), tmp_path / "oob.json")
+    policy = SanitizerPolicy(None)
+    assert policy.use(devices[0]), "auto must use the installed compute-sanitizer on CUDA"
+    r = attribution_rerun(path, devices[0], sanitizer=policy, timeout=600)
+    if r.verdict is Verdict.UNAVAILABLE:
+        pytest.skip(r.message)
+    att = r.attribution or {}
+    if att.get("sanitizer_unusable"):
+        pytest.skip(f"compute-sanitizer cannot check programs on this machine: {att['sanitizer_unusable']}")
+    assert r.verdict is Verdict.DEVICE_FAULT, r.format()
+    assert att["method"] == SANITIZER_METHOD, att
+    assert "_oob_store_kernel" in att["kernel"], att
+    assert att["access"]["kind"] == "write" and att["access"]["space"] == "global", att
+    assert att["access"]["problem"] == "out of bounds", att
+    assert "doubles.py" in att.get("launch_frame", ""), att  # the Python line that launched it
