@@ -16,6 +16,8 @@ The page shows, per device:
   than ``threshold`` (the flag and the rule are printed on the page);
 - the latest run's throughput and ratio to the ceiling measured in that run,
   and the FP8-over-bf16 speed-up per shape (with the issue-4 speed target);
+- per corpus entry, the exploration's time to find it (cases and seconds, the latest run
+  against the previous one: ``extra_info["time_to_find"]`` of tests/bench/test_bench_explore.py);
 - the latest ``matrix`` report (``summary.json``) or "no matrix report".
 
 Times are taken from ``extra_info["device_ms"]`` (CUDA-event times, see
@@ -46,11 +48,13 @@ from harness.dashboard.stats import (
     RegressionCheck,
     Series,
     SpeedupRow,
+    TimeToFindRow,
     analyse,
     build_series,
     check_regressions,
     speed_targets,
     speedups,
+    time_to_find,
     validate_rule,
 )
 
@@ -76,6 +80,8 @@ __all__ = [
     "SPEEDUP_BASE_OP",
     "SPEEDUP_SKIP_FAMILIES",
     "speed_targets",
+    "time_to_find",
+    "TimeToFindRow",
 ]
 
 

@@ -9,7 +9,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["BENCH_SCHEMA", "Problem", "Run", "finite", "load_run", "load_runs", "load_matrix_summary"]
+__all__ = [
+    "BENCH_SCHEMA",
+    "Problem",
+    "Run",
+    "check_time_to_find",
+    "finite",
+    "load_run",
+    "load_runs",
+    "load_matrix_summary",
+]
 
 #: The ``extra_info`` version harness.bench writes (its ``device_ms`` is trusted only under it).
 BENCH_SCHEMA = "harness.bench/1"
@@ -93,6 +102,30 @@ def _check_min_med_max(d: Mapping[str, Any], label: str) -> str | None:
     return None
 
 
+def check_time_to_find(value: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The valid figures of an ``extra_info["time_to_find"]`` (corpus fingerprint -> ``{"cases", "seconds",
+    "found"}``, tests/bench/test_bench_explore.py) and why each invalid one was dropped."""
+    if not isinstance(value, dict):
+        return {}, [f"extra_info.time_to_find is a {type(value).__name__}, not an object"]
+    good: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
+    for fp, fig in value.items():
+        where = f"extra_info.time_to_find[{fp!r}]"
+        if not isinstance(fig, dict):
+            bad.append(f"{where} is a {type(fig).__name__}, not an object")
+            continue
+        cases, seconds, found = fig.get("cases"), fig.get("seconds"), fig.get("found")
+        if not isinstance(cases, int) or isinstance(cases, bool) or cases < 0:
+            bad.append(f"{where}.cases = {cases!r}; expected an integer >= 0")
+        elif not finite(seconds) or seconds < 0:
+            bad.append(f"{where}.seconds = {seconds!r}; expected a finite number >= 0")
+        elif not isinstance(found, bool):
+            bad.append(f"{where}.found = {found!r}; expected true or false")
+        else:
+            good[str(fp)] = {"cases": cases, "seconds": float(seconds), "found": found}
+    return good, bad
+
+
 def load_run(path: Path, storage: Path) -> tuple[Run | None, list[Problem]]:
     """Parse and validate one saved run; bad entries are dropped with a :class:`Problem` each."""
     rel = str(path.relative_to(storage)) if path.is_relative_to(storage) else str(path)
@@ -122,6 +155,10 @@ def load_run(path: Path, storage: Path) -> tuple[Run | None, list[Problem]]:
             if why is not None:
                 problems.append(Problem(rel, f"{entry['fullname']}: {why}; using pytest-benchmark's stats instead"))
                 entry = {**entry, "extra_info": {k: v for k, v in extra.items() if k != "device_ms"}}
+        if "time_to_find" in extra:
+            figures, why_not = check_time_to_find(extra["time_to_find"])
+            problems += [Problem(rel, f"{entry['fullname']}: {w}; that figure skipped") for w in why_not]
+            entry = {**entry, "extra_info": {**entry.get("extra_info", {}), "time_to_find": figures}}
         good.append(entry)
     if not good:
         problems.append(

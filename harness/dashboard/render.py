@@ -19,6 +19,7 @@ from harness.dashboard.stats import (
     device_of,
     speed_targets,
     speedups,
+    time_to_find,
     validate_rule,
 )
 
@@ -288,6 +289,39 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     return "".join(out)
 
 
+def _time_to_find_html(runs: Sequence[Run], device: str) -> str:
+    """The time-to-find table and chart of one device: per corpus entry, latest vs previous run."""
+    rows = [r for r in time_to_find(runs) if r.device == device]
+    if not rows:
+        return ""
+    o = [
+        "<h3>Time to find: cases / seconds per corpus entry</h3>",
+        '<p class="note">cases and seconds a cold, seed-0 exploration needed to first reproduce each entry of the '
+        "regression corpus (tests/bench/test_bench_explore.py); the latest run that measured the entry against "
+        "the one before it</p>",
+        _bar_svg(
+            [(r.fingerprint, float(r.latest.cases), _GREEN if r.latest.found else _RED) for r in rows],
+            unit="cases to the first find (latest run; red: not found within the budget)",
+            css="time-to-find",
+        ),
+        '<table class="time-to-find"><tr><th>corpus entry</th><th>cases</th><th>seconds</th><th>run</th>'
+        "<th>previous cases</th><th>previous seconds</th><th>previous run</th><th>change in cases</th>"
+        "<th>status</th></tr>",
+    ]
+    for r in rows:
+        lt, pv, ch = r.latest, r.previous, r.cases_change
+        status = "found" if lt.found else f"NOT FOUND within {lt.cases} cases"
+        o.append(
+            f'<tr class="{"" if lt.found else "bad"}"><td>{_esc(r.fingerprint)}</td>'
+            f"<td class=num>{lt.cases}</td><td class=num>{_fmt(lt.seconds)}</td><td>{_esc(runs[lt.run].label)}</td>"
+            f"<td class=num>{pv.cases if pv else '–'}{'' if pv is None or pv.found else ' (not found)'}</td>"
+            f"<td class=num>{_fmt(pv.seconds) if pv else '–'}</td><td>{_esc(runs[pv.run].label) if pv else '–'}</td>"
+            f"<td class=num>{f'{ch:+.0%}' if ch is not None else '–'}</td><td>{_esc(status)}</td></tr>"
+        )
+    o.append("</table>")
+    return "".join(o)
+
+
 def render_html(
     runs: Sequence[Run],
     problems: Sequence[Problem],
@@ -478,6 +512,8 @@ def render_page(
         else:
             o.append('<p class="note">no result in the latest run records a ceiling ratio</p>')
 
+        o.append(_time_to_find_html(runs, device))
+
         o.append("<h3>Trends</h3>")
         for family in dict.fromkeys(s.family or "other" for s in dev_series):
             o.append(f'<h4>{_esc(family)}</h4><div class="grid">')
@@ -534,5 +570,17 @@ def latest_table(runs: Sequence[Run]) -> str:
                     f"speed target {t['shape_key']}: fp8_linear {_fmt(t['speedup_vs_bf16'])}x bf16 "
                     f"(>= {t['min_speedup_vs_bf16']:g}x), {t['overhead_vs_bare']:+.1%} vs bare cast + _scaled_mm "
                     f"(<= {t['max_overhead_vs_bare']:.0%}): {'met' if t['met'] else 'MISSED'}"
+                )
+        for r in time_to_find(runs):
+            if r.device == device:
+                pv = r.previous
+                lines.append(
+                    f"time to find {r.fingerprint}: "
+                    + (
+                        f"{r.latest.cases} cases, {_fmt(r.latest.seconds)} s"
+                        if r.latest.found
+                        else f"NOT FOUND within {r.latest.cases} cases"
+                    )
+                    + (f" (previous: {pv.cases} cases, {_fmt(pv.seconds)} s)" if pv is not None and pv.found else "")
                 )
     return "\n".join(lines)

@@ -23,6 +23,9 @@ __all__ = [
     "device_of",
     "SPEEDUP_BASE_OP",
     "SPEEDUP_SKIP_FAMILIES",
+    "FindFigure",
+    "TimeToFindRow",
+    "time_to_find",
 ]
 
 #: The op every speed-up is measured against: each other op with the same ``shape_key`` gets a row
@@ -234,6 +237,54 @@ def speed_targets(run: Run) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+@dataclass(frozen=True)
+class FindFigure:
+    """One corpus entry in one run of the time-to-find benchmark: cases and seconds to the first find
+    (``found`` False: the budget ran out after ``cases``)."""
+
+    run: int  # index into the runs list
+    cases: int
+    seconds: float
+    found: bool
+
+
+@dataclass(frozen=True)
+class TimeToFindRow:
+    """A corpus entry's time to find on one device: the latest run that measured it and the one before."""
+
+    device: str
+    fingerprint: str
+    latest: FindFigure
+    previous: FindFigure | None
+
+    @property
+    def cases_change(self) -> float | None:
+        """Relative change in cases from the previous run (+0.5 = half again as many); None without one."""
+        p = self.previous
+        if p is None or not (p.found and self.latest.found):
+            return None
+        return self.latest.cases / p.cases - 1.0 if p.cases > 0 else math.inf
+
+
+def time_to_find(runs: Sequence[Run]) -> list[TimeToFindRow]:
+    """Per device and corpus fingerprint, the figures of ``extra_info["time_to_find"]`` (validated by the
+    loader) in the latest run that recorded that entry and in the previous one; sorted by device, fingerprint."""
+    history: dict[tuple[str, str], list[FindFigure]] = {}
+    for i, run in enumerate(runs):
+        for entry in run.benchmarks:
+            figures = entry.get("extra_info", {}).get("time_to_find")
+            if not isinstance(figures, dict):
+                continue
+            for fp, f in figures.items():
+                history.setdefault((device_of(entry), fp), []).append(
+                    FindFigure(i, f["cases"], f["seconds"], f["found"])
+                )
+    return [
+        TimeToFindRow(device, fp, figs[-1], figs[-2] if len(figs) > 1 else None)
+        for (device, fp), figs in sorted(history.items())
+    ]
 
 
 def analyse(runs: Sequence[Run], threshold: float, window: int) -> tuple[list[Series], dict[Any, list]]:

@@ -679,8 +679,11 @@ class _Case:
         self.t0 = time.perf_counter()
         self.op = case.op
         self.layouts = case.describe_layouts()
+        self.kernels: list[str] | None = None  # set by record_kernels (explored cases on CUDA)
 
     def result(self, verdict: Verdict, message: str = "", **kw: Any) -> Result:
+        if self.kernels is not None:
+            kw["metrics"] = {**kw.get("metrics", {}), "kernels": self.kernels}
         env = {}
         try:
             env = dict(device_info(self.device))
@@ -728,6 +731,52 @@ def run_case(
             )
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
         return st.result(Verdict.ERROR, f"harness error while judging: {type(e).__name__}: {e}\n{tb}")
+
+
+def _cuda_profiler() -> Any:
+    """A ``torch.profiler.profile`` recording device (CUDA) activity only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def kernel_names(events: Any) -> list[str]:
+    """The sorted, unique names of the device kernels among profiler ``events`` (``FunctionEvent``s):
+    events on a CUDA device whose kineto activity is a kernel (memory copies and sets, GPU annotations left out;
+    an event without an activity type counts as a kernel)."""
+    from torch.autograd import DeviceType
+
+    names = set()
+    for ev in events:
+        activity = str(getattr(ev, "activity_type", "") or "").lower()
+        if getattr(ev, "device_type", None) == DeviceType.CUDA and (not activity or "kernel" in activity) and ev.name:
+            names.add(str(ev.name))
+    return sorted(names)
+
+
+def record_kernels(st: "_Case", call: Any, profiler: Any = _cuda_profiler) -> Any:
+    """``call()``, and for an explored case on CUDA (``"explore" in case.params``) the device kernels it
+    launched, in ``st.kernels`` (the result's ``metrics["kernels"]``, the coverage key of
+    :func:`harness.explore.kernel_coverage`).  On CPU, or for any other case, just ``call()``.
+
+    A profiler that fails to start or stop records nothing (``kernel_coverage`` falls back to its CPU key)
+    and never hides the op's own exception.
+    """
+    if "explore" not in st.case.params or not _is_cuda(st.device):
+        return call()
+    try:
+        prof = profiler()
+        prof.start()
+    except Exception:  # noqa: BLE001 - profiling is coverage only; the op still runs
+        return call()
+    try:
+        return call()
+    finally:
+        try:
+            prof.stop()
+            st.kernels = kernel_names(prof.events())
+        except Exception:  # noqa: BLE001 - e.g. a sticky device fault: the op's verdict stands
+            st.kernels = None
 
 
 def _launch_blocking() -> bool:
@@ -788,7 +837,10 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     recording = _Recording(device) if record_ops else None
     attribution: dict[str, Any] | None = None
     try:
-        out = recording.run(target.run, inputs, params) if recording is not None else target.run(inputs, params)
+        if recording is not None:
+            out = recording.run(target.run, inputs, params)
+        else:
+            out = record_kernels(st, lambda: target.run(inputs, params))
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise

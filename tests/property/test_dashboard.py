@@ -32,6 +32,7 @@ from harness.dashboard import (
     render_html,
     speed_targets,
     speedups,
+    time_to_find,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,6 +326,95 @@ def test_dashboard_speed_target_verdicts(tmp_path: Path) -> None:
     table = latest_table(runs)
     assert "speed target s1: fp8_linear 1.55x bf16 (>= 1.5x), +2.0% vs bare cast + _scaled_mm (<= 5%): met" in table
     assert table.count("MISSED") == 2
+
+
+# --------------------------------------------------------------------------- time to find
+A, B = "legacy.x|broadcast|rejected", "legacy.x|outliers|input_mutation"
+
+
+def _ttf_entry(figures: dict, device: str = "CPU X", seconds: float = 2.0) -> dict:
+    """A time-to-find result as tests/bench/test_bench_explore.py writes it (host-timer stats, no device_ms)."""
+    return {
+        "group": None,
+        "name": "test_bench_explore_time_to_find[cpu]",
+        "fullname": "tests/bench/test_bench_explore.py::test_bench_explore_time_to_find[cpu]",
+        "stats": {"min": seconds, "max": seconds, "median": seconds, "mean": seconds, "rounds": 1},
+        "extra_info": {
+            "op": "explore.time_to_find",
+            "family": "time_to_find",
+            "env": {"device": device},
+            "seed": 0,
+            "budget_cases": 300,
+            "time_to_find": figures,
+        },
+    }
+
+
+def _fig(cases: int, seconds: float, found: bool = True) -> dict:
+    return {"cases": cases, "seconds": seconds, "found": found, "note": "explored: x: an outlier token"}
+
+
+def test_dashboard_time_to_find_latest_against_previous(tmp_path: Path) -> None:
+    runs_in = [
+        ("2026-01-01T00:00:00", [_ttf_entry({A: _fig(10, 1.0), B: _fig(40, 4.0)})]),
+        ("2026-01-02T00:00:00", [_ttf_entry({A: _fig(12, 1.2), B: _fig(300, 30.0, found=False)})]),
+        ("2026-01-03T00:00:00", [_ttf_entry({A: _fig(6, 0.6)}), _ttf_entry({A: _fig(99, 9.0)}, device="GPU Y")]),
+    ]
+    for i, (when, entries) in enumerate(runs_in):
+        _write_run(tmp_path / "m" / f"000{i}.json", when, entries)
+    runs, problems = load_runs(tmp_path)
+    assert problems == []
+    rows = {(r.device, r.fingerprint): r for r in time_to_find(runs)}
+    assert set(rows) == {("CPU X", A), ("CPU X", B), ("GPU Y", A)}
+    a = rows["CPU X", A]
+    assert (a.latest.run, a.latest.cases, a.latest.seconds) == (2, 6, 0.6)
+    assert (a.previous.run, a.previous.cases) == (1, 12)
+    assert a.cases_change == pytest.approx(6 / 12 - 1)
+    b = rows["CPU X", B]  # not measured in the latest run: its latest is run 2, not found
+    assert (b.latest.run, b.latest.cases, b.latest.found, b.previous.cases) == (1, 300, False, 40)
+    assert b.cases_change is None, "no change against a budget that ran out"
+    g = rows["GPU Y", A]
+    assert g.previous is None and g.latest.cases == 99, "another device never shares the history"
+
+    page = render_html(runs, [], storage="x", threshold=0.1, window=5)
+    assert page.count('<table class="time-to-find">') == 2 and page.count("bars time-to-find") == 2
+    assert "NOT FOUND within 300 cases" in page and "-50%" in page
+    table = latest_table(runs)
+    assert f"time to find {A}: 6 cases, 0.600 s (previous: 12 cases, 1.20 s)" in table
+    assert f"time to find {B}: NOT FOUND within 300 cases (previous: 40 cases, 4.00 s)" in table
+    assert f"time to find {A}: 99 cases, 9.00 s" in table
+
+
+BAD_FIGURES = [
+    ({"cases": -1, "seconds": 1.0, "found": True}, "cases = -1"),
+    ({"cases": True, "seconds": 1.0, "found": True}, "cases = True"),
+    ({"cases": 3, "seconds": float("inf"), "found": True}, "seconds = inf"),
+    ({"cases": 3, "seconds": "fast", "found": True}, "seconds = 'fast'"),
+    ({"cases": 3, "seconds": 1.0}, "found = None"),
+    ([3, 1.0], "is a list, not an object"),
+]
+
+
+@pytest.mark.parametrize("figure, expected", BAD_FIGURES, ids=[e for _, e in BAD_FIGURES])
+def test_dashboard_skips_malformed_time_to_find_figures(tmp_path: Path, figure, expected) -> None:
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [_ttf_entry({A: _fig(5, 0.5), B: figure})])
+    runs, problems = load_runs(tmp_path)
+    assert [r.fingerprint for r in time_to_find(runs)] == [A], "the good figure is kept"
+    (p,) = problems
+    assert expected in p.message and B in p.message and "that figure skipped" in p.message
+
+
+def test_dashboard_time_to_find_not_an_object_is_one_problem(tmp_path: Path) -> None:
+    _write_run(tmp_path / "m" / "0001.json", "2026-01-01T00:00:00", [_ttf_entry(["oops"])])
+    runs, problems = load_runs(tmp_path)
+    assert time_to_find(runs) == [] and len(runs[0].benchmarks) == 1, "the run and its timing stay"
+    assert len(problems) == 1 and "time_to_find is a list, not an object" in problems[0].message
+
+
+def test_dashboard_without_time_to_find_has_no_such_section() -> None:
+    runs, _ = load_runs(FIXTURES)
+    assert time_to_find(runs) == []
+    assert "Time to find" not in render_html(runs, [], storage="x", threshold=0.1, window=5)
 
 
 # --------------------------------------------------------------------------- malformed files
