@@ -35,14 +35,17 @@ batch entry, or 64/128-token block), FP8 edges, subnormals; NaN/inf only with ``
 scalar operand (a linear's ``weight_scale`` / ``input_scale``) keeps the value its target gives it: as a
 0-d tensor it is perturbed in its pointer only (``align``, ``checkpoint``).
 
-The search (:func:`explore`): seeded, reproducible (``random.Random(f"explore|{op}|{seed}")``), it
+The search (:func:`explore`) first sweeps (:func:`sweep_genomes`, interleaved with the rest): one property of one
+operand at a time, every operand x every layout kind and structured value, at the default sizes and the other
+rank / memory layout -- a random draw perturbs several operands at once, so a single (operand, property) pair is
+rare among them.  It is seeded, reproducible (``random.Random(f"explore|{op}|{seed}")``), it
 runs each drawn case through ``run(case) -> Result`` (``lambda c: run_case(c, "cpu")`` in-process,
 ``lambda c: pool.submit(c).result()`` with a :class:`~harness.runner.pool.WorkerPool`), keeps every
 draw that reaches a new (coverage key, verdict) pair and mutates kept draws further.  The coverage
 key is pluggable: :func:`cpu_coverage` (default: which operand properties a draw perturbed) or
 :func:`kernel_coverage` (the GPU hook: the device kernels a case launched, read from
-``result.metrics["kernels"]`` -- a list of profiler kernel names the runner does not record yet; without
-it the CPU key is used).  A score pushes each op toward its worst drift: a case's drift ratio
+``result.metrics["kernels"]`` -- the profiler's kernel names, which the runner records for explored cases on
+CUDA; without them the CPU key is used).  A score pushes each op toward its worst drift: a case's drift ratio
 (``metrics["ratio"]`` = error / allowed) is its score, the best-scoring kept draw is the parent of half
 the mutations, and a mutant that beats the best is kept even when its coverage key is not new.  This is
 ``hypothesis.target()``'s idea run in the loop itself: ``target()`` only works inside a ``@given`` test

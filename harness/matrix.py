@@ -846,7 +846,11 @@ def run_matrix(
                     # close cancels it and skips the attribution reruns of faults not yet attributed)
                     budget_exhausted = True
                     break
-                while len(inflight) < max_inflight and time.monotonic() < grid_deadline and refill():
+                while (
+                    len(inflight) < max_inflight
+                    and (time.monotonic() < grid_deadline or (rnd <= 1 and bool(queue)))
+                    and refill()
+                ):
                     c = queue.popleft()
                     if not cell_open(c, c.submitted):
                         continue
@@ -879,9 +883,10 @@ def run_matrix(
 
                     sh = parse_shard(shard)
                     mine = [t for t in targets if sh.holds(explore_key(t.name))]
+                can_defer = hasattr(pool, "attribute_result")  # the real pool: attribute the minimal cases only
                 phase = ExplorePhase(
                     mine,
-                    pool.submit,
+                    (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit,
                     device=devices[0],
                     seed=seed,
                     deadline=deadline,
@@ -892,6 +897,7 @@ def run_matrix(
                     selected_ops=[t.name for t in targets],
                     unavailable=unavailable,
                     max_cases=explore_cases,
+                    attribute=pool.attribute_result if can_defer and attribute else None,
                 )
                 phase.start()
                 while phase.running() and not stop.reason and time.monotonic() < deadline:

@@ -24,6 +24,7 @@ grid result.  With ``--shard I/N`` each op is explored by exactly one shard (:fu
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,8 @@ __all__ = ["DRAW_SHARE", "ExplorePhase", "explore_key"]
 
 #: Of the time the exploration has, the share for drawing new cases; the rest shrinks what was found.
 DRAW_SHARE = 0.7
+#: ``attribution["skipped"]`` of a device-fault finding whose rerun the budget left no time for
+ATTRIBUTION_SKIPPED_AT_DEADLINE = "the budget ended before the attribution rerun; replay the case to attribute it"
 
 
 def explore_key(op: str) -> str:
@@ -89,6 +92,7 @@ class ExplorePhase:
         unavailable: Mapping[str, str] | None = None,
         max_minimize_runs: int = 40,
         max_cases: int | None = None,
+        attribute: Callable[[Any, Result], Result] | None = None,
     ) -> None:
         self.targets = list(targets)
         self.submit, self.device, self.seed, self.deadline = submit, device, int(seed), float(deadline)
@@ -99,6 +103,10 @@ class ExplorePhase:
         self.unavailable = dict(unavailable or {})
         self.max_minimize_runs = max_minimize_runs
         self.max_cases = max_cases
+        #: ``attribute(case, result) -> result``: the attribution rerun of a device fault (the pool's
+        #: ``attribute_result``); explored cases are submitted without one and only each device-fault finding's
+        #: minimal case is attributed, after its op's search (off the other ops' way)
+        self.attribute = attribute
         self.lock = threading.Lock()
         self.states: dict[str, _OpState] = {t.name: _OpState() for t in self.targets}
         self.results: dict[str, Any] = {}
@@ -185,6 +193,33 @@ class ExplorePhase:
             )
         except Exception as e:  # noqa: BLE001 - one op's search failing must not end the others; it is reported
             self.errors[op] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            return
+        if self.attribute is not None:
+            self._attribute_findings(target)
+
+    def _attribute_findings(self, target: Any) -> None:
+        """Name the faulting kernel of each device-fault finding's minimal case (one rerun per signature)."""
+        res, st = self.results[target.name], self.states[target.name]
+        for f in res.findings:
+            if f.verdict != Verdict.DEVICE_FAULT.value:
+                continue
+            found = self._case_of(target, f.genome, st)
+            if found is None:
+                continue
+            built, (case, r) = found
+            if self.stop_reason() or time.monotonic() >= self.deadline:
+                r = dataclasses.replace(
+                    r, attribution=dict(r.attribution or {}, skipped=ATTRIBUTION_SKIPPED_AT_DEADLINE)
+                )
+            else:
+                try:
+                    r = self.attribute(case, r)
+                except Exception as e:  # noqa: BLE001 - the finding stays, without its kernel
+                    r = dataclasses.replace(
+                        r, attribution=dict(r.attribution or {}, skipped=f"attribution failed: {e}")
+                    )
+            with self.lock:
+                st.by_key[built.genome.key()] = (case, r)
 
     def start(self) -> None:
         """Start one search thread per available target (they stop by themselves at the deadline)."""
@@ -264,6 +299,8 @@ class ExplorePhase:
                     if found is not None:
                         built, (case, r) = found
                         f["case"] = save(f"explore-{op}-{f['verdict']}-{i}", case, r)
+                        if r.attribution:
+                            f["attribution"] = r.attribution
                         f["known"], f["kernel_defect"] = self._known(op, f["verdict"], built, case, r)
                 if d.get("worst"):
                     d["worst"].pop("case", None)

@@ -5,8 +5,8 @@
 
 Each op is explored with its own seeded search; every case runs in the pool's isolated workers (a device
 fault costs a worker, not the run).  Prints each op's distinct failure signatures (op, verdict, operand,
-property) with their counts and the worst drift, and writes them all as JSON to ``--out``.  Not yet part of
-``python -m harness matrix`` (issue 16): this is the device check of the exploration itself.
+property) with their counts and the worst drift, and writes them all as JSON to ``--out``.  ``python -m harness
+matrix`` runs the same exploration after its grid; this script runs it alone, per op, for a closer look.
 """
 
 from __future__ import annotations

@@ -164,6 +164,7 @@ class _Item:
     started_at: float | None = None  # when its worker acknowledged it ("started"): the case timer runs from here
     resends: int = 0  # workers that died after it was sent to them and before they started it
     starts: int = 0  # acknowledgements received (more than one would be a protocol bug)
+    attribute: bool = True  # rerun a device fault of this case to name its kernel (the pool's ``attribute`` too)
 
 
 @dataclasses.dataclass(eq=False)
@@ -300,8 +301,11 @@ class WorkerPool:
         values: Mapping[str, "torch.Tensor"] | None = None,
         timeout: float | None = None,
         record_ops: bool = False,
+        attribute: bool = True,
     ) -> "Future[Result]":
-        """Queue ``case``; the Future resolves to its Result. ``values`` override the recipes (not modified)."""
+        """Queue ``case``; the Future resolves to its Result. ``values`` override the recipes (not modified).
+        ``attribute=False``: no attribution rerun for this case's device fault (the caller attributes the ones
+        it keeps, e.g. the exploration its minimal cases: off the critical path)."""
         from harness.cases import Case
 
         if not isinstance(case, Case):
@@ -320,6 +324,7 @@ class WorkerPool:
             float(timeout or self.case_timeout),
             record_ops,
             queued_at=time.monotonic(),
+            attribute=attribute,
         )
         with self._lock:
             if self._closing:
@@ -643,11 +648,33 @@ class WorkerPool:
     def _finish(self, item: _Item, result: Result) -> None:
         """Called in the dispatcher with the lock held: resolve now, or hand to the finisher thread."""
         needs_file = self.cases_dir is not None and result.verdict.failed
-        needs_attr = self.attribute and result.verdict is Verdict.DEVICE_FAULT
+        needs_attr = self.attribute and item.attribute and result.verdict is Verdict.DEVICE_FAULT
         if not (needs_file or needs_attr):
             self._resolve_locked(item, result)
             return
         self._finisher.submit(self._finish_slow, item, result)
+
+    def attribute_result(self, case: "Case", result: Result) -> Result:
+        """The attribution rerun of ``case``'s device fault, now, in this thread (as the pool does for a case
+        submitted with ``attribute=True``); returns ``result`` with the attribution merged in."""
+        tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
+        try:
+            path = save_failure(case, dataclasses.replace(result), tmpdir)
+            try:
+                rerun = attribution_rerun(
+                    path,
+                    result.device or "cpu",
+                    sanitizer=self.sanitizer_policy,
+                    case_timeout=self.case_timeout,
+                    timeout=self._attribution_timeout,
+                    cancel=self._cancel_attribution,
+                )
+                att = merge_attribution(result.attribution, rerun)
+            except Cancelled:
+                att = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
+            return dataclasses.replace(result, attribution=att)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
     def _finish_slow(self, item: _Item, result: Result) -> None:
         try:
@@ -664,7 +691,7 @@ class WorkerPool:
         values = _saved_tensors(item.case, item.values)  # generated once for every file written below
         if self.cases_dir is not None and result.verdict.failed:
             path = save_failure(item.case, result, self.cases_dir, values=values)
-        if self.attribute and result.verdict is Verdict.DEVICE_FAULT:
+        if self.attribute and item.attribute and result.verdict is Verdict.DEVICE_FAULT:
             if path is None:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
                 path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=values)

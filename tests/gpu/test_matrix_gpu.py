@@ -59,3 +59,13 @@ def test_matrix_on_cuda_writes_a_gpu_report(tmp_path) -> None:
             assert case.env.get("device_type") == "cuda" or str(case.env.get("device", "")).startswith("cuda")
     html = (out / "report.html").read_text()
     assert dev["name"] in html and s["device"]["capability"] in html
+    # the exploration after the grid: every corpus finding of these ops is reproduced by an explored case, and
+    # each device-fault signature's minimal case was attributed to a kernel by a named method
+    ex = s["explore"]
+    tried = [c for c in ex["corpus"] if not c["skipped"]]
+    assert tried and all(c["reproduced"] for c in tried), [c for c in tried if not c["reproduced"]]
+    faults = [f for d in ex["ops"].values() for f in d.get("findings", []) if f["verdict"] == "device_fault"]
+    assert faults, "sdpa.flash / efficient fault on misaligned pointers"
+    assert all(
+        (f.get("attribution") or {}).get("method") or (f.get("attribution") or {}).get("skipped") for f in faults
+    )
