@@ -789,8 +789,13 @@ def _score(result: Result) -> float:
     return float(r) if isinstance(r, (int, float)) and math.isfinite(r) else 0.0
 
 
-def _is_find(target: Any, verdict: Verdict) -> bool:
+def _is_find(target: Any, verdict: Verdict, genome: Genome | None = None) -> bool:
     if verdict is Verdict.REJECTED:
+        # a guarded op must take every layout -- but refusing a head dim it does not declare is honest
+        if genome is not None and getattr(target, "kind", "") == "attention":
+            hd = dict(genome.sizes).get("head_dim")
+            if hd is not None and hd not in tuple(getattr(target, "head_dims", ()) or (hd,)):
+                return False
         return bool(getattr(target, "accepts_all_layouts", False))
     return verdict.failed
 
@@ -1195,7 +1200,7 @@ def explore(
                 "case": built.case.to_dict(),
                 "note": built.case.note,
             }
-        if _is_find(target, r.verdict):
+        if _is_find(target, r.verdict, built.genome):
             raw.append((built.genome, r.verdict))
     res.coverage, res.kept = len(seen), len(corpus)
     cases_runs = runner.runs

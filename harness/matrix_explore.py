@@ -38,6 +38,8 @@ __all__ = ["DRAW_SHARE", "ExplorePhase", "explore_key"]
 
 #: Of the time the exploration has, the share for drawing new cases; the rest shrinks what was found.
 DRAW_SHARE = 0.7
+#: Seconds an attribution rerun needs at least (a fresh CUDA context, the case; under compute-sanitizer more)
+ATTRIBUTION_MIN_S = 10.0
 #: ``attribution["skipped"]`` of a device-fault finding whose rerun the budget left no time for
 ATTRIBUTION_SKIPPED_AT_DEADLINE = "the budget ended before the attribution rerun; replay the case to attribute it"
 
@@ -207,13 +209,14 @@ class ExplorePhase:
             if found is None:
                 continue
             built, (case, r) = found
-            if self.stop_reason() or time.monotonic() >= self.deadline:
+            left = self.deadline - time.monotonic()
+            if self.stop_reason() or left < ATTRIBUTION_MIN_S:
                 r = dataclasses.replace(
                     r, attribution=dict(r.attribution or {}, skipped=ATTRIBUTION_SKIPPED_AT_DEADLINE)
                 )
             else:
                 try:
-                    r = self.attribute(case, r)
+                    r = self.attribute(case, r, left - 1.0)  # never past the run's deadline
                 except Exception as e:  # noqa: BLE001 - the finding stays, without its kernel
                     r = dataclasses.replace(
                         r, attribution=dict(r.attribution or {}, skipped=f"attribution failed: {e}")

@@ -509,7 +509,13 @@ def _explore_rows(summary: Mapping[str, Any]) -> tuple[str, list[tuple[str, str,
             tag = (
                 f" [known: {f['known']}]" if f.get("known") else (" [kernel defect]" if f.get("kernel_defect") else "")
             )
-            items.append((f"{f['verdict']} ×{f['count']} [{f['operand']}] {f['property']}{tag}", f.get("case")))
+            att = attribution_text(f.get("attribution"))
+            items.append(
+                (
+                    f"{f['verdict']} ×{f['count']} [{f['operand']}] {f['property']}{tag}" + (f"; {att}" if att else ""),
+                    f.get("case"),
+                )
+            )
         w = d.get("worst")
         if w:
             items.append(

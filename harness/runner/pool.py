@@ -654,9 +654,10 @@ class WorkerPool:
             return
         self._finisher.submit(self._finish_slow, item, result)
 
-    def attribute_result(self, case: "Case", result: Result) -> Result:
+    def attribute_result(self, case: "Case", result: Result, timeout: float | None = None) -> Result:
         """The attribution rerun of ``case``'s device fault, now, in this thread (as the pool does for a case
-        submitted with ``attribute=True``); returns ``result`` with the attribution merged in."""
+        submitted with ``attribute=True``), within ``timeout`` s (default the pool's); returns ``result`` with the
+        attribution merged in."""
         tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
         try:
             path = save_failure(case, dataclasses.replace(result), tmpdir)
@@ -666,7 +667,7 @@ class WorkerPool:
                     result.device or "cpu",
                     sanitizer=self.sanitizer_policy,
                     case_timeout=self.case_timeout,
-                    timeout=self._attribution_timeout,
+                    timeout=timeout or self._attribution_timeout,
                     cancel=self._cancel_attribution,
                 )
                 att = merge_attribution(result.attribution, rerun)

@@ -327,3 +327,21 @@ def test_an_explored_case_stands_for_a_corpus_finding_by_op_verdict_and_property
     grid = set(LINEAR_CLASSES) | set(ATTENTION_CLASSES)
     corpus = {e.layout_class for e in load_corpus(DEFAULT_CORPUS)}
     assert grid | corpus <= set(CLASS_FAMILIES), sorted((grid | corpus) - set(CLASS_FAMILIES))
+
+
+def test_a_guarded_op_refusing_an_undeclared_head_dim_is_no_find() -> None:
+    safe = get_target("safe_attn.emu.naive")
+    assert safe.accepts_all_layouts and 32 not in safe.head_dims
+
+    def refuses_32(c: Case) -> Result:
+        hd = c.layouts["q"].shape[-1]
+        return Result(Verdict.REJECTED, "head_dim 32 unsupported") if hd == 32 else Result(Verdict.PASS, "")
+
+    res = explore(safe, refuses_32, seed=0, budget_cases=400)
+    assert res.verdicts.get("rejected", 0) > 0 and res.findings == [], res.summary()  # drawn, refused, honest
+
+    def refuses_64(c: Case) -> Result:  # a head dim it declares: the guard failed its job
+        hd = c.layouts["q"].shape[-1]
+        return Result(Verdict.REJECTED, "head_dim 64 refused") if hd == 64 else Result(Verdict.PASS, "")
+
+    assert explore(safe, refuses_64, seed=0, budget_cases=60, max_elements=1 << 14).findings
