@@ -749,8 +749,11 @@ def kernel_names(events: Any) -> list[str]:
     names = set()
     for ev in events:
         activity = str(getattr(ev, "activity_type", "") or "").lower()
-        if getattr(ev, "device_type", None) == DeviceType.CUDA and (not activity or "kernel" in activity) and ev.name:
-            names.add(str(ev.name))
+        name = str(ev.name or "")
+        if not activity and name.startswith(("Memcpy", "Memset")):  # a torch without activity types: by name
+            continue
+        if getattr(ev, "device_type", None) == DeviceType.CUDA and (not activity or "kernel" in activity) and name:
+            names.add(name)
     return sorted(names)
 
 

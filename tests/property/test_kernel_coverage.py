@@ -29,7 +29,11 @@ SIZES = (("batch", 1), ("head_dim", 64), ("heads", 1), ("layout", "HND"), ("seq_
 
 
 def _event(name: str, device: DeviceType, activity: str | None) -> FunctionEvent:
-    return FunctionEvent(id=1, name=name, thread=0, start_us=0, end_us=1, device_type=device, activity_type=activity)
+    """A profiler event; torch builds before 2.13 have no ``activity_type`` (set after construction there)."""
+    ev = FunctionEvent(id=1, name=name, thread=0, start_us=0, end_us=1, device_type=device)
+    if activity is not None:
+        ev.activity_type = activity
+    return ev
 
 
 EVENTS = [
@@ -40,6 +44,7 @@ EVENTS = [
     _event("cast_kernel", DeviceType.CUDA, "kernel"),
     _event("flash_fwd_kernel", DeviceType.CUDA, "kernel"),
     _event("legacy_kernel", DeviceType.CUDA, None),
+    _event("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, None),  # no activity type: told by its name
 ]
 
 
