@@ -282,3 +282,16 @@ def test_failure_over_the_size_cap_is_saved_without_generating_its_values(tmp_pa
     monkeypatch.undo()  # under the cap: generated and stored
     _, tensors = load_case(casefiles.save_failure(case("fault.nan"), Result(Verdict.NONFINITE, "NaN"), tmp_path))
     assert set(tensors) == {"x"}
+
+
+def test_a_case_submitted_without_attribution_is_attributed_later_on_request(worker_pool):
+    """The exploration's way: its cases skip the rerun (``attribute=False``); the minimal case it keeps is
+    attributed afterwards by ``attribute_result`` -- the same kernel named, by the same fresh-process rerun."""
+    r = worker_pool.submit(case("fault.sticky"), attribute=False).result(timeout=120)
+    assert r.verdict is Verdict.DEVICE_FAULT
+    assert "op" not in (r.attribution or {}) and "reproduced" not in (r.attribution or {})  # no rerun yet
+    later = worker_pool.attribute_result(case("fault.sticky"), r)
+    assert later.attribution["op"] == "harness_fault::bad_kernel" and later.attribution["reproduced"] is True
+    assert "return z + 0" in later.attribution["surfaced_at"]  # what the first run saw is kept
+    assert r.attribution is not later.attribution and "op" not in (r.attribution or {})  # the caller's result kept
+    assert wait_restored(worker_pool)
