@@ -1121,11 +1121,12 @@ def explore(
     on_result: Callable[[BuiltCase, Result], None] | None = None,
     should_stop: Callable[[], str] | None = None,
     sweep: bool = True,
+    free_bytes: int | None = None,
 ) -> ExploreResult:
     """Explore ``target`` with ``budget_cases`` drawn cases (and at most ``budget_s`` seconds); see the module doc.
 
     ``run(case) -> Result`` runs one case.  ``large_offset``: allow the rare >= 2**31-offset draw (sized from
-    ``device``'s free memory; on CPU it is skipped with its reason).  Minimization runs come on top of the
+    ``device``'s free memory, or ``free_bytes`` when given; on CPU it is skipped with its reason).  Minimization runs come on top of the
     case budget (``max_minimize_runs`` per signature).  ``on_result(built, result)`` sees every case that ran
     (drawn and minimization runs alike; the matrix counts and keeps them).  ``should_stop()`` returns a reason
     (non-empty) to stop at once -- the matrix's deadline or a signal; what ran so far is still minimized within
@@ -1140,7 +1141,8 @@ def explore(
     op = getattr(target, "name", str(target))
     rng = random.Random(f"explore|{op}|{seed}")
     res = ExploreResult(op=op, seed=seed)
-    free = free_device_bytes(device) if large_offset else None
+    # a caller that must not touch the device itself (the pool's parent) passes what it knows
+    free = (free_bytes if free_bytes is not None else free_device_bytes(device)) if large_offset else None
     table = _sizes_for(target, max_elements)
     defaults = _default_sizes(table, target.kind, max_elements)
     runner = _Runner(target, run, free)

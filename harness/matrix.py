@@ -614,6 +614,7 @@ def run_matrix(
     explore: bool = True,
     grid_share: float = DEFAULT_GRID_SHARE,
     explore_cases: int | None = None,
+    large_offsets: bool | None = None,
 ) -> dict[str, Any]:
     """Run the matrix and write the reports into ``out``; returns the summary as written to ``summary.json``.
 
@@ -626,7 +627,8 @@ def run_matrix(
     ``explore``: after the grid, explore each op for the rest of the budget (:mod:`harness.matrix_explore`);
     the grid then has ``grid_share`` of the budget (it ends sooner when ``cases_per_cell`` rounds are done).
     ``explore_cases``: drawn cases per op at most (None: the time decides, or ``EXPLORE_CASES_PER_ROUND``
-    per round when ``cases_per_cell`` bounds the run).
+    per round when ``cases_per_cell`` bounds the run).  ``large_offsets``: the exploration's rare draw of a view whose
+    largest element offset passes 2**31 (None: on CUDA, sized from half the device's memory; off on CPU).
     """
     from harness.contract import infer_contracts, measured_on, record_of, write_contracts
     from harness.report import write_reports
@@ -898,6 +900,7 @@ def run_matrix(
                     unavailable=unavailable,
                     max_cases=explore_cases,
                     attribute=pool.attribute_result if can_defer and attribute else None,
+                    large_offsets=large_offsets,
                 )
                 phase.start()
                 while phase.running() and not stop.reason and time.monotonic() < deadline:
@@ -995,6 +998,7 @@ def _cmd(args: argparse.Namespace) -> int:
             explore=not args.no_explore,
             grid_share=args.grid_share,
             explore_cases=args.explore_cases,
+            large_offsets=False if args.no_large_offsets else None,
         )
     except (MatrixError, ValueError) as e:  # ValueError: a malformed corpus index (CorpusError)
         print(f"harness matrix: {e}", file=sys.stderr)
@@ -1130,6 +1134,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="drawn cases per op at most (default: the budget decides; with --cases-per-cell N: "
         f"{EXPLORE_CASES_PER_ROUND} x N)",
+    )
+    p.add_argument(
+        "--no-large-offsets",
+        action="store_true",
+        help="no explored view whose largest element offset passes 2^31 (default: a rare draw on CUDA, a few GiB each)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument(

@@ -60,6 +60,17 @@ def _capability(env: Mapping[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def _half_memory(env: Mapping[str, Any], device: str) -> int | None:
+    """Half the memory of ``device`` (``cuda:N``) from the env probe's ``devices`` list, in bytes; None if unknown."""
+    if not str(device).startswith("cuda"):
+        return None
+    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+    for d in env.get("devices") or []:
+        if isinstance(d, Mapping) and d.get("index") == index and isinstance(d.get("memory_gib"), (int, float)):
+            return int(float(d["memory_gib"]) * 2**30 / 2)
+    return None
+
+
 class _OpState:
     """What one op's search has seen: its case count, the cases of non-pass genomes, the best score."""
 
@@ -95,6 +106,7 @@ class ExplorePhase:
         max_minimize_runs: int = 40,
         max_cases: int | None = None,
         attribute: Callable[[Any, Result], Result] | None = None,
+        large_offsets: bool | None = None,
     ) -> None:
         self.targets = list(targets)
         self.submit, self.device, self.seed, self.deadline = submit, device, int(seed), float(deadline)
@@ -109,6 +121,10 @@ class ExplorePhase:
         #: ``attribute_result``); explored cases are submitted without one and only each device-fault finding's
         #: minimal case is attributed, after its op's search (off the other ops' way)
         self.attribute = attribute
+        #: the rare >= 2**31-offset draw (None: on CUDA devices), sized from half the device's memory as the env
+        #: probe reported it (this process never initialises CUDA itself)
+        self.free_bytes = _half_memory(self.env, device)
+        self.large_offsets = (device != "cpu") if large_offsets is None else bool(large_offsets)
         self.lock = threading.Lock()
         self.states: dict[str, _OpState] = {t.name: _OpState() for t in self.targets}
         self.results: dict[str, Any] = {}
@@ -190,6 +206,8 @@ class ExplorePhase:
                 coverage=kernel_coverage if self.device != "cpu" else cpu_coverage,
                 device=self.device,
                 max_minimize_runs=self.max_minimize_runs,
+                large_offset=self.large_offsets,
+                free_bytes=self.free_bytes,
                 on_result=self._hook(op),
                 should_stop=lambda: self.stop_reason() or ("deadline" if time.monotonic() >= self.deadline else ""),
             )

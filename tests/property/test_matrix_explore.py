@@ -190,3 +190,21 @@ def test_shards_explore_each_op_once_and_merge_into_one_section(tmp_path) -> Non
     rows = {c["fingerprint"]: c for c in m["explore"]["corpus"]}
     assert rows["legacy.comfyui|outliers|input_mutation"]["reproduced"]  # whichever shard explored the op
     assert "## Exploration (" in (merged / "report.md").read_text()
+
+
+def test_large_offset_draws_are_on_for_cuda_and_sized_from_the_probed_memory() -> None:
+    from harness.matrix_explore import ExplorePhase
+
+    env = {"devices": [{"index": 0, "memory_gib": 80.0}, {"index": 1, "memory_gib": 40.0}]}
+
+    def phase(device: str, **kw) -> ExplorePhase:
+        return ExplorePhase(
+            [], None, device=device, seed=0, deadline=0.0, on_result=None, stop_reason=str, env=env, **kw
+        )
+
+    on = phase("cuda:1")
+    assert on.large_offsets and on.free_bytes == 20 * 2**30  # half of what the probe reported for that GPU
+    assert phase("cuda:0").free_bytes == 40 * 2**30
+    assert not phase("cuda:0", large_offsets=False).large_offsets  # --no-large-offsets
+    off = phase("cpu")
+    assert not off.large_offsets and off.free_bytes is None
