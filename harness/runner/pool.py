@@ -661,21 +661,24 @@ class WorkerPool:
         tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
         try:
             path = save_failure(case, dataclasses.replace(result), tmpdir)
-            try:
-                rerun = attribution_rerun(
-                    path,
-                    result.device or "cpu",
-                    sanitizer=self.sanitizer_policy,
-                    case_timeout=self.case_timeout,
-                    timeout=timeout or self._attribution_timeout,
-                    cancel=self._cancel_attribution,
-                )
-                att = merge_attribution(result.attribution, rerun)
-            except Cancelled:
-                att = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
-            return dataclasses.replace(result, attribution=att)
+            return dataclasses.replace(result, attribution=self._attribution_of(path, result, timeout))
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _attribution_of(self, path: str | os.PathLike, result: Result, timeout: float | None) -> dict[str, Any]:
+        """``result``'s attribution merged with its case file's rerun (``skipped`` when the pool's close cancelled it)."""
+        try:
+            rerun = attribution_rerun(
+                path,
+                result.device or "cpu",
+                sanitizer=self.sanitizer_policy,
+                case_timeout=self.case_timeout,
+                timeout=timeout or self._attribution_timeout,
+                cancel=self._cancel_attribution,
+            )
+            return merge_attribution(result.attribution, rerun)
+        except Cancelled:
+            return dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
 
     def _finish_slow(self, item: _Item, result: Result) -> None:
         try:
@@ -696,18 +699,7 @@ class WorkerPool:
             if path is None:
                 tmpdir = tempfile.mkdtemp(prefix="harness-attr-", dir=self._tmp)
                 path = save_failure(item.case, dataclasses.replace(result), tmpdir, values=values)
-            try:
-                rerun = attribution_rerun(
-                    path,
-                    result.device or "cpu",
-                    sanitizer=self.sanitizer_policy,
-                    case_timeout=self.case_timeout,
-                    timeout=self._attribution_timeout,
-                    cancel=self._cancel_attribution,
-                )
-                result.attribution = merge_attribution(result.attribution, rerun)
-            except Cancelled:
-                result.attribution = dict(result.attribution or {}, skipped=ATTRIBUTION_SKIPPED)
+            result.attribution = self._attribution_of(path, result, None)
             if self.cases_dir is not None:
                 save_failure(
                     item.case, result, self.cases_dir, values=values, name=Path(path).stem
