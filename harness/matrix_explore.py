@@ -197,7 +197,7 @@ class ExplorePhase:
 
         op = target.name
         try:
-            self.results[op] = explore(
+            res = explore(
                 target,
                 self._run_one,
                 seed=self.seed,
@@ -215,11 +215,12 @@ class ExplorePhase:
             self.errors[op] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             return
         if self.attribute is not None:
-            self._attribute_findings(target)
+            self._attribute_findings(target, res)
+        self.results[op] = res  # only now: the summary writes each finding's case file once, attributed
 
-    def _attribute_findings(self, target: Any) -> None:
+    def _attribute_findings(self, target: Any, res: Any) -> None:
         """Name the faulting kernel of each device-fault finding's minimal case (one rerun per signature)."""
-        res, st = self.results[target.name], self.states[target.name]
+        st = self.states[target.name]
         for f in res.findings:
             if f.verdict != Verdict.DEVICE_FAULT.value:
                 continue

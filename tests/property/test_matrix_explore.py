@@ -208,3 +208,47 @@ def test_large_offset_draws_are_on_for_cuda_and_sized_from_the_probed_memory() -
     assert not phase("cuda:0", large_offsets=False).large_offsets  # --no-large-offsets
     off = phase("cpu")
     assert not off.large_offsets and off.free_bytes is None
+
+
+def test_a_device_fault_signature_is_attributed_once_and_its_case_file_says_so(tmp_path) -> None:
+    import time
+    from concurrent.futures import Future
+
+    from harness.matrix_explore import ExplorePhase, save_into
+    from harness.runner.targets import get_target
+    from harness.verdicts import Result, Verdict
+
+    target = get_target("attn.emu.naive")
+    asked: list[str] = []
+
+    def submit(case):  # a fake pool: v aligned to 2 B faults, everything else passes
+        f: Future = Future()
+        v = case.layouts["v"]
+        bad = v.offset * v.itemsize % 4 == 2
+        f.set_result(Result(Verdict.DEVICE_FAULT, "misaligned address") if bad else Result(Verdict.PASS, ""))
+        return f
+
+    def attribute(case, r, timeout):
+        asked.append(case.note)
+        return Result(**{**r.__dict__, "attribution": {"kernel": "K", "method": "fake", "timeout": timeout}})
+
+    phase = ExplorePhase(
+        [target],
+        submit,
+        device="cpu",
+        seed=0,
+        deadline=time.monotonic() + 60,
+        on_result=lambda c, r: None,
+        stop_reason=str,
+        max_cases=40,
+        attribute=attribute,
+    )
+    phase.start()
+    assert phase.wait(time.monotonic() + 60)
+    s = phase.summary(save_into(tmp_path, (), lambda w: None))
+    (f,) = [f for f in s["ops"][target.name]["findings"] if f["verdict"] == "device_fault"]
+    assert (f["operand"], f["property"]) == ("v", "v: pointer aligned to 2 B")
+    assert asked == ["explored: v: pointer aligned to 2 B"]  # one rerun, for the minimal case only
+    assert f["attribution"]["kernel"] == "K" and 0 < f["attribution"]["timeout"] <= 60
+    saved, _ = load_case(tmp_path / f["case"])
+    assert saved.verdict["attribution"]["kernel"] == "K"  # the case file was written attributed
