@@ -909,7 +909,11 @@ def run_matrix(
                     if time.monotonic() - last_write >= REPORT_EVERY_S:
                         write_reports(summary("running"), out_dir)
                         last_write = time.monotonic()
-                if phase.running() and not stop.reason:
+                # the time, not the work, ended the run: a search still going, or one that stopped drawing at its
+                # share of the budget (every search is time-bound unless --explore-cases capped it)
+                ended = [str(getattr(r, "stopped", "")) for r in list(phase.results.values())]
+                timed = ("budget_s", "deadline", "the pool closed")
+                if not stop.reason and (phase.running() or any(e.startswith(timed) for e in ended)):
                     budget_exhausted = True
             interrupted = stop.reason
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still write what was found
