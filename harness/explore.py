@@ -1132,8 +1132,7 @@ def explore(
     (non-empty) to stop at once -- the matrix's deadline or a signal; what ran so far is still minimized within
     the same check (no new runs once it says stop) and reported.
     """
-    do_sweep = sweep
-    sweep: list[Genome] = []
+    pending: list[Genome] = []  # the sweep's genomes not drawn yet
     if not isinstance(budget_cases, int) or budget_cases < 1:
         raise ValueError(f"budget_cases={budget_cases!r} must be an integer >= 1")
     if budget_s is not None and not budget_s > 0:
@@ -1165,9 +1164,9 @@ def explore(
         kw = {"max_elements": max_elements, "large": large_offset, "allow_nonfinite": allow_nonfinite}
         if i == 0:
             g = Genome(tuple(sorted(defaults.items())), seed=rng.randrange(2**31))  # the plain control first
-            sweep = sweep_genomes(target, defaults, g.seed, rng) if do_sweep else []
-        elif sweep and rng.random() < 0.75:  # one operand's one property at a time, interleaved with the search
-            g = sweep.pop(0)
+            pending = sweep_genomes(target, defaults, g.seed, rng) if sweep else []
+        elif pending and rng.random() < 0.75:  # one operand's one property at a time, interleaved with the search
+            g = pending.pop(0)
         elif corpus and rng.random() < 0.5:
             parent = max(corpus, key=lambda e: e[0])[1] if rng.random() < 0.5 else rng.choice(corpus)[1]
             g = mutate(rng, parent, target, **kw)

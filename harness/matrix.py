@@ -705,6 +705,21 @@ def run_matrix(
     def cell_open(c: Cell, rnd: int) -> bool:
         return c.op not in unavailable and (cases_per_cell is None or rnd < cases_per_cell)
 
+    lock = threading.Lock()  # the exploration's threads count their results too
+    phase: Any = None
+    save_explored = None
+
+    def count(case: Any, r: Any) -> bool:
+        """Count a result in the totals, the spread and the contract records; False for what is not a result."""
+        if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
+            return False  # cancelled at the end of the budget
+        if stop.reason and r.verdict is Verdict.WORKER_CRASH:
+            return False  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers)
+        totals[r.verdict.value] += 1
+        by_device[r.device or "unknown"] += 1
+        contract_records.append(record_of(case, r))
+        return True
+
     def handle(c: Cell, case: Any, r: Any) -> None:
         with lock:
             _handle(c, case, r)
@@ -719,35 +734,16 @@ def run_matrix(
             for other in by_target[c.op]:
                 other.unavailable = unavailable[c.op]
             return
-        if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
-            return  # cancelled at the end of the budget: not a result
-        if stop.reason and r.verdict is Verdict.WORKER_CRASH:
-            return  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers), not the case's
-        totals[r.verdict.value] += 1
-        by_device[r.device or "unknown"] += 1
-        contract_records.append(record_of(case, r))
-        if c.add(case, r):  # a new example: on disk now, so an interrupted run keeps it
+        if count(case, r) and c.add(case, r):  # a new example: on disk now, so an interrupted run keeps it
             why = save_example(c, r.verdict.value, out_dir, keep)
             if why:
                 warn(why)
 
-    lock = threading.Lock()  # the exploration's threads count their results too
-    phase: Any = None
-    save_explored = None
-
     def handle_explored(case: Any, r: Any) -> None:
         nonlocal done
-        with lock:
-            if r.verdict is Verdict.UNAVAILABLE:
-                return  # the op's search ends on it; the op's row says so
-            if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
-                return
-            if stop.reason and r.verdict is Verdict.WORKER_CRASH:
-                return
-            done += 1
-            totals[r.verdict.value] += 1
-            by_device[r.device or "unknown"] += 1
-            contract_records.append(record_of(case, r))
+        with lock:  # an unavailable op's search ends on it; its row says so
+            if r.verdict is not Verdict.UNAVAILABLE and count(case, r):
+                done += 1
 
     def explore_section() -> dict[str, Any]:
         nonlocal save_explored

@@ -25,6 +25,7 @@ grid result.  With ``--shard I/N`` each op is explored by exactly one shard (:fu
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,13 +51,15 @@ def explore_key(op: str) -> str:
 
 
 def _capability(env: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The env probe's compute capability ("9.0" or [9, 0]) as a pair, None without one."""
+    from harness.targets.corpus import _version
+
     cap = env.get("capability")
     if isinstance(cap, (list, tuple)) and len(cap) == 2:
         return int(cap[0]), int(cap[1])
-    if isinstance(cap, str) and "." in cap:
-        a, b = cap.split(".", 1)
-        if a.isdigit() and b.isdigit():
-            return int(a), int(b)
+    if isinstance(cap, str):
+        v = _version(cap)
+        return (v[0], v[1]) if len(v) >= 2 else None
     return None
 
 
@@ -394,8 +397,6 @@ def save_into(out: Path, keep: Any, warn: Callable[[str], None]) -> Callable[[st
     written: dict[str, str] = {}
 
     def save(stem: str, case: Any, result: Result) -> str | None:
-        import re
-
         base = re.sub(r"[^0-9A-Za-z-]", "_", stem)
         if base in written:
             return written[base]
