@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import fnmatch
 import json
 import math
@@ -59,7 +60,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -668,7 +669,9 @@ def run_matrix(
 
         cells, shard_record = _shard_record(shard, cells)
     devices = _resolve_device(device)
-    n_workers = workers or (1 if devices != ["cpu"] else max(1, min(4, (os.cpu_count() or 2) // 2)))
+    from harness.runner.devices import default_workers
+
+    n_workers = workers or default_workers(devices, size)
     entries = load_corpus(DEFAULT_CORPUS if corpus is None else corpus)
     known = {e.fingerprint for e in entries}
     try:
@@ -738,6 +741,29 @@ def run_matrix(
             why = save_example(c, r.verdict.value, out_dir, keep)
             if why:
                 warn(why)
+            if r.verdict is Verdict.DEVICE_FAULT and attr_exec is not None:
+                attr_jobs.append(attr_exec.submit(attribute_example, c, case, r))
+
+    def attribute_example(c: Cell, case: Any, r: Any) -> None:
+        """The attribution rerun of a cell's device-fault example, beside the grid (grid cases are submitted
+        without one, so a rerun in a fresh interpreter never holds up the cases behind it); the example is
+        rewritten with it.  The pool's close at the end of the budget cancels a rerun still going."""
+        try:
+            if attr_closing.is_set():  # the run ended before this rerun started: say so on the example
+                from harness.runner.pool import ATTRIBUTION_SKIPPED
+
+                attributed = dataclasses.replace(r, attribution=dict(r.attribution or {}, skipped=ATTRIBUTION_SKIPPED))
+            else:
+                attributed = pool.attribute_result(case, r)
+        except Exception as e:  # noqa: BLE001 - the example keeps its verdict; the rerun's failure is reported
+            warn(f"attributing the device fault of {c.op} x {c.layout_class} failed: {type(e).__name__}: {e}")
+            return
+        with lock:
+            if c.examples.get(r.verdict.value, (None, None))[0] is case:
+                c.examples[r.verdict.value] = (case, attributed)
+                why = save_example(c, r.verdict.value, out_dir, keep)
+                if why:
+                    warn(why)
 
     def handle_explored(case: Any, r: Any) -> None:
         nonlocal done
@@ -813,6 +839,9 @@ def run_matrix(
     interrupted = ""
     error: Exception | None = None
     inflight: dict[Future, tuple[Cell, Any]] = {}
+    attr_exec: ThreadPoolExecutor | None = None  # attribution reruns of the grid's device-fault examples
+    attr_jobs: list[Future] = []
+    attr_closing = threading.Event()
     try:
         try:
             write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
@@ -824,6 +853,12 @@ def run_matrix(
                 factory = WorkerPool
             pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
             max_inflight = max(2, 3 * n_workers * len(devices))
+            # the real pool attributes on request: grid cases go without, and each cell's device-fault example is
+            # attributed beside the run (a pool without attribute_result, e.g. a test double, attributes its own)
+            can_defer = hasattr(pool, "attribute_result")
+            if attribute and can_defer:
+                attr_exec = ThreadPoolExecutor(max_workers=2 * len(devices), thread_name_prefix="harness-matrix-attr")
+            submit_grid = (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit
             rnd = 0
             queue: collections.deque[Cell] = collections.deque()
 
@@ -853,7 +888,7 @@ def run_matrix(
                     if not cell_open(c, c.submitted):
                         continue
                     case = c.factory.build(offset + c.submitted, size=size)
-                    fut = pool.submit(case)
+                    fut = submit_grid(case)
                     c.submitted += 1
                     inflight[fut] = (c, case)
                 if not inflight:
@@ -881,7 +916,6 @@ def run_matrix(
 
                     sh = parse_shard(shard)
                     mine = [t for t in targets if sh.holds(explore_key(t.name))]
-                can_defer = hasattr(pool, "attribute_result")  # the real pool: attribute the minimal cases only
                 phase = ExplorePhase(
                     mine,
                     (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit,
@@ -897,6 +931,7 @@ def run_matrix(
                     max_cases=explore_cases,
                     attribute=pool.attribute_result if can_defer and attribute else None,
                     large_offsets=large_offsets,
+                    workers=n_workers,
                 )
                 phase.start()
                 while phase.running() and not stop.reason and time.monotonic() < deadline:
@@ -921,10 +956,13 @@ def run_matrix(
             cases_done_at = time.monotonic()
             if interrupted and progress is not None:
                 progress.write(f"\nmatrix: interrupted ({interrupted}); writing the partial report\n")
+            attr_closing.set()
             if pool is not None:
                 why = _close_pool(pool, POOL_CLOSE_WAIT_S)
                 if why:
                     warn(why)
+            if attr_exec is not None:  # the pool is closed: a rerun still going was cancelled (its example says so)
+                attr_exec.shutdown(wait=True)
             if phase is not None:  # the pool is closed: each search ends at its next case
                 if not phase.wait(time.monotonic() + POOL_CLOSE_WAIT_S):
                     warn("an exploration thread did not end after the pool closed; its op is reported as running")

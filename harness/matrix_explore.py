@@ -110,6 +110,7 @@ class ExplorePhase:
         max_cases: int | None = None,
         attribute: Callable[[Any, Result], Result] | None = None,
         large_offsets: bool | None = None,
+        workers: int = 1,
     ) -> None:
         self.targets = list(targets)
         self.submit, self.device, self.seed, self.deadline = submit, device, int(seed), float(deadline)
@@ -126,7 +127,9 @@ class ExplorePhase:
         self.attribute = attribute
         #: the rare >= 2**31-offset draw (None: on CUDA devices), sized from half the device's memory as the env
         #: probe reported it (this process never initialises CUDA itself)
-        self.free_bytes = _half_memory(self.env, device)
+        #: (divided among the device's ``workers``: each may hold such a case at the same time)
+        half = _half_memory(self.env, device)
+        self.free_bytes = half // max(1, int(workers)) if half is not None else None
         self.large_offsets = (device != "cpu") if large_offsets is None else bool(large_offsets)
         self.lock = threading.Lock()
         self.states: dict[str, _OpState] = {t.name: _OpState() for t in self.targets}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,7 +11,17 @@ from typing import Any, Sequence
 
 from harness.runner.procs import _child_env
 
-__all__ = ["probe_cuda", "probe_devices", "resolve_devices"]
+__all__ = [
+    "probe_cuda",
+    "probe_devices",
+    "resolve_devices",
+    "usable_cpus",
+    "default_workers",
+    "MAX_DEFAULT_GPU_WORKERS",
+]
+
+#: most active workers per GPU started by default (each a process with its own CUDA context and two CPU cores)
+MAX_DEFAULT_GPU_WORKERS = 8
 
 _PROBE_SRC = r"""
 import json, sys
@@ -91,3 +102,29 @@ def resolve_devices(devices: str | Sequence[str] | None) -> list[str]:
     if not out:
         raise ValueError("devices is empty; pass None (probe), 'cpu', 'cuda' or a list like ['cuda:0']")
     return out
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a CI runner's or a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(devices: Sequence[str], size: str = "small") -> int:
+    """Active workers per device when the user names none.
+
+    CPU: half the cores, at most 4.  CUDA with small cases: two cores per worker, at most
+    ``MAX_DEFAULT_GPU_WORKERS`` per GPU -- a small case keeps the GPU busy for well under a millisecond and
+    its worker busy for milliseconds of Python (inputs, references, judging), so several workers share one GPU
+    and a worker lost to a device fault costs only its share.  Wan-sized cases (``size="wan"``): one worker per
+    GPU, as each case needs a large part of the device's memory.
+    """
+    cpus = usable_cpus()
+    if not devices or all(d == "cpu" for d in devices):
+        return max(1, min(4, cpus // 2))
+    if size != "small":
+        return 1
+    gpus = sum(1 for d in devices if d != "cpu")
+    return max(1, min(MAX_DEFAULT_GPU_WORKERS, cpus // (2 * gpus)))

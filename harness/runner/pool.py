@@ -114,6 +114,8 @@ MAX_RESENDS = 3
 STOP_TIMEOUT = 10.0
 #: seconds a worker that reported a device fault may take to exit before it is killed
 RETIRE_TIMEOUT = 30.0
+#: seconds the spare count looks back: a device keeps one more spare per active worker it lost in this window
+SPARE_WINDOW_S = 60.0
 
 
 #: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
@@ -190,7 +192,10 @@ class WorkerPool:
 
     ``devices``: None (every visible GPU, else CPU), "cpu", "cuda", "cuda:0,cuda:1" or a list.
     ``workers_per_device``: active workers per device. ``spares``: started, idle workers per device
-    that take over at once when one is lost (default 1 on CUDA, 0 on CPU).
+    that take over at once when one is lost (default on CUDA ``1 + workers_per_device // 4``, on CPU 0).
+    ``max_spares``: the spare count follows the fault rate -- one more spare per active worker lost on that
+    device in the last ``SPARE_WINDOW_S`` s, up to this (default ``max(spares, workers_per_device)``; with
+    ``spares=0`` no spare is ever started).
     ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
     ``sanitizer``: run that rerun under ``compute-sanitizer``: None (default) on CUDA whenever it is installed
@@ -220,6 +225,7 @@ class WorkerPool:
         start_timeout: float = DEFAULT_START_TIMEOUT,
         attribution_timeout: float | None = None,
         threads: int | None = None,
+        max_spares: int | None = None,
     ) -> None:
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device={workers_per_device!r} must be an integer >= 1")
@@ -230,10 +236,15 @@ class WorkerPool:
         self.devices = resolve_devices(devices)
         self.workers_per_device = workers_per_device
         if spares is None:
-            spares = 1 if any(d.startswith("cuda") for d in self.devices) else 0
+            spares = 1 + workers_per_device // 4 if any(d.startswith("cuda") for d in self.devices) else 0
         if spares < 0:
             raise ValueError(f"spares={spares!r} must be >= 0")
         self.spares = spares
+        if max_spares is None:
+            max_spares = max(spares, workers_per_device) if spares else 0
+        if max_spares < spares:
+            raise ValueError(f"max_spares={max_spares!r} must be >= spares={spares!r}")
+        self.max_spares = max_spares
         self.case_timeout = float(case_timeout)
         self.start_timeout = float(start_timeout)
         self.cases_dir = Path(cases_dir) if cases_dir is not None else None
@@ -276,6 +287,7 @@ class WorkerPool:
         self._first_failure: dict[str, float] = {}
         self._down_since: float | None = None  # since when no device could start a worker
         self._lost_at: dict[str, list[float]] = collections.defaultdict(list)
+        self._losses: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)  # spare sizing
         self._resume: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self._closing = False
         self._closed = False
@@ -353,11 +365,15 @@ class WorkerPool:
         return len(self.devices) * self.workers_per_device
 
     def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT) -> bool:
-        """Block until every active worker (and spare) is started; False on timeout."""
+        """Block until every active worker (and spare: as many as the recent losses call for) is started;
+        False on timeout."""
         deadline = time.monotonic() + timeout
-        want = len(self.devices) * (self.workers_per_device + self.spares)
         with self._ready_cv:
-            while sum(1 for w in self._workers if w.state == "ready") < want:
+            while True:
+                now = time.monotonic()
+                want = sum(self.workers_per_device + self._spare_target(d, now) for d in self.devices)
+                if sum(1 for w in self._workers if w.state == "ready") >= want:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closing:
                     return False
@@ -505,12 +521,30 @@ class WorkerPool:
                     active.append(self._spawn(dev, spare=False))
                     if self._start_failures[dev]:
                         break
-            while len(spares) < self.spares and not self._closing and not self._start_failures[dev]:
+            want = self._spare_target(dev, now)
+            while len(spares) < want and not self._closing and not self._start_failures[dev]:
                 spares.append(self._spawn(dev, spare=True))
             if self._lost_at[dev] and all(w.state == "ready" for w in active):
                 for t in self._lost_at[dev]:
                     self.recoveries.append(now - t)
                 self._lost_at[dev].clear()
+
+    def _spare_target(self, dev: str, now: float) -> int:
+        """Spares ``dev`` keeps now: ``spares``, plus one per active worker it lost in the last ``SPARE_WINDOW_S``
+        seconds, at most ``max_spares`` -- faults come in bursts (one kernel, many layouts), and a burst that
+        outruns the spares waits for fresh interpreters."""
+        if not self.spares:
+            return 0
+        losses = self._losses[dev]
+        while losses and now - losses[0] > SPARE_WINDOW_S:
+            losses.popleft()
+        return min(self.max_spares, self.spares + len(losses))
+
+    def spare_counts(self) -> dict[str, int]:
+        """Per device, the spares it keeps now (``spares`` raised by recent losses, at most ``max_spares``)."""
+        with self._lock:
+            now = time.monotonic()
+            return {dev: self._spare_target(dev, now) for dev in self.devices}
 
     def _stop_workers(self, timeout: float) -> None:
         """Ask every worker to exit, wait up to ``timeout`` s for them, then SIGTERM, then SIGKILL; reap them."""
@@ -606,6 +640,7 @@ class WorkerPool:
             self._pending.appendleft(item)
         if w.state in ("ready", "retiring") and not w.spare:
             self._lost_at[w.device].append(now)
+            self._losses[w.device].append(now)
         self.replaced.append((w.name, reason))
         self._resume[w.device].append({"reason": reason, "op": op, "device": w.device, "lost_at": now})
 

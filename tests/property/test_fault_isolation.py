@@ -164,6 +164,22 @@ def test_fault_isolation_spare_takes_over_after_a_fault(tmp_path):
         assert p.wait_ready(120)  # a new spare was started behind it
 
 
+def test_the_spare_count_follows_the_fault_rate_up_to_its_cap():
+    def ready_spares(p: WorkerPool) -> int:
+        return sum(1 for w in p.workers() if w["spare"] and w["state"] == "ready")
+
+    with WorkerPool("cpu", 1, spares=1, max_spares=2, case_timeout=30, attribute=False) as p:
+        assert p.wait_ready(120) and ready_spares(p) == 1 and p.spare_counts() == {"cpu": 1}
+        assert p.run_one(case("fault.exit")).verdict is Verdict.WORKER_CRASH
+        assert p.spare_counts() == {"cpu": 2}  # one loss in the window: one more spare
+        assert p.wait_ready(120) and ready_spares(p) == 2
+        assert p.run_one(case("fault.exit")).verdict is Verdict.WORKER_CRASH
+        assert p.spare_counts() == {"cpu": 2}  # capped at max_spares
+        assert p.wait_ready(120) and ready_spares(p) == 2
+    with pytest.raises(ValueError, match="max_spares"):
+        WorkerPool("cpu", 1, spares=2, max_spares=1)
+
+
 def test_worker_start_failure_answers_queued_cases():
     # a CUDA device on a machine without one: the worker cannot start; the case waits its timeout for one,
     # then is answered with the reason, as the harness's failure (error), not the kernel's (worker_crash)

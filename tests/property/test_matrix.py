@@ -316,3 +316,51 @@ def test_spent_budget_drops_later_rounds_without_waiting_for_them(tmp_path, monk
     assert all(c["cases"] == 1 and c["counts"] == {"pass": 1} for c in s["cells"]), s["cells"]
     assert s["budget_exhausted"] is True and pool.closed_with_cancel is True
     assert 0 <= s["wrapup_s"] <= s["duration_s"]
+
+
+class AttributingPool(InProcessPool):
+    """A pool that attributes on request (as WorkerPool does): the broadcast cells' cases fault."""
+
+    def __init__(self, devices, **kw):
+        super().__init__(devices, **kw)
+        self.flags: list[bool] = []
+        self.attributed: list[str] = []
+
+    def submit(self, case, attribute=True):
+        self.flags.append(attribute)
+        if case.params.get("layout_class") != "broadcast":
+            return super().submit(case)
+        self.cases.append(case)
+        f: Future = Future()
+        f.set_result(Result(Verdict.DEVICE_FAULT, "CUDA error: misaligned address", op=case.op, device="cpu"))
+        return f
+
+    def attribute_result(self, case, result, timeout=None):
+        self.attributed.append(case.op)
+        return Result(**{**result.__dict__, "attribution": {"kernel": "misaligned_kernel", "method": "fake"}})
+
+
+def test_grid_faults_are_attributed_beside_the_run_once_per_cell_example(tmp_path) -> None:
+    # a grid case is never held up by an attribution rerun: it is submitted without one, and only the cell's
+    # device-fault example is attributed (in the background), its case file rewritten with the kernel named
+    pool = AttributingPool(["cpu"])
+    out = tmp_path / "m"
+    s = run_matrix(
+        device="cpu",
+        time_budget=60,
+        ops=["legacy.comfyui"],
+        classes=["contiguous", "broadcast"],
+        out=out,
+        cases_per_cell=3,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: pool,
+        explore=False,
+    )
+    assert pool.flags and not any(pool.flags)  # every grid case went without a rerun
+    assert pool.attributed == ["legacy.comfyui"]  # three faults, one example, one rerun
+    cell = next(c for c in s["cells"] if c["layout_class"] == "broadcast")
+    assert cell["counts"] == {"device_fault": 3}
+    assert "misaligned_kernel" in cell["attribution"]["device_fault"]
+    saved, _ = load_case(out / cell["examples"]["device_fault"])
+    assert saved.verdict["attribution"]["kernel"] == "misaligned_kernel"  # the file on disk says so too
