@@ -207,6 +207,7 @@ def test_legacy_late2025_still_mutates_on_cuda(dev: torch.device) -> None:
 
 # ---------------------------------------------------------------------------- the one-pass Triton quantizer
 from harness.quant._triton_quant import rowwise_quantize, triton_available  # noqa: E402
+from harness.quant.fp8.quantize import _quantize_eager  # noqa: E402
 from harness.quant.linear import _amax, _dynamic_scale, quantize_activation  # noqa: E402
 from harness.values import FINITE_KINDS, ValueSpec  # noqa: E402
 
@@ -224,7 +225,7 @@ def test_triton_rowwise_quantizer_is_bitwise_the_eager_one(dev, kind: str, dtype
     before = x.clone()
     q, s = rowwise_quantize(x, kp)
     s_ref = _dynamic_scale(_amax(x, rowwise=True))
-    q_ref = quantize_activation(x, s_ref, k_padded=kp)
+    q_ref = _quantize_eager(x, s_ref, k_padded=kp)
     assert torch.equal(x.view(torch.uint8), before.view(torch.uint8)), "the quantizer wrote its input"
     _same_bits(s, s_ref, "scales")
     _same_bits(q, q_ref, "E4M3 values")
@@ -283,9 +284,30 @@ def test_triton_scaled_cast_is_bitwise_the_eager_one(dev, kind: str, path: str) 
     assert cast_is_flat(x, q_shape, kp) is path.startswith("flat"), path
     before = wide.clone()
     s = _dynamic_scale(_amax(x, rowwise=False))
-    q_ref = quantize_activation(x, s, k_padded=kp)
+    q_ref = _quantize_eager(x, s, k_padded=kp)
     _same_bits(scaled_cast(x, s, kp), q_ref, "E4M3 values (given scale)")
+    _same_bits(quantize_activation(x, s, k_padded=kp), q_ref, "quantize_activation (fused on CUDA)")
     q_dyn, s_dyn = dynamic_tensorwise_quantize(x, kp)
     assert torch.equal(wide.view(torch.int16), before.view(torch.int16)), "the quantizer wrote its input"
     _same_bits(s_dyn, s, "dynamic scale")
     _same_bits(q_dyn, q_ref, "E4M3 values (dynamic scale)")
+
+
+def test_the_direct_triton_launch_runs_the_same_kernel_and_keys_on_pointer_alignment(dev) -> None:
+    # after its first launch a kernel is launched through its compiled launcher (no per-call argument binding):
+    # the bits must stay the eager scheme's, and a differently aligned view of the same shape is its own entry
+    if not triton_available()[0]:
+        pytest.skip(triton_available()[1])
+    from harness.quant import _triton_quant as TQ
+
+    flat = ValueSpec("normal", 5).generate((300 * 1000 + 1,), torch.float32).to(torch.bfloat16).to(dev)
+    views = {"aligned": flat[:300_000].view(300, 1000), "2-byte": flat[1:300_001].view(300, 1000)}
+    s = _dynamic_scale(_amax(views["aligned"], rowwise=False))
+    for name, v in views.items():
+        ref = _quantize_eager(v, s)
+        dyn_ref = _quantize_eager(v, _dynamic_scale(_amax(v, rowwise=False)))
+        for _ in range(3):  # the first launch binds; the next two take the direct path
+            _same_bits(TQ.scaled_cast(v, s), ref, f"{name}: static cast")
+            _same_bits(TQ.dynamic_tensorwise_quantize(v)[0], dyn_ref, f"{name}: dynamic quantization")
+    lows = {arg[2] for key in TQ._CAST._compiled for arg in key[3] if len(arg) == 3 and arg[0] == torch.bfloat16}
+    assert {0, 2} <= lows, lows  # the misaligned view did not reuse the aligned view's entry

@@ -2,8 +2,8 @@
 
 ``fp8_linear`` builds an immutable :class:`~harness.quant.fp8.plan.LinearPlan` once per layout signature
 (:mod:`harness.quant.fp8.cache`) and then only executes it: a cached call computes its key, re-asks
-:func:`select_backend` (probed at call time, so a changed answer re-plans), checks a Python-number
-``input_scale``'s value, and launches. On the fused CUDA path nothing reads a value back to the host
+:func:`select_backend` for a non-CUDA plan (a CPU probe can change, and a changed answer re-plans), checks a
+Python-number ``input_scale``'s value, and launches. On the fused CUDA path nothing reads a value back to the host
 (a tensor ``input_scale`` is read once per storage version, on its first call), so the call can be
 captured in a CUDA graph after one warm-up call.
 """
@@ -357,10 +357,12 @@ def _fp8_linear_impl(
 ) -> LinearResult:
     key = plan_key(input, weight, weight_scale, input_scale, bias, (config, out_dtype, backend, rules, use_fast_accum))
     recipe = PLAN_CACHE.get(key) if key is not None else None
-    if recipe is not None:
+    if recipe is not None and recipe.plan.backend != "cuda":
+        # a CPU probe's answer can change (a cleared probe cache): plan again then.  A CUDA plan cannot go stale
+        # this way -- the key holds the device, whose compute capability is asked once per process
         plan = recipe.plan
         if select_backend(input.device, plan.scaling, plan.config.backend) != (plan.backend, plan.backend_reason):
-            recipe = None  # the probe's answer changed (e.g. a cleared probe cache): plan again
+            recipe = None
     if recipe is None:
         recipe = _prepare(
             input, weight, weight_scale, input_scale, bias, config, out_dtype, backend, rules, use_fast_accum
@@ -408,7 +410,7 @@ def _execute(
             scale_b = torch.ones(1, dtype=f32, device=dev) if not rowwise else torch.ones(1, np_, dtype=f32, device=dev)
         elif not rowwise:
             scale_b = (
-                weight_scale.reshape(1)
+                (weight_scale if weight_scale.dim() == 1 else weight_scale.reshape(1))
                 if r.scale_b == "use"
                 else weight_scale.detach().to(dtype=f32, device=dev).reshape(1).clone()
             )

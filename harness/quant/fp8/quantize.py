@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from harness.quant._triton_quant import (
+    MAX_K,
     dynamic_tensorwise_quantize,
     rowwise_quantize,
     scaled_cast,
+    triton_available,
 )
 from harness.quant.fp8.config import E4M3_MAX, FP8, Fp8LinearError
 
@@ -62,7 +64,25 @@ def quantize_activation(
     x.shape[:-1] (rowwise). ``saturate``: divide into a temporary and clamp to +-448 before the
     cast (needed when some ``|x / scale|`` may exceed 448); otherwise the division writes the FP8
     result directly (one allocation).
+
+    On CUDA a tensorwise scale over rows with last-dim stride 1 takes the fused Triton cast
+    (:func:`harness.quant._triton_quant.scaled_cast`: one pass, clamped whatever ``saturate`` says -- the
+    same bits wherever the eager path does not saturate); measured 0.73 ms eager against 0.16 ms fused for a
+    32760 x 5120 bf16 activation on an H200 (torch 2.11, Triton 3.6).
     """
+    k = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    kp = k if k_padded is None else k_padded
+    fused = _fused_cast(x, scale, m, k, kp)
+    if fused is not None:
+        return fused
+    return _quantize_eager(x, scale, k_padded=kp, saturate=saturate)
+
+
+def _quantize_eager(x: Tensor, scale: Tensor, *, k_padded: Optional[int] = None, saturate: bool = False) -> Tensor:
+    """:func:`quantize_activation` in PyTorch ops only, on any device: the reference the fused casts are checked
+    against, bit for bit."""
     k = x.shape[-1]
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
@@ -83,6 +103,30 @@ def quantize_activation(
     else:
         torch.div(x, s, out=target)
     return q2
+
+
+def _fused_cast(x: Tensor, scale: Tensor, m: int, k: int, kp: int) -> Optional[Tensor]:
+    """``scaled_cast`` of ``x`` as (m, k) rows into (m, kp) when it applies (CUDA, a one-element float32 scale
+    on the same device, bf16/fp16/fp32 rows with last-dim stride 1 that merge into one view); else None."""
+    if (
+        x.device.type != "cuda"
+        or m == 0
+        or scale.numel() != 1
+        or scale.dtype != torch.float32
+        or scale.device != x.device
+        or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or kp > MAX_K
+        or (k > 1 and x.stride(-1) != 1)
+    ):
+        return None
+    ok, _ = triton_available()
+    if not ok:
+        return None
+    try:
+        x2 = x.view(m, k)
+    except RuntimeError:  # rows that do not merge: the eager path reads any layout
+        return None
+    return scaled_cast(x2, scale, kp)
 
 
 def quantize_weight_rowwise(
@@ -127,6 +171,8 @@ def _validated_static_scale(input_scale: Any, device: torch.device) -> Tensor:
             if len(_SCALE_CHECKED) > 1024:
                 _SCALE_CHECKED.clear()
             _SCALE_CHECKED[key] = True
+        if input_scale.dtype == torch.float32 and input_scale.device == device and input_scale.shape == (1,):
+            return input_scale  # the common case, a stored (1,) float32 scale: no op at all
         return input_scale.detach().to(dtype=torch.float32, device=device).reshape(1)
     val = float(input_scale)
     if not (math.isfinite(val) and val > 0):
