@@ -455,6 +455,32 @@ def bare_fp8_linear(
     return torch._scaled_mm(x2d.to(torch.float8_e4m3fn), w8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
+def bare_fp8_linear_dynamic(
+    x2d: torch.Tensor, w8: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The floor of a dynamic-scale FP8 forward written the plain PyTorch way: ``amax(|x|) / 448`` as the scale,
+    one division and cast, one ``_scaled_mm`` (no zero-amax guard, no overflow nudge, no layout checks).  What
+    ``fp8_linear`` with a dynamic scale is measured against."""
+    scale_a = (x2d.abs().amax().float() / 448.0).reshape(1)
+    a8 = (x2d / scale_a).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(a8, w8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+def cuda_graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured in a CUDA graph (after two warm-up calls on the capture stream); returns the replay.
+    The graph holds its tensors' addresses: replaying it reruns ``fn`` on the very inputs it was captured on."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
 def assert_not_all_zero(tensors: Mapping[str, torch.Tensor]) -> None:
     """Fail (naming the tensor) if any timed input is all zeros — benchmarks never time on zeros."""
     for name, t in tensors.items():

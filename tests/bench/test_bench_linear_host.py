@@ -22,7 +22,14 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from harness.bench import LinearShape, assert_not_all_zero, bare_fp8_linear, random_tensor, run_benchmark
+from harness.bench import (
+    LinearShape,
+    assert_not_all_zero,
+    bare_fp8_linear,
+    cuda_graph_replay,
+    random_tensor,
+    run_benchmark,
+)
 from harness.quant.convert import quantize_weight
 from harness.quant.fp8 import dispatch as D
 from harness.quant.fp8.cache import plan_key
@@ -81,20 +88,6 @@ def test_bench_linear_host_cpu(benchmark, op, rounds_policy, cpu_env) -> None:
     )
 
 
-def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` captured in a CUDA graph after a warm-up on the capture stream; returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    return graph.replay
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
 @pytest.mark.parametrize("op", ["fp8_linear.cached", "fp8_linear.uncached", "fp8_linear.graph", "scaled_mm_bare"])
@@ -111,7 +104,7 @@ def test_bench_linear_host_gpu(benchmark, op, scheme, fp8_device, rounds_policy,
         "scaled_mm_bare": lambda: bare_fp8_linear(x2d, w8, xs if xs is not None else one, ws),
     }[op]
     if op == "fp8_linear.graph":
-        call = _graphed(lambda: fp8_linear(x, w8, ws, xs))
+        call = cuda_graph_replay(lambda: fp8_linear(x, w8, ws, xs))
     call()
     host_us: list[float] = []
     device_us: list[float] = []
