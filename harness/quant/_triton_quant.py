@@ -73,7 +73,8 @@ class _Launcher:
         key = (grid, num_warps, tuple(constexprs.items()), tuple(_arg_key(a) for a in args))
         compiled = self._compiled.get(key)
         if compiled is not None:
-            compiled[grid](*args, *(constexprs[n] for n in self._order[len(args) :]))  # type: ignore[index]
+            grid3 = grid + (1,) * (3 - len(grid))  # the compiled kernel's launcher takes all three grid dims
+            compiled[grid3](*args, *(constexprs[n] for n in self._order[len(args) :]))  # type: ignore[index]
             return
         jit = self._kernel()
         compiled = jit[grid](*args, num_warps=num_warps, **constexprs)

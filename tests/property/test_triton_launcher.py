@@ -19,6 +19,7 @@ class FakeCompiled:
         self.function = object()
 
     def __getitem__(self, grid):
+        assert len(grid) == 3, grid  # Triton's CompiledKernel reads grid[0], grid[1] and grid[2]
         return lambda *args: self.log.append(("direct", grid, args))
 
 
@@ -45,7 +46,7 @@ def test_the_first_launch_binds_and_later_ones_go_direct_with_constexprs_in_sign
     launch((4,), x, 64, num_warps=4, FLAT=True, BLOCK=16)  # keyword order differs from the signature's
     launch((4,), x, 64, num_warps=4, FLAT=True, BLOCK=16)
     assert [e[0] for e in jit.log] == ["triton", "direct"]
-    assert jit.log[1] == ("direct", (4,), (x, 64, 16, True))  # BLOCK before FLAT, as declared
+    assert jit.log[1] == ("direct", (4, 1, 1), (x, 64, 16, True))  # BLOCK before FLAT, as declared
 
 
 def test_anything_triton_specializes_on_makes_a_new_key(monkeypatch) -> None:
