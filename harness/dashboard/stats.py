@@ -19,6 +19,7 @@ __all__ = [
     "validate_rule",
     "speedups",
     "speed_targets",
+    "speed_tables",
     "analyse",
     "device_of",
     "SPEEDUP_BASE_OP",
@@ -32,7 +33,7 @@ __all__ = [
 #: (fp8_linear, the bare cast + _scaled_mm, the legacy forwards, the misaligned-input run), except
 #: results of the families in :data:`SPEEDUP_SKIP_FAMILIES` (the speed-target check has its own table).
 SPEEDUP_BASE_OP = "bf16_linear"
-SPEEDUP_SKIP_FAMILIES = ("speed_target",)
+SPEEDUP_SKIP_FAMILIES = ("speed_target", "speed_table")
 
 
 # --------------------------------------------------------------------------- series and regressions
@@ -237,6 +238,45 @@ def speed_targets(run: Run) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+#: the ratios of one speed-table row (``extra_info["speed_table"]``), each a finite number
+SPEED_TABLE_RATIOS = (
+    "dynamic_speedup_vs_bf16",
+    "static_speedup_vs_bf16",
+    "dynamic_overhead_vs_bare",
+    "static_overhead_vs_bare",
+    "min_speedup_vs_bf16",
+    "max_overhead_vs_bare",
+)
+
+
+def speed_tables(run: Run) -> list[dict[str, Any]]:
+    """The per-shape speed-table rows (``extra_info["speed_table"]``, tests/bench/test_bench_linear.py) of one run:
+    fp8_linear with a dynamic and a static scale against bf16 and the matching bare floor; ``met`` recomputed
+    here from the ratios and their bounds (a row whose ratios are not all numbers is left out)."""
+    out = []
+    for entry in run.benchmarks:
+        extra = entry.get("extra_info", {})
+        st = extra.get("speed_table")
+        if not isinstance(st, dict) or not all(finite(st.get(k)) for k in SPEED_TABLE_RATIOS):
+            continue
+        met = (
+            min(st["dynamic_speedup_vs_bf16"], st["static_speedup_vs_bf16"]) >= st["min_speedup_vs_bf16"]
+            and max(st["dynamic_overhead_vs_bare"], st["static_overhead_vs_bare"]) <= st["max_overhead_vs_bare"]
+        )
+        graph = {k: st.get(k) for k in ("graph_dynamic_speedup_vs_bf16_graph", "graph_static_speedup_vs_bf16_graph")}
+        out.append(
+            {
+                "name": entry["name"],
+                "shape_key": extra.get("shape_key", "?"),
+                "device": device_of(entry),
+                **{k: st[k] for k in SPEED_TABLE_RATIOS},
+                **{k: v for k, v in graph.items() if finite(v)},
+                "met": met,
+            }
+        )
+    return sorted(out, key=lambda r: r["shape_key"])
 
 
 @dataclass(frozen=True)

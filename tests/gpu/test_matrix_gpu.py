@@ -58,6 +58,9 @@ def test_matrix_on_cuda_writes_a_gpu_report(tmp_path) -> None:
         for verdict, rel in c["examples"].items():
             case, _ = load_case(out / rel)
             assert case.verdict["verdict"] == verdict
+            if verdict == "device_fault":  # attributed beside the grid (or skipped when the run ended first)
+                att = case.verdict.get("attribution") or {}
+                assert att.get("method") or att.get("kernel") or att.get("skipped"), (c["op"], c["layout_class"], att)
             assert case.env.get("device_type") == "cuda" or str(case.env.get("device", "")).startswith("cuda")
     html = (out / "report.html").read_text()
     assert dev["name"] in html and s["device"]["capability"] in html
