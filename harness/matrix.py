@@ -6,7 +6,8 @@ What it does:
    plus ``--plugin`` FP8 linears and ``--attn-plugin`` attention functions) and their layout
    classes (``--classes`` patterns): each (target, class) pair is a *cell*;
 2. picks the device without initialising CUDA here (``auto``: a subprocess probe; the GPU when
-   there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there;
+   there is one, else the CPU) and starts a :class:`~harness.runner.pool.WorkerPool` there
+   (:func:`~harness.runner.devices.default_workers` per device unless ``--workers``);
 3. submits cases round-robin over the cells -- case 0 of every cell, then case 1 of every
    cell, ... -- so a short budget still covers as many cells as it can.  ``--time-budget``
    bounds the whole run, start-up included: when it is spent nothing more is submitted and
@@ -17,6 +18,8 @@ What it does:
    ``wrapup_s`` is the time it took).  Case *i* of a cell is deterministic
    (``CaseFactory.build``); ``--seed`` shifts to another set.  A target whose first result is
    ``unavailable`` is dropped, with its reason;
+   Grid cases go without an attribution rerun; each cell's device-fault example is attributed beside the
+   run (``WorkerPool.attribute_result``) and its case file rewritten with the result;
 4. writes each cell's example case file per non-pass verdict (``DIR/cases/``; the worst-ratio
    case for drift) as soon as the verdict is known, and rewrites ``DIR/summary.json``,
    ``DIR/report.md`` and ``DIR/report.html`` (see :mod:`harness.report`) at the start, every
@@ -1123,7 +1126,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="workers per device (default 1 per GPU; CPU: half the cores, at most 4)",
+        help="workers per device (default: two cores per worker, at most 8 per GPU, 1 per GPU with --size wan; "
+        "CPU: half the cores, at most 4)",
     )
     p.add_argument("--cases-per-cell", type=int, default=None, metavar="N", help="at most N cases per cell")
     p.add_argument("--size", choices=("small", "wan"), default="small", help="tensor sizes: small, or Wan2.1's")
