@@ -112,13 +112,26 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: host memory a GPU worker is allowed for by default, spares included (torch + a CUDA context: 2-3 GiB resident)
+GPU_WORKER_HOST_GIB = 6.0
+
+
+def host_memory_gib() -> float | None:
+    """Physical memory of this machine in GiB (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
 def default_workers(devices: Sequence[str], size: str = "small") -> int:
     """Active workers per device when the user names none.
 
     CPU: half the cores, at most 4.  CUDA with small cases: two cores per worker, at most
     ``MAX_DEFAULT_GPU_WORKERS`` per GPU -- a small case keeps the GPU busy for well under a millisecond and
     its worker busy for milliseconds of Python (inputs, references, judging), so several workers share one GPU
-    and a worker lost to a device fault costs only its share.  Wan-sized cases (``size="wan"``): one worker per
+    and a worker lost to a device fault costs only its share.  At most one worker per ``GPU_WORKER_HOST_GIB`` of
+    host memory (each is a process holding torch and a CUDA context, and may have a spare).  Wan-sized cases (``size="wan"``): one worker per
     GPU, as each case needs a large part of the device's memory.
     """
     cpus = usable_cpus()
@@ -127,4 +140,7 @@ def default_workers(devices: Sequence[str], size: str = "small") -> int:
     if size != "small":
         return 1
     gpus = sum(1 for d in devices if d != "cpu")
-    return max(1, min(MAX_DEFAULT_GPU_WORKERS, cpus // (2 * gpus)))
+    by_cpu = cpus // (2 * gpus)
+    mem = host_memory_gib()
+    by_mem = int(mem // (GPU_WORKER_HOST_GIB * gpus)) if mem else MAX_DEFAULT_GPU_WORKERS
+    return max(1, min(MAX_DEFAULT_GPU_WORKERS, by_cpu, by_mem))

@@ -194,8 +194,8 @@ class WorkerPool:
     ``workers_per_device``: active workers per device. ``spares``: started, idle workers per device
     that take over at once when one is lost (default on CUDA ``1 + workers_per_device // 4``, on CPU 0).
     ``max_spares``: the spare count follows the fault rate -- one more spare per active worker lost on that
-    device in the last ``SPARE_WINDOW_S`` s, up to this (default ``max(spares, workers_per_device)``; with
-    ``spares=0`` no spare is ever started).
+    device in the last ``SPARE_WINDOW_S`` s, up to this (default ``max(spares, ceil(workers_per_device / 2))``;
+    with ``spares=0`` no spare is ever started).
     ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
     ``sanitizer``: run that rerun under ``compute-sanitizer``: None (default) on CUDA whenever it is installed
@@ -241,7 +241,7 @@ class WorkerPool:
             raise ValueError(f"spares={spares!r} must be >= 0")
         self.spares = spares
         if max_spares is None:
-            max_spares = max(spares, workers_per_device) if spares else 0
+            max_spares = max(spares, (workers_per_device + 1) // 2) if spares else 0
         if max_spares < spares:
             raise ValueError(f"max_spares={max_spares!r} must be >= spares={spares!r}")
         self.max_spares = max_spares
