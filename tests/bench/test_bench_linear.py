@@ -143,6 +143,23 @@ def test_bench_linear(benchmark, shape, op, request, cuda_device, gpu_ceilings, 
     )
 
 
+def _record_fp8_linear(benchmark, timing, shape: LinearShape, family: str, ceilings, env, **extra) -> None:
+    """``record`` the fp8_linear rounds of one Wan projection (the trend series) with a ratio table beside them."""
+    record(
+        benchmark,
+        timing,
+        op="fp8_linear",
+        family=family,
+        shape_key=shape.key,
+        shape=shape.as_dict(),
+        ceilings=ceilings,
+        ceiling="fp8_matmul",
+        env=env,
+        flops=shape.flops,
+        **extra,
+    )
+
+
 @pytest.mark.parametrize("shape", TARGET_SHAPES, ids=lambda s: s.key)
 def test_bench_speed_target(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, rounds_policy) -> None:
     """Issue 4: fp8_linear >= 1.5x bf16 F.linear and within 5% of a bare cast + _scaled_mm (Wan-14B, 32760 tokens).
@@ -180,19 +197,7 @@ def test_bench_speed_target(benchmark, shape, fp8_device, gpu_ceilings, gpu_env,
         "why": SPEED_TARGET.why,
         "rounds": len(t["fp8_linear"].times_ms),
     }
-    record(
-        benchmark,
-        timing,
-        op="fp8_linear",
-        family="speed_target",
-        shape_key=shape.key,
-        shape=shape.as_dict(),
-        ceilings=gpu_ceilings,
-        ceiling="fp8_matmul",
-        env=gpu_env,
-        flops=shape.flops,
-        speed_target=verdict,
-    )
+    _record_fp8_linear(benchmark, timing, shape, "speed_target", gpu_ceilings, gpu_env, speed_target=verdict)
     detail = (
         f"{shape.key} on {gpu_env['device']}: bf16 {med['bf16_linear']:.3f} ms, fp8_linear static scale "
         f"{med['fp8_linear_static']:.3f} ms, dynamic {med['fp8_linear']:.3f} ms, bare cast+_scaled_mm "
@@ -251,19 +256,7 @@ def test_bench_speed_table(benchmark, shape, fp8_device, gpu_ceilings, gpu_env, 
         and max(table["dynamic_overhead_vs_bare"], table["static_overhead_vs_bare"])
         <= TABLE_TARGET["max_overhead_vs_bare"]
     )
-    record(
-        benchmark,
-        timing,
-        op="fp8_linear",
-        family="speed_table",
-        shape_key=shape.key,
-        shape=shape.as_dict(),
-        ceilings=gpu_ceilings,
-        ceiling="fp8_matmul",
-        env=gpu_env,
-        flops=shape.flops,
-        speed_table=table,
-    )
+    _record_fp8_linear(benchmark, timing, shape, "speed_table", gpu_ceilings, gpu_env, speed_table=table)
 
 
 @pytest.mark.parametrize("shape", REALIGN_SHAPES, ids=lambda s: s.key)
