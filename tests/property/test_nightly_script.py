@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def _env(tmp: Path, **kw: str) -> dict[str, str]:
     )
 
 
-def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
+def _start_nightly(out: Path, matrix_args: str) -> subprocess.Popen:
     env = _env(
         out.parent,
         OUT=str(out),
@@ -53,16 +54,55 @@ def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
         PYTEST_ARGS="-k known_defect_keeps_its_verdict",
         STEP_TIMEOUT="600",
     )
-    cp = subprocess.run(
-        ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False
+    return _start(["bash", str(SCRIPT)], env, out.parent)
+
+
+def _start(argv: list[str], env: dict[str, str], tmp: Path) -> subprocess.Popen:
+    """Start ``argv`` with its stdout and stderr in files under ``tmp`` (no pipe to fill while another run is read)."""
+    with open(tmp / "stdout", "w") as stdout, open(tmp / "stderr", "w") as stderr:
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, text=True, env=env, cwd=REPO)
+
+
+def _finish(proc: subprocess.Popen, tmp: Path, deadline: float) -> subprocess.CompletedProcess:
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, (tmp / "stdout").read_text(), (tmp / "stderr").read_text()
     )
-    assert not (out.parent / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
-    return cp
 
 
-def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> None:
-    out = tmp_path / "out"
-    cp = _run(out, "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore")
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The three script runs the tests below judge, started at once (each its own folder, decoy and output;
+    they share nothing), so the second core works while the first waits on a child."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("clean", "failing", "bench")}
+    # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
+    (dirs["failing"] / "no-corpus").mkdir()
+    procs = {
+        "clean": _start_nightly(
+            dirs["clean"] / "out", "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore"
+        ),
+        "failing": _start_nightly(
+            dirs["failing"] / "out",
+            f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {dirs['failing'] / 'no-corpus'}",
+        ),
+        "bench": _start(
+            ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
+            _env(dirs["bench"], OUT=str(dirs["bench"] / "out")),
+            dirs["bench"],
+        ),
+    }
+    deadline = time.monotonic() + 900  # a run killed here shows as returncode -9 in its test
+    return {name: (dirs[name], _finish(proc, dirs[name], deadline)) for name, proc in procs.items()}
+
+
+def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(script_runs) -> None:
+    tmp, cp = script_runs["clean"]
+    out = tmp / "out"
+    assert not (tmp / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert json.loads((out / "env.json").read_text())["torch"]
     summary = json.loads((out / "matrix" / "summary.json").read_text())
@@ -70,13 +110,10 @@ def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> N
     assert (out / "pytest-gpu.xml").is_file() and "matrix exit 0" in cp.stderr and "pytest exit 0" in cp.stderr
 
 
-def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(tmp_path) -> None:
-    out = tmp_path / "out"
-    # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
-    (tmp_path / "no-corpus").mkdir()
-    cp = _run(
-        out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {tmp_path / 'no-corpus'}"
-    )
+def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(script_runs) -> None:
+    tmp, cp = script_runs["failing"]
+    out = tmp / "out"
+    assert not (tmp / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
     assert cp.returncode == 1, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert "matrix exit 1" in cp.stderr
     replays = json.loads((out / "replay.json").read_text())  # the case it wrote was still replayed
@@ -84,19 +121,10 @@ def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_res
     assert (out / "pytest-gpu.xml").is_file() and "pytest exit 0" in cp.stderr
 
 
-def test_bench_script_uses_the_interpreter_it_is_given(tmp_path) -> None:
+def test_bench_script_uses_the_interpreter_it_is_given(script_runs) -> None:
     """On the CPU every benchmark is a GPU one and skips, so no run is saved: the dashboard says so, exit 2. Every
     step ran under $PYTHON (the decoy python3 first on PATH was never called)."""
-    env = _env(tmp_path, OUT=str(tmp_path / "out"))
-    cp = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-        check=False,
-    )
-    assert not (tmp_path / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
+    tmp, cp = script_runs["bench"]
+    assert not (tmp / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
     assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr[-2000:]
     assert "no usable pytest-benchmark runs found" in cp.stderr and "torch" in cp.stdout  # env ran, then dashboard
