@@ -23,7 +23,7 @@ from harness.runner.execute import run_case
 from harness.runner.targets import register_target
 from harness.shard import shard_of
 from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
-from tests.helpers import InProcessPool, empty_corpus
+from tests.helpers import InProcessPool, empty_corpus, run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 #: the exploration reproduces each CPU finding within its first ~26 cases of an op; 15 s leaves ~150 per op
@@ -32,9 +32,13 @@ BUDGET = 15.0
 CPU_CORPUS_OPS = "legacy.comfyui,legacy.user_fixed,legacy.wanvideo_late2025"
 
 
+def _argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--quiet", *args]
+
+
 def _matrix(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--quiet", *args],
+        _argv(*args),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -162,11 +166,14 @@ def test_defects_tied_to_one_operand_a_tile_size_or_a_value_are_found_without_be
 
 def test_shards_explore_each_op_once_and_merge_into_one_section(tmp_path) -> None:
     ops = "legacy.comfyui,legacy.user_fixed,fp8_linear"
-    outs = {}
-    for i in (1, 2):
-        outs[i] = tmp_path / f"s{i}"
-        common = ("--classes", "contiguous", "--cases-per-cell", "1", "--explore-cases", "50", "--workers", "1")
-        cp = _matrix("--ops", ops, *common, "--shard", f"{i}/2", "--out", str(outs[i]))
+    outs = {i: tmp_path / f"s{i}" for i in (1, 2)}
+    common = ("--classes", "contiguous", "--cases-per-cell", "1", "--explore-cases", "50", "--workers", "1")
+    shards = run_at_once(  # the two shards, as two machines would run them: at once
+        *(_argv("--ops", ops, *common, "--shard", f"{i}/2", "--out", str(outs[i])) for i in (1, 2)),
+        timeout=300,
+        cwd=REPO,
+    )
+    for cp in shards:
         assert cp.returncode == 0, cp.stderr[-2000:]
     explored = {i: set(json.loads((outs[i] / "summary.json").read_text())["explore"]["ops"]) for i in (1, 2)}
     assert explored[1].isdisjoint(explored[2]) and explored[1] | explored[2] == set(ops.split(","))

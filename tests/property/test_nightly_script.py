@@ -8,10 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_nightly.sh"
@@ -44,7 +44,8 @@ def _env(tmp: Path, **kw: str) -> dict[str, str]:
     )
 
 
-def _start_nightly(out: Path, matrix_args: str) -> subprocess.Popen:
+def _nightly(out: Path, matrix_args: str) -> tuple[list[str], dict]:
+    """The nightly script's command on the CPU (``run_at_once`` form), writing into ``out``."""
     env = _env(
         out.parent,
         OUT=str(out),
@@ -54,49 +55,30 @@ def _start_nightly(out: Path, matrix_args: str) -> subprocess.Popen:
         PYTEST_ARGS="-k known_defect_keeps_its_verdict",
         STEP_TIMEOUT="600",
     )
-    return _start(["bash", str(SCRIPT)], env, out.parent)
-
-
-def _start(argv: list[str], env: dict[str, str], tmp: Path) -> subprocess.Popen:
-    """Start ``argv`` with its stdout and stderr in files under ``tmp`` (no pipe to fill while another run is read)."""
-    with open(tmp / "stdout", "w") as stdout, open(tmp / "stderr", "w") as stderr:
-        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, text=True, env=env, cwd=REPO)
-
-
-def _finish(proc: subprocess.Popen, tmp: Path, deadline: float) -> subprocess.CompletedProcess:
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return subprocess.CompletedProcess(
-        proc.args, proc.returncode, (tmp / "stdout").read_text(), (tmp / "stderr").read_text()
-    )
+    return ["bash", str(SCRIPT)], {"env": env}
 
 
 @pytest.fixture(scope="module")
 def script_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """The three script runs the tests below judge, started at once (each its own folder, decoy and output;
-    they share nothing), so the second core works while the first waits on a child."""
+    they share nothing)."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("clean", "failing", "bench")}
     # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
     (dirs["failing"] / "no-corpus").mkdir()
-    procs = {
-        "clean": _start_nightly(
-            dirs["clean"] / "out", "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore"
-        ),
-        "failing": _start_nightly(
-            dirs["failing"] / "out",
-            f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {dirs['failing'] / 'no-corpus'}",
-        ),
-        "bench": _start(
+    failing = (
+        f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {dirs['failing']}/no-corpus"
+    )
+    runs = run_at_once(
+        _nightly(dirs["clean"] / "out", "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore"),
+        _nightly(dirs["failing"] / "out", failing),
+        (
             ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
-            _env(dirs["bench"], OUT=str(dirs["bench"] / "out")),
-            dirs["bench"],
+            {"env": _env(dirs["bench"], OUT=str(dirs["bench"] / "out"))},
         ),
-    }
-    deadline = time.monotonic() + 900  # a run killed here shows as returncode -9 in its test
-    return {name: (dirs[name], _finish(proc, dirs[name], deadline)) for name, proc in procs.items()}
+        timeout=900,
+        cwd=REPO,
+    )
+    return {name: (dirs[name], cp) for name, cp in zip(("clean", "failing", "bench"), runs)}
 
 
 def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(script_runs) -> None:

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,13 +96,19 @@ def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_fil
         "takes": [],
     }
 
-    show = _harness(repo, "show", str(case_path))
+    minimal = tmp_path / "minimal.json"
+    show, replay, mini = run_at_once(  # three readers of the case file, independent of each other
+        *(
+            [sys.executable, "-m", "harness", *args]
+            for args in (("show", case_path), ("replay", case_path), ("minimize", case_path, "--out", minimal))
+        ),
+        timeout=300,
+        cwd=repo,
+        env=_env(),
+    )
     assert show.returncode == 0 and '"spec": "user_kernel_cli:my_linear"' in show.stdout, show.stdout + show.stderr
-    replay = _harness(repo, "replay", str(case_path))
     assert replay.returncode == 1, replay.stdout + replay.stderr  # still fails: exit 1, not 125 "unknown target"
     assert replay.stdout.startswith("[input_mutation] plugin.user_kernel_cli:my_linear"), replay.stdout
-    minimal = tmp_path / "minimal.json"
-    mini = _harness(repo, "minimize", str(case_path), "--out", str(minimal))
     assert mini.returncode == 0 and minimal.exists(), mini.stdout + mini.stderr
     again = _harness(repo, "replay", str(minimal))
     assert again.returncode == 1 and again.stdout.startswith("[input_mutation]"), again.stdout + again.stderr
