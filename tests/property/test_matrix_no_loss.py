@@ -246,7 +246,7 @@ def test_a_signalled_run_keeps_its_cases_and_says_it_was_interrupted(tmp_path, s
 def test_a_real_run_ends_within_its_budget_plus_the_wrapup_bound(tmp_path) -> None:
     """Every op on the CPU (rounds without end) under a small budget: the wall time of the whole command, start-up
     included, stays under budget + WRAPUP_BOUND_S; the cells it did not reach are listed as such."""
-    budget = 8.0
+    budget = 5.0
     out = tmp_path / "m"
     t = time.monotonic()
     proc = _cli(
@@ -269,7 +269,7 @@ def test_a_real_run_ends_within_its_budget_plus_the_wrapup_bound(tmp_path) -> No
     for c in s["cells"]:  # each cell got a result, or is listed as not reached -- never a silent pass
         assert (c["status"] == "not_run") == (c["cases"] == 0 and c["status"] != "unavailable"), c
     missed = [c for c in s["cells"] if c["status"] == "not_run"]
-    if missed:  # how far 8 s gets depends on the machine's load
+    if missed:  # how far 5 s gets depends on the machine's load
         assert f"## Not reached ({len(missed)} cells" in (out / "report.md").read_text()
         assert f"matrix: {len(missed)} cell(s) not reached" in stdout
 
