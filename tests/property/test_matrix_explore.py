@@ -104,18 +104,23 @@ def test_each_signature_is_reported_once_with_a_minimal_case_that_replays(legacy
 
 def test_the_grid_alone_when_asked_and_bad_options_in_one_line(tmp_path) -> None:
     out = tmp_path / "grid"
-    cp = _matrix(
-        "--ops", "fp8_linear", "--classes", "contiguous", "--cases-per-cell", "1", "--no-explore", "--out", str(out)
+    bad = [
+        (("--grid-share", "0"), "--grid-share 0.0 must be in (0, 1]"),
+        (("--grid-share", "1.5"), "--grid-share 1.5 must be in (0, 1]"),
+        (("--explore-cases", "0"), "--explore-cases 0 must be >= 1"),
+    ]
+    cp, *refused = run_at_once(  # independent runs
+        _argv(
+            "--ops", "fp8_linear", "--classes", "contiguous", "--cases-per-cell", "1", "--no-explore", "--out", str(out)
+        ),
+        *(_argv("--ops", "fp8_linear", *args, "--out", str(tmp_path / "x")) for args, _ in bad),
+        timeout=300,
+        cwd=REPO,
     )
     assert cp.returncode == 0, cp.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["explore"] == {"enabled": False} and s["totals"] == {"pass": 1}
-    for args, msg in [
-        (("--grid-share", "0"), "--grid-share 0.0 must be in (0, 1]"),
-        (("--grid-share", "1.5"), "--grid-share 1.5 must be in (0, 1]"),
-        (("--explore-cases", "0"), "--explore-cases 0 must be >= 1"),
-    ]:
-        cp = _matrix("--ops", "fp8_linear", *args, "--out", str(tmp_path / "x"))
+    for (_, msg), cp in zip(bad, refused):
         lines = cp.stderr.strip().splitlines()
         assert cp.returncode == 2 and len(lines) == 1 and msg in lines[0], cp.stderr
         assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
