@@ -4,14 +4,18 @@
 - :func:`kernel_bound`: how far an FP8 ``_scaled_mm`` kernel may sit from the emulation on the same operands.
 - :func:`restored_registry`: undo the target registrations made inside it (every test runs in one).
 - :func:`hard_permutation_attention`: attention inputs whose exact answer is known without computing attention.
+- :func:`run_at_once`: independent commands started together (the second core works while pytest waits on one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import tempfile
+import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -22,7 +26,15 @@ from harness.targets import load_targets
 from harness.targets.protocol import all_targets, register_target, unregister_target
 from harness.values import ValueSpec
 
-__all__ = ["ALLOCATOR_SLACK", "PLAIN", "case", "hard_permutation_attention", "kernel_bound", "restored_registry"]
+__all__ = [
+    "ALLOCATOR_SLACK",
+    "PLAIN",
+    "case",
+    "hard_permutation_attention",
+    "kernel_bound",
+    "restored_registry",
+    "run_at_once",
+]
 
 #: the plain (4, 8) float32 layout the runner's tests use by default
 PLAIN = LayoutSpec((4, 8), "float32")
@@ -100,6 +112,37 @@ def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -
     k[:, :, perm, tokens] = 64.0
     v = 6.0 * (torch.randint(0, 2, (1, heads, seq, head_dim), generator=g) * 2 - 1).float()
     return tuple(t.to(torch.bfloat16) for t in (q, k, v, v[:, :, perm]))
+
+
+def run_at_once(
+    *commands: Sequence[str] | tuple[Sequence[str], Mapping[str, Any]], timeout: float, **common: Any
+) -> list[subprocess.CompletedProcess]:
+    """Start every command at once and wait for all; their results (text output) in the order given.
+
+    A command is an argv, or ``(argv, kw)`` with ``Popen`` keywords of its own over ``common`` (cwd, env).
+    Output goes to temporary files, not pipes, so no command blocks on a full pipe while another is awaited.
+    A command still running after ``timeout`` s (counted from the start of all) is killed: returncode -9.
+    """
+    started = []
+    for cmd in commands:
+        argv, kw = (cmd[0], {**common, **cmd[1]}) if isinstance(cmd, tuple) else (cmd, common)
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        started.append((subprocess.Popen(list(argv), stdout=out, stderr=err, text=True, **kw), out, err))
+    deadline = time.monotonic() + timeout
+    results = []
+    for proc, out, err in started:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, *texts))
+    return results
 
 
 def empty_corpus(tmp_path: Path) -> Path:

@@ -89,6 +89,8 @@ def choose_device(case_env: dict[str, Any], requested: str | None) -> tuple[str 
             return (found[0] if requested == "cuda" else requested), ""
         return requested, ""
     recorded = str(case_env.get("device_type") or case_env.get("device") or "")
+    if recorded == "cpu":  # no CUDA probe (a child interpreter importing torch) for a case recorded on the CPU
+        return "cpu", ""
     gpus = probe_devices()
     if recorded.startswith("cuda"):
         if not gpus:
@@ -98,8 +100,6 @@ def choose_device(case_env: dict[str, Any], requested: str | None) -> tuple[str 
                 "pass --device cpu to run it on the CPU anyway"
             )
         return gpus[0], ""
-    if recorded == "cpu":
-        return "cpu", ""
     return (gpus[0] if gpus else "cpu"), ""
 
 

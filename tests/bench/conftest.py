@@ -91,12 +91,18 @@ def gpu_env(cuda_device: torch.device) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cpu_ceilings(request: pytest.FixtureRequest) -> Ceilings:
+def benchmarks_disabled(request: pytest.FixtureRequest) -> bool:
+    """``--benchmark-disable`` (the test suite's default): each body runs once and nothing is recorded."""
+    return bool(request.config.getoption("benchmark_disable", default=False))
+
+
+@pytest.fixture(scope="session")
+def cpu_ceilings(benchmarks_disabled: bool) -> Ceilings:
     """Smoke-sized CPU ceilings (a 1024^3 GEMM, a 16 MiB copy), measured once in this session.
 
     Under ``--benchmark-disable`` (the test suite: each benchmark runs once, nothing is recorded) a 256^3 GEMM
     and one round: the same code paths and ratio arithmetic, without two minutes of CPU FP8 matmuls."""
-    if request.config.getoption("benchmark_disable", default=False):
+    if benchmarks_disabled:
         return measure_ceilings("cpu", gemm_n=256, copy_mib=4, warmup=0, rounds=1)
     return measure_ceilings("cpu")
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 import harness.cli
 import harness.matrix
@@ -19,57 +20,69 @@ from harness.report import SummaryError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _matrix(*args: str) -> subprocess.CompletedProcess:
+def _matrix_argv(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "harness",
+        "matrix",
+        "--device",
+        "cpu",
+        "--ops",
+        "fp8_linear",
+        "--classes",
+        "contiguous",
+        "--quiet",
+        *args,
+    ]
+
+
+WRONG = [
+    ("file:taken", ("--out", "{t}/taken"), "--out {t}/taken is an existing file"),
+    ("run:old", ("--out", "{t}/old"), "--out {t}/old is not empty (an earlier run?)"),
+    ("file:f", ("--out", "{t}/f/sub"), "--out {t}/f/sub: {t}/f is a file, not a folder"),
+    (None, ("--out", "{t}/o", "--corpus", "{t}/no-corpus"), "--corpus {t}/no-corpus does not exist"),
+    (None, ("--out", "{t}/o", "--time-budget", "0"), "--time-budget 0.0 must be > 0 seconds"),
+    (None, ("--out", "{t}/o", "--time-budget", "-5"), "--time-budget -5.0 must be > 0 seconds"),
+]
+
+
+def _tree(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def wrong_runs(tmp_path_factory) -> list[tuple[Path, list[Path], subprocess.CompletedProcess]]:
+    """Each WRONG entry run in a folder of its own, all at once: (folder, its tree before, the result)."""
+    dirs = []
+    for setup, _, _ in WRONG:
+        t = tmp_path_factory.mktemp("wrong")
+        if setup:
+            kind, name = setup.split(":")
+            if kind == "file":
+                (t / name).write_text("mine")
+            else:
+                (t / name).mkdir()
+                (t / name / "summary.json").write_text("{}")
+        dirs.append((t, _tree(t)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "matrix",
-            "--device",
-            "cpu",
-            "--ops",
-            "fp8_linear",
-            "--classes",
-            "contiguous",
-            "--quiet",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
+    results = run_at_once(
+        *(_matrix_argv(*(a.format(t=t) for a in args)) for (t, _), (_, args, _) in zip(dirs, WRONG)),
+        timeout=300,
         cwd=REPO,
         env=env,
-        timeout=300,
-        check=False,
     )
+    return [(t, before, r) for (t, before), r in zip(dirs, results)]
 
 
-@pytest.mark.parametrize(
-    "setup, args, expected",
-    [
-        ("file:taken", ("--out", "{t}/taken"), "--out {t}/taken is an existing file"),
-        ("run:old", ("--out", "{t}/old"), "--out {t}/old is not empty (an earlier run?)"),
-        ("file:f", ("--out", "{t}/f/sub"), "--out {t}/f/sub: {t}/f is a file, not a folder"),
-        (None, ("--out", "{t}/o", "--corpus", "{t}/no-corpus"), "--corpus {t}/no-corpus does not exist"),
-        (None, ("--out", "{t}/o", "--time-budget", "0"), "--time-budget 0.0 must be > 0 seconds"),
-        (None, ("--out", "{t}/o", "--time-budget", "-5"), "--time-budget -5.0 must be > 0 seconds"),
-    ],
-)
-def test_wrong_matrix_arguments_are_one_line_exit_2(tmp_path, setup, args, expected) -> None:
-    if setup:
-        kind, name = setup.split(":")
-        if kind == "file":
-            (tmp_path / name).write_text("mine")
-        else:
-            (tmp_path / name).mkdir()
-            (tmp_path / name / "summary.json").write_text("{}")
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    r = _matrix(*(a.format(t=tmp_path) for a in args))
+@pytest.mark.parametrize("index", range(len(WRONG)), ids=[" ".join(args[-2:]) for _, args, _ in WRONG])
+def test_wrong_matrix_arguments_are_one_line_exit_2(wrong_runs, index) -> None:
+    t, before, r = wrong_runs[index]
+    expected = WRONG[index][2]
     assert r.returncode == 2, r.stderr[-2000:]
     [line] = r.stderr.splitlines()
-    assert expected.format(t=tmp_path) in line and r.stdout == ""
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created or removed
+    assert expected.format(t=t) in line and r.stdout == ""
+    assert _tree(t) == before  # nothing created or removed
 
 
 def test_a_harness_bug_is_one_line_and_a_traceback_file_exit_128(tmp_path, monkeypatch, capsys) -> None:

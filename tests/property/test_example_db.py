@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 from hypothesis.database import (
     DirectoryBasedExampleDatabase,
     GitHubArtifactDatabase,
@@ -132,28 +133,27 @@ def test_a_missing_redis_client_is_one_clear_error(monkeypatch) -> None:
         example_database("redis://localhost:6379/0", local="unused")
 
 
-@pytest.mark.parametrize(
-    "spec, match", [("redis://127.0.0.1:{port}/0", "cannot reach the Redis server"), ("ftp://x", "unknown scheme")]
-)
-def test_a_bad_setting_is_one_line_from_pytest(spec: str, match: str) -> None:
-    env = dict(os.environ, **{DB_ENV: spec.format(port=_free_port())}, HARNESS_PROFILE="nightly")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/property/test_shard.py::test_cell_key_is_unambiguous",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
+BAD_SETTINGS = [("redis://127.0.0.1:{port}/0", "cannot reach the Redis server"), ("ftp://x", "unknown scheme")]
+
+
+@pytest.fixture(scope="module")
+def bad_setting_runs() -> list[subprocess.CompletedProcess]:
+    """pytest run with each BAD_SETTINGS entry as the nightly profile's database, all at once."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    argv.append("tests/property/test_shard.py::test_cell_key_is_unambiguous")
+    return run_at_once(
+        *(
+            (argv, {"env": dict(os.environ, **{DB_ENV: spec.format(port=_free_port())}, HARNESS_PROFILE="nightly")})
+            for spec, _ in BAD_SETTINGS
+        ),
         timeout=120,
-        check=False,
+        cwd=REPO,
     )
+
+
+@pytest.mark.parametrize("index", range(len(BAD_SETTINGS)), ids=[spec for spec, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_from_pytest(bad_setting_runs, index: int) -> None:
+    r, match = bad_setting_runs[index], BAD_SETTINGS[index][1]
     assert r.returncode == 4  # pytest's usage error
     out = (r.stdout + r.stderr).strip()
     assert match in out and "Traceback" not in out and len(out.splitlines()) == 1, out[-2000:]

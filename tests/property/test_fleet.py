@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 from harness.pytest_fleet import (
     GPU_COUNT_ENV,
@@ -50,25 +51,32 @@ def test_a_bad_gpu_count_names_the_fix() -> None:
         gpus_to_hand_out({GPU_COUNT_ENV: "two"})
 
 
+def _pytest_argv(tmp_path: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "harness.pytest_fleet",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        "-o",
+        "addopts=",
+        *args,
+    ]
+
+
+def _pytest_env(env: dict[str, str]) -> dict[str, str]:
+    return dict(env, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+
+
 def _pytest(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = dict(env, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "harness.pytest_fleet",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(tmp_path),
-            "-o",
-            "addopts=",
-            *args,
-        ],
+        _pytest_argv(tmp_path, *args),
         cwd=tmp_path,
-        env=full,
+        env=_pytest_env(env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -107,13 +115,19 @@ def test_harness_shard_splits_the_collected_tests(tmp_path) -> None:
             pass
     """)
     )
-    env = dict(os.environ)
     every = None
     shares = []
-    for spec in (None, "1/3", "2/3", "3/3"):
-        r = _pytest(
-            tmp_path, "--collect-only", "-q", "test_many.py", *(["--harness-shard", spec] if spec else []), env=env
-        )
+    specs = (None, "1/3", "2/3", "3/3")
+    runs = run_at_once(  # independent collections
+        *(
+            _pytest_argv(tmp_path, "--collect-only", "-q", "test_many.py", *(["--harness-shard", s] if s else []))
+            for s in specs
+        ),
+        timeout=300,
+        cwd=tmp_path,
+        env=_pytest_env(dict(os.environ)),
+    )
+    for spec, r in zip(specs, runs):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         ids = [line for line in r.stdout.splitlines() if "::" in line]
         if spec is None:

@@ -6,8 +6,8 @@ layouts, pickles, oversize files, stale temp files, ...) is written to disk and 
 ``replay --bisect`` and ``minimize``.  All of it runs in ONE driver subprocess (this file run with ``--drive``):
 it imports torch and the harness once, caps its address space with ``RLIMIT_AS`` (the measured import footprint
 plus :data:`HEADROOM` bytes: a hostile file that made the harness allocate gigabytes fails with ``MemoryError``
-instead of passing quietly), and forks one child per (class, tool), with its own stdout/stderr files, a
-wall-clock timeout and its peak RSS from ``wait4``.  The assertions: the documented exit code, exactly one line on
+instead of passing quietly), and forks one child per (class, tool), two at a time, each with its own stdout/stderr
+files, a wall-clock timeout and its peak RSS from ``wait4``.  The assertions: the documented exit code, exactly one line on
 stderr naming the problem (none for a valid file), no traceback, no raw escape sequence on stdout, bounded time
 and memory.
 
@@ -36,6 +36,8 @@ HEADROOM = 1 << 30
 JOB_TIMEOUT = 60.0
 #: Peak RSS one child may reach (the parent's ~0.3 GB of torch is shared into it).
 MAX_RSS_KB = 1_000_000
+#: Forked children running at once (most refuse their file in milliseconds; the valid ones start a worker).
+AT_ONCE = 2
 
 TOOLS = {"show": ["show"], "replay": ["replay"], "replay --bisect": ["replay", "--bisect"], "minimize": ["minimize"]}
 HARNESS = {"show": 2, "replay": 2, "replay --bisect": 128, "minimize": 2}
@@ -264,8 +266,8 @@ def _drive(jobs: list[dict]) -> dict:
     import_kb = _vm_kb("VmPeak")
     limit = import_kb * 1024 + HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    results = []
-    for job in jobs:
+
+    def start(job: dict) -> tuple[int, int, list, float]:
         files = [tempfile.TemporaryFile() for _ in range(3)]  # stdout, stderr, facts
         sys.stdout.flush()
         sys.stderr.flush()
@@ -292,10 +294,9 @@ def _drive(jobs: list[dict]) -> dict:
                 )
             finally:
                 os._exit(code)
-        pidfd = os.pidfd_open(pid)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        timed_out = not poller.poll(job["timeout"] * 1000)
+        return pid, os.pidfd_open(pid), files, t0
+
+    def reap(job: dict, pid: int, pidfd: int, files: list, t0: float, timed_out: bool) -> dict:
         if timed_out:
             os.kill(pid, signal.SIGKILL)
         _, status, usage = os.wait4(pid, 0)
@@ -306,20 +307,39 @@ def _drive(jobs: list[dict]) -> dict:
             f.seek(0)
             out.append(f.read())
             f.close()
-        results.append(
-            {
-                "name": job["name"],
-                "tool": job["tool"],
-                "code": os.waitstatus_to_exitcode(status),
-                "timed_out": timed_out,
-                "seconds": round(seconds, 2),
-                "maxrss_kb": usage.ru_maxrss,
-                "stdout": out[0].decode("utf-8", "backslashreplace"),
-                "stderr": out[1].decode("utf-8", "backslashreplace"),
-                "raw_stdout_hex": out[0].hex(),
-                "facts": json.loads(out[2] or b"{}"),
-            }
-        )
+        return {
+            "name": job["name"],
+            "tool": job["tool"],
+            "code": os.waitstatus_to_exitcode(status),
+            "timed_out": timed_out,
+            "seconds": round(seconds, 2),
+            "maxrss_kb": usage.ru_maxrss,
+            "stdout": out[0].decode("utf-8", "backslashreplace"),
+            "stderr": out[1].decode("utf-8", "backslashreplace"),
+            "raw_stdout_hex": out[0].hex(),
+            "facts": json.loads(out[2] or b"{}"),
+        }
+
+    results: list = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    running: dict[int, tuple] = {}  # pidfd -> (index, pid, files, t0)
+    while pending or running:
+        while pending and len(running) < AT_ONCE:
+            i, job = pending.pop(0)
+            pid, pidfd, files, t0 = start(job)
+            running[pidfd] = (i, pid, files, t0)
+        now = time.monotonic()
+        poller = select.poll()
+        for pidfd in running:
+            poller.register(pidfd, select.POLLIN)
+        first_deadline = min(t0 + jobs[i]["timeout"] for i, _, _, t0 in running.values())
+        ready = {fd for fd, _ in poller.poll(max(0.0, first_deadline - now) * 1000)}
+        now = time.monotonic()
+        for pidfd, (i, pid, files, t0) in list(running.items()):
+            timed_out = pidfd not in ready and now >= t0 + jobs[i]["timeout"]
+            if pidfd in ready or timed_out:
+                del running[pidfd]
+                results[i] = reap(jobs[i], pid, pidfd, files, t0, timed_out)
     return {"import_vmpeak_kb": import_kb, "rlimit_as": limit, "results": results}
 
 

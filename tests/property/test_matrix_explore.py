@@ -23,17 +23,22 @@ from harness.runner.execute import run_case
 from harness.runner.targets import register_target
 from harness.shard import shard_of
 from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
-from tests.helpers import InProcessPool, empty_corpus
+from tests.helpers import InProcessPool, empty_corpus, run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
-BUDGET = 40.0
+#: the exploration reproduces each CPU finding within its first ~26 cases of an op; 15 s leaves ~150 per op
+BUDGET = 15.0
 #: the ops of the corpus's CPU entries (the default run explores every op: 180 s for ~25 CPU ops)
 CPU_CORPUS_OPS = "legacy.comfyui,legacy.user_fixed,legacy.wanvideo_late2025"
 
 
+def _argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--quiet", *args]
+
+
 def _matrix(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--quiet", *args],
+        _argv(*args),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -99,18 +104,23 @@ def test_each_signature_is_reported_once_with_a_minimal_case_that_replays(legacy
 
 def test_the_grid_alone_when_asked_and_bad_options_in_one_line(tmp_path) -> None:
     out = tmp_path / "grid"
-    cp = _matrix(
-        "--ops", "fp8_linear", "--classes", "contiguous", "--cases-per-cell", "1", "--no-explore", "--out", str(out)
+    bad = [
+        (("--grid-share", "0"), "--grid-share 0.0 must be in (0, 1]"),
+        (("--grid-share", "1.5"), "--grid-share 1.5 must be in (0, 1]"),
+        (("--explore-cases", "0"), "--explore-cases 0 must be >= 1"),
+    ]
+    cp, *refused = run_at_once(  # independent runs
+        _argv(
+            "--ops", "fp8_linear", "--classes", "contiguous", "--cases-per-cell", "1", "--no-explore", "--out", str(out)
+        ),
+        *(_argv("--ops", "fp8_linear", *args, "--out", str(tmp_path / "x")) for args, _ in bad),
+        timeout=300,
+        cwd=REPO,
     )
     assert cp.returncode == 0, cp.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["explore"] == {"enabled": False} and s["totals"] == {"pass": 1}
-    for args, msg in [
-        (("--grid-share", "0"), "--grid-share 0.0 must be in (0, 1]"),
-        (("--grid-share", "1.5"), "--grid-share 1.5 must be in (0, 1]"),
-        (("--explore-cases", "0"), "--explore-cases 0 must be >= 1"),
-    ]:
-        cp = _matrix("--ops", "fp8_linear", *args, "--out", str(tmp_path / "x"))
+    for (_, msg), cp in zip(bad, refused):
         lines = cp.stderr.strip().splitlines()
         assert cp.returncode == 2 and len(lines) == 1 and msg in lines[0], cp.stderr
         assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
@@ -139,7 +149,7 @@ def test_defects_tied_to_one_operand_a_tile_size_or_a_value_are_found_without_be
     for cls in (KTailLinear, ChannelAmaxLinear, PlainLinear, VAlign2Attention):
         register_target(cls, replace=True)  # the registry fixture removes them afterwards
     names = [c.name for c in (KTailLinear, ChannelAmaxLinear, PlainLinear, VAlign2Attention)]
-    s = run_matrix(
+    s = run_matrix(  # one grid round, then 200 drawn cases per op (each defect is found within its first 80)
         device="cpu",
         time_budget=25,
         ops=names,
@@ -147,6 +157,8 @@ def test_defects_tied_to_one_operand_a_tile_size_or_a_value_are_found_without_be
         corpus=empty_corpus(tmp_path),
         progress=None,
         pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+        cases_per_cell=1,
+        explore_cases=200,
     )
     ops = s["explore"]["ops"]
     sigs = {op: {(f["verdict"], f["operand"], f["property"]) for f in d["findings"]} for op, d in ops.items()}
@@ -159,11 +171,14 @@ def test_defects_tied_to_one_operand_a_tile_size_or_a_value_are_found_without_be
 
 def test_shards_explore_each_op_once_and_merge_into_one_section(tmp_path) -> None:
     ops = "legacy.comfyui,legacy.user_fixed,fp8_linear"
-    outs = {}
-    for i in (1, 2):
-        outs[i] = tmp_path / f"s{i}"
-        common = ("--classes", "contiguous", "--cases-per-cell", "1", "--explore-cases", "50", "--workers", "1")
-        cp = _matrix("--ops", ops, *common, "--shard", f"{i}/2", "--out", str(outs[i]))
+    outs = {i: tmp_path / f"s{i}" for i in (1, 2)}
+    common = ("--classes", "contiguous", "--cases-per-cell", "1", "--explore-cases", "50", "--workers", "1")
+    shards = run_at_once(  # the two shards, as two machines would run them: at once
+        *(_argv("--ops", ops, *common, "--shard", f"{i}/2", "--out", str(outs[i])) for i in (1, 2)),
+        timeout=300,
+        cwd=REPO,
+    )
+    for cp in shards:
         assert cp.returncode == 0, cp.stderr[-2000:]
     explored = {i: set(json.loads((outs[i] / "summary.json").read_text())["explore"]["ops"]) for i in (1, 2)}
     assert explored[1].isdisjoint(explored[2]) and explored[1] | explored[2] == set(ops.split(","))

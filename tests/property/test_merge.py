@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 from harness.cases import Case, load_case
 from harness.contract import infer_contracts, load_contracts, record_of, write_contracts
@@ -51,30 +52,56 @@ def _matrix_args(out: Path, corpus: Path, *extra: str) -> list[str]:
     )
 
 
-def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> None:
-    corpus = tmp_path / "empty-corpus"  # every failure is new: new_failures and their case links get merged too
+@pytest.fixture(scope="module")
+def matrix_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The real matrix runs the tests below judge, started at once: the two shards and the unsharded run of
+    OPS x CLASSES, the empty shard of one cell, and the refused --shard values. Name -> (its --out, result)."""
+    root = tmp_path_factory.mktemp("merge_runs")
+    corpus = root / "empty-corpus"  # every failure is new: new_failures and their case links get merged too
     corpus.mkdir()
-    outs = {i: tmp_path / f"shard{i}" for i in (1, 2)}
-    procs = [
-        subprocess.Popen(
-            _matrix_args(outs[i], corpus, "--shard", f"{i}/2"),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (1, 2)
-    ]
-    whole = subprocess.run(
-        _matrix_args(tmp_path / "whole", corpus), cwd=REPO, capture_output=True, text=True, check=False, timeout=600
-    )
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    one_cell = ("--time-budget", "300", "--cases-per-cell", "1", "--workers", "1", "--quiet")
+    runs = {
+        "shard1": _matrix_args(root / "shard1", corpus, "--shard", "1/2"),
+        "shard2": _matrix_args(root / "shard2", corpus, "--shard", "2/2"),
+        "whole": _matrix_args(root / "whole", corpus),
+        "empty": _harness(
+            "matrix",
+            "--device",
+            "cpu",
+            *one_cell,
+            "--ops",
+            "fp8_linear",
+            "--classes",
+            "contiguous",
+            "--shard",
+            f"{_empty_shard()}/2",
+            "--out",
+            str(root / "empty"),
+        ),  # fmt: skip
+        **{
+            f"bad{i}": _harness(
+                "matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec, "--out", str(root / f"bad{i}")
+            )
+            for i, spec in enumerate(BAD_SHARDS)
+        },
+    }
+    results = run_at_once(*runs.values(), timeout=600, cwd=REPO)
+    return {name: (root / name, cp) for name, cp in zip(runs, results)}
+
+
+def _empty_shard() -> int:
+    """The shard of 2 that holds no cell of fp8_linear x contiguous."""
+    return next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
+
+
+def test_two_real_shards_merge_into_what_one_unsharded_run_finds(matrix_runs, tmp_path) -> None:
+    outs = {i: matrix_runs[f"shard{i}"][0] for i in (1, 2)}
+    for name in ("shard1", "shard2", "whole"):
+        cp = matrix_runs[name][1]
+        assert cp.returncode == 0, cp.stderr[-2000:]
 
     shards = {i: load_summary(o) for i, o in outs.items()}
-    ref = load_summary(tmp_path / "whole")
+    ref = load_summary(matrix_runs["whole"][0])
     keys = {i: [(c["op"], c["layout_class"]) for c in s["cells"]] for i, s in shards.items()}
     ref_keys = [(c["op"], c["layout_class"]) for c in ref["cells"]]
     assert keys[1] and keys[2] and not set(keys[1]) & set(keys[2])  # both non-empty, disjoint
@@ -111,7 +138,7 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(tmp_path) -> No
     assert (merged_dir / "report.html").exists()
 
     # the layout contracts: inferred again from both shards' cases, they are the unsharded run's
-    want = json.loads((tmp_path / "whole" / "contracts.json").read_text())["contracts"]
+    want = json.loads((matrix_runs["whole"][0] / "contracts.json").read_text())["contracts"]
     got = json.loads((merged_dir / "contracts.json").read_text())["contracts"]
     assert got == want and m["contracts"] == want
     split = [op for op in want if {i for i in (1, 2) if op in {k[0] for k in keys[i]}} == {1, 2}]
@@ -463,36 +490,9 @@ def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
     assert "missing shards 2/3, 3/3" in r.stdout
 
 
-def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
-    empty = next(i for i in (1, 2) if shard_of(cell_key("fp8_linear", "contiguous"), 2) != i)
-    out = tmp_path / "empty"
-    r = subprocess.run(
-        _harness(
-            "matrix",
-            "--device",
-            "cpu",
-            "--time-budget",
-            "300",
-            "--cases-per-cell",
-            "1",
-            "--workers",
-            "1",
-            "--quiet",
-            "--ops",
-            "fp8_linear",
-            "--classes",
-            "contiguous",
-            "--shard",
-            f"{empty}/2",
-            "--out",
-            str(out),
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def test_an_empty_shard_still_writes_its_summary(matrix_runs) -> None:
+    empty = _empty_shard()
+    out, r = matrix_runs["empty"]
     assert r.returncode == 0, r.stderr[-2000:]
     s = load_summary(out)
     assert s["cells"] == [] and s["shard"] == {
@@ -504,17 +504,15 @@ def test_an_empty_shard_still_writes_its_summary(tmp_path) -> None:
     }
 
 
-@pytest.mark.parametrize("spec, match", [("0/2", "between 1 and 2"), ("x", "is not I/N")])
-def test_matrix_rejects_a_bad_shard_in_one_line(tmp_path, spec: str, match: str) -> None:
-    r = subprocess.run(
-        _harness("matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec, "--out", str(tmp_path / "o")),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+#: refused --shard values -> what their one line says
+BAD_SHARDS = {"0/2": "between 1 and 2", "x": "is not I/N"}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_SHARDS)), ids=list(BAD_SHARDS))
+def test_matrix_rejects_a_bad_shard_in_one_line(matrix_runs, index: int) -> None:
+    out, r = matrix_runs[f"bad{index}"]
+    match = list(BAD_SHARDS.values())[index]
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness matrix: ") and match in lines[0], r.stderr
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_nightly.sh"
@@ -43,7 +44,8 @@ def _env(tmp: Path, **kw: str) -> dict[str, str]:
     )
 
 
-def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
+def _nightly(out: Path, matrix_args: str) -> tuple[list[str], dict]:
+    """The nightly script's command on the CPU (``run_at_once`` form), writing into ``out``."""
     env = _env(
         out.parent,
         OUT=str(out),
@@ -53,16 +55,36 @@ def _run(out: Path, matrix_args: str) -> subprocess.CompletedProcess:
         PYTEST_ARGS="-k known_defect_keeps_its_verdict",
         STEP_TIMEOUT="600",
     )
-    cp = subprocess.run(
-        ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False
+    return ["bash", str(SCRIPT)], {"env": env}
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The three script runs the tests below judge, started at once (each its own folder, decoy and output;
+    they share nothing)."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("clean", "failing", "bench")}
+    # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
+    (dirs["failing"] / "no-corpus").mkdir()
+    failing = (
+        f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {dirs['failing']}/no-corpus"
     )
-    assert not (out.parent / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
-    return cp
+    runs = run_at_once(
+        _nightly(dirs["clean"] / "out", "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore"),
+        _nightly(dirs["failing"] / "out", failing),
+        (
+            ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
+            {"env": _env(dirs["bench"], OUT=str(dirs["bench"] / "out"))},
+        ),
+        timeout=900,
+        cwd=REPO,
+    )
+    return {name: (dirs[name], cp) for name, cp in zip(("clean", "failing", "bench"), runs)}
 
 
-def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> None:
-    out = tmp_path / "out"
-    cp = _run(out, "--ops fp8_linear --classes contiguous,offset_2 --quiet --no-explore")
+def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(script_runs) -> None:
+    tmp, cp = script_runs["clean"]
+    out = tmp / "out"
+    assert not (tmp / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert json.loads((out / "env.json").read_text())["torch"]
     summary = json.loads((out / "matrix" / "summary.json").read_text())
@@ -70,13 +92,10 @@ def test_nightly_script_runs_every_step_and_passes_on_a_clean_run(tmp_path) -> N
     assert (out / "pytest-gpu.xml").is_file() and "matrix exit 0" in cp.stderr and "pytest exit 0" in cp.stderr
 
 
-def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(tmp_path) -> None:
-    out = tmp_path / "out"
-    # ComfyUI's broadcast fallback is a layout_noninvariance; against an empty corpus it is new
-    (tmp_path / "no-corpus").mkdir()
-    cp = _run(
-        out, f"--ops legacy.comfyui --classes broadcast --fail-on-new --no-explore --corpus {tmp_path / 'no-corpus'}"
-    )
+def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_rest(script_runs) -> None:
+    tmp, cp = script_runs["failing"]
+    out = tmp / "out"
+    assert not (tmp / "decoy-called").exists(), "the script ran a bare python3, not $PYTHON"
     assert cp.returncode == 1, cp.stdout[-2000:] + cp.stderr[-3000:]
     assert "matrix exit 1" in cp.stderr
     replays = json.loads((out / "replay.json").read_text())  # the case it wrote was still replayed
@@ -84,19 +103,10 @@ def test_nightly_script_exits_with_the_first_failing_step_and_still_runs_the_res
     assert (out / "pytest-gpu.xml").is_file() and "pytest exit 0" in cp.stderr
 
 
-def test_bench_script_uses_the_interpreter_it_is_given(tmp_path) -> None:
+def test_bench_script_uses_the_interpreter_it_is_given(script_runs) -> None:
     """On the CPU every benchmark is a GPU one and skips, so no run is saved: the dashboard says so, exit 2. Every
     step ran under $PYTHON (the decoy python3 first on PATH was never called)."""
-    env = _env(tmp_path, OUT=str(tmp_path / "out"))
-    cp = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu_bench.sh"), "-k", "bench_linear"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-        check=False,
-    )
-    assert not (tmp_path / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
+    tmp, cp = script_runs["bench"]
+    assert not (tmp / "decoy-called").exists(), "gpu_bench.sh ran a bare python3, not $PYTHON"
     assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr[-2000:]
     assert "no usable pytest-benchmark runs found" in cp.stderr and "torch" in cp.stdout  # env ran, then dashboard

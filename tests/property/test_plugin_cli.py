@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,9 +44,11 @@ def _harness(cwd: Path, *args: str, timeout: float = 300) -> subprocess.Complete
     )
 
 
-def _matrix(cwd: Path, spec: str, out: Path, classes: str) -> subprocess.CompletedProcess:
-    return _harness(
-        cwd,
+def _matrix_argv(spec: str, out: Path, classes: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "harness",
         "matrix",
         "--device",
         "cpu",
@@ -63,22 +66,39 @@ def _matrix(cwd: Path, spec: str, out: Path, classes: str) -> subprocess.Complet
         "--quiet",
         "--out",
         str(out),
+    ]
+
+
+#: the matrix runs the tests below judge: (plug-in spec, layout classes)
+RUNS = {
+    "my_linear": ("user_kernel_cli:my_linear", "contiguous,values_beyond_448"),
+    "needs_scale": ("user_kernel_cli:needs_scale", "contiguous,transposed"),
+    "nowhere": ("user_kernel_nowhere:my_linear", "contiguous"),
+}
+
+
+@pytest.fixture(scope="module")
+def matrix_runs(tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
+    """Every RUNS entry run from a user's directory holding the kernel module, all at once: (that directory,
+    the run's --out, the result).  The tests only read what the runs wrote."""
+    root = tmp_path_factory.mktemp("plugin_cli")
+    repo = root / "user_repo"
+    repo.mkdir()
+    (repo / "user_kernel_cli.py").write_text(KERNEL)
+    outs = {name: root / name for name in RUNS}
+    results = run_at_once(
+        *(_matrix_argv(spec, outs[name], classes) for name, (spec, classes) in RUNS.items()),
+        timeout=300,
+        cwd=repo,
+        env=_env(),
     )
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "user_repo"
-    root.mkdir()
-    (root / "user_kernel_cli.py").write_text(KERNEL)
-    return root
+    return {name: (repo, outs[name], cp) for name, cp in zip(RUNS, results)}
 
 
 def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_file_is_enough(
-    repo: Path, tmp_path: Path
+    matrix_runs, tmp_path: Path
 ) -> None:
-    out = tmp_path / "run"
-    cp = _matrix(repo, "user_kernel_cli:my_linear", out, "contiguous,values_beyond_448")
+    repo, out, cp = matrix_runs["my_linear"]
     assert cp.returncode == 0, cp.stdout + cp.stderr
     summary = json.loads((out / "summary.json").read_text())
     counts = {c["layout_class"]: c["counts"] for c in summary["cells"]}
@@ -95,21 +115,26 @@ def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_fil
         "takes": [],
     }
 
-    show = _harness(repo, "show", str(case_path))
+    minimal = tmp_path / "minimal.json"
+    show, replay, mini = run_at_once(  # three readers of the case file, independent of each other
+        *(
+            [sys.executable, "-m", "harness", *args]
+            for args in (("show", case_path), ("replay", case_path), ("minimize", case_path, "--out", minimal))
+        ),
+        timeout=300,
+        cwd=repo,
+        env=_env(),
+    )
     assert show.returncode == 0 and '"spec": "user_kernel_cli:my_linear"' in show.stdout, show.stdout + show.stderr
-    replay = _harness(repo, "replay", str(case_path))
     assert replay.returncode == 1, replay.stdout + replay.stderr  # still fails: exit 1, not 125 "unknown target"
     assert replay.stdout.startswith("[input_mutation] plugin.user_kernel_cli:my_linear"), replay.stdout
-    minimal = tmp_path / "minimal.json"
-    mini = _harness(repo, "minimize", str(case_path), "--out", str(minimal))
     assert mini.returncode == 0 and minimal.exists(), mini.stdout + mini.stderr
     again = _harness(repo, "replay", str(minimal))
     assert again.returncode == 1 and again.stdout.startswith("[input_mutation]"), again.stdout + again.stderr
 
 
-def test_cases_the_harness_cannot_call_fail_the_run_and_head_the_report(repo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cp = _matrix(repo, "user_kernel_cli:needs_scale", out, "contiguous,transposed")
+def test_cases_the_harness_cannot_call_fail_the_run_and_head_the_report(matrix_runs) -> None:
+    _, out, cp = matrix_runs["needs_scale"]
     assert cp.returncode == 1, cp.stdout + cp.stderr
     assert "2 failing cells" in cp.stdout and "UNSUPPORTED  2 case(s)" in cp.stdout, cp.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -123,9 +148,8 @@ def test_cases_the_harness_cannot_call_fail_the_run_and_head_the_report(repo: Pa
     assert html.index("The harness could not run these") < html.index("<table class='grid'>")
 
 
-def test_a_plugin_that_does_not_import_fails_fast_with_one_line(repo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cp = _matrix(repo, "user_kernel_nowhere:my_linear", out, "contiguous")
+def test_a_plugin_that_does_not_import_fails_fast_with_one_line(matrix_runs) -> None:
+    _, out, cp = matrix_runs["nowhere"]
     assert cp.returncode == 2, cp.stdout + cp.stderr
     lines = cp.stderr.strip().splitlines()
     assert lines == [
