@@ -685,7 +685,20 @@ def run_matrix(
     keep = frozenset(p.name for p in cases_dir.iterdir()) if cases_dir.is_dir() else frozenset()  # --force
     stop = _Stop()  # from here on SIGTERM / Ctrl-C end the run in order, with its report
     stop.install()
-    env = _device_env(devices, timeout=max(1.0, deadline - time.monotonic()))
+    # the environment probe (a child interpreter, ~1 s) runs while the pool's workers start; joined before the first
+    # report is written (``env`` is filled in place: the summary reads it)
+    env: dict[str, Any] = {}
+    env_probe: dict[str, Any] = {}
+    probe_timeout = max(1.0, deadline - time.monotonic())
+    probe_thread = threading.Thread(
+        target=lambda: env_probe.update(_device_env(devices, timeout=probe_timeout)), name="matrix-env", daemon=True
+    )
+    probe_thread.start()
+
+    def join_env() -> None:
+        if not env:
+            probe_thread.join(probe_timeout + 5)
+            env.update(env_probe or _device_env(devices, timeout=1.0))
 
     by_target: dict[str, list[Cell]] = collections.defaultdict(list)
     for c in cells:
@@ -847,14 +860,15 @@ def run_matrix(
     attr_closing = threading.Event()
     try:
         try:
-            write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
-            last_write = time.monotonic()
             factory = pool_factory
             if factory is None:
                 from harness.runner.pool import WorkerPool
 
                 factory = WorkerPool
             pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
+            join_env()
+            write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
+            last_write = time.monotonic()
             max_inflight = max(2, 3 * n_workers * len(devices))
             # the real pool attributes on request: grid cases go without, and each cell's device-fault example is
             # attributed beside the run (a pool without attribute_result, e.g. a test double, attributes its own)
@@ -956,6 +970,7 @@ def run_matrix(
             interrupted = f"harness error: {type(e).__name__}: {e}"
             error = e
         finally:
+            join_env()  # the pool may have failed before it was joined
             cases_done_at = time.monotonic()
             if interrupted and progress is not None:
                 progress.write(f"\nmatrix: interrupted ({interrupted}); writing the partial report\n")
