@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import Future
@@ -112,6 +113,11 @@ def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -
     k[:, :, perm, tokens] = 64.0
     v = 6.0 * (torch.randint(0, 2, (1, heads, seq, head_dim), generator=g) * 2 - 1).float()
     return tuple(t.to(torch.bfloat16) for t in (q, k, v, v[:, :, perm]))
+
+
+def harness_argv(*args: str) -> list[str]:
+    """``python -m harness ARGS...`` with this interpreter: the CLI as a user runs it."""
+    return [sys.executable, "-m", "harness", *args]
 
 
 def run_at_once(

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_at_once
+from helpers import harness_argv, run_at_once
 
 import harness.cli
 import harness.matrix
@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _matrix_argv(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "harness",
+    return harness_argv(
         "matrix",
         "--device",
         "cpu",
@@ -34,7 +31,7 @@ def _matrix_argv(*args: str) -> list[str]:
         "contiguous",
         "--quiet",
         *args,
-    ]
+    )
 
 
 WRONG = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,19 @@ from harness.runner.execute import run_case
 from harness.runner.targets import register_target
 from harness.shard import shard_of
 from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
-from tests.helpers import InProcessPool, empty_corpus, run_at_once
+from tests.helpers import InProcessPool, empty_corpus, harness_argv, run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
-#: the exploration reproduces each CPU finding within its first ~26 cases of an op; 15 s leaves ~150 per op
-BUDGET = 15.0
+#: a backstop for the whole command (the run ends on its case counts well before it)
+BUDGET = 120.0
+#: drawn cases per op: every CPU corpus finding is reproduced within about 30 (seed 0)
+EXPLORE_CASES = 100
 #: the ops of the corpus's CPU entries (the default run explores every op: 180 s for ~25 CPU ops)
 CPU_CORPUS_OPS = "legacy.comfyui,legacy.user_fixed,legacy.wanvideo_late2025"
 
 
 def _argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harness", "matrix", "--device", "cpu", "--quiet", *args]
+    return harness_argv("matrix", "--device", "cpu", "--quiet", *args)
 
 
 def _matrix(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,7 +51,20 @@ def _matrix(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def legacy_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("explore") / "m"
-    cp = _matrix("--ops", CPU_CORPUS_OPS, "--time-budget", str(BUDGET), "--out", str(out))
+    # bounded by cases, not by the clock: one grid round, then EXPLORE_CASES drawn cases per op (a loaded machine
+    # takes longer, it does not see fewer cases); BUDGET only backstops the whole command
+    cp = _matrix(
+        "--ops",
+        CPU_CORPUS_OPS,
+        "--cases-per-cell",
+        "1",
+        "--explore-cases",
+        str(EXPLORE_CASES),
+        "--time-budget",
+        str(BUDGET),
+        "--out",
+        str(out),
+    )
     return out, cp
 
 
@@ -186,7 +200,7 @@ def test_shards_explore_each_op_once_and_merge_into_one_section(tmp_path) -> Non
         assert all(shard_of(explore_key(op), 2) == i for op in explored[i])
     merged = tmp_path / "merged"
     cp = subprocess.run(
-        [sys.executable, "-m", "harness", "merge", str(outs[1]), str(outs[2]), "--out", str(merged)],
+        harness_argv("merge", str(outs[1]), str(outs[2]), "--out", str(merged)),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_at_once
+from helpers import harness_argv, run_at_once
 
 from harness.cases import Case, load_case
 from harness.contract import infer_contracts, load_contracts, record_of, write_contracts
@@ -23,12 +22,8 @@ OPS = "legacy.wanvideo_late2025,fp8_linear"
 CLASSES = "contiguous,offset_2,broadcast,values_beyond_448"
 
 
-def _harness(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harness", *args]
-
-
 def _matrix_args(out: Path, corpus: Path, *extra: str) -> list[str]:
-    return _harness(
+    return harness_argv(
         "matrix",
         "--device",
         "cpu",
@@ -64,7 +59,7 @@ def matrix_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedP
         "shard1": _matrix_args(root / "shard1", corpus, "--shard", "1/2"),
         "shard2": _matrix_args(root / "shard2", corpus, "--shard", "2/2"),
         "whole": _matrix_args(root / "whole", corpus),
-        "empty": _harness(
+        "empty": harness_argv(
             "matrix",
             "--device",
             "cpu",
@@ -79,7 +74,7 @@ def matrix_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedP
             str(root / "empty"),
         ),  # fmt: skip
         **{
-            f"bad{i}": _harness(
+            f"bad{i}": harness_argv(
                 "matrix", "--device", "cpu", "--ops", "fp8_linear", "--shard", spec, "--out", str(root / f"bad{i}")
             )
             for i, spec in enumerate(BAD_SHARDS)
@@ -110,7 +105,7 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(matrix_runs, tm
 
     merged_dir = tmp_path / "merged"
     r = subprocess.run(
-        _harness("merge", str(outs[2]), str(outs[1]), "--out", str(merged_dir)),
+        harness_argv("merge", str(outs[2]), str(outs[1]), "--out", str(merged_dir)),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -148,7 +143,7 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(matrix_runs, tm
             alone = json.loads((outs[i] / "contracts.json").read_text())["contracts"][op]
             assert alone["counted"] < want[op]["counted"]  # each shard saw only part of the op's cases
     shown = subprocess.run(
-        _harness("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+        harness_argv("contract", str(merged_dir)), cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("layout contracts (python -m harness merge (2 of 2 shards")
@@ -393,7 +388,7 @@ def test_shards_without_records_keep_only_the_contracts_one_shard_saw_whole_and_
     (s1, s2), _, _ = _contract_shards(tmp_path, with_records=False)
     opb_shard = shard_of(cell_key("opB", "other"), 2)
     r = subprocess.run(
-        _harness("merge", str(s1), str(s2), "--out", str(tmp_path / "m")),
+        harness_argv("merge", str(s1), str(s2), "--out", str(tmp_path / "m")),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -463,7 +458,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
         bad.mkdir()
         (bad / "summary.json").write_text("{nope")
     r = subprocess.run(
-        _harness("merge", str(good), str(bad), "--out", str(tmp_path / "m")),
+        harness_argv("merge", str(good), str(bad), "--out", str(tmp_path / "m")),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -479,7 +474,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, setup, match) -> None:
 def test_cli_exit_3_for_an_incomplete_merge(tmp_path) -> None:
     a = _shard(tmp_path, 1, 3)
     r = subprocess.run(
-        _harness("merge", str(a), "--out", str(tmp_path / "m"), "--allow-missing"),
+        harness_argv("merge", str(a), "--out", str(tmp_path / "m"), "--allow-missing"),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import run_at_once
+from helpers import harness_argv, run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,16 +39,11 @@ def _env() -> dict[str, str]:
 
 
 def _harness(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout
-    )
+    return subprocess.run(harness_argv(*args), cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
 def _matrix_argv(spec: str, out: Path, classes: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "harness",
+    return harness_argv(
         "matrix",
         "--device",
         "cpu",
@@ -66,7 +61,7 @@ def _matrix_argv(spec: str, out: Path, classes: str) -> list[str]:
         "--quiet",
         "--out",
         str(out),
-    ]
+    )
 
 
 #: the matrix runs the tests below judge: (plug-in spec, layout classes)
@@ -118,7 +113,7 @@ def test_matrix_judges_the_cases_a_two_argument_kernel_can_take_and_the_case_fil
     minimal = tmp_path / "minimal.json"
     show, replay, mini = run_at_once(  # three readers of the case file, independent of each other
         *(
-            [sys.executable, "-m", "harness", *args]
+            harness_argv(*args)
             for args in (("show", case_path), ("replay", case_path), ("minimize", case_path, "--out", minimal))
         ),
         timeout=300,
