@@ -758,7 +758,7 @@ def run_matrix(
             if why:
                 warn(why)
             if r.verdict is Verdict.DEVICE_FAULT and attr_exec is not None:
-                attr_jobs.append(attr_exec.submit(attribute_example, c, case, r))
+                attr_exec.submit(attribute_example, c, case, r)
 
     def attribute_example(c: Cell, case: Any, r: Any) -> None:
         """The attribution rerun of a cell's device-fault example, beside the grid (grid cases are submitted
@@ -856,7 +856,6 @@ def run_matrix(
     error: Exception | None = None
     inflight: dict[Future, tuple[Cell, Any]] = {}
     attr_exec: ThreadPoolExecutor | None = None  # attribution reruns of the grid's device-fault examples
-    attr_jobs: list[Future] = []
     attr_closing = threading.Event()
     try:
         try:
@@ -875,7 +874,7 @@ def run_matrix(
             can_defer = hasattr(pool, "attribute_result")
             if attribute and can_defer:
                 attr_exec = ThreadPoolExecutor(max_workers=2 * len(devices), thread_name_prefix="harness-matrix-attr")
-            submit_grid = (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit
+            submit = (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit  # grid and exploration
             rnd = 0
             queue: collections.deque[Cell] = collections.deque()
 
@@ -905,7 +904,7 @@ def run_matrix(
                     if not cell_open(c, c.submitted):
                         continue
                     case = c.factory.build(offset + c.submitted, size=size)
-                    fut = submit_grid(case)
+                    fut = submit(case)
                     c.submitted += 1
                     inflight[fut] = (c, case)
                 if not inflight:
@@ -935,7 +934,7 @@ def run_matrix(
                     mine = [t for t in targets if sh.holds(explore_key(t.name))]
                 phase = ExplorePhase(
                     mine,
-                    (lambda c: pool.submit(c, attribute=False)) if can_defer else pool.submit,
+                    submit,
                     device=devices[0],
                     seed=seed,
                     deadline=deadline,

@@ -70,14 +70,10 @@ def quantize_activation(
     same bits wherever the eager path does not saturate); measured 0.73 ms eager against 0.16 ms fused for a
     32760 x 5120 bf16 activation on an H200 (torch 2.11, Triton 3.6).
     """
-    k = x.shape[-1]
-    lead = tuple(x.shape[:-1])
-    m = math.prod(lead)
-    kp = k if k_padded is None else k_padded
-    fused = _fused_cast(x, scale, m, k, kp)
+    fused = _fused_cast(x, scale, k_padded)
     if fused is not None:
         return fused
-    return _quantize_eager(x, scale, k_padded=kp, saturate=saturate)
+    return _quantize_eager(x, scale, k_padded=k_padded, saturate=saturate)
 
 
 def _quantize_eager(x: Tensor, scale: Tensor, *, k_padded: Optional[int] = None, saturate: bool = False) -> Tensor:
@@ -105,9 +101,12 @@ def _quantize_eager(x: Tensor, scale: Tensor, *, k_padded: Optional[int] = None,
     return q2
 
 
-def _fused_cast(x: Tensor, scale: Tensor, m: int, k: int, kp: int) -> Optional[Tensor]:
-    """``scaled_cast`` of ``x`` as (m, k) rows into (m, kp) when it applies (CUDA, a one-element float32 scale
-    on the same device, bf16/fp16/fp32 rows with last-dim stride 1 that merge into one view); else None."""
+def _fused_cast(x: Tensor, scale: Tensor, k_padded: Optional[int]) -> Optional[Tensor]:
+    """``scaled_cast`` of ``x`` as (m, k) rows into (m, k_padded) when it applies (CUDA, a one-element float32
+    scale on the same device, bf16/fp16/fp32 rows with last-dim stride 1 that merge into one view); else None."""
+    k = x.shape[-1] if x.dim() else 1
+    m = x.numel() // k if k else 0
+    kp = k if k_padded is None else k_padded
     if (
         x.device.type != "cuda"
         or m == 0
