@@ -121,6 +121,13 @@ def _main(argv: Sequence[str] | None) -> int:
     func = getattr(args, "func", None)
     if func is None:  # pragma: no cover - a module forgot to set func
         parser.error(f"subcommand {args.command!r} is not implemented")
+    from harness.runner.pool import default_start_method
+
+    try:
+        default_start_method()  # a bad $HARNESS_WORKER_START is named before any work starts
+    except ValueError as e:
+        print(f"harness {args.command}: {e}", file=sys.stderr)
+        return 2
     return int(func(args) or 0)
 
 

@@ -16,8 +16,10 @@ queued behind a case that killed its worker are re-queued, never lost. A worker
 acknowledges each case before it runs it; only an acknowledged case can be
 charged with its worker's death or timeout (one that died between cases has its
 next case resent). Failed worker starts are retried with back-off. Spare
-workers (already started, CUDA context made) take over at once, so recovery does
-not wait for a fresh interpreter (5-7 s with CUDA).
+workers (already started, CUDA context made) take over at once. Workers are forked
+from a fork server that imported torch and the harness once (``start_method``), so
+a replacement costs ~0.6-1.3 s (its CUDA context) instead of a fresh interpreter's
+~9 s on a loaded 16-core GPU host.
 
 A device fault is then attributed: the case is written to disk and rerun in a
 fresh interpreter with ``CUDA_LAUNCH_BLOCKING=1``, under ``compute-sanitizer`` wherever it
@@ -116,6 +118,20 @@ STOP_TIMEOUT = 10.0
 RETIRE_TIMEOUT = 30.0
 #: seconds the spare count looks back: a device keeps one more spare per active worker it lost in this window
 SPARE_WINDOW_S = 60.0
+#: how workers start, overriding the default: "forkserver" or "spawn"
+START_METHOD_ENV = "HARNESS_WORKER_START"
+#: what the fork server imports once (torch, torch._dynamo, the harness's own modules)
+PRELOAD_MODULE = "harness.runner.preload"
+
+
+def default_start_method() -> str:
+    """``$HARNESS_WORKER_START`` if set, else "forkserver" where the platform has it (Linux), else "spawn"."""
+    method = os.environ.get(START_METHOD_ENV, "").strip()
+    if method:
+        if method not in ("forkserver", "spawn"):
+            raise ValueError(f"${START_METHOD_ENV}={method!r}: use 'forkserver' or 'spawn'")
+        return method
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 #: ``attribution["skipped"]`` of a device fault whose attribution rerun the pool's close cancelled
@@ -185,6 +201,8 @@ class _Worker:
     retired_at: float = 0.0
     answered_at: float = 0.0  # when it last answered a case (the next one is its to take from then on)
     init_error: str = ""  # what its setup raised, when it failed to start
+    start_method: str = "spawn"  # how its process was started: "forkserver" or "spawn"
+    fork_unfit: str = ""  # why its fork could not stand in for a fresh interpreter (it exited; not a failure)
 
 
 class WorkerPool:
@@ -194,7 +212,8 @@ class WorkerPool:
     ``workers_per_device``: active workers per device. ``spares``: started, idle workers per device
     that take over at once when one is lost (default on CUDA ``1 + workers_per_device // 4``, on CPU 0).
     ``max_spares``: the spare count follows the fault rate -- one more spare per active worker lost on that
-    device in the last ``SPARE_WINDOW_S`` s, up to this (default ``max(spares, ceil(workers_per_device / 2))``;
+    device in the last ``SPARE_WINDOW_S`` s, up to this (default ``max(spares, workers_per_device)`` for forked
+    workers, which share the fork server's memory, ``max(spares, ceil(workers_per_device / 2))`` for spawned ones;
     with ``spares=0`` no spare is ever started).
     ``case_timeout``: seconds per case. ``cases_dir``: write every failing case there.
     ``attribute``: rerun device faults in a fresh ``CUDA_LAUNCH_BLOCKING=1`` process to name the op.
@@ -202,6 +221,12 @@ class WorkerPool:
     and has not failed on this machine (decided once per pool), True always, False never.
     ``prefetch``: cases queued per worker.
     ``threads``: torch intra-op threads per worker (default: the cores divided among the active workers).
+    ``start_method``: "forkserver" (default on Linux, see :func:`default_start_method`): workers are forked from a
+    server that imported torch and the harness once, so a replacement costs its CUDA context, not a fresh
+    interpreter (~9 s on a loaded GPU host). Each forked worker takes the caller's environment at its start; one
+    that cannot stand in for a fresh interpreter (the server touched CUDA, or a variable read at import time
+    changed: :func:`harness.runner.worker.fork_unfit`) exits, and the pool starts "spawn" workers from then on
+    (``start_fallback`` says why). "spawn": a fresh interpreter per worker.
 
     A case's timeout runs from the moment its worker acknowledges it (not while it waits in a queue or a
     worker starts). A worker that dies before acknowledging a case has not started it: the case is sent
@@ -226,7 +251,12 @@ class WorkerPool:
         attribution_timeout: float | None = None,
         threads: int | None = None,
         max_spares: int | None = None,
+        start_method: str | None = None,
     ) -> None:
+        if start_method is None:
+            start_method = default_start_method()
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method={start_method!r}: use 'forkserver' or 'spawn'")
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device={workers_per_device!r} must be an integer >= 1")
         if not case_timeout or case_timeout <= 0:
@@ -241,7 +271,8 @@ class WorkerPool:
             raise ValueError(f"spares={spares!r} must be >= 0")
         self.spares = spares
         if max_spares is None:
-            max_spares = max(spares, (workers_per_device + 1) // 2) if spares else 0
+            most = workers_per_device if start_method == "forkserver" else (workers_per_device + 1) // 2
+            max_spares = max(spares, most) if spares else 0
         if max_spares < spares:
             raise ValueError(f"max_spares={max_spares!r} must be >= spares={spares!r}")
         self.max_spares = max_spares
@@ -275,7 +306,9 @@ class WorkerPool:
         #: protocol invariants the pool checks on itself; both stay 0 (the reliability suite asserts it)
         self.anomalies: dict[str, int] = {"answered_twice": 0, "started_twice": 0}
 
-        self._ctx = multiprocessing.get_context("spawn")
+        #: how new workers start ("forkserver" or "spawn"); ``start_fallback``: why forking was given up, if it was
+        self.start_method = start_method
+        self.start_fallback: str | None = None
         self._lock = threading.RLock()  # re-entrant: a Future callback may submit() from the dispatcher
         self._pending: collections.deque[_Item] = collections.deque()
         self._ids = itertools.count()
@@ -396,6 +429,7 @@ class WorkerPool:
                     "state": w.state,
                     "spare": w.spare,
                     "cases": w.cases_done,
+                    "start": w.start_method,
                     "info": dict(w.info),
                 }
                 for w in self._workers
@@ -476,22 +510,47 @@ class WorkerPool:
             pass
 
     def _spawn(self, device: str, spare: bool) -> _Worker:
-        from harness.runner.worker import worker_main
+        from harness.runner.worker import import_time_env_changes, worker_main
 
         name = f"{device}#{next(self._names)}"
         log_path = os.path.join(self._tmp, f"{name.replace(':', '_').replace('#', '_')}.log")
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child_conn, device, name, log_path, self._threads),
-            name=f"harness-worker-{name}",
-            daemon=True,
-        )
-        proc.start()
+        while True:
+            method = self.start_method
+            env = dict(os.environ) if method == "forkserver" else None
+            if env is not None:
+                try:
+                    server_env = _fork_server_env()
+                except Exception as e:  # noqa: BLE001 - no fork server here: fresh interpreters
+                    self._give_up_forking(f"the fork server failed to start: {type(e).__name__}: {e}")
+                    continue
+                if server_env is not None and import_time_env_changes(server_env, env):
+                    method, env = "spawn", None  # this worker only: the caller may change it back
+            parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
+            proc = multiprocessing.get_context(method).Process(
+                target=worker_main,
+                args=(child_conn, device, name, log_path, self._threads, env),
+                name=f"harness-worker-{name}",
+                daemon=True,
+            )
+            try:
+                proc.start()
+            except Exception as e:  # noqa: BLE001 - the fork server would not start: fresh interpreters
+                parent_conn.close()
+                child_conn.close()
+                if method != "forkserver":
+                    raise
+                self._give_up_forking(f"the fork server failed: {type(e).__name__}: {e}")
+                continue
+            break
         child_conn.close()
-        w = _Worker(name, device, proc, parent_conn, log_path, spare, time.monotonic())
+        w = _Worker(name, device, proc, parent_conn, log_path, spare, time.monotonic(), start_method=method)
         self._workers.append(w)
         return w
+
+    def _give_up_forking(self, why: str) -> None:
+        if self.start_method == "forkserver":
+            self.start_method = "spawn"
+            self.start_fallback = why
 
     def _ensure_workers(self) -> None:
         """Keep each device at its count of active workers (promoting ready spares first) and spares."""
@@ -868,6 +927,8 @@ class WorkerPool:
                 self._ready_cv.notify_all()
             elif kind == "init_error":
                 w.init_error = msg[1]
+            elif kind == "fork_unfit":
+                w.fork_unfit = msg[1]
             elif kind in ("started", "result"):
                 case_id = msg[1]
                 if not w.outstanding or w.outstanding[0].id != case_id:  # pragma: no cover - protocol bug
@@ -926,7 +987,9 @@ class WorkerPool:
 
     def _on_death(self, w: _Worker) -> None:
         code = w.proc.exitcode
-        if w.state == "starting":
+        if w.state == "starting" and w.fork_unfit:
+            self._give_up_forking(w.fork_unfit)  # not a failed start: its replacement is a fresh interpreter
+        elif w.state == "starting":
             why = w.init_error or f"worker {_exit_text(code)} while starting:\n{self._log_tail(w)[-1500:]}"
             self._start_failed(w, why, f"start failed ({_exit_text(code)})")
         elif w.state == "retiring":
@@ -1023,6 +1086,32 @@ _RERUN_KEYS = (
     "sanitizer_unusable",
     "log",
 )
+
+
+_PRELOAD_LOCK = threading.Lock()
+#: the environment the running fork server started with, when this process started it (pid -> environ)
+_SERVER_ENVS: dict[int, dict[str, str]] = {}
+
+
+def _fork_server_env() -> dict[str, str] | None:
+    """Make sure the fork server runs, preloading :data:`PRELOAD_MODULE` (one server per process, shared by every
+    pool, living as long as this process); the environment it started with when this process started it, else
+    None (another component started it: the forked child checks its environment itself)."""
+    from multiprocessing import forkserver
+
+    with _PRELOAD_LOCK:
+        server = forkserver._forkserver  # the module's singleton; its preload list is read when it starts
+        preload = list(getattr(server, "_preload_modules", ()))
+        if PRELOAD_MODULE not in preload:
+            forkserver.set_forkserver_preload([*preload, PRELOAD_MODULE])
+        before = getattr(server, "_forkserver_pid", None)
+        env = dict(os.environ)
+        forkserver.ensure_running()
+        pid = getattr(server, "_forkserver_pid", None)
+        if pid is not None and pid != before:
+            _SERVER_ENVS.clear()
+            _SERVER_ENVS[pid] = env
+        return _SERVER_ENVS.get(pid) if pid is not None else None
 
 
 def merge_attribution(first: Mapping[str, Any] | None, rerun: Result) -> dict[str, Any]:

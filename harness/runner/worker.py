@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 __all__ = [
     "worker_main",
@@ -42,6 +42,10 @@ __all__ = [
     "EXIT_PARENT_GONE",
     "FAIL_STARTS_ENV",
     "WARM_IMPORTS",
+    "NATIVE_IMPORT_ENV",
+    "SELF_SET_ENV",
+    "fork_unfit",
+    "import_time_env_changes",
 ]
 
 #: exit code of a worker that retired itself after a sticky device error
@@ -62,6 +66,70 @@ WARM_IMPORTS = (
     "harness.runner.execute",
     "harness.cases",
 )
+
+
+#: environment variables that native libraries the fork server loads (torch's C++ core, OpenMP, MKL, the C runtime,
+#: Python itself) may read as they load, where Python cannot see it: a forked worker whose caller changed one of them
+#: since the server started would not see the change, so it is started fresh instead. The variables that Python code
+#: read during the server's imports are recorded (``harness.runner.preload.READ_AT_IMPORT``) and count too. CUDA's
+#: own variables are not among them: the driver reads them when the child creates its context.
+NATIVE_IMPORT_ENV = ("TORCH_", "PYTORCH_", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "MALLOC_", "PYTHON")
+#: variables torch itself writes into the environment, with its own default, when it first needs them (inductor's
+#: cache folder): one that was unset when the server started and is set now is not the caller's change
+SELF_SET_ENV = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
+
+
+def fork_unfit(env: Mapping[str, str]) -> str | None:
+    """Why this process, forked from the pool's fork server, cannot stand in for a fresh interpreter started with
+    ``env`` (None when it can): the server initialised the CUDA driver (a forked child cannot use it), or a
+    variable read at import time differs between ``env`` and the server's start."""
+    if _cuda_driver_initialized():
+        return "the fork server had initialised the CUDA driver (a forked process cannot use it)"
+    from harness.runner.preload import READ_AT_IMPORT, SERVER_ENV
+
+    changed = import_time_env_changes(SERVER_ENV, env, READ_AT_IMPORT)
+    if changed:
+        return f"{', '.join(changed[:5])} changed since the fork server started (read when torch is imported)"
+    return None
+
+
+def import_time_env_changes(before: Mapping[str, str], now: Mapping[str, str], read: Collection[str] = ()) -> list[str]:
+    """The variables that differ between two environments and that an import reads: those in ``read`` and those of
+    :data:`NATIVE_IMPORT_ENV` (``PYTHONPATH`` aside: the child gets the caller's ``sys.path``; and a
+    :data:`SELF_SET_ENV` variable torch set since), sorted."""
+    return sorted(
+        k
+        for k in set(before) | set(now)
+        if before.get(k) != now.get(k)
+        and (k in read or k.startswith(NATIVE_IMPORT_ENV))
+        and k != "PYTHONPATH"
+        and not (k in SELF_SET_ENV and k not in before)
+    )
+
+
+def _cuda_driver_initialized() -> bool:
+    """Whether ``cuInit`` already ran in this process. Asks only a driver library that is loaded already;
+    ``cuDeviceGetCount`` answers CUDA_ERROR_NOT_INITIALIZED (3) without initialising anything."""
+    try:
+        with open("/proc/self/maps") as f:
+            if "libcuda.so" not in f.read():
+                return False
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        n = ctypes.c_int(0)
+        return lib.cuDeviceGetCount(ctypes.byref(n)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _apply_env(env: Mapping[str, str]) -> None:
+    """Make this process's environment ``env`` (a forked worker takes its caller's, not the server's)."""
+    for k in [k for k in os.environ if k not in env]:
+        del os.environ[k]
+    for k, v in env.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
 
 
 def encode_values(values: Mapping[str, Any] | None) -> bytes | None:
@@ -184,15 +252,32 @@ def _warm_up(device: str) -> None:
         raise RuntimeError(f"warm-up case failed on {device}: {r.verdict.value}: {r.message}")
 
 
-def worker_main(conn: Any, device: str, name: str, log_path: str | None = None, threads: int | None = None) -> None:
-    """Loop of a pool worker (the ``spawn`` target). Never returns normally; exits the process.
+def worker_main(
+    conn: Any,
+    device: str,
+    name: str,
+    log_path: str | None = None,
+    threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Loop of a pool worker (the target of its ``spawn`` or ``forkserver`` process). Never returns normally;
+    exits the process.
 
     ``threads``: torch intra-op threads for this worker (the pool divides the cores among its
     workers; oversubscribed OpenMP threads spin and make small cases 50x slower).
+    ``env``: given when the worker was forked from the pool's fork server: the caller's environment at the start,
+    applied before anything reads it. When the fork cannot stand in for a fresh interpreter
+    (:func:`fork_unfit`) the worker says ``("fork_unfit", why)`` and exits; the pool then starts fresh ones.
     """
     _redirect_stderr(log_path)
     _die_with_parent()
     _watch_parent()
+    if env is not None:
+        why = fork_unfit(env)
+        if why is not None:
+            conn.send(("fork_unfit", why))
+            os._exit(EXIT_INIT_FAILED)
+        _apply_env(env)
     try:
         _injected_start_failure()
         if threads:

@@ -134,3 +134,13 @@ def test_git_bisect_run_stops_on_the_internal_error_exit_code(tmp_path) -> None:
     r = git("bisect", "run", sys.executable, "-c", f"raise SystemExit({INTERNAL_ERROR_EXIT})")
     assert r.returncode != 0 and "is the first bad commit" not in r.stdout
     assert "bisect run failed" in (r.stdout + r.stderr)
+
+
+def test_a_bad_worker_start_method_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_WORKER_START", "fork")
+    out = tmp_path / "o"
+    code = harness.cli.main(["matrix", "--device", "cpu", "--ops", "fp8_linear", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["harness matrix: $HARNESS_WORKER_START='fork': use 'forkserver' or 'spawn'"], err
+    assert not out.exists()  # nothing was started or written

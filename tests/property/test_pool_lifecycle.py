@@ -148,7 +148,7 @@ def test_close_asks_workers_to_exit_and_removes_its_temp_folder():
     tmp = Path(p.tmp_dir)
     assert tmp.is_dir()
     p.close()
-    assert len(p.exits) == 2 and all(code == 0 for _, code in p.exits), p.exits
+    assert len(p.exits) == 2 and all(code == 0 for _, code in p.exits), (p.exits, p.replaced, p.start_fallback)
     assert not tmp.exists()
 
 
