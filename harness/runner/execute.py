@@ -45,6 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.capability import device_info as probe_device
+from harness.reference.metrics import on_host_if_small
 from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Unsupported, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -536,10 +537,12 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
+    a, b = on_host_if_small(a, b)
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _nonfinite_where_ref_finite(out: torch.Tensor, exact: torch.Tensor) -> tuple[int, list[int]]:
+    out, exact = on_host_if_small(out, exact)
     bad = ~torch.isfinite(out) & torch.isfinite(exact.to(out.device))
     n = int(bad.sum())
     if not n:
@@ -643,6 +646,7 @@ def _determinism_check(
             first = again.clone()  # the op reuses its output buffer: the first output is gone; compare 2 and 3
             continue
         break
+    first, again = on_host_if_small(first, again)  # judged from here on; the op is done with them
     counts = [_nonfinite_count(first), _nonfinite_count(again)]
     if tuple(first.shape) != tuple(again.shape) or first.dtype != again.dtype:
         return st.result(

@@ -182,3 +182,10 @@ def test_judge_refuses_a_broken_reference_run() -> None:
     broken[0] = math.nan
     j = mt.judge(exact.clone(), exact, broken, mt.Bound(k=2.0, floor=0.0, why="test"))
     assert not j.passed and "reference run is broken" in j.reason
+
+
+def test_host_tensors_are_judged_where_they_are():
+    from harness.reference.metrics import on_host_if_small
+
+    a, b = torch.zeros(3), torch.ones(3)
+    assert all(x is y for x, y in zip(on_host_if_small(a, b), (a, b)))  # no copy of what is already on the host
