@@ -148,16 +148,16 @@ def round_to_format(x: Tensor, fmt: str) -> Tensor:
     info = format_info(fmt)
     w = x.to(_work_dtype(x))  # always a copy or a fresh view we never write to
     a = w.abs()
-    finite = torch.isfinite(a)
-    a_f = torch.where(finite, a, torch.zeros_like(a))
-    _, e2 = torch.frexp(a_f)  # a = m * 2**e2, m in [0.5, 1)
-    e = torch.clamp(e2 - 1, min=info.emin)  # exponent of the binade (subnormals share emin)
-    shift = e - info.man_bits  # quantum = 2**shift
-    q = torch.ldexp(torch.round(torch.ldexp(a_f, -shift)), shift)
-    q = torch.clamp(q, max=info.max)
-    q = torch.where(torch.isinf(a), torch.full_like(q, info.max), q)
-    q = torch.where(torch.isnan(a), a, q)
-    return torch.copysign(q, w).to(_out_dtype(x))
+    # clamping first saturates +-inf and out-of-range values (max is on its binade's grid, so
+    # rounding a clamped value never exceeds it) and keeps the quantum exponent small
+    a = torch.clamp(a, max=info.max)
+    _, e2 = torch.frexp(a)  # a = m * 2**e2, m in [0.5, 1)
+    # quantum exponent: binade exponent e2 - 1 (subnormals share emin) minus man_bits
+    shift = torch.clamp(e2 - (1 + info.man_bits), min=info.emin - info.man_bits)
+    quantum = torch.pow(2.0, shift)  # float32, exact: |shift| <= 16 for these formats
+    q = torch.round(a / quantum) * quantum
+    q = torch.where(torch.isnan(w), w, torch.copysign(q, w))
+    return q.to(_out_dtype(x))
 
 
 def representable_values(fmt: str, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -238,8 +238,7 @@ def _norm_axis(axis: int, ndim: int) -> int:
 def amax_to_scale(amax: Tensor, fmt_max: float) -> Tensor:
     """Dequantization scale ``amax / fmt_max`` in float32; 1.0 where ``amax`` is 0 (all-zero groups stay 0)."""
     amax = amax.to(torch.float32)
-    s = amax / fmt_max
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return torch.where(amax > 0, amax / fmt_max, 1.0)
 
 
 def _check_block(x: Tensor, axis: int, block_size: Optional[int], default: Optional[int] = None) -> int:
@@ -348,7 +347,12 @@ def quantize(
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Restore ``values * scale`` (products formed in float64, then cast to ``dtype``)."""
     v = qt.values.to(torch.float64)
-    s = qt.expanded_scale().to(torch.float64)
+    s = qt.scale if qt.global_scale is None else qt.scale * qt.global_scale  # float32, as expanded_scale
+    s = s.to(torch.float64)
+    if qt.granularity == "block":
+        # broadcast each block's scale over its elements instead of materialising it
+        prod = _block_view(v, qt.axis, qt.block_size) * s.unsqueeze(qt.axis + 1)
+        return prod.reshape(v.shape).to(dtype)
     return (v * s).to(dtype)
 
 
@@ -407,8 +411,7 @@ def quantize_nvfp4(
     block_size = _check_block(x, ax, block_size)
     xd = x.detach().to(torch.float64)
     if global_scale is None:
-        g = None
-        gd = torch.ones((), dtype=torch.float64)
+        g = gd = None
     else:
         if isinstance(global_scale, str):
             if global_scale != "auto":
@@ -420,12 +423,15 @@ def quantize_nvfp4(
             if not (torch.isfinite(g) and g > 0):
                 raise ValueError(f"global_scale must be positive and finite, got {g.item()}")
         gd = g.to(torch.float64)
-    amax = _block_amax(xd, ax, block_size)
-    bs = round_to_format(amax / FORMATS["e2m1"].max / gd, "e4m3").to(torch.float32)
-    full = torch.repeat_interleave(bs.to(torch.float64) * gd, block_size, dim=ax)
-    nz = full > 0
-    values = round_to_format(xd / torch.where(nz, full, torch.ones_like(full)), "e2m1")
-    values = torch.where(nz, values, torch.zeros_like(values)).to(torch.float32)
+    e2m1_max = FORMATS["e2m1"].max
+    blocks = _block_view(xd, ax, block_size)
+    amax = blocks.abs().amax(dim=ax + 1)
+    # without a global scale its factor 1.0 is left out (dividing/multiplying by 1 is exact)
+    bs = round_to_format(amax / e2m1_max if gd is None else amax / e2m1_max / gd, "e4m3").to(torch.float32)
+    full = (bs.to(torch.float64) if gd is None else bs.to(torch.float64) * gd).unsqueeze(ax + 1)
+    # a block whose scale is 0 (or NaN) is stored as zeros; x / 0 there is masked away
+    values = round_to_format(blocks / full, "e2m1")
+    values = torch.where(full > 0, values, 0.0).to(torch.float32).reshape(x.shape)
     return QuantizedTensor(
         values=values,
         scale=bs,
