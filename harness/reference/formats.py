@@ -128,6 +128,10 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+#: work dtype -> (same-width integer dtype, mantissa bits, exponent bias)
+_FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
 def _check_float(x: Tensor, what: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -147,17 +151,17 @@ def round_to_format(x: Tensor, fmt: str) -> Tensor:
     _check_float(x, "x")
     info = format_info(fmt)
     w = x.to(_work_dtype(x))  # always a copy or a fresh view we never write to
-    a = w.abs()
-    # clamping first saturates +-inf and out-of-range values (max is on its binade's grid, so
-    # rounding a clamped value never exceeds it) and keeps the quantum exponent small
-    a = torch.clamp(a, max=info.max)
-    _, e2 = torch.frexp(a)  # a = m * 2**e2, m in [0.5, 1)
-    # quantum exponent: binade exponent e2 - 1 (subnormals share emin) minus man_bits
-    shift = torch.clamp(e2 - (1 + info.man_bits), min=info.emin - info.man_bits)
-    quantum = torch.pow(2.0, shift)  # float32, exact: |shift| <= 16 for these formats
-    q = torch.round(a / quantum) * quantum
-    q = torch.where(torch.isnan(w), w, torch.copysign(q, w))
-    return q.to(_out_dtype(x))
+    int_dt, man_w, bias_w = _FLOAT_LAYOUT[w.dtype]
+    # clamping first saturates +-inf and out-of-range values (max lies on its binade's grid, so
+    # rounding a clamped value never exceeds it)
+    c = torch.clamp(w, -info.max, info.max)
+    # the quantum 2**(binade exponent - man_bits) built from c's exponent bits (sign masked off);
+    # the floor at emin covers zeros, subnormals and the format's own subnormal range
+    ebits = c.view(int_dt) & (((1 << (w.dtype.itemsize * 8 - 1 - man_w)) - 1) << man_w)
+    qbits = torch.clamp(ebits - (info.man_bits << man_w), min=(info.emin - info.man_bits + bias_w) << man_w)
+    quantum = qbits.view(w.dtype)
+    q = torch.round(c / quantum) * quantum  # exact scaling; round is ties-to-even and odd, so signs and -0 stay
+    return torch.where(torch.isnan(w), w, q).to(_out_dtype(x))
 
 
 def representable_values(fmt: str, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -345,10 +349,12 @@ def quantize(
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Restore ``values * scale`` (products formed in float64, then cast to ``dtype``)."""
-    v = qt.values.to(torch.float64)
+    """Restore ``values * scale``: each product exact (as formed in float64), rounded once to ``dtype``."""
     s = qt.scale if qt.global_scale is None else qt.scale * qt.global_scale  # float32, as expanded_scale
-    s = s.to(torch.float64)
+    # a product of two float32 numbers is exact in float64, so rounding it to float32 once is
+    # the float32 product itself: for float32 out the float64 detour is skipped
+    wd = torch.float32 if dtype == torch.float32 and qt.values.dtype == s.dtype == torch.float32 else torch.float64
+    v, s = qt.values.to(wd), s.to(wd)
     if qt.granularity == "block":
         # broadcast each block's scale over its elements instead of materialising it
         prod = _block_view(v, qt.axis, qt.block_size) * s.unsqueeze(qt.axis + 1)
@@ -428,7 +434,8 @@ def quantize_nvfp4(
     amax = blocks.abs().amax(dim=ax + 1)
     # without a global scale its factor 1.0 is left out (dividing/multiplying by 1 is exact)
     bs = round_to_format(amax / e2m1_max if gd is None else amax / e2m1_max / gd, "e4m3").to(torch.float32)
-    full = (bs.to(torch.float64) if gd is None else bs.to(torch.float64) * gd).unsqueeze(ax + 1)
+    # float64 blocks / float32 scales divide in float64 (the scales convert exactly)
+    full = (bs if gd is None else bs.to(torch.float64) * gd).unsqueeze(ax + 1)
     # a block whose scale is 0 (or NaN) is stored as zeros; x / 0 there is masked away
     values = round_to_format(blocks / full, "e2m1")
     values = torch.where(full > 0, values, 0.0).to(torch.float32).reshape(x.shape)

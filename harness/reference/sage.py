@@ -195,7 +195,7 @@ def _online(
         if pad:
             tile_max = torch.clamp(tile_max, min=0.0)
         m_new = torch.maximum(m, tile_max)
-        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
         p = _head_exp2(s - m_safe)
         alpha = _head_exp2(m - m_safe)
         l_tile = p.sum(dim=-1, keepdim=True)
