@@ -39,7 +39,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from harness.reference.attention import _ieee_fp32_matmul, _validate, from_hnd
+from harness.reference.attention import DEFAULT_MEMORY_BUDGET, _ieee_fp32_matmul, _validate, from_hnd
 from harness.reference.formats import FORMATS, amax_to_scale, dequantize, quantize_nvfp4, round_to_format
 
 __all__ = [
@@ -207,6 +207,42 @@ def _online(
     return acc, l
 
 
+def _head_bytes(s_q: int, s_k: int, d: int, k_tile: int) -> int:
+    """Workspace of one (batch, head) pair: about a dozen float64 temporaries of its Q/K/V-sized
+    and score-tile-sized tensors (the float64 quantization steps; measured ~9x on CPU)."""
+    return 12 * 8 * ((s_q + s_k) * d + s_q * k_tile)
+
+
+def _by_heads(
+    core: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, dict]],
+    qkv: tuple[Tensor, Tensor, Tensor],
+    head_bytes: int,
+) -> tuple[Tensor, dict]:
+    """Run ``core`` on as many (batch, head) pairs at once as fit ``DEFAULT_MEMORY_BUDGET``.
+
+    ``core(q, k, v)`` emulates (b', h', s, d) HND slices and returns (output, intermediates);
+    heads are independent, so the pieces are joined along batch and heads unchanged.
+    """
+    qh, kh, vh = qkv
+    b, h = qh.shape[:2]
+    n = max(1, DEFAULT_MEMORY_BUDGET // max(head_bytes, 1))  # pairs per piece
+    with torch.no_grad(), _ieee_fp32_matmul(qh.device):
+        if n >= b * h:
+            return core(qh, kh, vh)
+        if n >= h:
+            rows = [[(slice(b0, b0 + n // h), slice(None))] for b0 in range(0, b, n // h)]
+        else:
+            rows = [[(slice(bi, bi + 1), slice(h0, h0 + n)) for h0 in range(0, h, n)] for bi in range(b)]
+        parts = [[core(qh[i], kh[i], vh[i]) for i in row] for row in rows]
+
+    def join(pick: Callable[[tuple[Tensor, dict]], Optional[Tensor]]) -> Optional[Tensor]:
+        if pick(parts[0][0]) is None:
+            return None
+        return torch.cat([torch.cat([pick(p) for p in row], dim=1) for row in parts], dim=0)
+
+    return join(lambda p: p[0]), {name: join(lambda p, n=name: p[1][n]) for name in parts[0][0][1]}
+
+
 def _finish(acc: Tensor, l: Tensor) -> Tensor:
     return acc / torch.where(l > 0, l, 1.0)
 
@@ -236,8 +272,9 @@ def sage_v1(
 
     q: (b, h, s_q, d) for "HND" / (b, s_q, h, d) for "NHD"; k, v likewise with s_k tokens.
     Output: new tensor in the input dtype (float32 stays float32) and layout; with
-    ``return_intermediates`` a ``(out, SageIntermediates)`` tuple. Works on all (batch, head)
-    pairs at once, one 64-key tile at a time, so memory is O(b * h * s_q * (d + k_block)).
+    ``return_intermediates`` a ``(out, SageIntermediates)`` tuple. Emulates as many (batch,
+    head) pairs at once as fit ``attention.DEFAULT_MEMORY_BUDGET`` of workspace (one at least),
+    one 64-key tile at a time.
 
     ``tail_keys_score_zero``: the 1.0.6 Triton kernel loads out-of-range keys of a short last
     tile as zeros without masking their scores, which appears to add ``exp2(0 - m)`` per
@@ -251,8 +288,10 @@ def sage_v1(
     in_dt = q.dtype
     qid, nq = group_ids(s_q, "block", q_block, q.device)
     kid, nk = group_ids(s_k, "block", k_block, q.device)
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
+
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
         qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
         kk, km = kh, None
         if smooth_k:
             km = kh.mean(dim=2, keepdim=True)  # in the input dtype, as torch does
@@ -272,18 +311,19 @@ def sage_v1(
 
         acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv, tail_zero_scores=tail_keys_score_zero)
         out = _finish(acc, l).to(_out_dtype(in_dt))
+        if not return_intermediates:
+            return out, {}
+        keep = dict(q_values=q_codes, q_scale=q_s, k_values=k_codes, k_scale=k_s, v_values=v16)
+        return out, dict(keep, k_mean=None if km is None else km.to(torch.float32))
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=1,
-        q_values=q_codes,
-        q_scale=q_s,
-        k_values=k_codes,
-        k_scale=k_s,
-        v_values=v16,
         v_scale=None,
-        k_mean=km.to(torch.float32) if smooth_k else None,
+        **it,
         params=dict(
             sm_scale=scale, q_block=q_block, k_block=k_block, smooth_k=smooth_k, q_premultiplied=scale * LOG2E_SAGE
         ),
@@ -340,8 +380,10 @@ def sage_v2(
     else:
         qid, nq = group_ids(s_q, "thread_q", q_warp, q.device)
         kid, nk = group_ids(s_k, "thread_k", k_block, q.device)
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
-        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
+
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
         kf = kh.to(torch.float32)
         km = None
         if smooth_k:
@@ -375,19 +417,18 @@ def sage_v2(
         if vm is not None:
             out = out + vm
         out = out.to(_out_dtype(q.dtype))
+        if not return_intermediates:
+            return out, {}
+        keep = dict(q_values=q_codes, q_scale=q_s, k_values=k_codes, k_scale=k_s, v_values=v_q, v_scale=v_s)
+        return out, dict(keep, k_mean=km, v_mean=vm)
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=2,
-        q_values=q_codes,
-        q_scale=q_s,
-        k_values=k_codes,
-        k_scale=k_s,
-        v_values=v_q,
-        v_scale=v_s,
-        k_mean=km,
-        v_mean=vm,
+        **it,
         params=dict(
             sm_scale=scale,
             qk_quant_gran=qk_quant_gran,
@@ -456,8 +497,10 @@ def sage_v3(
     sq_pad = -(-s_q // q_block) * q_block if per_block_mean else s_q
     sv_pad = -(-s_k // 16) * 16
     pad_tokens = torch.nn.functional.pad
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
-        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
+
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
         km = kh.mean(dim=2, keepdim=True)
         kk = kh - km  # input dtype, like the kernel's in-place update
         qq = pad_tokens(qh, (0, 0, 0, sq_pad - s_q))
@@ -487,19 +530,19 @@ def sage_v3(
 
         acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv)
         out = _finish(acc, l).to(_out_dtype(in_dt))
+        if not return_intermediates:
+            return out, {}
+        v_vals = v_vals[:, :, :s_k].contiguous()
+        keep = dict(q_values=q_vals, q_scale=q_sc, k_values=k_vals, k_scale=k_sc, v_values=v_vals)
+        return out, dict(keep, v_scale=v_sc, k_mean=km.to(torch.float32), q_mean=qm.to(torch.float32))
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=3,
-        q_values=q_vals,
-        q_scale=q_sc,
-        k_values=k_vals,
-        k_scale=k_sc,
-        v_values=v_vals[:, :, :s_k].contiguous(),
-        v_scale=v_sc,
-        k_mean=km.to(torch.float32),
-        q_mean=qm.to(torch.float32),
+        **it,
         params=dict(
             sm_scale=scale, per_block_mean=per_block_mean, q_block=q_block, k_block=k_block, p_scale=_P_FP4_SCALE
         ),

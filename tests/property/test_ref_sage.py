@@ -13,6 +13,7 @@ import torch
 from harness.reference.attention import attention
 from harness.reference.formats import FORMATS, dequantize, is_representable, quantize_nvfp4
 from harness.reference.metrics import cosine, error_report
+from harness.reference import sage
 from harness.reference.sage import group_ids, sage_v1, sage_v2, sage_v3
 
 from helpers import hard_permutation_attention
@@ -280,3 +281,20 @@ def test_a_batch_is_emulated_head_by_head(name: str, layout: str) -> None:
             for f in fields:  # intermediates are HND whatever the layout
                 whole = getattr(it, f)[bi : bi + 1, hi : hi + 1]
                 assert torch.equal(_bits(whole), _bits(getattr(one, f))), f"{name}: {f} of head ({bi}, {hi})"
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 4])
+@pytest.mark.parametrize("name", ["v1", "v2_smooth_v", "v3"])
+def test_a_batch_split_to_fit_the_memory_budget_is_unchanged(name: str, pairs: int, monkeypatch) -> None:
+    """Under a budget of ``pairs`` (batch, head) pairs per piece (1: one head at a time; 2: head
+    groups; 4 with 3 heads: whole batch entries) output and intermediates are those of one piece."""
+    q, k, v = (t.repeat(2, 1, 1, 1) for t in _qkv(13, s_q=40, s_k=50, d=32, h=3))
+    fn = INDEPENDENT[name]
+    whole, it = fn(q, k, v, return_intermediates=True)
+    monkeypatch.setattr(sage, "_head_bytes", lambda *a: 1)
+    monkeypatch.setattr(sage, "DEFAULT_MEMORY_BUDGET", pairs)
+    split, it2 = fn(q, k, v, return_intermediates=True)
+    assert torch.equal(_bits(whole), _bits(split))
+    for f in ("q_values", "q_scale", "k_values", "k_scale", "v_values", "v_scale", "k_mean", "v_mean", "q_mean"):
+        a, b = getattr(it, f), getattr(it2, f)
+        assert (a is None and b is None) or torch.equal(_bits(a), _bits(b)), f
