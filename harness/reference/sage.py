@@ -130,10 +130,10 @@ def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, 
 def _head_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for (b, h, m, k) and (b, h, k, n) operands whose sums are not exact in float32.
 
-    On CPU one 2-D product per (batch, head): a batched product takes other BLAS paths for some
-    shapes (tiles under ~400 multiply-adds, a 1-key tail) and rounds differently, and the CPU
-    results are the ones replays and tests pin. On other devices one batched product (their
-    BLAS summation order was never part of the emulation).
+    On CPU one 2-D product per (batch, head): for some shapes (a 1-key last tile, tiles of a few
+    hundred multiply-adds) torch's batched CPU product sums in another order (measured: up to one
+    output ulp), and the CPU results are the ones replays and tests pin. On other devices one
+    batched product (their BLAS summation order was never part of the emulation).
     """
     if a.device.type != "cpu":
         return a @ b
