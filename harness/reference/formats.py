@@ -128,6 +128,10 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+#: work dtype -> (same-width integer dtype, mantissa bits, exponent bias)
+_FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
 def _check_float(x: Tensor, what: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -147,17 +151,17 @@ def round_to_format(x: Tensor, fmt: str) -> Tensor:
     _check_float(x, "x")
     info = format_info(fmt)
     w = x.to(_work_dtype(x))  # always a copy or a fresh view we never write to
-    a = w.abs()
-    finite = torch.isfinite(a)
-    a_f = torch.where(finite, a, torch.zeros_like(a))
-    _, e2 = torch.frexp(a_f)  # a = m * 2**e2, m in [0.5, 1)
-    e = torch.clamp(e2 - 1, min=info.emin)  # exponent of the binade (subnormals share emin)
-    shift = e - info.man_bits  # quantum = 2**shift
-    q = torch.ldexp(torch.round(torch.ldexp(a_f, -shift)), shift)
-    q = torch.clamp(q, max=info.max)
-    q = torch.where(torch.isinf(a), torch.full_like(q, info.max), q)
-    q = torch.where(torch.isnan(a), a, q)
-    return torch.copysign(q, w).to(_out_dtype(x))
+    int_dt, man_w, bias_w = _FLOAT_LAYOUT[w.dtype]
+    # clamping first saturates +-inf and out-of-range values (max lies on its binade's grid, so
+    # rounding a clamped value never exceeds it)
+    c = torch.clamp(w, -info.max, info.max)
+    # the quantum 2**(binade exponent - man_bits) built from c's exponent bits (sign masked off);
+    # the floor at emin covers zeros, subnormals and the format's own subnormal range
+    ebits = c.view(int_dt) & (((1 << (w.dtype.itemsize * 8 - 1 - man_w)) - 1) << man_w)
+    qbits = torch.clamp(ebits - (info.man_bits << man_w), min=(info.emin - info.man_bits + bias_w) << man_w)
+    quantum = qbits.view(w.dtype)
+    q = torch.round(c / quantum) * quantum  # exact scaling; round is ties-to-even and odd, so signs and -0 stay
+    return torch.where(torch.isnan(w), w, q).to(_out_dtype(x))
 
 
 def representable_values(fmt: str, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -238,8 +242,7 @@ def _norm_axis(axis: int, ndim: int) -> int:
 def amax_to_scale(amax: Tensor, fmt_max: float) -> Tensor:
     """Dequantization scale ``amax / fmt_max`` in float32; 1.0 where ``amax`` is 0 (all-zero groups stay 0)."""
     amax = amax.to(torch.float32)
-    s = amax / fmt_max
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return torch.where(amax > 0, amax / fmt_max, 1.0)
 
 
 def _check_block(x: Tensor, axis: int, block_size: Optional[int], default: Optional[int] = None) -> int:
@@ -346,9 +349,16 @@ def quantize(
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Restore ``values * scale`` (products formed in float64, then cast to ``dtype``)."""
-    v = qt.values.to(torch.float64)
-    s = qt.expanded_scale().to(torch.float64)
+    """Restore ``values * scale``: each product exact (as formed in float64), rounded once to ``dtype``."""
+    s = qt.scale if qt.global_scale is None else qt.scale * qt.global_scale  # float32, as expanded_scale
+    # a product of two float32 numbers is exact in float64, so rounding it to float32 once is
+    # the float32 product itself: for float32 out the float64 detour is skipped
+    wd = torch.float32 if dtype == torch.float32 and qt.values.dtype == s.dtype == torch.float32 else torch.float64
+    v, s = qt.values.to(wd), s.to(wd)
+    if qt.granularity == "block":
+        # broadcast each block's scale over its elements instead of materialising it
+        prod = _block_view(v, qt.axis, qt.block_size) * s.unsqueeze(qt.axis + 1)
+        return prod.reshape(v.shape).to(dtype)
     return (v * s).to(dtype)
 
 
@@ -407,8 +417,7 @@ def quantize_nvfp4(
     block_size = _check_block(x, ax, block_size)
     xd = x.detach().to(torch.float64)
     if global_scale is None:
-        g = None
-        gd = torch.ones((), dtype=torch.float64)
+        g = gd = None
     else:
         if isinstance(global_scale, str):
             if global_scale != "auto":
@@ -420,12 +429,16 @@ def quantize_nvfp4(
             if not (torch.isfinite(g) and g > 0):
                 raise ValueError(f"global_scale must be positive and finite, got {g.item()}")
         gd = g.to(torch.float64)
-    amax = _block_amax(xd, ax, block_size)
-    bs = round_to_format(amax / FORMATS["e2m1"].max / gd, "e4m3").to(torch.float32)
-    full = torch.repeat_interleave(bs.to(torch.float64) * gd, block_size, dim=ax)
-    nz = full > 0
-    values = round_to_format(xd / torch.where(nz, full, torch.ones_like(full)), "e2m1")
-    values = torch.where(nz, values, torch.zeros_like(values)).to(torch.float32)
+    e2m1_max = FORMATS["e2m1"].max
+    blocks = _block_view(xd, ax, block_size)
+    amax = blocks.abs().amax(dim=ax + 1)
+    # without a global scale its factor 1.0 is left out (dividing/multiplying by 1 is exact)
+    bs = round_to_format(amax / e2m1_max if gd is None else amax / e2m1_max / gd, "e4m3").to(torch.float32)
+    # float64 blocks / float32 scales divide in float64 (the scales convert exactly)
+    full = (bs if gd is None else bs.to(torch.float64) * gd).unsqueeze(ax + 1)
+    # a block whose scale is 0 (or NaN) is stored as zeros; x / 0 there is masked away
+    values = round_to_format(blocks / full, "e2m1")
+    values = torch.where(full > 0, values, 0.0).to(torch.float32).reshape(x.shape)
     return QuantizedTensor(
         values=values,
         scale=bs,

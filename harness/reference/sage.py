@@ -39,7 +39,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from harness.reference.attention import _ieee_fp32_matmul, _validate, from_hnd
+from harness.reference.attention import DEFAULT_MEMORY_BUDGET, _ieee_fp32_matmul, _validate, from_hnd
 from harness.reference.formats import FORMATS, amax_to_scale, dequantize, quantize_nvfp4, round_to_format
 
 __all__ = [
@@ -114,20 +114,59 @@ def group_ids(
 def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, Tensor]:
     """Symmetric INT8 per token group: scale = amax(group)/127, round half away from zero.
 
-    x: (s, d) float32; gid: (s,) group of each token. Returns (codes as float32 (s, d),
-    per-token scale (s, 1)). All-zero groups get scale 1 (codes 0).
+    x: (..., s, d) float32 (any leading batch/head dims, each quantized on its own); gid: (s,)
+    group of each token. Returns (codes as float32 (..., s, d), per-token scale (..., s, 1)).
+    All-zero groups get scale 1 (codes 0).
     """
-    amax_tok = x.abs().amax(dim=1)
-    g = torch.zeros(ngroups, dtype=torch.float32, device=x.device)
-    g = g.scatter_reduce(0, gid, amax_tok, reduce="amax", include_self=True)
-    scale = amax_to_scale(g, 127.0)
-    tok_scale = scale[gid].unsqueeze(1)
+    amax_tok = x.abs().amax(dim=-1)
+    g = torch.zeros((*amax_tok.shape[:-1], ngroups), dtype=torch.float32, device=x.device)
+    g = g.scatter_reduce(-1, gid.expand_as(amax_tok), amax_tok, reduce="amax", include_self=True)
+    tok_scale = amax_to_scale(g, 127.0).index_select(-1, gid).unsqueeze(-1)
     y = x / tok_scale
     codes = torch.sign(y) * torch.floor(y.abs() + 0.5)
     return codes.clamp_(-127, 127), tok_scale
 
 
+def _head_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for (b, h, m, k) and (b, h, k, n) operands whose sums are not exact in float32.
+
+    On CPU one 2-D product per (batch, head): for some shapes (a 1-key last tile, tiles of a few
+    hundred multiply-adds) torch's batched CPU product sums in another order (measured: up to one
+    output ulp), and the CPU results are the ones replays and tests pin. On other devices one
+    batched product (their BLAS summation order was never part of the emulation).
+    """
+    if a.device.type != "cpu":
+        return a @ b
+    out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=torch.result_type(a, b), device=a.device)
+    for bi in range(a.shape[0]):
+        for hi in range(a.shape[1]):
+            torch.mm(a[bi, hi], b[bi, hi], out=out[bi, hi])
+    return out
+
+
+def _head_exp2(x: Tensor) -> Tensor:
+    """``exp2`` of a (b, h, ...) tensor; on CPU one call per (batch, head).
+
+    torch's CPU ``exp2`` rounds the vectorised body and the scalar tail of a loop differently
+    (1 ulp), so its result depends on an element's position in the flattened tensor: per head
+    keeps the CPU results those of the per-head emulation. Elsewhere one call.
+    """
+    if x.device.type != "cpu":
+        return torch.exp2(x)
+    out = torch.empty_like(x)
+    for bi in range(x.shape[0]):
+        for hi in range(x.shape[1]):
+            torch.exp2(x[bi, hi], out=out[bi, hi])
+    return out
+
+
+def _t(x: Tensor, k0: int, k1: int) -> Tensor:
+    """Keys ``k0:k1`` of a (b, h, s, d) tensor, transposed to (b, h, d, k1 - k0)."""
+    return x[:, :, k0:k1].transpose(-1, -2)
+
+
 def _online(
+    lead: tuple[int, ...],
     s_q: int,
     s_k: int,
     dv: int,
@@ -139,44 +178,77 @@ def _online(
 ) -> tuple[Tensor, Tensor]:
     """Online softmax in the log2 domain over key tiles; returns (acc, l) in float32.
 
-    ``scores(k0, k1)`` gives the (s_q, k1-k0) log2-domain scores; ``pv(p, k0, k1)`` turns the
-    unnormalised probabilities ``p = exp2(S - m)`` into the tile's (s_q, dv) contribution
-    (quantizing as the kernel does). The row sum ``l`` uses ``p`` before quantization. With
+    All (batch, head) pairs at once: ``lead`` is their shape, (b, h). ``scores(k0, k1)`` gives
+    the (*lead, s_q, k1-k0) log2-domain scores; ``pv(p, k0, k1)`` turns the unnormalised
+    probabilities ``p = exp2(S - m)`` into the tile's (*lead, s_q, dv) contribution (quantizing
+    as the kernel does). The row sum ``l`` uses ``p`` before quantization. With
     ``tail_zero_scores`` a short last tile is padded with score-0 keys that add to ``l`` only.
     """
-    m = torch.full((s_q, 1), -math.inf, dtype=torch.float32, device=device)
-    l = torch.zeros((s_q, 1), dtype=torch.float32, device=device)
-    acc = torch.zeros((s_q, dv), dtype=torch.float32, device=device)
+    m = torch.full((*lead, s_q, 1), -math.inf, dtype=torch.float32, device=device)
+    l = torch.zeros((*lead, s_q, 1), dtype=torch.float32, device=device)
+    acc = torch.zeros((*lead, s_q, dv), dtype=torch.float32, device=device)
     for k0 in range(0, s_k, k_tile):
         k1 = min(s_k, k0 + k_tile)
         s = scores(k0, k1)
         pad = (k_tile - (k1 - k0)) if tail_zero_scores else 0
-        tile_max = s.amax(dim=1, keepdim=True)
+        tile_max = s.amax(dim=-1, keepdim=True)
         if pad:
             tile_max = torch.clamp(tile_max, min=0.0)
         m_new = torch.maximum(m, tile_max)
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp2(s - m_safe)
-        alpha = torch.exp2(m - m_safe)
-        l_tile = p.sum(dim=1, keepdim=True)
+        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
+        p = _head_exp2(s - m_safe)
+        alpha = _head_exp2(m - m_safe)
+        l_tile = p.sum(dim=-1, keepdim=True)
         if pad:
-            l_tile = l_tile + pad * torch.exp2(-m_safe)
+            l_tile = l_tile + pad * _head_exp2(-m_safe)
         l = l * alpha + l_tile
         acc = acc * alpha + pv(p, k0, k1)
         m = m_new
     return acc, l
 
 
+def _head_bytes(s_q: int, s_k: int, d: int, k_tile: int) -> int:
+    """Workspace of one (batch, head) pair: about a dozen float64 temporaries of its Q/K/V-sized
+    and score-tile-sized tensors (the float64 quantization steps; measured ~9x on CPU)."""
+    return 12 * 8 * ((s_q + s_k) * d + s_q * k_tile)
+
+
+def _by_heads(
+    core: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, dict]],
+    qkv: tuple[Tensor, Tensor, Tensor],
+    head_bytes: int,
+) -> tuple[Tensor, dict]:
+    """Run ``core`` on as many (batch, head) pairs at once as fit ``DEFAULT_MEMORY_BUDGET``.
+
+    ``core(q, k, v)`` emulates (b', h', s, d) HND slices and returns (output, intermediates);
+    heads are independent, so the pieces are joined along batch and heads unchanged.
+    """
+    qh, kh, vh = qkv
+    b, h = qh.shape[:2]
+    n = max(1, DEFAULT_MEMORY_BUDGET // max(head_bytes, 1))  # pairs per piece
+    with torch.no_grad(), _ieee_fp32_matmul(qh.device):
+        if n >= b * h:
+            return core(qh, kh, vh)
+        if n >= h:
+            rows = [[(slice(b0, b0 + n // h), slice(None))] for b0 in range(0, b, n // h)]
+        else:
+            rows = [[(slice(bi, bi + 1), slice(h0, h0 + n)) for h0 in range(0, h, n)] for bi in range(b)]
+        parts = [[core(qh[i], kh[i], vh[i]) for i in row] for row in rows]
+
+    def join(pick: Callable[[tuple[Tensor, dict]], Optional[Tensor]]) -> Optional[Tensor]:
+        if pick(parts[0][0]) is None:
+            return None
+        return torch.cat([torch.cat([pick(p) for p in row], dim=1) for row in parts], dim=0)
+
+    return join(lambda p: p[0]), {name: join(lambda p, n=name: p[1][n]) for name in parts[0][0][1]}
+
+
 def _finish(acc: Tensor, l: Tensor) -> Tensor:
-    return acc / torch.where(l > 0, l, torch.ones_like(l))
+    return acc / torch.where(l > 0, l, 1.0)
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-
-
-def _stack(rows: list[list[Tensor]]) -> Tensor:
-    return torch.stack([torch.stack(r) for r in rows])
 
 
 # ---------------------------------------------------------------------------
@@ -200,8 +272,9 @@ def sage_v1(
 
     q: (b, h, s_q, d) for "HND" / (b, s_q, h, d) for "NHD"; k, v likewise with s_k tokens.
     Output: new tensor in the input dtype (float32 stays float32) and layout; with
-    ``return_intermediates`` a ``(out, SageIntermediates)`` tuple. Loops over (batch, head)
-    and 64-key tiles, so memory is O(s_q * (d + k_block)) per step.
+    ``return_intermediates`` a ``(out, SageIntermediates)`` tuple. Emulates as many (batch,
+    head) pairs at once as fit ``attention.DEFAULT_MEMORY_BUDGET`` of workspace (one at least),
+    one 64-key tile at a time.
 
     ``tail_keys_score_zero``: the 1.0.6 Triton kernel loads out-of-range keys of a short last
     tile as zeros without masking their scores, which appears to add ``exp2(0 - m)`` per
@@ -215,52 +288,42 @@ def sage_v1(
     in_dt = q.dtype
     qid, nq = group_ids(s_q, "block", q_block, q.device)
     kid, nk = group_ids(s_k, "block", k_block, q.device)
-    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(in_dt), device=q.device)
-    keep: dict[str, list[list[Tensor]]] = {n: [] for n in ("qv", "qs", "kv", "ks", "vv", "km")}
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
-        for bi in range(b):
-            rows = {n: [] for n in keep}
-            for hi in range(h):
-                kk = kh[bi, hi]
-                if smooth_k:
-                    km = kk.mean(dim=0, keepdim=True)  # in the input dtype, as torch does
-                    kk = kk - km
-                else:
-                    km = None
-                qf = qh[bi, hi].to(torch.float32) * (scale * LOG2E_SAGE)
-                q_codes, q_s = int8_quantize_groups(qf, qid, nq)
-                k_codes, k_s = int8_quantize_groups(kk.to(torch.float32), kid, nk)
-                v16 = vh[bi, hi].to(torch.float16).to(torch.float32)
 
-                def scores(k0: int, k1: int) -> Tensor:
-                    return (q_codes @ k_codes[k0:k1].T) * q_s * k_s[k0:k1].T
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
+        kk, km = kh, None
+        if smooth_k:
+            km = kh.mean(dim=2, keepdim=True)  # in the input dtype, as torch does
+            kk = kh - km
+        qf = qh.to(torch.float32) * (scale * LOG2E_SAGE)
+        q_codes, q_s = int8_quantize_groups(qf, qid, nq)
+        k_codes, k_s = int8_quantize_groups(kk.to(torch.float32), kid, nk)
+        v16 = vh.to(torch.float16).to(torch.float32)
 
-                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
-                    p16 = p.to(torch.float16).to(torch.float32)
-                    return (p16 @ v16[k0:k1]).to(torch.float16).to(torch.float32)
+        def scores(k0: int, k1: int) -> Tensor:
+            # INT8 codes: the float32 sums are exact, so one batched product is bitwise per head
+            return (q_codes @ _t(k_codes, k0, k1)) * q_s * _t(k_s, k0, k1)
 
-                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv, tail_zero_scores=tail_keys_score_zero)
-                out[bi, hi] = _finish(acc, l).to(out.dtype)
-                if return_intermediates:
-                    for key, val in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s)):
-                        rows[key].append(val)
-                    rows["vv"].append(v16)
-                    if km is not None:
-                        rows["km"].append(km.to(torch.float32))
-            for n in keep:
-                keep[n].append(rows[n])
+        def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+            p16 = p.to(torch.float16).to(torch.float32)
+            return _head_mm(p16, v16[:, :, k0:k1]).to(torch.float16).to(torch.float32)
+
+        acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv, tail_zero_scores=tail_keys_score_zero)
+        out = _finish(acc, l).to(_out_dtype(in_dt))
+        if not return_intermediates:
+            return out, {}
+        keep = dict(q_values=q_codes, q_scale=q_s, k_values=k_codes, k_scale=k_s, v_values=v16)
+        return out, dict(keep, k_mean=None if km is None else km.to(torch.float32))
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=1,
-        q_values=_stack(keep["qv"]),
-        q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]),
-        k_scale=_stack(keep["ks"]),
-        v_values=_stack(keep["vv"]),
         v_scale=None,
-        k_mean=_stack(keep["km"]) if smooth_k else None,
+        **it,
         params=dict(
             sm_scale=scale, q_block=q_block, k_block=k_block, smooth_k=smooth_k, q_premultiplied=scale * LOG2E_SAGE
         ),
@@ -317,67 +380,55 @@ def sage_v2(
     else:
         qid, nq = group_ids(s_q, "thread_q", q_warp, q.device)
         kid, nk = group_ids(s_k, "thread_k", k_block, q.device)
-    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(q.dtype), device=q.device)
-    names = ("qv", "qs", "kv", "ks", "vv", "vs", "km", "vm")
-    keep: dict[str, list[list[Tensor]]] = {n: [] for n in names}
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
-        for bi in range(b):
-            rows = {n: [] for n in names}
-            for hi in range(h):
-                kf = kh[bi, hi].to(torch.float32)
-                km = None
-                if smooth_k:
-                    km = kh[bi, hi].mean(dim=0, keepdim=True).to(torch.float32)
-                    kf = kf - km
-                q_codes, q_s = int8_quantize_groups(qh[bi, hi].to(torch.float32), qid, nq)
-                k_codes, k_s = int8_quantize_groups(kf, kid, nk)
-                vf = vh[bi, hi].to(torch.float32)
-                vm = None
-                if smooth_v:
-                    vm = vf.mean(dim=0, keepdim=True)
-                    vf = vf - vm
-                v_amax = vf.abs().amax(dim=0, keepdim=True)
-                v_s = amax_to_scale(v_amax, v_scale_max)
-                v_q = round_to_format(vf / v_s, "e4m3")
-                sl = scale * LOG2E_SAGE
 
-                def scores(k0: int, k1: int) -> Tensor:
-                    return (q_codes @ k_codes[k0:k1].T) * q_s * k_s[k0:k1].T * sl
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
+        kf = kh.to(torch.float32)
+        km = None
+        if smooth_k:
+            km = kh.mean(dim=2, keepdim=True).to(torch.float32)
+            kf = kf - km
+        q_codes, q_s = int8_quantize_groups(qh.to(torch.float32), qid, nq)
+        k_codes, k_s = int8_quantize_groups(kf, kid, nk)
+        vf = vh.to(torch.float32)
+        vm = None
+        if smooth_v:
+            vm = vf.mean(dim=2, keepdim=True)
+            vf = vf - vm
+        v_amax = vf.abs().amax(dim=2, keepdim=True)
+        v_s = amax_to_scale(v_amax, v_scale_max)
+        v_q = round_to_format(vf / v_s, "e4m3")
+        sl = scale * LOG2E_SAGE
 
-                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
-                    p8 = round_to_format(p * _P_FP8_SCALE, "e4m3")
-                    t = p8 @ v_q[k0:k1]
-                    if pv_accum_dtype == "fp32+fp16":
-                        t = t.to(torch.float16).to(torch.float32)
-                    return t
+        def scores(k0: int, k1: int) -> Tensor:
+            # INT8 codes: the float32 sums are exact, so one batched product is bitwise per head
+            return (q_codes @ _t(k_codes, k0, k1)) * q_s * _t(k_s, k0, k1) * sl
 
-                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv)
-                o = _finish(acc, l) * (v_s / _P_FP8_SCALE)
-                if vm is not None:
-                    o = o + vm
-                out[bi, hi] = o.to(out.dtype)
-                if return_intermediates:
-                    for n, t in (("qv", q_codes), ("qs", q_s), ("kv", k_codes), ("ks", k_s), ("vv", v_q), ("vs", v_s)):
-                        rows[n].append(t)
-                    if km is not None:
-                        rows["km"].append(km)
-                    if vm is not None:
-                        rows["vm"].append(vm)
-            for n in names:
-                keep[n].append(rows[n])
+        def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+            p8 = round_to_format(p * _P_FP8_SCALE, "e4m3")
+            t = _head_mm(p8, v_q[:, :, k0:k1])
+            if pv_accum_dtype == "fp32+fp16":
+                t = t.to(torch.float16).to(torch.float32)
+            return t
+
+        acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv)
+        out = _finish(acc, l) * (v_s / _P_FP8_SCALE)
+        if vm is not None:
+            out = out + vm
+        out = out.to(_out_dtype(q.dtype))
+        if not return_intermediates:
+            return out, {}
+        keep = dict(q_values=q_codes, q_scale=q_s, k_values=k_codes, k_scale=k_s, v_values=v_q, v_scale=v_s)
+        return out, dict(keep, k_mean=km, v_mean=vm)
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=2,
-        q_values=_stack(keep["qv"]),
-        q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]),
-        k_scale=_stack(keep["ks"]),
-        v_values=_stack(keep["vv"]),
-        v_scale=_stack(keep["vs"]),
-        k_mean=_stack(keep["km"]) if smooth_k else None,
-        v_mean=_stack(keep["vm"]) if smooth_v else None,
+        **it,
         params=dict(
             sm_scale=scale,
             qk_quant_gran=qk_quant_gran,
@@ -445,70 +496,53 @@ def sage_v3(
     in_dt = q.dtype
     sq_pad = -(-s_q // q_block) * q_block if per_block_mean else s_q
     sv_pad = -(-s_k // 16) * 16
-    out = torch.empty((b, h, s_q, dv), dtype=_out_dtype(in_dt), device=q.device)
-    names = ("qv", "qs", "kv", "ks", "vv", "vs", "km", "qm")
-    keep: dict[str, list[list[Tensor]]] = {n: [] for n in names}
-    with torch.no_grad(), _ieee_fp32_matmul(q.device):
-        for bi in range(b):
-            rows = {n: [] for n in names}
-            for hi in range(h):
-                kk = kh[bi, hi]
-                km = kk.mean(dim=0, keepdim=True)
-                kk = kk - km  # input dtype, like the kernel's in-place update
-                qq = torch.nn.functional.pad(qh[bi, hi], (0, 0, 0, sq_pad - s_q))
-                if per_block_mean:
-                    blocks = qq.to(torch.float32).reshape(sq_pad // q_block, q_block, d)
-                    qm = blocks.mean(dim=1).to(in_dt)  # (n_blocks, d)
-                    qm_tok = torch.repeat_interleave(qm, q_block, dim=0)
-                else:
-                    qm = qq.mean(dim=0, keepdim=True)
-                    qm_tok = qm.expand(sq_pad, d)
-                qs = (qq - qm_tok)[:s_q]
-                qm_rows = qm_tok[:s_q]
-                q_dq, q_vals, q_sc = _nvfp4_dq(qs.to(torch.float32), axis=-1)
-                k_dq, k_vals, k_sc = _nvfp4_dq(kk.to(torch.float32), axis=-1)
-                vf = torch.nn.functional.pad(vh[bi, hi].to(torch.float32), (0, 0, 0, sv_pad - s_k))
-                v_dq, v_vals, v_sc = _nvfp4_dq(vf, axis=0)
-                sl = scale * LOG2E_SAGE
+    pad_tokens = torch.nn.functional.pad
 
-                def scores(k0: int, k1: int) -> Tensor:
-                    # correction mean . k^T in the input dtype, then float32 (as the kernel's
-                    # matmul), one key tile at a time so no (s_q, s_k) matrix is materialised
-                    delta = (qm_rows @ kk[k0:k1].T).to(torch.float32)
-                    return (q_dq @ k_dq[k0:k1].T + delta) * sl
+    def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
+        b, h = qh.shape[:2]
+        km = kh.mean(dim=2, keepdim=True)
+        kk = kh - km  # input dtype, like the kernel's in-place update
+        qq = pad_tokens(qh, (0, 0, 0, sq_pad - s_q))
+        if per_block_mean:
+            blocks = qq.to(torch.float32).reshape(b, h, sq_pad // q_block, q_block, d)
+            qm = blocks.mean(dim=3).to(in_dt)  # (b, h, n_blocks, d)
+            qm_tok = torch.repeat_interleave(qm, q_block, dim=2)
+        else:
+            qm = qq.mean(dim=2, keepdim=True)
+            qm_tok = qm.expand(b, h, sq_pad, d)
+        qs = (qq - qm_tok)[:, :, :s_q]
+        qm_rows = qm_tok[:, :, :s_q]
+        q_dq, q_vals, q_sc = _nvfp4_dq(qs.to(torch.float32), axis=-1)
+        k_dq, k_vals, k_sc = _nvfp4_dq(kk.to(torch.float32), axis=-1)
+        vf = pad_tokens(vh.to(torch.float32), (0, 0, 0, sv_pad - s_k))
+        v_dq, v_vals, v_sc = _nvfp4_dq(vf, axis=2)
+        sl = scale * LOG2E_SAGE
 
-                def pv(p: Tensor, k0: int, k1: int) -> Tensor:
-                    return _quant_p_fp4(p) @ v_dq[k0:k1]
+        def scores(k0: int, k1: int) -> Tensor:
+            # correction mean . k^T in the input dtype, then float32 (as the kernel's
+            # matmul), one key tile at a time so no (s_q, s_k) matrix is materialised
+            delta = _head_mm(qm_rows, _t(kk, k0, k1)).to(torch.float32)
+            return (_head_mm(q_dq, _t(k_dq, k0, k1)) + delta) * sl
 
-                acc, l = _online(s_q, s_k, dv, k_block, q.device, scores, pv)
-                out[bi, hi] = _finish(acc, l).to(out.dtype)
-                if return_intermediates:
-                    for n, t in (
-                        ("qv", q_vals),
-                        ("qs", q_sc),
-                        ("kv", k_vals),
-                        ("ks", k_sc),
-                        ("vv", v_vals[:s_k]),
-                        ("vs", v_sc),
-                        ("km", km.to(torch.float32)),
-                        ("qm", qm.to(torch.float32)),
-                    ):
-                        rows[n].append(t)
-            for n in names:
-                keep[n].append(rows[n])
+        def pv(p: Tensor, k0: int, k1: int) -> Tensor:
+            return _head_mm(_quant_p_fp4(p), v_dq[:, :, k0:k1])
+
+        acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv)
+        out = _finish(acc, l).to(_out_dtype(in_dt))
+        if not return_intermediates:
+            return out, {}
+        v_vals = v_vals[:, :, :s_k].contiguous()
+        keep = dict(q_values=q_vals, q_scale=q_sc, k_values=k_vals, k_scale=k_sc, v_values=v_vals)
+        return out, dict(keep, v_scale=v_sc, k_mean=km.to(torch.float32), q_mean=qm.to(torch.float32))
+
+    out, it = _by_heads(core, (qh, kh, vh), _head_bytes(s_q, s_k, max(d, dv), k_block))
     o = from_hnd(out, layout)
     if not return_intermediates:
         return o
     inter = SageIntermediates(
         version=3,
-        q_values=_stack(keep["qv"]),
-        q_scale=_stack(keep["qs"]),
-        k_values=_stack(keep["kv"]),
-        k_scale=_stack(keep["ks"]),
-        v_values=_stack(keep["vv"]),
-        v_scale=_stack(keep["vs"]),
-        k_mean=_stack(keep["km"]),
-        q_mean=_stack(keep["qm"]),
+        **it,
         params=dict(
             sm_scale=scale, per_block_mean=per_block_mean, q_block=q_block, k_block=k_block, p_scale=_P_FP4_SCALE
         ),

@@ -117,6 +117,22 @@ def test_nan_propagates_and_signed_zero_is_kept() -> None:
     assert (out[1:] == 0).all()
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e2m1"])
+def test_input_extremes_of_every_dtype(fmt: str, dt: torch.dtype) -> None:
+    # the input dtype's own subnormals are far below every format's quantum: they become zeros of
+    # their sign; its largest finite values and infinities saturate; NaN stays NaN; dtype is kept
+    fi, fmax = torch.finfo(dt), fm.FORMATS[fmt].max
+    tiny = fi.smallest_normal * fi.eps  # smallest subnormal
+    x = torch.tensor([tiny, -tiny, 3 * tiny, fi.max, -fi.max, math.inf, -math.inf, math.nan], dtype=dt)
+    out = fm.round_to_format(x, fmt)
+    assert out.dtype == dt
+    assert out[:3].tolist() == [0.0, 0.0, 0.0]
+    assert torch.signbit(out[:3]).tolist() == [False, True, False]
+    assert out[3:7].tolist() == [fmax, -fmax, fmax, -fmax]
+    assert math.isnan(out[7].item())
+
+
 def test_e2m1_grid_is_exactly_the_fifteen_values() -> None:
     expected = sorted({s * v for s in (-1, 1) for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)})
     assert fm.representable_values("e2m1").tolist() == expected
@@ -247,6 +263,28 @@ def test_nvfp4_round_trip(seed: int, spread: float, global_scale, axis: int) -> 
     s = qt.expanded_scale().double()
     err = (fm.dequantize(qt, torch.float64) - x.double()).abs()
     assert _within_half_step(err, x, s, "e2m1")
+
+
+@pytest.mark.parametrize("global_scale", [None, 0.25])
+def test_nvfp4_nan_zero_and_tiny_blocks(global_scale) -> None:
+    # per 16-element block: a NaN makes only its own block NaN once dequantized; an all-zero block
+    # and one below E4M3's resolution (scale rounds to 0) are stored as +0; the others round-trip
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    x[0, 5] = math.nan
+    x[1] = 0.0
+    x[2] = 1e-6 * torch.sign(x[2])
+    qt = fm.quantize_nvfp4(x.reshape(-1), global_scale=global_scale)
+    deq = fm.dequantize(qt, torch.float64).reshape(4, 16)
+    assert torch.isnan(deq[0]).all() and not torch.isnan(deq[1:]).any()
+    assert qt.scale[1:3].tolist() == [0.0, 0.0]
+    assert torch.equal(_bits64(deq[1:3]), torch.zeros(2, 16, dtype=torch.int64))  # +0, not -0
+    gsc = 1.0 if global_scale is None else global_scale
+    # |x / s| <= 6: at most half the largest E2M1 step (4 -> 6) times the block's scale
+    assert ((deq[3] - x[3].double()).abs() <= qt.scale[3].double() * gsc).all()
+
+
+def _bits64(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int64)
 
 
 @pytest.mark.parametrize("kind,fmt", [("mxfp4", "e2m1"), ("mxfp8", "e4m3")])

@@ -13,6 +13,7 @@ import torch
 from harness.reference.attention import attention
 from harness.reference.formats import FORMATS, dequantize, is_representable, quantize_nvfp4
 from harness.reference.metrics import cosine, error_report
+from harness.reference import sage
 from harness.reference.sage import group_ids, sage_v1, sage_v2, sage_v3
 
 from helpers import hard_permutation_attention
@@ -227,3 +228,73 @@ def test_v2_smooth_v_is_ignored_outside_fp32_accumulation() -> None:
     smoothed = error_report(sage_v2(q, k, vb, pv_accum_dtype="fp32", smooth_v=True), exact)
     plain = error_report(sage_v2(q, k, vb, pv_accum_dtype="fp32"), exact)
     assert smoothed.rmse < plain.rmse, (smoothed.rmse, plain.rmse)
+
+
+# --- heads and batch entries are independent -----------------------------------------
+
+#: every version plus the options that change which tensors are grouped together
+INDEPENDENT = {
+    **VERSIONS,
+    "v1_raw_tail_quirk": lambda q, k, v, **kw: sage_v1(q, k, v, smooth_k=False, tail_keys_score_zero=True, **kw),
+    "v2_smooth_v": lambda q, k, v, **kw: sage_v2(
+        q, k, v, qk_quant_gran="per_warp", pv_accum_dtype="fp32", smooth_v=True, **kw
+    ),
+    "v3_one_mean": lambda q, k, v, **kw: sage_v3(q, k, v, per_block_mean=False, k_block=32, **kw),
+}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (so -0 differs from +0)."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.dtype.itemsize])
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("name", list(INDEPENDENT))
+def test_a_batch_is_emulated_head_by_head(name: str, layout: str) -> None:
+    """The emulation of a (b, h) batch equals, slice by slice and bitwise, the emulation of each
+    (1, 1) head alone: no scale, mean, max or tile is shared across heads or batch entries."""
+    b, h, s_q, s_k, d = 2, 3, 70, 90, 32  # lengths that are no multiple of any block or tile
+    g = torch.Generator().manual_seed(12)
+    # every head at its own magnitude and channel bias, so a statistic shared across heads shows
+    mag = (2.0 ** torch.arange(b * h, dtype=torch.float32)).reshape(b, h, 1, 1)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) * mag for s in (s_q, s_k, s_k))
+    k = k + torch.randn(b, h, 1, d, generator=g) * 4
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q[0, 1, :5] = 0.0  # zero tokens (scale-1 groups) in one head only
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    fn = INDEPENDENT[name]
+    out, it = fn(q, k, v, layout=layout, return_intermediates=True)
+    fields = [
+        f for f in ("q_values", "q_scale", "k_values", "k_scale", "v_values", "v_scale") if getattr(it, f) is not None
+    ]
+    fields += [f for f in ("k_mean", "v_mean", "q_mean") if getattr(it, f) is not None]
+    for bi in range(b):
+        for hi in range(h):
+            idx = (
+                (slice(bi, bi + 1), slice(hi, hi + 1))
+                if layout == "HND"
+                else (slice(bi, bi + 1), slice(None), slice(hi, hi + 1))
+            )
+            one_out, one = fn(q[idx], k[idx], v[idx], layout=layout, return_intermediates=True)
+            assert torch.equal(_bits(out[idx]), _bits(one_out)), f"{name}: output of head ({bi}, {hi})"
+            for f in fields:  # intermediates are HND whatever the layout
+                whole = getattr(it, f)[bi : bi + 1, hi : hi + 1]
+                assert torch.equal(_bits(whole), _bits(getattr(one, f))), f"{name}: {f} of head ({bi}, {hi})"
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 4])
+@pytest.mark.parametrize("name", ["v1", "v2_smooth_v", "v3"])
+def test_a_batch_split_to_fit_the_memory_budget_is_unchanged(name: str, pairs: int, monkeypatch) -> None:
+    """Under a budget of ``pairs`` (batch, head) pairs per piece (1: one head at a time; 2: head
+    groups; 4 with 3 heads: whole batch entries) output and intermediates are those of one piece."""
+    q, k, v = (t.repeat(2, 1, 1, 1) for t in _qkv(13, s_q=40, s_k=50, d=32, h=3))
+    fn = INDEPENDENT[name]
+    whole, it = fn(q, k, v, return_intermediates=True)
+    monkeypatch.setattr(sage, "_head_bytes", lambda *a: 1)
+    monkeypatch.setattr(sage, "DEFAULT_MEMORY_BUDGET", pairs)
+    split, it2 = fn(q, k, v, return_intermediates=True)
+    assert torch.equal(_bits(whole), _bits(split))
+    for f in ("q_values", "q_scale", "k_values", "k_scale", "v_values", "v_scale", "k_mean", "v_mean", "q_mean"):
+        a, b = getattr(it, f), getattr(it2, f)
+        assert (a is None and b is None) or torch.equal(_bits(a), _bits(b)), f
