@@ -336,12 +336,18 @@ def attribution_rerun(
 def _run_cancellable(
     cmd: list[str], env: Mapping[str, str], timeout: float, cancel: threading.Event | None
 ) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop."""
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop.
+
+    The command runs in its own process group, and a cancel or timeout kills the whole group: ``compute-sanitizer``
+    runs the case in a child of its own, which would otherwise go on holding the output pipes (and the caller)
+    until its case ended."""
     if cancel is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if cancel.is_set():
         raise Cancelled("cancelled before it started")
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as proc:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -349,7 +355,10 @@ def _run_cancellable(
                 return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
             except subprocess.TimeoutExpired:
                 if cancel.is_set() or time.monotonic() >= deadline:
-                    proc.kill()
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                     out, err = proc.communicate()
                     if cancel.is_set():
                         raise Cancelled("killed: cancelled while running") from None

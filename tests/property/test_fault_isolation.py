@@ -283,6 +283,27 @@ def test_fresh_process_run_is_killed_by_its_cancel_event(tmp_path):
         timer.cancel()
 
 
+def test_a_cancelled_rerun_ends_with_the_children_of_its_process(tmp_path):
+    """compute-sanitizer runs the case in a child process of its own: a cancel must end that child too, not wait
+    for it (it holds the output pipes) until its case is over."""
+    import threading
+
+    from harness.runner.fresh import _run_cancellable
+    from harness.runner.pool import Cancelled
+
+    ended = tmp_path / "ended-by-itself"
+    cmd = ["sh", "-c", f"(sleep 20; touch {ended}) & wait"]  # a wrapper whose child holds stdout for 20 s
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
+    try:
+        with pytest.raises(Cancelled, match="while running"):
+            _run_cancellable(cmd, dict(os.environ), 600, stop)  # returns once every holder of the pipes is gone
+    finally:
+        timer.cancel()
+    assert not ended.exists(), "the cancel waited for the rerun's child to finish instead of ending it"
+
+
 def test_failure_over_the_size_cap_is_saved_without_generating_its_values(tmp_path, monkeypatch):
     import harness.runner.casefiles as casefiles
     from harness.verdicts import Result
