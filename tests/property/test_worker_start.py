@@ -31,9 +31,9 @@ def _ppid(pid: int) -> int:
 
 
 @needs_forkserver
-def test_workers_are_forked_from_a_fork_server_by_default(monkeypatch):
+def test_cpu_workers_are_forked_from_a_fork_server_by_default(monkeypatch):
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
-    assert default_start_method() == "forkserver"
+    assert default_start_method(["cpu"]) == "forkserver"
     with WorkerPool("cpu", 2, spares=0, attribute=False) as p:
         results = p.run([case("cpu.scale", seed=s) for s in range(4)])
         workers = p.workers()
@@ -150,6 +150,16 @@ def test_apply_env_sets_and_removes(monkeypatch):
     worker_mod._apply_env(want)
     assert "HARNESS_TEST_GONE" not in os.environ and os.environ["HARNESS_TEST_KEPT"] == "new"
     assert dict(os.environ) == want
+
+
+def test_gpu_pools_spawn_unless_asked_to_fork(monkeypatch):
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert default_start_method(["cuda:0"]) == "spawn"
+    assert default_start_method(["cpu", "cuda:1"]) == "spawn"
+    monkeypatch.setenv(START_METHOD_ENV, "forkserver")
+    assert default_start_method(["cuda:0"]) == "forkserver"
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert default_start_method(["cpu"]) == "spawn"
 
 
 def test_spawn_is_a_choice_and_a_bad_one_is_named(monkeypatch):
