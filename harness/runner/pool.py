@@ -232,9 +232,10 @@ class WorkerPool:
     ``start_method``: "forkserver" (the default for CPU pools on Linux; GPU pools start "spawn" unless asked, see
     :func:`default_start_method`): workers are forked from a server that imported torch and the harness once, so a
     replacement costs its CUDA context, not a fresh interpreter (~9 s on a loaded GPU host). Each forked worker
-    takes the caller's environment at its start; one that cannot stand in for a fresh interpreter (the server touched CUDA, or a variable read at import time
-    changed: :func:`harness.runner.worker.fork_unfit`) exits, and the pool starts "spawn" workers from then on
-    (``start_fallback`` says why). "spawn": a fresh interpreter per worker.
+    takes the caller's environment at its start; one that cannot stand in for a fresh interpreter (the server
+    touched CUDA, or a variable read at import time changed: :func:`harness.runner.worker.fork_unfit`) exits, and
+    the pool starts "spawn" workers from then on (``start_fallback`` says why). "spawn": a fresh interpreter per
+    worker.
 
     A case's timeout runs from the moment its worker acknowledges it (not while it waits in a queue or a
     worker starts). A worker that dies before acknowledging a case has not started it: the case is sent
