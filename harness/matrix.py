@@ -978,6 +978,8 @@ def run_matrix(
                 why = _close_pool(pool, POOL_CLOSE_WAIT_S)
                 if why:
                     warn(why)
+                if getattr(pool, "start_fallback", None):
+                    warn(f"worker processes were started fresh instead of forked: {pool.start_fallback}")
             if attr_exec is not None:  # the pool is closed: a rerun still going was cancelled (its example says so)
                 attr_exec.shutdown(wait=True)
             if phase is not None:  # the pool is closed: each search ends at its next case

@@ -333,36 +333,59 @@ def attribution_rerun(
     return plain
 
 
+#: process groups of the fresh runs going on now (their leader's pid): ended with this process (SIGTERM)
+_LIVE_GROUPS: set[int] = set()
+
+
+def kill_live_runs() -> None:
+    """End every fresh run still going, whole process groups (this process is about to exit)."""
+    for pgid in list(_LIVE_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _run_cancellable(
     cmd: list[str], env: Mapping[str, str], timeout: float, cancel: threading.Event | None
 ) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that ``cancel`` can stop.
 
     The command runs in its own process group, and a cancel or timeout kills the whole group: ``compute-sanitizer``
-    runs the case in a child of its own, which would otherwise go on holding the output pipes (and the caller)
-    until its case ended."""
-    if cancel is None:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if cancel.is_set():
+    runs the case in a child of its own, which would otherwise go on holding the output pipes (and the caller, and
+    its GPU) until its case ended. Ctrl-C reaches the caller, which cancels; SIGTERM ends them (:func:`kill_live_runs`).
+    """
+    if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before it started")
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     ) as proc:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                out, err = proc.communicate(timeout=0.2)
-                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-            except subprocess.TimeoutExpired:
-                if cancel.is_set() or time.monotonic() >= deadline:
+        _LIVE_GROUPS.add(proc.pid)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=0.2)
+                    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+                except subprocess.TimeoutExpired:
+                    cancelled = cancel is not None and cancel.is_set()
+                    if cancelled or time.monotonic() >= deadline:
+                        try:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                        out, err = proc.communicate()
+                        if cancelled:
+                            raise Cancelled("killed: cancelled while running") from None
+                        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+                except KeyboardInterrupt:  # Ctrl-C reaches this process only: end the run with it
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                    out, err = proc.communicate()
-                    if cancel.is_set():
-                        raise Cancelled("killed: cancelled while running") from None
-                    raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+                    raise
+        finally:
+            _LIVE_GROUPS.discard(proc.pid)
 
 
 def _sanitizer_report(text: str) -> str:

@@ -37,12 +37,14 @@ runs) and :mod:`harness.runner.procs` (child environment, temp folders, exit hoo
 
 import collections
 import dataclasses
+import functools
 import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -122,6 +124,8 @@ SPARE_WINDOW_S = 60.0
 START_METHOD_ENV = "HARNESS_WORKER_START"
 #: what the fork server imports once (torch, torch._dynamo, the harness's own modules)
 PRELOAD_MODULE = "harness.runner.preload"
+#: forked worker starts on a device that fail in a row before the pool starts fresh interpreters instead
+FORKED_START_FAILURES = 2
 
 
 def default_start_method(devices: Sequence[str] = ()) -> str:
@@ -537,7 +541,7 @@ class WorkerPool:
             parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
             proc = multiprocessing.get_context(method).Process(
                 target=worker_main,
-                args=(child_conn, device, name, log_path, self._threads, env),
+                args=(child_conn, device, name, log_path, self._threads, env, _caller_files() if env else None),
                 name=f"harness-worker-{name}",
                 daemon=True,
             )
@@ -717,6 +721,8 @@ class WorkerPool:
         now = time.monotonic()
         dev = w.device
         self._start_failures[dev] += 1
+        if w.start_method == "forkserver" and self._start_failures[dev] >= FORKED_START_FAILURES:
+            self._give_up_forking(f"{self._start_failures[dev]} forked worker starts in a row failed: {why[:200]}")
         self._first_failure.setdefault(dev, now)
         self._start_errors[dev] = why
         self._next_start[dev] = now + min(MAX_START_BACKOFF, START_BACKOFF * 2 ** (self._start_failures[dev] - 1))
@@ -996,6 +1002,15 @@ class WorkerPool:
 
     def _on_death(self, w: _Worker) -> None:
         code = w.proc.exitcode
+        if w.start_method == "forkserver" and not w.fork_unfit and not _fork_server_alive():
+            # the server's death took its forked workers with it (their parent-death signal): no case is to blame
+            self._give_up_forking(f"the fork server died ({_exit_text(code)} for its workers)")
+            if w.state == "retiring":
+                pass
+            elif w.state != "starting":
+                self._lose(w, "the fork server died", 0)
+            self._reap(w)
+            return
         if w.state == "starting" and w.fork_unfit:
             self._give_up_forking(w.fork_unfit)  # not a failed start: its replacement is a fresh interpreter
         elif w.state == "starting":
@@ -1100,6 +1115,40 @@ _RERUN_KEYS = (
 _PRELOAD_LOCK = threading.Lock()
 #: the environment the running fork server started with, when this process started it (pid -> environ)
 _SERVER_ENVS: dict[int, dict[str, str]] = {}
+
+
+def _fork_server_alive() -> bool:
+    """Whether the fork server this process started is still running (a zombie counts as gone; it is not reaped
+    here: ``forkserver.ensure_running`` does that)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+@functools.lru_cache(maxsize=1)
+def _caller_files() -> dict[str, str | None]:
+    """The files this process imports ``harness`` and ``torch`` from (a forked worker checks its server's)."""
+    import importlib.util
+
+    import harness
+
+    torch_mod = sys.modules.get("torch")
+    spec = None if torch_mod is not None else importlib.util.find_spec("torch")
+    return {
+        "harness": getattr(harness, "__file__", None),
+        "torch": getattr(torch_mod, "__file__", None) if torch_mod is not None else (spec.origin if spec else None),
+    }
 
 
 def _fork_server_env() -> dict[str, str] | None:

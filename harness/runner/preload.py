@@ -18,20 +18,19 @@ import os
 
 SERVER_ENV = dict(os.environ)
 PRELOAD_ERROR: str | None = None
-READ_AT_IMPORT: frozenset[str] = frozenset()
+_read: set[str] = set()
 
 
-def _preload() -> frozenset[str]:
+def _preload() -> None:
     environ_type = type(os.environ)
     get, contains = environ_type.__getitem__, environ_type.__contains__
-    read: set[str] = set()
 
     def recorded_get(self, key):
-        read.add(key)
+        _read.add(key)
         return get(self, key)
 
     def recorded_contains(self, key):
-        read.add(key)
+        _read.add(key)
         return contains(self, key)
 
     environ_type.__getitem__, environ_type.__contains__ = recorded_get, recorded_contains
@@ -45,10 +44,19 @@ def _preload() -> frozenset[str]:
             importlib.import_module(mod)
     finally:
         environ_type.__getitem__, environ_type.__contains__ = get, contains
-    return frozenset(read)
 
 
 try:
-    READ_AT_IMPORT = _preload()
+    _preload()
 except Exception as e:  # noqa: BLE001 - a broken import is the child's to report, in its own start
     PRELOAD_ERROR = f"{type(e).__name__}: {e}"
+#: what the imports read, also those of an import that then failed
+READ_AT_IMPORT: frozenset[str] = frozenset(_read)
+#: asked here, in the server, after its imports: a forked child cannot ask its own driver (CUDA after fork is undefined)
+CUDA_INITIALIZED: bool = False
+try:
+    from harness.runner.worker import _cuda_driver_initialized
+
+    CUDA_INITIALIZED = _cuda_driver_initialized()
+except Exception:  # noqa: BLE001 - the worker module did not import: the child's start reports it
+    pass

@@ -106,6 +106,9 @@ def _close_all_at_exit() -> None:
 def _on_sigterm(signum: int, frame: Any) -> None:
     for pool in list(_LIVE_POOLS):
         pool._end_workers_now()
+    from harness.runner.fresh import kill_live_runs
+
+    kill_live_runs()  # attribution reruns and replays run in process groups of their own
     for path in list(_LIVE_TMP):
         _drop_tmp(path)
     if signal.getsignal(signal.SIGTERM) is _on_sigterm:

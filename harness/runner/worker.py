@@ -79,15 +79,21 @@ NATIVE_IMPORT_ENV = ("TORCH_", "PYTORCH_", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_
 SELF_SET_ENV = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
 
 
-def fork_unfit(env: Mapping[str, str]) -> str | None:
+def fork_unfit(env: Mapping[str, str], files: Mapping[str, str | None] | None = None) -> str | None:
     """Why this process, forked from the pool's fork server, cannot stand in for a fresh interpreter started with
-    ``env`` (None when it can): the server initialised the CUDA driver (a forked child cannot use it), or a
-    variable read at import time differs between ``env`` and the server's start."""
-    if _cuda_driver_initialized():
-        return "the fork server had initialised the CUDA driver (a forked process cannot use it)"
-    from harness.runner.preload import READ_AT_IMPORT, SERVER_ENV
+    ``env`` (None when it can): the server initialised the CUDA driver (a forked child cannot use it), a variable
+    read at import time differs between ``env`` and the server's start, or the server imported a module from
+    another file than the caller would (``files``: module name -> the caller's file for it, e.g. another checkout)."""
+    from harness.runner import preload
 
-    changed = import_time_env_changes(SERVER_ENV, env, READ_AT_IMPORT)
+    if preload.CUDA_INITIALIZED:
+        return "the fork server had initialised the CUDA driver (a forked process cannot use it)"
+    for name, want in (files or {}).items():
+        mod = sys.modules.get(name)
+        have = getattr(mod, "__file__", None) if mod is not None else None
+        if have is not None and want is not None and os.path.realpath(have) != os.path.realpath(want):
+            return f"the fork server imported {name} from {have}, the caller's is {want}"
+    changed = import_time_env_changes(preload.SERVER_ENV, env, preload.READ_AT_IMPORT)
     if changed:
         return f"{', '.join(changed[:5])} changed since the fork server started (read when torch is imported)"
     return None
@@ -259,6 +265,7 @@ def worker_main(
     log_path: str | None = None,
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
+    files: Mapping[str, str | None] | None = None,
 ) -> None:
     """Loop of a pool worker (the target of its ``spawn`` or ``forkserver`` process). Never returns normally;
     exits the process.
@@ -266,14 +273,15 @@ def worker_main(
     ``threads``: torch intra-op threads for this worker (the pool divides the cores among its
     workers; oversubscribed OpenMP threads spin and make small cases 50x slower).
     ``env``: given when the worker was forked from the pool's fork server: the caller's environment at the start,
-    applied before anything reads it. When the fork cannot stand in for a fresh interpreter
+    applied before anything reads it; ``files``: the caller's files for the preloaded modules. When the fork cannot
+    stand in for a fresh interpreter
     (:func:`fork_unfit`) the worker says ``("fork_unfit", why)`` and exits; the pool then starts fresh ones.
     """
     _redirect_stderr(log_path)
     _die_with_parent()
     _watch_parent()
     if env is not None:
-        why = fork_unfit(env)
+        why = fork_unfit(env, files)
         if why is not None:
             conn.send(("fork_unfit", why))
             os._exit(EXIT_INIT_FAILED)

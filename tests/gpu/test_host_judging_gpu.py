@@ -31,12 +31,12 @@ def test_the_report_does_not_depend_on_where_it_was_computed(n, monkeypatch):
     ref = torch.randn(n, device="cuda", generator=g, dtype=torch.float64)
     out = (ref + 1e-3 * torch.randn(n, device="cuda", generator=g, dtype=torch.float64)).to(torch.bfloat16)
     out[::97] = float("nan")
-    here = error_report(out, ref)
+    on_host = error_report(out.cpu(), ref.cpu())
     monkeypatch.setattr(metrics, "HOST_JUDGE_ELEMENTS", 0)  # never on the host: the GPU path
     on_gpu = error_report(out, ref)
-    assert here.nonfinite_out == on_gpu.nonfinite_out == len(range(0, n, 97))
-    assert here.max_abs == on_gpu.max_abs  # a max does not depend on the order of reduction
+    assert on_host.nonfinite_out == on_gpu.nonfinite_out == len(range(0, n, 97))
+    assert on_host.max_abs == on_gpu.max_abs  # a max does not depend on the order of reduction
     for name in ("mean_abs", "rmse", "rel_l1", "cosine", "sqnr_db"):
-        a, b = getattr(here, name), getattr(on_gpu, name)
+        a, b = getattr(on_host, name), getattr(on_gpu, name)
         # float64 sums of n terms in another order: within n ulps of the larger
         assert math.isclose(a, b, rel_tol=n * 2.0**-52, abs_tol=0.0), (name, a, b)

@@ -304,6 +304,29 @@ def test_a_cancelled_rerun_ends_with_the_children_of_its_process(tmp_path):
     assert not ended.exists(), "the cancel waited for the rerun's child to finish instead of ending it"
 
 
+def test_fresh_runs_going_on_are_ended_with_their_children_when_this_process_is_terminated(tmp_path):
+    """What the SIGTERM hook calls (``kill_live_runs``): the whole group of each fresh run ends, the caller's
+    ``_run_cancellable`` returns, and nothing of the run lingers."""
+    import threading
+
+    from harness.runner.fresh import _LIVE_GROUPS, _run_cancellable, kill_live_runs
+
+    ended = tmp_path / "ended-by-itself"
+    cmd = ["sh", "-c", f"(sleep 20; touch {ended}) & wait"]
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(_run_cancellable(cmd, dict(os.environ), 600, None)))
+    t.start()
+    for _ in range(200):  # until the run has registered its group (a condition, polled)
+        if _LIVE_GROUPS:
+            break
+        t.join(0.05)
+    assert _LIVE_GROUPS, "the fresh run never registered its process group"
+    kill_live_runs()
+    t.join(30)
+    assert not t.is_alive() and done and done[0].returncode < 0, done
+    assert not ended.exists() and not _LIVE_GROUPS
+
+
 def test_failure_over_the_size_cap_is_saved_without_generating_its_values(tmp_path, monkeypatch):
     import harness.runner.casefiles as casefiles
     from harness.verdicts import Result

@@ -110,13 +110,19 @@ def test_fork_unfit_names_the_changed_variables_an_import_reads_only(monkeypatch
     server = {"OMP_NUM_THREADS": "2", "HOME": "/a", "PYTHONPATH": "/x", "TORCHDYNAMO_VERBOSE": "0"}
     monkeypatch.setattr(preload, "SERVER_ENV", server)
     monkeypatch.setattr(preload, "READ_AT_IMPORT", frozenset({"TORCHDYNAMO_VERBOSE", "TORCHINDUCTOR_CACHE_DIR"}))
-    monkeypatch.setattr(worker_mod, "_cuda_driver_initialized", lambda: False)
-    # not read at import (HOME, HARNESS_SIZE), sys.path's own (PYTHONPATH), set by torch itself (the cache folder)
+    monkeypatch.setattr(preload, "CUDA_INITIALIZED", False)
+    # HOME and HARNESS_SIZE are not in this patched read set (the real one has HOME); PYTHONPATH is sys.path's;
+    # the cache folder is one torch sets itself
     same = {**server, "HOME": "/b", "PYTHONPATH": "/y", "HARNESS_SIZE": "wan", "TORCHINDUCTOR_CACHE_DIR": "/tmp/i"}
     assert fork_unfit(same) is None
     why = fork_unfit({**server, "OMP_NUM_THREADS": "4", "TORCHDYNAMO_VERBOSE": "1", "HOME": "/b"})
     assert why is not None and "OMP_NUM_THREADS" in why and "TORCHDYNAMO_VERBOSE" in why and "HOME" not in why
-    monkeypatch.setattr(worker_mod, "_cuda_driver_initialized", lambda: True)
+    import harness
+
+    elsewhere = {"harness": "/elsewhere/harness/__init__.py"}  # another checkout than the one the server imported
+    assert "the fork server imported harness from" in fork_unfit(server, elsewhere)
+    assert fork_unfit(server, {"harness": harness.__file__}) is None
+    monkeypatch.setattr(preload, "CUDA_INITIALIZED", True)
     assert "CUDA driver" in fork_unfit(server)
 
 
@@ -150,6 +156,42 @@ def test_apply_env_sets_and_removes(monkeypatch):
     worker_mod._apply_env(want)
     assert "HARNESS_TEST_GONE" not in os.environ and os.environ["HARNESS_TEST_KEPT"] == "new"
     assert dict(os.environ) == want
+
+
+@needs_forkserver
+def test_a_fork_server_that_dies_takes_no_case_down_with_it():
+    """Its forked workers die with it (their parent-death signal): their cases are sent again, nobody is blamed, and
+    the pool starts fresh interpreters from then on."""
+    import select
+    import signal
+
+    from multiprocessing import forkserver
+
+    def wait_gone(pid: int) -> None:  # without reaping it (the server is ours to reap, by forkserver's rules)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # gone and reaped already
+        try:
+            assert select.select([fd], [], [], 30)[0], f"process {pid} did not end"
+        finally:
+            os.close(fd)
+
+    with WorkerPool("cpu", 2, spares=0, attribute=False, start_method="forkserver") as p:
+        assert p.run([case("cpu.scale", seed=s) for s in range(2)]) and p.workers()[0]["start"] == "forkserver"
+        forked = [w["pid"] for w in p.workers()]
+        server = forkserver._forkserver._forkserver_pid
+        os.kill(server, signal.SIGKILL)
+        for pid in [server, *forked]:
+            wait_gone(pid)
+        results = p.run([case("cpu.scale", seed=s) for s in range(8)], timeout=120)
+        fallback, starts = p.start_fallback, [w["start"] for w in p.workers()]
+        failed = [why for _, why in p.replaced if why.startswith("start failed")]
+    assert [r.verdict for r in results] == [Verdict.PASS] * 8, [r.format() for r in results]
+    assert fallback is not None and "fork server died" in fallback, fallback
+    assert starts == ["spawn", "spawn"] and not failed
+    with WorkerPool("cpu", 1, spares=0, attribute=False, start_method="forkserver") as p:  # a new server
+        assert p.run_one(case("cpu.scale")).verdict is Verdict.PASS and p.workers()[0]["start"] == "forkserver"
 
 
 def test_gpu_pools_spawn_unless_asked_to_fork(monkeypatch):
