@@ -357,7 +357,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tenso
     v, s = qt.values.to(wd), s.to(wd)
     if qt.granularity == "block":
         # broadcast each block's scale over its elements instead of materialising it
-        prod = _block_view(v, qt.axis, qt.block_size) * s.unsqueeze(qt.axis + 1)
+        axis = _norm_axis(qt.axis, v.dim())  # a QuantizedTensor built by hand may count from the end
+        prod = _block_view(v, axis, qt.block_size) * s.unsqueeze(axis + 1)
         return prod.reshape(v.shape).to(dtype)
     return (v * s).to(dtype)
 

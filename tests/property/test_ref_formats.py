@@ -381,3 +381,13 @@ def test_scaled_mm_validates_and_does_not_mutate() -> None:
         fm.scaled_mm(a, b, 1.0, torch.ones(8, 1))
     with pytest.raises(ValueError, match="must be 2-D"):
         fm.scaled_mm(a[None], b, 1.0, 1.0)
+
+
+def test_dequantize_takes_a_block_axis_counted_from_the_end():
+    import dataclasses
+
+    from harness.reference.formats import dequantize, quantize_nvfp4
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    q = quantize_nvfp4(x, axis=1)
+    assert torch.equal(dequantize(dataclasses.replace(q, axis=-1)), dequantize(q))
