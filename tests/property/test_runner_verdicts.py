@@ -310,3 +310,12 @@ def test_fault_recorder_names_the_op_that_raised_or_the_triton_launch_before_it(
     rec2.failed = "aten::add.Tensor"  # Triton does not check launches: the error surfaces at the next op
     op, note = rec2.culprit()
     assert op == "aten::add.Tensor" and "triton::_fwd_kernel" in note and "likely culprit" in note
+
+
+def test_nan_in_an_fp8_output_is_counted_where_the_reference_is_finite():
+    """``torch.isfinite`` does not take the FP8 dtypes: an op that returns E4M3 must still be judged."""
+    from harness.runner.execute import _nonfinite_where_ref_finite
+
+    out = torch.tensor([1.0, float("nan"), 2.0, float("nan")]).to(torch.float8_e4m3fn)
+    exact = torch.tensor([1.0, 1.0, 2.0, float("nan")], dtype=torch.float64)
+    assert _nonfinite_where_ref_finite(out, exact) == (1, [1])
