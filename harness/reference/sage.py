@@ -127,37 +127,20 @@ def int8_quantize_groups(x: Tensor, gid: Tensor, ngroups: int) -> tuple[Tensor, 
     return codes.clamp_(-127, 127), tok_scale
 
 
-def _head_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for (b, h, m, k) and (b, h, k, n) operands whose sums are not exact in float32.
+def _per_head(op: Callable[..., Tensor], *xs: Tensor) -> Tensor:
+    """``op(*xs)`` for (b, h, ...) operands; on CPU one call per (batch, head), elsewhere one call.
 
-    On CPU one 2-D product per (batch, head): for some shapes (a 1-key last tile, tiles of a few
-    hundred multiply-adds) torch's batched CPU product sums in another order (measured: up to one
-    output ulp), and the CPU results are the ones replays and tests pin. On other devices one
-    batched product (their BLAS summation order was never part of the emulation).
+    For the float32 products whose sums are not exact (``torch.matmul``) and for ``torch.exp2``, torch's CPU results
+    depend on the batch: the batched product sums in another order for some shapes (a 1-key last tile, tiles of a
+    few hundred multiply-adds; measured up to one output ulp), and ``exp2`` rounds the vectorised body and the
+    scalar tail of a loop differently (1 ulp), so an element's result depends on its position. Per head keeps the
+    CPU results those of the per-head emulation, which replays and tests pin; other devices' summation order was
+    never part of the emulation.
     """
-    if a.device.type != "cpu":
-        return a @ b
-    out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=torch.result_type(a, b), device=a.device)
-    for bi in range(a.shape[0]):
-        for hi in range(a.shape[1]):
-            torch.mm(a[bi, hi], b[bi, hi], out=out[bi, hi])
-    return out
-
-
-def _head_exp2(x: Tensor) -> Tensor:
-    """``exp2`` of a (b, h, ...) tensor; on CPU one call per (batch, head).
-
-    torch's CPU ``exp2`` rounds the vectorised body and the scalar tail of a loop differently
-    (1 ulp), so its result depends on an element's position in the flattened tensor: per head
-    keeps the CPU results those of the per-head emulation. Elsewhere one call.
-    """
-    if x.device.type != "cpu":
-        return torch.exp2(x)
-    out = torch.empty_like(x)
-    for bi in range(x.shape[0]):
-        for hi in range(x.shape[1]):
-            torch.exp2(x[bi, hi], out=out[bi, hi])
-    return out
+    if xs[0].device.type != "cpu":
+        return op(*xs)
+    b, h = xs[0].shape[:2]
+    return torch.stack([torch.stack([op(*(x[bi, hi] for x in xs)) for hi in range(h)]) for bi in range(b)])
 
 
 def _t(x: Tensor, k0: int, k1: int) -> Tensor:
@@ -196,11 +179,11 @@ def _online(
             tile_max = torch.clamp(tile_max, min=0.0)
         m_new = torch.maximum(m, tile_max)
         m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-        p = _head_exp2(s - m_safe)
-        alpha = _head_exp2(m - m_safe)
+        p = _per_head(torch.exp2, s - m_safe)
+        alpha = _per_head(torch.exp2, m - m_safe)
         l_tile = p.sum(dim=-1, keepdim=True)
         if pad:
-            l_tile = l_tile + pad * _head_exp2(-m_safe)
+            l_tile = l_tile + pad * _per_head(torch.exp2, -m_safe)
         l = l * alpha + l_tile
         acc = acc * alpha + pv(p, k0, k1)
         m = m_new
@@ -220,10 +203,10 @@ def _by_heads(
 ) -> tuple[Tensor, dict]:
     """Run ``core`` on as many (batch, head) pairs at once as fit ``DEFAULT_MEMORY_BUDGET``.
 
-    ``core(q, k, v)`` emulates (b', h', s, d) HND slices and returns (output, intermediates);
-    heads are independent, so the pieces are joined along batch and heads unchanged.
+    ``core(q, k, v)`` emulates contiguous (b', h', s, d) HND slices (each head's (s, d) rows packed) and returns
+    (output, intermediates); heads are independent, so the pieces are joined along batch and heads unchanged.
     """
-    qh, kh, vh = qkv
+    qh, kh, vh = (x.contiguous() for x in qkv)
     b, h = qh.shape[:2]
     n = max(1, DEFAULT_MEMORY_BUDGET // max(head_bytes, 1))  # pairs per piece
     with torch.no_grad(), _ieee_fp32_matmul(qh.device):
@@ -233,7 +216,7 @@ def _by_heads(
             rows = [[(slice(b0, b0 + n // h), slice(None))] for b0 in range(0, b, n // h)]
         else:
             rows = [[(slice(bi, bi + 1), slice(h0, h0 + n)) for h0 in range(0, h, n)] for bi in range(b)]
-        parts = [[core(qh[i], kh[i], vh[i]) for i in row] for row in rows]
+        parts = [[core(qh[i].contiguous(), kh[i].contiguous(), vh[i].contiguous()) for i in row] for row in rows]
 
     def join(pick: Callable[[tuple[Tensor, dict]], Optional[Tensor]]) -> Optional[Tensor]:
         if pick(parts[0][0]) is None:
@@ -290,7 +273,6 @@ def sage_v1(
     kid, nk = group_ids(s_k, "block", k_block, q.device)
 
     def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
-        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
         b, h = qh.shape[:2]
         kk, km = kh, None
         if smooth_k:
@@ -307,7 +289,7 @@ def sage_v1(
 
         def pv(p: Tensor, k0: int, k1: int) -> Tensor:
             p16 = p.to(torch.float16).to(torch.float32)
-            return _head_mm(p16, v16[:, :, k0:k1]).to(torch.float16).to(torch.float32)
+            return _per_head(torch.matmul, p16, v16[:, :, k0:k1]).to(torch.float16).to(torch.float32)
 
         acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv, tail_zero_scores=tail_keys_score_zero)
         out = _finish(acc, l).to(_out_dtype(in_dt))
@@ -382,7 +364,6 @@ def sage_v2(
         kid, nk = group_ids(s_k, "thread_k", k_block, q.device)
 
     def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
-        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
         b, h = qh.shape[:2]
         kf = kh.to(torch.float32)
         km = None
@@ -407,7 +388,7 @@ def sage_v2(
 
         def pv(p: Tensor, k0: int, k1: int) -> Tensor:
             p8 = round_to_format(p * _P_FP8_SCALE, "e4m3")
-            t = _head_mm(p8, v_q[:, :, k0:k1])
+            t = _per_head(torch.matmul, p8, v_q[:, :, k0:k1])
             if pv_accum_dtype == "fp32+fp16":
                 t = t.to(torch.float16).to(torch.float32)
             return t
@@ -499,7 +480,6 @@ def sage_v3(
     pad_tokens = torch.nn.functional.pad
 
     def core(qh: Tensor, kh: Tensor, vh: Tensor) -> tuple[Tensor, dict]:
-        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # per-head slices as (s, d) rows
         b, h = qh.shape[:2]
         km = kh.mean(dim=2, keepdim=True)
         kk = kh - km  # input dtype, like the kernel's in-place update
@@ -522,11 +502,11 @@ def sage_v3(
         def scores(k0: int, k1: int) -> Tensor:
             # correction mean . k^T in the input dtype, then float32 (as the kernel's
             # matmul), one key tile at a time so no (s_q, s_k) matrix is materialised
-            delta = _head_mm(qm_rows, _t(kk, k0, k1)).to(torch.float32)
-            return (_head_mm(q_dq, _t(k_dq, k0, k1)) + delta) * sl
+            delta = _per_head(torch.matmul, qm_rows, _t(kk, k0, k1)).to(torch.float32)
+            return (_per_head(torch.matmul, q_dq, _t(k_dq, k0, k1)) + delta) * sl
 
         def pv(p: Tensor, k0: int, k1: int) -> Tensor:
-            return _head_mm(_quant_p_fp4(p), v_dq[:, :, k0:k1])
+            return _per_head(torch.matmul, _quant_p_fp4(p), v_dq[:, :, k0:k1])
 
         acc, l = _online((b, h), s_q, s_k, dv, k_block, q.device, scores, pv)
         out = _finish(acc, l).to(_out_dtype(in_dt))
