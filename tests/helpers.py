@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -113,6 +115,18 @@ def hard_permutation_attention(heads: int, seq: int, head_dim: int, seed: int) -
     k[:, :, perm, tokens] = 64.0
     v = 6.0 * (torch.randint(0, 2, (1, heads, seq, head_dim), generator=g) * 2 - 1).float()
     return tuple(t.to(torch.bfloat16) for t in (q, k, v, v[:, :, perm]))
+
+
+def wait_exited(pid: int, timeout: float) -> bool:
+    """Block until process ``pid`` (not necessarily our child) has exited, without reaping it; False on timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def harness_argv(*args: str) -> list[str]:

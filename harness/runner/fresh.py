@@ -337,13 +337,17 @@ def attribution_rerun(
 _LIVE_GROUPS: set[int] = set()
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:  # gone already
+        pass
+
+
 def kill_live_runs() -> None:
     """End every fresh run still going, whole process groups (this process is about to exit)."""
     for pgid in list(_LIVE_GROUPS):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
+        _kill_group(pgid)
 
 
 def _run_cancellable(
@@ -370,19 +374,13 @@ def _run_cancellable(
                 except subprocess.TimeoutExpired:
                     cancelled = cancel is not None and cancel.is_set()
                     if cancelled or time.monotonic() >= deadline:
-                        try:
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                        _kill_group(proc.pid)
                         out, err = proc.communicate()
                         if cancelled:
                             raise Cancelled("killed: cancelled while running") from None
                         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
                 except KeyboardInterrupt:  # Ctrl-C reaches this process only: end the run with it
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    _kill_group(proc.pid)
                     raise
         finally:
             _LIVE_GROUPS.discard(proc.pid)

@@ -1005,9 +1005,7 @@ class WorkerPool:
         if w.start_method == "forkserver" and not w.fork_unfit and not _fork_server_alive():
             # the server's death took its forked workers with it (their parent-death signal): no case is to blame
             self._give_up_forking(f"the fork server died ({_exit_text(code)} for its workers)")
-            if w.state == "retiring":
-                pass
-            elif w.state != "starting":
+            if w.state == "ready":  # a starting worker is no failed start, a retiring one has answered its case
                 self._lose(w, "the fork server died", 0)
             self._reap(w)
             return

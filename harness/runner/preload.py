@@ -52,11 +52,23 @@ except Exception as e:  # noqa: BLE001 - a broken import is the child's to repor
     PRELOAD_ERROR = f"{type(e).__name__}: {e}"
 #: what the imports read, also those of an import that then failed
 READ_AT_IMPORT: frozenset[str] = frozenset(_read)
-#: asked here, in the server, after its imports: a forked child cannot ask its own driver (CUDA after fork is undefined)
-CUDA_INITIALIZED: bool = False
-try:
-    from harness.runner.worker import _cuda_driver_initialized
 
-    CUDA_INITIALIZED = _cuda_driver_initialized()
-except Exception:  # noqa: BLE001 - the worker module did not import: the child's start reports it
-    pass
+
+def _cuda_driver_initialized() -> bool:
+    """Whether ``cuInit`` already ran in this process. Asks only a driver library that is loaded already;
+    ``cuDeviceGetCount`` answers CUDA_ERROR_NOT_INITIALIZED (3) without initialising anything."""
+    try:
+        with open("/proc/self/maps") as f:
+            if "libcuda.so" not in f.read():
+                return False
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        n = ctypes.c_int(0)
+        return lib.cuDeviceGetCount(ctypes.byref(n)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+#: asked here, in the server, after its imports: a forked child cannot ask its own driver (CUDA after fork is undefined)
+CUDA_INITIALIZED: bool = _cuda_driver_initialized()

@@ -113,22 +113,6 @@ def import_time_env_changes(before: Mapping[str, str], now: Mapping[str, str], r
     )
 
 
-def _cuda_driver_initialized() -> bool:
-    """Whether ``cuInit`` already ran in this process. Asks only a driver library that is loaded already;
-    ``cuDeviceGetCount`` answers CUDA_ERROR_NOT_INITIALIZED (3) without initialising anything."""
-    try:
-        with open("/proc/self/maps") as f:
-            if "libcuda.so" not in f.read():
-                return False
-        import ctypes
-
-        lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        n = ctypes.c_int(0)
-        return lib.cuDeviceGetCount(ctypes.byref(n)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _apply_env(env: Mapping[str, str]) -> None:
     """Make this process's environment ``env`` (a forked worker takes its caller's, not the server's)."""
     for k in [k for k in os.environ if k not in env]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -27,19 +26,7 @@ from harness.runner.pool import WorkerPool, remove_stale_tmp, save_failure
 from harness.runner.worker import FAIL_STARTS_ENV
 from harness.verdicts import Result, Verdict
 
-from helpers import case
-
-
-def wait_exited(pid: int, timeout: float) -> bool:
-    """Block until process ``pid`` (not necessarily our child) has exited; False on timeout."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
+from helpers import case, wait_exited
 
 
 def start_failures(pool: WorkerPool) -> int:

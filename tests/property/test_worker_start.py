@@ -18,7 +18,7 @@ from harness.runner.pool import START_METHOD_ENV, WorkerPool, default_start_meth
 from harness.runner.worker import FAIL_STARTS_ENV, fork_unfit
 from harness.verdicts import Verdict
 
-from helpers import case
+from helpers import case, wait_exited
 
 needs_forkserver = pytest.mark.skipif(
     "forkserver" not in multiprocessing.get_all_start_methods(), reason="this platform has no forkserver start"
@@ -141,10 +141,12 @@ def test_the_fork_server_records_what_its_imports_read():
 
 def test_the_cuda_probe_does_not_claim_an_unloaded_driver():
     """This test process never loads libcuda: the probe must say so without loading it."""
+    from harness.runner import preload
+
     with open("/proc/self/maps") as f:
         if "libcuda.so" in f.read():
             pytest.skip("this process has the CUDA driver loaded")
-    assert worker_mod._cuda_driver_initialized() is False
+    assert preload._cuda_driver_initialized() is False
     with open("/proc/self/maps") as f:
         assert "libcuda.so" not in f.read()
 
@@ -162,28 +164,17 @@ def test_apply_env_sets_and_removes(monkeypatch):
 def test_a_fork_server_that_dies_takes_no_case_down_with_it():
     """Its forked workers die with it (their parent-death signal): their cases are sent again, nobody is blamed, and
     the pool starts fresh interpreters from then on."""
-    import select
     import signal
 
     from multiprocessing import forkserver
-
-    def wait_gone(pid: int) -> None:  # without reaping it (the server is ours to reap, by forkserver's rules)
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return  # gone and reaped already
-        try:
-            assert select.select([fd], [], [], 30)[0], f"process {pid} did not end"
-        finally:
-            os.close(fd)
 
     with WorkerPool("cpu", 2, spares=0, attribute=False, start_method="forkserver") as p:
         assert p.run([case("cpu.scale", seed=s) for s in range(2)]) and p.workers()[0]["start"] == "forkserver"
         forked = [w["pid"] for w in p.workers()]
         server = forkserver._forkserver._forkserver_pid
         os.kill(server, signal.SIGKILL)
-        for pid in [server, *forked]:
-            wait_gone(pid)
+        for pid in [server, *forked]:  # gone, not reaped: the server is forkserver's to reap
+            assert wait_exited(pid, 30), f"process {pid} did not end"
         results = p.run([case("cpu.scale", seed=s) for s in range(8)], timeout=120)
         fallback, starts = p.start_fallback, [w["start"] for w in p.workers()]
         failed = [why for _, why in p.replaced if why.startswith("start failed")]
