@@ -21,8 +21,9 @@ from harness.strategies import (
 )
 from harness.values import FINITE_KINDS, ValueSpec
 
-# Shrinking is deterministic enough with a generous budget and no database.
-FIND = settings(database=None, max_examples=2000)
+# Shrinking from random draws can stop in a local minimum (seen once among this session's eight full runs: a transposed layout instead
+# of offset=1): the draws are derandomized, so each shrink target is checked from the same start every run.
+FIND = settings(database=None, max_examples=2000, derandomize=True)
 
 
 def minimal(strategy, condition=lambda x: True):
