@@ -42,6 +42,7 @@ import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import shutil
 import signal
 import sys
@@ -1002,7 +1003,12 @@ class WorkerPool:
 
     def _on_death(self, w: _Worker) -> None:
         code = w.proc.exitcode
-        if w.start_method == "forkserver" and not w.fork_unfit and not _fork_server_alive():
+        if (
+            w.start_method == "forkserver"
+            and not w.fork_unfit
+            and code == _SERVER_GONE_EXIT
+            and _fork_server_gone(within=1.0)
+        ):
             # the server's death took its forked workers with it (their parent-death signal): no case is to blame
             self._give_up_forking(f"the fork server died ({_exit_text(code)} for its workers)")
             if w.state == "ready":  # a starting worker is no failed start, a retiring one has answered its case
@@ -1115,23 +1121,32 @@ _PRELOAD_LOCK = threading.Lock()
 _SERVER_ENVS: dict[int, dict[str, str]] = {}
 
 
-def _fork_server_alive() -> bool:
-    """Whether the fork server this process started is still running (a zombie counts as gone; it is not reaped
-    here: ``forkserver.ensure_running`` does that)."""
+#: the exit code multiprocessing gives a forked worker whose status its fork server could not report (it died)
+_SERVER_GONE_EXIT = 255
+
+
+def _fork_server_gone(within: float) -> bool:
+    """Whether the fork server this process started has ended, or ends within ``within`` s (it is not reaped here:
+    ``forkserver.ensure_running`` does that). Its workers' deaths can be seen while it is still exiting."""
     from multiprocessing import forkserver
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if pid is None:
-        return False
+        return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):  # no pidfd here: ask whether it still exists
         try:
             os.kill(pid, 0)
         except OSError:
-            return False
-        return True
+            return True
+        return False
+    try:
+        return bool(select.select([fd], [], [], within)[0])
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=1)
