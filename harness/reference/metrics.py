@@ -289,6 +289,15 @@ def ulp_distance(a: Tensor, b: Tensor, dtype: DTypeLike) -> Tensor:
     return torch.where(nan, torch.full_like(dist, -1), dist)
 
 
+def _half_ulps(x: Tensor, dtype: DTypeLike) -> Tensor:
+    """The most a cast of float64 ``x`` to ``dtype`` moves each element: half a ULP, plus half a float32 ULP
+    when ``dtype`` is narrower than float32 (the cast goes through float32, so it can round twice)."""
+    h = 0.5 * ulp(x, dtype)
+    if _FLOAT_PARAMS[_dtype_name(dtype)][0] < _FLOAT_PARAMS["float32"][0]:
+        h = h + 0.5 * ulp(x, torch.float32)
+    return h
+
+
 def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> float:
     """Error that merely rounding the exact ``ref`` to ``dtype`` may cause, in ``metric`` units.
 
@@ -296,6 +305,10 @@ def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> fl
     half-ULPs; "rel_l1": sum of half-ULPs / sum|ref|; "cos_dist": ``u**2/2`` with ``u`` the
     unit roundoff (a relative perturbation <= u changes the cosine by <= u**2/2), plus the
     float64 evaluation noise of the cosine.
+
+    For a ``dtype`` narrower than float32 each half-ULP also counts half a float32 ULP: torch casts
+    float64 to such dtypes through float32 (``32 + 2**-6 + 2**-30`` becomes 32 in float16, an error
+    just over half a float16 ULP), and a kernel accumulating in float32 rounds twice the same way.
     """
     if metric not in ERROR_METRICS:
         raise ValueError(f"metric={metric!r}; use one of {ERROR_METRICS}")
@@ -312,7 +325,7 @@ def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> fl
         if finite.numel() == 0:
             return 0.0
         amax = finite.abs().max().to(torch.float64).reshape(1)
-        return float(0.5 * ulp(amax, dtype)[0])
+        return float(_half_ulps(amax, dtype)[0])
     tot = 0.0
     tot_sq = 0.0
     tot_r = 0.0
@@ -321,7 +334,7 @@ def rounding_floor(ref: Tensor, dtype: DTypeLike, metric: str = "max_abs") -> fl
     for i in range(0, flat.numel(), _CHUNK):
         c = flat[i : i + _CHUNK].to(torch.float64)
         c = c[torch.isfinite(c)]
-        h = 0.5 * ulp(c, dtype)
+        h = _half_ulps(c, dtype)
         tot += float(h.sum())
         tot_sq += float((h * h).sum())
         tot_r += float(c.abs().sum())

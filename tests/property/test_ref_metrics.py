@@ -116,6 +116,17 @@ def test_rounding_floor_bounds_the_cast_error(seed: int, dtype: torch.dtype, met
     assert rep.metric(metric) <= mt.rounding_floor(ref, dtype, metric)
 
 
+@pytest.mark.parametrize("dtype, ulp_exp", [(torch.float16, -5), (torch.bfloat16, -2)])
+def test_a_cast_that_rounds_twice_stays_within_the_floor(dtype, ulp_exp):
+    # just above the halfway point between two neighbours at 32: float32 rounds it onto the halfway point, then the
+    # tie goes to the even neighbour 32, further away than half a ULP (what Hypothesis found with seed 11565)
+    ref = torch.tensor([32 + 2.0 ** (ulp_exp - 1) + 2.0**-30], dtype=torch.float64)
+    err = float((ref.to(dtype).double() - ref).abs().max())
+    assert err > 2.0 ** (ulp_exp - 1)  # more than half a ULP: the cast went through float32
+    for metric in ("max_abs", "mean_abs", "rmse"):
+        assert err <= mt.rounding_floor(ref, dtype, metric)
+
+
 def test_summation_bound_holds_for_float32_sums() -> None:
     g = torch.Generator().manual_seed(0)
     terms = torch.randn(64, 4096, generator=g, dtype=torch.float64).to(torch.float32)
