@@ -666,6 +666,8 @@ def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | s
     if tuple(values.shape) != spec.shape:
         raise LayoutError(f"values have shape {tuple(values.shape)}, the layout's logical shape is {spec.shape}")
     dev = torch.device(device) if device is not None else values.device
+    if dev.type == "cuda" and values.device.type == "cpu" and _host_cast_ok(values.dtype, spec.torch_dtype):
+        return _upload(spec, materialize(spec, values, "cpu"), dev)
     storage = _poisoned_storage(spec, dev)
     out = storage.as_strided(spec.shape, spec.strides(), spec.storage_offset())
     src = values.detach().to(device=dev, dtype=spec.torch_dtype)
@@ -682,6 +684,22 @@ def materialize(spec: LayoutSpec, values: torch.Tensor, device: torch.device | s
     if spec.numel:
         storage.as_strided(cshape, cstrides, spec.storage_offset()).copy_(src)
     return out
+
+
+def _host_cast_ok(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting ``src`` values to ``dst`` on the host gives the device's bits: always, except into an FP8
+    dtype (out-of-range values convert differently by device and version), which stays on the device."""
+    return src == dst or dst.itemsize != 1 or not dst.is_floating_point
+
+
+def _upload(spec: LayoutSpec, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (materialized for ``spec`` on the CPU) on the CUDA ``device``: its whole storage in one copy
+    that does not wait for the GPU (``non_blocking`` from pageable memory: the driver stages the bytes before
+    it returns).  A blocking copy waits for the GPU every time, and several processes sharing a GPU take turns
+    for every such wait."""
+    raw = torch.empty(0, dtype=torch.uint8).set_(host.untyped_storage())
+    on_dev = raw.to(device, non_blocking=True)
+    return on_dev.view(spec.torch_dtype).as_strided(spec.shape, spec.strides(), spec.storage_offset())
 
 
 def _view_mask(spec: LayoutSpec, device: torch.device) -> torch.Tensor:

@@ -23,7 +23,8 @@ What it does:
 4. writes each cell's example case file per non-pass verdict (``DIR/cases/``; the worst-ratio
    case for drift) as soon as the verdict is known, and rewrites ``DIR/summary.json``,
    ``DIR/report.md`` and ``DIR/report.html`` (see :mod:`harness.report`) at the start, every
-   :data:`REPORT_EVERY_S` seconds and at the end, each atomically (unique temp file + rename):
+   :data:`REPORT_EVERY_S` seconds (less often when a rewrite takes more than :data:`REPORT_SHARE` of that)
+   and at the end, each atomically (unique temp file + rename):
    an interrupted run (Ctrl-C, SIGTERM -- both turned into an orderly stop --, an exception in
    the harness) keeps everything found so far and its report says it was interrupted and why.
    A case file that cannot be written is a one-line warning in the report, not the end of the
@@ -73,6 +74,7 @@ __all__ = [
     "DEFAULT_BUDGET_S",
     "DEFAULT_OUT",
     "REPORT_EVERY_S",
+    "REPORT_SHARE",
     "WRAPUP_BOUND_S",
     "MatrixError",
     "Cell",
@@ -94,6 +96,7 @@ DEFAULT_OUT = "matrix-out"
 DEFAULT_CASE_TIMEOUT_S = 120.0  # first calls may JIT-compile Triton kernels (SageAttention)
 MATRIX_KINDS = ("linear", "attention")
 REPORT_EVERY_S = 5.0  # the reports are rewritten this often while the run goes
+REPORT_SHARE = 0.05  # ... or less often, so that rewriting them takes at most this share of the run
 POOL_CLOSE_WAIT_S = 5.0  # the wrap-up waits this long for the pool to stop, then goes on without it
 #: after the budget is spent: stopping the pool (bounded above) plus the final reports (well under a second)
 WRAPUP_BOUND_S = POOL_CLOSE_WAIT_S + 3.0
@@ -293,14 +296,23 @@ class Progress:
         self.last = -math.inf
 
     def update(
-        self, done: int, cells_done: int, n_cells: int, totals: Mapping[str, int], unavailable: int, force: bool = False
+        self,
+        done: int,
+        cells_done: int | Callable[[], int],
+        n_cells: int,
+        totals: Mapping[str, int],
+        unavailable: int,
+        force: bool = False,
     ) -> None:
+        """``cells_done``: a count, or a function that counts (called only when a line is written)."""
         if self.stream is None:
             return
         now = time.monotonic()
         if not force and now - self.last < (0.2 if self.tty else self.every):
             return
         self.last = now
+        if callable(cells_done):
+            cells_done = cells_done()
         el = now - self.t0
         frac = min(1.0, el / self.budget) if self.budget > 0 else 1.0
         bar = "#" * int(frac * 20)
@@ -866,8 +878,23 @@ def run_matrix(
                 factory = WorkerPool
             pool = factory(devices, workers_per_device=n_workers, case_timeout=case_timeout, attribute=attribute)
             join_env()
-            write_reports(summary("running"), out_dir)  # replaces an earlier run's summary (--force) at once
-            last_write = time.monotonic()
+
+            last_write = 0.0
+
+            def rewrite() -> float:
+                """The running report, rewritten; the seconds until the next rewrite: ``REPORT_EVERY_S``, or more
+                when a rewrite takes longer than ``REPORT_SHARE`` of that (it holds the interpreter while the
+                workers wait for their next cases)."""
+                nonlocal last_write
+                t_w = time.monotonic()
+                write_reports(summary("running"), out_dir)
+                last_write = time.monotonic()
+                return max(REPORT_EVERY_S, (last_write - t_w) / REPORT_SHARE)
+
+            def cells_done() -> int:
+                return sum(1 for c in cells if c.cases or c.unavailable)
+
+            report_every = rewrite()  # replaces an earlier run's summary (--force) at once
             max_inflight = max(2, 3 * n_workers * len(devices))
             # the real pool attributes on request: grid cases go without, and each cell's device-fault example is
             # attributed beside the run (a pool without attribute_result, e.g. a test double, attributes its own)
@@ -918,11 +945,9 @@ def run_matrix(
                     except Exception as e:  # noqa: BLE001 - a lost future is reported, not fatal
                         r = Result(Verdict.ERROR, f"the pool lost this case: {type(e).__name__}: {e}", op=c.op)
                     handle(c, case, r)
-                cells_done = sum(1 for c in cells if c.cases or c.unavailable)
                 prog.update(done, cells_done, len(cells), totals, len(unavailable))
-                if time.monotonic() - last_write >= REPORT_EVERY_S:
-                    write_reports(summary("running"), out_dir)
-                    last_write = time.monotonic()
+                if time.monotonic() - last_write >= report_every:
+                    report_every = rewrite()
             if explore and not stop.reason and not budget_exhausted:
                 from harness.matrix_explore import ExplorePhase, explore_key
 
@@ -953,9 +978,8 @@ def run_matrix(
                 while phase.running() and not stop.reason and time.monotonic() < deadline:
                     phase.wait(min(deadline, time.monotonic() + REPORT_EVERY_S), stopped=lambda: bool(stop.reason))
                     prog.update(done, len(cells), len(cells), totals, len(unavailable))
-                    if time.monotonic() - last_write >= REPORT_EVERY_S:
-                        write_reports(summary("running"), out_dir)
-                        last_write = time.monotonic()
+                    if time.monotonic() - last_write >= report_every:
+                        report_every = rewrite()
                 # the time, not the work, ended the run: a search still going, or one that stopped drawing at its
                 # share of the budget (every search is time-bound unless --explore-cases capped it)
                 ended = [str(getattr(r, "stopped", "")) for r in list(phase.results.values())]

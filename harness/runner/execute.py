@@ -604,7 +604,7 @@ def _determinism_check(
     """
     if not getattr(target, "deterministic", True):
         return None
-    device, second = st.device, "the second, identical call"
+    device, second = st.device, _SECOND
     mutable = tuple(getattr(target, "mutates", ()) or ())
     first = out.clone() if _shares_storage(out, inputs.values()) else out
     for attempt in range(2):
@@ -614,16 +614,7 @@ def _determinism_check(
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            verdict, why = classify_exception(e, device)
-            attribution: dict[str, Any] = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
-            if recording is not None:
-                attribution.update(recording.attribution(e))
-            msg = f"the first call returned; {second} on the same inputs raised {type(e).__name__}: {str(e).strip()}"
-            if verdict is Verdict.REJECTED:  # the op took these inputs once: refusing them now is not a refusal
-                return st.result(Verdict.NONDETERMINISTIC, msg, attribution=attribution)
-            if verdict is Verdict.DEVICE_FAULT:
-                msg += f"\nhealth check after the op: {why}"
-            return st.result(verdict, msg, attribution=attribution)
+            return _second_call_raised(st, e, recording)
         healthy, why = device_healthy(device)
         if not healthy:
             return st.result(
@@ -635,18 +626,35 @@ def _determinism_check(
             return st.result(Verdict.ERROR, f"{target.name}.run returned {type(again).__name__} on {second}")
         changes = snap.changes(inputs, mutable)
         if changes:
-            return st.result(
-                Verdict.INPUT_MUTATION,
-                INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes) + f"\n(written by {second}; "
-                "the first left the inputs intact)",
-                mutated_inputs=[c.name for c in changes],
-                poison_written=[c.name for c in changes if c.poison],
-            )
+            return _mutated(st, changes, _BY_SECOND)
         if attempt == 0 and first is out and again.numel() and _shares_storage(again, (out,)):
             first = again.clone()  # the op reuses its output buffer: the first output is gone; compare 2 and 3
             continue
         break
-    first, again = on_host_if_small(first, again)  # judged from here on; the op is done with them
+    return _compare_runs(st, *on_host_if_small(first, again))  # judged from here on; the op is done with them
+
+
+_SECOND = "the second, identical call"
+_BY_SECOND = f"\n(written by {_SECOND}; the first left the inputs intact)"
+
+
+def _second_call_raised(st: "_Case", e: BaseException, recording: "_Recording | None" = None) -> Result:
+    verdict, why = classify_exception(e, st.device)
+    attribution: dict[str, Any] = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
+    if recording is not None:
+        attribution.update(recording.attribution(e))
+    msg = f"the first call returned; {_SECOND} on the same inputs raised {type(e).__name__}: {str(e).strip()}"
+    if verdict is Verdict.REJECTED:  # the op took these inputs once: refusing them now is not a refusal
+        return st.result(Verdict.NONDETERMINISTIC, msg, attribution=attribution)
+    if verdict is Verdict.DEVICE_FAULT:
+        msg += f"\nhealth check after the op: {why}"
+    return st.result(verdict, msg, attribution=attribution)
+
+
+def _compare_runs(st: "_Case", first: torch.Tensor, again: torch.Tensor) -> Result | None:
+    """None when the second call's output is bitwise the first's (NaN equal to NaN at the same place), else the
+    ``nondeterministic`` Result."""
+    second = _SECOND
     counts = [_nonfinite_count(first), _nonfinite_count(again)]
     if tuple(first.shape) != tuple(again.shape) or first.dtype != again.dtype:
         return st.result(
@@ -818,24 +826,17 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
             f"building the inputs failed: {type(e).__name__}: {_first_line(e)}"
             + (f"\nhealth check: {why}" if why else ""),
         )
+    if not record_ops and one_sync_fits(inputs, device):
+        return _run_one_sync(st, target, inputs, params)
     snap = _Snapshot(inputs)
 
     try:
         exact, emulated = target.reference(inputs, params)
     except Exception as e:
-        verdict, why = classify_exception(e, device)
-        if verdict is Verdict.REJECTED:
-            verdict = Verdict.ERROR
-        return st.result(
-            verdict,
-            f"the reference failed (not the op under test): {type(e).__name__}: "
-            f"{_first_line(e)}" + (f"\nhealth check: {why}" if why else ""),
-        )
+        return _reference_failed(st, e)
     ref_changes = snap.changes(inputs)
     if ref_changes:
-        return st.result(
-            Verdict.ERROR, "the reference mutated its inputs (harness bug): " + "; ".join(c.text for c in ref_changes)
-        )
+        return _reference_mutated(st, ref_changes)
 
     # same values, packed at offset 0, copied before the op can touch them (for the layout check)
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
@@ -851,14 +852,7 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        verdict, why = classify_exception(e, device)
-        attribution = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
-        if recording is not None:
-            attribution.update(recording.attribution(e))
-        msg = f"{type(e).__name__}: {str(e).strip()}"
-        if verdict is Verdict.DEVICE_FAULT:
-            msg += f"\nhealth check after the op: {why}"
-        return st.result(verdict, msg, attribution=attribution)
+        return _first_call_raised(st, e, recording)
 
     healthy, why = device_healthy(device)
     if not healthy:
@@ -878,18 +872,78 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     # ---- input mutation
     changes = snap.changes(inputs, tuple(getattr(target, "mutates", ()) or ()))
     if changes:
-        return st.result(
-            Verdict.INPUT_MUTATION,
-            INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes),
-            mutated_inputs=[c.name for c in changes],
-            poison_written=[c.name for c in changes if c.poison],
-        )
+        return _mutated(st, changes)
 
     # ---- determinism: a second, identical call
     again = _determinism_check(st, target, inputs, params, out, snap, recording)
     if again is not None:
         return again
 
+    def contiguous_rerun() -> torch.Tensor:
+        out_c = target.run(contig, params)
+        healthy, why = device_healthy(device)
+        if not healthy:
+            raise _RerunBrokeDevice(why)
+        return out_c
+
+    return _judge_outputs(st, target, inputs, params, out, exact, emulated, contiguous_rerun if contig else None)
+
+
+class _RerunBrokeDevice(Exception):
+    """The contiguous rerun returned and the health check after it failed (``args[0]``: why)."""
+
+
+def _reference_failed(st: _Case, e: BaseException) -> Result:
+    verdict, why = classify_exception(e, st.device)
+    if verdict is Verdict.REJECTED:
+        verdict = Verdict.ERROR
+    return st.result(
+        verdict,
+        f"the reference failed (not the op under test): {type(e).__name__}: "
+        f"{_first_line(e)}" + (f"\nhealth check: {why}" if why else ""),
+    )
+
+
+def _reference_mutated(st: _Case, changes: list[_Change]) -> Result:
+    return st.result(
+        Verdict.ERROR, "the reference mutated its inputs (harness bug): " + "; ".join(c.text for c in changes)
+    )
+
+
+def _first_call_raised(st: _Case, e: BaseException, recording: "_Recording | None" = None) -> Result:
+    verdict, why = classify_exception(e, st.device)
+    attribution = {"surfaced_at": _frame_of(e), "launch_blocking": _launch_blocking()}
+    if recording is not None:
+        attribution.update(recording.attribution(e))
+    msg = f"{type(e).__name__}: {str(e).strip()}"
+    if verdict is Verdict.DEVICE_FAULT:
+        msg += f"\nhealth check after the op: {why}"
+    return st.result(verdict, msg, attribution=attribution)
+
+
+def _mutated(st: _Case, changes: list[_Change], suffix: str = "") -> Result:
+    return st.result(
+        Verdict.INPUT_MUTATION,
+        INPUT_MUTATION_PREFIX + "; ".join(c.text for c in changes) + suffix,
+        mutated_inputs=[c.name for c in changes],
+        poison_written=[c.name for c in changes if c.poison],
+    )
+
+
+def _judge_outputs(
+    st: _Case,
+    target: Any,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
+    out: torch.Tensor,
+    exact: torch.Tensor,
+    emulated: torch.Tensor | None,
+    contiguous_rerun: Callable[[], torch.Tensor] | None,
+) -> Result:
+    """Shape -> nonfinite -> drift (computed) -> layout invariance -> drift/pass, once the op's calls are done
+    and its inputs are known intact.  ``contiguous_rerun``: the op on the same values packed at offset 0 (None:
+    the inputs are packed already); it raises what that call raised, or :class:`_RerunBrokeDevice`."""
+    device = st.device
     if tuple(out.shape) != tuple(exact.shape):
         return st.result(
             Verdict.DRIFT, f"output shape {tuple(out.shape)} differs from the reference's {tuple(exact.shape)}"
@@ -928,9 +982,11 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     bound_d = {"k": bound.k, "floor": bound.floor, "metric": bound.metric, "why": bound.why, "allowed": j.check.allowed}
 
     # ---- layout invariance: the same values, packed and at offset 0
-    if contig is not None:
+    if contiguous_rerun is not None:
         try:
-            out_c = target.run(contig, params)
+            out_c = contiguous_rerun()
+        except _RerunBrokeDevice as e:
+            return st.result(Verdict.DEVICE_FAULT, f"the contiguous rerun left the device broken: {e.args[0]}")
         except Exception as e:
             verdict, why = classify_exception(e, device)
             if verdict is Verdict.DEVICE_FAULT:
@@ -941,9 +997,6 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
                 f"same values packed: {type(e).__name__}: {_first_line(e)}",
                 metrics=metrics,
             )
-        healthy, why = device_healthy(device)
-        if not healthy:
-            return st.result(Verdict.DEVICE_FAULT, f"the contiguous rerun left the device broken: {why}")
         lb = target.layout_bound(inputs, params, exact)
         if lb is None:
             if not _bitwise_equal(out, out_c):
@@ -979,3 +1032,206 @@ def _run(st: _Case, values: Mapping[str, torch.Tensor] | None, record_ops: bool)
     if not j.passed:
         return st.result(Verdict.DRIFT, j.reason, metrics=metrics, bound=bound_d)
     return st.result(Verdict.PASS, j.reason, metrics=metrics, bound=bound_d)
+
+
+# ------------------------------------------------------------------------------ the one-sync path
+
+#: bytes a case may copy to the host to be judged there after one wait for the device (every input's storage four
+#: times, the outputs and the references); larger cases are judged on the device, a wait after each call
+ONE_SYNC_BYTES = 48 << 20
+
+
+def _on(t: torch.Tensor, device: str) -> bool:
+    """Whether ``t`` lives on ``device`` ("cuda" means the current CUDA device)."""
+    want = torch.device(device)
+    if t.device.type != want.type:
+        return False
+    if want.type != "cuda" or want.index is None:
+        return want.type != "cuda" or t.device.index == torch.cuda.current_device()
+    return t.device.index == want.index
+
+
+def one_sync_fits(inputs: Mapping[str, torch.Tensor], device: str) -> bool:
+    """Whether the case takes the one-sync path (:func:`_run_one_sync`): every input a tensor on ``device``
+    whose storage is whole elements, host copies of them all within ``ONE_SYNC_BYTES``, and the device a CUDA
+    one.  ``$HARNESS_ONE_SYNC``: ``0`` never (every case waits for the device after every call, as attribution
+    reruns always do), ``1`` on every device, the CPU included (the test suite runs the path that way)."""
+    mode = os.environ.get("HARNESS_ONE_SYNC", "")
+    if mode == "0" or (mode != "1" and not _is_cuda(device)):
+        return False
+    total = 0
+    for t in inputs.values():
+        if not isinstance(t, torch.Tensor) or not _on(t, device):
+            return False
+        nbytes = t.untyped_storage().nbytes()
+        if nbytes % t.element_size():
+            return False
+        total += 5 * nbytes  # four storage copies and about one output's worth
+    return total <= ONE_SYNC_BYTES // 2  # the other half: the outputs and references (float64)
+
+
+class _HostCopies:
+    """Device tensors copied to the host in stream order: ``add(t)`` copies ``t`` on the device (what it holds
+    once the work queued before it has run) and returns its index; ``wait()`` synchronizes the device -- the
+    health check: a sticky fault raises there -- then brings every copy back in one transfer and returns
+    whether the device was healthy.  ``host`` then holds the host tensors, contiguous, in the order added.
+
+    No pinned memory: a pinned block freed once the context is broken aborts the process (its free calls into
+    CUDA from a destructor), which would turn a device fault into a worker crash."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.host: list[torch.Tensor] = []
+        self._parts: list[torch.Tensor] = []
+        self.probe = torch.ones(2, device=device)
+        self.probe.add_(1)
+
+    def add(self, t: torch.Tensor) -> int:
+        self._parts.append(t.detach().clone(memory_format=torch.contiguous_format))
+        return len(self._parts) - 1
+
+    def wait(self) -> tuple[bool, str]:
+        """(healthy, the error if not); when healthy, ``host`` holds the copies.  A failure that leaves the
+        device healthy is the harness's own and is raised."""
+        i = self.add(self.probe)
+        on_dev = [p.device.type != "cpu" for p in self._parts]  # a reference may have been computed on the host
+        try:
+            if _is_cuda(self.device):
+                torch.cuda.synchronize(self.device)
+            flat = [p.reshape(-1).view(torch.uint8) for p, d in zip(self._parts, on_dev) if d]
+            blob = torch.cat(flat).cpu() if flat else None
+        except BaseException:  # noqa: BLE001 - a broken context fails here; anything else is re-raised
+            healthy, why = device_healthy(self.device)
+            if healthy:
+                raise
+            return False, why
+        self.host, at = [], 0
+        for p, d in zip(self._parts, on_dev):
+            if not d:
+                self.host.append(p)
+                continue
+            n = p.numel() * p.element_size()
+            self.host.append(blob[at : at + n].clone().view(p.dtype).reshape(p.shape))
+            at += n
+        if float(self.host[i].sum()) != 4.0:
+            return False, "health check computed a wrong value (1+1 != 2): the device context is corrupt"
+        return True, ""
+
+
+def _host_view(t: torch.Tensor, storage_bytes: torch.Tensor) -> torch.Tensor:
+    """``t``'s view (dtype, shape, strides, offset) over the host copy of its storage's bytes."""
+    return storage_bytes.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Result:
+    """The case with one wait for the device: the reference, the op's first and second calls and the contiguous
+    rerun are queued back to back, every input's storage is copied to the host after each of them, and all of it
+    is judged on the host after a single synchronize (which is the health check).
+
+    Several processes sharing one GPU take turns for every wait (measured on one H200 with 8 processes: about
+    7300 waits/s in all, against 44-79 thousand for one process), so a case that waited a dozen times was
+    bounded by the GPU's turn-taking, not by its kernels.  The verdicts and their order are those of the
+    per-call path (``run_case``'s docstring); what differs is that a fault which surfaces only at the wait is
+    charged to the op's calls together (the attribution rerun, on the per-call path, names the call).
+    """
+    device = st.device
+    copies = _HostCopies(device)
+    storages = {n: _storage_bytes(t) for n, t in inputs.items()}
+    before = {n: copies.add(b) for n, b in storages.items()}
+    mutable = tuple(n for n in (getattr(target, "mutates", ()) or ()) if n in storages)
+    originals = {n: storages[n].clone() for n in mutable}  # put back before the second call
+    try:
+        exact, emulated = target.reference(inputs, params)
+    except Exception as e:
+        return _reference_failed(st, e)
+    after_ref = {n: copies.add(b) for n, b in storages.items()}
+    i_exact = copies.add(exact)
+    i_emulated = copies.add(emulated) if isinstance(emulated, torch.Tensor) else None
+    contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
+
+    # ---- the op's calls, queued without waiting
+    try:
+        out = record_kernels(st, lambda: target.run(inputs, params))
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return _first_call_raised(st, e)
+    if not isinstance(out, torch.Tensor):
+        return st.result(Verdict.ERROR, f"{target.name}.run returned {type(out).__name__}, expected a Tensor")
+    i_out = copies.add(out)
+    after_first = {n: copies.add(b) for n, b in storages.items()}
+    deterministic = getattr(target, "deterministic", True)
+    second_raised: BaseException | None = None
+    again: Any = None
+    after_second: dict[str, int] = {}
+    if deterministic:
+        for n in mutable:
+            storages[n].copy_(originals[n])  # an input the op may overwrite gets its values back: the same inputs
+        try:
+            again = target.run(inputs, params)
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            second_raised = e
+        if isinstance(again, torch.Tensor):
+            i_again = copies.add(again)
+            after_second = {n: copies.add(b) for n, b in storages.items()}
+    rerun_raised: BaseException | None = None
+    i_contig: int | None = None
+    if contig is not None and second_raised is None:
+        try:
+            out_c = target.run(contig, params)
+        except Exception as e:
+            rerun_raised = e
+        else:
+            i_contig = copies.add(out_c) if isinstance(out_c, torch.Tensor) else None
+            if i_contig is None:
+                rerun_raised = TypeError(f"{target.name}.run returned {type(out_c).__name__}, expected a Tensor")
+
+    # ---- one wait; from here on everything is on the host
+    healthy, why = copies.wait()
+    if not healthy:
+        calls = "the op's calls" if deterministic or contig is not None else "the op"
+        return st.result(
+            Verdict.DEVICE_FAULT,
+            f"{calls} returned, then the device failed: {why}",
+            attribution={
+                "surfaced_at": f"health check after {calls} returned (asynchronous fault)",
+                "launch_blocking": _launch_blocking(),
+            },
+        )
+    host = copies.host
+    snap = _Snapshot.__new__(_Snapshot)
+    snap.storage = {n: host[i] for n, i in before.items()}
+    snap.view = {n: _view_bytes(_host_view(inputs[n], host[i])) for n, i in before.items()}
+
+    def at(points: dict[str, int]) -> dict[str, torch.Tensor]:
+        return {n: _host_view(inputs[n], host[i]) for n, i in points.items()}
+
+    ref_changes = snap.changes(at(after_ref))
+    if ref_changes:
+        return _reference_mutated(st, ref_changes)
+    changes = snap.changes(at(after_first), mutable)
+    if changes:
+        return _mutated(st, changes)
+    if deterministic:
+        if second_raised is not None:
+            return _second_call_raised(st, second_raised)
+        if not isinstance(again, torch.Tensor):
+            return st.result(Verdict.ERROR, f"{target.name}.run returned {type(again).__name__} on {_SECOND}")
+        changes = snap.changes(at(after_second), mutable)
+        if changes:
+            return _mutated(st, changes, _BY_SECOND)
+        differ = _compare_runs(st, host[i_out], host[i_again])
+        if differ is not None:
+            return differ
+
+    def contiguous_rerun() -> torch.Tensor:
+        if rerun_raised is not None:
+            raise rerun_raised
+        return host[i_contig]
+
+    emulated_h = host[i_emulated] if i_emulated is not None else emulated
+    return _judge_outputs(
+        st, target, inputs, params, host[i_out], host[i_exact], emulated_h, contiguous_rerun if contig else None
+    )
