@@ -45,7 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.capability import device_info as probe_device
-from harness.reference.metrics import on_host_if_small
+from harness.reference.metrics import HOST_JUDGE_ELEMENTS, on_host_if_small
 from harness.verdicts import INPUT_MUTATION_PREFIX, Result, Unsupported, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1036,9 +1036,11 @@ def _judge_outputs(
 
 # ------------------------------------------------------------------------------ the one-sync path
 
-#: bytes a case may copy to the host to be judged there after one wait for the device (every input's storage four
-#: times, the outputs and the references); larger cases are judged on the device, a wait after each call
-ONE_SYNC_BYTES = 48 << 20
+#: storage elements of all a case's inputs together up to which it takes the one-sync path by default: the size
+#: below which outputs are judged on host copies (``metrics.HOST_JUDGE_ELEMENTS``).  For such a case the waits are
+#: most of its time on the GPU; on one H200 the matrix's attention cases (about 10^5 elements an input) ran slower
+#: on the path than with a wait after each call (15.9 against 24.8 cases/s, two 45 s runs one after the other).
+ONE_SYNC_ELEMENTS = HOST_JUDGE_ELEMENTS
 
 
 def _on(t: torch.Tensor, device: str) -> bool:
@@ -1053,9 +1055,10 @@ def _on(t: torch.Tensor, device: str) -> bool:
 
 def one_sync_fits(inputs: Mapping[str, torch.Tensor], device: str) -> bool:
     """Whether the case takes the one-sync path (:func:`_run_one_sync`): every input a tensor on ``device``
-    whose storage is whole elements, host copies of them all within ``ONE_SYNC_BYTES``, and the device a CUDA
-    one.  ``$HARNESS_ONE_SYNC``: ``0`` never (every case waits for the device after every call, as attribution
-    reruns always do), ``1`` on every device, the CPU included (the test suite runs the path that way)."""
+    whose storage is whole elements, and by default a CUDA device and at most ``ONE_SYNC_ELEMENTS`` storage
+    elements in all.  ``$HARNESS_ONE_SYNC``: ``0`` never (every case waits for the device after every call, as
+    attribution reruns always do); ``1`` every such case of any size on any device, the CPU included (the test
+    suite compares the two paths that way)."""
     mode = os.environ.get("HARNESS_ONE_SYNC", "")
     if mode == "0" or (mode != "1" and not _is_cuda(device)):
         return False
@@ -1066,8 +1069,8 @@ def one_sync_fits(inputs: Mapping[str, torch.Tensor], device: str) -> bool:
         nbytes = t.untyped_storage().nbytes()
         if nbytes % t.element_size():
             return False
-        total += 5 * nbytes  # four storage copies and about one output's worth
-    return total <= ONE_SYNC_BYTES // 2  # the other half: the outputs and references (float64)
+        total += nbytes // t.element_size()
+    return mode == "1" or total <= ONE_SYNC_ELEMENTS
 
 
 class _HostCopies:

@@ -16,7 +16,7 @@ import harness.runner.execute as execute
 from harness.cases import Case
 from harness.layouts import LayoutSpec
 from harness.matrix import _build_cells, select_targets
-from harness.runner.execute import ONE_SYNC_BYTES, one_sync_fits, run_case
+from harness.runner.execute import ONE_SYNC_ELEMENTS, one_sync_fits, run_case
 from harness.strategies import layouts, value_specs
 from harness.targets import resolve_target
 from harness.values import ValueSpec
@@ -145,19 +145,21 @@ def test_matrix_cases_get_the_same_result_on_both_paths(c, monkeypatch):
     _same(per_call, one_sync)
 
 
-def test_attribution_reruns_and_large_cases_wait_after_every_call(monkeypatch):
+def test_attribution_reruns_and_larger_cases_wait_after_every_call(monkeypatch):
     monkeypatch.setenv("HARNESS_ONE_SYNC", "1")
     called = []
     monkeypatch.setattr(execute, "_run_one_sync", lambda *a, **k: called.append(1))
     r = run_case(case("cpu.scale"), "cpu", record_ops=True)  # the rerun that names a faulting op
     assert r.verdict is Verdict.PASS and not called
-    big = torch.empty(ONE_SYNC_BYTES // 4 // 5 // 2 + 1, dtype=torch.float32)
-    small = torch.empty(16)
-    assert not one_sync_fits({"x": big}, "cpu") and one_sync_fits({"x": small}, "cpu")
+    small, big = torch.empty(16), torch.empty(ONE_SYNC_ELEMENTS + 1)
+    assert one_sync_fits({"x": big}, "cpu") and one_sync_fits({"x": small}, "cpu")  # "1": any size
     monkeypatch.setenv("HARNESS_ONE_SYNC", "0")
     assert not one_sync_fits({"x": small}, "cpu")
     monkeypatch.delenv("HARNESS_ONE_SYNC")
-    assert not one_sync_fits({"x": small}, "cpu")  # by default only on CUDA devices
+    assert not one_sync_fits({"x": small}, "cpu")  # by default only on CUDA devices, and only small cases
+    monkeypatch.setattr(execute, "_is_cuda", lambda device: True)  # as a CUDA device would be judged
+    assert one_sync_fits({"x": small, "y": torch.empty(ONE_SYNC_ELEMENTS - 16)}, "cpu")
+    assert not one_sync_fits({"x": small, "y": torch.empty(ONE_SYNC_ELEMENTS - 15)}, "cpu")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
