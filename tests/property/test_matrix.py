@@ -4,6 +4,7 @@ links that resolve, unavailable targets with their reason, and ``--fail-on-new``
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 from concurrent.futures import Future
 from pathlib import Path
@@ -364,3 +365,34 @@ def test_grid_faults_are_attributed_beside_the_run_once_per_cell_example(tmp_pat
     assert "misaligned_kernel" in cell["attribution"]["device_fault"]
     saved, _ = load_case(out / cell["examples"]["device_fault"])
     assert saved.verdict["attribution"]["kernel"] == "misaligned_kernel"  # the file on disk says so too
+
+
+def test_a_slow_report_rewrite_is_rewritten_less_often(tmp_path, monkeypatch) -> None:
+    # each rewrite of the running report holds the interpreter (the pool's dispatcher waits): at most
+    # REPORT_SHARE of the run goes to it, however long one rewrite takes
+    import harness.matrix as matrix
+    import harness.report as report
+
+    monkeypatch.setattr(matrix, "REPORT_EVERY_S", 0.2)
+    real, starts = report.write_reports, []
+
+    def slow_write(summary, out):
+        starts.append(time.monotonic())
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.1:  # the cost of a big report, spent on the CPU
+            pass
+        return real(summary, out)
+
+    monkeypatch.setattr(report, "write_reports", slow_write)  # run_matrix imports it when it starts
+    s = run_matrix(
+        device="cpu",
+        time_budget=3.0,
+        ops=["legacy.wanvideo_late2025"],
+        out=tmp_path / "m",
+        progress=None,
+        pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+        explore=False,
+    )
+    assert s["totals"] and (tmp_path / "m" / "summary.json").is_file()
+    gaps = [b - a for a, b in zip(starts, starts[1:-1])]  # the periodic rewrites (the last one is the final report)
+    assert all(g >= 0.1 / matrix.REPORT_SHARE * 0.9 for g in gaps), gaps  # every 2 s, not every 0.2 s
