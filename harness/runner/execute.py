@@ -31,6 +31,7 @@ Without ``record_ops`` none of this is installed: it costs nothing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import linecache
 import os
@@ -481,6 +482,16 @@ class _Snapshot:
                 continue
             now_view = _view_bytes(t)
             if torch.equal(now_view, self.view[n]):
+                if now_storage.numel() != self.storage[n].numel():  # set_ / resize_: the tensor has another storage
+                    found.append(
+                        _Change(
+                            n,
+                            True,
+                            f"{n}: its storage was replaced or resized ({self.storage[n].numel()} -> "
+                            f"{now_storage.numel()} bytes), the values in its view unchanged",
+                        )
+                    )
+                    continue
                 nbad = int((now_storage != self.storage[n]).sum())
                 found.append(
                     _Change(n, True, f"{n}: {nbad} byte(s) of storage outside the view (the poison) were written")
@@ -1121,9 +1132,29 @@ class _HostCopies:
         return True, ""
 
 
-def _host_view(t: torch.Tensor, storage_bytes: torch.Tensor) -> torch.Tensor:
-    """``t``'s view (dtype, shape, strides, offset) over the host copy of its storage's bytes."""
-    return storage_bytes.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+class _Checkpoint(NamedTuple):
+    """An input as it was at one point: the index of its storage's copy, and its view (dtype, shape, strides,
+    offset) then -- an op may re-view an input or give it another storage (``set_``, ``resize_``)."""
+
+    index: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _checkpoint(copies: "_HostCopies", inputs: Mapping[str, torch.Tensor]) -> dict[str, _Checkpoint]:
+    return {
+        n: _Checkpoint(copies.add(_storage_bytes(t)), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        for n, t in inputs.items()
+    }
+
+
+def _host_view(c: _Checkpoint, host: list[torch.Tensor]) -> torch.Tensor:
+    """The checkpointed view over the host copy of its storage's bytes."""
+    raw = host[c.index]
+    usable = raw[: raw.numel() - raw.numel() % c.dtype.itemsize]  # a storage resized to a partial element
+    return usable.view(c.dtype).as_strided(c.shape, c.stride, c.offset)
 
 
 def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Result:
@@ -1134,23 +1165,46 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
     Several processes sharing one GPU take turns for every wait (measured on one H200 with 8 processes: about
     7300 waits/s in all, against 44-79 thousand for one process), so a case that waited a dozen times was
     bounded by the GPU's turn-taking, not by its kernels.  The verdicts and their order are those of the
-    per-call path (``run_case``'s docstring); what differs is that a fault which surfaces only at the wait is
-    charged to the op's calls together (the attribution rerun, on the per-call path, names the call).
+    per-call path (``run_case``'s docstring).  What differs: a fault which surfaces only at the wait is charged
+    to the op's calls together (the attribution rerun, on the per-call path, names the call); the second call
+    and the contiguous rerun are made even when the first call's verdict is already decided (an input it wrote),
+    so a fault or a hang in them is what the case reports; and the checkpoints are copied in the current
+    stream's order -- an op that leaves work on a side stream it did not join is judged as that stream sees it.
     """
     device = st.device
     copies = _HostCopies(device)
-    storages = {n: _storage_bytes(t) for n, t in inputs.items()}
-    before = {n: copies.add(b) for n, b in storages.items()}
-    mutable = tuple(n for n in (getattr(target, "mutates", ()) or ()) if n in storages)
-    originals = {n: storages[n].clone() for n in mutable}  # put back before the second call
+    before = _checkpoint(copies, inputs)
+    mutable = tuple(n for n in (getattr(target, "mutates", ()) or ()) if n in inputs)
+    originals = {n: _storage_bytes(inputs[n]).clone() for n in mutable}  # put back before the second call
     try:
         exact, emulated = target.reference(inputs, params)
     except Exception as e:
         return _reference_failed(st, e)
-    after_ref = {n: copies.add(b) for n, b in storages.items()}
+    after_ref = _checkpoint(copies, inputs)
     i_exact = copies.add(exact)
     i_emulated = copies.add(emulated) if isinstance(emulated, torch.Tensor) else None
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
+    snap = _Snapshot.__new__(_Snapshot)
+
+    def at(points: dict[str, _Checkpoint]) -> dict[str, torch.Tensor]:
+        return {n: _host_view(c, copies.host) for n, c in points.items()}
+
+    def settle() -> Result | None:
+        """The wait, then the reference's own check: what comes before any verdict on the op's first call."""
+        healthy, why = copies.wait()
+        if not healthy:
+            return st.result(
+                Verdict.DEVICE_FAULT,
+                f"the op returned, then the device failed: {why}",
+                attribution={
+                    "surfaced_at": "health check after the op returned (asynchronous fault)",
+                    "launch_blocking": _launch_blocking(),
+                },
+            )
+        snap.storage = {n: copies.host[c.index] for n, c in before.items()}
+        snap.view = {n: _view_bytes(v) for n, v in at(before).items()}
+        ref_changes = snap.changes(at(after_ref))
+        return _reference_mutated(st, ref_changes) if ref_changes else None
 
     # ---- the op's calls, queued without waiting
     try:
@@ -1158,18 +1212,27 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
+        healthy, _ = copies.wait()  # a broken device: classify_exception below says so
+        if healthy:
+            settled = settle()
+            if settled is not None:
+                return settled
         return _first_call_raised(st, e)
     if not isinstance(out, torch.Tensor):
-        return st.result(Verdict.ERROR, f"{target.name}.run returned {type(out).__name__}, expected a Tensor")
+        return settle() or st.result(
+            Verdict.ERROR, f"{target.name}.run returned {type(out).__name__}, expected a Tensor"
+        )
     i_out = copies.add(out)
-    after_first = {n: copies.add(b) for n, b in storages.items()}
+    after_first = _checkpoint(copies, inputs)
     deterministic = getattr(target, "deterministic", True)
     second_raised: BaseException | None = None
     again: Any = None
-    after_second: dict[str, int] = {}
+    after_second: dict[str, _Checkpoint] = {}
     if deterministic:
         for n in mutable:
-            storages[n].copy_(originals[n])  # an input the op may overwrite gets its values back: the same inputs
+            now = _storage_bytes(inputs[n])
+            if now.numel() == originals[n].numel():  # an input the op may overwrite gets its values back
+                now.copy_(originals[n])
         try:
             again = target.run(inputs, params)
         except BaseException as e:  # noqa: BLE001
@@ -1178,7 +1241,7 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
             second_raised = e
         if isinstance(again, torch.Tensor):
             i_again = copies.add(again)
-            after_second = {n: copies.add(b) for n, b in storages.items()}
+            after_second = _checkpoint(copies, inputs)
     rerun_raised: BaseException | None = None
     i_contig: int | None = None
     if contig is not None and second_raised is None:
@@ -1192,28 +1255,19 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
                 rerun_raised = TypeError(f"{target.name}.run returned {type(out_c).__name__}, expected a Tensor")
 
     # ---- one wait; from here on everything is on the host
-    healthy, why = copies.wait()
-    if not healthy:
-        calls = "the op's calls" if deterministic or contig is not None else "the op"
-        return st.result(
-            Verdict.DEVICE_FAULT,
-            f"{calls} returned, then the device failed: {why}",
-            attribution={
-                "surfaced_at": f"health check after {calls} returned (asynchronous fault)",
-                "launch_blocking": _launch_blocking(),
-            },
-        )
+    settled = settle()
+    if settled is not None:
+        if settled.verdict is Verdict.DEVICE_FAULT and (deterministic or contig is not None):
+            settled = dataclasses.replace(
+                settled,
+                message=settled.message.replace("the op returned", "the op's calls returned", 1),
+                attribution={
+                    **(settled.attribution or {}),
+                    "surfaced_at": "health check after the op's calls returned (asynchronous fault)",
+                },
+            )
+        return settled
     host = copies.host
-    snap = _Snapshot.__new__(_Snapshot)
-    snap.storage = {n: host[i] for n, i in before.items()}
-    snap.view = {n: _view_bytes(_host_view(inputs[n], host[i])) for n, i in before.items()}
-
-    def at(points: dict[str, int]) -> dict[str, torch.Tensor]:
-        return {n: _host_view(inputs[n], host[i]) for n, i in points.items()}
-
-    ref_changes = snap.changes(at(after_ref))
-    if ref_changes:
-        return _reference_mutated(st, ref_changes)
     changes = snap.changes(at(after_first), mutable)
     if changes:
         return _mutated(st, changes)

@@ -19,6 +19,7 @@ from harness.matrix import _build_cells, select_targets
 from harness.runner.execute import ONE_SYNC_ELEMENTS, one_sync_fits, run_case
 from harness.strategies import layouts, value_specs
 from harness.targets import resolve_target
+from harness.targets.doubles import ScaleTarget
 from harness.values import ValueSpec
 from harness.verdicts import Verdict
 from helpers import case
@@ -177,3 +178,55 @@ def test_a_two_input_op_agrees_on_both_paths(spec, values, op, monkeypatch):
     a, b, taken = _both(c, monkeypatch)
     assert taken == 1
     _same(a, b)
+
+
+class _ReferenceWrites(ScaleTarget):
+    """Its reference writes its input (a harness bug), and its op raises or returns a non-tensor."""
+
+    name = "test.reference_writes"
+
+    def reference(self, inputs, params):
+        exact = super().reference(inputs, params)
+        inputs["x"].add_(1)
+        return exact
+
+    def run(self, inputs, params):
+        if params.get("returns") == "float":
+            return 1.0
+        raise ValueError("test.reference_writes: refused")
+
+
+class _ReplacesStorage(ScaleTarget):
+    """Gives its input a fresh storage (``set_``): a write to the caller's tensor that no byte comparison of the
+    old storage sees."""
+
+    name = "test.replaces_storage"
+
+    def run(self, inputs, params):
+        x = inputs["x"]
+        out = super().run(inputs, params)
+        x.set_(x.detach().clone())
+        return out
+
+
+@pytest.mark.parametrize(
+    "op, params",
+    [("test.reference_writes", {}), ("test.reference_writes", {"returns": "float"}), ("test.replaces_storage", {})],
+)
+def test_what_comes_before_the_first_calls_verdict_and_replaced_storage_agree(op, params, monkeypatch):
+    from harness.targets.protocol import register_target, unregister_target
+
+    register_target(_ReferenceWrites())
+    register_target(_ReplacesStorage())
+    try:
+        spec = LayoutSpec((3, 6), "float32", offset=2)
+        a, b, taken = _both(case(op, spec, **params), monkeypatch)
+    finally:
+        unregister_target("test.reference_writes")
+        unregister_target("test.replaces_storage")
+    assert taken == 1
+    _same(a, b)
+    want = Verdict.ERROR if op == "test.reference_writes" else Verdict.INPUT_MUTATION
+    assert b.verdict is want, b.format()
+    if want is Verdict.ERROR:
+        assert "the reference mutated its inputs" in b.message
