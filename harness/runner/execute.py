@@ -31,7 +31,6 @@ Without ``record_ops`` none of this is installed: it costs nothing.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import linecache
 import os
@@ -1057,11 +1056,9 @@ ONE_SYNC_ELEMENTS = HOST_JUDGE_ELEMENTS
 def _on(t: torch.Tensor, device: str) -> bool:
     """Whether ``t`` lives on ``device`` ("cuda" means the current CUDA device)."""
     want = torch.device(device)
-    if t.device.type != want.type:
-        return False
-    if want.type != "cuda" or want.index is None:
-        return want.type != "cuda" or t.device.index == torch.cuda.current_device()
-    return t.device.index == want.index
+    if want.type == "cuda" and want.index is None:
+        want = torch.device("cuda", torch.cuda.current_device())
+    return t.device == want
 
 
 def one_sync_fits(inputs: Mapping[str, torch.Tensor], device: str) -> bool:
@@ -1189,15 +1186,15 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
     def at(points: dict[str, _Checkpoint]) -> dict[str, torch.Tensor]:
         return {n: _host_view(c, copies.host) for n, c in points.items()}
 
-    def settle() -> Result | None:
+    def settle(calls: str = "the op") -> Result | None:
         """The wait, then the reference's own check: what comes before any verdict on the op's first call."""
         healthy, why = copies.wait()
         if not healthy:
             return st.result(
                 Verdict.DEVICE_FAULT,
-                f"the op returned, then the device failed: {why}",
+                f"{calls} returned, then the device failed: {why}",
                 attribution={
-                    "surfaced_at": "health check after the op returned (asynchronous fault)",
+                    "surfaced_at": f"health check after {calls} returned (asynchronous fault)",
                     "launch_blocking": _launch_blocking(),
                 },
             )
@@ -1212,12 +1209,10 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        healthy, _ = copies.wait()  # a broken device: classify_exception below says so
-        if healthy:
-            settled = settle()
-            if settled is not None:
-                return settled
-        return _first_call_raised(st, e)
+        settled = settle()
+        if settled is not None and settled.verdict is not Verdict.DEVICE_FAULT:
+            return settled
+        return _first_call_raised(st, e)  # a broken device: classify_exception says so, with the op's error
     if not isinstance(out, torch.Tensor):
         return settle() or st.result(
             Verdict.ERROR, f"{target.name}.run returned {type(out).__name__}, expected a Tensor"
@@ -1255,17 +1250,8 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
                 rerun_raised = TypeError(f"{target.name}.run returned {type(out_c).__name__}, expected a Tensor")
 
     # ---- one wait; from here on everything is on the host
-    settled = settle()
+    settled = settle("the op's calls" if deterministic or contig is not None else "the op")
     if settled is not None:
-        if settled.verdict is Verdict.DEVICE_FAULT and (deterministic or contig is not None):
-            settled = dataclasses.replace(
-                settled,
-                message=settled.message.replace("the op returned", "the op's calls returned", 1),
-                attribution={
-                    **(settled.attribution or {}),
-                    "surfaced_at": "health check after the op's calls returned (asynchronous fault)",
-                },
-            )
         return settled
     host = copies.host
     changes = snap.changes(at(after_first), mutable)

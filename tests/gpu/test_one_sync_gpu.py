@@ -71,15 +71,18 @@ def test_a_small_passing_case_waits_for_the_gpu_once(monkeypatch):
 
 
 def test_inputs_built_on_the_host_are_the_inputs_built_on_the_gpu():
-    # materialize builds a CUDA input on the host and uploads its storage (poison included) in one copy
+    # host values: built on the host, the storage (poison included) uploaded in one copy; values already on the
+    # GPU: built there, poison and all (the path an FP8 cast still takes) -- the same bytes either way
     for spec in (STRIDED, LayoutSpec((6, 5), "bfloat16", perm=(1, 0), offset=7), LayoutSpec((4, 4), "float16")):
         values = torch.randn(spec.shape).to(spec.torch_dtype)
-        on_gpu = materialize(spec, values, "cuda")
-        on_host = materialize(spec, values, "cpu")
-        assert on_gpu.stride() == on_host.stride() and on_gpu.storage_offset() == on_host.storage_offset()
-        raw = torch.empty(0, dtype=torch.uint8, device="cuda").set_(on_gpu.untyped_storage()).cpu()
-        want = torch.empty(0, dtype=torch.uint8).set_(on_host.untyped_storage())
-        assert torch.equal(raw, want)
+        uploaded = materialize(spec, values, "cuda")
+        built_there = materialize(spec, values.to("cuda"), "cuda")
+        assert uploaded.stride() == built_there.stride() and uploaded.storage_offset() == built_there.storage_offset()
+        raw = [
+            torch.empty(0, dtype=torch.uint8, device="cuda").set_(t.untyped_storage()).cpu()
+            for t in (uploaded, built_there)
+        ]
+        assert torch.equal(*raw)
 
 
 def _cuda_matrix_cases() -> list[Case]:
