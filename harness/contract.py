@@ -208,20 +208,22 @@ def record_of(case: Any, result: Any) -> dict[str, Any]:
 
 
 def _feature_values(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str | None, str], dict[int, Any]]:
-    """(operand or None, feature) -> {record index: value}, in a stable order."""
-    table: dict[tuple[str | None, str], dict[int, Any]] = {}
-    operands = sorted({n for r in records for n in r.get("operands", {})})
-    for name in operands:
-        for feat in FEATURES:
-            col = {
-                i: r["operands"][name][feat]
-                for i, r in enumerate(records)
-                if name in r.get("operands", {}) and r["operands"][name].get(feat) is not None
-            }
-            if col:
-                table[(name, feat)] = col
-    for p in sorted({p for r in records for p in r.get("params", {})}):
-        col = {i: int(r["params"][p]) for i, r in enumerate(records) if p in r.get("params", {})}
+    """(operand or None, feature) -> {record index: value}, in a stable order (operands sorted, then
+    :data:`FEATURES` in order; then the params, sorted, each followed by its ``_multiple``).  One pass over the
+    records: a matrix run's wrap-up infers from every record it made."""
+    cols: dict[tuple[str | None, str], dict[int, Any]] = {}
+    params: dict[str, dict[int, int]] = {}
+    for i, r in enumerate(records):
+        for name, facts in r.get("operands", {}).items():
+            for feat, v in facts.items():
+                if v is not None and feat in FEATURES:
+                    cols.setdefault((name, feat), {})[i] = v
+        for p, v in r.get("params", {}).items():
+            params.setdefault(p, {})[i] = int(v)
+    order = {f: k for k, f in enumerate(FEATURES)}
+    table = {key: cols[key] for key in sorted(cols, key=lambda k: (k[0], order[k[1]]))}
+    for p in sorted(params):
+        col = params[p]
         table[(None, p)] = col
         table[(None, p + "_multiple")] = {i: _pow2_divisor(v) for i, v in col.items()}
     return table
@@ -260,16 +262,22 @@ def _describe(operand: str | None, feat: str, kind: str, bound: Any) -> str:
     return f"{who}{what} {'>=' if kind == 'min' else '<='} {bound}{unit}"
 
 
-def _candidates(records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: Sequence[str]) -> list[dict]:
+def _candidates(
+    records: Sequence[Mapping[str, Any]],
+    bad: set[int],
+    verdicts: Sequence[str],
+    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
+) -> list[dict]:
     out = []
-    for (operand, feat), col in _feature_values(records).items():
+    for (operand, feat), col in (_feature_values(records) if table is None else table).items():
         good_vals = [v for i, v in col.items() if i not in bad]
         if not good_vals:
             continue  # nothing worked: no boundary to draw on this feature
         for kind in _kinds(operand, feat):
             if kind == "one_of":
-                accepted = sorted(set(good_vals), key=str)
-                violating = {i for i, v in col.items() if v not in set(good_vals)}
+                good = set(good_vals)
+                accepted = sorted(good, key=str)
+                violating = {i for i, v in col.items() if v not in good}
                 bound: Any = accepted
                 refused = sorted({col[i] for i in violating}, key=str)
                 edge: Any = refused
@@ -319,9 +327,13 @@ def _select(cands: list[dict], bad: set[int]) -> list[dict]:
 
 
 def _infer(
-    records: Sequence[Mapping[str, Any]], bad: set[int], verdicts: Sequence[str], env: Mapping[str, Any]
+    records: Sequence[Mapping[str, Any]],
+    bad: set[int],
+    verdicts: Sequence[str],
+    env: Mapping[str, Any],
+    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
 ) -> tuple[list[dict], set[int]]:
-    chosen = _select(_candidates(records, bad, verdicts), bad)
+    chosen = _select(_candidates(records, bad, verdicts, table), bad)
     clauses, explained = [], set()
     for c in chosen:
         explained |= c["_violating"]
@@ -349,10 +361,14 @@ def _infer(
     return clauses, explained
 
 
-def _observed(records: Sequence[Mapping[str, Any]], bad: set[int]) -> dict[str, list]:
+def _observed(
+    records: Sequence[Mapping[str, Any]],
+    bad: set[int],
+    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
+) -> dict[str, list]:
     """Per feature key ``operand:feature``: ``[value, worked, failed]`` for each value seen."""
     out: dict[str, list] = {}
-    for (operand, feat), col in _feature_values(records).items():
+    for (operand, feat), col in (_feature_values(records) if table is None else table).items():
         counts: dict[Any, list[int]] = {}
         for i, v in col.items():
             counts.setdefault(v, [0, 0])[1 if i in bad else 0] += 1
@@ -380,7 +396,8 @@ def infer_contract(
     counted = [r for r in recs if r["verdict"] not in EXCLUDED]
     verdicts = [r["verdict"] for r in counted]
     bad = {i for i, v in enumerate(verdicts) if v not in WORKED}
-    clauses, explained = _infer(counted, bad, verdicts, env)
+    table = _feature_values(counted)
+    clauses, explained = _infer(counted, bad, verdicts, env, table)
     left = sorted(bad - explained)
     unexplained = {
         "failures": len(left),
@@ -398,7 +415,7 @@ def infer_contract(
         "preconditions": clauses,
         "unexplained": unexplained,
         "writes": _writes(counted, env),
-        "observed": _observed(counted, bad),
+        "observed": _observed(counted, bad, table),
         "measured_on": env,
     }
 

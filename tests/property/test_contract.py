@@ -421,3 +421,58 @@ def test_a_matrix_run_writes_contracts_and_the_report_section(tmp_path) -> None:
     md = (out / "report.md").read_text()
     assert "## Layout contracts" in md and "writes x: in 3 of 6 checked cases" in md
     assert "Layout contracts" in (out / "report.html").read_text()
+
+
+def _feature_table_by_definition(records: list[dict]) -> dict:
+    """The feature table as its docstring defines it, one comprehension per (operand, feature) and param."""
+    from harness.contract import FEATURES, _pow2_divisor
+
+    table = {}
+    for name in sorted({n for r in records for n in r.get("operands", {})}):
+        for feat in FEATURES:
+            col = {
+                i: r["operands"][name][feat]
+                for i, r in enumerate(records)
+                if name in r.get("operands", {}) and r["operands"][name].get(feat) is not None
+            }
+            if col:
+                table[(name, feat)] = col
+    for p in sorted({p for r in records for p in r.get("params", {})}):
+        col = {i: int(r["params"][p]) for i, r in enumerate(records) if p in r.get("params", {})}
+        table[(None, p)] = col
+        table[(None, p + "_multiple")] = {i: _pow2_divisor(v) for i, v in col.items()}
+    return table
+
+
+_fact_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 512), st.sampled_from(["bfloat16", "float16"]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "operands": st.dictionaries(
+                    st.sampled_from(["q", "k", "v", "x"]),
+                    st.dictionaries(
+                        st.sampled_from(["alignment", "dtype", "last_dim", "values", "unknown"]), _fact_values
+                    ),
+                    max_size=3,
+                ),
+                "params": st.dictionaries(
+                    st.sampled_from(["seq", "heads", "tokens"]), st.integers(0, 4096), max_size=2
+                ),
+            }
+        ),
+        max_size=12,
+    )
+)
+def test_the_one_pass_feature_table_is_the_table_by_definition(records) -> None:
+    """The wrap-up infers from every record a run made, so the table is built in one pass over them; it is the
+    same table, in the same key order (which breaks ties between clauses), as the definition."""
+    from harness.contract import _feature_values
+
+    got = _feature_values(records)
+    want = _feature_table_by_definition(records)
+    assert list(got) == list(want)
+    assert got == want
