@@ -3,7 +3,8 @@
 ``collect_env()`` is what case files record and what ``python -m harness env``
 prints.  CUDA is probed only when this is called (never at import).  Code
 that must not initialise CUDA in its own process (the runner's parent) calls
-``collect_env_subprocess()``, which asks a short-lived child instead.
+``collect_env_subprocess()``, which asks a short-lived child instead, or ``collect_env_isolated()``, which
+asks the child only when this torch could initialise a GPU at all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from harness.capability import device_info
 
-__all__ = ["collect_env", "collect_env_subprocess", "format_env", "add_parser"]
+__all__ = ["collect_env", "collect_env_subprocess", "collect_env_isolated", "format_env", "add_parser"]
 
 
 def _pkg_version(*names: str) -> str | None:
@@ -130,6 +131,20 @@ def collect_env_subprocess(timeout: float = 120.0, *, backends: bool = False) ->
     if out.returncode != 0:
         raise RuntimeError(f"environment probe failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_build() -> bool:
+    """Whether this torch was built for a GPU (CUDA or ROCm); a CPU-only build cannot initialise one."""
+    return torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+
+
+def collect_env_isolated(timeout: float = 120.0, *, backends: bool = False) -> dict[str, Any]:
+    """:func:`collect_env` without initialising a GPU in this process: in a child interpreter
+    (:func:`collect_env_subprocess`) when this torch is built for a GPU, else here -- a CPU-only build has no GPU
+    to initialise, and the child would only import torch a second time (~2.5 s of CPU on 2 cores)."""
+    if gpu_build():
+        return collect_env_subprocess(timeout=timeout, backends=backends)
+    return json.loads(json.dumps(collect_env(backends=backends), default=str))  # the child's JSON, without it
 
 
 def format_env(env: dict[str, Any]) -> str:

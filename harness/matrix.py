@@ -339,14 +339,15 @@ class Progress:
 
 
 def _device_env(devices: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
-    """Versions and device identity for the report header, from a subprocess (no CUDA here), within ``timeout`` s."""
+    """Versions and device identity for the report header, from a subprocess (no CUDA here; in this process on a
+    CPU-only torch: :func:`harness.env.collect_env_isolated`), within ``timeout`` s."""
     import platform
 
     env: dict[str, Any] = {}
     try:
-        from harness.env import collect_env_subprocess
+        from harness.env import collect_env_isolated
 
-        env = collect_env_subprocess(timeout=timeout, backends=False)
+        env = collect_env_isolated(timeout=timeout, backends=False)
     except Exception as e:  # noqa: BLE001 - the header is informative; the run must not die for it
         import torch
 
@@ -646,11 +647,6 @@ def run_matrix(
     per round when ``cases_per_cell`` bounds the run).  ``large_offsets``: the exploration's rare draw of a view whose
     largest element offset passes 2**31 (None: on CUDA, sized from half the device's memory; off on CPU).
     """
-    from harness.contract import infer_contracts, measured_on, record_of, write_contracts
-    from harness.report import write_reports
-    from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
-    from harness.verdicts import POOL_CLOSED, Result, Verdict
-
     t0 = time.monotonic() if started_at is None else started_at
     if not (isinstance(time_budget, (int, float)) and time_budget > 0):  # also refuses NaN
         raise MatrixError(f"--time-budget {time_budget!r} must be > 0 seconds (the whole run, start-up included)")
@@ -671,6 +667,12 @@ def run_matrix(
     if corpus is not None and not Path(corpus).is_dir():
         what = "is a file" if Path(corpus).exists() else "does not exist"
         raise MatrixError(f"--corpus {corpus} {what}; pass the regression corpus folder (default tests/cases)")
+    # torch comes in with these: the checks above answer a wrong argument before it is imported (~2.5 s here)
+    from harness.contract import infer_contracts, measured_on, record_of, write_contracts
+    from harness.report import write_reports
+    from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
+    from harness.verdicts import POOL_CLOSED, Result, Verdict
+
     plugin_names = _register_plugins(plugins, attn_plugins)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     deadline = t0 + float(time_budget)

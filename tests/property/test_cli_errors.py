@@ -82,6 +82,24 @@ def test_wrong_matrix_arguments_are_one_line_exit_2(wrong_runs, index) -> None:
     assert _tree(t) == before  # nothing created or removed
 
 
+def test_a_wrong_path_or_budget_is_answered_before_torch_is_imported(tmp_path) -> None:
+    """The checks that need no op run first, so a typo is answered at once, not after ~2.5 s of importing torch."""
+    (tmp_path / "taken").write_text("mine")
+    code = (
+        "import sys, harness.cli\n"
+        "rcs = [harness.cli.main(a) for a in ("
+        f"['matrix', '--out', {str(tmp_path / 'taken')!r}], "
+        f"['matrix', '--out', {str(tmp_path / 'o')!r}, '--time-budget', '0'], "
+        f"['matrix', '--out', {str(tmp_path / 'o')!r}, '--corpus', {str(tmp_path / 'none')!r}])]\n"
+        "print(rcs, 'torch' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.stdout.strip() == "[2, 2, 2] False", r.stdout + r.stderr[-2000:]
+    assert len(r.stderr.splitlines()) == 3  # one line each
+    assert (tmp_path / "taken").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
 def test_a_harness_bug_is_one_line_and_a_traceback_file_exit_128(tmp_path, monkeypatch, capsys) -> None:
     def broken(args):
         raise ZeroDivisionError("division by zero in the harness")

@@ -3,6 +3,7 @@ links that resolve, unavailable targets with their reason, and ``--fail-on-new``
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import sys
@@ -10,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.cases import load_case
 from harness.matrix import Cell, MatrixError, _build_cells, find_new_failures, is_failure, run_matrix, select_targets
@@ -252,10 +254,28 @@ def test_report_header_names_every_gpu_used(monkeypatch) -> None:
     import harness.env
     from harness.matrix import _device_env
 
-    monkeypatch.setattr(harness.env, "collect_env_subprocess", lambda **kw: {"device": "NVIDIA H200"})
+    monkeypatch.setattr(harness.env, "collect_env_isolated", lambda **kw: {"device": "NVIDIA H200"})
     two = _device_env(["cuda:0", "cuda:1"])
     assert two["name"] == "2 x NVIDIA H200" and two["devices_used"] == ["cuda:0", "cuda:1"]
     assert _device_env(["cuda:1"])["name"] == "NVIDIA H200"
+
+
+@pytest.mark.parametrize("gpu_build", [True, False])
+def test_the_environment_probe_asks_a_child_exactly_when_this_torch_could_initialise_a_gpu(monkeypatch, gpu_build):
+    """The matrix's parent must never initialise a GPU, so a GPU build of torch is probed in a child; a CPU-only
+    build has none to initialise, and is probed here (a child would only import torch again)."""
+    import harness.env
+
+    children = []
+    monkeypatch.setattr(harness.env, "gpu_build", lambda: gpu_build)
+    monkeypatch.setattr(harness.env, "collect_env_subprocess", lambda **kw: children.append(kw) or {"device": "child"})
+    env = harness.env.collect_env_isolated(timeout=5.0, backends=False)
+    if gpu_build:
+        assert children == [{"timeout": 5.0, "backends": False}] and env == {"device": "child"}
+    else:
+        assert children == []
+        here = json.loads(json.dumps(harness.env.collect_env(backends=False), default=str))
+        assert env == here and env["torch"] == torch.__version__
 
 
 class StallingPool(InProcessPool):
