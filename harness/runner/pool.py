@@ -567,8 +567,14 @@ class WorkerPool:
             self.start_fallback = why
 
     def _ensure_workers(self) -> None:
-        """Keep each device at its count of active workers (promoting ready spares first) and spares."""
+        """Keep each device at its count of active workers (promoting ready spares first) and spares.
+
+        With forked workers, nothing is started until the fork server has finished its imports
+        (:func:`_fork_server_ready`): a fork request waits for them, and this runs under the pool's lock, which
+        ``submit`` and ``close`` need."""
         if self._closing and not self._pending and not any(w.outstanding for w in self._workers):
+            return
+        if self.start_method == "forkserver" and not _fork_server_ready():
             return
         now = time.monotonic()
         for dev in self.devices:
@@ -620,15 +626,25 @@ class WorkerPool:
             return {dev: self._spare_target(dev, now) for dev in self.devices}
 
     def _stop_workers(self, timeout: float) -> None:
-        """Ask every worker to exit, wait up to ``timeout`` s for them, then SIGTERM, then SIGKILL; reap them."""
+        """Ask every worker to exit, wait up to ``timeout`` s for them, then SIGTERM, then SIGKILL; reap them.
+
+        A worker still starting is sent SIGTERM at once: it holds no case, and it would read the request only after
+        its imports and warm-up (seconds on a loaded machine, which a closing run would spend waiting)."""
         with self._lock:
             workers = list(self._workers)
+            starting = [w for w in workers if w.state == "starting"]
         for w in workers:
             try:
                 w.conn.send(("stop",))
             except (OSError, ValueError):
                 pass
-        alive = _wait_exit([w.proc for w in workers], timeout)
+        for w in starting:
+            try:
+                w.proc.terminate()
+            except (ValueError, OSError):
+                pass
+        alive = _wait_exit([w.proc for w in workers if w not in starting], timeout)
+        alive += _wait_exit([w.proc for w in starting], 0.0)
         for p in alive:
             try:
                 p.terminate()
@@ -854,6 +870,8 @@ class WorkerPool:
                     by_obj[w.proc.sentinel] = w
                 deadline = self._next_deadline()
             wait_s = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            if self.start_method == "forkserver" and not _FORK_SERVER_READY.is_set():
+                wait_s = min(wait_s, FORK_SERVER_POLL_S)  # workers start as soon as the server is ready
             ready = multiprocessing.connection.wait(waits, timeout=wait_s)
             with self._lock:
                 if self._wake_r in ready:
@@ -1117,6 +1135,42 @@ _RERUN_KEYS = (
 
 
 _PRELOAD_LOCK = threading.Lock()
+#: set once a fork through this process's fork server has been answered: it has finished importing PRELOAD_MODULE
+_FORK_SERVER_READY = threading.Event()
+_FORK_WARMER: list[threading.Thread] = []  # the thread that waits for that answer (one per process)
+#: seconds between a dispatcher's looks at whether the fork server is ready (only while it is not)
+FORK_SERVER_POLL_S = 0.05
+
+
+def _fork_server_ready() -> bool:
+    """Whether a fork through the server is answered at once. Until it is, a thread (one per process) starts the
+    server and forks a no-op child (:func:`harness.runner.preload.ready_probe`) through it; the first fork waits
+    until the server has imported :data:`PRELOAD_MODULE` (1.7 s on 2 idle cores, ~9 s on a loaded 16-core GPU
+    host), and that wait must not hold a pool's lock. A server that fails to start or to fork counts as ready:
+    the pool's own start then meets the failure and starts fresh interpreters instead."""
+    if _FORK_SERVER_READY.is_set():
+        return True
+    with _PRELOAD_LOCK:
+        if not _FORK_WARMER or not _FORK_WARMER[0].is_alive():
+            _FORK_WARMER[:] = [threading.Thread(target=_warm_fork_server, name="harness-fork-warm", daemon=True)]
+            _FORK_WARMER[0].start()
+    return _FORK_SERVER_READY.is_set()
+
+
+def _warm_fork_server() -> None:
+    try:
+        _fork_server_env()
+        from harness.runner.preload import ready_probe
+
+        probe = multiprocessing.get_context("forkserver").Process(target=ready_probe, name="harness-fork-probe")
+        probe.start()
+        probe.join()
+    except Exception:  # noqa: BLE001 - the pool's own start reports it (and falls back to fresh interpreters)
+        pass
+    finally:
+        _FORK_SERVER_READY.set()
+
+
 #: the environment the running fork server started with, when this process started it (pid -> environ)
 _SERVER_ENVS: dict[int, dict[str, str]] = {}
 

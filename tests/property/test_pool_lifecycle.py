@@ -28,6 +28,8 @@ from harness.verdicts import Result, Verdict
 
 from helpers import case, wait_exited
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def start_failures(pool: WorkerPool) -> int:
     return sum(1 for _, reason in pool.replaced if reason.startswith("start failed"))
@@ -132,6 +134,7 @@ def test_first_case_of_a_fresh_worker_gets_its_real_verdict_under_a_tight_timeou
 def test_close_asks_workers_to_exit_and_removes_its_temp_folder():
     p = WorkerPool("cpu", 2, spares=0, attribute=False)
     assert [r.verdict for r in p.run([case("cpu.scale", seed=s) for s in range(4)])] == [Verdict.PASS] * 4
+    assert p.wait_ready(120)  # both started: a worker still starting is ended instead (the test below)
     tmp = Path(p.tmp_dir)
     assert tmp.is_dir()
     p.close()
@@ -228,3 +231,44 @@ def test_a_given_case_file_name_is_still_overwritten(tmp_path):
     first = save_failure(c, Result(Verdict.NONFINITE, "NaN"), tmp_path, name=name)
     second = save_failure(c, Result(Verdict.NONFINITE, "NaN"), tmp_path, name=name)
     assert first == second == tmp_path / f"{name}.json"
+
+
+_SLOW_PRELOAD = """
+import sys, time
+import harness.runner.pool as P
+from harness.runner.pool import WorkerPool
+from harness.verdicts import Verdict
+sys.path.insert(0, {tests!r})
+from helpers import case
+
+P.PRELOAD_MODULE = "slow_preload_for_test"  # the fork server's imports take {slow} s
+t = time.monotonic()
+p = WorkerPool("cpu", 1, spares=0, attribute=False, start_method="forkserver")
+fut = p.submit(case("cpu.scale"))
+submitted = time.monotonic() - t
+p.close(cancel_pending=True)
+closed = time.monotonic() - t
+r = fut.result(timeout=1)
+with open({result!r}, "w") as f:
+    f.write(f"{{submitted:.2f}} {{closed:.2f}} {{r.verdict.value}} {{[code for _, code in p.exits]}}")
+"""
+
+
+def test_a_pool_closed_while_its_fork_server_still_imports_answers_at_once(tmp_path):
+    """The first fork through a fork server waits for its imports (seconds on a loaded machine). That wait must not
+    hold the pool: a case submitted meanwhile is queued at once, and a close answers it and ends the worker still
+    starting, without waiting for the imports (a run's wrap-up took 5-6 s here under load while it did)."""
+    slow = 40
+    (tmp_path / "slow_preload_for_test.py").write_text(f"import time\ntime.sleep({slow})\n")
+    result = tmp_path / "result.txt"
+    code = _SLOW_PRELOAD.format(tests=str(Path(__file__).resolve().parents[1]), slow=slow, result=str(result))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    t = time.monotonic()
+    # no pipes: the fork server inherits this child's output, and still holds it while it sleeps in its imports
+    with open(tmp_path / "stderr.txt", "w") as err:
+        r = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=err, env=env, timeout=120)
+    wall = time.monotonic() - t
+    assert r.returncode == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+    submitted, closed, verdict, exits = result.read_text().split(maxsplit=3)
+    assert float(closed) < slow / 4 and wall < slow, (result.read_text(), wall)  # nothing waited for the imports
+    assert verdict == "error" and exits in ("[]", "[-15]"), result.read_text()  # answered as not run; nothing ran
