@@ -1144,7 +1144,7 @@ FORK_SERVER_POLL_S = 0.05
 
 def _fork_server_ready() -> bool:
     """Whether a fork through the server is answered at once. Until it is, a thread (one per process) starts the
-    server and forks a no-op child (:func:`harness.runner.preload.ready_probe`) through it; the first fork waits
+    server and forks a child that does nothing through it; the first fork waits
     until the server has imported :data:`PRELOAD_MODULE` (1.7 s on 2 idle cores, ~9 s on a loaded 16-core GPU
     host), and that wait must not hold a pool's lock. A server that fails to start or to fork counts as ready:
     the pool's own start then meets the failure and starts fresh interpreters instead."""
@@ -1160,9 +1160,9 @@ def _fork_server_ready() -> bool:
 def _warm_fork_server() -> None:
     try:
         _fork_server_env()
-        from harness.runner.preload import ready_probe
-
-        probe = multiprocessing.get_context("forkserver").Process(target=ready_probe, name="harness-fork-probe")
+        # a builtin as the child's work: it needs no import there (and importing harness.runner.preload here would
+        # run the server's imports in this process)
+        probe = multiprocessing.get_context("forkserver").Process(target=os.getpid, name="harness-fork-probe")
         probe.start()
         probe.join()
     except Exception:  # noqa: BLE001 - the pool's own start reports it (and falls back to fresh interpreters)

@@ -54,11 +54,6 @@ except Exception as e:  # noqa: BLE001 - a broken import is the child's to repor
 READ_AT_IMPORT: frozenset[str] = frozenset(_read)
 
 
-def ready_probe() -> None:
-    """The no-op child a pool forks once through the server, to learn without holding its lock that the server has
-    finished the imports above (a fork request waits for them)."""
-
-
 def _cuda_driver_initialized() -> bool:
     """Whether ``cuInit`` already ran in this process. Asks only a driver library that is loaded already;
     ``cuDeviceGetCount`` answers CUDA_ERROR_NOT_INITIALIZED (3) without initialising anything."""
