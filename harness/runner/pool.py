@@ -35,6 +35,7 @@ The process-level helpers live beside it and are re-exported here:
 runs) and :mod:`harness.runner.procs` (child environment, temp folders, exit hooks).
 """
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -1138,6 +1139,7 @@ _PRELOAD_LOCK = threading.Lock()
 #: set once a fork through this process's fork server has been answered: it has finished importing PRELOAD_MODULE
 _FORK_SERVER_READY = threading.Event()
 _FORK_WARMER: list[threading.Thread] = []  # the thread that waits for that answer (one per process)
+_EXITING = threading.Event()  # set at interpreter exit: no fork server is started after it
 #: seconds between a dispatcher's looks at whether the fork server is ready (only while it is not)
 FORK_SERVER_POLL_S = 0.05
 
@@ -1152,9 +1154,26 @@ def _fork_server_ready() -> bool:
         return True
     with _PRELOAD_LOCK:
         if not _FORK_WARMER or not _FORK_WARMER[0].is_alive():
+            if not _FORK_WARMER:
+                atexit.register(_end_unready_fork_server)
             _FORK_WARMER[:] = [threading.Thread(target=_warm_fork_server, name="harness-fork-warm", daemon=True)]
             _FORK_WARMER[0].start()
     return _FORK_SERVER_READY.is_set()
+
+
+def _end_unready_fork_server() -> None:
+    """At exit: end a fork server still in its imports. It would finish them before it saw this process gone, and
+    until then it holds this process's stdout and stderr open (a pipe reading them would wait for it)."""
+    _EXITING.set()
+    from multiprocessing import forkserver
+
+    with _PRELOAD_LOCK:  # a server start under way completes first; none begins after this
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if pid and not _FORK_SERVER_READY.is_set():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
 
 
 def _warm_fork_server() -> None:
@@ -1162,7 +1181,9 @@ def _warm_fork_server() -> None:
         _fork_server_env()
         # a builtin as the child's work: it needs no import there (and importing harness.runner.preload here would
         # run the server's imports in this process)
-        probe = multiprocessing.get_context("forkserver").Process(target=os.getpid, name="harness-fork-probe")
+        probe = multiprocessing.get_context("forkserver").Process(
+            target=os.getpid, name="harness-fork-probe", daemon=True
+        )
         probe.start()
         probe.join()
     except Exception:  # noqa: BLE001 - the pool's own start reports it (and falls back to fresh interpreters)
@@ -1225,6 +1246,8 @@ def _fork_server_env() -> dict[str, str] | None:
     from multiprocessing import forkserver
 
     with _PRELOAD_LOCK:
+        if _EXITING.is_set():
+            raise RuntimeError("the interpreter is exiting: no fork server is started")
         server = forkserver._forkserver  # the module's singleton; its preload list is read when it starts
         preload = list(getattr(server, "_preload_modules", ()))
         if PRELOAD_MODULE not in preload:

@@ -257,18 +257,18 @@ with open({result!r}, "w") as f:
 def test_a_pool_closed_while_its_fork_server_still_imports_answers_at_once(tmp_path):
     """The first fork through a fork server waits for its imports (seconds on a loaded machine). That wait must not
     hold the pool: a case submitted meanwhile is queued at once, and a close answers it and ends the worker still
-    starting, without waiting for the imports (a run's wrap-up took 5-6 s here under load while it did)."""
+    starting, without waiting for the imports (a run's wrap-up took 5-6 s here under load while it did). Nor may
+    the server outlive the process in its imports: it holds the process's stdout and stderr, so a pipe reading
+    them (``python -m harness matrix | tee``, or this test) would wait for it."""
     slow = 40
     (tmp_path / "slow_preload_for_test.py").write_text(f"import time\ntime.sleep({slow})\n")
     result = tmp_path / "result.txt"
     code = _SLOW_PRELOAD.format(tests=str(Path(__file__).resolve().parents[1]), slow=slow, result=str(result))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
     t = time.monotonic()
-    # no pipes: the fork server inherits this child's output, and still holds it while it sleeps in its imports
-    with open(tmp_path / "stderr.txt", "w") as err:
-        r = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=err, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     wall = time.monotonic() - t
-    assert r.returncode == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
     submitted, closed, verdict, exits = result.read_text().split(maxsplit=3)
-    assert float(closed) < slow / 4 and wall < slow, (result.read_text(), wall)  # nothing waited for the imports
+    assert float(closed) < slow / 4 and wall < slow / 2, (result.read_text(), wall)  # nothing waited for the imports
     assert verdict == "error" and exits in ("[]", "[-15]"), result.read_text()  # answered as not run; nothing ran
