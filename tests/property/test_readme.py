@@ -26,7 +26,10 @@ def _setup_commands() -> list[str]:
 def test_readme_setup_is_a_new_venv_then_install_then_test() -> None:
     venv, install, test = _setup_commands()
     assert venv.startswith("python3 -m venv ") and "activate" in venv
-    assert install == "python3 -m pip install torch==2.13.0 -e '.[test]'" and test == "python3 -m pytest"
+    assert (
+        install == "python3 -m pip install torch==2.13.0 -e '.[test]'"
+        and test == "python3 -m pytest -n auto --dist loadfile"
+    )
 
 
 def test_ci_runs_the_readme_commands_inside_a_fresh_venv() -> None:
