@@ -1259,6 +1259,8 @@ def _fork_server_env() -> dict[str, str] | None:
         if pid is not None and pid != before:
             _SERVER_ENVS.clear()
             _SERVER_ENVS[pid] = env
+            if before is not None:  # a restarted server imports again: not ready until a fork is answered
+                _FORK_SERVER_READY.clear()
         return _SERVER_ENVS.get(pid) if pid is not None else None
 
 

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -204,3 +205,28 @@ def test_spawn_is_a_choice_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "fork")
     with pytest.raises(ValueError, match=r"\$HARNESS_WORKER_START='fork': use 'forkserver' or 'spawn'"):
         default_start_method()
+
+
+def test_a_restarted_fork_server_is_not_ready_until_a_fork_is_answered(monkeypatch):
+    """A fork server that had to be started again imports everything again: until a fork through it is answered,
+    pools start nothing through it (they would wait under their lock) and an exit ends it (it would hold the
+    process's output); a first start does not reset what the readiness probe found."""
+    import multiprocessing.forkserver as fs
+
+    import harness.runner.pool as P
+
+    def server_comes_up_as(pid):
+        monkeypatch.setattr(fs, "ensure_running", lambda: setattr(fs._forkserver, "_forkserver_pid", pid))
+
+    monkeypatch.setattr(fs._forkserver, "_forkserver_pid", None, raising=False)
+    monkeypatch.setattr(P, "_SERVER_ENVS", {})
+    monkeypatch.setattr(P, "_FORK_SERVER_READY", threading.Event())
+    P._FORK_SERVER_READY.set()
+    server_comes_up_as(4242)
+    P._fork_server_env()  # the first start
+    assert P._FORK_SERVER_READY.is_set()
+    P._fork_server_env()  # the same server
+    assert P._FORK_SERVER_READY.is_set()
+    server_comes_up_as(4343)
+    P._fork_server_env()  # it died and was started again
+    assert not P._FORK_SERVER_READY.is_set()
