@@ -1181,13 +1181,14 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
     i_exact = copies.add(exact)
     i_emulated = copies.add(emulated) if isinstance(emulated, torch.Tensor) else None
     contig = _contiguous_copies(inputs) if _needs_layout_check(inputs) else None
-    snap = _Snapshot.__new__(_Snapshot)
+    snap: Any = None  # the inputs as they were before anything ran, on the host (set by settle)
 
     def at(points: dict[str, _Checkpoint]) -> dict[str, torch.Tensor]:
         return {n: _host_view(c, copies.host) for n, c in points.items()}
 
     def settle(calls: str = "the op") -> Result | None:
         """The wait, then the reference's own check: what comes before any verdict on the op's first call."""
+        nonlocal snap
         healthy, why = copies.wait()
         if not healthy:
             return st.result(
@@ -1198,8 +1199,7 @@ def _run_one_sync(st: _Case, target: Any, inputs: Mapping[str, torch.Tensor], pa
                     "launch_blocking": _launch_blocking(),
                 },
             )
-        snap.storage = {n: copies.host[c.index] for n, c in before.items()}
-        snap.view = {n: _view_bytes(v) for n, v in at(before).items()}
+        snap = _Snapshot(at(before))
         ref_changes = snap.changes(at(after_ref))
         return _reference_mutated(st, ref_changes) if ref_changes else None
 
