@@ -20,7 +20,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from harness.cases import load_case
 from harness.explore import Genome, build_case, kernel_coverage
 from harness.runner.casefiles import save_failure
-from harness.runner.execute import _Case, kernel_names, record_kernels, run_case
+from harness.runner.execute import _Case, kernel_names, profiler_events, record_kernels, run_case
 from harness.runner.targets import get_target
 from harness.verdicts import Result, Verdict
 
@@ -78,6 +78,60 @@ def _explored():
 def test_kernel_names_keeps_device_kernels_only_sorted_and_unique() -> None:
     assert kernel_names(EVENTS) == ["cast_kernel", "flash_fwd_kernel", "legacy_kernel"]
     assert kernel_names([]) == []
+
+
+class RawEvent:
+    """Stands for a raw kineto event (``torch._C._autograd._KinetoEvent``): the same fields, as methods;
+    ``activity=None``: a torch whose raw events have no ``activity_type``."""
+
+    def __init__(self, ev: FunctionEvent, with_activity: bool = True) -> None:
+        self.name = lambda: ev.name
+        self.device_type = lambda: ev.device_type
+        activity = getattr(ev, "activity_type", None)
+        if with_activity and activity is not None:
+            self.activity_type = lambda: activity
+
+
+def test_raw_kineto_events_give_the_names_their_function_events_give() -> None:
+    assert kernel_names([RawEvent(e) for e in EVENTS]) == kernel_names(EVENTS)
+    assert kernel_names([RawEvent(e, with_activity=False) for e in EVENTS]) == [
+        "cast_kernel",
+        "flash_fwd_kernel",
+        "legacy_kernel",
+    ]
+
+
+def test_a_stopped_profiler_is_read_from_its_raw_events_where_torch_keeps_them() -> None:
+    raw = [RawEvent(EVENTS[0])]
+
+    class Result:
+        def events(self):
+            return raw
+
+    class WithRaw(FakeProfiler):
+        profiler = type("Inner", (), {"kineto_results": Result()})()
+
+    assert profiler_events(WithRaw()) is raw
+    fake = FakeProfiler()
+    fake.start()
+    fake.stop()
+    assert profiler_events(fake) is EVENTS  # no raw results: the FunctionEvents
+
+
+def test_the_real_profilers_raw_events_name_what_its_function_events_name() -> None:
+    """On this CPU torch, the raw events of a real profile have the names and devices of its ``events()``
+    (the GPU suite checks the same for kernels: tests/gpu/test_kernel_names_gpu.py)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 64)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    prof.start()
+    ((x * 2) @ x).sum()
+    prof.stop()
+    raw = {(e.name(), e.device_type()) for e in profiler_events(prof)}
+    assert ("aten::mm", DeviceType.CPU) in raw
+    assert raw == {(e.name, e.device_type) for e in prof.events()}
 
 
 def test_an_explored_case_on_cuda_records_its_kernels_into_the_result_metrics() -> None:
