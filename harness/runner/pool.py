@@ -16,10 +16,10 @@ queued behind a case that killed its worker are re-queued, never lost. A worker
 acknowledges each case before it runs it; only an acknowledged case can be
 charged with its worker's death or timeout (one that died between cases has its
 next case resent). Failed worker starts are retried with back-off. Spare
-workers (already started, CUDA context made) take over at once. Workers are
+workers (already started, CUDA context made) take over at once. CPU workers are
 forked from a fork server that imported torch and the harness once (``start_method``;
-``$HARNESS_WORKER_START=spawn`` for fresh interpreters), so a replacement costs ~0.1 s, on a GPU
-~0.6-1.3 s (its CUDA context), instead of a fresh interpreter's 1.7 s here and ~9 s on a loaded GPU host.
+GPU pools on request), so a replacement costs ~0.1 s, on a GPU ~0.6-1.3 s (its CUDA
+context), instead of a fresh interpreter's 1.7 s here and ~9 s on a loaded GPU host.
 
 A device fault is then attributed: the case is written to disk and rerun in a
 fresh interpreter with ``CUDA_LAUNCH_BLOCKING=1``, under ``compute-sanitizer`` wherever it
@@ -131,19 +131,20 @@ FORKED_START_FAILURES = 2
 
 
 def default_start_method(devices: Sequence[str] = ()) -> str:
-    """``$HARNESS_WORKER_START`` if set; else "forkserver" where the platform has it (Linux), for CPU and GPU pools
-    alike, else "spawn".  ``devices`` is accepted for callers that name them; the choice no longer depends on them.
+    """``$HARNESS_WORKER_START`` if set; else "forkserver" for CPU-only pools where the platform has it (Linux),
+    and "spawn" as soon as a GPU is among ``devices``.
 
-    Forked GPU workers start in 0.6-1.3 s instead of ~9 s on an H200 (torch 2.11, CUDA 13.0), and the default
-    matrix ran 1.7-1.9x the cases/s with them (docs/gpu-findings.md).  The two observations that kept GPU pools
-    spawning were seen with spawned workers too: a new process that saw no GPU after a killed run (December 2026,
-    after a spawned pool's fault benchmark), and seconds without results while faulted workers were replaced.
-    ``HARNESS_WORKER_START=spawn`` starts fresh interpreters."""
+    Why not forked on GPUs by default: on an H200 (torch 2.11, CUDA 13.0) forked workers started in 0.6-1.3 s
+    instead of ~9 s, but twice a new process saw no GPU after a run with forked workers was killed, and replacing
+    faulted workers stalled for seconds at a time; neither was explained. ``HARNESS_WORKER_START=forkserver`` forks
+    on GPUs too."""
     method = os.environ.get(START_METHOD_ENV, "").strip()
     if method:
         if method not in ("forkserver", "spawn"):
             raise ValueError(f"${START_METHOD_ENV}={method!r}: use 'forkserver' or 'spawn'")
         return method
+    if any(not str(d).startswith("cpu") for d in devices):
+        return "spawn"
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -234,7 +235,8 @@ class WorkerPool:
     and has not failed on this machine (decided once per pool), True always, False never.
     ``prefetch``: cases queued per worker.
     ``threads``: torch intra-op threads per worker (default: the cores divided among the active workers).
-    ``start_method``: "forkserver" (the default on Linux, see :func:`default_start_method`): workers are forked from a server that imported torch and the harness once, so a
+    ``start_method``: "forkserver" (the default for CPU pools on Linux; GPU pools start "spawn" unless asked, see
+    :func:`default_start_method`): workers are forked from a server that imported torch and the harness once, so a
     replacement costs its CUDA context, not a fresh interpreter (~9 s on a loaded GPU host). Each forked worker
     takes the caller's environment at its start; one that cannot stand in for a fresh interpreter (the server
     touched CUDA, or a variable read at import time changed: :func:`harness.runner.worker.fork_unfit`) exits, and

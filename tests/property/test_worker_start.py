@@ -186,12 +186,10 @@ def test_a_fork_server_that_dies_takes_no_case_down_with_it():
         assert p.run_one(case("cpu.scale")).verdict is Verdict.PASS and p.workers()[0]["start"] == "forkserver"
 
 
-def test_gpu_pools_fork_unless_asked_to_spawn(monkeypatch):
+def test_gpu_pools_spawn_unless_asked_to_fork(monkeypatch):
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
-    assert default_start_method(["cuda:0"]) == "forkserver"
-    assert default_start_method(["cpu", "cuda:1"]) == "forkserver"
-    monkeypatch.setenv(START_METHOD_ENV, "spawn")
     assert default_start_method(["cuda:0"]) == "spawn"
+    assert default_start_method(["cpu", "cuda:1"]) == "spawn"
     monkeypatch.setenv(START_METHOD_ENV, "forkserver")
     assert default_start_method(["cuda:0"]) == "forkserver"
     monkeypatch.setenv(START_METHOD_ENV, "spawn")
