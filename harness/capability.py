@@ -8,6 +8,8 @@ each function asks torch when called (``torch.cuda.is_available()`` creates no C
 
 from __future__ import annotations
 
+import functools
+
 import platform
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -80,8 +82,24 @@ def no_cuda_reason() -> str | None:
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
     if not cuda_available():
-        return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+        why = _no_gpu_diagnosis()
+        return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU" + (
+            f"; {why}" if why else ""
+        )
     return None
+
+
+@functools.cache
+def _no_gpu_diagnosis() -> str | None:
+    """:func:`harness.runner.gpu_health.no_gpu_diagnosis` with what CUDA says, once per process (it runs nvidia-smi)."""
+    from harness.runner.gpu_health import no_gpu_diagnosis
+
+    try:
+        torch.cuda.init()
+        said = None
+    except Exception as e:  # noqa: BLE001 - the message is the point
+        said = f"{type(e).__name__}: {e}"
+    return no_gpu_diagnosis(said)
 
 
 def require_cuda(

@@ -32,6 +32,11 @@ try:
     out["cuda"] = torch.version.cuda
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     out["count"] = n
+    if not n and torch.version.cuda is not None:
+        try:  # what CUDA says (e.g. "No CUDA GPUs are available"): the parent explains it from nvidia-smi
+            torch.cuda.init()
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {e}"
     for i in range(n):
         p = torch.cuda.get_device_properties(i)
         out["devices"].append({"index": i, "name": p.name, "capability": [p.major, p.minor],
@@ -49,7 +54,9 @@ def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
     """CUDA devices as seen by a short-lived subprocess (this process never initialises CUDA).
 
     Returns ``{"count", "devices": [{"index", "name", "capability", "memory"}], "error", "torch", "cuda"}``;
-    cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.
+    cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.  When a CUDA torch finds no GPU,
+    ``error`` says why where ``nvidia-smi`` can tell (:func:`harness.runner.gpu_health.no_gpu_diagnosis`: a GPU
+    that needs a reset, or GPUs hidden by ``CUDA_VISIBLE_DEVICES``), else what CUDA said.
     """
     global _PROBE_CACHE
     with _PROBE_LOCK:
@@ -69,6 +76,10 @@ def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
                 )
             except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
                 data = {"count": 0, "devices": [], "error": f"probe failed: {type(e).__name__}: {e}"}
+            if not data.get("devices") and data.get("cuda"):  # a CUDA torch that finds no GPU: say why if we can
+                from harness.runner.gpu_health import no_gpu_diagnosis
+
+                data["error"] = no_gpu_diagnosis(data.get("error")) or data.get("error")
             _PROBE_CACHE = data
         return dict(_PROBE_CACHE)
 
