@@ -569,7 +569,12 @@ class _Stop:
 
     def __init__(self) -> None:
         self.reason = ""
+        self.signalled = False  # the reason is a signal's (not :meth:`end`'s)
         self._old: dict[int, Any] = {}
+
+    def end(self, reason: str) -> None:
+        """Stop the run in order for ``reason`` (e.g. every device's GPU needs a reset), as a signal would."""
+        self.reason = self.reason or reason
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
@@ -577,7 +582,8 @@ class _Stop:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.reason = self.reason or signal.Signals(signum).name
+        if not self.reason:
+            self.reason, self.signalled = signal.Signals(signum).name, True
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -746,7 +752,7 @@ def run_matrix(
         """Count a result in the totals, the spread and the contract records; False for what is not a result."""
         if r.verdict is Verdict.ERROR and (r.message or "").startswith(POOL_CLOSED):
             return False  # cancelled at the end of the budget
-        if stop.reason and r.verdict is Verdict.WORKER_CRASH:
+        if stop.signalled and r.verdict is Verdict.WORKER_CRASH:
             return False  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers)
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
@@ -917,8 +923,15 @@ def run_matrix(
                     rnd += 1
                 return True
 
+            def devices_lost() -> bool:
+                """Whether every device's GPU needs a reset (the pool gave them up): the run then ends, saying so."""
+                lost = getattr(pool, "broken_devices", None) or {}
+                if devices and all(d in lost for d in devices):
+                    stop.end(lost[devices[0]])
+                return bool(stop.reason)
+
             grid_deadline = t0 + grid_share * float(time_budget) if explore else deadline
-            while not stop.reason:
+            while not devices_lost():
                 if time.monotonic() >= deadline:
                     # the budget is spent: whatever is queued or running is dropped, round 0 included (pool
                     # close cancels it and skips the attribution reruns of faults not yet attributed)
@@ -977,7 +990,7 @@ def run_matrix(
                     workers=n_workers,
                 )
                 phase.start()
-                while phase.running() and not stop.reason and time.monotonic() < deadline:
+                while phase.running() and not devices_lost() and time.monotonic() < deadline:
                     phase.wait(min(deadline, time.monotonic() + REPORT_EVERY_S), stopped=lambda: bool(stop.reason))
                     prog.update(done, len(cells), len(cells), totals, len(unavailable))
                     if time.monotonic() - last_write >= report_every:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from typing import Any, Callable
 
-__all__ = ["driver_gpus", "no_gpu_diagnosis", "RESET_FIELDS"]
+__all__ = ["driver_gpus", "no_gpu_diagnosis", "reset_diagnosis", "RESET_FIELDS"]
 
 #: ``nvidia-smi --query-gpu`` fields of the reset status ('Yes' after an error the GPU cannot recover from alone)
 RESET_FIELDS = ("reset_status.reset_required", "reset_status.drain_and_reset_recommended")
@@ -57,6 +57,23 @@ def _yes_no(cell: str) -> bool | None:
     return {"yes": True, "no": False}.get(cell.strip().lower())
 
 
+def _head(listed: list[dict], cuda_error: str | None) -> str:
+    said = f" ({cuda_error.strip().splitlines()[0]})" if cuda_error and cuda_error.strip() else ""
+    names = ", ".join(f"{g['index']}: {g['name']}" for g in listed)
+    return f"nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} ({names}) but CUDA finds none{said}"
+
+
+def _needs_reset(listed: list[dict], head: str) -> str | None:
+    broken = [g for g in listed if g.get("reset_required") or g.get("drain_and_reset")]
+    if not broken:
+        return None
+    which = ", ".join(str(g["index"]) for g in broken)
+    return (
+        f"{head}: GPU {which} needs a reset (nvidia-smi reset_status); it stays unusable for every process until "
+        "its administrator resets it or the machine restarts; `dmesg | grep -i xid` names the fault that caused it"
+    )
+
+
 def no_gpu_diagnosis(
     cuda_error: str | None = None,
     *,
@@ -68,17 +85,19 @@ def no_gpu_diagnosis(
     listed = gpus()
     if not listed:
         return None
-    said = f" ({cuda_error.strip().splitlines()[0]})" if cuda_error and cuda_error.strip() else ""
-    names = ", ".join(f"{g['index']}: {g['name']}" for g in listed)
-    head = f"nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} ({names}) but CUDA finds none{said}"
-    broken = [g for g in listed if g.get("reset_required") or g.get("drain_and_reset")]
-    if broken:
-        which = ", ".join(str(g["index"]) for g in broken)
-        return (
-            f"{head}: GPU {which} needs a reset (nvidia-smi reset_status); it stays unusable for every process until "
-            "its administrator resets it or the machine restarts; `dmesg | grep -i xid` names the fault that caused it"
-        )
+    head = _head(listed, cuda_error)
+    reset = _needs_reset(listed, head)
+    if reset:
+        return reset
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return f"{head}: CUDA_VISIBLE_DEVICES={visible!r} hides them or names none that exists"
     return f"{head}: the driver reports no reset needed; `dmesg | grep -i xid` may say more"
+
+
+def reset_diagnosis(cuda_error: str | None = None, *, gpus: Callable[[], list[dict]] = driver_gpus) -> str | None:
+    """The line of :func:`no_gpu_diagnosis` when a GPU the driver lists needs a reset, else None (for a worker
+    pool whose worker starts fail: only a GPU that needs a reset is given up on)."""
+    listed = gpus()
+    head = _head(listed, cuda_error).replace(" but CUDA finds none", ", and a worker could not start") if listed else ""
+    return _needs_reset(listed, head) if listed else None

@@ -128,6 +128,8 @@ START_METHOD_ENV = "HARNESS_WORKER_START"
 PRELOAD_MODULE = "harness.runner.preload"
 #: forked worker starts on a device that fail in a row before the pool starts fresh interpreters instead
 FORKED_START_FAILURES = 2
+#: seconds between two looks at nvidia-smi's reset status for a GPU whose worker starts keep failing
+GPU_HEALTH_RECHECK_S = 30.0
 
 
 def default_start_method(devices: Sequence[str] = ()) -> str:
@@ -318,6 +320,11 @@ class WorkerPool:
         #: one dict per lost worker or failed start: ``reason``, ``op`` (the case charged, or None), ``device``
         #: and ``seconds`` from the loss to the next case starting on that device
         self.recovery_log: list[dict[str, Any]] = []
+        #: devices given up on, with why: a worker failed to start there and nvidia-smi says a GPU needs a reset
+        #: (:func:`harness.runner.gpu_health.reset_diagnosis`); no worker is started there again, and while every
+        #: device is given up on, each queued case is answered ``error`` at once with that line
+        self.broken_devices: dict[str, str] = {}
+        self._health_asked: dict[str, float] = {}
         #: protocol invariants the pool checks on itself; both stay 0 (the reliability suite asserts it)
         self.anomalies: dict[str, int] = {"answered_twice": 0, "started_twice": 0}
 
@@ -579,6 +586,8 @@ class WorkerPool:
             return
         now = time.monotonic()
         for dev in self.devices:
+            if dev in self.broken_devices:
+                continue  # its GPU needs a reset: every start would fail
             live = [w for w in self._workers if w.device == dev and w.state in ("starting", "ready")]
             if self._start_failures[dev] and (
                 now < self._next_start[dev] or not self._pending or any(w.state == "starting" for w in live)
@@ -751,6 +760,30 @@ class WorkerPool:
         ):
             self._down_since = now
         self._lose(w, reason, 0)
+        if dev.startswith("cuda") and now - self._health_asked.get(dev, -GPU_HEALTH_RECHECK_S) >= GPU_HEALTH_RECHECK_S:
+            self._health_asked[dev] = now
+            threading.Thread(
+                target=self._check_gpu_health, args=(dev, why), name="harness-gpu-health", daemon=True
+            ).start()
+
+    def _check_gpu_health(self, dev: str, why: str) -> None:
+        """Beside the dispatcher (nvidia-smi may take seconds on a failing GPU): give ``dev`` up if its GPU needs a
+        reset."""
+        from harness.runner.gpu_health import reset_diagnosis
+
+        said = next((ln.strip() for ln in reversed(why.strip().splitlines()) if "Error" in ln), None)
+        try:
+            diagnosis = reset_diagnosis(said)
+        except Exception:  # noqa: BLE001 - a diagnosis only; the starts go on being retried
+            return
+        if not diagnosis:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self.broken_devices[dev] = diagnosis
+            self._start_errors[dev] = f"{diagnosis}\n{self._start_errors.get(dev, '')}"
+        self._wake()
 
     def _case_started(self, w: _Worker, item: _Item) -> None:
         now = time.monotonic()
@@ -1086,29 +1119,37 @@ class WorkerPool:
             self._reap(w)
 
     def _fail_waiting_cases(self) -> None:
-        """While no device can start a worker, answer each queued case that has waited its timeout for one."""
-        if self._down_since is None or not self._pending:
+        """While no device can start a worker, answer each queued case that has waited its timeout for one; every
+        queued case at once when every device is given up on (``broken_devices``)."""
+        given_up = all(d in self.broken_devices for d in self.devices)  # no worker will ever start: answer now
+        if (self._down_since is None and not given_up) or not self._pending:
             return
         now = time.monotonic()
         keep: collections.deque[_Item] = collections.deque()
         while self._pending:
             item = self._pending.popleft()
-            waited = now - max(item.queued_at, self._down_since)
-            if waited < item.timeout:
+            waited = now - max(item.queued_at, self._down_since if self._down_since is not None else now)
+            if waited < item.timeout and not given_up:
                 keep.append(item)
                 continue
             first = "; ".join(f"{d}: {self._start_errors.get(d, '?').strip().splitlines()[0]}" for d in self.devices)
             detail = "\n".join(
                 f"{d}: {self._start_failures[d]} failed start(s) in {now - self._first_failure.get(d, now):.1f} s, "
-                f"retrying with back-off; last error:\n{self._start_errors.get(d, '?')[-1500:]}"
+                + ("given up on (its GPU needs a reset)" if d in self.broken_devices else "retrying with back-off")
+                + f"; last error:\n{self._start_errors.get(d, '?')[-1500:]}"
                 for d in self.devices
             )
             self._resolve_locked(
                 item,
                 Result(
                     Verdict.ERROR,
-                    f"worker start failed: {first}\n(this case waited {waited:.1f} s, its timeout, for "
-                    f"a worker; the harness could not run it)\n{detail}",
+                    f"worker start failed: {first}\n("
+                    + (
+                        "no worker will start on this pool's devices"
+                        if given_up
+                        else f"this case waited {waited:.1f} s, its timeout, for a worker"
+                    )
+                    + f"; the harness could not run it)\n{detail}",
                     op=item.case.op,
                 ),
             )

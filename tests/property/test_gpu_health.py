@@ -8,15 +8,21 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import harness.capability as C
+from harness.cases import Case
+from harness.layouts import LayoutSpec
 from harness.matrix import MatrixError, run_matrix
 from harness.runner import devices
 from harness.runner.gpu_health import driver_gpus, no_gpu_diagnosis
+from harness.runner.pool import WorkerPool
+from harness.verdicts import Verdict
+from helpers import InProcessPool, empty_corpus
 
 NO_GPUS = "RuntimeError: No CUDA GPUs are available"
 
@@ -108,3 +114,71 @@ def test_a_cuda_torch_that_sees_no_gpu_says_why_in_its_skip_reason(tmp_path, mon
         C._no_gpu_diagnosis.cache_clear()
     assert why.startswith(f"no CUDA device: torch {torch.__version__} (CUDA 13.0) sees no GPU; nvidia-smi lists 1 GPU")
     assert "GPU 0 needs a reset" in why
+
+
+CASE = Case(op="cpu.scale", layouts={"x": LayoutSpec((2, 3), "float32")})
+
+
+def _until(cond, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_a_pool_gives_up_a_gpu_that_needs_a_reset_and_answers_its_cases_at_once(tmp_path, monkeypatch):
+    """``cuda:0`` on this CPU-only torch: every worker start fails, as on the H200 once it needed a reset.  With
+    nvidia-smi saying so, the case is answered after the first failed start instead of after its 300 s timeout,
+    and no worker is started there again."""
+    _fake_smi(tmp_path, monkeypatch, "0, NVIDIA H200, Yes, No")
+    with WorkerPool(["cuda:0"], 1, spares=0, attribute=False, case_timeout=300) as pool:
+        r = pool.submit(CASE).result(timeout=120)
+        assert r.verdict is Verdict.ERROR
+        first = r.message.splitlines()[0]
+        assert first.startswith("worker start failed: cuda:0: nvidia-smi lists 1 GPU (0: NVIDIA H200), and a worker")
+        assert "GPU 0 needs a reset" in first and "no worker will start on this pool's devices" in r.message
+        assert "given up on (its GPU needs a reset)" in r.message
+        assert set(pool.broken_devices) == {"cuda:0"}
+        assert _until(lambda: not pool.workers(), 60)  # a start already under way when the answer came ends
+        starts = len(pool.replaced)
+        again = pool.submit(CASE).result(timeout=10)
+        assert again.verdict is Verdict.ERROR and "needs a reset" in again.message
+        assert len(pool.replaced) == starts and not pool.workers()  # nothing was started for it
+
+
+def test_a_healthy_driver_does_not_make_a_pool_give_a_gpu_up(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, "0, NVIDIA H200, No, No")
+    pool = WorkerPool(["cuda:0"], 1, spares=0, attribute=False)
+    try:
+        pool._check_gpu_health("cuda:0", "RuntimeError: CUDA error: out of memory")  # what the thread runs
+        assert pool.broken_devices == {}
+    finally:
+        pool.close(cancel_pending=True)
+
+
+class _LostPool(InProcessPool):
+    """Answers the first two cases, then says its only device's GPU needs a reset (as WorkerPool does)."""
+
+    def submit(self, case):
+        f = super().submit(case)
+        if len(self.cases) >= 2:
+            self.broken_devices = {"cpu": "nvidia-smi lists 1 GPU (0: NVIDIA H200), ...: GPU 0 needs a reset"}
+        return f
+
+
+def test_the_matrix_ends_in_order_when_every_device_needs_a_reset(tmp_path):
+    out = tmp_path / "m"
+    s = run_matrix(
+        device="cpu",
+        time_budget=120,
+        ops=["fp8_linear"],
+        out=out,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: _LostPool(["cpu"]),
+    )
+    assert s["status"] == "interrupted" and s["interrupted"].endswith("GPU 0 needs a reset")
+    assert s["duration_s"] < 60  # it did not run on to its budget
+    assert sum(s["totals"].values()) >= 2 and (out / "report.md").is_file()
