@@ -9,7 +9,6 @@ each function asks torch when called (``torch.cuda.is_available()`` creates no C
 from __future__ import annotations
 
 import functools
-
 import platform
 from dataclasses import asdict, dataclass
 from typing import Any

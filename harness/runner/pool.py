@@ -782,7 +782,6 @@ class WorkerPool:
             if self._closed:
                 return
             self.broken_devices[dev] = diagnosis
-            self._start_errors[dev] = f"{diagnosis}\n{self._start_errors.get(dev, '')}"
         self._wake()
 
     def _case_started(self, w: _Worker, item: _Item) -> None:
@@ -1132,7 +1131,10 @@ class WorkerPool:
             if waited < item.timeout and not given_up:
                 keep.append(item)
                 continue
-            first = "; ".join(f"{d}: {self._start_errors.get(d, '?').strip().splitlines()[0]}" for d in self.devices)
+            first = "; ".join(
+                f"{d}: {self.broken_devices.get(d) or self._start_errors.get(d, '?').strip().splitlines()[0]}"
+                for d in self.devices
+            )
             detail = "\n".join(
                 f"{d}: {self._start_failures[d]} failed start(s) in {now - self._first_failure.get(d, now):.1f} s, "
                 + ("given up on (its GPU needs a reset)" if d in self.broken_devices else "retrying with back-off")
