@@ -979,7 +979,7 @@ def run_matrix(
                     seed=seed,
                     deadline=deadline,
                     on_result=handle_explored,
-                    stop_reason=lambda: stop.reason,
+                    stop_reason=lambda: stop.reason if devices_lost() else "",  # each search sees a lost GPU too
                     corpus=entries,
                     env=env,
                     selected_ops=[t.name for t in targets],
@@ -991,7 +991,7 @@ def run_matrix(
                 )
                 phase.start()
                 while phase.running() and not devices_lost() and time.monotonic() < deadline:
-                    phase.wait(min(deadline, time.monotonic() + REPORT_EVERY_S), stopped=lambda: bool(stop.reason))
+                    phase.wait(min(deadline, time.monotonic() + REPORT_EVERY_S), stopped=devices_lost)
                     prog.update(done, len(cells), len(cells), totals, len(unavailable))
                     if time.monotonic() - last_write >= report_every:
                         report_every = rewrite()

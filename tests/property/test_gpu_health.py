@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from harness.matrix import MatrixError, run_matrix
 from harness.runner import devices
 from harness.runner.gpu_health import driver_gpus, no_gpu_diagnosis
 from harness.runner.pool import WorkerPool
-from harness.verdicts import Verdict
+from harness.verdicts import Result, Verdict
 from helpers import InProcessPool, empty_corpus
 
 NO_GPUS = "RuntimeError: No CUDA GPUs are available"
@@ -182,3 +183,39 @@ def test_the_matrix_ends_in_order_when_every_device_needs_a_reset(tmp_path):
     assert s["status"] == "interrupted" and s["interrupted"].endswith("GPU 0 needs a reset")
     assert s["duration_s"] < 60  # it did not run on to its budget
     assert sum(s["totals"].values()) >= 2 and (out / "report.md").is_file()
+
+
+class _LostWhileExploring(InProcessPool):
+    """Loses its only device at the first explored case; from then on answers every case as WorkerPool does when
+    no worker can start (at once, ``error``)."""
+
+    broken_devices: dict = {}
+
+    def submit(self, case):
+        if "explore" in case.params and not self.broken_devices:
+            self.broken_devices = {"cpu": "nvidia-smi lists 1 GPU (0: NVIDIA H200), ...: GPU 0 needs a reset"}
+        if self.broken_devices:
+            f = Future()
+            f.set_result(Result(Verdict.ERROR, "worker start failed: cpu: GPU 0 needs a reset", op=case.op))
+            self.cases.append(case)
+            return f
+        return super().submit(case)
+
+
+def test_a_gpu_lost_during_the_exploration_ends_the_searches_too(tmp_path):
+    pool = _LostWhileExploring(["cpu"])
+    s = run_matrix(
+        device="cpu",
+        time_budget=120,
+        cases_per_cell=1,
+        explore_cases=10_000,
+        ops=["fp8_linear", "attn.emu.naive"],
+        out=tmp_path / "m",
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: pool,
+    )
+    assert s["status"] == "interrupted" and s["interrupted"].endswith("GPU 0 needs a reset")
+    assert s["duration_s"] < 60
+    explored_after = sum(1 for c in pool.cases if "explore" in c.params)
+    assert explored_after < 20, explored_after  # each search stopped at its next case (before: 89 in 0.5 s here)
