@@ -2,8 +2,9 @@
 
 - Hypothesis profile: ``--harness-profile`` or ``HARNESS_PROFILE`` (dev | ci | nightly); ``ci`` under ``CI``.
 - ``gpu``-marked tests skip, with the missing capability named, when no CUDA device is visible.
-  The probe runs when tests are collected (never at import of the package) and only asks
-  ``torch.cuda.is_available()``, which does not create a CUDA context.
+  The probe runs when tests are collected (never at import of the package) and asks
+  ``torch.cuda.is_available()``, which does not create a CUDA context; only a CUDA torch that finds no GPU asks
+  more (CUDA's error and ``nvidia-smi``: :func:`harness.capability.no_cuda_reason`), to say why.
 - The runner's pytest plugin (pool fixture, case files for failures) is enabled here, and
   :mod:`harness.pytest_fleet` (``--harness-shard I/N``; one GPU per pytest-xdist worker).
 """

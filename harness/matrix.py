@@ -741,6 +741,13 @@ def run_matrix(
             if progress is not None:
                 progress.write(f"\nmatrix: warning: {msg}\n")
 
+    if device == "auto" and devices == ["cpu"]:  # a GPU the driver lists but CUDA cannot use: say so, run on
+        from harness.runner.devices import probe_cuda
+
+        why = probe_cuda().get("error") or ""
+        if why.startswith("nvidia-smi lists"):
+            warn(f"--device auto runs on the CPU: {why}")
+
     def cell_open(c: Cell, rnd: int) -> bool:
         return c.op not in unavailable and (cases_per_cell is None or rnd < cases_per_cell)
 
@@ -754,10 +761,16 @@ def run_matrix(
             return False  # cancelled at the end of the budget
         if stop.signalled and r.verdict is Verdict.WORKER_CRASH:
             return False  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers)
+        if r.verdict is Verdict.ERROR and (r.message or "").startswith("worker start failed") and pool_lost():
+            return False  # no worker could start on a GPU that needs a reset: the run's end says so, not each op
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         contract_records.append(record_of(case, r))
         return True
+
+    def pool_lost() -> bool:
+        lost = getattr(pool, "broken_devices", None) or {}
+        return bool(devices) and all(d in lost for d in devices)
 
     def handle(c: Cell, case: Any, r: Any) -> None:
         with lock:
@@ -924,10 +937,10 @@ def run_matrix(
                 return True
 
             def devices_lost() -> bool:
-                """Whether every device's GPU needs a reset (the pool gave them up): the run then ends, saying so."""
-                lost = getattr(pool, "broken_devices", None) or {}
-                if devices and all(d in lost for d in devices):
-                    stop.end(lost[devices[0]])
+                """Whether the run is to stop: a signal, or every device's GPU needs a reset (the pool gave them
+                up), which ends the run saying so."""
+                if pool_lost():
+                    stop.end(pool.broken_devices[devices[0]])
                 return bool(stop.reason)
 
             grid_deadline = t0 + grid_share * float(time_budget) if explore else deadline

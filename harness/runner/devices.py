@@ -39,8 +39,9 @@ try:
             out["error"] = f"{type(e).__name__}: {e}"
     for i in range(n):
         p = torch.cuda.get_device_properties(i)
+        uuid = getattr(p, "uuid", None)  # matches the GPU nvidia-smi lists (harness.runner.gpu_health)
         out["devices"].append({"index": i, "name": p.name, "capability": [p.major, p.minor],
-                               "memory": p.total_memory})
+                               "memory": p.total_memory, "uuid": str(uuid) if uuid is not None else None})
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
 sys.stdout.write(json.dumps(out))
@@ -53,7 +54,7 @@ _PROBE_LOCK = threading.Lock()
 def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
     """CUDA devices as seen by a short-lived subprocess (this process never initialises CUDA).
 
-    Returns ``{"count", "devices": [{"index", "name", "capability", "memory"}], "error", "torch", "cuda"}``;
+    Returns ``{"count", "devices": [{"index", "name", "capability", "memory", "uuid"}], "error", "torch", "cuda"}``;
     cached for the life of the process. Honours ``CUDA_VISIBLE_DEVICES``.  When a CUDA torch finds no GPU,
     ``error`` says why where ``nvidia-smi`` can tell (:func:`harness.runner.gpu_health.no_gpu_diagnosis`: a GPU
     that needs a reset, or GPUs hidden by ``CUDA_VISIBLE_DEVICES``), else what CUDA said.
@@ -82,6 +83,15 @@ def probe_cuda(timeout: float = 120.0) -> dict[str, Any]:
                 data["error"] = no_gpu_diagnosis(data.get("error")) or data.get("error")
             _PROBE_CACHE = data
         return dict(_PROBE_CACHE)
+
+
+def probed_uuid(device: str) -> str | None:
+    """The UUID of CUDA ``device`` ("cuda:N") as this process's device probe saw it, if it has run (never probes:
+    a GPU that has failed since is no longer listed)."""
+    cache = _PROBE_CACHE
+    if cache is None or not device.startswith("cuda:") or not device[5:].isdigit():
+        return None
+    return next((d.get("uuid") for d in cache.get("devices", []) if d.get("index") == int(device[5:])), None)
 
 
 def probe_devices() -> list[str]:

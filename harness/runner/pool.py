@@ -128,7 +128,7 @@ START_METHOD_ENV = "HARNESS_WORKER_START"
 PRELOAD_MODULE = "harness.runner.preload"
 #: forked worker starts on a device that fail in a row before the pool starts fresh interpreters instead
 FORKED_START_FAILURES = 2
-#: seconds between two looks at nvidia-smi's reset status for a GPU whose worker starts keep failing
+#: seconds between two looks at nvidia-smi's recovery action for a GPU whose worker starts keep failing
 GPU_HEALTH_RECHECK_S = 30.0
 
 
@@ -249,7 +249,8 @@ class WorkerPool:
     worker starts). A worker that dies before acknowledging a case has not started it: the case is sent
     to another worker (at most ``MAX_RESENDS`` times), never blamed. A failed worker start is retried with
     a doubling back-off (``START_BACKOFF`` .. ``MAX_START_BACKOFF`` s) for as long as cases wait; a case
-    waits at most its timeout for a worker, then gets ``error`` "worker start failed: <reason>".
+    waits at most its timeout for a worker, then gets ``error`` "worker start failed: <reason>" -- at once when
+    every device is given up on (``broken_devices``: its GPU needs a reset) and no worker runs.
     ``close()`` asks the workers to exit and waits ``STOP_TIMEOUT`` s before ending them.
     """
 
@@ -769,11 +770,12 @@ class WorkerPool:
     def _check_gpu_health(self, dev: str, why: str) -> None:
         """Beside the dispatcher (nvidia-smi may take seconds on a failing GPU): give ``dev`` up if its GPU needs a
         reset."""
+        from harness.runner.devices import probed_uuid
         from harness.runner.gpu_health import reset_diagnosis
 
         said = next((ln.strip() for ln in reversed(why.strip().splitlines()) if "Error" in ln), None)
         try:
-            diagnosis = reset_diagnosis(said)
+            diagnosis = reset_diagnosis(said, uuid=probed_uuid(dev))
         except Exception:  # noqa: BLE001 - a diagnosis only; the starts go on being retried
             return
         if not diagnosis:
@@ -782,7 +784,7 @@ class WorkerPool:
             if self._closed:
                 return
             self.broken_devices[dev] = diagnosis
-        self._wake()
+            self._wake()  # under the lock: close() cannot have closed the pipe
 
     def _case_started(self, w: _Worker, item: _Item) -> None:
         now = time.monotonic()
@@ -969,8 +971,13 @@ class WorkerPool:
 
     def _next_deadline(self) -> float | None:
         deadlines = [d for d in map(self._deadline_of, self._workers) if d is not None]
-        for dev in self.devices:
-            if self._start_failures[dev] and self._pending:
+        for dev in self.devices:  # the next retry of a failed start (none on a device given up, none while one starts)
+            if (
+                self._start_failures[dev]
+                and self._pending
+                and dev not in self.broken_devices
+                and not any(w.device == dev and w.state == "starting" for w in self._workers)
+            ):
                 deadlines.append(self._next_start[dev])
         if self._down_since is not None:
             deadlines.extend(max(i.queued_at, self._down_since) + i.timeout for i in self._pending)
@@ -1120,7 +1127,9 @@ class WorkerPool:
     def _fail_waiting_cases(self) -> None:
         """While no device can start a worker, answer each queued case that has waited its timeout for one; every
         queued case at once when every device is given up on (``broken_devices``)."""
-        given_up = all(d in self.broken_devices for d in self.devices)  # no worker will ever start: answer now
+        given_up = all(d in self.broken_devices for d in self.devices) and not any(
+            w.state in ("starting", "ready") for w in self._workers
+        )  # no worker runs or will ever start: answer now
         if (self._down_since is None and not given_up) or not self._pending:
             return
         now = time.monotonic()

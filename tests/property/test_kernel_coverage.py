@@ -118,6 +118,22 @@ def test_a_stopped_profiler_is_read_from_its_raw_events_where_torch_keeps_them()
     assert profiler_events(fake) is EVENTS  # no raw results: the FunctionEvents
 
 
+def test_record_kernels_reads_the_raw_events_and_never_builds_function_events() -> None:
+    class Result:
+        def events(self):
+            return [RawEvent(_event("raw_only_kernel", DeviceType.CUDA, "kernel"))]
+
+    class RawOnly(FakeProfiler):
+        profiler = type("Inner", (), {"kineto_results": Result()})()
+
+        def events(self):
+            raise AssertionError("FunctionEvents built: the slow path")
+
+    st = _Case(_explored().case, "cuda:0", "w0")
+    assert record_kernels(st, lambda: 1, profiler=RawOnly) == 1
+    assert st.kernels == ["raw_only_kernel"]
+
+
 def test_the_real_profilers_raw_events_name_what_its_function_events_name() -> None:
     """On this CPU torch, the raw events of a real profile have the names and devices of its ``events()``
     (the GPU suite checks the same for kernels: tests/gpu/test_kernel_names_gpu.py)."""
