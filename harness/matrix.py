@@ -734,6 +734,7 @@ def run_matrix(
     offset = int(seed) * 1_000_000
     pool: Any = None
     cases_done_at: float | None = None
+    first_result_at: float | None = None  # when the first result was counted (the run's start-up ends there)
 
     def warn(msg: str) -> None:
         if msg not in warnings:
@@ -763,6 +764,9 @@ def run_matrix(
             return False  # after a stop signal a dead worker is the signal's doing (Ctrl-C reaches workers)
         if r.verdict is Verdict.ERROR and (r.message or "").startswith("worker start failed") and pool_lost():
             return False  # no worker could start on a GPU that needs a reset: the run's end says so, not each op
+        nonlocal first_result_at
+        if first_result_at is None:
+            first_result_at = time.monotonic()
         totals[r.verdict.value] += 1
         by_device[r.device or "unknown"] += 1
         contract_records.append(record_of(case, r))
@@ -862,6 +866,7 @@ def run_matrix(
             "totals": dict(sorted(totals.items())),
             "cases_by_device": dict(sorted(by_device.items())),
             "workers_replaced": len(getattr(pool, "replaced", ())),
+            "speed": _speed(sum(totals.values()), t0, first_result_at, now if cases_done_at is None else cases_done_at),
             "corpus": str(corpus) if corpus is not None else "tests/cases",
             "known_failures": len(known),
             "layout_classes": _class_order(targets),
@@ -1058,6 +1063,20 @@ def run_matrix(
     if error is not None:
         raise error
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
+
+
+def _speed(results: int, t0: float, first: float | None, end: float) -> dict[str, Any]:
+    """The run's pace for ``summary["speed"]``: results per second over its case work (start-up included, from
+    ``t0`` to ``end``, the end of case work), when the first result came, and the pace from then on."""
+    work = max(end - t0, 1e-9)
+    after = end - first if first is not None else None
+    return {
+        "results": results,
+        "case_work_s": round(work, 3),
+        "cases_per_s": round(results / work, 2),
+        "first_result_s": round(first - t0, 3) if first is not None else None,
+        "cases_per_s_after_first_result": round(results / after, 2) if after and after > 0 else None,
+    }
 
 
 def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:

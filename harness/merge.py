@@ -232,6 +232,27 @@ def _relink(cell: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, An
     return c
 
 
+def _merged_speed(outs: Sequence[Any]) -> dict[str, Any]:
+    """``speed`` of shards that ran side by side: their results over the longest case work, the latest first
+    result; nothing when a shard's summary has no ``speed`` (an older harness)."""
+    speeds = [o.summary.get("speed") for o in outs]
+    if not speeds or not all(isinstance(sp, dict) and sp.get("case_work_s") for sp in speeds):
+        return {}
+    results = sum(int(sp.get("results") or 0) for sp in speeds)
+    work = max(float(sp["case_work_s"]) for sp in speeds)
+    firsts = [sp.get("first_result_s") for sp in speeds]
+    first = max(firsts) if all(isinstance(f, (int, float)) for f in firsts) else None
+    return {
+        "speed": {
+            "results": results,
+            "case_work_s": work,
+            "cases_per_s": round(results / work, 2),
+            "first_result_s": first,
+            "cases_per_s_after_first_result": round(results / (work - first), 2) if first and work > first else None,
+        }
+    }
+
+
 def merge_explore(outs: Sequence[ShardOutput], renamed: Mapping[int, Mapping[str, str]]) -> dict[str, Any]:
     """The shards' ``explore`` sections as one: each op was explored by one shard (its case links follow the
     copied files); a corpus entry is reproduced when any shard reproduced it."""
@@ -422,6 +443,7 @@ def merge_summaries(
         "totals": dict(sorted(totals.items())),
         "cases_by_device": by_device,
         "workers_replaced": sum(int(o.summary.get("workers_replaced") or 0) for o in outs),
+        **_merged_speed(outs),
         "corpus": first.get("corpus"),
         "known_failures": first.get("known_failures"),
         "layout_classes": layout_classes,

@@ -22,6 +22,8 @@ Summary schema (``SUMMARY_SCHEMA_VERSION`` = 1), all plain JSON::
       "totals": {verdict: count},        # over every case that ran
       "cases_by_device": {device: count},  # optional: where the cases ran (the pool's spread over GPUs)
       "workers_replaced": int,           # optional: workers the pool replaced (faults, timeouts, crashes)
+      "speed": {"results", "case_work_s", "cases_per_s", "first_result_s",   # optional: the run's pace
+                "cases_per_s_after_first_result"},  # (first_result_s: start-up; the last two null before a result)
       "corpus": str | null,              # regression corpus matched against
       "layout_classes": {kind: [class, ...]},   # column order (optional)
       "cells": [{
@@ -268,6 +270,20 @@ def device_text(summary: Mapping[str, Any]) -> str:
     return f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"
 
 
+def speed_text(summary: Mapping[str, Any]) -> str | None:
+    """``31.2 cases/s over 58 s of case work (first result after 17.4 s; 41.0 cases/s from then)``, or None for a
+    summary without ``speed`` (older runs, merged shards)."""
+    sp = summary.get("speed")
+    if not isinstance(sp, Mapping) or not isinstance(sp.get("cases_per_s"), (int, float)):
+        return None
+    text = f"{sp['cases_per_s']:.1f} cases/s over {float(sp.get('case_work_s') or 0):.0f} s of case work"
+    first, after = sp.get("first_result_s"), sp.get("cases_per_s_after_first_result")
+    if isinstance(first, (int, float)):
+        text += f" (first result after {first:.1f} s"
+        text += f"; {after:.1f} cases/s from then)" if isinstance(after, (int, float)) else ")"
+    return text
+
+
 def run_state_text(summary: Mapping[str, Any]) -> str | None:
     """One line on how the run ended when it did not simply complete (None when it did)."""
     status = summary.get("status", "completed" if summary.get("completed", True) else "interrupted")
@@ -307,6 +323,8 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     if summary.get("cases_by_device"):
         rows.append(("cases per device", ", ".join(f"{d} {n}" for d, n in summary["cases_by_device"].items())))
+    if speed_text(summary):
+        rows.append(("speed", speed_text(summary)))
     if summary.get("workers_replaced") is not None:
         rows.append(("workers replaced", str(summary["workers_replaced"])))
     if summary.get("corpus"):

@@ -222,7 +222,7 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
     """The latest matrix summary: where and when it ran, verdict totals, cell statuses, non-passing cells."""
     if summary is None:
         return f'<p class="note" id="matrix-none">{_esc(note)}</p>'
-    from harness.report import _nonpass_cells, _nonpass_counts, device_text, run_state_text  # noqa: PLC0415
+    from harness.report import _nonpass_cells, _nonpass_counts, device_text, run_state_text, speed_text  # noqa: PLC0415
 
     dev = summary.get("device", {})
     report = Path(note).parent / "report.html"
@@ -241,6 +241,8 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
         ),
         ("command", summary.get("command", "–")),
     ]
+    if speed_text(summary):
+        rows.insert(4, ("speed", speed_text(summary)))
     state = run_state_text(summary)
     if state:  # an interrupted or still running matrix says so first
         rows.insert(0, ("run", state))

@@ -416,3 +416,29 @@ def test_a_slow_report_rewrite_is_rewritten_less_often(tmp_path, monkeypatch) ->
     assert s["totals"] and (tmp_path / "m" / "summary.json").is_file()
     gaps = [b - a for a, b in zip(starts, starts[1:-1])]  # the periodic rewrites (the last one is the final report)
     assert all(g >= 0.1 / matrix.REPORT_SHARE * 0.9 for g in gaps), gaps  # every 2 s, not every 0.2 s
+
+
+def test_the_summary_report_and_dashboard_give_the_runs_pace(tmp_path) -> None:
+    from harness.dashboard.render import _matrix_html
+
+    out = tmp_path / "m"
+    s = run_matrix(
+        device="cpu",
+        cases_per_cell=2,
+        explore=False,
+        ops=["fp8_linear"],
+        out=out,
+        corpus=empty_corpus(tmp_path),
+        progress=None,
+        pool_factory=lambda *a, **k: InProcessPool(["cpu"]),
+    )
+    sp = s["speed"]
+    assert sp["results"] == sum(s["totals"].values()) > 0
+    assert 0 < sp["first_result_s"] <= sp["case_work_s"] <= s["duration_s"]
+    # case_work_s is rounded to 1 ms and cases_per_s to 0.01: the bound those two roundings allow
+    rounding = sp["results"] * 0.0005 / (sp["case_work_s"] - 0.0005) ** 2 + 0.005
+    assert abs(sp["cases_per_s"] - sp["results"] / sp["case_work_s"]) <= rounding
+    assert sp["cases_per_s_after_first_result"] >= sp["cases_per_s"]  # start-up left out
+    line = f"{sp['cases_per_s']:.1f} cases/s over {sp['case_work_s']:.0f} s of case work"
+    assert f"| speed | {line} (first result after {sp['first_result_s']:.1f} s;" in (out / "report.md").read_text()
+    assert line in _matrix_html(load_summary(out / "summary.json"), str(out / "summary.json"))

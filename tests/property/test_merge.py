@@ -121,6 +121,10 @@ def test_two_real_shards_merge_into_what_one_unsharded_run_finds(matrix_runs, tm
         assert {k: got.get(k) for k in fields} == {k: want.get(k) for k in fields}, got["op"]
         assert got["shard"] == shard_of(cell_key(got["op"], got["layout_class"]), 2)
     assert m["totals"] == ref["totals"]
+    sp = m["speed"]  # the shards ran side by side: their results over the longer case work
+    assert sp["results"] == sum(m["totals"].values())
+    assert sp["case_work_s"] == max(s["speed"]["case_work_s"] for s in shards.values())
+    assert sp["first_result_s"] == max(s["speed"]["first_result_s"] for s in shards.values())
     assert sorted(f["fingerprint"] for f in m["new_failures"]) == sorted(f["fingerprint"] for f in ref["new_failures"])
     assert m["new_failures"], "the selection was chosen to hold a known defect"
     for c in m["cells"]:
