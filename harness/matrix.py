@@ -1069,6 +1069,8 @@ def _speed(results: int, t0: float, first: float | None, end: float) -> dict[str
     """The run's pace for ``summary["speed"]``: results per second over its case work (start-up included, from
     ``t0`` to ``end``, the end of case work), when the first result came, and the pace from then on."""
     work = max(end - t0, 1e-9)
+    if first is not None:
+        first = min(first, end)  # a result counted at the wrap-up (answered while the pool closed) is the end's
     after = end - first if first is not None else None
     return {
         "results": results,

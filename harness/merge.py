@@ -240,8 +240,8 @@ def _merged_speed(outs: Sequence[Any]) -> dict[str, Any]:
         return {}
     results = sum(int(sp.get("results") or 0) for sp in speeds)
     work = max(float(sp["case_work_s"]) for sp in speeds)
-    firsts = [sp.get("first_result_s") for sp in speeds]
-    first = max(firsts) if all(isinstance(f, (int, float)) for f in firsts) else None
+    firsts = [sp.get("first_result_s") for sp in speeds if int(sp.get("results") or 0) > 0]  # an empty share: none
+    first = max(firsts) if firsts and all(isinstance(f, (int, float)) for f in firsts) else None
     return {
         "speed": {
             "results": results,

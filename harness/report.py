@@ -272,7 +272,7 @@ def device_text(summary: Mapping[str, Any]) -> str:
 
 def speed_text(summary: Mapping[str, Any]) -> str | None:
     """``31.2 cases/s over 58 s of case work (first result after 17.4 s; 41.0 cases/s from then)``, or None for a
-    summary without ``speed`` (older runs, merged shards)."""
+    summary without ``speed`` (older runs, and shards merged from one of them)."""
     sp = summary.get("speed")
     if not isinstance(sp, Mapping) or not isinstance(sp.get("cases_per_s"), (int, float)):
         return None

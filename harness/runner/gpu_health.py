@@ -49,13 +49,20 @@ def _smi(args: list[str], timeout: float) -> tuple[int, str] | None:
 
 
 def _status(field: str, cell: str) -> tuple[bool | None, str]:
-    """(needs a reset: True / False / None for not reported, the driver's words) of one reset-status cell."""
+    """(needs a reset: True / False / None for not reported, the driver's words) of one status cell.
+
+    A recovery action counts only when it names a reset or a reboot (NVML: Reset, Reboot, Drain and Reset, Bus
+    Reset, System Reboot; "[GPU requires reset]"); "None" is healthy; anything else (Drain P2P, "[GPU is lost]",
+    "[Insufficient Permissions]") reports nothing this module can act on."""
     text = cell.strip()
-    if text.lower() in _UNREPORTED:
+    low = text.lower()
+    if low in _UNREPORTED:
         return None, ""
     if field == "gpu_recovery_action":
-        return text.lower() != "none", text
-    return {"yes": True, "no": False}.get(text.lower()), text
+        if low == "none":
+            return False, text
+        return (True, text) if ("reset" in low or "reboot" in low) else (None, text)
+    return {"yes": True, "no": False}.get(low), text
 
 
 def driver_gpus(timeout: float = 15.0, run: Run = _smi) -> list[dict]:
@@ -105,11 +112,14 @@ def _needs_reset(gpus: list[dict], head: str) -> str | None:
     broken = [g for g in gpus if g["needs_reset"]]
     if not broken:
         return None
-    which = ", ".join(f"{g['index']} ({g['status']})" if g["status"] else str(g["index"]) for g in broken)
+    which = "; ".join(
+        f"GPU {g['index']} needs {'a reboot' if 'reboot' in g['status'].lower() else 'a reset'}"
+        + (f" (nvidia-smi: {g['status']})" if g["status"] else "")
+        for g in broken
+    )
     return (
-        f"{head}: GPU {which} needs a reset (nvidia-smi's recovery action or reset status); it stays unusable for "
-        "every process until its administrator resets it or the machine restarts; `dmesg | grep -i xid` names the "
-        "fault that caused it"
+        f"{head}: {which}; it stays unusable for every process until its administrator resets it or the machine "
+        "restarts; `dmesg | grep -i xid` names the fault that caused it"
     )
 
 
@@ -142,7 +152,8 @@ def reset_diagnosis(
 ) -> str | None:
     """For a worker pool whose worker starts fail on one CUDA device: the line saying that device's GPU needs a
     reset, or None.  ``uuid``: the device's GPU (from the device probe); without it only a machine with a single GPU
-    is judged -- another GPU that needs a reset says nothing about this device."""
+    is judged -- another GPU that needs a reset says nothing about this device.  Under MIG torch reports the
+    instance's UUID, which matches no GPU here: such a device is never given up (the safe way to be wrong)."""
     listed = gpus()
     mine = [g for g in listed if _same_uuid(g.get("uuid"), uuid)] if uuid else (listed if len(listed) == 1 else [])
     if not mine:

@@ -81,6 +81,34 @@ def test_a_driver_that_reports_neither_leaves_the_status_unknown_not_healthy(tmp
     assert [(g["name"], g["needs_reset"]) for g in driver_gpus()] == [("NVIDIA L40S", None)]
 
 
+def test_a_recovery_action_the_driver_cannot_read_falls_back_to_the_reset_status(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, [(0, UUID, "[N/A]", "Yes", "NVIDIA H200")])
+    assert [(g["needs_reset"], g["status"]) for g in driver_gpus()] == [(True, "Yes")]
+
+
+@pytest.mark.parametrize(
+    "action, needs",
+    [
+        ("None", False),
+        ("Reset", True),
+        ("Drain and Reset", True),
+        ("Reboot", True),
+        ("[GPU requires reset]", True),
+        ("Drain P2P", None),  # not a reset: nothing to act on here
+        ("[GPU is lost]", None),
+        ("[Insufficient Permissions]", None),
+        ("[Unknown Error]", None),
+    ],
+)
+def test_only_a_reset_or_a_reboot_counts_as_needing_one(action, needs):
+    def run(args, timeout):
+        return 0, f"0, {UUID}, {action}, NVIDIA H200\n" if "gpu_recovery_action" in args[0] else ""
+
+    assert driver_gpus(run=run)[0]["needs_reset"] is needs
+    reboot = no_gpu_diagnosis(None, gpus=lambda: [_gpu(0, True, "Reboot")], environ={})
+    assert "GPU 0 needs a reboot (nvidia-smi: Reboot)" in reboot
+
+
 def test_names_with_commas_partial_answers_and_a_hung_tool():
     asked = []
 
@@ -112,7 +140,7 @@ def _gpu(index, needs, status="", uuid=UUID):
 def test_a_gpu_that_needs_a_reset_is_named_with_what_cuda_said():
     why = no_gpu_diagnosis(NO_GPUS, gpus=lambda: [_gpu(0, True, "Reset")], environ={})
     assert why.startswith(
-        f"nvidia-smi lists 1 GPU (0: NVIDIA H200) but CUDA finds none ({NO_GPUS}): GPU 0 (Reset) needs a reset"
+        f"nvidia-smi lists 1 GPU (0: NVIDIA H200) but CUDA finds none ({NO_GPUS}): GPU 0 needs a reset (nvidia-smi: Reset)"
     )
     assert "\n" not in why and "administrator" in why and "dmesg" in why
 
@@ -129,7 +157,7 @@ def test_a_pool_device_is_judged_by_its_own_gpu_only():
     two = [_gpu(0, False, "None", "GPU-aaaa"), _gpu(1, True, "Reset", "GPU-bbbb")]
     assert reset_diagnosis(NO_GPUS, uuid="aaaa", gpus=lambda: two) is None  # torch's uuid has no GPU- prefix
     mine = reset_diagnosis(NO_GPUS, uuid="bbbb", gpus=lambda: two)
-    assert "GPU 1 (Reset) needs a reset" in mine and "0: NVIDIA H200" not in mine
+    assert "GPU 1 needs a reset (nvidia-smi: Reset)" in mine and "0: NVIDIA H200" not in mine
     assert reset_diagnosis(NO_GPUS, gpus=lambda: two) is None  # no uuid, several GPUs: which one is unknown
     assert "needs a reset" in reset_diagnosis(NO_GPUS, gpus=lambda: two[1:])  # no uuid, one GPU: that one
 
@@ -149,7 +177,9 @@ def test_the_device_probe_and_the_matrix_say_the_gpu_needs_a_reset(tmp_path, mon
     monkeypatch.setattr(devices.subprocess, "run", run)
     monkeypatch.setattr(devices, "_PROBE_CACHE", None)
     info = devices.probe_cuda()
-    assert info["count"] == 0 and "GPU 0 (Reset) needs a reset" in info["error"] and NO_GPUS in info["error"]
+    assert (
+        info["count"] == 0 and "GPU 0 needs a reset (nvidia-smi: Reset)" in info["error"] and NO_GPUS in info["error"]
+    )
     with pytest.raises(MatrixError) as e:
         run_matrix(device="cuda", time_budget=5, out=tmp_path / "m", progress=None)
     assert str(e.value).startswith("--device cuda but no CUDA device is visible (nvidia-smi lists 1 GPU")
@@ -166,7 +196,7 @@ def test_a_cuda_torch_that_sees_no_gpu_says_why_in_its_skip_reason(tmp_path, mon
     finally:
         C._no_gpu_diagnosis.cache_clear()
     assert why.startswith(f"no CUDA device: torch {torch.__version__} (CUDA 13.0) sees no GPU; nvidia-smi lists 1 GPU")
-    assert "GPU 0 (Reset) needs a reset" in why
+    assert "GPU 0 needs a reset (nvidia-smi: Reset)" in why
 
 
 CASE = Case(op="cpu.scale", layouts={"x": LayoutSpec((2, 3), "float32")})
@@ -191,7 +221,10 @@ def test_a_pool_gives_up_a_gpu_that_needs_a_reset_and_answers_its_cases_at_once(
         assert r.verdict is Verdict.ERROR
         first = r.message.splitlines()[0]
         assert first.startswith("worker start failed: cuda:0: nvidia-smi lists 1 GPU (0: NVIDIA H200), and a worker")
-        assert "GPU 0 (Reset) needs a reset" in first and "no worker will start on this pool's devices" in r.message
+        assert (
+            "GPU 0 needs a reset (nvidia-smi: Reset)" in first
+            and "no worker will start on this pool's devices" in r.message
+        )
         assert "given up on (its GPU needs a reset)" in r.message
         assert set(pool.broken_devices) == {"cuda:0"}
         assert _until(lambda: not pool.workers(), 60)  # a start already under way when the answer came ends
@@ -210,6 +243,22 @@ def test_a_pool_gives_a_gpu_up_only_when_its_driver_says_it_needs_a_reset(tmp_pa
         _fake_smi(tmp_path / "wedged", monkeypatch, WEDGED)
         pool._check_gpu_health("cuda:0", "Traceback ...\nRuntimeError: No CUDA GPUs are available\n")
         assert "needs a reset" in pool.broken_devices["cuda:0"] and NO_GPUS in pool.broken_devices["cuda:0"]
+    finally:
+        pool.close(cancel_pending=True)
+
+
+def test_a_pool_device_is_matched_to_its_gpu_by_the_probes_uuid(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, WEDGED)
+    pool = WorkerPool(["cuda:0"], 1, spares=0, attribute=False)
+    try:
+        other = {"count": 1, "devices": [{"index": 0, "uuid": "0000aaaa-0000-0000-0000-000000000000"}], "cuda": "13.0"}
+        monkeypatch.setattr(devices, "_PROBE_CACHE", other)  # cuda:0 is another GPU than the one that failed
+        pool._check_gpu_health("cuda:0", "RuntimeError: No CUDA GPUs are available")
+        assert pool.broken_devices == {}
+        mine = {"count": 1, "devices": [{"index": 0, "uuid": UUID[4:]}], "cuda": "13.0"}  # torch: no GPU- prefix
+        monkeypatch.setattr(devices, "_PROBE_CACHE", mine)
+        pool._check_gpu_health("cuda:0", "RuntimeError: No CUDA GPUs are available")
+        assert "GPU 0 needs a reset" in pool.broken_devices["cuda:0"]
     finally:
         pool.close(cancel_pending=True)
 
@@ -306,7 +355,9 @@ def test_a_gpu_lost_during_the_exploration_ends_the_searches_too(tmp_path):
 
 
 def test_device_auto_on_a_gpu_that_needs_a_reset_runs_on_the_cpu_and_says_so(tmp_path, monkeypatch):
-    why = "nvidia-smi lists 1 GPU (0: NVIDIA H200) but CUDA finds none (...): GPU 0 (Reset) needs a reset ..."
+    why = (
+        "nvidia-smi lists 1 GPU (0: NVIDIA H200) but CUDA finds none (...): GPU 0 needs a reset (nvidia-smi: Reset) ..."
+    )
     monkeypatch.setattr(devices, "_PROBE_CACHE", {"count": 0, "devices": [], "error": why, "cuda": "13.0"})
     s = run_matrix(
         device="auto",

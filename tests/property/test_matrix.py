@@ -418,6 +418,13 @@ def test_a_slow_report_rewrite_is_rewritten_less_often(tmp_path, monkeypatch) ->
     assert all(g >= 0.1 / matrix.REPORT_SHARE * 0.9 for g in gaps), gaps  # every 2 s, not every 0.2 s
 
 
+def test_a_first_result_counted_at_the_wrapup_is_not_after_the_end_of_case_work() -> None:
+    from harness.matrix import _speed
+
+    sp = _speed(5, 0.0, 12.0, 10.0)
+    assert sp["first_result_s"] == 10.0 and sp["case_work_s"] == 10.0 and sp["cases_per_s"] == 0.5
+
+
 def test_the_summary_report_and_dashboard_give_the_runs_pace(tmp_path) -> None:
     from harness.dashboard.render import _matrix_html
 

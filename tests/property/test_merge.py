@@ -235,6 +235,25 @@ def _check_spread() -> None:
     assert got == {1, 2, 3}, "the synthetic cells must spread over three shards for these tests"
 
 
+def test_the_pace_of_merged_shards_skips_an_empty_share_and_needs_every_shard_to_have_one() -> None:
+    from harness.merge import _merged_speed
+
+    class Out:
+        def __init__(self, speed):
+            self.summary = {"speed": speed} if speed is not None else {}
+
+    busy = {"results": 100, "case_work_s": 50.0, "first_result_s": 10.0}
+    empty = {"results": 0, "case_work_s": 5.0, "first_result_s": None}
+    assert _merged_speed([Out(busy), Out(empty)])["speed"] == {
+        "results": 100,
+        "case_work_s": 50.0,
+        "cases_per_s": 2.0,
+        "first_result_s": 10.0,
+        "cases_per_s_after_first_result": 2.5,
+    }
+    assert _merged_speed([Out(busy), Out(None)]) == {}  # a shard from an older harness: no pace claimed
+
+
 def test_synthetic_merge_orders_cells_sums_totals_and_names_devices(tmp_path) -> None:
     _check_spread()
     ins = [_shard(tmp_path, i, 3) for i in (3, 1, 2)]
