@@ -8,7 +8,9 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import time
+import types
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -234,33 +236,41 @@ def test_a_pool_gives_up_a_gpu_that_needs_a_reset_and_answers_its_cases_at_once(
         assert len(pool.replaced) == starts and not pool.workers()  # nothing was started for it
 
 
+def _health_check(pool, device: str, why: str) -> None:
+    """What the pool's thread runs after a failed start, on a stand-in for the pool (a real one would start a
+    worker for ``cuda:0`` at once: a torch import, seconds of CPU here)."""
+    WorkerPool._check_gpu_health(pool, device, why)
+
+
+def _pool_stand_in():
+    return types.SimpleNamespace(_lock=threading.RLock(), _closed=False, broken_devices={}, _wake=lambda: None)
+
+
 def test_a_pool_gives_a_gpu_up_only_when_its_driver_says_it_needs_a_reset(tmp_path, monkeypatch):
-    pool = WorkerPool(["cuda:0"], 1, spares=0, attribute=False)
-    try:
-        _fake_smi(tmp_path / "healthy", monkeypatch, HEALTHY)
-        pool._check_gpu_health("cuda:0", "RuntimeError: CUDA error: out of memory")  # what the thread runs
-        assert pool.broken_devices == {}
-        _fake_smi(tmp_path / "wedged", monkeypatch, WEDGED)
-        pool._check_gpu_health("cuda:0", "Traceback ...\nRuntimeError: No CUDA GPUs are available\n")
-        assert "needs a reset" in pool.broken_devices["cuda:0"] and NO_GPUS in pool.broken_devices["cuda:0"]
-    finally:
-        pool.close(cancel_pending=True)
+    pool = _pool_stand_in()
+    _fake_smi(tmp_path / "healthy", monkeypatch, HEALTHY)
+    _health_check(pool, "cuda:0", "RuntimeError: CUDA error: out of memory")
+    assert pool.broken_devices == {}
+    _fake_smi(tmp_path / "wedged", monkeypatch, WEDGED)
+    _health_check(pool, "cuda:0", "Traceback ...\nRuntimeError: No CUDA GPUs are available\n")
+    assert "needs a reset" in pool.broken_devices["cuda:0"] and NO_GPUS in pool.broken_devices["cuda:0"]
 
 
 def test_a_pool_device_is_matched_to_its_gpu_by_the_probes_uuid(tmp_path, monkeypatch):
     _fake_smi(tmp_path, monkeypatch, WEDGED)
-    pool = WorkerPool(["cuda:0"], 1, spares=0, attribute=False)
-    try:
-        other = {"count": 1, "devices": [{"index": 0, "uuid": "0000aaaa-0000-0000-0000-000000000000"}], "cuda": "13.0"}
-        monkeypatch.setattr(devices, "_PROBE_CACHE", other)  # cuda:0 is another GPU than the one that failed
-        pool._check_gpu_health("cuda:0", "RuntimeError: No CUDA GPUs are available")
-        assert pool.broken_devices == {}
-        mine = {"count": 1, "devices": [{"index": 0, "uuid": UUID[4:]}], "cuda": "13.0"}  # torch: no GPU- prefix
-        monkeypatch.setattr(devices, "_PROBE_CACHE", mine)
-        pool._check_gpu_health("cuda:0", "RuntimeError: No CUDA GPUs are available")
-        assert "GPU 0 needs a reset" in pool.broken_devices["cuda:0"]
-    finally:
-        pool.close(cancel_pending=True)
+    pool = _pool_stand_in()
+    other = {"count": 1, "devices": [{"index": 0, "uuid": "0000aaaa-0000-0000-0000-000000000000"}], "cuda": "13.0"}
+    monkeypatch.setattr(devices, "_PROBE_CACHE", other)  # cuda:0 is another GPU than the one that failed
+    _health_check(pool, "cuda:0", "RuntimeError: No CUDA GPUs are available")
+    assert pool.broken_devices == {}
+    mine = {"count": 1, "devices": [{"index": 0, "uuid": UUID[4:]}], "cuda": "13.0"}  # torch: no GPU- prefix
+    monkeypatch.setattr(devices, "_PROBE_CACHE", mine)
+    _health_check(pool, "cuda:0", "RuntimeError: No CUDA GPUs are available")
+    assert "GPU 0 needs a reset" in pool.broken_devices["cuda:0"]
+    closed = dict(vars(_pool_stand_in()), _closed=True)  # a pool closed meanwhile is left alone
+    closed = types.SimpleNamespace(**closed)
+    _health_check(closed, "cuda:0", "RuntimeError: No CUDA GPUs are available")
+    assert closed.broken_devices == {}
 
 
 def test_cases_are_not_failed_while_a_worker_still_runs_on_a_given_up_device():
