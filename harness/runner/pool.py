@@ -138,8 +138,8 @@ def default_start_method(devices: Sequence[str] = ()) -> str:
 
     Why not forked on GPUs by default: on an H200 (torch 2.11, CUDA 13.0, driver 580.159.04) forked workers started
     in 0.6-1.3 s instead of ~9 s, and the matrix ran 1.7-1.9x the cases/s; but twice the GPU's firmware stopped
-    answering during or right after runs of forked workers with device faults (Xid 119), and the GPU needed a reset
-    (Xid 154; docs/gpu-findings.md). ``HARNESS_WORKER_START=forkserver`` forks on GPUs too."""
+    answering (Xid 119) in machine sessions that had run forked workers with device faults, and the GPU needed a
+    reset (Xid 154; docs/gpu-findings.md). ``HARNESS_WORKER_START=forkserver`` forks on GPUs too."""
     method = os.environ.get(START_METHOD_ENV, "").strip()
     if method:
         if method not in ("forkserver", "spawn"):
