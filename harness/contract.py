@@ -262,14 +262,12 @@ def _describe(operand: str | None, feat: str, kind: str, bound: Any) -> str:
     return f"{who}{what} {'>=' if kind == 'min' else '<='} {bound}{unit}"
 
 
-def _candidates(
-    records: Sequence[Mapping[str, Any]],
-    bad: set[int],
-    verdicts: Sequence[str],
-    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
-) -> list[dict]:
+Table = Mapping[tuple[str | None, str], dict[int, Any]]  # :func:`_feature_values` of a record list
+
+
+def _candidates(table: Table, bad: set[int], verdicts: Sequence[str]) -> list[dict]:
     out = []
-    for (operand, feat), col in (_feature_values(records) if table is None else table).items():
+    for (operand, feat), col in table.items():
         good_vals = [v for i, v in col.items() if i not in bad]
         if not good_vals:
             continue  # nothing worked: no boundary to draw on this feature
@@ -331,9 +329,10 @@ def _infer(
     bad: set[int],
     verdicts: Sequence[str],
     env: Mapping[str, Any],
-    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
+    table: Table | None = None,
 ) -> tuple[list[dict], set[int]]:
-    chosen = _select(_candidates(records, bad, verdicts, table), bad)
+    """``table``: :func:`_feature_values` of ``records`` when the caller has it already."""
+    chosen = _select(_candidates(_feature_values(records) if table is None else table, bad, verdicts), bad)
     clauses, explained = [], set()
     for c in chosen:
         explained |= c["_violating"]
@@ -361,14 +360,10 @@ def _infer(
     return clauses, explained
 
 
-def _observed(
-    records: Sequence[Mapping[str, Any]],
-    bad: set[int],
-    table: Mapping[tuple[str | None, str], dict[int, Any]] | None = None,
-) -> dict[str, list]:
+def _observed(table: Table, bad: set[int]) -> dict[str, list]:
     """Per feature key ``operand:feature``: ``[value, worked, failed]`` for each value seen."""
     out: dict[str, list] = {}
-    for (operand, feat), col in (_feature_values(records) if table is None else table).items():
+    for (operand, feat), col in table.items():
         counts: dict[Any, list[int]] = {}
         for i, v in col.items():
             counts.setdefault(v, [0, 0])[1 if i in bad else 0] += 1
@@ -415,7 +410,7 @@ def infer_contract(
         "preconditions": clauses,
         "unexplained": unexplained,
         "writes": _writes(counted, env),
-        "observed": _observed(counted, bad, table),
+        "observed": _observed(table, bad),
         "measured_on": env,
     }
 

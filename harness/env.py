@@ -14,7 +14,6 @@ import ctypes
 import importlib.metadata
 import json
 import platform
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -62,16 +61,10 @@ def _cublas_version() -> str | None:
 
 
 def _driver_version() -> str | None:
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    from harness.runner.gpu_health import run_nvidia_smi
+
+    asked = run_nvidia_smi(["--query-gpu=driver_version", "--format=csv,noheader"], 20)
+    return asked[1].strip().splitlines()[0] if asked and asked[0] == 0 and asked[1].strip() else None
 
 
 def collect_env(*, backends: bool = True) -> dict[str, Any]:

@@ -675,7 +675,7 @@ def run_matrix(
         raise MatrixError(f"--corpus {corpus} {what}; pass the regression corpus folder (default tests/cases)")
     # torch comes in with these: the checks above answer a wrong argument before it is imported (~2.5 s here)
     from harness.contract import infer_contracts, measured_on, record_of, write_contracts
-    from harness.report import write_reports
+    from harness.report import speed_record, write_reports
     from harness.targets.corpus import DEFAULT_CORPUS, load_corpus
     from harness.verdicts import POOL_CLOSED, Result, Verdict
 
@@ -866,7 +866,9 @@ def run_matrix(
             "totals": dict(sorted(totals.items())),
             "cases_by_device": dict(sorted(by_device.items())),
             "workers_replaced": len(getattr(pool, "replaced", ())),
-            "speed": _speed(sum(totals.values()), t0, first_result_at, now if cases_done_at is None else cases_done_at),
+            "speed": speed_record(
+                sum(totals.values()), t0, first_result_at, now if cases_done_at is None else cases_done_at
+            ),
             "corpus": str(corpus) if corpus is not None else "tests/cases",
             "known_failures": len(known),
             "layout_classes": _class_order(targets),
@@ -1063,22 +1065,6 @@ def run_matrix(
     if error is not None:
         raise error
     return json.loads(paths["summary"].read_text())  # exactly what the file says (non-finite floats as strings)
-
-
-def _speed(results: int, t0: float, first: float | None, end: float) -> dict[str, Any]:
-    """The run's pace for ``summary["speed"]``: results per second over its case work (start-up included, from
-    ``t0`` to ``end``, the end of case work), when the first result came, and the pace from then on."""
-    work = max(end - t0, 1e-9)
-    if first is not None:
-        first = min(first, end)  # a result counted at the wrap-up (answered while the pool closed) is the end's
-    after = end - first if first is not None else None
-    return {
-        "results": results,
-        "case_work_s": round(work, 3),
-        "cases_per_s": round(results / work, 2),
-        "first_result_s": round(first - t0, 3) if first is not None else None,
-        "cases_per_s_after_first_result": round(results / after, 2) if after and after > 0 else None,
-    }
 
 
 def _class_order(targets: Sequence[Any]) -> dict[str, list[str]]:

@@ -43,7 +43,7 @@ from harness.contract import (
     load_contracts,
     write_contracts,
 )
-from harness.report import SummaryError, load_summary, write_reports
+from harness.report import SummaryError, load_summary, speed_record, write_reports
 from harness.shard import cell_key, shard_of
 
 __all__ = [
@@ -242,15 +242,7 @@ def _merged_speed(outs: Sequence[Any]) -> dict[str, Any]:
     work = max(float(sp["case_work_s"]) for sp in speeds)
     firsts = [sp.get("first_result_s") for sp in speeds if int(sp.get("results") or 0) > 0]  # an empty share: none
     first = max(firsts) if firsts and all(isinstance(f, (int, float)) for f in firsts) else None
-    return {
-        "speed": {
-            "results": results,
-            "case_work_s": work,
-            "cases_per_s": round(results / work, 2),
-            "first_result_s": first,
-            "cases_per_s_after_first_result": round(results / (work - first), 2) if first and work > first else None,
-        }
-    }
+    return {"speed": speed_record(results, 0.0, first, work)}  # seconds from the shards' common start
 
 
 def merge_explore(outs: Sequence[ShardOutput], renamed: Mapping[int, Mapping[str, str]]) -> dict[str, Any]:

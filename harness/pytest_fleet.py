@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -39,14 +37,10 @@ def worker_index(worker_id: str | None) -> int | None:
 
 def nvidia_smi_gpu_count() -> int:
     """GPUs ``nvidia-smi -L`` lists (0 without the tool or a driver); creates no CUDA context."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+    from harness.runner.gpu_health import run_nvidia_smi
+
+    asked = run_nvidia_smi(["-L"], 30)
+    return sum(1 for line in asked[1].splitlines() if line.startswith("GPU ")) if asked and asked[0] == 0 else 0
 
 
 def gpus_to_hand_out(env: Mapping[str, str], count: Callable[[], int] = nvidia_smi_gpu_count) -> list[str]:

@@ -270,6 +270,23 @@ def device_text(summary: Mapping[str, Any]) -> str:
     return f"{dev.get('used', '?')}: {dev.get('name') or dev.get('device') or '?'}"
 
 
+def speed_record(results: int, t0: float, first: float | None, end: float) -> dict[str, Any]:
+    """``summary["speed"]``: results per second over the case work (start-up included, from ``t0`` to ``end``, the
+    end of case work), when the first result came (``first``; None before one), and the pace from then on.  Times
+    on one clock: a run's ``time.monotonic()``, or seconds from its start (merged shards)."""
+    work = max(end - t0, 1e-9)
+    if first is not None:
+        first = min(first, end)  # a result counted at the wrap-up (answered while the pool closed) is the end's
+    after = end - first if first is not None else None
+    return {
+        "results": results,
+        "case_work_s": round(work, 3),
+        "cases_per_s": round(results / work, 2),
+        "first_result_s": round(first - t0, 3) if first is not None else None,
+        "cases_per_s_after_first_result": round(results / after, 2) if after and after > 0 else None,
+    }
+
+
 def speed_text(summary: Mapping[str, Any]) -> str | None:
     """``31.2 cases/s over 58 s of case work (first result after 17.4 s; 41.0 cases/s from then)``, or None for a
     summary without ``speed`` (older runs, and shards merged from one of them)."""
@@ -323,8 +340,8 @@ def _header_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     if summary.get("cases_by_device"):
         rows.append(("cases per device", ", ".join(f"{d} {n}" for d, n in summary["cases_by_device"].items())))
-    if speed_text(summary):
-        rows.append(("speed", speed_text(summary)))
+    if pace := speed_text(summary):
+        rows.append(("speed", pace))
     if summary.get("workers_replaced") is not None:
         rows.append(("workers replaced", str(summary["workers_replaced"])))
     if summary.get("corpus"):

@@ -241,8 +241,8 @@ def _matrix_html(summary: dict[str, Any] | None, note: str) -> str:
         ),
         ("command", summary.get("command", "–")),
     ]
-    if speed_text(summary):
-        rows.insert(4, ("speed", speed_text(summary)))
+    if pace := speed_text(summary):
+        rows.insert(4, ("speed", pace))
     state = run_state_text(summary)
     if state:  # an interrupted or still running matrix says so first
         rows.insert(0, ("run", state))

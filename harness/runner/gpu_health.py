@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from typing import Any, Callable
 
-__all__ = ["driver_gpus", "no_gpu_diagnosis", "reset_diagnosis", "QUERIES"]
+__all__ = ["driver_gpus", "no_gpu_diagnosis", "reset_diagnosis", "run_nvidia_smi", "QUERIES"]
 
 #: the ``--query-gpu`` field lists tried in turn (a driver refuses a whole query with a field it does not know)
 QUERIES = (
@@ -36,7 +36,7 @@ _UNREPORTED = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown"
 Run = Callable[[list[str], float], "tuple[int, str] | None"]
 
 
-def _smi(args: list[str], timeout: float) -> tuple[int, str] | None:
+def run_nvidia_smi(args: list[str], timeout: float) -> tuple[int, str] | None:
     """``nvidia-smi ARGS`` -> (exit code, stdout); None without the tool or when it did not answer in time."""
     smi = shutil.which("nvidia-smi")
     if not smi:
@@ -65,7 +65,7 @@ def _status(field: str, cell: str) -> tuple[bool | None, str]:
     return {"yes": True, "no": False}.get(low), text
 
 
-def driver_gpus(timeout: float = 15.0, run: Run = _smi) -> list[dict]:
+def driver_gpus(timeout: float = 15.0, run: Run = run_nvidia_smi) -> list[dict]:
     """The GPUs ``nvidia-smi`` lists: ``[{"index", "uuid", "name", "needs_reset", "status"}]``; ``needs_reset`` is
     True, False or None (the driver reported no status), ``status`` the driver's words (e.g. "Reset").  ``[]``
     without the tool or a driver; a query that does not answer within ``timeout`` s is not followed by another.

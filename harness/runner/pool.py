@@ -1136,7 +1136,7 @@ class WorkerPool:
         keep: collections.deque[_Item] = collections.deque()
         while self._pending:
             item = self._pending.popleft()
-            waited = now - max(item.queued_at, self._down_since if self._down_since is not None else now)
+            waited = now - (item.queued_at if self._down_since is None else max(item.queued_at, self._down_since))
             if waited < item.timeout and not given_up:
                 keep.append(item)
                 continue

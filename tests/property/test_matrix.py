@@ -419,9 +419,9 @@ def test_a_slow_report_rewrite_is_rewritten_less_often(tmp_path, monkeypatch) ->
 
 
 def test_a_first_result_counted_at_the_wrapup_is_not_after_the_end_of_case_work() -> None:
-    from harness.matrix import _speed
+    from harness.report import speed_record
 
-    sp = _speed(5, 0.0, 12.0, 10.0)
+    sp = speed_record(5, 0.0, 12.0, 10.0)
     assert sp["first_result_s"] == 10.0 and sp["case_work_s"] == 10.0 and sp["cases_per_s"] == 0.5
 
 
