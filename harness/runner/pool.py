@@ -1215,7 +1215,9 @@ def _fork_server_ready() -> bool:
 
 def _end_unready_fork_server() -> None:
     """At exit: end a fork server still in its imports. It would finish them before it saw this process gone, and
-    until then it holds this process's stdout and stderr open (a pipe reading them would wait for it)."""
+    until then it holds this process's stdout and stderr open (a pipe reading them would wait for it).  SIGKILL: the
+    server has forked nothing yet and holds nothing to save, and where this process was started with SIGTERM
+    ignored the server inherits that, and a SIGTERM here waited out the whole import (the test's 40 s)."""
     _EXITING.set()
     from multiprocessing import forkserver
 
@@ -1223,7 +1225,7 @@ def _end_unready_fork_server() -> None:
         pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
         if pid and not _FORK_SERVER_READY.is_set():
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
 

@@ -242,6 +242,8 @@ sys.path.insert(0, {tests!r})
 from helpers import case
 
 P.PRELOAD_MODULE = "slow_preload_for_test"  # the fork server's imports take {slow} s
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the fork server, as from a launcher that ignores it
 t = time.monotonic()
 p = WorkerPool("cpu", 1, spares=0, attribute=False, start_method="forkserver")
 fut = p.submit(case("cpu.scale"))
